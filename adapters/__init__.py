@@ -1,0 +1,84 @@
+"""Architecture adapters: everything attnx knows about particular model families.
+
+Adapters are looked up in registration order; the first whose ``matches(model)`` is true is
+used. The ``generic`` adapter (SDPA / ``nn.MultiheadAttention`` interception) is the fallback and
+can be forced with ``adapter="generic"``. Register your own with :func:`register_adapter`.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Adapter, AttentionRecorder, Batch, Layout, UnsupportedModelError, infer_image_layout
+from .hf import HFAdapter
+from .sdpa import AttentionInterceptor, GenericAdapter, explicit_attention
+from .timm_vit import TimmViTAdapter
+from .torchvision_vit import TorchvisionViTAdapter
+
+__all__ = [
+    "Adapter",
+    "AttentionInterceptor",
+    "AttentionRecorder",
+    "Batch",
+    "GenericAdapter",
+    "HFAdapter",
+    "Layout",
+    "TimmViTAdapter",
+    "TorchvisionViTAdapter",
+    "UnsupportedModelError",
+    "adapter_names",
+    "explicit_attention",
+    "get_adapter",
+    "infer_image_layout",
+    "register_adapter",
+]
+
+_REGISTRY: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter], *, first: bool = False) -> type[Adapter]:
+    """Register an adapter class (usable as a decorator). ``first=True`` gives it priority."""
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+        raise TypeError(f"expected an Adapter subclass, got {cls!r}")
+    global _REGISTRY
+    _REGISTRY.pop(cls.name, None)
+    _REGISTRY = {cls.name: cls, **_REGISTRY} if first else {**_REGISTRY, cls.name: cls}
+    return cls
+
+
+for _cls in (TimmViTAdapter, TorchvisionViTAdapter, HFAdapter):
+    register_adapter(_cls)
+
+
+def adapter_names() -> list[str]:
+    """Names of the registered adapters, in lookup order, then ``generic``."""
+    return [*_REGISTRY, GenericAdapter.name]
+
+
+def family_adapter(model: nn.Module) -> Adapter | None:
+    """The first registered adapter that matches ``model``, or ``None``."""
+    for cls in _REGISTRY.values():
+        if cls.matches(model):
+            return cls(model)
+    return None
+
+
+def get_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> Adapter:
+    """Select the adapter for ``model``.
+
+    ``adapter`` may be ``None`` (automatic: the first matching adapter, else ``generic``), the name
+    of a registered adapter, ``"generic"``, or an ``Adapter`` instance.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(adapter, Adapter):
+        return adapter
+    if adapter is None:
+        return family_adapter(model) or GenericAdapter(model)
+    if adapter == GenericAdapter.name:
+        return GenericAdapter(model, layout_from=family_adapter(model))
+    if adapter not in _REGISTRY:
+        raise ValueError(f"unknown adapter {adapter!r}; available: {adapter_names()}")
+    cls = _REGISTRY[adapter]
+    if not cls.matches(model):
+        raise UnsupportedModelError(f"adapter {adapter!r} does not apply to {type(model).__name__}")
+    return cls(model)

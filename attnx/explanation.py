@@ -1,0 +1,89 @@
+"""The result of explaining a batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .adapters.base import Layout
+from .layout import normalize_per_sample, scores_to_map
+
+__all__ = ["Explanation"]
+
+
+@dataclass
+class Explanation:
+    """Relevance of the content tokens of a batch for the explained class of each sample.
+
+    Attributes
+    ----------
+    scores:
+        ``(B, P)`` relevance of the readout token's row over the content tokens: image patches
+        in row-major grid order (prefix tokens excluded), or all ``T`` text tokens (special ones
+        included, padding set to 0).
+    grid:
+        ``(h, w)`` patch grid for images, ``None`` for text.
+    targets:
+        ``(B,)`` class explained for each sample (``None`` for a callable target).
+    logits:
+        ``(B, C)`` logits of the model on the batch.
+    method:
+        Name of the method, and ``options`` the options it ran with.
+    token_relevance:
+        ``(B, N)`` relevance of every token, prefix tokens included.
+    layout:
+        The token layout (prefix tokens, readout token, padding mask, input size).
+    input_ids:
+        ``(B, T)`` token ids for text, ``None`` for images.
+    """
+
+    scores: torch.Tensor
+    grid: tuple[int, int] | None
+    targets: torch.Tensor | None
+    logits: torch.Tensor
+    method: str
+    options: dict = field(default_factory=dict)
+    token_relevance: torch.Tensor | None = None
+    layout: Layout | None = None
+    input_ids: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """``(B, C)`` softmax of the logits."""
+        return self.logits.float().softmax(dim=-1)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return None if self.layout is None else self.layout.input_size
+
+    def patch_map(self) -> torch.Tensor:
+        """``(B, h, w)`` raw scores on the patch grid."""
+        if self.grid is None:
+            raise ValueError("this explanation is of text: it has token scores but no patch grid")
+        return self.scores.reshape(self.scores.shape[0], *self.grid)
+
+    def heatmap(self, size: tuple[int, int] | int | None = None) -> torch.Tensor:
+        """``(B, H, W)`` heat map, bilinearly upsampled and min-max normalised per sample.
+
+        Parameters
+        ----------
+        size:
+            Output ``(H, W)`` (or one int for a square map); default the input image size.
+        """
+        if self.grid is None:
+            raise ValueError("this explanation is of text: use .scores (one value per token) instead of a heat map")
+        if size is None:
+            size = self.input_size or self.grid
+        elif isinstance(size, int):
+            size = (size, size)
+        return normalize_per_sample(scores_to_map(self.scores, self.grid, size))
+
+    def __repr__(self) -> str:
+        kind = f"grid={self.grid}" if self.grid is not None else f"tokens={self.scores.shape[1]}"
+        t = None if self.targets is None else self.targets.tolist()
+        return f"Explanation(method={self.method!r}, batch={len(self)}, {kind}, targets={t})"

@@ -1,0 +1,18 @@
+"""Raw attention: the attention of one layer, heads fused, read at the readout token's row."""
+from __future__ import annotations
+
+import torch
+
+from . import register_method
+from .fusion import check_start_layer, fuse_heads
+
+
+@register_method("raw_attention")
+def raw_attention(captured, readout, *, layer: int = -1, head_fusion: str = "mean") -> torch.Tensor:
+    """Raw attention of one layer (default the last), heads fused, at the readout row.
+
+    ``R = fuse_h(A^(layer))[readout, :]``; the class-agnostic baseline of every paper in the field.
+    """
+    attentions = captured.attentions
+    index = check_start_layer(layer, len(attentions))
+    return readout.row(fuse_heads(attentions[index], head_fusion))
