@@ -53,6 +53,11 @@ class Explanation:
         return self.scores.shape[0]
 
     @property
+    def input_relevance(self) -> torch.Tensor | None:
+        """Raw relevance at the input for LRP methods: ``(B, C, H, W)`` or ``(B, T, D)``."""
+        return self.extras.get("input_relevance")
+
+    @property
     def probabilities(self) -> torch.Tensor:
         """``(B, C)`` softmax of the logits."""
         return self.logits.float().softmax(dim=-1)
@@ -81,6 +86,12 @@ class Explanation:
             size = self.input_size or self.grid
         elif isinstance(size, int):
             size = (size, size)
+        pixels = self.extras.get("pixel_relevance")
+        if pixels is not None:  # pixel-level methods (LRP to the input) draw their own map
+            maps = pixels[:, None].to(self.scores.dtype)
+            if tuple(size) != tuple(maps.shape[-2:]):
+                maps = torch.nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+            return normalize_per_sample(maps[:, 0])
         return normalize_per_sample(scores_to_map(self.scores, self.grid, size))
 
     def __repr__(self) -> str:

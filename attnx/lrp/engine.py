@@ -1,0 +1,253 @@
+"""The LRP engine: applies a rule registry to a stock model during one forward.
+
+Module rules are applied through module hooks; function rules through a ``TorchFunctionMode``
+that sees every torch function and tensor method called during the forward. The engine tracks
+which tensors carry relevance (those computed from the explained input); every op on such a
+tensor is either handled by a rule, known to be linear in it (plain autograd is then the right
+rule, see :mod:`attnx.lrp.rules`), or reported in the coverage table. Everything is removed on
+exit. Relevance is then obtained with one backward (``torch.autograd.grad``).
+"""
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .registry import Registry, get_preset
+from .rules import Constant, Op, Rule
+
+__all__ = ["LRPEngine", "UncoveredOpError", "LINEAR_OPS"]
+
+_TRACK = "_attnx_relevance"
+
+#: ops that are linear in each relevance-carrying argument (plain autograd is LRP-0 on them)
+LINEAR_OPS = frozenset(
+    """view view_as reshape reshape_as permute transpose swapaxes moveaxis movedim t contiguous flatten
+    unflatten squeeze unsqueeze expand expand_as repeat repeat_interleave cat concat concatenate stack
+    hstack vstack split split_with_sizes chunk unbind narrow select __getitem__ __setitem__ index_select
+    gather take_along_dim roll flip clone detach_copy to type float double half bfloat16 dropout pad
+    neg __neg__ sum mean add __add__ __radd__ __iadd__ sub __sub__ __rsub__ __isub__ masked_fill
+    masked_fill_ where tril triu diagonal interpolate adaptive_avg_pool1d adaptive_avg_pool2d avg_pool1d
+    avg_pool2d linear conv1d conv2d conv3d identity scaled_dot_product_attention tensor_split
+    new_tensor as_strided fill_diagonal_ copy_ index_add scatter scatter_add""".split()
+)
+#: linear only when a single argument carries relevance
+_LINEAR_IF_ONE = frozenset(
+    "mul __mul__ __rmul__ __imul__ div __truediv__ __itruediv__ matmul __matmul__ bmm einsum mm baddbmm addmm".split()
+)
+
+
+class UncoveredOpError(RuntimeError):
+    """Raised in strict mode when a relevance-carrying op matches no rule."""
+
+
+def is_tracked(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and getattr(t, _TRACK, False)
+
+
+def _mark(t: Any) -> None:
+    if isinstance(t, torch.Tensor):
+        if t.is_floating_point() and t.requires_grad:
+            setattr(t, _TRACK, True)
+    elif isinstance(t, (list, tuple)):
+        for x in t:
+            _mark(x)
+
+
+def _carrying(args: tuple) -> list[int]:
+    out = []
+    for i, a in enumerate(args):
+        if is_tracked(a) or (isinstance(a, (list, tuple)) and any(is_tracked(x) for x in a)):
+            out.append(i)
+    return out
+
+
+def _name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "__get__":  # property getters
+        return "property"
+    return name
+
+
+class LRPEngine(TorchFunctionMode):
+    """Context manager applying ``registry`` to ``model`` while active.
+
+    Parameters
+    ----------
+    model:
+        The model to explain; it is left exactly as found on exit.
+    registry:
+        A :class:`~attnx.lrp.registry.Registry` or a preset name.
+    strict:
+        Raise :class:`UncoveredOpError` (instead of warning) when a relevance-carrying op has no
+        rule and is not linear.
+
+    Examples
+    --------
+    >>> with LRPEngine(model, "cplrp") as engine:
+    ...     x = engine.track(x)          # the explained input
+    ...     logits = model(x)
+    >>> g, = torch.autograd.grad(logits, x, one_hot)
+    >>> relevance = x * g
+    """
+
+    def __init__(self, model: nn.Module, registry: Registry | str = "chefer2021", strict: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.registry = get_preset(registry)
+        self.strict = strict
+        self.coverage: collections.Counter = collections.Counter()
+        self.uncovered: collections.Counter = collections.Counter()
+        self._stack: list[tuple[str, nn.Module]] = []
+        self._suspended = 0
+        self._ruled: list[tuple[nn.Module, Rule | None]] = []
+        self._handles: list = []
+        self._names = {m: n for n, m in model.named_modules()}
+        self._inputs: set[int] = set()
+
+    # public ---------------------------------------------------------------------------------
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        """Mark ``t`` as the explained input; returns a leaf copy that requires grad if needed."""
+        if not t.requires_grad:
+            t = t.detach().requires_grad_(True)
+        setattr(t, _TRACK, True)
+        self._inputs.add(id(t))
+        return t
+
+    def is_input(self, t: torch.Tensor) -> bool:
+        return id(t) in self._inputs
+
+    def track_output_of(self, module: nn.Module) -> Any:
+        """Mark the output of ``module`` (e.g. the token embeddings) as the explained input.
+
+        Returns the hook handle; the tracked tensors are collected in ``self.roots``.
+        """
+        self.roots: list[torch.Tensor] = []
+
+        def hook(mod, args, output):
+            out = self.track(output)
+            self.roots.append(out)
+            return out
+
+        handle = module.register_forward_hook(hook)
+        self._handles.append(handle)
+        return handle
+
+    def report(self) -> str:
+        """The coverage table: every relevance-carrying op seen, with the rule that handled it."""
+        rows = [("op", "rule", "calls")]
+        for (op, rule), n in sorted(self.coverage.items()):
+            rows.append((op, rule, str(n)))
+        for op, n in sorted(self.uncovered.items()):
+            rows.append((op, "NO RULE", str(n)))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+    def check_coverage(self) -> None:
+        if not self.uncovered:
+            return
+        msg = (
+            f"LRP preset {self.registry.name!r}: {sum(self.uncovered.values())} relevance-carrying "
+            f"call(s) matched no rule and are not linear: {dict(self.uncovered)}; their relevance is "
+            "plain gradient x input. Register rules for them (attnx.lrp.Registry.register).\n"
+            + self.report()
+        )
+        if self.strict:
+            raise UncoveredOpError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    # context --------------------------------------------------------------------------------
+    def __enter__(self):
+        for module in self.model.modules():
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(module.register_forward_hook(self._post_hook))
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._remove()
+            raise
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._remove()
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+        self._ruled.clear()
+        self._suspended = 0
+
+    # module hooks ---------------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        rule = None
+        if not self._suspended and args and is_tracked(args[0]):
+            rule = self.registry.rule_for_module(module, list(self._stack))
+        self._stack.append((self._names.get(module, type(module).__name__), module))
+        self._ruled.append((module, rule))
+        if rule is not None:
+            self._suspended += 1
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        mod, rule = self._ruled.pop()
+        stack = list(self._stack[:-1])
+        self._stack.pop()
+        if rule is None:
+            return None
+        self._suspended -= 1
+        op = Op(module, args, {}, [0], module=module, stack=stack, output=output, call=self.call, is_input=self.is_input)
+        out = rule(op)
+        self.coverage[(type(module).__name__, rule.name)] += 1
+        if not isinstance(rule, Constant):
+            _mark(out)
+        return out
+
+    # functions ------------------------------------------------------------------------------
+    def call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run ``func`` as if it had been called under the engine (used by decompositions)."""
+        return self.__torch_function__(func, (), args, kwargs)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._suspended:
+            return func(*args, **kwargs)
+        carrying = _carrying(args) + [k for k, v in kwargs.items() if is_tracked(v)]
+        if not carrying:
+            return func(*args, **kwargs)
+        name = _name(func)
+        rule = self.registry.rule_for_function(func, list(self._stack))
+        if rule is not None:
+            if any(isinstance(c, str) for c in carrying):
+                raise ValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")
+            out = rule(Op(func, args, kwargs, carrying, stack=list(self._stack), call=self.call, is_input=self.is_input))
+            self.coverage[(name, rule.name)] += 1
+            if not isinstance(rule, Constant):
+                _mark(out)
+            return out
+        out = func(*args, **kwargs)
+        if not _has_float_grad(out):
+            return out
+        n_carrying = sum(
+            1 for a in list(args) + list(kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a]) if is_tracked(t)
+        )
+        if name in LINEAR_OPS or (name in _LINEAR_IF_ONE and n_carrying == 1):
+            self.coverage[(name, "gradient (linear)")] += 1
+        else:
+            self.uncovered[name] += 1
+        _mark(out)
+        return out
+
+
+def _has_float_grad(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return out.is_floating_point() and out.requires_grad
+    if isinstance(out, (list, tuple)):
+        return any(_has_float_grad(o) for o in out)
+    return False

@@ -1,0 +1,244 @@
+"""Rule registries: module types and torch functions -> propagation rules, and the presets.
+
+A :class:`Registry` is an ordered list of entries ``(key, rule, within)``:
+
+* ``key`` is a module type (matched with ``isinstance``) or a torch function (matched together
+  with its aliases: registering ``F.softmax`` also covers ``torch.softmax`` and
+  ``Tensor.softmax``);
+* ``within`` optionally restricts the entry to ops running inside an enclosing module, given as a
+  module type or a predicate ``(qualified_name, module) -> bool`` tested on every enclosing module.
+
+Later entries win over earlier ones, so a user overrides a preset with ``registry.register(...)``
+without editing attnx::
+
+    reg = attnx.lrp.presets["attnlrp"].copy()
+    reg.register(nn.Linear, Gamma(0.25), within=attnx.lrp.in_mlp)
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rules as R
+
+__all__ = ["Registry", "FUNCTION_ALIASES", "presets", "in_mlp", "in_attention", "get_preset"]
+
+T = torch.Tensor
+
+#: functions that are the same op, registered together
+FUNCTION_ALIASES: list[tuple] = [
+    (F.softmax, torch.softmax, T.softmax),
+    (torch.matmul, T.matmul, T.__matmul__),
+    (torch.bmm, T.bmm),
+    (torch.einsum,),
+    (torch.add, T.add, T.__add__, T.__radd__),
+    (torch.mul, T.mul, T.__mul__, T.__rmul__),
+    (F.gelu,),
+    (F.relu, torch.relu, T.relu),
+    (F.silu,),
+    (torch.tanh, T.tanh, F.tanh),
+    (torch.sigmoid, T.sigmoid, F.sigmoid),
+    (F.layer_norm,),
+    (F.linear,),
+    (F.conv2d,),
+    (F.scaled_dot_product_attention,),
+    (F.multi_head_attention_forward,),
+]
+_ALIAS_OF: dict[Any, tuple] = {f: group for group in FUNCTION_ALIASES for f in group}
+
+WithinSpec = "type[nn.Module] | tuple[type, ...] | Callable[[str, nn.Module], bool] | None"
+
+
+def _within_predicate(within: Any) -> Callable[[str, nn.Module], bool] | None:
+    if within is None:
+        return None
+    if isinstance(within, type) or (isinstance(within, tuple) and all(isinstance(t, type) for t in within)):
+        return lambda name, module: isinstance(module, within)
+    if callable(within):
+        return within
+    raise TypeError(f"within must be a module type, a tuple of types or a predicate, got {within!r}")
+
+
+_MLP_NAME = re.compile(r"(^|\.)(mlp|ffn|feed_forward|intermediate|output)(\.|$)|(^|\.)mlp[^.]*$", re.IGNORECASE)
+
+
+def in_mlp(name: str, module: nn.Module) -> bool:
+    """Predicate: the enclosing module is a feed-forward block (timm ``Mlp``, torchvision
+    ``MLPBlock``, Hugging Face ``*Intermediate`` / ``*Output`` / ``ffn``)."""
+    cls = type(module).__name__.lower()
+    if "attention" in cls:
+        return False
+    return "mlp" in cls or "intermediate" in cls or "ffn" in cls or "feedforward" in cls or bool(
+        re.search(r"(^|\.)(mlp|ffn|intermediate)$", name)
+    )
+
+
+def in_attention(name: str, module: nn.Module) -> bool:
+    """Predicate: the enclosing module is an attention block."""
+    return "attention" in type(module).__name__.lower() or isinstance(module, nn.MultiheadAttention)
+
+
+@dataclass
+class Entry:
+    key: Any
+    rule: R.Rule
+    within: Callable[[str, nn.Module], bool] | None = None
+    is_module: bool = False
+
+
+class Registry:
+    """Ordered map from module types and torch functions to rules (later entries win)."""
+
+    def __init__(self, name: str = "custom", entries: Iterable[Entry] = (), seed: str = "logit") -> None:
+        self.name = name
+        self.entries: list[Entry] = list(entries)
+        #: relevance put on the target logit: ``"logit"`` (R = y_t) or ``"one_hot"`` (R = 1)
+        self.seed = seed
+
+    def register(self, key: Any, rule: R.Rule, *, within: Any = None) -> "Registry":
+        """Map ``key`` (a module type or a torch function) to ``rule``; returns ``self``."""
+        if not isinstance(rule, R.Rule):
+            raise TypeError(f"rule must be an attnx.lrp.rules.Rule, got {rule!r}")
+        is_module = isinstance(key, type) and issubclass(key, nn.Module)
+        if not is_module and not callable(key):
+            raise TypeError(f"key must be a module type or a torch function, got {key!r}")
+        self.entries.append(Entry(key, rule, _within_predicate(within), is_module))
+        return self
+
+    def copy(self, name: str | None = None) -> "Registry":
+        return Registry(name or self.name, list(self.entries), self.seed)
+
+    def _match(self, entry: Entry, stack: list) -> bool:
+        return entry.within is None or any(entry.within(n, m) for n, m in stack)
+
+    def rule_for_module(self, module: nn.Module, stack: list) -> R.Rule | None:
+        """The rule for ``module`` (with ``stack`` its enclosing modules), or ``None``."""
+        for entry in reversed(self.entries):
+            if entry.is_module and isinstance(module, entry.key) and self._match(entry, stack):
+                return entry.rule
+        return None
+
+    def rule_for_function(self, func: Any, stack: list) -> R.Rule | None:
+        """The rule for a call of ``func`` inside ``stack``, or ``None``."""
+        group = _ALIAS_OF.get(func, (func,))
+        for entry in reversed(self.entries):
+            if not entry.is_module and entry.key in group and self._match(entry, stack):
+                return entry.rule
+        return None
+
+    def __repr__(self) -> str:
+        rows = []
+        for e in self.entries:
+            key = e.key.__name__ if hasattr(e.key, "__name__") else repr(e.key)
+            rows.append(f"  {key}{' (within)' if e.within else ''} -> {e.rule!r}")
+        return f"Registry({self.name!r}, seed={self.seed!r},\n" + "\n".join(rows) + "\n)"
+
+
+def _base(name: str, seed: str) -> Registry:
+    """Entries every preset shares: attention kernels are decomposed so their parts get rules."""
+    reg = Registry(name, seed=seed)
+    reg.register(F.scaled_dot_product_attention, R.Decompose(R.sdpa_decomposition))
+    reg.register(F.multi_head_attention_forward, R.Decompose(R.mha_decomposition))
+    return reg
+
+
+def chefer2021() -> Registry:
+    """The rules of Chefer, Gur & Wolf (CVPR 2021) as in their reference code.
+
+    Linear / convolution: α=1 β=0 with a shared positive denominator, bias ignored; z^B at the
+    layer that sees the pixels; LayerNorm, GELU, tanh, softmax: identity; residual addition:
+    normalised add; ``Q Kᵀ`` and ``A V``: gradient × input per operand, halved. Seed: one-hot.
+    """
+    reg = _base("chefer2021", seed="one_hot")
+    identity = R.Identity()
+    linear = R.AlphaBeta(1.0, 0.0)
+    for key in (nn.Linear, F.linear):
+        reg.register(key, linear)
+    for key in (nn.Conv2d, F.conv2d):
+        reg.register(key, R.ZBox(otherwise=linear))
+    for key in (nn.LayerNorm, F.layer_norm, nn.GELU, F.gelu, F.softmax, torch.tanh, F.relu):
+        reg.register(key, identity)
+    reg.register(torch.add, R.NormalizedAdd())
+    bilinear = R.Bilinear(0.5, chefer=True)
+    for key in (torch.matmul, torch.bmm, torch.einsum):
+        reg.register(key, bilinear)
+    return reg
+
+
+def attnlrp(gamma: float | None = None, epsilon: float = 1e-6) -> Registry:
+    """AttnLRP (Achtibat et al., ICML 2024).
+
+    Linear: ε-rule; LayerNorm: normalisation held constant (identity on σ), ε-stabilised;
+    GELU / SiLU / tanh / ReLU: identity; softmax: its own gradient × input (plain autograd);
+    products of two relevance-carrying tensors (``Q Kᵀ``, ``A V``, gates): uniform rule, each
+    operand half. ``gamma``: use LRP-γ on convolutions and feed-forward linear layers (recommended
+    for ViTs). Seed: the target logit.
+    """
+    reg = _base("attnlrp" if gamma is None else f"attnlrp-gamma{gamma}", seed="logit")
+    eps = R.Epsilon(epsilon)
+    for key in (nn.Linear, F.linear, nn.Conv2d, F.conv2d):
+        reg.register(key, eps)
+    if gamma is not None:
+        g = R.Gamma(gamma, epsilon)
+        reg.register(nn.Conv2d, g)
+        reg.register(F.conv2d, g)
+        reg.register(nn.Linear, g, within=in_mlp)
+    ln = R.LayerNormConstantStd(epsilon)
+    reg.register(nn.LayerNorm, ln)
+    reg.register(F.layer_norm, ln)
+    identity = R.Identity()
+    for key in (nn.GELU, F.gelu, F.silu, torch.tanh, F.relu):
+        reg.register(key, identity)
+    reg.register(F.softmax, R.Passthrough())
+    reg.register(torch.add, R.Passthrough())
+    bilinear = R.Bilinear(0.5)
+    for key in (torch.matmul, torch.bmm, torch.einsum, torch.mul):
+        reg.register(key, bilinear)
+    return reg
+
+
+def cplrp() -> Registry:
+    """Conservative propagation, CP-LRP (Ali et al., ICML 2022).
+
+    Attention probabilities and the LayerNorm standard deviation are held constant, so the
+    attention head and LayerNorm are linear in their value path; everything else is gradient ×
+    input (LRP-0), with the identity rule on pointwise activations. With zero biases the input
+    relevance sums to the target logit exactly. Seed: the target logit.
+    """
+    reg = _base("cplrp", seed="logit")
+    for key in (nn.Linear, F.linear, nn.Conv2d, F.conv2d):
+        reg.register(key, R.Passthrough())
+    ln = R.LayerNormConstantStd(0.0)
+    reg.register(nn.LayerNorm, ln)
+    reg.register(F.layer_norm, ln)
+    reg.register(F.softmax, R.Constant())
+    identity = R.Identity()
+    for key in (nn.GELU, F.gelu, F.silu, torch.tanh, F.relu):
+        reg.register(key, identity)
+    reg.register(torch.add, R.Passthrough())
+    bilinear = R.Bilinear(0.5)
+    for key in (torch.matmul, torch.bmm, torch.einsum, torch.mul):
+        reg.register(key, bilinear)
+    return reg
+
+
+presets: dict[str, Callable[[], Registry]] = {
+    "chefer2021": chefer2021,
+    "attnlrp": attnlrp,
+    "attnlrp-gamma": lambda: attnlrp(gamma=0.25),
+    "cplrp": cplrp,
+}
+
+
+def get_preset(preset: "str | Registry") -> Registry:
+    """A registry from a preset name or a registry itself."""
+    if isinstance(preset, Registry):
+        return preset
+    if preset not in presets:
+        raise ValueError(f"unknown LRP preset {preset!r}; available: {sorted(presets)} or an attnx.lrp.Registry")
+    return presets[preset]()

@@ -1,0 +1,576 @@
+"""Relevance propagation rules.
+
+Convention (DESIGN §5): the relevance at a tensor ``t`` is ``t ⊙ g̃(t)``, where ``g̃`` is a
+*modified gradient*. Plain autograd is then already the right rule for every op that is linear in
+its relevance-carrying inputs (reshapes, indexing, concatenation, sums, products with constants,
+the z-rule on additions), and an LRP pass is one backward. A rule replaces the backward of one op:
+it receives ``g̃`` of the op's output and returns ``g̃`` of each relevance-carrying input.
+
+Every rule is a callable ``rule(op) -> output`` where ``op`` is an :class:`Op` describing one call
+(its function or module, arguments, which arguments carry relevance); it returns the op's
+output, connected to the relevance-carrying inputs through :func:`relay`, whose backward is the
+rule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Op",
+    "Rule",
+    "relay",
+    "safe_divide",
+    "stabilize",
+    "Passthrough",
+    "Identity",
+    "Constant",
+    "Epsilon",
+    "AlphaBeta",
+    "Gamma",
+    "ZBox",
+    "Bilinear",
+    "NormalizedAdd",
+    "LayerNormConstantStd",
+    "Decompose",
+]
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """``a / (b + eps)``, and 0 where ``b == 0``: the stabiliser of Chefer et al.'s reference code
+    (it adds ``eps`` whatever the sign of ``b``)."""
+    return a / (b + eps) * (b != 0).to(b.dtype)
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z + eps * sign(z)`` (sign(0) taken as +1): the ε-rule denominator."""
+    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+
+
+def divide_or_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` where ``b != 0``, else 0 (turns a relevance back into a modified gradient)."""
+    nz = b != 0
+    return torch.where(nz, a / torch.where(nz, b, torch.ones_like(b)), torch.zeros_like(a))
+
+
+class _Relay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backward_fn, output, *inputs):  # type: ignore[override]
+        ctx.backward_fn = backward_fn
+        ctx.num_inputs = len(inputs)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        grads = ctx.backward_fn(grad_output)
+        if len(grads) != ctx.num_inputs:
+            raise RuntimeError(f"rule returned {len(grads)} gradients for {ctx.num_inputs} inputs")
+        return (None, None, *grads)
+
+
+def relay(output: torch.Tensor, inputs: Sequence[torch.Tensor], backward: Callable[[torch.Tensor], Sequence]) -> torch.Tensor:
+    """A tensor equal to ``output`` whose backward to ``inputs`` is ``backward(g̃_out) -> g̃_inputs``."""
+    return _Relay.apply(backward, output.detach(), *inputs)
+
+
+@dataclass
+class Op:
+    """One intercepted call.
+
+    Attributes
+    ----------
+    func:
+        The torch function called, or the module whose forward ran (``module`` is set then).
+    args, kwargs:
+        The call's arguments (for a module: its forward's arguments).
+    carrying:
+        Positions in ``args`` of the tensors that carry relevance.
+    module:
+        The module, for module rules; ``None`` for function rules.
+    stack:
+        The enclosing modules as ``(qualified name, module)`` pairs, outermost first.
+    output:
+        For module rules, the output the module computed.
+    call:
+        ``call(func, *args, **kwargs)``: run another op through the engine (for decompositions).
+    is_input:
+        ``is_input(t)``: whether ``t`` is the explained input (pixels or token embeddings).
+    """
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    carrying: list[int]
+    module: nn.Module | None = None
+    stack: list = field(default_factory=list)
+    output: Any = None
+    call: Callable[..., Any] | None = None
+    is_input: Callable[[torch.Tensor], bool] | None = None
+
+    def compute(self) -> Any:
+        """The op's plain output (without a graph)."""
+        if self.output is not None:
+            return self.output
+        with torch.no_grad():
+            return self.func(*self.args, **self.kwargs)
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [self.args[i] for i in self.carrying]
+
+
+class Rule:
+    """Base class: a rule turns one :class:`Op` into an output whose backward is the rule."""
+
+    #: short name shown in the coverage table
+    name = "rule"
+
+    def __call__(self, op: Op) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+class Passthrough(Rule):
+    """Plain autograd: gradient × input, i.e. LRP-0 on linear ops (the default for unmapped
+    linear ops; registering it marks an op as handled)."""
+
+    name = "gradient"
+
+    def __call__(self, op: Op) -> Any:
+        return op.func(*op.args, **op.kwargs) if op.output is None else op.output
+
+
+class Identity(Rule):
+    """Identity rule ``R_x = R_y`` for elementwise / normalising ops (GELU, LayerNorm, softmax ...).
+
+    The op's output is computed as usual; all relevance at the output passes to its first
+    relevance-carrying input, element by element (input and output have the same shape).
+    """
+
+    name = "identity"
+
+    def __call__(self, op: Op) -> Any:
+        y = op.compute()
+        x = op.inputs[0]
+        if x.shape != y.shape:
+            raise ValueError(f"identity rule needs matching input/output shapes, got {tuple(x.shape)} -> {tuple(y.shape)}")
+        xd, yd = x.detach(), y.detach()
+        n = len(op.inputs)
+
+        def backward(g):
+            return (divide_or_zero(yd * g, xd),) + (None,) * (n - 1)
+
+        return relay(y, op.inputs, backward)
+
+
+class Constant(Rule):
+    """Treat the op's output as a constant: no relevance flows back through it (CP-LRP's rule for
+    attention probabilities)."""
+
+    name = "constant"
+
+    def __call__(self, op: Op) -> Any:
+        return op.compute().detach()
+
+
+def _linear_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Callable, dict]:
+    """``x, weight, bias, functional, extra kwargs`` of a linear / convolution op."""
+    if op.module is not None:
+        m = op.module
+        x = op.args[0]
+        if isinstance(m, nn.Linear):
+            return x, m.weight, m.bias, F.linear, {}
+        if isinstance(m, nn.Conv2d):
+            if m.padding_mode != "zeros":
+                raise ValueError("LRP rules support zero-padded convolutions only")
+            return x, m.weight, m.bias, F.conv2d, dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+        raise TypeError(f"{type(m).__name__} is not a linear or convolution module")
+    if op.func is F.linear:
+        names = ("input", "weight", "bias")
+        bound = dict(zip(names, op.args))
+        bound.update(op.kwargs)
+        return bound["input"], bound["weight"], bound.get("bias"), F.linear, {}
+    if op.func is F.conv2d:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(names, op.args))
+        bound.update(op.kwargs)
+        extra = {k: bound[k] for k in names[3:] if k in bound}
+        return bound["input"], bound["weight"], bound.get("bias"), F.conv2d, extra
+    raise TypeError(f"{op.func} is not F.linear or F.conv2d")
+
+
+def _vjp(fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, extra: dict) -> torch.Tensor:
+    """``(∂ fn(x, w) / ∂x)ᵀ grad`` for the linear map ``x -> fn(x, w)`` (no bias)."""
+    if fn is F.linear:
+        return grad.matmul(w)
+    if fn is F.conv2d:
+        return torch.nn.grad.conv2d_input(x.shape, w, grad, **extra)
+    raise TypeError(f"no vector-Jacobian product for {fn}")
+
+
+class _LinearRule(Rule):
+    """Shared plumbing of the rules for linear and convolution layers."""
+
+    def __call__(self, op: Op) -> Any:
+        x, w, b, fn, extra = _linear_parts(op)
+        y = op.compute()
+        if op.module is None and op.carrying != [0]:
+            raise ValueError(f"{self.name} rule: only the input of a linear op may carry relevance")
+        xd, yd = x.detach(), y.detach()
+        wd = w.detach()
+        bd = None if b is None else b.detach()
+        is_input = bool(op.is_input and op.is_input(x))
+
+        def backward(g):
+            return (self.propagate(xd, wd, bd, yd, g, fn, extra, is_input),)
+
+        return relay(y, [x], backward)
+
+    def propagate(self, x, w, b, y, g, fn, extra, is_input):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Epsilon(_LinearRule):
+    """LRP-ε: ``R_x = x ⊙ Wᵀ (R_y / (y + ε sign y))`` (bias included in ``y``)."""
+
+    name = "epsilon"
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = epsilon
+
+    def propagate(self, x, w, b, y, g, fn, extra, is_input):
+        return _vjp(fn, x, w, y * g / stabilize(y, self.epsilon), extra)
+
+
+class AlphaBeta(_LinearRule):
+    """LRP-αβ as in Chefer et al.'s reference code (``layers_ours.Linear.relprop``).
+
+    ``R_x = α (x⁺ ⊙ W⁺ᵀ S + x⁻ ⊙ W⁻ᵀ S) − β (x⁺ ⊙ W⁻ᵀ S' + x⁻ ⊙ W⁺ᵀ S')`` with
+    ``S = R / (x⁺W⁺ᵀ + x⁻W⁻ᵀ)`` and ``S' = R / (x⁺W⁻ᵀ + x⁻W⁺ᵀ)`` (``safe_divide``); the bias is
+    ignored. With α = 1, β = 0 only the positive contributions are kept.
+    """
+
+    name = "alpha-beta"
+
+    def __init__(self, alpha: float = 1.0, beta: float = 0.0, eps: float = 1e-9) -> None:
+        self.alpha, self.beta, self.eps = alpha, beta, eps
+
+    def _part(self, x, w, R, fn, extra, wa, wb):
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        z = fn(xp, wa, None, **extra) + fn(xn, wb, None, **extra)
+        s = safe_divide(R, z, self.eps)
+        # g̃(x) such that x ⊙ g̃ = x⁺ ⊙ Waᵀ s + x⁻ ⊙ Wbᵀ s
+        return torch.where(x > 0, _vjp(fn, x, wa, s, extra), _vjp(fn, x, wb, s, extra))
+
+    def propagate(self, x, w, b, y, g, fn, extra, is_input):
+        R = y * g
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        out = self._part(x, w, R, fn, extra, wp, wn) * self.alpha
+        if self.beta:
+            out = out - self.beta * self._part(x, w, R, fn, extra, wn, wp)
+        return out
+
+
+class Gamma(_LinearRule):
+    """LRP-γ: positive contributions amplified, ``W + γ W⁺`` (Montavon et al. 2019), as used by
+    AttnLRP for convolutions and feed-forward layers of ViTs. Relevance is conserved up to the bias.
+    """
+
+    name = "gamma"
+
+    def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6) -> None:
+        self.gamma, self.epsilon = gamma, epsilon
+
+    def propagate(self, x, w, b, y, g, fn, extra, is_input):
+        R = y * g
+        wp, wn = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
+        xp, xn = x.clamp(min=0), x.clamp(max=0)
+        # positive-output part uses x⁺W⁺γ + x⁻W⁻γ, negative-output part the opposite pairing
+        zp = fn(xp, wp, None, **extra) + fn(xn, wn, None, **extra)
+        zn = fn(xp, wn, None, **extra) + fn(xn, wp, None, **extra)
+        pos = y > 0
+        s_p = torch.where(pos, R / stabilize(zp, self.epsilon), torch.zeros_like(R))
+        s_n = torch.where(pos, torch.zeros_like(R), R / stabilize(zn, self.epsilon))
+        gp = torch.where(x > 0, _vjp(fn, x, wp, s_p, extra), _vjp(fn, x, wn, s_p, extra))
+        gn = torch.where(x > 0, _vjp(fn, x, wn, s_n, extra), _vjp(fn, x, wp, s_n, extra))
+        return gp + gn
+
+
+class ZBox(_LinearRule):
+    """z^B rule for the first layer (Montavon et al. 2017) with per-sample bounds, as in Chefer et
+    al.'s reference code: ``l, h`` are the minimum and maximum of each sample's input, and
+    ``R_x = x ⊙ Wᵀs − l ⊙ W⁺ᵀs − h ⊙ W⁻ᵀs`` with ``s = R / (Wx − W⁺l − W⁻h + 1e-9)``.
+    Layers that do not see the explained input fall back to ``otherwise``.
+    """
+
+    name = "z-box"
+
+    def __init__(self, otherwise: _LinearRule | None = None, eps: float = 1e-9) -> None:
+        self.otherwise = otherwise if otherwise is not None else AlphaBeta()
+        self.eps = eps
+
+    def propagate(self, x, w, b, y, g, fn, extra, is_input):
+        if not is_input:
+            return self.otherwise.propagate(x, w, b, y, g, fn, extra, is_input)
+        dims = tuple(range(1, x.dim()))
+        lo = x.amin(dim=dims, keepdim=True).expand_as(x)
+        hi = x.amax(dim=dims, keepdim=True).expand_as(x)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        z = fn(x, w, None, **extra) - fn(lo, wp, None, **extra) - fn(hi, wn, None, **extra) + self.eps
+        s = (y * g) / z
+        R = x * _vjp(fn, x, w, s, extra) - lo * _vjp(fn, x, wp, s, extra) - hi * _vjp(fn, x, wn, s, extra)
+        return divide_or_zero(R, x)
+
+
+def _operands(op: Op) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``(f, a, b)`` with ``f(a, b)`` the bilinear op (matmul, bmm, einsum, mul)."""
+    if op.func is torch.einsum:
+        eq = op.args[0]
+        operands = op.args[1] if len(op.args) == 2 and isinstance(op.args[1], (list, tuple)) else op.args[1:]
+        if len(operands) != 2:
+            raise ValueError("the bilinear rule handles einsum with two operands only")
+        return (lambda a, b: torch.einsum(eq, a, b)), operands[0], operands[1]
+    if len(op.args) != 2:
+        raise ValueError(f"the bilinear rule expects two operands, got {len(op.args)} arguments")
+    func = op.func
+    return (lambda a, b: func(a, b)), op.args[0], op.args[1]
+
+
+class Bilinear(Rule):
+    """Products of two relevance-carrying tensors (``Q Kᵀ``, ``A V``, gates).
+
+    Each operand gets gradient × input relevance, scaled by ``share`` (½: the uniform rule of
+    AttnLRP and the halving of Chefer et al.). With ``chefer=True`` the incoming relevance is first
+    divided by the output with Chefer's ``safe_divide``, as the reference code does.
+    """
+
+    name = "bilinear"
+
+    def __init__(self, share: float = 0.5, chefer: bool = False) -> None:
+        self.share, self.chefer = share, chefer
+
+    def __call__(self, op: Op) -> Any:
+        f, a, b = _operands(op)
+        carrying = [op.args[i] for i in op.carrying]
+        track = [isinstance(t, torch.Tensor) and any(c is t or _in(c, t) for c in carrying) for t in (a, b)]
+        if not all(track):  # linear in the one relevance-carrying operand: plain gradient x input
+            return Passthrough()(op)
+        z = op.compute()
+        inputs = [t for t, keep in zip((a, b), track) if keep]
+        ad, bd, zd = a.detach(), b.detach(), z.detach()
+        share, chefer = self.share, self.chefer
+
+        def backward(g):
+            s = safe_divide(zd * g, zd) if chefer else g
+            with torch.enable_grad():
+                aa = ad.detach().requires_grad_(track[0])
+                bb = bd.detach().requires_grad_(track[1])
+                zz = f(aa, bb)
+                wrt = [t for t, keep in zip((aa, bb), track) if keep]
+                grads = torch.autograd.grad(zz, wrt, s)
+            return tuple(gr * share for gr in grads)
+
+        return relay(z, inputs, backward)
+
+
+def _in(container: Any, t: torch.Tensor) -> bool:
+    return isinstance(container, (list, tuple)) and any(c is t for c in container)
+
+
+class NormalizedAdd(Rule):
+    """Chefer et al.'s residual ``Add``: split ``R`` in proportion to each input's contribution
+    (``u ⊙ R/z``, ``v ⊙ R/z``), then rescale each branch so that its total is
+    ``|Σu'| / (|Σu'| + |Σv'|) · ΣR`` (sums per sample). The second operand may be a parameter
+    (the position embedding); its share of relevance is absorbed.
+    """
+
+    name = "normalized-add"
+
+    def __init__(self, eps: float = 1e-9) -> None:
+        self.eps = eps
+
+    def __call__(self, op: Op) -> Any:
+        if op.func in (torch.add, torch.Tensor.add) and (len(op.args) > 2 or "alpha" in op.kwargs):
+            raise ValueError("normalized-add does not support add(..., alpha=...)")
+        u, v = op.args[0], op.args[1]
+        both = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (u, v))
+        absorbing = both and all(i in op.carrying or op.args[i].requires_grad for i in (0, 1))
+        if not absorbing:  # a constant (mask, scalar) is added: plain gradient x input
+            return Passthrough()(op)
+        z = op.compute()
+        ud, vd, zd = u.detach(), v.detach(), z.detach()
+        dims = tuple(range(1, z.dim()))
+        inputs = [op.args[i] for i in op.carrying]
+        eps = self.eps
+
+        def backward(g):
+            R = zd * g
+            S = safe_divide(R, zd, eps)
+            a, b = ud * S, vd * S
+            a_sum, b_sum, r_sum = a.sum(dims, keepdim=True), b.sum(dims, keepdim=True), R.sum(dims, keepdim=True)
+            total = a_sum.abs() + b_sum.abs()
+            a_fact = safe_divide(a_sum.abs(), total, eps) * r_sum
+            b_fact = safe_divide(b_sum.abs(), total, eps) * r_sum
+            # g̃(u) = (u ⊙ S ⊙ a_fact / Σa) / u
+            gu = S * safe_divide(a_fact, a_sum, eps)
+            gv = S * safe_divide(b_fact, b_sum, eps)
+            out = {0: gu, 1: gv}
+            return tuple(_reduce_to(out[i], op.args[i]) for i in op.carrying)
+
+        return relay(z, inputs, backward)
+
+
+def _reduce_to(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Sum a broadcast gradient back to the shape of ``t``."""
+    if g.shape == t.shape:
+        return g
+    while g.dim() > t.dim():
+        g = g.sum(0)
+    for d, (gs, ts) in enumerate(zip(g.shape, t.shape)):
+        if ts == 1 and gs != 1:
+            g = g.sum(d, keepdim=True)
+    return g
+
+
+class LayerNormConstantStd(Rule):
+    """LayerNorm with the standard deviation held constant (CP-LRP's LN rule, AttnLRP's identity on
+    the normalisation): ``y = γ (x − μ)/σ + β`` is then linear in ``x`` and gradient × input
+    applies (optionally ε-stabilised, the bias β absorbing its share)."""
+
+    name = "layernorm-const-std"
+
+    def __init__(self, epsilon: float = 0.0) -> None:
+        self.epsilon = epsilon
+
+    def __call__(self, op: Op) -> Any:
+        if op.module is not None:
+            m = op.module
+            x, shape, weight, bias, eps = op.args[0], m.normalized_shape, m.weight, m.bias, m.eps
+        else:
+            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            bound = {**dict(zip(names, op.args)), **op.kwargs}
+            x, shape = bound["input"], bound["normalized_shape"]
+            weight, bias, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+        dims = tuple(range(-len(shape), 0))
+        y = op.compute()
+        xd, yd = x.detach(), y.detach()
+        std = torch.sqrt(xd.var(dims, unbiased=False, keepdim=True) + eps)
+        wd = None if weight is None else weight.detach()
+        epsilon = self.epsilon
+
+        def backward(g):
+            if epsilon:
+                g = yd * g / stabilize(yd, epsilon)
+            gx = g if wd is None else g * wd
+            gx = gx - gx.mean(dims, keepdim=True)
+            return (gx / std,)
+
+        return relay(y, [x], backward)
+
+
+class Decompose(Rule):
+    """Run an op as a composition of simpler ops through the engine, so that their own rules apply
+    (e.g. ``F.scaled_dot_product_attention`` -> matmul, softmax, matmul)."""
+
+    name = "decompose"
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, op: Op) -> Any:
+        return self.fn(op.call, *op.args, **op.kwargs)
+
+
+def sdpa_decomposition(call, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention`` written out with engine-visible ops."""
+    L, S = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key = call(torch.repeat_interleave, key, rep, dim=-3)
+        value = call(torch.repeat_interleave, value, rep, dim=-3)
+    scores = call(torch.matmul, query, call(torch.Tensor.transpose, key, -2, -1))
+    scores = call(torch.mul, scores, scale)
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = call(torch.Tensor.masked_fill, scores, ~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = call(torch.Tensor.masked_fill, scores, ~attn_mask, float("-inf"))
+        else:
+            scores = call(torch.add, scores, attn_mask)
+    probs = call(torch.softmax, scores, -1)
+    if dropout_p > 0.0:
+        probs = call(F.dropout, probs, dropout_p, True)
+    return call(torch.matmul, probs, value)
+
+
+def mha_decomposition(call, query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
+                      bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True,
+                      key_padding_mask=None, need_weights=True, attn_mask=None, use_separate_proj_weight=False,
+                      q_proj_weight=None, k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
+                      average_attn_weights=True, is_causal=False):
+    """``F.multi_head_attention_forward`` written out with engine-visible ops (the common case:
+    no ``bias_k``/``bias_v``, no ``add_zero_attn``, no static keys)."""
+    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
+        raise NotImplementedError("LRP through nn.MultiheadAttention supports no bias_k/bias_v/add_zero_attn/static_k/static_v")
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    L, B, E = query.shape
+    S = key.shape[0]
+    hd = E // num_heads
+    if use_separate_proj_weight:
+        wq, wk, wv = q_proj_weight, k_proj_weight, v_proj_weight
+    else:
+        wq, wk, wv = in_proj_weight.chunk(3)
+    bq, bk, bv = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
+    q = call(F.linear, query, wq, bq)
+    k = call(F.linear, key, wk, bk)
+    v = call(F.linear, value, wv, bv)
+    # (L, B, E) -> (B*H, L, hd)
+    q = call(torch.Tensor.transpose, call(torch.Tensor.reshape, q, L, B * num_heads, hd), 0, 1)
+    k = call(torch.Tensor.transpose, call(torch.Tensor.reshape, k, S, B * num_heads, hd), 0, 1)
+    v = call(torch.Tensor.transpose, call(torch.Tensor.reshape, v, S, B * num_heads, hd), 0, 1)
+    mask = None
+    if attn_mask is not None:
+        m = attn_mask if attn_mask.dim() == 3 else attn_mask.unsqueeze(0)
+        mask = torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(q.dtype)
+    if is_causal and attn_mask is None:
+        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        mask = torch.zeros(1, L, S, dtype=q.dtype, device=q.device).masked_fill(~causal, float("-inf"))
+    if key_padding_mask is not None:
+        kp = key_padding_mask
+        kp = torch.zeros_like(kp, dtype=q.dtype).masked_fill(kp, float("-inf")) if kp.dtype == torch.bool else kp.to(q.dtype)
+        kp = kp.view(B, 1, 1, S).expand(B, num_heads, 1, S).reshape(B * num_heads, 1, S)
+        mask = kp if mask is None else mask + kp
+    scores = call(torch.bmm, call(torch.mul, q, 1.0 / math.sqrt(hd)), call(torch.Tensor.transpose, k, -2, -1))
+    if mask is not None:
+        scores = call(torch.add, scores, mask)
+    probs = call(torch.softmax, scores, -1)
+    if dropout_p > 0.0 and training:
+        probs = call(F.dropout, probs, dropout_p, True)
+    out = call(torch.bmm, probs, v)  # (B*H, L, hd)
+    out = call(torch.Tensor.reshape, call(torch.Tensor.transpose, out, 0, 1), L * B, E)
+    out = call(F.linear, out, out_proj_weight, out_proj_bias)
+    out = call(torch.Tensor.reshape, out, L, B, E)
+    weights = None
+    if need_weights:
+        weights = probs.view(B, num_heads, L, S)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            weights = weights.squeeze(0)
+    if not batched:
+        out = out.squeeze(1)
+    return out, weights
