@@ -33,7 +33,7 @@ LINEAR_OPS = frozenset(
     neg __neg__ sum mean add __add__ __radd__ __iadd__ sub __sub__ __rsub__ __isub__ masked_fill
     masked_fill_ where tril triu diagonal interpolate adaptive_avg_pool1d adaptive_avg_pool2d avg_pool1d
     avg_pool2d linear conv1d conv2d conv3d identity scaled_dot_product_attention tensor_split
-    new_tensor as_strided fill_diagonal_ copy_ index_add scatter scatter_add""".split()
+    new_tensor as_strided fill_diagonal_ copy_ index_add scatter scatter_add T mT H mH real _base""".split()
 )
 #: linear only when a single argument carries relevance
 _LINEAR_IF_ONE = frozenset(
@@ -68,8 +68,8 @@ def _carrying(args: tuple) -> list[int]:
 
 def _name(func: Any) -> str:
     name = getattr(func, "__name__", None) or repr(func)
-    if name == "__get__":  # property getters
-        return "property"
+    if name == "__get__":  # property getters: Tensor.T, Tensor.mT, ...
+        return getattr(getattr(func, "__self__", None), "__name__", "property")
     return name
 
 
