@@ -1,0 +1,548 @@
+#!/usr/bin/env python
+"""attnx speed and memory benchmark on stock (random-init) models.
+
+Measures, in ONE run and side by side, every explanation method of ``attnx.methods()`` against
+the plain model on the same model object, batch and inputs:
+
+* ``vit``  -- timm ``vit_base_patch16_224`` (``pretrained=False``, 1000 classes, default fused
+  attention, ``eval()``), 224x224 random images;
+* ``bert`` -- Hugging Face ``BertForSequenceClassification(BertConfig())`` (12 layers, 768 hidden,
+  12 heads, default ``sdpa`` attention, ``eval()``), ``--seq-len`` random word pieces
+  ([CLS] ... [SEP], attention mask of ones).
+
+Baselines (the same ones for every method of a kind):
+
+* ``forward``: ``model(inputs)`` under ``torch.no_grad()``; the baseline of methods that need no
+  gradients (``get_method(name).gradients`` false and ``kind == 'attention'``: raw_attention,
+  rollout).
+* ``forward+backward``: ``model(inputs)`` with grad enabled, then
+  ``torch.autograd.grad(sum_b logits[b, t_b], input)`` where the input is the image tensor (vit)
+  or the output of ``get_input_embeddings()`` (bert; a forward hook makes it require grad); the
+  baseline of gradient methods and of every method with ``kind != 'attention'`` (e.g. LRP).
+
+Every method is called as a user would: ``attnx.Explainer(model)(inputs, method=name,
+target=targets)``, with the targets ``t_b`` (the predicted classes, fixed once) given explicitly
+so the method and the baseline differentiate the same logits.
+
+Timing
+------
+For each (model, batch, method) series: ``--warmup`` untimed rounds of (baseline, method), then
+``--repeats`` timed rounds in which the baseline and the method alternate (B M, M B, B M, ...),
+so slow drift and other load hit both equally. Reported: seconds per sample = median time / batch
+size; ``x base`` = median over rounds of t_method / t_baseline of the same round (a paired ratio,
+robust to load changes between rounds); the baseline rows pool all baseline timings of that kind.
+Batch scaling: per-sample time at the smallest batch size / per-sample time at the largest.
+
+Memory (``--memory``)
+---------------------
+Each (model, batch, method-or-baseline) is measured in a fresh subprocess: build the model (same
+seed), build the inputs, run one plain no-grad forward (which fixes the targets) and one untimed
+call of the measured operation (so one-time lazy initialisation is not charged to it), drop the
+result, ``gc.collect()`` and ``malloc_trim(0)`` (give freed heap back to the OS so resident memory
+is live memory), read ``VmRSS``, reset the kernel's peak-RSS counter (``echo 5 >
+/proc/self/clear_refs``), run the operation once, and read ``VmHWM``. The reported number is
+``VmHWM - VmRSS_before`` in MB (MiB): the peak resident memory increase of one call, model weights
+and inputs excluded. If ``clear_refs`` is not available, ``ru_maxrss`` is used instead (then the
+number is a lower bound: the warm-up peaks count as the "before" peak).
+
+Usage
+-----
+::
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py --quick                 # tiny models, smoke test
+    HF_HUB_OFFLINE=1 python benchmarks/bench.py --memory --out benchmarks/results.md
+    python benchmarks/bench.py --models vit --batch-sizes 1,8 --methods rollout,generic --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+import attnx  # noqa: E402
+
+FORWARD = "forward"
+FORWARD_BACKWARD = "forward+backward"
+BASELINES = (FORWARD, FORWARD_BACKWARD)
+
+# targets from the brief (x of the own baseline; batch scaling for gradient methods)
+MAX_RATIO = {FORWARD: 1.3, FORWARD_BACKWARD: 1.5}
+MIN_BATCH_SPEEDUP = 2.0
+
+MODEL_LABELS = {
+    "vit": "timm vit_base_patch16_224",
+    "bert": "HF BertForSequenceClassification (bert-base)",
+}
+QUICK_LABELS = {
+    "vit": "timm ViT tiny (quick: 32px, 2 layers, 48 dim)",
+    "bert": "HF BERT tiny (quick: 2 layers, 48 hidden)",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# models, inputs, operations
+# --------------------------------------------------------------------------------------------
+def build_model(name: str, quick: bool, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if name == "vit":
+        if quick:
+            from timm.models.vision_transformer import VisionTransformer
+
+            model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+        else:
+            import timm
+
+            model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=1000)
+    elif name == "bert":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        if quick:
+            config = BertConfig(
+                vocab_size=1000,
+                hidden_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=3,
+                intermediate_size=96,
+                max_position_embeddings=64,
+            )
+        else:
+            config = BertConfig()  # bert-base: 12 layers, 768 hidden, 12 heads; sdpa attention
+        model = BertForSequenceClassification(config)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_LABELS)}")
+    return model.eval()  # as a user explaining a trained model has it
+
+
+def make_inputs(name: str, model: torch.nn.Module, batch: int, seq_len: int, seed: int) -> Any:
+    gen = torch.Generator().manual_seed(seed + 1000 * batch)
+    if name == "vit":
+        size = tuple(int(s) for s in model.patch_embed.img_size)
+        return torch.randn(batch, 3, *size, generator=gen)
+    vocab = model.config.vocab_size
+    cls_id, sep_id = (101, 102) if vocab > 1000 else (1, 2)
+    ids = torch.randint(1000 if vocab > 2000 else 3, vocab, (batch, seq_len), generator=gen)
+    ids[:, 0] = cls_id
+    ids[:, -1] = sep_id
+    return {
+        "input_ids": ids,
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+    }
+
+
+def run_model(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    if isinstance(inputs, dict):
+        return model(**inputs).logits
+    return model(inputs)
+
+
+class Bench:
+    """One model and one batch: the baselines and the method calls as zero-argument callables."""
+
+    def __init__(self, name: str, model: torch.nn.Module, inputs: Any) -> None:
+        self.name = name
+        self.model = model
+        self.inputs = inputs
+        self.explainer = attnx.Explainer(model)
+        with torch.no_grad():  # also the warm-up forward
+            self.targets = run_model(model, inputs).argmax(dim=1)
+
+    def forward(self) -> Any:
+        with torch.no_grad():
+            return run_model(self.model, self.inputs)
+
+    def forward_backward(self) -> Any:
+        with torch.enable_grad():
+            if isinstance(self.inputs, dict):
+                box: list[torch.Tensor] = []
+
+                def hook(module, args, output):
+                    out = output.detach().requires_grad_(True)
+                    box.append(out)
+                    return out
+
+                handle = self.model.get_input_embeddings().register_forward_hook(hook)
+                try:
+                    logits = run_model(self.model, self.inputs)
+                finally:
+                    handle.remove()
+                wrt = box[0]
+            else:
+                wrt = self.inputs.detach().requires_grad_(True)
+                logits = run_model(self.model, wrt)
+            score = logits.gather(1, self.targets[:, None]).sum()
+            (grad,) = torch.autograd.grad(score, wrt)
+        return grad
+
+    def method(self, name: str) -> Callable[[], Any]:
+        def call() -> Any:
+            return self.explainer(self.inputs, method=name, target=self.targets)
+
+        return call
+
+    def op(self, name: str) -> Callable[[], Any]:
+        if name == FORWARD:
+            return self.forward
+        if name == FORWARD_BACKWARD:
+            return self.forward_backward
+        return self.method(name)
+
+
+def baseline_of(method: str) -> str:
+    spec = attnx.get_method(method)
+    return FORWARD_BACKWARD if (spec.gradients or spec.kind != "attention") else FORWARD
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    out = fn()
+    t = time.perf_counter() - t0
+    del out
+    return t
+
+
+def time_series(base: Callable[[], Any], meth: Callable[[], Any], repeats: int, warmup: int):
+    """Alternate baseline and method; return (baseline times, method times) of the timed rounds."""
+    for _ in range(warmup):
+        base()
+        meth()
+    tb, tm = [], []
+    for r in range(repeats):
+        gc.collect()
+        if r % 2 == 0:
+            tb.append(timed(base))
+            tm.append(timed(meth))
+        else:
+            tm.append(timed(meth))
+            tb.append(timed(base))
+    return tb, tm
+
+
+# --------------------------------------------------------------------------------------------
+# memory (fresh subprocess per measurement)
+# --------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_worker(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    model = build_model(spec["model"], spec["quick"], spec["seed"])
+    inputs = make_inputs(spec["model"], model, spec["batch"], spec["seq_len"], spec["seed"])
+    bench = Bench(spec["model"], model, inputs)  # includes the plain warm-up forward
+    op = bench.op(spec["op"])
+    out = op()  # warm-up call of the measured operation
+    del out
+    gc.collect()
+    _malloc_trim()
+    rss_before = _status_kb("VmRSS")
+    exact = _reset_peak() and rss_before is not None
+    if not exact:
+        rss_before = rss_before or 0
+    out = op()
+    peak = _status_kb("VmHWM") if exact else None
+    if peak is None:
+        exact = False
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    del out
+    return {"rss_before_kb": rss_before, "peak_kb": peak, "increase_kb": max(peak - rss_before, 0), "exact": exact}
+
+
+def measure_memory(args: argparse.Namespace, model: str, batch: int, op: str) -> dict:
+    spec = {
+        "model": model,
+        "quick": args.quick,
+        "batch": batch,
+        "seq_len": args.seq_len,
+        "op": op,
+        "threads": args.threads,
+        "seed": args.seed,
+    }
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout.splitlines():
+        if line.startswith("ATTNX_MEM "):
+            return json.loads(line[len("ATTNX_MEM "):])
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": tail[:120]}
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if x >= 1:
+        return f"{x:.3f}"
+    if x >= 0.01:
+        return f"{x:.4f}"
+    return f"{x * 1000:.3f} ms"
+
+
+def fmt_x(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def fmt_mb(kb: float | None) -> str:
+    if kb is None:
+        return "–"
+    mb = kb / 1024
+    return f"{mb:.0f}" if mb >= 10 else f"{mb:.1f}"
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def parse_list(text: str, cast=str) -> list:
+    return [cast(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="vit,bert", help="comma list from: vit, bert (default both)")
+    p.add_argument("--batch-sizes", default=None, help="comma list (default 1,16; --quick: 1,4)")
+    p.add_argument("--methods", default=None, help="comma list (default: all of attnx.methods())")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per series (default 5; --quick: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds per series (default 1)")
+    p.add_argument("--seq-len", type=int, default=None, help="text tokens per sample (default 128; --quick: 16)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", action="store_true", help="also measure peak RSS increase (fresh subprocess each)")
+    p.add_argument("--quick", action="store_true", help="tiny models, small batches: a smoke test")
+    p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.memory_worker is not None:
+        print("ATTNX_MEM " + json.dumps(memory_worker(json.loads(args.memory_worker))), flush=True)
+        return 0
+    if args.batch_sizes is None:
+        args.batch_sizes = "1,4" if args.quick else "1,16"
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 5
+    if args.seq_len is None:
+        args.seq_len = 16 if args.quick else 128
+    models = parse_list(args.models)
+    batch_sizes = parse_list(args.batch_sizes, int)
+    methods = parse_list(args.methods) if args.methods else attnx.methods()
+    for m in methods:
+        attnx.get_method(m)  # unknown names fail early with the list of methods
+    for m in models:
+        if m not in MODEL_LABELS:
+            raise SystemExit(f"unknown model {m!r}; choose from {sorted(MODEL_LABELS)}")
+    labels = QUICK_LABELS if args.quick else MODEL_LABELS
+    torch.set_num_threads(args.threads)
+
+    start = time.time()
+    load_start = os.getloadavg()
+    log = lambda msg: print(f"[{time.time() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    # ---- timing ---------------------------------------------------------------------------
+    # res[(model, batch, op)] = dict(per_sample, base_per_sample, ratio, base, error)
+    res: dict[tuple, dict] = {}
+    for name in models:
+        model = build_model(name, args.quick, args.seed)
+        for bs in batch_sizes:
+            inputs = make_inputs(name, model, bs, args.seq_len, args.seed)
+            bench = Bench(name, model, inputs)
+            pooled: dict[str, list[float]] = {b: [] for b in BASELINES}
+            for meth in methods:
+                base = baseline_of(meth)
+                log(f"{name} B={bs} {meth} vs {base}")
+                try:
+                    tb, tm = time_series(bench.op(base), bench.method(meth), args.repeats, args.warmup)
+                except Exception as exc:  # report, do not abort the whole run
+                    res[(name, bs, meth)] = {"base": base, "error": f"{type(exc).__name__}: {exc}"[:100]}
+                    continue
+                pooled[base] += tb
+                res[(name, bs, meth)] = {
+                    "base": base,
+                    "per_sample": statistics.median(tm) / bs,
+                    "base_per_sample": statistics.median(tb) / bs,
+                    "ratio": statistics.median(m / b for m, b in zip(tm, tb)),
+                }
+            for b in BASELINES:
+                if not pooled[b]:  # no method of that kind ran: time the baseline on its own
+                    log(f"{name} B={bs} {b} (alone)")
+                    op = bench.op(b)
+                    for _ in range(args.warmup):
+                        op()
+                    pooled[b] = [timed(op) for _ in range(args.repeats)]
+                res[(name, bs, b)] = {"base": b, "per_sample": statistics.median(pooled[b]) / bs, "n": len(pooled[b])}
+            del bench, inputs
+            gc.collect()
+        del model
+        gc.collect()
+    time_elapsed = time.time() - start
+
+    # ---- memory ---------------------------------------------------------------------------
+    mem: dict[tuple, dict] = {}
+    if args.memory:
+        for name in models:
+            for bs in batch_sizes:
+                for op in (*BASELINES, *methods):
+                    log(f"memory {name} B={bs} {op}")
+                    mem[(name, bs, op)] = measure_memory(args, name, bs, op)
+    total_elapsed = time.time() - start
+    load_end = os.getloadavg()
+
+    # ---- report ---------------------------------------------------------------------------
+    ops = [*BASELINES, *methods]
+    lines = []
+    lines.append("# attnx benchmark")
+    lines.append("")
+    lines.append(
+        f"{datetime.datetime.now().isoformat(timespec='seconds')} · torch {torch.__version__} · "
+        f"attnx {attnx.__version__} · {platform.processor() or platform.machine()} · "
+        f"{os.cpu_count()} CPUs, torch threads {args.threads} · seed {args.seed} · "
+        f"repeats {args.repeats} (warm-up {args.warmup}) · text length {args.seq_len} tokens"
+        + (" · **--quick (tiny models)**" if args.quick else "")
+    )
+    lines.append("")
+    lines.append("Command: `" + " ".join(["python", "benchmarks/bench.py", *(sys.argv[1:] if argv is None else argv)]) + "`")
+    lines.append("")
+    lines.append(
+        f"1-min load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (a busy machine inflates "
+        f"and scatters the timings) · timing {time_elapsed:.0f} s"
+        + (f", memory {total_elapsed - time_elapsed:.0f} s" if args.memory else "")
+    )
+    lines.append("")
+    lines.append(
+        "s/sample = median seconds per call / batch size. × base = median over alternating rounds of "
+        "t(method) / t(baseline) on the same model, batch and inputs. Baselines: forward = no-grad "
+        "forward; forward+backward = forward + `autograd.grad(target logits, input)` (image / embedding "
+        "output). Targets: ≤ 1.3× forward (non-gradient methods), ≤ 1.5× forward+backward (gradient "
+        "methods)."
+        + (
+            " Peak MB = peak RSS increase of one call over the RSS before it (fresh subprocess, model "
+            "and inputs resident, after warm-up; VmHWM reset via /proc/self/clear_refs)."
+            if args.memory
+            else ""
+        )
+    )
+    lines.append("")
+    header = ["model", "batch", "method", "baseline", "s/sample", "baseline s/sample", "× base", "time target"]
+    if args.memory:
+        header += ["peak MB", "baseline peak MB", "mem × base"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] * 3 + ["---"] + ["---:"] * 3 + ["---"] + ["---:"] * (3 if args.memory else 0)) + "|")
+    for name in models:
+        for bs in batch_sizes:
+            for op in ops:
+                r = res.get((name, bs, op))
+                if r is None:
+                    continue
+                is_base = op in BASELINES
+                row = [labels[name], str(bs), f"*{op}*" if is_base else op, "–" if is_base else r["base"]]
+                if "error" in r:
+                    row += ["error", "–", "–", r["error"]]
+                elif is_base:
+                    row += [fmt_s(r["per_sample"]), "–", "1.00×", "–"]
+                else:
+                    lim = MAX_RATIO[r["base"]]
+                    row += [
+                        fmt_s(r["per_sample"]),
+                        fmt_s(r["base_per_sample"]),
+                        fmt_x(r["ratio"]),
+                        f"≤ {lim}× {verdict(r['ratio'] <= lim)}",
+                    ]
+                if args.memory:
+                    m = mem.get((name, bs, op), {})
+                    mb = mem.get((name, bs, r["base"]), {})
+                    if "error" in m:
+                        row += ["error: " + m["error"], "–", "–"]
+                    elif is_base:
+                        row += [fmt_mb(m.get("increase_kb")), "–", "1.00×"]
+                    else:
+                        inc, binc = m.get("increase_kb"), mb.get("increase_kb")
+                        ratio = inc / binc if inc is not None and binc else None
+                        row += [fmt_mb(inc), fmt_mb(binc), fmt_x(ratio)]
+                lines.append("| " + " | ".join(row) + " |")
+    if args.memory and any(not v.get("exact", True) for v in mem.values() if "error" not in v):
+        lines.append("")
+        lines.append("Note: /proc/self/clear_refs was unavailable; memory numbers use ru_maxrss (lower bounds).")
+
+    if len(batch_sizes) > 1:
+        lo, hi = min(batch_sizes), max(batch_sizes)
+        lines.append("")
+        lines.append(f"## Batch scaling: per-sample speed-up of batch {hi} over batch {lo}")
+        lines.append("")
+        lines.append(f"Target for gradient methods: ≥ {MIN_BATCH_SPEEDUP:g}× faster per sample at batch {hi}.")
+        lines.append("")
+        lines.append(f"| model | method | s/sample B={lo} | s/sample B={hi} | speed-up | target |")
+        lines.append("|---|---|---:|---:|---:|---|")
+        for name in models:
+            for op in ops:
+                a, b = res.get((name, lo, op)), res.get((name, hi, op))
+                if not a or not b or "error" in a or "error" in b:
+                    continue
+                sp = a["per_sample"] / b["per_sample"]
+                grad = op == FORWARD_BACKWARD or (op not in BASELINES and baseline_of(op) == FORWARD_BACKWARD)
+                target = "–"
+                if grad and op not in BASELINES:
+                    target = f"≥ {MIN_BATCH_SPEEDUP:g}× {verdict(sp >= MIN_BATCH_SPEEDUP)}"
+                shown = f"*{op}*" if op in BASELINES else op
+                lines.append(
+                    f"| {labels[name]} | {shown} | {fmt_s(a['per_sample'])} | {fmt_s(b['per_sample'])} | "
+                    f"{sp:.2f}× | {target} |"
+                )
+
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(report)
+        log(f"wrote {args.out}")
+    log(f"done in {total_elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
