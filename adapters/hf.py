@@ -48,6 +48,30 @@ def attn_implementation(model: nn.Module, impl: str) -> Iterator[None]:
         set_attn_implementation(model, old)
 
 
+_HOOKED_MARK = "_output_capturing_hooks_installed"
+
+
+@contextlib.contextmanager
+def no_new_forward_hooks(model: nn.Module) -> Iterator[None]:
+    """Remove the forward hooks a call adds to ``model`` and its submodules.
+
+    With ``output_attentions=True`` transformers 5 installs its output-capturing forward hooks on
+    the first call and keeps them for good (marking the model with ``_output_capturing_hooks_installed``);
+    explaining must leave the model as it was found.
+    """
+    before = {m: set(m._forward_hooks) for m in model.modules()}
+    marked = {m for m in model.modules() if _HOOKED_MARK in m.__dict__}
+    try:
+        yield
+    finally:
+        for m in model.modules():
+            for key in set(m._forward_hooks) - before.get(m, set()):
+                for hooks in (m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called):
+                    hooks.pop(key, None)
+            if m not in marked and _HOOKED_MARK in m.__dict__:
+                del m.__dict__[_HOOKED_MARK]
+
+
 class HFAdapter(Adapter):
     """Adapter for Hugging Face ``*ForImageClassification`` and ``*ForSequenceClassification`` models."""
 
@@ -116,7 +140,7 @@ class HFAdapter(Adapter):
     # capture ------------------------------------------------------------------------------
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
-        with attn_implementation(self.model, "eager"):
+        with attn_implementation(self.model, "eager"), no_new_forward_hooks(self.model):
             self._recorder = recorder
             try:
                 yield

@@ -56,10 +56,11 @@ def rollout_row(matrices: Iterable[torch.Tensor], readout: Readout) -> torch.Ten
     return row
 
 
-def check_start_layer(start_layer: int, num_layers: int) -> int:
+def check_start_layer(start_layer: int, num_layers: int, option: str = "start_layer") -> int:
+    """``start_layer`` as an index in ``[0, num_layers)``; ``option`` names it in errors."""
     if not isinstance(start_layer, int) or isinstance(start_layer, bool):
-        raise TypeError(f"start_layer must be an int, got {start_layer!r}")
+        raise TypeError(f"{option} must be an int, got {start_layer!r}")
     s = start_layer + num_layers if start_layer < 0 else start_layer
     if not 0 <= s < num_layers:
-        raise ValueError(f"start_layer {start_layer} is out of range for a model with {num_layers} layers")
+        raise ValueError(f"{option} {start_layer} is out of range for a model with {num_layers} layers")
     return s

@@ -11,7 +11,7 @@ from .fusion import check_start_layer
 def attn_gradcam(captured, readout, *, layer: int = -1) -> torch.Tensor:
     """Attention GradCAM: ``(mean_h w_h · A_h[readout, :])⁺`` with ``w_h`` the mean of ``∂y_t/∂A_h``
     over the readout row's content columns (last layer by default)."""
-    index = check_start_layer(layer, len(captured.attentions))
+    index = check_start_layer(layer, len(captured.attentions), "layer")
     a = readout.row(captured.attentions[index])  # (B, H, N)
     g = readout.row(captured.gradients[index])  # (B, H, N)
     content = readout.content.to(g.dtype)[:, None, :]  # (B, 1, N)

@@ -14,5 +14,5 @@ def raw_attention(captured, readout, *, layer: int = -1, head_fusion: str = "mea
     ``R = fuse_h(A^(layer))[readout, :]``; the class-agnostic baseline of every paper in the field.
     """
     attentions = captured.attentions
-    index = check_start_layer(layer, len(attentions))
+    index = check_start_layer(layer, len(attentions), "layer")
     return readout.row(fuse_heads(attentions[index], head_fusion))
