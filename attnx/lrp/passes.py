@@ -93,6 +93,15 @@ def relevance_pass(
         _, classes = resolve_targets(target, output, logits)
         one_hot = torch.zeros_like(logits).scatter_(1, classes[:, None], 1.0)
         seed = divide_or_zero(one_hot, logits.detach()) if registry.seed == "one_hot" else one_hot
+        if attentions:
+            cut = [i for i, t in enumerate(recorder.grad_wrt) if not t.requires_grad]
+            if cut:
+                raise ValueError(
+                    f"LRP preset {registry.name!r} holds the attention probabilities constant (layers {cut} "
+                    "carry no relevance), so there is no relevance at the attentions for "
+                    "transformer_attribution / partial_lrp; use a preset that propagates through them, "
+                    "e.g. 'chefer2021' or 'attnlrp'"
+                )
         wrt = [root] + (list(recorder.grad_wrt) if attentions else [])
         grads = torch.autograd.grad(logits, wrt, seed, allow_unused=True)
     g_root = grads[0] if grads[0] is not None else torch.zeros_like(root)

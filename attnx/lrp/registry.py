@@ -73,7 +73,10 @@ def in_mlp(name: str, module: nn.Module) -> bool:
     cls = type(module).__name__.lower()
     if "attention" in cls:
         return False
-    return "mlp" in cls or "intermediate" in cls or "ffn" in cls or "feedforward" in cls or bool(
+    # Hugging Face BERT-family layers hold the second feed-forward linear in ``*Output``
+    # (``BertOutput.dense``); ``*SelfOutput`` is the attention's output projection
+    hf_ffn_output = cls.endswith("output") and not cls.endswith("selfoutput")
+    return "mlp" in cls or "intermediate" in cls or "ffn" in cls or "feedforward" in cls or hf_ffn_output or bool(
         re.search(r"(^|\.)(mlp|ffn|intermediate)$", name)
     )
 
