@@ -18,11 +18,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .registry import Registry, get_preset
-from .rules import Constant, Op, Rule
+from .rules import Constant, Op, Rule, relay, safe_divide
 
 __all__ = ["LRPEngine", "UncoveredOpError", "LINEAR_OPS"]
 
 _TRACK = "_attnx_relevance"
+_USES = "_attnx_uses"
+#: attribute holding the Python-number factor a tensor was scaled by (see ``_record_scale``)
+SCALE = "_attnx_scale"
 
 #: ops that are linear in each relevance-carrying argument (plain autograd is LRP-0 on them)
 LINEAR_OPS = frozenset(
@@ -190,6 +193,8 @@ class LRPEngine(TorchFunctionMode):
         rule = None
         if not self._suspended and args and is_tracked(args[0]):
             rule = self.registry.rule_for_module(module, list(self._stack))
+            if rule is not None:
+                _count_use(args[0])
         self._stack.append((self._names.get(module, type(module).__name__), module))
         self._ruled.append((module, rule))
         if rule is not None:
@@ -201,13 +206,33 @@ class LRPEngine(TorchFunctionMode):
         self._stack.pop()
         if rule is None:
             return None
-        self._suspended -= 1
-        op = Op(module, args, {}, [0], module=module, stack=stack, output=output, call=self.call, is_input=self.is_input)
-        out = rule(op)
-        self.coverage[(type(module).__name__, rule.name)] += 1
-        if not isinstance(rule, Constant):
-            _mark(out)
+        # the rule runs with the engine still suspended: its own torch calls are not model ops
+        try:
+            op = Op(module, args, {}, [0], module=module, stack=stack, output=output, call=self.call, is_input=self.is_input)
+            out = rule(op)
+            self.coverage[(type(module).__name__, rule.name)] += 1
+            if not isinstance(rule, Constant):
+                out = self._fanout(out)
+                _mark(out)
+        finally:
+            self._suspended -= 1
         return out
+
+    def _fanout(self, out: Any) -> Any:
+        """Wrap a rule's output so that, if it is used more than once, its summed modified gradient
+        is divided by the output with ``registry.fanout_eps`` (Chefer et al.'s ``Clone``)."""
+        eps = self.registry.fanout_eps
+        if eps is None or not (isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point()):
+            return out
+        uses = [0]
+        zd = out.detach()
+
+        def backward(g):
+            return (safe_divide(zd * g, zd, eps) if uses[0] >= 2 else g,)
+
+        wrapped = relay(out, [out], backward)
+        setattr(wrapped, _USES, uses)
+        return wrapped
 
     # functions ------------------------------------------------------------------------------
     def call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -228,10 +253,15 @@ class LRPEngine(TorchFunctionMode):
                 raise ValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")
             out = rule(Op(func, args, kwargs, carrying, stack=list(self._stack), call=self.call, is_input=self.is_input))
             self.coverage[(name, rule.name)] += 1
+            _count_uses(args, kwargs, out)
             if not isinstance(rule, Constant):
+                out = self._fanout(out)
                 _mark(out)
             return out
         out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") != "__get__":  # property reads are not uses
+            _count_uses(args, kwargs, out)
+        _record_scale(func, args, out)
         if not _has_float_grad(out):
             return out
         n_carrying = sum(
@@ -243,6 +273,51 @@ class LRPEngine(TorchFunctionMode):
             self.uncovered[name] += 1
         _mark(out)
         return out
+
+
+def _count_use(t: Any) -> None:
+    uses = getattr(t, _USES, None) if isinstance(t, torch.Tensor) else None
+    if uses is not None:
+        uses[0] += 1
+
+
+def _is_alias(out: Any, t: torch.Tensor) -> bool:
+    """``out`` is ``t`` itself or an exact alias of it (dropout in eval mode, a no-op ``.to``)."""
+    return isinstance(out, torch.Tensor) and (
+        out is t
+        or (out.data_ptr() == t.data_ptr() and out.shape == t.shape and out.stride() == t.stride() and out.dtype == t.dtype)
+    )
+
+
+def _count_uses(args: tuple, kwargs: dict, out: Any) -> None:
+    """Count one use of each tracked argument consumed into a new tensor. An op returning an exact
+    alias of its input (dropout in eval mode) is not a use: the alias inherits the counter. Calls
+    returning no tensor (``dim()``, ``size()``) are not uses."""
+    if not any(isinstance(o, torch.Tensor) for o in (out if isinstance(out, (list, tuple)) else (out,))):
+        return
+    for a in list(args) + list(kwargs.values()):
+        for t in a if isinstance(a, (list, tuple)) else (a,):
+            uses = getattr(t, _USES, None) if isinstance(t, torch.Tensor) else None
+            if uses is None:
+                continue
+            if _is_alias(out, t):
+                if out is not t:
+                    setattr(out, _USES, uses)
+            else:
+                uses[0] += 1
+
+
+def _record_scale(func: Any, args: tuple, out: Any) -> None:
+    """Remember that ``out`` is a relevance-carrying tensor times a Python number (e.g. timm's
+    ``q * scale``), so that rules can state their stabilisers in unscaled units."""
+    name = getattr(func, "__name__", "")
+    if name not in ("mul", "__mul__", "__rmul__", "div", "__truediv__") or len(args) != 2 or not isinstance(out, torch.Tensor):
+        return
+    t, c = (args[0], args[1]) if isinstance(args[0], torch.Tensor) else (args[1], args[0])
+    if not isinstance(t, torch.Tensor) or not isinstance(c, (int, float)) or c == 0:
+        return
+    factor = (1.0 / c) if name in ("div", "__truediv__") else float(c)
+    setattr(out, SCALE, getattr(t, SCALE, 1.0) * factor)
 
 
 def _has_float_grad(out: Any) -> bool:

@@ -97,11 +97,16 @@ class Entry:
 class Registry:
     """Ordered map from module types and torch functions to rules (later entries win)."""
 
-    def __init__(self, name: str = "custom", entries: Iterable[Entry] = (), seed: str = "logit") -> None:
+    def __init__(
+        self, name: str = "custom", entries: Iterable[Entry] = (), seed: str = "logit", fanout_eps: float | None = None
+    ) -> None:
         self.name = name
         self.entries: list[Entry] = list(entries)
         #: relevance put on the target logit: ``"logit"`` (R = y_t) or ``"one_hot"`` (R = 1)
         self.seed = seed
+        #: where a rule's output is used more than once, divide its total relevance by the output
+        #: with this stabiliser (Chefer et al.'s ``Clone``); ``None``: plain summation
+        self.fanout_eps = fanout_eps
 
     def register(self, key: Any, rule: R.Rule, *, within: Any = None) -> "Registry":
         """Map ``key`` (a module type or a torch function) to ``rule``; returns ``self``."""
@@ -114,7 +119,7 @@ class Registry:
         return self
 
     def copy(self, name: str | None = None) -> "Registry":
-        return Registry(name or self.name, list(self.entries), self.seed)
+        return Registry(name or self.name, list(self.entries), self.seed, self.fanout_eps)
 
     def _match(self, entry: Entry, stack: list) -> bool:
         return entry.within is None or any(entry.within(n, m) for n, m in stack)
@@ -155,9 +160,13 @@ def chefer2021() -> Registry:
 
     Linear / convolution: α=1 β=0 with a shared positive denominator, bias ignored; z^B at the
     layer that sees the pixels; LayerNorm, GELU, tanh, softmax: identity; residual addition:
-    normalised add; ``Q Kᵀ`` and ``A V``: gradient × input per operand, halved. Seed: one-hot.
+    normalised add (attention masks included); ``Q Kᵀ`` and ``A V``: gradient × input per
+    operand, halved; class-token indexing and fan-out (``Clone``) divide by their output with
+    ``safe_divide``. Seed: one-hot.
     """
     reg = _base("chefer2021", seed="one_hot")
+    reg.fanout_eps = 1e-9
+    reg.register(T.__getitem__, R.Stabilized())
     identity = R.Identity()
     linear = R.AlphaBeta(1.0, 0.0)
     for key in (nn.Linear, F.linear):
@@ -166,7 +175,7 @@ def chefer2021() -> Registry:
         reg.register(key, R.ZBox(otherwise=linear))
     for key in (nn.LayerNorm, F.layer_norm, nn.GELU, F.gelu, F.softmax, torch.tanh, F.relu):
         reg.register(key, identity)
-    reg.register(torch.add, R.NormalizedAdd())
+    reg.register(torch.add, R.NormalizedAdd(constants=True))
     bilinear = R.Bilinear(0.5, chefer=True)
     for key in (torch.matmul, torch.bmm, torch.einsum):
         reg.register(key, bilinear)

@@ -38,6 +38,7 @@ __all__ = [
     "NormalizedAdd",
     "LayerNormConstantStd",
     "Decompose",
+    "Stabilized",
 ]
 
 
@@ -354,8 +355,8 @@ class Bilinear(Rule):
 
     name = "bilinear"
 
-    def __init__(self, share: float = 0.5, chefer: bool = False) -> None:
-        self.share, self.chefer = share, chefer
+    def __init__(self, share: float = 0.5, chefer: bool = False, eps: float = 1e-9) -> None:
+        self.share, self.chefer, self.eps = share, chefer, eps
 
     def __call__(self, op: Op) -> Any:
         f, a, b = _operands(op)
@@ -367,9 +368,12 @@ class Bilinear(Rule):
         inputs = [t for t, keep in zip((a, b), track) if keep]
         ad, bd, zd = a.detach(), b.detach(), z.detach()
         share, chefer = self.share, self.chefer
+        # the stabiliser is stated for the product of the unscaled operands: timm scales q before
+        # Q Kᵀ, Chefer et al.'s reference after it
+        eps = self.eps * getattr(a, "_attnx_scale", 1.0) * getattr(b, "_attnx_scale", 1.0)
 
         def backward(g):
-            s = safe_divide(zd * g, zd) if chefer else g
+            s = safe_divide(zd * g, zd, eps) if chefer else g
             with torch.enable_grad():
                 aa = ad.detach().requires_grad_(track[0])
                 bb = bd.detach().requires_grad_(track[1])
@@ -394,15 +398,17 @@ class NormalizedAdd(Rule):
 
     name = "normalized-add"
 
-    def __init__(self, eps: float = 1e-9) -> None:
+    def __init__(self, eps: float = 1e-9, constants: bool = False) -> None:
         self.eps = eps
+        #: also normalise additions of constant tensors (attention masks), as the BERT reference does
+        self.constants = constants
 
     def __call__(self, op: Op) -> Any:
         if op.func in (torch.add, torch.Tensor.add) and (len(op.args) > 2 or "alpha" in op.kwargs):
             raise ValueError("normalized-add does not support add(..., alpha=...)")
         u, v = op.args[0], op.args[1]
         both = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (u, v))
-        absorbing = both and all(i in op.carrying or op.args[i].requires_grad for i in (0, 1))
+        absorbing = both and (self.constants or all(i in op.carrying or op.args[i].requires_grad for i in (0, 1)))
         if not absorbing:  # a constant (mask, scalar) is added: plain gradient x input
             return Passthrough()(op)
         z = op.compute()
@@ -474,6 +480,24 @@ class LayerNormConstantStd(Rule):
             return (gx / std,)
 
         return relay(y, [x], backward)
+
+
+class Stabilized(Rule):
+    """Plain gradient × input through a linear op, with the incoming relevance first divided by the
+    output with ``safe_divide`` (``R_x = x ⊙ Jᵀ (R / (z + ε))``): Chefer et al.'s ``RelPropSimple``
+    on structural ops such as ``IndexSelect`` (the class-token pooling)."""
+
+    name = "stabilized"
+
+    def __init__(self, eps: float = 1e-9) -> None:
+        self.eps = eps
+
+    def __call__(self, op: Op) -> Any:
+        out = op.func(*op.args, **op.kwargs)
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            return out
+        zd, eps = out.detach(), self.eps
+        return relay(out, [out], lambda g: (safe_divide(zd * g, zd, eps),))
 
 
 class Decompose(Rule):
