@@ -94,6 +94,26 @@ class Explanation:
             return normalize_per_sample(maps[:, 0])
         return normalize_per_sample(scores_to_map(self.scores, self.grid, size))
 
+    def show(self, images: torch.Tensor | None = None, tokenizer: Any = None, **kwargs: Any) -> Any:
+        """A picture of the explanation: heat-map overlays on ``images`` (a matplotlib figure), or
+        for text, HTML with signed token colouring (needs the ``tokenizer``; displayed inline in a
+        notebook). See :mod:`attnx.viz` for the options."""
+        from . import viz
+
+        if self.grid is not None:
+            if images is None:
+                raise ValueError("pass the images the explanation was computed on: e.show(images)")
+            return viz.show(self, images, **kwargs)
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer to show a text explanation: e.show(tokenizer=tok)")
+        page = viz.text_html(self, tokenizer, **kwargs)
+        try:
+            from IPython.display import HTML
+
+            return HTML(page)
+        except ImportError:
+            return page
+
     def __repr__(self) -> str:
         kind = f"grid={self.grid}" if self.grid is not None else f"tokens={self.scores.shape[1]}"
         t = None if self.targets is None else self.targets.tolist()

@@ -1,0 +1,267 @@
+"""The ``attnx`` command: explain images and texts from the shell, list methods and models."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+EPILOG = """\
+examples:
+  attnx demo --out gallery                      the main job: the embedded vision and text models,
+                                                every method, pictures written to gallery/
+  attnx explain cat.jpg --model vit_base_patch16_224 --method transformer_attribution
+  attnx explain cat.jpg --model timm:vit_base_patch16_224 --target 243 282 --out dogcat.png
+                                                one map per class, side by side
+  attnx explain a.png b.png --method all --out grid.png   compare every method
+  attnx explain --text "a gripping, beautifully shot film" --method generic --out review.html
+  attnx explain                                  explain the embedded default scenes
+  attnx methods                                  list the methods and their options
+  attnx models                                   list what --model accepts
+
+Targets are class indices or class names (quote names with spaces). Method options are passed as
+--option key=value, e.g. --option head_fusion=max --option discard_ratio=0.9.
+"""
+
+
+def _parse_value(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+def _options(pairs: Sequence[str]) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"attnx: --option expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+def _targets(values: Sequence[str] | None, class_names: Sequence[str] | None) -> list[int] | None:
+    if not values:
+        return None
+    out = []
+    for v in values:
+        if v.lstrip("-").isdigit():
+            out.append(int(v))
+            continue
+        if class_names is None:
+            raise SystemExit(f"attnx: target {v!r} is not a class index and the model has no class names")
+        lowered = [c.lower() for c in class_names]
+        if v.lower() in lowered:
+            out.append(lowered.index(v.lower()))
+            continue
+        hits = [i for i, c in enumerate(lowered) if v.lower() in c]
+        if len(hits) != 1:
+            raise SystemExit(f"attnx: target {v!r} matches {len(hits)} class names; use an index")
+        out.append(hits[0])
+    return out
+
+
+def _methods(arg: str, kind: str) -> list[str]:
+    import attnx
+
+    if arg == "all":
+        return attnx.methods()
+    names = [m.strip() for m in arg.split(",") if m.strip()]
+    for n in names:
+        attnx.get_method(n)  # raises with the list of methods
+    return names
+
+
+def _out_path(out: str | None, default: str, suffix: str) -> Path:
+    p = Path(out) if out else Path(default)
+    if p.suffix == "":
+        p.mkdir(parents=True, exist_ok=True)
+        p = p / (Path(default).stem + suffix)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _load_images(paths: Sequence[str], loaded: Any) -> tuple[torch.Tensor, list[str]]:
+    from PIL import Image
+
+    if loaded.preprocess is None:
+        raise SystemExit("attnx: this model has no known preprocessing; explain it from Python instead")
+    tensors, names = [], []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise SystemExit(f"attnx: no such image file: {p}")
+        tensors.append(loaded.preprocess(Image.open(p)))
+        names.append(Path(p).stem)
+    return torch.stack(tensors), names
+
+
+def explain_images(args: argparse.Namespace) -> int:
+    import attnx
+    from attnx import viz
+    from attnx.loading import load_model
+
+    loaded = load_model(args.model, "image")
+    if args.images:
+        images, names = _load_images(args.images, loaded)
+    else:
+        from attnx import zoo
+
+        if args.model not in (None, "default"):
+            raise SystemExit("attnx: give image files to explain with --model")
+        scenes = zoo.default_scenes(args.num_scenes)
+        images, names = scenes["images"], [f"scene{i}" for i in range(len(scenes["images"]))]
+    explainer = attnx.Explainer(loaded.model)
+    options = _options(args.option)
+    methods = _methods(args.method, "image")
+    targets = _targets(args.target, loaded.class_names)
+    kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std)
+    from tqdm.auto import tqdm
+
+    if targets and len(targets) > 1:  # class-specific maps side by side, per image and method
+        for i in tqdm(range(len(images)), desc="images", disable=len(images) < 2 or args.quiet):
+            for m in methods:
+                fig = viz.class_maps(explainer, images[i], targets, method=m, **kw, **options)
+                _save(fig, _out_path(args.out, f"attnx_{names[i]}_{m}_classes.png", f"_{names[i]}_{m}_classes.png"))
+        return 0
+    target = targets[0] if targets else None
+    if len(methods) > 1:
+        fig = viz.method_grid(explainer, images, methods, target=target, **kw,
+                              options={m: options for m in methods} if options else None, progress=not args.quiet)
+        _save(fig, _out_path(args.out, "attnx_methods.png", "_methods.png"))
+        return 0
+    e = explainer(images, method=methods[0], target=target, **options)
+    fig = viz.show(e, images, **kw, max_images=len(images))
+    _save(fig, _out_path(args.out, f"attnx_{methods[0]}.png", f"_{methods[0]}.png"))
+    return 0
+
+
+def explain_text(args: argparse.Namespace) -> int:
+    import attnx
+    from attnx import viz
+    from attnx.loading import load_model
+
+    loaded = load_model(args.model, "text")
+    if loaded.kind != "text":
+        raise SystemExit(f"attnx: {args.model} is not a text classifier")
+    batch = loaded.tokenizer(list(args.text), padding=True, truncation=True, return_tensors="pt")
+    explainer = attnx.Explainer(loaded.model)
+    options = _options(args.option)
+    targets = _targets(args.target, loaded.class_names)
+    target = targets[0] if targets and len(targets) == 1 else targets
+    if target is not None and isinstance(target, list) and len(target) != len(args.text):
+        raise SystemExit("attnx: give one --target for all texts, or one per text")
+    pages = []
+    for m in _methods(args.method, "text"):
+        e = explainer(batch, method=m, target=target, **options)
+        print(f"[{m}]")
+        print(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=not args.no_color and sys.stdout.isatty()))
+        pages.append(viz.text_html(e, loaded.tokenizer, class_names=loaded.class_names))
+    path = _out_path(args.out, "attnx_text.html", "_text.html")
+    bodies = [p.split("<body>\n", 1)[1].rsplit("\n</body>", 1)[0] for p in pages]
+    path.write_text("<html><head><meta charset='utf-8'></head><body>\n" + "\n<hr>\n".join(bodies) + "\n</body></html>\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    if args.text:
+        if args.images:
+            raise SystemExit("attnx: give either images or --text, not both")
+        return explain_text(args)
+    return explain_images(args)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import attnx
+
+    for name in attnx.methods():
+        m = attnx.get_method(name)
+        opts = ", ".join(f"{k}={v!r}" for k, v in m.options.items()) or "-"
+        print(f"{name:<24} {m.summary}\n{'':<24} options: {opts}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from attnx.loading import MODEL_KINDS
+
+    for k, v in MODEL_KINDS.items():
+        print(f"{k:<24} {v}")
+    try:
+        from attnx import zoo
+
+        for line in zoo.describe():
+            print(f"{'':<24} {line}")
+    except Exception as exc:  # pragma: no cover - informative only
+        print(f"{'':<24} (embedded models unavailable: {exc})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from attnx import demo
+
+    demo.run(args.out, quiet=args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attnx",
+        description="Explain stock pretrained Transformers (ViT, DeiT, BERT, ...) with attention rollout, "
+        "gradient rollout, Transformer Attribution and LRP.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    e = sub.add_parser("explain", help="explain images or texts and write pictures",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    e.add_argument("images", nargs="*", help="image files (none: the embedded default scenes)")
+    e.add_argument("--text", action="append", help="a text to explain (repeat for several)")
+    e.add_argument("--model", default=None, help="see `attnx models`; default: the embedded model")
+    e.add_argument("--method", default="transformer_attribution", help="a method name, a comma list, or 'all'")
+    e.add_argument("--target", nargs="+", help="class indices or names; several give class-specific maps side by side")
+    e.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    e.add_argument("--out", default=None, help="output file or folder (PNG for images, HTML for text)")
+    e.add_argument("--num-scenes", type=int, default=4, help="default scenes to explain when no image is given")
+    e.add_argument("--no-color", action="store_true", help="plain terminal output for text")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_explain)
+    m = sub.add_parser("methods", help="list the explanation methods and their options")
+    m.set_defaults(func=cmd_methods)
+    mo = sub.add_parser("models", help="list what --model accepts and the embedded models")
+    mo.set_defaults(func=cmd_models)
+    d = sub.add_parser("demo", help="the main job: every method on the embedded vision and text models, pictures to --out")
+    d.add_argument("--out", default="attnx_demo", help="output folder (default attnx_demo/)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as exc:
+        print(f"attnx: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Pictures of explanations: heat-map overlays, method grids, class-specific maps, text colouring.
+
+Every function returns a matplotlib ``Figure`` (or a string for text), draws nothing on screen by
+itself and never needs a display, so it works in notebooks, scripts and on headless machines.
+"""
+from __future__ import annotations
+
+import html
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = [
+    "to_rgb",
+    "overlay",
+    "show",
+    "method_grid",
+    "class_maps",
+    "text_html",
+    "text_terminal",
+    "token_strings",
+]
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline") and not _has_display():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _has_display() -> bool:
+    import os
+
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def to_rgb(image: Any, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+    """An image as an ``(H, W, 3)`` float array in [0, 1].
+
+    Accepts ``(3, H, W)`` / ``(H, W, 3)`` / ``(H, W)`` tensors or arrays; ``mean`` / ``std`` undo a
+    normalisation; anything else is min-max scaled into [0, 1].
+    """
+    a = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if mean is not None and std is not None:
+        a = a * np.asarray(std, dtype=np.float32) + np.asarray(mean, dtype=np.float32)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    if a.dtype == np.uint8 or a.max() > 1.5:
+        a = a / 255.0 if a.max() <= 255 else (a - a.min()) / max(a.max() - a.min(), 1e-12)
+    if a.min() < 0 or a.max() > 1:
+        a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+    return np.clip(a, 0.0, 1.0)
+
+
+def overlay(
+    image: Any,
+    heatmap: Any,
+    ax: Any = None,
+    *,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    title: str | None = None,
+    colorbar: bool = True,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+):
+    """Draw ``heatmap`` (H, W) in [0, 1] over ``image``; returns the axes."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    rgb = to_rgb(image, mean, std)
+    h = heatmap.detach().cpu().float().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
+    ax.imshow(rgb, interpolation="nearest")
+    im = ax.imshow(h, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, extent=(-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5))
+    if colorbar:
+        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    return ax
+
+
+def _label(explanation: Any, i: int, class_names: Sequence[str] | None) -> str:
+    if explanation.targets is None:
+        return explanation.method
+    t = int(explanation.targets[i])
+    name = class_names[t] if class_names is not None and t < len(class_names) else str(t)
+    p = float(explanation.probabilities[i, t])
+    return f"{name} (p={p:.2f})"
+
+
+def show(
+    explanation: Any,
+    images: Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    max_images: int = 8,
+    alpha: float = 0.5,
+):
+    """One overlay per sample, titled with the explained class and its probability."""
+    plt = _plt()
+    n = min(len(explanation), max_images)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    maps = explanation.heatmap(tuple(images.shape[-2:]))
+    for i in range(n):
+        overlay(images[i], maps[i], axes[0, i], alpha=alpha, mean=mean, std=std,
+                title=f"{explanation.method}: {_label(explanation, i, class_names)}")
+    fig.tight_layout()
+    return fig
+
+
+def method_grid(
+    explainer: Any,
+    images: torch.Tensor,
+    methods: Sequence[str],
+    *,
+    target: Any = None,
+    class_names: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    options: dict[str, dict] | None = None,
+    progress: bool = False,
+):
+    """Rows: samples; columns: the image, then one heat map per method (same target)."""
+    plt = _plt()
+    options = options or {}
+    B = images.shape[0]
+    fig, axes = plt.subplots(B, len(methods) + 1, figsize=(2.6 * (len(methods) + 1), 2.6 * B), squeeze=False)
+    it = methods
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(methods, desc="methods")
+    for j, m in enumerate(it, start=1):
+        e = explainer(images, method=m, target=target, **options.get(m, {}))
+        maps = e.heatmap(tuple(images.shape[-2:]))
+        for i in range(B):
+            overlay(images[i], maps[i], axes[i, j], colorbar=False, mean=mean, std=std,
+                    title=m if i == 0 else None)
+        if j == 1:
+            for i in range(B):
+                axes[i, 0].imshow(to_rgb(images[i], mean, std))
+                axes[i, 0].set_axis_off()
+                axes[i, 0].set_title(_label(e, i, class_names), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def class_maps(
+    explainer: Any,
+    image: torch.Tensor,
+    targets: Sequence[int],
+    *,
+    method: str = "transformer_attribution",
+    class_names: Sequence[str] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **options: Any,
+):
+    """Class-specific maps of one image side by side: "where does the model see A, and B?"."""
+    plt = _plt()
+    if image.dim() == 3:
+        image = image.unsqueeze(0)
+    batch = image.expand(len(targets), *image.shape[1:])
+    e = explainer(batch, method=method, target=list(targets), **options)
+    maps = e.heatmap(tuple(image.shape[-2:]))
+    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(3.4 * (len(targets) + 1), 3.4), squeeze=False)
+    axes[0, 0].imshow(to_rgb(image[0], mean, std))
+    axes[0, 0].set_axis_off()
+    axes[0, 0].set_title("input", fontsize=9)
+    for k in range(len(targets)):
+        overlay(image[0], maps[k], axes[0, k + 1], mean=mean, std=std, colorbar=k == len(targets) - 1,
+                title=f"{method}: {_label(e, k, class_names)}")
+    fig.tight_layout()
+    return fig
+
+
+def token_strings(explanation: Any, tokenizer: Any, index: int) -> list[str]:
+    """The word pieces of sample ``index`` (padding dropped)."""
+    ids = explanation.input_ids[index]
+    valid = explanation.layout.valid
+    n = int(valid[index].sum()) if valid is not None else ids.shape[0]
+    return tokenizer.convert_ids_to_tokens(ids[:n].tolist())
+
+
+def _signed(scores: torch.Tensor) -> np.ndarray:
+    s = scores.detach().cpu().double().numpy()
+    m = np.abs(s).max()
+    return s / m if m > 0 else s
+
+
+def text_html(
+    explanation: Any,
+    tokenizer: Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    skip_special: bool = False,
+) -> str:
+    """HTML with every token coloured by its signed relevance (green: for the explained class,
+    red: against it), one line per sample, with the prediction."""
+    rows = []
+    for i in range(len(explanation)):
+        toks = token_strings(explanation, tokenizer, i)
+        s = _signed(explanation.scores[i, : len(toks)])
+        spans = []
+        for tok, v in zip(toks, s):
+            if skip_special and tok in getattr(tokenizer, "all_special_tokens", ()):
+                continue
+            color = f"rgba(0,160,0,{abs(v):.3f})" if v >= 0 else f"rgba(220,0,0,{abs(v):.3f})"
+            spans.append(f'<span style="background:{color};padding:1px 2px;margin:1px;border-radius:3px" '
+                         f'title="{v:+.3f}">{html.escape(tok)}</span>')
+        pred = int(explanation.logits[i].argmax())
+        name = class_names[pred] if class_names else str(pred)
+        rows.append(
+            f'<div style="margin:6px 0;font-family:sans-serif"><b>{html.escape(_label(explanation, i, class_names))}</b> '
+            f'<small>(predicted: {html.escape(name)}, p={float(explanation.probabilities[i, pred]):.2f}; method: '
+            f'{html.escape(explanation.method)})</small><br>{" ".join(spans)}</div>'
+        )
+    return "<html><head><meta charset='utf-8'></head><body>\n" + "\n".join(rows) + "\n</body></html>\n"
+
+
+def text_terminal(explanation: Any, tokenizer: Any, *, class_names: Sequence[str] | None = None, color: bool = True) -> str:
+    """A terminal rendering: tokens on 24-bit colour backgrounds (or ``token[+0.42]`` without colour)."""
+    lines = []
+    for i in range(len(explanation)):
+        toks = token_strings(explanation, tokenizer, i)
+        s = _signed(explanation.scores[i, : len(toks)])
+        parts = []
+        for tok, v in zip(toks, s):
+            if color:
+                g = int(255 - 155 * abs(v))
+                bg = (g, 255, g) if v >= 0 else (255, g, g)
+                parts.append(f"\x1b[48;2;{bg[0]};{bg[1]};{bg[2]}m\x1b[38;2;0;0;0m{tok}\x1b[0m")
+            else:
+                parts.append(f"{tok}[{v:+.2f}]")
+        lines.append(f"{_label(explanation, i, class_names)}: " + " ".join(parts))
+    return "\n".join(lines)
