@@ -20,6 +20,7 @@ __all__ = [
     "text_html",
     "text_terminal",
     "token_strings",
+    "text_figure",
 ]
 
 
@@ -246,3 +247,44 @@ def text_terminal(explanation: Any, tokenizer: Any, *, class_names: Sequence[str
                 parts.append(f"{tok}[{v:+.2f}]")
         lines.append(f"{_label(explanation, i, class_names)}: " + " ".join(parts))
     return "\n".join(lines)
+
+
+def text_figure(
+    explanations: Sequence[Any],
+    tokenizer: Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    width: float = 11.0,
+    skip_special: bool = True,
+):
+    """A matplotlib picture of text explanations: for each explanation (e.g. one per method) and
+    each sample, the word pieces on green (for the class) / red (against) backgrounds."""
+    plt = _plt()
+    lines: list[tuple[str, list[tuple[str, float]]]] = []
+    for e in explanations:
+        for i in range(len(e)):
+            toks = token_strings(e, tokenizer, i)
+            s = _signed(e.scores[i, : len(toks)])
+            special = set(getattr(tokenizer, "all_special_tokens", ()))
+            pairs = [(t, float(v)) for t, v in zip(toks, s) if not (skip_special and t in special)]
+            lines.append((f"{e.method} | {_label(e, i, class_names)}", pairs))
+    fig = plt.figure(figsize=(width, 0.2 + 0.55 * len(lines) * 1.6))
+    renderer = fig.canvas.get_renderer()
+    y = 1.0
+    step = 1.0 / (len(lines) * 1.6 + 0.2)
+    for title, pairs in lines:
+        y -= step * 0.6
+        fig.text(0.01, y, title, fontsize=8, color="0.3", va="top")
+        y -= step * 0.55
+        x = 0.01
+        for tok, v in pairs:
+            color = (0.0, 0.63, 0.0, min(abs(v), 1.0) * 0.85) if v >= 0 else (0.86, 0.0, 0.0, min(abs(v), 1.0) * 0.85)
+            t = fig.text(x, y, tok.replace("##", ""), fontsize=10, va="top", family="monospace",
+                         bbox=dict(boxstyle="round,pad=0.15", fc=color, ec="none"))
+            bb = t.get_window_extent(renderer=renderer)
+            x += bb.width / fig.bbox.width + 0.006
+            if x > 0.95:
+                x = 0.01
+                y -= step * 0.5
+        y -= step * 0.45
+    return fig
