@@ -1,0 +1,140 @@
+"""The main job: explain the embedded vision and text models with every method, write pictures.
+
+``attnx demo --out DIR`` (or ``python -m attnx.demo DIR``) needs no network. It writes
+
+* ``vision_methods.png``: held-out scenes, the predicted class explained by every method;
+* ``vision_classes_<method>.png``: two-garment scenes, one map per garment class side by side;
+* ``vision_rollout_options.png``: rollout with several head fusions and discard ratios;
+* ``text_methods.png`` and ``text.html``: review snippets coloured by relevance, per method.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+VISION_METHODS = ["raw_attention", "rollout", "grad_rollout", "attn_gradcam", "generic",
+                  "transformer_attribution", "partial_lrp", "lrp"]
+TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
+#: review snippets explained when :mod:`attnx.zoo` has no ``example_texts()``
+EXAMPLE_TEXTS = [
+    "a gripping, beautifully shot film with a terrific cast",
+    "dull, predictable and far too long",
+    "the performances are wonderful, but the script is a mess",
+    "an unexpectedly moving and funny portrait of a family",
+]
+
+
+def _save(fig, path: Path, quiet: bool) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    if not quiet:
+        print(f"wrote {path}")
+
+
+def vision(out: Path, quiet: bool = False) -> list[Path]:
+    import attnx
+    from attnx import viz, zoo
+
+    loaded = zoo.default_vision()
+    scenes = zoo.default_scenes()
+    images, labels = scenes["images"], scenes["labels"]
+    kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std,
+              multi_label=bool(loaded.info.get("multi_label", False)))  # titles: sigmoid, not softmax
+    explainer = attnx.Explainer(loaded.model)
+    written = []
+    single = [i for i in range(len(images)) if int(labels[i].sum()) == 1][:2]
+    double = [i for i in range(len(images)) if int(labels[i].sum()) == 2][:3]
+    fig = viz.method_grid(explainer, images[single + double[:2]], VISION_METHODS, **kw, progress=not quiet)
+    _save(fig, out / "vision_methods.png", quiet)
+    written.append(out / "vision_methods.png")
+    for method in ("transformer_attribution", "grad_rollout", "lrp"):
+        import matplotlib.pyplot as plt
+
+        rows = []
+        for i in double:
+            classes = torch.nonzero(labels[i]).flatten().tolist()
+            rows.append(viz.class_maps(explainer, images[i], classes, method=method, **kw))
+        # stack the per-scene figures into one picture
+        path = out / f"vision_classes_{method}.png"
+        _stack([r for r in rows], path)
+        for r in rows:
+            plt.close(r)
+        if not quiet:
+            print(f"wrote {path}")
+        written.append(path)
+    fig = _rollout_options(explainer, images[double[0]], **kw)
+    _save(fig, out / "vision_rollout_options.png", quiet)
+    written.append(out / "vision_rollout_options.png")
+    return written
+
+
+def _stack(figs, path: Path) -> None:
+    """Save figures one under the other as a single PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arrays = []
+    for f in figs:
+        buf = io.BytesIO()
+        f.savefig(buf, dpi=100, bbox_inches="tight", format="png")
+        buf.seek(0)
+        arrays.append(np.asarray(Image.open(buf).convert("RGB")))
+    width = max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255) for a in arrays]
+    Image.fromarray(np.concatenate(padded, axis=0)).save(path)
+
+
+def _rollout_options(explainer, image, class_names=None, mean=None, std=None, multi_label=False):
+    from attnx import viz
+
+    plt = viz._plt()
+    settings = [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.9), ("max", 0.9)]
+    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(2.8 * (len(settings) + 1), 3.0))
+    axes[0].imshow(viz.to_rgb(image, mean, std))
+    axes[0].set_axis_off()
+    axes[0].set_title("input", fontsize=9)
+    for ax, (fusion, ratio) in zip(axes[1:], settings):
+        e = explainer(image[None], method="rollout", head_fusion=fusion, discard_ratio=ratio)
+        viz.overlay(image, e.heatmap(tuple(image.shape[-2:]))[0], ax, colorbar=False, mean=mean, std=std,
+                    title=f"rollout {fusion}, discard {ratio}")
+    fig.tight_layout()
+    return fig
+
+
+def text(out: Path, quiet: bool = False) -> list[Path]:
+    import attnx
+    from attnx import viz, zoo
+
+    loaded = zoo.default_text()
+    sentences = list(zoo.example_texts()) if hasattr(zoo, "example_texts") else list(EXAMPLE_TEXTS)
+    batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
+    explainer = attnx.Explainer(loaded.model)
+    explanations = [explainer(batch, method=m) for m in TEXT_METHODS]
+    fig = viz.text_figure(explanations, loaded.tokenizer, class_names=loaded.class_names)
+    _save(fig, out / "text_methods.png", quiet)
+    pages = [viz.text_html(e, loaded.tokenizer, class_names=loaded.class_names) for e in explanations]
+    bodies = [p.split("<body>\n", 1)[1].rsplit("\n</body>", 1)[0] for p in pages]
+    (out / "text.html").write_text("<html><head><meta charset='utf-8'></head><body>\n" + "\n<hr>\n".join(bodies) + "\n</body></html>\n")
+    if not quiet:
+        print(f"wrote {out / 'text.html'}")
+        e = explanations[TEXT_METHODS.index("transformer_attribution")]
+        print(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=sys.stdout.isatty()))
+    return [out / "text_methods.png", out / "text.html"]
+
+
+def run(out: str | Path = "attnx_demo", quiet: bool = False) -> list[Path]:
+    """Write every demo picture to ``out``; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    return vision(out, quiet) + text(out, quiet)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run(sys.argv[1] if len(sys.argv) > 1 else "attnx_demo")
