@@ -62,7 +62,9 @@ def _targets(values: Sequence[str] | None, class_names: Sequence[str] | None) ->
             continue
         hits = [i for i, c in enumerate(lowered) if v.lower() in c]
         if len(hits) != 1:
-            raise SystemExit(f"attnx: target {v!r} matches {len(hits)} class names; use an index")
+            shown = ", ".join(f"{i}={c}" for i, c in enumerate(class_names[:20])) + (", ..." if len(class_names) > 20 else "")
+            what = "no class name" if not hits else f"{len(hits)} class names ({', '.join(class_names[i] for i in hits[:5])})"
+            raise SystemExit(f"attnx: target {v!r} matches {what}; give an index or a name among: {shown}")
         out.append(hits[0])
     return out
 
@@ -78,11 +80,25 @@ def _methods(arg: str, kind: str) -> list[str]:
     return names
 
 
+def _per_method(methods: Sequence[str], options: dict) -> dict[str, dict]:
+    """The options each method accepts: with several methods (``--method all``) an option goes to
+    the methods that have it; one that no method has is an error."""
+    import attnx
+
+    if len(methods) == 1:
+        return {methods[0]: options}
+    known = {m: attnx.get_method(m).options for m in methods}
+    unused = sorted(k for k in options if not any(k in opts for opts in known.values()))
+    if unused:
+        raise SystemExit(f"attnx: no method of {', '.join(methods)} has the option(s) {unused}; see `attnx methods`")
+    return {m: {k: v for k, v in options.items() if k in known[m]} for m in methods}
+
+
 def _out_path(out: str | None, default: str, suffix: str) -> Path:
     p = Path(out) if out else Path(default)
     if p.suffix == "":
         p.mkdir(parents=True, exist_ok=True)
-        p = p / (Path(default).stem + suffix)
+        p = p / ((p.resolve().name or "attnx") + suffix)  # a folder: FOLDER/FOLDER_<what>.png
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -93,6 +109,37 @@ def _save(fig: Any, path: Path) -> None:
 
     plt.close(fig)
     print(f"wrote {path}")
+
+
+def _save_stacked(figs: Sequence[Any], path: Path) -> None:
+    """Save figures one under the other as a single PNG (several images or methods, one --out file)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    arrays = []
+    for f in figs:
+        buf = io.BytesIO()
+        f.savefig(buf, dpi=110, bbox_inches="tight", format="png")
+        plt.close(f)
+        buf.seek(0)
+        arrays.append(np.asarray(Image.open(buf).convert("RGB")))
+    width = max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255) for a in arrays]
+    Image.fromarray(np.concatenate(padded, axis=0)).save(path)
+    print(f"wrote {path}")
+
+
+def _load(spec: str | None, kind: str) -> Any:
+    from attnx.loading import load_model
+
+    try:
+        return load_model(spec, kind)
+    except Exception as exc:  # unknown names, no network, missing files: one line, not a traceback
+        raise SystemExit(f"attnx: cannot load model {spec or 'default'!r} ({kind}): {type(exc).__name__}: {exc}\n"
+                         "       see `attnx models` for what --model accepts") from exc
 
 
 def _load_images(paths: Sequence[str], loaded: Any) -> tuple[torch.Tensor, list[str]]:
@@ -112,38 +159,48 @@ def _load_images(paths: Sequence[str], loaded: Any) -> tuple[torch.Tensor, list[
 def explain_images(args: argparse.Namespace) -> int:
     import attnx
     from attnx import viz
-    from attnx.loading import load_model
 
-    loaded = load_model(args.model, "image")
+    # cheap checks first: no model is loaded (or downloaded) to learn about a typo
+    methods = _methods(args.method, "image")
+    options = _per_method(methods, _options(args.option))
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"attnx: no such image file: {', '.join(missing)}")
+    if not args.images and args.model not in (None, "default"):
+        raise SystemExit("attnx: give image files to explain with --model")
+    loaded = _load(args.model, "image")
     if args.images:
         images, names = _load_images(args.images, loaded)
     else:
         from attnx import zoo
 
-        if args.model not in (None, "default"):
-            raise SystemExit("attnx: give image files to explain with --model")
         scenes = zoo.default_scenes(args.num_scenes)
         images, names = scenes["images"], [f"scene{i}" for i in range(len(scenes["images"]))]
     explainer = attnx.Explainer(loaded.model)
-    options = _options(args.option)
-    methods = _methods(args.method, "image")
     targets = _targets(args.target, loaded.class_names)
-    kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std)
+    kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std,
+              multi_label=bool(loaded.info.get("multi_label", False)))
     from tqdm.auto import tqdm
 
     if targets and len(targets) > 1:  # class-specific maps side by side, per image and method
+        figs = []
         for i in tqdm(range(len(images)), desc="images", disable=len(images) < 2 or args.quiet):
             for m in methods:
-                fig = viz.class_maps(explainer, images[i], targets, method=m, **kw, **options)
-                _save(fig, _out_path(args.out, f"attnx_{names[i]}_{m}_classes.png", f"_{names[i]}_{m}_classes.png"))
+                fig = viz.class_maps(explainer, images[i], targets, method=m, **kw, **options[m])
+                if args.out and Path(args.out).suffix:  # one file: the rows stacked
+                    figs.append(fig)
+                else:  # a folder (or none): one file per image and method
+                    _save(fig, _out_path(args.out, f"attnx_{names[i]}_{m}_classes.png", f"_{names[i]}_{m}_classes.png"))
+        if figs:
+            _save_stacked(figs, _out_path(args.out, "attnx_classes.png", "_classes.png"))
         return 0
     target = targets[0] if targets else None
     if len(methods) > 1:
         fig = viz.method_grid(explainer, images, methods, target=target, **kw,
-                              options={m: options for m in methods} if options else None, progress=not args.quiet)
+                              options=options, progress=not args.quiet)
         _save(fig, _out_path(args.out, "attnx_methods.png", "_methods.png"))
         return 0
-    e = explainer(images, method=methods[0], target=target, **options)
+    e = explainer(images, method=methods[0], target=target, **options[methods[0]])
     fig = viz.show(e, images, **kw, max_images=len(images))
     _save(fig, _out_path(args.out, f"attnx_{methods[0]}.png", f"_{methods[0]}.png"))
     return 0
@@ -152,21 +209,23 @@ def explain_images(args: argparse.Namespace) -> int:
 def explain_text(args: argparse.Namespace) -> int:
     import attnx
     from attnx import viz
-    from attnx.loading import load_model
 
-    loaded = load_model(args.model, "text")
+    if args.out and Path(args.out).suffix.lower() not in ("", ".html", ".htm"):
+        raise SystemExit(f"attnx: text explanations are written as HTML: give --out FILE.html or a folder, not {args.out}")
+    methods = _methods(args.method, "text")
+    options = _per_method(methods, _options(args.option))
+    loaded = _load(args.model, "text")
     if loaded.kind != "text":
         raise SystemExit(f"attnx: {args.model} is not a text classifier")
     batch = loaded.tokenizer(list(args.text), padding=True, truncation=True, return_tensors="pt")
     explainer = attnx.Explainer(loaded.model)
-    options = _options(args.option)
     targets = _targets(args.target, loaded.class_names)
     target = targets[0] if targets and len(targets) == 1 else targets
     if target is not None and isinstance(target, list) and len(target) != len(args.text):
         raise SystemExit("attnx: give one --target for all texts, or one per text")
     pages = []
-    for m in _methods(args.method, "text"):
-        e = explainer(batch, method=m, target=target, **options)
+    for m in methods:
+        e = explainer(batch, method=m, target=target, **options[m])
         print(f"[{m}]")
         print(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=not args.no_color and sys.stdout.isatty()))
         pages.append(viz.text_html(e, loaded.tokenizer, class_names=loaded.class_names))

@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "to_rgb",
+    "heat",
     "overlay",
     "show",
     "method_grid",
@@ -27,7 +28,10 @@ __all__ = [
 def _plt():
     import matplotlib
 
-    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline") and not _has_display():
+    # only a GUI backend without a display is replaced: Jupyter's inline backend (reported as
+    # "inline" by recent matplotlib), Agg, PDF, SVG, widget backends, ... are kept
+    backend = matplotlib.get_backend().lower()
+    if backend.startswith(("qt", "tk", "gtk", "wx")) and not _has_display():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -62,6 +66,23 @@ def to_rgb(image: Any, mean: Sequence[float] | None = None, std: Sequence[float]
     return np.clip(a, 0.0, 1.0)
 
 
+def heat(explanation: Any, size: tuple[int, int]) -> torch.Tensor:
+    """The ``(B, H, W)`` maps the pictures draw, in [0, 1].
+
+    ``explanation.heatmap(size)`` (min-max per sample), except for signed pixel-level relevance
+    (``lrp``): there min-max would put zero relevance mid-scale and tint the whole image, so the
+    pictures show the positive relevance (evidence for the class) divided by its maximum.
+    """
+    pixels = explanation.extras.get("pixel_relevance") if getattr(explanation, "extras", None) else None
+    if pixels is None or float(pixels.min()) >= 0:
+        return explanation.heatmap(size)
+    maps = pixels[:, None].detach().float().clamp_min(0)
+    if tuple(size) != tuple(maps.shape[-2:]):
+        maps = torch.nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    peak = maps.flatten(1).amax(1).clamp_min(1e-30)[:, None, None, None]
+    return (maps / peak)[:, 0]
+
+
 def overlay(
     image: Any,
     heatmap: Any,
@@ -90,12 +111,12 @@ def overlay(
     return ax
 
 
-def _label(explanation: Any, i: int, class_names: Sequence[str] | None) -> str:
+def _label(explanation: Any, i: int, class_names: Sequence[str] | None, multi_label: bool = False) -> str:
     if explanation.targets is None:
         return explanation.method
     t = int(explanation.targets[i])
     name = class_names[t] if class_names is not None and t < len(class_names) else str(t)
-    p = float(explanation.probabilities[i, t])
+    p = float(explanation.logits[i, t].float().sigmoid()) if multi_label else float(explanation.probabilities[i, t])
     return f"{name} (p={p:.2f})"
 
 
@@ -106,17 +127,19 @@ def show(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    multi_label: bool = False,
     max_images: int = 8,
     alpha: float = 0.5,
 ):
-    """One overlay per sample, titled with the explained class and its probability."""
+    """One overlay per sample, titled with the explained class and its probability (the softmax, or
+    with ``multi_label`` the class's sigmoid)."""
     plt = _plt()
     n = min(len(explanation), max_images)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
-    maps = explanation.heatmap(tuple(images.shape[-2:]))
+    maps = heat(explanation, tuple(images.shape[-2:]))
     for i in range(n):
         overlay(images[i], maps[i], axes[0, i], alpha=alpha, mean=mean, std=std,
-                title=f"{explanation.method}: {_label(explanation, i, class_names)}")
+                title=f"{explanation.method}: {_label(explanation, i, class_names, multi_label)}")
     fig.tight_layout()
     return fig
 
@@ -130,10 +153,12 @@ def method_grid(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    multi_label: bool = False,
     options: dict[str, dict] | None = None,
     progress: bool = False,
 ):
-    """Rows: samples; columns: the image, then one heat map per method (same target)."""
+    """Rows: samples; columns: the image, then one heat map per method (same target).
+    ``multi_label``: the titles give the sigmoid of the class instead of the softmax."""
     plt = _plt()
     options = options or {}
     B = images.shape[0]
@@ -145,7 +170,7 @@ def method_grid(
         it = tqdm(methods, desc="methods")
     for j, m in enumerate(it, start=1):
         e = explainer(images, method=m, target=target, **options.get(m, {}))
-        maps = e.heatmap(tuple(images.shape[-2:]))
+        maps = heat(e, tuple(images.shape[-2:]))
         for i in range(B):
             overlay(images[i], maps[i], axes[i, j], colorbar=False, mean=mean, std=std,
                     title=m if i == 0 else None)
@@ -153,7 +178,7 @@ def method_grid(
             for i in range(B):
                 axes[i, 0].imshow(to_rgb(images[i], mean, std))
                 axes[i, 0].set_axis_off()
-                axes[i, 0].set_title(_label(e, i, class_names), fontsize=9)
+                axes[i, 0].set_title(_label(e, i, class_names, multi_label), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -167,22 +192,24 @@ def class_maps(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    multi_label: bool = False,
     **options: Any,
 ):
-    """Class-specific maps of one image side by side: "where does the model see A, and B?"."""
+    """Class-specific maps of one image side by side: "where does the model see A, and B?".
+    ``multi_label``: the titles give the sigmoid of each class instead of the softmax."""
     plt = _plt()
     if image.dim() == 3:
         image = image.unsqueeze(0)
     batch = image.expand(len(targets), *image.shape[1:])
     e = explainer(batch, method=method, target=list(targets), **options)
-    maps = e.heatmap(tuple(image.shape[-2:]))
+    maps = heat(e, tuple(image.shape[-2:]))
     fig, axes = plt.subplots(1, len(targets) + 1, figsize=(3.4 * (len(targets) + 1), 3.4), squeeze=False)
     axes[0, 0].imshow(to_rgb(image[0], mean, std))
     axes[0, 0].set_axis_off()
     axes[0, 0].set_title("input", fontsize=9)
     for k in range(len(targets)):
         overlay(image[0], maps[k], axes[0, k + 1], mean=mean, std=std, colorbar=k == len(targets) - 1,
-                title=f"{method}: {_label(e, k, class_names)}")
+                title=f"{method}: {_label(e, k, class_names, multi_label)}")
     fig.tight_layout()
     return fig
 
@@ -195,9 +222,12 @@ def token_strings(explanation: Any, tokenizer: Any, index: int) -> list[str]:
     return tokenizer.convert_ids_to_tokens(ids[:n].tolist())
 
 
-def _signed(scores: torch.Tensor) -> np.ndarray:
+def _signed(scores: torch.Tensor, keep: Sequence[bool] | None = None) -> np.ndarray:
+    """Scores divided by the largest absolute score among the ``keep`` tokens (default all): the
+    tokens shown set the scale, not a hidden ``[CLS]`` that takes most of the attention mass."""
     s = scores.detach().cpu().double().numpy()
-    m = np.abs(s).max()
+    shown = s[np.asarray(keep, dtype=bool)] if keep is not None else s
+    m = np.abs(shown).max() if shown.size else 0.0
     return s / m if m > 0 else s
 
 
@@ -213,10 +243,12 @@ def text_html(
     rows = []
     for i in range(len(explanation)):
         toks = token_strings(explanation, tokenizer, i)
-        s = _signed(explanation.scores[i, : len(toks)])
+        special = set(getattr(tokenizer, "all_special_tokens", ()))
+        keep = [not (skip_special and t in special) for t in toks]
+        s = _signed(explanation.scores[i, : len(toks)], keep)
         spans = []
-        for tok, v in zip(toks, s):
-            if skip_special and tok in getattr(tokenizer, "all_special_tokens", ()):
+        for tok, v, k in zip(toks, s, keep):
+            if not k:
                 continue
             color = f"rgba(0,160,0,{abs(v):.3f})" if v >= 0 else f"rgba(220,0,0,{abs(v):.3f})"
             spans.append(f'<span style="background:{color};padding:1px 2px;margin:1px;border-radius:3px" '
@@ -264,11 +296,14 @@ def text_figure(
     for e in explanations:
         for i in range(len(e)):
             toks = token_strings(e, tokenizer, i)
-            s = _signed(e.scores[i, : len(toks)])
             special = set(getattr(tokenizer, "all_special_tokens", ()))
-            pairs = [(t, float(v)) for t, v in zip(toks, s) if not (skip_special and t in special)]
+            keep = [not (skip_special and t in special) for t in toks]
+            s = _signed(e.scores[i, : len(toks)], keep)
+            pairs = [(t, float(v)) for t, v, k in zip(toks, s, keep) if k]
             lines.append((f"{e.method} | {_label(e, i, class_names)}", pairs))
     fig = plt.figure(figsize=(width, 0.2 + 0.55 * len(lines) * 1.6))
+    # an invisible axes: Jupyter's inline backend draws nothing for a figure without axes
+    fig.add_axes((0, 0, 1, 1)).set_axis_off()
     renderer = fig.canvas.get_renderer()
     y = 1.0
     step = 1.0 / (len(lines) * 1.6 + 0.2)
