@@ -13,6 +13,7 @@ from .capture import Captured
 from .explainer import Explainer, explain
 from .explanation import Explanation
 from .methods import get_method, method_names, register_method
+from . import metrics
 
 __version__ = "0.1.0"
 
