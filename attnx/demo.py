@@ -17,13 +17,6 @@ import torch
 VISION_METHODS = ["raw_attention", "rollout", "grad_rollout", "attn_gradcam", "generic",
                   "transformer_attribution", "partial_lrp", "lrp"]
 TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
-#: review snippets explained when :mod:`attnx.zoo` has no ``example_texts()``
-EXAMPLE_TEXTS = [
-    "a gripping, beautifully shot film with a terrific cast",
-    "dull, predictable and far too long",
-    "the performances are wonderful, but the script is a mess",
-    "an unexpectedly moving and funny portrait of a family",
-]
 
 
 def _save(fig, path: Path, quiet: bool) -> None:
@@ -112,7 +105,7 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     from attnx import viz, zoo
 
     loaded = zoo.default_text()
-    sentences = list(zoo.example_texts()) if hasattr(zoo, "example_texts") else list(EXAMPLE_TEXTS)
+    sentences = zoo.example_texts()
     batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
     explainer = attnx.Explainer(loaded.model)
     explanations = [explainer(batch, method=m) for m in TEXT_METHODS]
