@@ -65,4 +65,4 @@ def method_names() -> list[str]:
 
 
 # the built-in methods register themselves on import
-from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp  # noqa: E402,F401
+from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp, attention_flow, baselines  # noqa: E402,F401
