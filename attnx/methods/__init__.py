@@ -46,7 +46,9 @@ def register_method(
 
     def deco(fn: Callable) -> Callable:
         params = list(inspect.signature(fn).parameters.values())[2:]
-        options = {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY or p.default is not p.empty}
+        # methods run by their own engine take (explainer, batch, target, ...): the target is not an option
+        options = {p.name: p.default for p in params
+                   if (p.kind == p.KEYWORD_ONLY or p.default is not p.empty) and not (kind != "attention" and p.name == "target")}
         doc = summary if summary is not None else (inspect.getdoc(fn) or "").split("\n")[0]
         _METHODS[name] = Method(name, fn, gradients, kind, doc, options)
         return fn
