@@ -30,6 +30,14 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str):
+    if name == "evaluate":  # attnx.evaluate: the evaluation tables, imported on first use
+        import importlib
+
+        return importlib.import_module(".evaluate", __name__)
+    raise AttributeError(f"module 'attnx' has no attribute {name!r}")
+
+
 def methods() -> list[str]:
     """Names of the available explanation methods."""
     return method_names()

