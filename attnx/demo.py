@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-VISION_METHODS = ["raw_attention", "rollout", "grad_rollout", "attn_gradcam", "generic",
+VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", "attn_gradcam", "generic",
                   "transformer_attribution", "partial_lrp", "lrp"]
 TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
 

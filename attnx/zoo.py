@@ -82,7 +82,7 @@ def _make_preprocess(size: tuple[int, int], mean, std) -> Callable[[Any], torch.
             array = np.asarray(images.convert("RGB") if hasattr(images, "convert") else images)
             if array.ndim == 2:
                 array = np.repeat(array[..., None], 3, axis=-1)
-            images = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+            images = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1)  # PIL arrays are read-only
         x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
         single = x.dim() == 3
         if single:

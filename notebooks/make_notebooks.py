@@ -24,7 +24,9 @@ PRELUDE = """\
 %config InlineBackend.figure_formats = ["jpeg"]
 %config InlineBackend.print_figure_kwargs = {"bbox_inches": "tight", "pil_kwargs": {"quality": 85}}
 import time
+import warnings
 
+warnings.filterwarnings("ignore", message="IProgress not found")   # tqdm without ipywidgets: plain bars
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -114,6 +116,9 @@ print("scores", tuple(e.scores.shape), "-> one value per patch of the", e.grid, 
 | `transformer_attribution` | LRP relevance of each attention map × its gradient, rolled out | Chefer, Gur & Wolf, *Transformer Interpretability Beyond Attention Visualization*, CVPR 2021 |
 | `partial_lrp` | LRP relevance at the last attention map only | Voita et al., ACL 2019 (baseline in Chefer et al.) |
 | `lrp` | relevance propagated to the pixels (preset `attnlrp`) | Bach et al., PLoS ONE 2015; Achtibat et al., *AttnLRP*, ICML 2024 |
+| `attention_flow` | maximum flow from the class token to each patch through the attention graph (residual included) | Abnar & Zuidema, ACL 2020 |
+| `random` | seeded random scores: the floor any method should beat | — |
+| `gradient_x_input` | plain gradient × input at the pixels, summed per patch | e.g. Shrikumar et al. 2016 |
 
 **What to look for.** The first column names the class explained (the top logit) and its
 probability (the sigmoid: the model is multi-label, hence `multi_label=True`). Attention-only
@@ -251,14 +256,6 @@ print(f"notebook ran in {time.time() - T0:.0f}s")
 # ------------------------------------------------------------------------------------------------
 # the text notebook
 # ------------------------------------------------------------------------------------------------
-FALLBACK_TEXTS = [
-    "a gripping, beautifully shot film with a terrific cast",
-    "dull, predictable and far too long",
-    "the performances are wonderful, but the script is a mess",
-    "not a single laugh in two hours",
-    "an unexpectedly moving and funny portrait of a family",
-    "it looks great, but there is nothing underneath",
-]
 
 TEXT = [
     ("md", """\
@@ -289,16 +286,14 @@ if accuracy:
 POS, NEG = names.index("positive"), names.index("negative")
 """),
     ("code", """\
-FALLBACK = %r
-texts = list(zoo.example_texts()) if hasattr(zoo, "example_texts") else FALLBACK
-texts = texts[:6]
+texts = zoo.example_texts()                  # six short review-like sentences
 batch = tok(texts, padding=True, truncation=True, return_tensors="pt")   # padded to the longest snippet
 with torch.no_grad():
     p = model(**batch).logits.softmax(-1)
 for t, row in zip(texts, p):
     print(f"{names[int(row.argmax())]:>9} {row.max():.2f}  {t}")
 print("\\nbatch:", tuple(batch["input_ids"].shape), "tokens per snippet:", batch["attention_mask"].sum(1).tolist())
-""" % (FALLBACK_TEXTS,)),
+"""),
     ("md", """\
 ## 1. Transformer Attribution on a batch
 

@@ -266,3 +266,40 @@ def test_installed_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stdout
     assert_nontrivial(picture(out))
+
+
+# ------------------------------------------------------------------------------------------------
+# the main job
+# ------------------------------------------------------------------------------------------------
+@needs_text
+def test_demo_writes_every_picture(capsys, tmp_path):
+    out = tmp_path / "gallery"
+    status, stdout, err = run(capsys, "demo", "--out", str(out), "--quiet")
+    assert status == 0, err
+    from attnx import demo
+
+    expected = {"vision_methods.png", "vision_rollout_options.png", "text_methods.png", "text.html"}
+    expected |= {f"vision_classes_{m}.png" for m in ("transformer_attribution", "grad_rollout", "lrp")}
+    assert {p.name for p in out.iterdir()} == expected
+    for name in sorted(expected):
+        if name.endswith(".png"):
+            a = picture(out / name)
+            h, w, _ = a.shape
+            assert h > 100 and w > 100 and a.std() > 10, name
+    # the method grid holds one column per method and a heat map in each
+    assert_nontrivial(picture(out / "vision_methods.png"))
+    assert picture(out / "vision_methods.png").shape[1] > 150 * (len(demo.VISION_METHODS) + 1)
+    page = (out / "text.html").read_text()
+    assert page.count("<span") >= 20 and "positive" in page and "negative" in page
+
+
+def test_broken_pipe_is_not_an_error(tmp_path):
+    """``attnx methods | head -1`` must exit quietly, without a traceback."""
+    exe = Path(sys.executable).with_name("attnx")
+    exe = str(exe) if exe.is_file() else shutil.which("attnx")
+    if exe is None:
+        pytest.skip("the attnx console script is not installed (pip install -e .)")
+    proc = subprocess.run(f"'{exe}' methods | head -1", shell=True, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip()
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

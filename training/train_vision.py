@@ -13,6 +13,11 @@ Writes to ``--out`` (default ``attnx/assets``):
                                        held-out metrics, the training command and its wall time
 * ``fashion_scenes_test.npz``          a small held-out scene set (images, labels, masks)
 
+The defaults are the settings of the shipped model (about 65 minutes on 2 shared cores; 7000 steps
+of 128 scenes, 3000 of them on 32x32 canvases). Held-out (t10k garments, 1000 + 1000 scenes):
+one-garment scenes top-1 81.6 %, exactly right 74.6 %; two-garment scenes both found (top-2)
+58.7 %; mAP 0.853.
+
 Needs the Fashion-MNIST IDX files (``apt-get install dataset-fashion-mnist``, or see
 :mod:`attnx.data.fashion`). Run it with low priority on a shared machine::
 
@@ -168,17 +173,17 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--mlp-ratio", type=float, default=2.0)
-    p.add_argument("--stages", default="32x2000:0,64x1200:0.5",
+    p.add_argument("--stages", default="32x3000:0.3,64x4000:0.5",
                    help="training stages SIZExSTEPS[:P_TWO], comma-separated: canvas size, steps, share of "
                         "two-garment scenes; the last stage's size is the model's input size. Small canvases "
                         "first (progressive resizing): a 32x32 scene costs a quarter of a 64x64 one")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--min-lr", type=float, default=1e-5)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--aux-weight", type=float, default=0.0,
+    p.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of an auxiliary per-patch classification loss on the garment masks (a linear "
                         "head on the patch tokens, discarded after training; 0: image labels only)")
     p.add_argument("--seed", type=int, default=0)
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
                    help="torch.compile the model for training (2x faster with 2 threads on an idle machine, "
                         "no gain with one thread; ~1.5 min of compiling)")
     p.add_argument("--eval-scenes", type=int, default=1000, help="held-out scenes per object count")
-    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--asset-scenes", type=int, default=48, help="committed held-out scenes per object count")
     p.add_argument("--out", type=Path, default=ROOT / "attnx" / "assets")
     p.add_argument("--checkpoint", type=Path, default=None, help="resume from / save to this training checkpoint")
