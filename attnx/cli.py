@@ -226,15 +226,14 @@ def explain_text(args: argparse.Namespace) -> int:
     target = targets[0] if targets and len(targets) == 1 else targets
     if target is not None and isinstance(target, list) and len(target) != len(args.text):
         raise SystemExit("attnx: give one --target for all texts, or one per text")
-    pages = []
+    explained = []
     for m in methods:
         e = explainer(batch, method=m, target=target, **options[m])
         print(f"[{m}]")
         print(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=not args.no_color and sys.stdout.isatty()))
-        pages.append(viz.text_html(e, loaded.tokenizer, class_names=loaded.class_names))
+        explained.append(e)
     path = _out_path(args.out, "attnx_text.html", "_text.html")
-    bodies = [p.split("<body>\n", 1)[1].rsplit("\n</body>", 1)[0] for p in pages]
-    path.write_text("<html><head><meta charset='utf-8'></head><body>\n" + "\n<hr>\n".join(bodies) + "\n</body></html>\n")
+    path.write_text(viz.text_html(explained, loaded.tokenizer, class_names=loaded.class_names))
     print(f"wrote {path}")
     return 0
 

@@ -111,9 +111,7 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     explanations = [explainer(batch, method=m) for m in TEXT_METHODS]
     fig = viz.text_figure(explanations, loaded.tokenizer, class_names=loaded.class_names)
     _save(fig, out / "text_methods.png", quiet)
-    pages = [viz.text_html(e, loaded.tokenizer, class_names=loaded.class_names) for e in explanations]
-    bodies = [p.split("<body>\n", 1)[1].rsplit("\n</body>", 1)[0] for p in pages]
-    (out / "text.html").write_text("<html><head><meta charset='utf-8'></head><body>\n" + "\n<hr>\n".join(bodies) + "\n</body></html>\n")
+    (out / "text.html").write_text(viz.text_html(explanations, loaded.tokenizer, class_names=loaded.class_names))
     if not quiet:
         print(f"wrote {out / 'text.html'}")
         e = explanations[TEXT_METHODS.index("transformer_attribution")]

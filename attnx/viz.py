@@ -239,7 +239,14 @@ def text_html(
     skip_special: bool = False,
 ) -> str:
     """HTML with every token coloured by its signed relevance (green: for the explained class,
-    red: against it), one line per sample, with the prediction."""
+    red: against it), one line per sample, with the prediction. A list of explanations (e.g. one
+    per method) gives one page with a section per explanation, separated by rules."""
+    explanations = explanation if isinstance(explanation, (list, tuple)) else [explanation]
+    sections = ["\n".join(_text_html_rows(e, tokenizer, class_names, skip_special)) for e in explanations]
+    return "<html><head><meta charset='utf-8'></head><body>\n" + "\n<hr>\n".join(sections) + "\n</body></html>\n"
+
+
+def _text_html_rows(explanation: Any, tokenizer: Any, class_names, skip_special: bool) -> list[str]:
     rows = []
     for i in range(len(explanation)):
         toks = token_strings(explanation, tokenizer, i)
@@ -260,7 +267,7 @@ def text_html(
             f'<small>(predicted: {html.escape(name)}, p={float(explanation.probabilities[i, pred]):.2f}; method: '
             f'{html.escape(explanation.method)})</small><br>{" ".join(spans)}</div>'
         )
-    return "<html><head><meta charset='utf-8'></head><body>\n" + "\n".join(rows) + "\n</body></html>\n"
+    return rows
 
 
 def text_terminal(explanation: Any, tokenizer: Any, *, class_names: Sequence[str] | None = None, color: bool = True) -> str:
