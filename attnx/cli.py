@@ -267,28 +267,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         lines = list(zoo.describe())
     except Exception as exc:  # pragma: no cover - informative only
         lines = [f"(embedded models unavailable: {exc})"]
-    if not any("(text)" in line for line in lines):
-        lines.append(_describe_text())
     for line in lines:
         print(f"{'':<24} {line}")
     return 0
-
-
-def _describe_text() -> str:
-    """One line about the embedded text model, from its sidecar (no model is built)."""
-    try:
-        from attnx import zoo_text
-
-        info = zoo_text.read_info()
-        accuracy = info.get("accuracy", {}).get("test")
-        line = (f"default (text): {info.get('model_class', 'BertForSequenceClassification').split('.')[-1]} "
-                f"(MiniLM-L6 from {info.get('base_package', '?')} + the attnx fine-tuning delta), "
-                f"classes {', '.join(info.get('labels', []))}; {info.get('task', '')}")
-        if accuracy is not None:
-            line += f"; held-out accuracy {accuracy:.1%}"
-        return line
-    except Exception as exc:
-        return f"default (text): unavailable ({exc})"
 
 
 EVALUATE_EPILOG = """\

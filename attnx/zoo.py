@@ -277,12 +277,17 @@ def describe() -> list[str]:
         )
     except FileNotFoundError as exc:
         lines.append(f"default (image): unavailable ({exc})")
-    try:
+    try:  # from the text model's sidecar: no model is built
         from . import zoo_text
 
-        describe_text = getattr(zoo_text, "describe", None)
-        if describe_text is not None:
-            lines += list(describe_text())
-    except Exception:  # the text model is optional here
-        pass
+        t = zoo_text.read_info()
+        accuracy = t.get("accuracy", {}).get("test")
+        line = (f"default (text): {t.get('model_class', 'BertForSequenceClassification').split('.')[-1]} "
+                f"(MiniLM-L6 from {t.get('base_package', '?')} + the attnx fine-tuning delta), "
+                f"classes {', '.join(t.get('labels', []))}; {t.get('task', '')}")
+        if accuracy is not None:
+            line += f"; held-out accuracy {accuracy:.1%}"
+        lines.append(line)
+    except Exception as exc:  # the text model is optional
+        lines.append(f"default (text): unavailable ({exc})")
     return lines
