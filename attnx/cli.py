@@ -115,23 +115,10 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def _save_stacked(figs: Sequence[Any], path: Path) -> None:
-    """Save figures one under the other as a single PNG (several images or methods, one --out file)."""
-    import io
+    """Several images or methods into one --out file: the figures one under the other."""
+    from attnx import viz
 
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
-
-    arrays = []
-    for f in figs:
-        buf = io.BytesIO()
-        f.savefig(buf, dpi=110, bbox_inches="tight", format="png")
-        plt.close(f)
-        buf.seek(0)
-        arrays.append(np.asarray(Image.open(buf).convert("RGB")))
-    width = max(a.shape[1] for a in arrays)
-    padded = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255) for a in arrays]
-    Image.fromarray(np.concatenate(padded, axis=0)).save(path)
+    viz.save_stacked(figs, path, dpi=110)
     print(f"wrote {path}")
 
 

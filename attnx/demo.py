@@ -45,17 +45,13 @@ def vision(out: Path, quiet: bool = False) -> list[Path]:
     _save(fig, out / "vision_methods.png", quiet)
     written.append(out / "vision_methods.png")
     for method in ("transformer_attribution", "grad_rollout", "lrp"):
-        import matplotlib.pyplot as plt
-
         rows = []
         for i in double:
             classes = torch.nonzero(labels[i]).flatten().tolist()
             rows.append(viz.class_maps(explainer, images[i], classes, method=method, **kw))
-        # stack the per-scene figures into one picture
+        # the per-scene figures stacked into one picture
         path = out / f"vision_classes_{method}.png"
-        _stack([r for r in rows], path)
-        for r in rows:
-            plt.close(r)
+        viz.save_stacked(rows, path)
         if not quiet:
             print(f"wrote {path}")
         written.append(path)
@@ -63,24 +59,6 @@ def vision(out: Path, quiet: bool = False) -> list[Path]:
     _save(fig, out / "vision_rollout_options.png", quiet)
     written.append(out / "vision_rollout_options.png")
     return written
-
-
-def _stack(figs, path: Path) -> None:
-    """Save figures one under the other as a single PNG."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    arrays = []
-    for f in figs:
-        buf = io.BytesIO()
-        f.savefig(buf, dpi=100, bbox_inches="tight", format="png")
-        buf.seek(0)
-        arrays.append(np.asarray(Image.open(buf).convert("RGB")))
-    width = max(a.shape[1] for a in arrays)
-    padded = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255) for a in arrays]
-    Image.fromarray(np.concatenate(padded, axis=0)).save(path)
 
 
 def _rollout_options(explainer, image, class_names=None, mean=None, std=None, multi_label=False):

@@ -22,6 +22,7 @@ __all__ = [
     "text_terminal",
     "token_strings",
     "text_figure",
+    "save_stacked",
 ]
 
 
@@ -330,3 +331,23 @@ def text_figure(
                 y -= step * 0.5
         y -= step * 0.45
     return fig
+
+
+def save_stacked(figs: Sequence[Any], path: Any, dpi: int = 100) -> None:
+    """Save matplotlib figures one under the other as a single PNG (narrower ones padded with
+    white on the right) and close them."""
+    import io
+
+    from PIL import Image
+
+    plt = _plt()
+    arrays = []
+    for f in figs:
+        buf = io.BytesIO()
+        f.savefig(buf, dpi=dpi, bbox_inches="tight", format="png")
+        plt.close(f)
+        buf.seek(0)
+        arrays.append(np.asarray(Image.open(buf).convert("RGB")))
+    width = max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255) for a in arrays]
+    Image.fromarray(np.concatenate(padded, axis=0)).save(path)
