@@ -1,38 +1,37 @@
 """Architecture adapters: everything attnx knows about particular model families.
 
 Adapters are looked up in registration order; the first whose ``matches(model)`` is true is
-used. The ``generic`` adapter (SDPA / ``nn.MultiheadAttention`` interception) is the fallback and
-can be forced with ``adapter="generic"``. Register your own with :func:`register_adapter`.
+used. The ``intercept`` adapter (attention kernels intercepted, see :mod:`.kernels`) is the
+fallback and can be forced with ``adapter="intercept"``. Register your own with
+:func:`register_adapter`.
 """
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from .base import Adapter, AttentionRecorder, Batch, Layout, UnsupportedModelError, infer_image_layout
+from ..errors import UnsupportedModelError
+from .base import Adapter
 from .hf import HFAdapter
-from .sdpa import AttentionInterceptor, GenericAdapter, explicit_attention
+from .intercept import InterceptAdapter
 from .timm_vit import TimmViTAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
 __all__ = [
     "Adapter",
-    "AttentionInterceptor",
-    "AttentionRecorder",
-    "Batch",
-    "GenericAdapter",
     "HFAdapter",
-    "Layout",
+    "InterceptAdapter",
     "TimmViTAdapter",
     "TorchvisionViTAdapter",
-    "UnsupportedModelError",
     "adapter_names",
-    "explicit_attention",
     "get_adapter",
-    "infer_image_layout",
     "register_adapter",
 ]
 
 _REGISTRY: dict[str, type[Adapter]] = {}
+#: the fallback adapter's former name, still accepted
+DEPRECATED_NAMES = {"generic": InterceptAdapter.name}
 
 
 def register_adapter(cls: type[Adapter], *, first: bool = False) -> type[Adapter]:
@@ -50,8 +49,8 @@ for _cls in (TimmViTAdapter, TorchvisionViTAdapter, HFAdapter):
 
 
 def adapter_names() -> list[str]:
-    """Names of the registered adapters, in lookup order, then ``generic``."""
-    return [*_REGISTRY, GenericAdapter.name]
+    """Names of the registered adapters, in lookup order, then ``intercept``."""
+    return [*_REGISTRY, InterceptAdapter.name]
 
 
 def family_adapter(model: nn.Module) -> Adapter | None:
@@ -65,17 +64,22 @@ def family_adapter(model: nn.Module) -> Adapter | None:
 def get_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> Adapter:
     """Select the adapter for ``model``.
 
-    ``adapter`` may be ``None`` (automatic: the first matching adapter, else ``generic``), the name
-    of a registered adapter, ``"generic"``, or an ``Adapter`` instance.
+    ``adapter`` may be ``None`` (automatic: the first matching adapter, else ``intercept``), the
+    name of a registered adapter, ``"intercept"``, or an ``Adapter`` instance.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(adapter, Adapter):
         return adapter
     if adapter is None:
-        return family_adapter(model) or GenericAdapter(model)
-    if adapter == GenericAdapter.name:
-        return GenericAdapter(model, layout_from=family_adapter(model))
+        return family_adapter(model) or InterceptAdapter(model)
+    if adapter in DEPRECATED_NAMES:
+        warnings.warn(
+            f"adapter={adapter!r} is now called {DEPRECATED_NAMES[adapter]!r}", DeprecationWarning, stacklevel=3
+        )
+        adapter = DEPRECATED_NAMES[adapter]
+    if adapter == InterceptAdapter.name:
+        return InterceptAdapter(model, layout_from=family_adapter(model))
     if adapter not in _REGISTRY:
         raise ValueError(f"unknown adapter {adapter!r}; available: {adapter_names()}")
     cls = _REGISTRY[adapter]

@@ -14,7 +14,11 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from .base import Adapter, AttentionRecorder, Batch, Layout, check_image_batch, check_text_inputs
+from ..batch import Batch, check_image_batch, check_text_inputs
+from ..layout import Layout
+from ..recorder import AttentionRecorder
+from .base import Adapter
+from .switches import attn_implementation, no_new_forward_hooks
 
 try:
     from transformers import PreTrainedModel as _HFModel
@@ -22,54 +26,6 @@ except Exception:  # pragma: no cover
     _HFModel = None
 
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForImageClassificationWithTeacher")
-
-
-def get_attn_implementation(model: nn.Module) -> str | None:
-    return getattr(model.config, "_attn_implementation", None)
-
-
-def set_attn_implementation(model: nn.Module, impl: str | None) -> None:
-    if impl is None or get_attn_implementation(model) == impl:
-        return
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:  # older transformers: the modules read the config at call time
-        model.config._attn_implementation = impl
-
-
-@contextlib.contextmanager
-def attn_implementation(model: nn.Module, impl: str) -> Iterator[None]:
-    """Switch a Hugging Face model to another attention kernel, restoring the old one on exit."""
-    old = get_attn_implementation(model)
-    try:
-        set_attn_implementation(model, impl)
-        yield
-    finally:
-        set_attn_implementation(model, old)
-
-
-_HOOKED_MARK = "_output_capturing_hooks_installed"
-
-
-@contextlib.contextmanager
-def no_new_forward_hooks(model: nn.Module) -> Iterator[None]:
-    """Remove the forward hooks a call adds to ``model`` and its submodules.
-
-    With ``output_attentions=True`` transformers 5 installs its output-capturing forward hooks on
-    the first call and keeps them for good (marking the model with ``_output_capturing_hooks_installed``);
-    explaining must leave the model as it was found.
-    """
-    before = {m: set(m._forward_hooks) for m in model.modules()}
-    marked = {m for m in model.modules() if _HOOKED_MARK in m.__dict__}
-    try:
-        yield
-    finally:
-        for m in model.modules():
-            for key in set(m._forward_hooks) - before.get(m, set()):
-                for hooks in (m._forward_hooks, m._forward_hooks_with_kwargs, m._forward_hooks_always_called):
-                    hooks.pop(key, None)
-            if m not in marked and _HOOKED_MARK in m.__dict__:
-                del m.__dict__[_HOOKED_MARK]
 
 
 class HFAdapter(Adapter):
@@ -131,7 +87,7 @@ class HFAdapter(Adapter):
         kwargs = {"pixel_values": x}
         if (H, W) != tuple(size):
             kwargs["interpolate_pos_encoding"] = True
-        layout = self.image_layout(x, (H // p, W // p), self._vision_prefix_tokens(), readout=0)
+        layout = Layout.for_image(x, (H // p, W // p), self._vision_prefix_tokens(), readout=0)
         return Batch(args=(), kwargs=kwargs, batch_size=x.shape[0], layout=layout, device=x.device)
 
     def input_embeddings(self) -> nn.Module | None:
@@ -157,7 +113,7 @@ class HFAdapter(Adapter):
             if not attentions:
                 raise RuntimeError(
                     f"{type(self.model).__name__} returned no attentions with the eager kernel; "
-                    "try adapter='generic'"
+                    "try adapter='intercept'"
                 )
             for a in attentions:
                 self._recorder.record(a)

@@ -13,7 +13,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import Adapter, AttentionRecorder, Batch, check_image_batch, temporarily_set
+from ..batch import Batch, check_image_batch
+from ..layout import Layout
+from ..recorder import AttentionRecorder
+from .base import Adapter
+from .switches import attribute_switch
 
 try:  # timm is a dependency, but keep the adapter importable without it
     from timm.models.vision_transformer import VisionTransformer as _TimmViT
@@ -33,7 +37,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
         if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
             raise ValueError(
                 f"timm block {type(block).__name__} has no 'attn.attn_drop'; this timm attention "
-                "layout is not supported by the timm adapter (try adapter='generic')"
+                "layout is not supported by the timm adapter (try adapter='intercept')"
             )
         mods.append(attn)
     return mods
@@ -84,7 +88,7 @@ class TimmViTAdapter(Adapter):
     def prepare(self, inputs: Any) -> Batch:
         x = check_image_batch(inputs, getattr(self.model.patch_embed.proj, "in_channels", None))
         readout = 0 if (self.pool in _TOKEN_POOLS and self.prefix_tokens() > 0) else None
-        layout = self.image_layout(x, self.grid(x), self.prefix_tokens(), readout)
+        layout = Layout.for_image(x, self.grid(x), self.prefix_tokens(), readout)
         return Batch(args=(x,), kwargs={}, batch_size=x.shape[0], layout=layout, device=x.device)
 
     # capture ------------------------------------------------------------------------------
@@ -95,7 +99,7 @@ class TimmViTAdapter(Adapter):
 
         handles = []
         try:
-            with temporarily_set([(a, "fused_attn", False) for a in self.attentions]):
+            with attribute_switch([(a, "fused_attn", False) for a in self.attentions]):
                 for a in self.attentions:
                     handles.append(a.attn_drop.register_forward_hook(hook))
                 yield

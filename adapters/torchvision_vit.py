@@ -8,62 +8,21 @@ output that the attention product consumed; that base tensor is what gradients a
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .base import Adapter, AttentionRecorder, Batch, check_image_batch
+from ..batch import Batch, check_image_batch
+from ..layout import Layout
+from ..recorder import AttentionRecorder
+from .base import Adapter
+from .switches import per_head_weights
 
 try:
     from torchvision.models.vision_transformer import VisionTransformer as _TvViT
 except Exception:  # pragma: no cover
     _TvViT = None
-
-
-def record_mha_weights(recorder: AttentionRecorder, weights: torch.Tensor) -> None:
-    """Record the per-head weights returned by ``F.multi_head_attention_forward``.
-
-    The returned ``(B, H, L, S)`` tensor is a view; its base ``(B*H, L, S)`` is the tensor the
-    attention product used, so gradients are taken with respect to the base.
-    """
-    base = weights._base if weights._base is not None else weights
-    if base.numel() != weights.numel():
-        base = weights
-    recorder.record(weights, grad_wrt=base)
-
-
-@contextlib.contextmanager
-def per_head_weights(modules: list[nn.MultiheadAttention], recorder: AttentionRecorder) -> Iterator[None]:
-    """Make ``nn.MultiheadAttention`` modules return and record per-head attention weights."""
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs = dict(kwargs)
-        module_wants = (kwargs.get("need_weights", True), kwargs.get("average_attn_weights", True))
-        kwargs["need_weights"] = True
-        kwargs["average_attn_weights"] = False
-        wanted[module] = module_wants
-        return args, kwargs
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
-        out, weights = output
-        record_mha_weights(recorder, weights)
-        need, average = wanted.pop(module)
-        if not need:
-            return out, None
-        return out, (weights.mean(dim=1) if average else weights)
-
-    wanted: dict[nn.Module, tuple[bool, bool]] = {}
-    handles = []
-    try:
-        for m in modules:
-            handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(m.register_forward_hook(hook, with_kwargs=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class TorchvisionViTAdapter(Adapter):
@@ -87,7 +46,7 @@ class TorchvisionViTAdapter(Adapter):
         if (H, W) != (size, size):
             raise ValueError(f"the model expects {size}x{size} images, got {H}x{W}")
         p = self.model.patch_size
-        layout = self.image_layout(x, (H // p, W // p), prefix_tokens=1, readout=0)
+        layout = Layout.for_image(x, (H // p, W // p), prefix_tokens=1, readout=0)
         return Batch(args=(x,), kwargs={}, batch_size=x.shape[0], layout=layout, device=x.device)
 
     def observe(self, recorder: AttentionRecorder):

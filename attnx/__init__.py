@@ -7,24 +7,28 @@
 """
 from __future__ import annotations
 
-from . import adapters
+from . import adapters, methods, metrics
 from .adapters import register_adapter
-from .capture import Captured
 from .explainer import Explainer, explain
 from .explanation import Explanation
-from .methods import get_method, method_names, register_method
-from . import metrics
+from .methods import Option, Relevance, get_method, list_methods, register_method
+from .trace import Needs, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Captured",
     "Explainer",
     "Explanation",
+    "Needs",
+    "Option",
+    "Relevance",
+    "Trace",
     "adapters",
     "explain",
     "get_method",
+    "list_methods",
     "methods",
+    "metrics",
     "register_adapter",
     "register_method",
 ]
@@ -36,8 +40,3 @@ def __getattr__(name: str):
 
         return importlib.import_module(".evaluate", __name__)
     raise AttributeError(f"module 'attnx' has no attribute {name!r}")
-
-
-def methods() -> list[str]:
-    """Names of the available explanation methods."""
-    return method_names()

@@ -76,7 +76,7 @@ def _methods(arg: str, kind: str) -> list[str]:
     import attnx
 
     if arg == "all":
-        return attnx.methods()
+        return attnx.list_methods()
     names = [m.strip() for m in arg.split(",") if m.strip()]
     for n in names:
         attnx.get_method(n)  # raises with the list of methods
@@ -236,7 +236,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     import attnx
 
-    for name in attnx.methods():
+    for name in attnx.list_methods():
         m = attnx.get_method(name)
         opts = ", ".join(f"{k}={v!r}" for k, v in m.options.items()) or "-"
         print(f"{name:<24} {m.summary}\n{'':<24} options: {opts}")

@@ -1,4 +1,5 @@
-"""Explainer: model + adapter -> Explanation. The public entry point."""
+"""Explainer: model + adapter -> Explanation. The public entry point, and the only place that runs
+passes (:mod:`attnx.trace`) and builds :class:`~attnx.explanation.Explanation` objects."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,11 +8,12 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
-from .capture import Captured, capture
 from .explanation import Explanation
 from .layout import Readout, to_scores
-from .methods import get_method
+from .lrp.registry import Registry, get_preset
+from .methods.registry import Method, Relevance, get_method
 from .targets import Target
+from .trace import Needs, Trace, run_trace
 
 __all__ = ["Explainer", "explain"]
 
@@ -27,7 +29,7 @@ class Explainer:
         ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention``.
     adapter:
         ``None`` to choose automatically, an adapter name (``"timm_vit"``, ``"torchvision_vit"``,
-        ``"hf"``, ``"generic"``) or an :class:`attnx.adapters.Adapter` instance.
+        ``"hf"``, ``"intercept"``) or an :class:`attnx.adapters.Adapter` instance.
 
     Examples
     --------
@@ -40,9 +42,24 @@ class Explainer:
         self.model = model
         self.adapter = get_adapter(model, adapter)
 
-    def capture(self, inputs: Any, target: Target = None, gradients: bool = False) -> Captured:
+    def trace(
+        self,
+        inputs: Any,
+        target: Target = None,
+        needs: Needs = Needs(attentions=True),
+        preset: str | Registry | None = None,
+        strict: bool = False,
+        patch_size: int | None = None,
+    ) -> Trace:
+        """One pass recording what ``needs`` asks for (attentions, ``dy_t/dA``, relevance), for
+        users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass."""
+        batch = self.adapter.prepare(inputs)
+        registry = None if preset is None else get_preset(preset)
+        return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
+
+    def capture(self, inputs: Any, target: Target = None, gradients: bool = False) -> Trace:
         """Attentions (and their gradients) of one forward, for users' own methods."""
-        return capture(self.adapter, self.adapter.prepare(inputs), target, gradients)
+        return self.trace(inputs, target, Needs(attentions=True, gradients=gradients))
 
     def explain(self, inputs: Any, method: str = "rollout", target: Target = None, **options: Any) -> Explanation:
         """Explain a batch.
@@ -52,39 +69,61 @@ class Explainer:
         inputs:
             An image batch ``(B, C, H, W)``, or the dict a Hugging Face tokenizer returns.
         method:
-            A name from :func:`attnx.methods`.
+            A name from :func:`attnx.list_methods`.
         target:
             ``None`` (predicted class), an int, ``B`` ints, or a callable on the model output
             returning ``B`` scalars.
         **options:
-            Options of the method (e.g. ``head_fusion``, ``discard_ratio``, ``start_layer``).
+            Options of the method (e.g. ``head_fusion``, ``discard_ratio``, ``start_layer``);
+            ``attnx methods`` lists them.
         """
         spec = get_method(method)
-        spec.check_options(options)
-        batch = self.adapter.prepare(inputs)
-        if spec.kind != "attention":
-            return spec.fn(self, batch, target, **options)
-        captured = capture(self.adapter, batch, target, gradients=spec.gradients)
-        readout = Readout(captured.layout, batch.batch_size, captured.logits.device)
-        relevance = spec.fn(captured, readout, **options)
-        return self.package(relevance, captured, method, options, batch)
+        method_options, trace_options = spec.resolve(options)
+        registry = self.registry_for(spec, trace_options)
+        trace = self.trace(
+            inputs, target, spec.needs, registry, trace_options.get("strict", False), trace_options.get("patch_size")
+        )
+        readout = Readout(trace.layout, trace.logits.shape[0], trace.logits.device)
+        result = spec.fn(trace, readout, **method_options)
+        recorded = {k: v for k, v in options.items() if k != "preset"}
+        if "preset" in trace_options:
+            recorded["preset"] = registry.name
+        return self.package(result, trace, method, recorded)
 
     __call__ = explain
 
     @staticmethod
-    def package(relevance: torch.Tensor, captured: Captured, method: str, options: dict, batch) -> Explanation:
-        layout = captured.layout
-        ids = batch.kwargs.get("input_ids") if layout.grid is None else None
+    def registry_for(spec: Method, trace_options: dict) -> Registry | None:
+        """The LRP registry of a method's relevance pass: its ``preset`` option or its fixed rules."""
+        if not spec.needs.relevance:
+            return None
+        if "preset" in trace_options:
+            return get_preset(trace_options["preset"])
+        if spec.needs.rules is not None:
+            return spec.needs.rules()
+        raise TypeError(f"method {spec.name!r} needs relevance but declares neither a preset option nor rules")
+
+    @staticmethod
+    def package(result: torch.Tensor | Relevance, trace: Trace, method: str, options: dict) -> Explanation:
+        """The :class:`Explanation` of a method's result on ``trace``."""
+        if isinstance(result, torch.Tensor):
+            result = Relevance(tokens=result)
+        layout = trace.layout
+        scores = result.scores if result.scores is not None else to_scores(result.tokens, layout)
+        ids = trace.batch.kwargs.get("input_ids") if layout.grid is None and trace.batch is not None else None
         return Explanation(
-            scores=to_scores(relevance, layout),
+            scores=scores,
             grid=layout.grid,
-            targets=captured.targets,
-            logits=captured.logits,
+            targets=trace.targets,
+            logits=trace.logits,
             method=method,
-            options=dict(options),
-            token_relevance=relevance,
+            options={**options, **result.options},
+            token_relevance=result.tokens,
             layout=layout,
             input_ids=ids,
+            input_relevance=trace.input_relevance,
+            pixel_relevance=result.pixels,
+            coverage=trace.coverage,
         )
 
 

@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from .adapters.base import Layout
-from .layout import normalize_per_sample, scores_to_map
+from . import viz
+from .layout import Layout, normalize_per_sample, scores_to_map
+from .lrp.coverage import Coverage
 
 __all__ = ["Explanation"]
 
@@ -36,6 +37,14 @@ class Explanation:
         The token layout (prefix tokens, readout token, padding mask, input size).
     input_ids:
         ``(B, T)`` token ids for text, ``None`` for images.
+    input_relevance:
+        Relevance at the input for LRP-style methods: ``(B, C, H, W)`` pixels or ``(B, T, D)``
+        token embeddings.
+    pixel_relevance:
+        ``(B, H, W)`` relevance per pixel (channels summed) for LRP-style methods on images;
+        their heat map is drawn from it.
+    coverage:
+        What the LRP pass did with every relevance-carrying op (LRP-style methods).
     """
 
     scores: torch.Tensor
@@ -47,15 +56,12 @@ class Explanation:
     token_relevance: torch.Tensor | None = None
     layout: Layout | None = None
     input_ids: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    input_relevance: torch.Tensor | None = None
+    pixel_relevance: torch.Tensor | None = None
+    coverage: Coverage | None = None
 
     def __len__(self) -> int:
         return self.scores.shape[0]
-
-    @property
-    def input_relevance(self) -> torch.Tensor | None:
-        """Raw relevance at the input for LRP methods: ``(B, C, H, W)`` or ``(B, T, D)``."""
-        return self.extras.get("input_relevance")
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -86,7 +92,7 @@ class Explanation:
             size = self.input_size or self.grid
         elif isinstance(size, int):
             size = (size, size)
-        pixels = self.extras.get("pixel_relevance")
+        pixels = self.pixel_relevance
         if pixels is not None:  # pixel-level methods (LRP to the input) draw their own map
             maps = pixels[:, None].to(self.scores.dtype)
             if tuple(size) != tuple(maps.shape[-2:]):
@@ -98,8 +104,6 @@ class Explanation:
         """A picture of the explanation: heat-map overlays on ``images`` (a matplotlib figure), or
         for text, HTML with signed token colouring (needs the ``tokenizer``; displayed inline in a
         notebook). See :mod:`attnx.viz` for the options."""
-        from . import viz
-
         if self.grid is not None:
             if images is None:
                 raise ValueError("pass the images the explanation was computed on: e.show(images)")

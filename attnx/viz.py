@@ -74,7 +74,7 @@ def heat(explanation: Any, size: tuple[int, int]) -> torch.Tensor:
     (``lrp``): there min-max would put zero relevance mid-scale and tint the whole image, so the
     pictures show the positive relevance (evidence for the class) divided by its maximum.
     """
-    pixels = explanation.extras.get("pixel_relevance") if getattr(explanation, "extras", None) else None
+    pixels = getattr(explanation, "pixel_relevance", None)
     if pixels is None or float(pixels.min()) >= 0:
         return explanation.heatmap(size)
     maps = pixels[:, None].detach().float().clamp_min(0)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """attnx speed and memory benchmark on stock (random-init) models.
 
-Measures, in ONE run and side by side, every explanation method of ``attnx.methods()`` against
+Measures, in ONE run and side by side, every explanation method of ``attnx.list_methods()`` against
 the plain model on the same model object, batch and inputs:
 
 * ``vit``  -- timm ``vit_base_patch16_224`` (``pretrained=False``, 1000 classes, default fused
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vit,bert", help="comma list from: vit, bert (default both)")
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,16; --quick: 1,4)")
-    p.add_argument("--methods", default=None, help="comma list (default: all of attnx.methods())")
+    p.add_argument("--methods", default=None, help="comma list (default: all of attnx.list_methods())")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per series (default 5; --quick: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per series (default 1)")
     p.add_argument("--seq-len", type=int, default=None, help="text tokens per sample (default 128; --quick: 16)")
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seq_len = 16 if args.quick else 128
     models = parse_list(args.models)
     batch_sizes = parse_list(args.batch_sizes, int)
-    methods = parse_list(args.methods) if args.methods else attnx.methods()
+    methods = parse_list(args.methods) if args.methods else attnx.list_methods()
     for m in methods:
         attnx.get_method(split_method(m)[0])  # unknown names fail early with the list of methods
     for m in models:

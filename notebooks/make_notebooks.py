@@ -130,8 +130,8 @@ map (sharp garment outlines); the others live on the 8×8 patch grid and are ups
 """),
     ("code", """\
 t = time.time()
-fig = viz.method_grid(explainer, images[show], attnx.methods(), **kw)
-print(f"{len(attnx.methods())} methods x {len(show)} scenes in {time.time() - t:.1f}s")
+fig = viz.method_grid(explainer, images[show], attnx.list_methods(), **kw)
+print(f"{len(attnx.list_methods())} methods x {len(show)} scenes in {time.time() - t:.1f}s")
 """),
     ("md", """\
 ## 2. Two garments, two classes
@@ -240,7 +240,7 @@ e = explainer(x[None], method="transformer_attribution")                     # t
 viz.show(e, x[None], class_names=imagenet, mean=cfg["mean"], std=cfg["std"])
 viz.class_maps(explainer, x, [243, 282], method="transformer_attribution",   # bull mastiff vs tiger cat
                class_names=imagenet, mean=cfg["mean"], std=cfg["std"])
-viz.method_grid(explainer, x[None], attnx.methods(), class_names=imagenet, mean=cfg["mean"], std=cfg["std"])
+viz.method_grid(explainer, x[None], attnx.list_methods(), class_names=imagenet, mean=cfg["mean"], std=cfg["std"])
 ```
 
 The same from the shell: `attnx explain dog_and_cat.jpg --model vit_base_patch16_224 --target 243 282 --out dogcat.png`

@@ -268,12 +268,12 @@ def with_adapters(cases) -> list:
     """``pytest.param(case, adapter)`` for the native adapter of every case and the generic one
     where it applies."""
     return [pytest.param(c, "native", id=f"{c.name}-native") for c in cases] + [
-        pytest.param(c, "generic", id=f"{c.name}-generic") for c in cases if c in GENERIC_OK
+        pytest.param(c, "intercept", id=f"{c.name}-intercept") for c in cases if c in GENERIC_OK
     ]
 
 
 #: methods that use dy/dA
-GRADIENT_METHODS = [m for m in attnx.methods() if attnx.get_method(m).gradients]
+GRADIENT_METHODS = [m for m in attnx.list_methods() if attnx.get_method(m).gradients]
 
 
 def ids(cases):
@@ -285,7 +285,7 @@ def case(request) -> Case:
     return request.param
 
 
-@pytest.fixture(params=attnx.methods())
+@pytest.fixture(params=attnx.list_methods())
 def method(request) -> str:
     return request.param
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import attnx
-from attnx.adapters import Layout, TimmViTAdapter
+from attnx.adapters import TimmViTAdapter
+from attnx.layout import Layout
 from attnx.explanation import Explanation
 from conftest import CASES, ids, max_abs_diff, run_model, timm_vit
 from test_capture import attention_layers, grab_layer_inputs

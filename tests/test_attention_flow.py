@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import attnx
-from attnx.adapters import Layout
-from attnx.capture import Captured
+from attnx.layout import Layout
+from attnx.trace import Trace
 from attnx.layout import Readout
 from attnx.methods.attention_flow import RESOLUTION, max_flows
 from conftest import CASES, max_abs_diff, with_batch
@@ -42,7 +42,7 @@ def test_flow_is_bounded_by_the_bottleneck_while_rollout_multiplies():
     input 1 is the bottleneck 1/2, to input 0 the cut 1."""
     a1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)  # Â1 = [[1, 0], [.5, .5]]
     a2 = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)  # Â2 = [[.5, .5], [.5, .5]]
-    captured = Captured(
+    captured = Trace(
         attentions=[a1.view(1, 1, 2, 2), a2.view(1, 1, 2, 2)], gradients=None,
         logits=torch.zeros(1, 3, dtype=torch.float64), targets=torch.zeros(1, dtype=torch.long),
         layout=Layout(num_tokens=2, prefix_tokens=1, readout=0, grid=(1, 1)),

@@ -13,9 +13,9 @@ DT = torch.float64
 
 
 def test_listed():
-    assert {"random", "gradient_x_input", "attention_flow"} <= set(attnx.methods())
+    assert {"random", "gradient_x_input", "attention_flow"} <= set(attnx.list_methods())
     assert attnx.get_method("random").options == {"seed": 0}
-    assert attnx.get_method("gradient_x_input").options == {"patch_size": 16}
+    assert attnx.get_method("gradient_x_input").options == {"patch_size": None}
 
 
 # random --------------------------------------------------------------------------------------

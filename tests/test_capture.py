@@ -110,7 +110,7 @@ def test_attention_equals_softmax_of_own_qk(case, adapter):
     model = case.model(DT)
     x = inputs_of(case)
     layers = attention_layers(case, model)
-    explainer = attnx.Explainer(model, adapter=None if adapter == "native" else "generic")
+    explainer = attnx.Explainer(model, adapter=None if adapter == "native" else "intercept")
     with grab_layer_inputs(layers) as seen:
         captured = explainer.capture(x)
     assert len(seen) == len(layers) == len(captured.attentions) == 3
@@ -211,7 +211,7 @@ def test_gradients_match_finite_differences(case, adapter):
     model = case.model(DT)
     x = inputs_of(case)
     targets = torch.tensor([1, 4, 2])
-    captured = attnx.Explainer(model, adapter=None if adapter == "native" else "generic").capture(
+    captured = attnx.Explainer(model, adapter=None if adapter == "native" else "intercept").capture(
         x, target=targets.tolist(), gradients=True
     )
     assert captured.targets.tolist() == targets.tolist()

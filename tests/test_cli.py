@@ -72,7 +72,7 @@ def test_methods_lists_every_method(capsys):
     status, out, _ = run(capsys, "methods")
     assert status == 0
     listed = [line.split()[0] for line in out.splitlines() if line and not line[0].isspace()]
-    assert listed == attnx.methods()
+    assert listed == attnx.list_methods()
     assert "head_fusion='mean'" in out and "discard_ratio=0.0" in out  # options are shown
 
 

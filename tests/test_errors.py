@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import attnx
-from attnx.adapters import UnsupportedModelError
+from attnx.errors import UnsupportedModelError
 from conftest import CASES, ids
 
 IMAGE_ADAPTERS = [CASES[n] for n in ("timm_vit", "torchvision_vit", "hf_vit_sdpa")]
@@ -170,7 +170,7 @@ class SmallCNN(nn.Module):
 @pytest.mark.parametrize("method", ["rollout", "grad_rollout"])
 def test_model_without_attention(method):
     with pytest.raises(UnsupportedModelError, match=r"no attention was observed in SmallCNN.*"
-                                                    r"\['timm_vit', 'torchvision_vit', 'hf', 'generic'\]"
+                                                    r"\['timm_vit', 'torchvision_vit', 'hf', 'intercept'\]"
                                                     r".*register_adapter"):
         attnx.explain(SmallCNN(), torch.randn(2, 3, 16, 16), method=method)
 

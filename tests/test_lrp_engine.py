@@ -74,7 +74,7 @@ def test_uncovered_op_warns_by_default_and_raises_in_strict_mode():
         e = explain(model, presets["cplrp"]())
     assert "NO RULE" in str(record[0].message)
     assert torch.isfinite(e.input_relevance).all()
-    assert any(line.split()[:3] == ["sin", "NO", "RULE"] for line in e.extras["coverage"].splitlines())
+    assert any(line.split()[:3] == ["sin", "NO", "RULE"] for line in e.coverage.report().splitlines())
     with pytest.raises(UncoveredOpError, match="sin"):
         explain(model, presets["cplrp"](), strict=True)
 
@@ -85,7 +85,7 @@ def test_registering_a_rule_removes_the_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         e = explain(model, reg, strict=True)
-    assert any(line.split()[:2] == ["sin", "identity"] for line in e.extras["coverage"].splitlines())
+    assert any(line.split()[:2] == ["sin", "identity"] for line in e.coverage.report().splitlines())
     # the identity rule on sin: the relevance arriving at sin's output reaches the conv output,
     # so with the conv and head bias-free, cplrp conserves the logit
     with torch.no_grad():
@@ -113,7 +113,7 @@ def test_products_with_constants_are_not_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         e = explain(Net(scaled), presets["chefer2021"](), strict=True)
-    assert "mul" in e.extras["coverage"] and "NO RULE" not in e.extras["coverage"]
+    assert "mul" in e.coverage.report() and "NO RULE" not in e.coverage.report()
 
 
 def test_engine_reports_without_a_method():

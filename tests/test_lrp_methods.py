@@ -8,7 +8,7 @@ semantics of transformer attribution pinned independently (DESIGN.md §4-§6), i
 * The relevance does not depend on the attention kernel: Hugging Face eager vs SDPA, timm
   ``fused_attn`` on vs off, and timm vs torchvision running the same (ported) weights.
 * A batch explained at once equals each sample explained alone, with per-sample targets.
-* Transformer attribution is recomputed here from ``relevance_pass(..., attentions=True)`` and
+* Transformer attribution is recomputed here from ``Explainer.trace(needs=Needs(attention_relevance=True))`` and
   ``Explainer.capture(gradients=True)`` with explicit full matrix products (the ViT and the
   BERT form), and checked against a one-layer model whose ``R^A`` is derived by hand.
 """
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnx
-from attnx.lrp import presets, relevance_pass
+from attnx import Needs
+from attnx.lrp import presets
 from conftest import CASES, randomize_, text_inputs, with_batch
 
 DT = torch.float64
@@ -113,12 +114,12 @@ def test_cplrp_conserves_the_target_logit(name):
     assert target_logit(e).abs().min() > 1e-3  # not a trivial 0 == 0
     assert rel_err(R.sum(dims), target_logit(e)) <= 1e-6
     if name == "hf_bert":  # padding gets nothing; per-token scores are the embedding sums
-        assert any(line.split()[:2] == ["tanh", "identity"] for line in e.extras["coverage"].splitlines())
+        assert any(line.split()[:2] == ["tanh", "identity"] for line in e.coverage.report().splitlines())
         valid = x["attention_mask"].bool()
         assert R[~valid].abs().max() <= 1e-12
         assert rel_err(e.scores, R.sum(-1) * valid) <= 1e-12
     if name == "timm_swin":  # no adapter knows Swin: the generic one, and its coverage is complete
-        assert "NO RULE" not in e.extras["coverage"] and "constant" in e.extras["coverage"]
+        assert "NO RULE" not in e.coverage.report() and "constant" in e.coverage.report()
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,8 +138,8 @@ def test_hf_eager_and_sdpa_give_the_same_lrp(preset):
     x = bert_inputs()
     a = attnx.explain(eager, x, method="lrp", preset=preset, target=[1, 3, 0], strict=True)
     b = attnx.explain(sdpa, x, method="lrp", preset=preset, target=[1, 3, 0], strict=True)
-    assert "scaled_dot_product_attention" in b.extras["coverage"]
-    assert "scaled_dot_product_attention" not in a.extras["coverage"]
+    assert "scaled_dot_product_attention" in b.coverage.report()
+    assert "scaled_dot_product_attention" not in a.coverage.report()
     # chefer2021's 1e-9 stabilisers see the attention mask added (eager) or filled in (SDPA)
     assert rel_err(b.input_relevance, a.input_relevance) <= (1e-6 if preset == "chefer2021" else 1e-9)
     assert a.input_relevance.abs().max() > 0
@@ -202,7 +203,7 @@ def test_timm_and_torchvision_give_the_same_lrp(timm_and_torchvision, preset):
     t, v, x = timm_and_torchvision
     a = attnx.explain(t, x, method="lrp", preset=preset, target=[1, 3, 0], strict=True)
     b = attnx.explain(v, x, method="lrp", preset=preset, target=[1, 3, 0], strict=True)
-    assert "multi_head_attention_forward" in b.extras["coverage"]
+    assert "multi_head_attention_forward" in b.coverage.report()
     # chefer2021's 1e-9 stabilisers see the attention scale at another place (1e-8 level)
     assert rel_err(b.input_relevance, a.input_relevance) <= 1e-6
 
@@ -225,8 +226,8 @@ def test_timm_fused_and_unfused_attention_give_the_same_relevance(method, preset
     a = attnx.explain(fused, x, method=method, preset=preset, target=[1, 3, 0])
     b = attnx.explain(unfused, x, method=method, preset=preset, target=[1, 3, 0])
     if method == "lrp":
-        assert "scaled_dot_product_attention" in a.extras["coverage"]
-        assert "scaled_dot_product_attention" not in b.extras["coverage"]
+        assert "scaled_dot_product_attention" in a.coverage.report()
+        assert "scaled_dot_product_attention" not in b.coverage.report()
         assert rel_err(b.input_relevance, a.input_relevance) <= 1e-6
     assert rel_err(b.scores, a.scores) <= 1e-6
 
@@ -279,8 +280,7 @@ def test_batch_equals_samples_alone_swin(preset):
 # --------------------------------------------------------------------------------------------
 def lrp_and_gradients(model, x, targets):
     explainer = attnx.Explainer(model)
-    batch = explainer.adapter.prepare(x)
-    lrp = relevance_pass(explainer.adapter, batch, targets, "chefer2021", attentions=True)
+    lrp = explainer.trace(x, target=targets, needs=Needs(attention_relevance=True), preset="chefer2021")
     cap = explainer.capture(x, target=targets, gradients=True)
     assert lrp.targets.tolist() == cap.targets.tolist() == targets
     assert len(lrp.attention_relevance) == len(cap.gradients) == 3
@@ -387,7 +387,7 @@ def test_transformer_attribution_by_hand_on_one_attention_layer():
     x = images(2, size=2, seed=8)
     targets = [0, 3]
     explainer = attnx.Explainer(model)
-    assert explainer.adapter.name == "generic"
+    assert explainer.adapter.name == "intercept"
     ta = explainer.explain(x, method="transformer_attribution", target=targets)
     plrp = explainer.explain(x, method="partial_lrp", target=targets)
     assert ta.grid == (2, 2) and ta.layout.prefix_tokens == 1

@@ -10,8 +10,8 @@ from conftest import ALL, CASES, GRADIENT_METHODS, IMAGE, ids, max_abs_diff, run
 
 def test_the_matrix_covers_every_adapter():
     assert {c.adapter for c in ALL} == {"timm_vit", "torchvision_vit", "hf"}
-    assert set(attnx.adapters.adapter_names()) >= {"timm_vit", "torchvision_vit", "hf", "generic"}
-    assert {"raw_attention", "rollout", "grad_rollout", "generic", "attn_gradcam"} <= set(attnx.methods())
+    assert set(attnx.adapters.adapter_names()) >= {"timm_vit", "torchvision_vit", "hf", "intercept"}
+    assert {"raw_attention", "rollout", "grad_rollout", "generic", "attn_gradcam"} <= set(attnx.list_methods())
 
 
 def test_adapter_and_layout(case):
@@ -160,7 +160,7 @@ def test_batch_of_one_and_larger_batches(case):
 
 def test_register_method():
     """A user method over captured tensors is found by name, gets its options, and is run."""
-    from attnx.methods import _METHODS
+    from attnx.methods import unregister_method
 
     @attnx.register_method("test_last_layer_head0")
     def head0(captured, readout, *, head: int = 0):
@@ -168,7 +168,7 @@ def test_register_method():
         return readout.row(captured.attentions[-1][:, head])
 
     try:
-        assert "test_last_layer_head0" in attnx.methods()
+        assert "test_last_layer_head0" in attnx.list_methods()
         assert attnx.get_method("test_last_layer_head0").options == {"head": 0}
         case = CASES["timm_vit"]
         model, x = case.model(), case.inputs(2)
@@ -176,4 +176,4 @@ def test_register_method():
         captured = attnx.Explainer(model).capture(x)
         torch.testing.assert_close(e.scores, captured.attentions[-1][:, 2, 0, 1:])
     finally:
-        _METHODS.pop("test_last_layer_head0", None)
+        unregister_method("test_last_layer_head0")

@@ -659,7 +659,7 @@ def test_localisation_on_a_real_vit(vit):
     # LRP to the input: mass of its pixel relevance
     lrp = attnx.explain(model, x, method="lrp", patch_size=8)
     mass = M.relevance_mass(lrp, masks)
-    pix = lrp.extras["pixel_relevance"].clamp(min=0)
+    pix = lrp.pixel_relevance.clamp(min=0)
     assert close(mass, (pix * masks).flatten(1).sum(1) / pix.flatten(1).sum(1), 1e-6)
     other = ~masks
     d = M.class_discrimination(lrp, masks, other)

@@ -1,6 +1,6 @@
 """The generic adapter (SDPA / MHA interception) sees what the native adapters see.
 
-``Explainer(model).capture(x, gradients=True)`` and ``Explainer(model, adapter="generic")``
+``Explainer(model).capture(x, gradients=True)`` and ``Explainer(model, adapter="intercept")``
 must give the same attentions and ``∂y/∂A`` (max abs difference ≤ 1e-5, float32) and the same
 scores for every method. The generic adapter can only see models that call
 ``F.scaled_dot_product_attention`` / ``F.multi_head_attention_forward``: a timm model with
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attnx
-from attnx.adapters import UnsupportedModelError
+from attnx.errors import UnsupportedModelError
 from conftest import ALL, GENERIC_OK, ids, max_abs_diff
 
 TOL = 1e-5
@@ -58,8 +58,8 @@ def test_same_attentions_and_gradients(case, padded):
     assert native_explainer.adapter.name == case.adapter
     native = native_explainer.capture(x, target=[1, 3, 0], gradients=True)
     with sdpa_path(case, model) as sdpa_model:
-        generic_explainer = attnx.Explainer(sdpa_model, adapter="generic")
-        assert generic_explainer.adapter.name == "generic"
+        generic_explainer = attnx.Explainer(sdpa_model, adapter="intercept")
+        assert generic_explainer.adapter.name == "intercept"
         generic = generic_explainer.capture(x, target=[1, 3, 0], gradients=True)
     assert len(native.attentions) == len(generic.attentions) == 3
     assert native.layout.prefix_tokens == generic.layout.prefix_tokens
@@ -79,8 +79,8 @@ def test_same_scores_for_every_method(case, padded):
     x = inputs_of(case, padded, torch.float64)
     native = attnx.Explainer(model)
     with sdpa_path(case, model) as sdpa_model:
-        generic = attnx.Explainer(sdpa_model, adapter="generic")
-        for method in attnx.methods():
+        generic = attnx.Explainer(sdpa_model, adapter="intercept")
+        for method in attnx.list_methods():
             a = native.explain(x, method=method)
             b = generic.explain(x, method=method)
             assert a.targets.tolist() == b.targets.tolist()
@@ -92,12 +92,12 @@ def test_same_scores_for_every_method(case, padded):
 def test_generic_refuses_models_without_sdpa_clearly(case):
     """A model that never calls SDPA / MHA gets an error naming the adapters, not a wrong answer."""
     model = case.model()
-    with pytest.raises(UnsupportedModelError, match=r"no attention was observed.*'timm_vit'.*'generic'"):
-        attnx.Explainer(model, adapter="generic").explain(case.inputs(2), method="rollout")
+    with pytest.raises(UnsupportedModelError, match=r"no attention was observed.*'timm_vit'.*'intercept'"):
+        attnx.Explainer(model, adapter="intercept").explain(case.inputs(2), method="rollout")
 
 
-def test_generic_adapter_without_a_family_infers_the_layout():
-    """A wrapped timm model (no adapter matches the wrapper) is explained by the generic adapter,
+def test_intercept_adapter_without_a_family_infers_the_layout():
+    """A wrapped timm model (no adapter matches the wrapper) is explained by the intercept adapter,
     which infers prefix tokens and grid from the token count and the image size."""
     from conftest import CASES
 
@@ -114,9 +114,16 @@ def test_generic_adapter_without_a_family_infers_the_layout():
 
     wrapped = Wrapper(inner)
     explainer = attnx.Explainer(wrapped)
-    assert explainer.adapter.name == "generic"
+    assert explainer.adapter.name == "intercept"
     x = case.inputs(2)
     e = explainer.explain(x, method="grad_rollout", target=[2, 5])
     assert e.grid == (5, 7) and e.layout.prefix_tokens == 1 and e.layout.readout == 0
     native = attnx.Explainer(inner).explain(x, method="grad_rollout", target=[2, 5])
     assert max_abs_diff(e.scores, native.scores) <= TOL * max(1.0, native.scores.abs().max().item())
+
+
+def test_generic_is_the_former_name_of_intercept():
+    case = CASES["timm_vit"]
+    with pytest.warns(DeprecationWarning, match="now called 'intercept'"):
+        explainer = attnx.Explainer(case.model(), adapter="generic")
+    assert explainer.adapter.name == "intercept"

@@ -26,7 +26,7 @@ def test_timm_224(name, prefix):
     model = timm_model(name)
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     native = attnx.Explainer(model)
-    generic = attnx.Explainer(model, adapter="generic")
+    generic = attnx.Explainer(model, adapter="intercept")
     a = native.capture(x, target=[1, 2, 3], gradients=True)
     b = generic.capture(x, target=[1, 2, 3], gradients=True)
     assert len(a.attentions) == 12 and a.attentions[0].shape[-1] == 196 + prefix
@@ -50,7 +50,7 @@ def test_hf_vit_224_at_384():
     model = randomize_(ViTForImageClassification._from_config(cfg, attn_implementation="sdpa"), seed=2).eval()
     x = torch.randn(2, 3, 384, 288)
     a = attnx.Explainer(model).capture(x, target=[0, 1], gradients=True)
-    b = attnx.Explainer(model, adapter="generic").capture(x, target=[0, 1], gradients=True)
+    b = attnx.Explainer(model, adapter="intercept").capture(x, target=[0, 1], gradients=True)
     assert a.layout.grid == (24, 18) and a.attentions[0].shape[-1] == 1 + 24 * 18
     for l in range(12):
         assert max_abs_diff(a.attentions[l], b.attentions[l]) <= 1e-5

@@ -148,7 +148,7 @@ def config_id(c):
 
 def test_every_core_method_has_a_reference():
     core = {"raw_attention", "rollout", "grad_rollout", "generic", "attn_gradcam"}
-    assert core <= set(attnx.methods())
+    assert core <= set(attnx.list_methods())
     assert set(REFERENCES) == core
 
 

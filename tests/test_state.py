@@ -106,7 +106,7 @@ def test_model_left_as_found_generic_adapter(case):
     model = mixed_mode(case.model())
     x = inputs_of(case)
     before = snapshot(model)
-    explainer = attnx.Explainer(model, adapter="generic")
+    explainer = attnx.Explainer(model, adapter="intercept")
     for method in ("rollout", "generic"):
         explainer.explain(x, method=method)
         assert_unchanged(before, model)
@@ -141,7 +141,7 @@ def test_model_left_as_found_after_an_error(case, adapter, failure):
     model = mixed_mode(case.model())
     x = inputs_of(case)
     before = snapshot(model)
-    explainer = attnx.Explainer(model, adapter=None if adapter == "native" else "generic")
+    explainer = attnx.Explainer(model, adapter=None if adapter == "native" else "intercept")
     if failure == "bad_target":
         with pytest.raises(ValueError, match="out of range"):
             explainer.explain(x, method="grad_rollout", target=[0, 99])
@@ -192,8 +192,8 @@ def test_frozen_model_with_the_generic_adapter(case):
     frozen = copy.deepcopy(model)
     frozen.requires_grad_(False)
     x = inputs_of(case)
-    a = attnx.Explainer(model, adapter="generic").explain(x, method="generic", target=[1, 2])
-    b = attnx.Explainer(frozen, adapter="generic").explain(x, method="generic", target=[1, 2])
+    a = attnx.Explainer(model, adapter="intercept").explain(x, method="generic", target=[1, 2])
+    b = attnx.Explainer(frozen, adapter="intercept").explain(x, method="generic", target=[1, 2])
     assert max_abs_diff(a.scores, b.scores) <= 1e-6 * max(1.0, a.scores.abs().max().item())
 
 

@@ -10,7 +10,7 @@ from conftest import TEXT, ids, max_abs_diff, with_adapters
 DT = torch.float64
 LENGTHS = [9, 6, 3]
 
-CONFIGS = [(m, {}) for m in attnx.methods()] + [
+CONFIGS = [(m, {}) for m in attnx.list_methods()] + [
     ("rollout", {"discard_ratio": 0.5}),
     ("rollout", {"discard_ratio": 0.9, "head_fusion": "max"}),
     ("rollout", {"discard_ratio": 0.3, "head_fusion": "min", "start_layer": 1}),
@@ -23,7 +23,7 @@ def test_padded_sample_equals_the_text_alone(case, adapter, config):
     method, options = config
     model = case.model(DT)
     x = case.inputs(3, dtype=DT, lengths=LENGTHS)
-    explainer = attnx.Explainer(model, adapter=None if adapter == "native" else "generic")
+    explainer = attnx.Explainer(model, adapter=None if adapter == "native" else "intercept")
     targets = [1, 4, 2]
     batch = explainer.explain(x, method=method, target=targets, **options)
     mask = x["attention_mask"].bool()

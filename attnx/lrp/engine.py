@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .coverage import Coverage
 from .registry import Registry, get_preset
 from .rules import Constant, Op, Rule, relay, safe_divide
 
@@ -140,15 +141,13 @@ class LRPEngine(TorchFunctionMode):
         self._handles.append(handle)
         return handle
 
+    def summary(self) -> Coverage:
+        """The coverage of the pass so far, as a :class:`~attnx.lrp.coverage.Coverage`."""
+        return Coverage(self.registry.name, dict(self.coverage), dict(self.uncovered))
+
     def report(self) -> str:
         """The coverage table: every relevance-carrying op seen, with the rule that handled it."""
-        rows = [("op", "rule", "calls")]
-        for (op, rule), n in sorted(self.coverage.items()):
-            rows.append((op, rule, str(n)))
-        for op, n in sorted(self.uncovered.items()):
-            rows.append((op, "NO RULE", str(n)))
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+        return self.summary().report()
 
     def check_coverage(self) -> None:
         if not self.uncovered:

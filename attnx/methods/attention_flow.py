@@ -43,8 +43,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import register_method
-from .fusion import check_start_layer, fuse_heads
+from ..trace import Needs
+from .options import DISCARD_RATIO, HEAD_FUSION, START_LAYER
+from .propagation import check_start_layer, fuse_heads
+from .registry import Option, register_method
 from .rollout import rollout_matrix
 
 __all__ = ["RESOLUTION", "max_flows", "attention_flow"]
@@ -132,9 +134,16 @@ def max_flows(matrices: np.ndarray, source: np.ndarray) -> np.ndarray:
     return flows / RESOLUTION
 
 
-@register_method("attention_flow")
+@register_method(
+    "attention_flow",
+    needs=Needs(attentions=True),
+    options=(
+        HEAD_FUSION, DISCARD_RATIO, START_LAYER,
+        Option("normalize", True, "divide each sample's flows by their sum over the real tokens", kind=bool),
+    ),
+)
 def attention_flow(
-    captured,
+    trace,
     readout,
     *,
     head_fusion: str = "mean",
@@ -152,7 +161,7 @@ def attention_flow(
     each sample's flows by their sum over the real tokens, as the authors do; ``False`` gives
     the raw flow values in [0, 1]). Padding tokens get 0.
     """
-    attentions = captured.attentions
+    attentions = trace.attentions
     s = check_start_layer(start_layer, len(attentions))
     mats = torch.stack(
         [rollout_matrix(fuse_heads(a, head_fusion), discard_ratio, readout) for a in attentions[s:]], dim=1

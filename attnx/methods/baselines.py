@@ -11,17 +11,15 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
-
 import numpy as np
 import torch
 
-from ..capture import capture
-from ..explanation import Explanation
 from ..lrp.registry import Registry
 from ..lrp.rules import Passthrough
-from . import register_method
-from .lrp import lrp
+from ..trace import Needs
+from .lrp import input_relevance_scores
+from .options import PATCH_SIZE
+from .registry import Option, Relevance, register_method
 
 __all__ = ["GradientRegistry", "random_relevance", "random_baseline", "gradient_x_input"]
 
@@ -29,18 +27,6 @@ __all__ = ["GradientRegistry", "random_relevance", "random_baseline", "gradient_
 # --------------------------------------------------------------------------------------------
 # random
 # --------------------------------------------------------------------------------------------
-def _explained_input(batch) -> torch.Tensor | None:
-    """The tensor that identifies a sample: the token ids (text) or the image batch."""
-    if "input_ids" in batch.kwargs:
-        return batch.kwargs["input_ids"]
-    if "pixel_values" in batch.kwargs:
-        return batch.kwargs["pixel_values"]
-    for a in batch.args:
-        if isinstance(a, torch.Tensor):
-            return a
-    return None
-
-
 def _sample_digest(x: torch.Tensor | None, b: int, valid: torch.Tensor | None) -> list[int]:
     """32-bit words of a digest of sample ``b`` of ``x`` (only its real tokens for text; images
     are read in float32, so a float64 copy of a float32 image gives the same digest)."""
@@ -63,8 +49,18 @@ def random_relevance(num_tokens: int, seed: int, digest: list[int] = ()) -> np.n
     return np.random.default_rng(np.random.SeedSequence([int(seed), *digest])).random(num_tokens)
 
 
-@register_method("random", kind="baseline")
-def random_baseline(explainer, batch, target, *, seed: int = 0) -> Explanation:
+def non_negative_seed(seed: int) -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    return seed
+
+
+@register_method(
+    "random",
+    needs=Needs(attentions=True),
+    options=(Option("seed", 0, "seed of the random generator (mixed with a digest of each sample)", check=non_negative_seed),),
+)
+def random_baseline(trace, readout, *, seed: int = 0) -> Relevance:
     """Seeded uniform random relevance per content token, independent of the model (the floor).
 
     Values are uniform in [0, 1) for the content tokens; prefix tokens and padding get 0. Each
@@ -73,20 +69,17 @@ def random_baseline(explainer, batch, target, *, seed: int = 0) -> Explanation:
     sample gets the same map alone, in any batch and with any padding. One forward pass
     resolves the targets, logits and token layout.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
-    captured = capture(explainer.adapter, batch, target, gradients=False)
-    layout = captured.layout
-    B, N = batch.batch_size, layout.num_tokens
+    layout = trace.layout
+    B, N = trace.logits.shape[0], layout.num_tokens
     valid = layout.valid_mask(B, torch.device("cpu"))
     content = layout.content_mask(B, torch.device("cpu"))
-    x = _explained_input(batch)
+    x = trace.batch.explained_input
     rel = np.zeros((B, N), dtype=np.float64)
     for b in range(B):
         idx = np.nonzero((valid[b] & content[b]).numpy())[0]
         rel[b, idx] = random_relevance(idx.size, seed, _sample_digest(x, b, layout.valid))
-    relevance = torch.from_numpy(rel).to(device=captured.logits.device, dtype=captured.logits.dtype)
-    return explainer.package(relevance, captured, "random", {"seed": seed}, batch)
+    tokens = torch.from_numpy(rel).to(device=trace.logits.device, dtype=trace.logits.dtype)
+    return Relevance(tokens=tokens, options={"seed": seed})
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,20 +104,14 @@ class GradientRegistry(Registry):
         return GradientRegistry()
 
 
-@register_method("gradient_x_input", kind="lrp")
-def gradient_x_input(explainer, batch, target, *, patch_size: int = 16) -> Explanation:
+@register_method("gradient_x_input", needs=Needs(input_relevance=True, rules=GradientRegistry), options=(PATCH_SIZE,))
+def gradient_x_input(trace, readout) -> Relevance:
     """Gradient × input, ``x ⊙ ∂y_t/∂x``, at the pixels or the token embeddings.
 
     ``Explanation.input_relevance`` holds the raw products, ``(B, C, H, W)`` or ``(B, T, D)``
     (the output of the input embeddings). ``Explanation.scores`` sums them over the channels and
-    each patch (images; ``patch_size`` pixels when the model has no patch grid) or over the
-    hidden dimension (text, one value per token). The same as the ``lrp`` method with every rule
-    the plain gradient. Needs class targets (not a callable).
+    each patch of the model's grid (images) or over the hidden dimension (text, one value per
+    token). The same as the ``lrp`` method with every rule the plain gradient. Needs class
+    targets (not a callable).
     """
-    if callable(target) and not isinstance(target, torch.Tensor):
-        raise TypeError("gradient_x_input needs class targets (int, list or tensor), not a callable")
-    options: dict[str, Any] = {} if patch_size == 16 else {"patch_size": patch_size}
-    e = lrp(explainer, batch, target, preset=GradientRegistry(), patch_size=patch_size, strict=False)
-    e.method = "gradient_x_input"
-    e.options = options
-    return e
+    return input_relevance_scores(trace, readout)

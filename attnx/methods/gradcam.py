@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import torch
 
-from . import register_method
-from .fusion import check_start_layer
+from ..trace import Needs
+from .options import LAYER
+from .propagation import check_start_layer
+from .registry import register_method
 
 
-@register_method("attn_gradcam", gradients=True)
-def attn_gradcam(captured, readout, *, layer: int = -1) -> torch.Tensor:
+@register_method("attn_gradcam", needs=Needs(attentions=True, gradients=True), options=(LAYER,))
+def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
     """Attention GradCAM: ``(mean_h w_h · A_h[readout, :])⁺`` with ``w_h`` the mean of ``∂y_t/∂A_h``
     over the readout row's content columns (last layer by default)."""
-    index = check_start_layer(layer, len(captured.attentions), "layer")
-    a = readout.row(captured.attentions[index])  # (B, H, N)
-    g = readout.row(captured.gradients[index])  # (B, H, N)
+    index = check_start_layer(layer, len(trace.attentions), "layer")
+    a = readout.row(trace.attentions[index])  # (B, H, N)
+    g = readout.row(trace.gradients[index])  # (B, H, N)
     content = readout.content.to(g.dtype)[:, None, :]  # (B, 1, N)
     weights = (g * content).sum(-1, keepdim=True) / content.sum(-1, keepdim=True)  # (B, H, 1)
     return (weights * a).mean(dim=1).clamp(min=0)

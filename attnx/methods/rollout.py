@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..layout import Readout
-from . import register_method
-from .fusion import check_start_layer, discard_lowest, fuse_heads, rollout_row
+from ..trace import Needs
+from .options import DISCARD_RATIO, HEAD_FUSION, START_LAYER
+from .propagation import check_start_layer, discard_lowest, fuse_heads, rollout_row
+from .registry import register_method
 
 
 def rollout_matrix(fused: torch.Tensor, discard_ratio: float, readout: Readout) -> torch.Tensor:
@@ -20,15 +22,15 @@ def rollout_matrix(fused: torch.Tensor, discard_ratio: float, readout: Readout) 
     return a / a.sum(dim=-1, keepdim=True)
 
 
-@register_method("rollout")
+@register_method("rollout", needs=Needs(attentions=True), options=(HEAD_FUSION, DISCARD_RATIO, START_LAYER))
 def rollout(
-    captured, readout, *, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0
+    trace, readout, *, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0
 ) -> torch.Tensor:
     """Attention rollout: ``C = Â_L ... Â_s`` with ``Â = rownorm((fuse_h(A) + I) / 2)``, readout row.
 
     Options: ``head_fusion`` (mean | max | min), ``discard_ratio`` (zero that fraction of the
     smallest fused attentions per layer, never in the readout row), ``start_layer``.
     """
-    attentions = captured.attentions
+    attentions = trace.attentions
     s = check_start_layer(start_layer, len(attentions))
     return rollout_row((rollout_matrix(fuse_heads(a, head_fusion), discard_ratio, readout) for a in attentions[s:]), readout)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import capture
-from ..explanation import Explanation
-from ..layout import Readout, to_scores
-from ..lrp.passes import relevance_pass
-from . import register_method
-from .fusion import check_start_layer, rollout_row
+from ..layout import Readout
+from ..trace import Needs
+from .options import LAYER, PRESET, STRICT
+from .propagation import check_start_layer, rollout_row
+from .registry import Option, Relevance, register_method
 
 
 def attribution_row(
@@ -40,18 +39,25 @@ def attribution_row(
     return row
 
 
-def _form(form: str, layout) -> str:
+def resolve_form(form: str, readout: Readout) -> str:
+    """``auto`` is ``vit`` for images and ``bert`` for text."""
     if form == "auto":
-        return "vit" if layout.grid is not None else "bert"
-    if form not in ("vit", "bert"):
-        raise ValueError(f"form must be 'auto', 'vit' or 'bert', got {form!r}")
+        return "vit" if readout.layout.grid is not None else "bert"
     return form
 
 
-@register_method("transformer_attribution", kind="lrp")
-def transformer_attribution(
-    explainer, batch, target=None, *, start_layer: int | None = None, form: str = "auto", preset="chefer2021", strict: bool = False
-) -> Explanation:
+@register_method(
+    "transformer_attribution",
+    needs=Needs(attentions=True, gradients=True, attention_relevance=True),
+    options=(
+        Option("start_layer", None, "first layer of the product (default: 0 for vit, the last for bert)", kind=int, allow_none=True),
+        Option("form", "auto", "vit (no normalisation) or bert (row-normalised); auto: vit for images, bert for text",
+               kind=str, choices=("auto", "vit", "bert")),
+        PRESET.with_default("chefer2021"),
+        STRICT,
+    ),
+)
+def transformer_attribution(trace, readout, *, start_layer: int | None = None, form: str = "auto") -> Relevance:
     """Transformer Attribution (Chefer et al. CVPR'21): LRP relevance at each attention map,
     weighted by its gradient, positive part averaged over heads, rolled out with the identity.
 
@@ -59,32 +65,21 @@ def transformer_attribution(
     uses 1) or ``bert`` (row normalisation, default start at the last layer, readout
     self-relevance set to the row minimum); ``auto`` picks ``vit`` for images, ``bert`` for text.
     """
-    adapter = explainer.adapter
-    plain = capture(adapter, batch, target, gradients=True)
-    lrp = relevance_pass(adapter, batch, plain.targets, preset, attentions=True, strict=strict)
-    layout = plain.layout
-    form = _form(form, layout)
+    form = resolve_form(form, readout)
     if start_layer is None:
-        start_layer = 0 if form == "vit" else len(plain.attentions) - 1
-    readout = Readout(layout, batch.batch_size, plain.logits.device)
-    row = attribution_row(plain.gradients, lrp.attention_relevance, readout, start_layer, form)
-    options = {"start_layer": start_layer, "form": form, "preset": getattr(preset, "name", preset)}
-    return explainer.package(row, plain, "transformer_attribution", options, batch)
+        start_layer = 0 if form == "vit" else len(trace.attention_relevance) - 1
+    row = attribution_row(trace.gradients, trace.attention_relevance, readout, start_layer, form)
+    return Relevance(tokens=row, options={"start_layer": start_layer, "form": form})
 
 
-@register_method("partial_lrp", kind="lrp")
-def partial_lrp(explainer, batch, target=None, *, layer: int = -1, preset="chefer2021", strict: bool = False) -> Explanation:
+@register_method(
+    "partial_lrp",
+    needs=Needs(attentions=True, attention_relevance=True),
+    options=(LAYER, PRESET.with_default("chefer2021"), STRICT),
+)
+def partial_lrp(trace, readout, *, layer: int = -1) -> Relevance:
     """Partial LRP (Voita et al. 2019; Chefer et al.'s baseline): relevance at one layer's
     attention probabilities (default the last), positive part averaged over heads, readout row."""
-    lrp = relevance_pass(explainer.adapter, batch, target, preset, attentions=True, strict=strict)
-    index = check_start_layer(layer, len(lrp.attention_relevance))
-    readout = Readout(lrp.layout, batch.batch_size, lrp.logits.device)
-    row = readout.row(lrp.attention_relevance[index].clamp(min=0).mean(dim=1))
-    return _package(explainer, row, lrp, "partial_lrp", {"layer": layer, "preset": getattr(preset, "name", preset)}, batch)
-
-
-def _package(explainer, row, lrp, method, options, batch) -> Explanation:
-    from ..capture import Captured
-
-    captured = Captured(lrp.attentions or [], None, lrp.logits, lrp.targets, lrp.layout)
-    return explainer.package(row, captured, method, options, batch)
+    index = check_start_layer(layer, len(trace.attention_relevance), "layer")
+    row = readout.row(trace.attention_relevance[index].clamp(min=0).mean(dim=1))
+    return Relevance(tokens=row, options={"layer": layer})

@@ -1,4 +1,4 @@
-"""Shared building blocks of the rollout family: head fusion, discarding, row propagation."""
+"""Rollout propagation, shared by the rollout family: head fusion, discarding, row-vector products."""
 from __future__ import annotations
 
 from typing import Iterable

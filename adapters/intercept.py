@@ -1,0 +1,102 @@
+"""The fallback adapter for models nobody wrote an adapter for: it intercepts attention kernels.
+
+Any model whose attention runs through ``F.scaled_dot_product_attention`` or
+``nn.MultiheadAttention`` is explained by replacing those kernels while observing (see
+:mod:`attnx.adapters.kernels`). The token layout comes from a family adapter when one matches,
+else from the inputs: image grids from the token count the attention sees, text from the
+attention mask.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ..batch import Batch, check_image_batch, check_text_inputs
+from ..layout import Layout, infer_image_layout
+from ..recorder import AttentionRecorder
+from .base import Adapter
+from .kernels import AttentionInterceptor, TokenWatcher
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits tensor of a model output: the tensor itself, ``.logits``, or the first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
+
+
+class InterceptAdapter(Adapter):
+    """Fallback adapter for any model whose attention goes through SDPA or ``nn.MultiheadAttention``.
+
+    Parameters
+    ----------
+    model:
+        The model.
+    layout_from:
+        An adapter of the model's family that knows its token layout; without one, the layout
+        is inferred (image grids from the token count, text from the attention mask).
+    """
+
+    name = "intercept"
+    expects = "an image batch tensor (B, C, H, W) or the dict a Hugging Face tokenizer returns"
+
+    def __init__(self, model: nn.Module, layout_from: Adapter | None = None) -> None:
+        super().__init__(model)
+        self.family = layout_from
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return True
+
+    def prepare(self, inputs: Any) -> Batch:
+        if self.family is not None:
+            return self.family.prepare(inputs)
+        if isinstance(inputs, Mapping):
+            kwargs = check_text_inputs(inputs)
+            ids = kwargs["input_ids"]
+            mask = kwargs.get("attention_mask")
+            layout = Layout(ids.shape[1], 0, 0, valid=None if mask is None else mask.bool())
+            return Batch((), kwargs, ids.shape[0], layout, ids.device)
+        x = check_image_batch(inputs, None)
+        return Batch((x,), {}, x.shape[0], None, x.device)  # layout inferred after the forward
+
+    def resolve_layout(self, batch: Batch, num_tokens: int) -> Layout:
+        if batch.layout is None:
+            batch.layout = infer_image_layout(batch.args[0], num_tokens)
+        return super().resolve_layout(batch, num_tokens)
+
+    def patch_layout(self, batch: Batch, grid: tuple[int, int]) -> Layout:
+        """The layout of an image model whose attention was not seen, from its patch embedding."""
+        if batch.layout is None:
+            batch.layout = Layout.for_image(batch.args[0], grid, prefix_tokens=0, readout=None)
+        return batch.layout
+
+    def input_embeddings(self) -> nn.Module | None:
+        if self.family is not None:
+            return self.family.input_embeddings()
+        get = getattr(self.model, "get_input_embeddings", None)
+        return get() if callable(get) else None
+
+    @contextlib.contextmanager
+    def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
+        with AttentionInterceptor(recorder):
+            yield
+
+    @contextlib.contextmanager
+    def watch_tokens(self, recorder: AttentionRecorder, images: torch.Tensor | None = None) -> Iterator[None]:
+        size = None if images is None or images.dim() != 4 else tuple(images.shape[-2:])
+        with TokenWatcher(recorder, size):
+            yield
+
+    def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
+        if self.family is not None:
+            return self.family.call(batch)
+        out = self.model(*batch.args, **batch.kwargs)
+        return out, logits_of(out)

@@ -1,0 +1,355 @@
+"""One pass: a forward of the model under its adapter, recording what a method declared it needs.
+
+``run_trace`` is the only place that runs a model for an explanation. It puts the model in eval
+mode, makes the attention probabilities observable through the adapter, resolves the targets and
+takes gradients with ``torch.autograd.grad`` (no ``.grad`` is left anywhere). When a method needs
+relevance, the forward runs under an LRP rule registry (:class:`attnx.lrp.engine.LRPEngine`) and
+one modified backward gives the relevance at the attention probabilities and at the input.
+A method that needs both the plain gradient ``dy_t/dA`` and relevance gets both passes.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .adapters import adapter_names
+from .batch import Batch
+from .errors import UnsupportedModelError
+from .layout import Layout
+from .lrp.coverage import Coverage
+from .lrp.engine import LRPEngine
+from .lrp.registry import Registry, get_preset
+from .lrp.rules import divide_or_zero
+from .recorder import AttentionRecorder
+from .targets import Target, resolve_targets
+
+__all__ = ["Needs", "Trace", "evaluation_mode", "run_trace"]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads from the trace.
+
+    Attributes
+    ----------
+    attentions:
+        The attention probabilities ``A`` of every layer.
+    gradients:
+        ``dy_t/dA`` of every layer (a plain backward); implies ``attentions``.
+    attention_relevance:
+        ``R^A = A ⊙ g̃(A)`` of every layer from an LRP pass; implies ``attentions``.
+    input_relevance:
+        Relevance at the input (pixels or token embeddings) from an LRP pass.
+    rules:
+        For methods whose LRP rules are fixed: a factory of their
+        :class:`~attnx.lrp.registry.Registry` (the others take a ``preset`` option).
+    """
+
+    attentions: bool = False
+    gradients: bool = False
+    attention_relevance: bool = False
+    input_relevance: bool = False
+    rules: Callable[[], Registry] | None = None
+
+    @property
+    def relevance(self) -> bool:
+        """Whether an LRP pass runs."""
+        return self.attention_relevance or self.input_relevance
+
+    @property
+    def plain_pass(self) -> bool:
+        """Whether a plain forward runs (for ``A`` and ``dy_t/dA``, or when no LRP pass does)."""
+        return self.gradients or not self.relevance or (self.attentions and not self.attention_relevance)
+
+
+@dataclass
+class Trace:
+    """What one explained pass produced.
+
+    Attributes
+    ----------
+    logits:
+        ``(B, C)`` logits, detached.
+    targets:
+        ``(B,)`` explained class per sample, or ``None`` for a callable target.
+    layout:
+        The token layout of the batch.
+    batch:
+        The validated inputs.
+    attentions:
+        Post-softmax attention of every layer in forward order, each ``(B, H, N, N)``.
+    gradients:
+        ``∂y_t/∂A`` for each layer (same shapes), when needed.
+    attention_relevance:
+        ``R^A`` for each layer (same shapes), when needed.
+    input_relevance:
+        Relevance at the input, ``(B, C, H, W)`` pixels or ``(B, T, D)`` token embeddings.
+    coverage:
+        What the LRP pass did with every relevance-carrying op.
+    output:
+        The raw model output (detached where it is a tensor).
+    """
+
+    logits: torch.Tensor
+    targets: torch.Tensor | None
+    layout: Layout
+    batch: Batch | None = None
+    attentions: list[torch.Tensor] | None = None
+    gradients: list[torch.Tensor] | None = None
+    attention_relevance: list[torch.Tensor] | None = None
+    input_relevance: torch.Tensor | None = None
+    coverage: Coverage | None = None
+    output: Any = None
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, restoring each module's own ``training`` flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
+def tracked_embeddings(module: nn.Module | None) -> Iterator[None]:
+    """Make the output of ``module`` require grad (so a frozen model still has a graph)."""
+    if module is None:
+        yield
+        return
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
+            return output.detach().requires_grad_(True)
+        return None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def with_tracked_inputs(batch: Batch) -> Batch:
+    """A copy of ``batch`` whose floating point inputs are leaves that require grad."""
+
+    def track(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.detach().requires_grad_(True)
+        return v
+
+    return replace(batch, args=tuple(track(a) for a in batch.args), kwargs={k: track(v) for k, v in batch.kwargs.items()})
+
+
+def check_attentions(adapter: Any, recorder: AttentionRecorder, batch_size: int) -> int:
+    """Check the recorded attentions form one (B, H, N, N) stack; return N."""
+    if len(recorder) == 0:
+        raise UnsupportedModelError(
+            f"no attention was observed in {type(adapter.model).__name__} with adapter "
+            f"{adapter.name!r}; attnx has adapters {adapter_names()} (the 'intercept' one intercepts "
+            "F.scaled_dot_product_attention and F.multi_head_attention_forward). Register an "
+            "adapter for this model with attnx.adapters.register_adapter."
+        )
+    shapes = {tuple(a.shape[-2:]) for a in recorder.probs}
+    batches = {a.shape[0] for a in recorder.probs}
+    if len(shapes) != 1 or batches != {batch_size} or any(s[0] != s[1] for s in shapes):
+        raise UnsupportedModelError(
+            f"the attention layers of {type(adapter.model).__name__} are not one stack of global "
+            f"self-attentions over {batch_size} samples (token shapes {sorted(shapes)}, leading "
+            f"sizes {sorted(batches)}); attention methods need global self-attention (windowed or "
+            "hierarchical models such as Swin are not supported by them)"
+        )
+    return shapes.pop()[0]
+
+
+def run_trace(
+    adapter: Any,
+    batch: Batch,
+    target: Target,
+    needs: Needs,
+    registry: Registry | str | None = None,
+    strict: bool = False,
+    patch_size: int | None = None,
+) -> Trace:
+    """Run ``adapter.model`` on ``batch`` and record what ``needs`` asks for.
+
+    Parameters
+    ----------
+    adapter:
+        The model's :class:`attnx.adapters.Adapter`.
+    batch:
+        Inputs prepared by that adapter.
+    target:
+        What to explain (see :func:`attnx.targets.resolve_targets`).
+    needs:
+        What to record.
+    registry:
+        The LRP rule registry (or preset name) of the relevance pass, when ``needs.relevance``.
+    strict:
+        Raise instead of warning when a relevance-carrying op matches no rule.
+    patch_size:
+        Pixels per patch of an image model whose token layout cannot be known (no adapter
+        gives it and no attention call shows it): the grid that pixel relevance is pooled on.
+    """
+    if patch_size is not None:
+        batch = replace(batch, layout=patch_layout(adapter, batch, patch_size))
+    trace = None
+    if needs.plain_pass:
+        trace = plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients, gradients=needs.gradients)
+    if not needs.relevance:
+        return trace
+    if registry is None:
+        raise ValueError("a relevance pass needs an LRP rule registry (preset)")
+    # with a plain pass, the relevance pass explains the classes it resolved
+    lrp = relevance_pass(
+        adapter, batch, trace.targets if trace is not None else target, registry,
+        attentions=needs.attention_relevance, strict=strict,
+    )
+    if trace is None:
+        return lrp
+    return replace(trace, attention_relevance=lrp.attention_relevance, input_relevance=lrp.input_relevance, coverage=lrp.coverage)
+
+
+def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gradients: bool) -> Trace:
+    """A forward observing the attentions, then ``dy_t/dA`` by ``torch.autograd.grad``."""
+    recorder = AttentionRecorder()
+    model = adapter.model
+    grad_mode = torch.enable_grad() if gradients else torch.no_grad()
+    if gradients:
+        batch = with_tracked_inputs(batch)
+    observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
+    with evaluation_mode(model), grad_mode:
+        with tracked_embeddings(adapter.input_embeddings() if gradients else None), observe:
+            output, logits = adapter.call(batch)
+        layout = resolved_layout(adapter, batch, recorder, attentions)
+        scores, classes = resolve_targets(target, output, logits)
+        grads = recorder.gradients(scores.sum()) if gradients else None
+    detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
+    return Trace(
+        logits=logits.detach(),
+        targets=classes,
+        layout=layout,
+        batch=batch,
+        attentions=[a.detach() for a in recorder.probs] if attentions else None,
+        gradients=None if grads is None else [g.detach() for g in grads],
+        output=detached,
+    )
+
+
+def patch_layout(adapter: Any, batch: Batch, patch_size: int) -> Layout:
+    """The layout of an image batch cut into ``patch_size`` patches, for a model whose layout
+    is otherwise unknown; an adapter's own layout must agree with it."""
+    x = batch.explained_input
+    if x is None or x.dim() != 4:
+        raise ValueError("patch_size applies to image batches (B, C, H, W)")
+    H, W = int(x.shape[-2]), int(x.shape[-1])
+    if patch_size <= 0 or H % patch_size or W % patch_size:
+        raise ValueError(f"patch_size={patch_size} does not tile {H}x{W} images")
+    grid = (H // patch_size, W // patch_size)
+    if batch.layout is not None:
+        if batch.layout.grid != grid:
+            raise ValueError(f"patch_size={patch_size} disagrees with the model's patch grid {batch.layout.grid} for {H}x{W} images")
+        return batch.layout
+    return Layout.for_image(x, grid, prefix_tokens=0, readout=None)
+
+
+def resolved_layout(adapter: Any, batch: Batch, recorder: AttentionRecorder, attentions: bool) -> Layout:
+    """The layout of ``batch``: checked against the recorded attentions, or, when the adapter
+    could not know it beforehand, completed from the patch embedding and the token count the
+    attention kernels saw."""
+    if attentions:
+        return adapter.resolve_layout(batch, check_attentions(adapter, recorder, batch.batch_size))
+    if batch.layout is not None:
+        return batch.layout
+    if recorder.patch_grids:
+        h, w = recorder.patch_grids[0]
+        # attention over fewer tokens than patches is windowed (Swin): the patch grid is the layout
+        if not recorder.token_counts or not 0 <= recorder.token_counts[0] - h * w <= 16:
+            return adapter.patch_layout(batch, (h, w))
+    if recorder.token_counts:
+        return adapter.resolve_layout(batch, recorder.token_counts[0])
+    raise UnsupportedModelError(
+        f"cannot know the patch grid of {type(adapter.model).__name__}: adapter {adapter.name!r} "
+        "saw neither an attention call nor a patch embedding; pass patch_size (pixels per patch) or "
+        "register an adapter that gives the token layout (attnx.adapters.register_adapter)"
+    )
+
+
+def relevance_pass(
+    adapter: Any,
+    batch: Batch,
+    target: Target,
+    registry: Registry | str,
+    *,
+    attentions: bool = False,
+    strict: bool = False,
+) -> Trace:
+    """Forward under ``registry``, then one modified backward from the target logits.
+
+    The seed is set by ``registry.seed``: ``"one_hot"`` puts relevance 1 on the target logit
+    (Chefer et al.), ``"logit"`` puts the logit's value (so that conservation reads
+    Σ input relevance = y_t).
+    """
+    registry = get_preset(registry)
+    if callable(target) and not isinstance(target, torch.Tensor):
+        raise TypeError("LRP methods need class targets (int, list or tensor), not a callable")
+    model = adapter.model
+    recorder = AttentionRecorder()
+    embeddings = adapter.input_embeddings()
+    with evaluation_mode(model), torch.enable_grad():
+        engine = LRPEngine(model, registry, strict=strict)
+        with engine:
+            if embeddings is not None:
+                engine.track_output_of(embeddings)
+                root = None
+            else:
+                root = engine.track(batch.args[0] if batch.args else batch.kwargs["pixel_values"])
+                batch = batch.with_input(root)
+            observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, root)
+            with observe:
+                output, logits = adapter.call(batch)
+        if root is None:
+            if len(engine.roots) != 1:
+                raise RuntimeError(f"expected one call of the input embeddings, saw {len(engine.roots)}")
+            root = engine.roots[0]
+        engine.check_coverage()
+        layout = resolved_layout(adapter, batch, recorder, attentions)
+        _, classes = resolve_targets(target, output, logits)
+        one_hot = torch.zeros_like(logits).scatter_(1, classes[:, None], 1.0)
+        seed = divide_or_zero(one_hot, logits.detach()) if registry.seed == "one_hot" else one_hot
+        if attentions:
+            cut = [i for i, t in enumerate(recorder.grad_wrt) if not t.requires_grad]
+            if cut:
+                raise ValueError(
+                    f"LRP preset {registry.name!r} holds the attention probabilities constant (layers {cut} "
+                    "carry no relevance), so there is no relevance at the attentions for "
+                    "transformer_attribution / partial_lrp; use a preset that propagates through them, "
+                    "e.g. 'chefer2021' or 'attnlrp'"
+                )
+        wrt = [root] + (list(recorder.grad_wrt) if attentions else [])
+        grads = torch.autograd.grad(logits, wrt, seed, allow_unused=True)
+    g_root = grads[0] if grads[0] is not None else torch.zeros_like(root)
+    probs = attn_rel = None
+    if attentions:
+        probs = [p.detach() for p in recorder.probs]
+        attn_rel = [
+            (p * (torch.zeros_like(p) if g is None else g.reshape(p.shape))).detach()
+            for p, g in zip(probs, grads[1:])
+        ]
+    return Trace(
+        logits=logits.detach(),
+        targets=classes,
+        layout=layout,
+        batch=batch,
+        attentions=probs,
+        attention_relevance=attn_rel,
+        input_relevance=(root * g_root).detach(),
+        coverage=engine.summary(),
+    )
