@@ -17,7 +17,7 @@ import torch
 
 import attnx
 from attnx.errors import UnsupportedModelError
-from conftest import ALL, GENERIC_OK, ids, max_abs_diff
+from conftest import ALL, CASES, GENERIC_OK, ids, max_abs_diff
 
 TOL = 1e-5
 
@@ -127,3 +127,34 @@ def test_generic_is_the_former_name_of_intercept():
     with pytest.warns(DeprecationWarning, match="now called 'intercept'"):
         explainer = attnx.Explainer(case.model(), adapter="generic")
     assert explainer.adapter.name == "intercept"
+
+
+class HandWrittenViT(torch.nn.Module):
+    """Research-code style: 8-pixel patches, no class token, mean-pooled head, attention through SDPA."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = torch.nn.Conv2d(3, 16, 8, stride=8)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2)  # (B, 16, 16) on 32x32 images
+        q, k, v = self.qkv(t).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        t = t + torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("method", ["lrp", "gradient_x_input", "rollout"])
+def test_grid_of_a_hand_written_vit_with_8_pixel_patches(method):
+    """The grid comes from the model (token count, patch embedding), never from a constant."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    e = attnx.explain(HandWrittenViT(), x, method=method)
+    assert e.grid == (4, 4) and e.scores.shape == (2, 16)
+
+
+def test_patch_size_that_disagrees_with_the_model_is_an_error():
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"patch_size=16 disagrees with the model's patch grid \(4, 4\)"):
+        attnx.explain(CASES["timm_vit"].model(), CASES["timm_vit"].inputs(2), method="lrp", patch_size=16)

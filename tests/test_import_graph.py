@@ -1,0 +1,133 @@
+"""The layout of the package: no import cycles, no private names across modules, small files.
+
+The graph is read from the source with ``ast`` (imports inside functions included, those under
+``if TYPE_CHECKING:`` left out), so a cycle hidden by a function-level import is found too.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: source folder -> package name (adapters/ ships as attnx.adapters)
+PACKAGES = {ROOT / "attnx": "attnx", ROOT / "adapters": "attnx.adapters"}
+MAX_LINES = 650
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+MODULES = modules()
+
+
+def is_package(name: str) -> bool:
+    return MODULES[name].name == "__init__.py"
+
+
+def imports(name: str) -> list[tuple[str, list[str], int]]:
+    """``(imported module, imported names, line)`` for every import of module ``name``."""
+    tree = ast.parse(MODULES[name].read_text())
+    skip: set[int] = set()
+    for node in ast.walk(tree):  # imports for type checkers only are not run
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for n in ast.walk(node))
+    package = name if is_package(name) else name.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            out.append((target, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def edges(name: str) -> set[str]:
+    """The attnx modules that importing ``name`` runs (a package's own submodules it imports by name
+    count as edges to those submodules, not to the package)."""
+    out = set()
+    for target, names, _ in imports(name):
+        if not target.startswith("attnx"):
+            continue
+        subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in MODULES]
+        out.update(subs)
+        if target in MODULES and len(subs) < len(names or [None]):
+            out.add(target)
+    out.discard(name)
+    return out
+
+
+def test_no_import_cycles():
+    graph = {m: edges(m) for m in MODULES}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if n not in graph:
+                continue
+            if state.get(n) == 1:
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_private_names_across_modules():
+    bad = []
+    for name in MODULES:
+        for target, names, line in imports(name):
+            if target.startswith("attnx"):
+                bad += [f"{MODULES[name].relative_to(ROOT)}:{line} imports {target}.{n}"
+                        for n in names if n.startswith("_") and not n.startswith("__")]
+        tree = ast.parse(MODULES[name].read_text())
+        aliases = set()  # local names bound to attnx modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                aliases |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("attnx")}
+            elif isinstance(node, ast.ImportFrom):
+                target = next(t for t, _, line in imports(name) if line == node.lineno) if node.level else node.module
+                aliases |= {a.asname or a.name for a in node.names if f"{target}.{a.name}" in MODULES}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                bad.append(f"{MODULES[name].relative_to(ROOT)}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_module_size(name):
+    lines = MODULES[name].read_text().count("\n")
+    assert lines <= MAX_LINES, f"{MODULES[name].relative_to(ROOT)} has {lines} lines; split it along its seams"
+
+
+def test_the_graph_is_read():
+    """The checks above see the real imports (guards against a reader that finds nothing)."""
+    assert "attnx.trace" in edges("attnx.explainer") and "attnx.layout" in edges("attnx.adapters.base")
+    assert len(MODULES) > 30
