@@ -136,6 +136,7 @@ def max_flows(matrices: np.ndarray, source: np.ndarray) -> np.ndarray:
 
 @register_method(
     "attention_flow",
+    reference="Abnar & Zuidema, ACL 2020",
     needs=Needs(attentions=True),
     options=(
         HEAD_FUSION, DISCARD_RATIO, START_LAYER,

@@ -57,6 +57,7 @@ def non_negative_seed(seed: int) -> int:
 
 @register_method(
     "random",
+    reference="— (evaluation floor)",
     needs=Needs(attentions=True),
     options=(Option("seed", 0, "seed of the random generator (mixed with a digest of each sample)", check=non_negative_seed),),
 )
@@ -104,7 +105,7 @@ class GradientRegistry(Registry):
         return GradientRegistry()
 
 
-@register_method("gradient_x_input", needs=Needs(input_relevance=True, rules=GradientRegistry), options=(PATCH_SIZE,))
+@register_method("gradient_x_input", reference="Shrikumar et al. 2016", needs=Needs(input_relevance=True, rules=GradientRegistry), options=(PATCH_SIZE,))
 def gradient_x_input(trace, readout) -> Relevance:
     """Gradient × input, ``x ⊙ ∂y_t/∂x``, at the pixels or the token embeddings.
 

@@ -8,7 +8,7 @@ from .propagation import rollout_row
 from .registry import register_method
 
 
-@register_method("generic", needs=Needs(attentions=True, gradients=True), options=())
+@register_method("generic", reference="Chefer, Gur & Wolf, ICCV 2021", needs=Needs(attentions=True, gradients=True), options=())
 def generic(trace, readout) -> torch.Tensor:
     """Chefer et al. ICCV'21, Eq. 5-6: ``R ← R + E_h[(∇A ⊙ A)⁺] R`` from ``R = I``, readout row.
 

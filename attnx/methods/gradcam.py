@@ -9,7 +9,7 @@ from .propagation import check_start_layer
 from .registry import register_method
 
 
-@register_method("attn_gradcam", needs=Needs(attentions=True, gradients=True), options=(LAYER,))
+@register_method("attn_gradcam", reference="Chefer et al., CVPR 2021 (baseline)", needs=Needs(attentions=True, gradients=True), options=(LAYER,))
 def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
     """Attention GradCAM: ``(mean_h w_h · A_h[readout, :])⁺`` with ``w_h`` the mean of ``∂y_t/∂A_h``
     over the readout row's content columns (last layer by default)."""

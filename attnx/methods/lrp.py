@@ -31,7 +31,7 @@ def input_relevance_scores(trace, readout) -> Relevance:
     return Relevance(tokens=rel.sum(dim=-1))
 
 
-@register_method("lrp", needs=Needs(input_relevance=True), options=(PRESET, STRICT, PATCH_SIZE))
+@register_method("lrp", reference="Bach et al. 2015; Achtibat et al., ICML 2024; Ali et al., ICML 2022", needs=Needs(input_relevance=True), options=(PRESET, STRICT, PATCH_SIZE))
 def lrp(trace, readout) -> Relevance:
     """Layer-wise relevance propagation to the input with a rule registry (``preset``: a name from
     ``attnx.lrp.presets`` or an ``attnx.lrp.Registry``).

@@ -9,7 +9,7 @@ from .propagation import check_start_layer, fuse_heads
 from .registry import register_method
 
 
-@register_method("raw_attention", needs=Needs(attentions=True), options=(LAYER, HEAD_FUSION))
+@register_method("raw_attention", reference="—", needs=Needs(attentions=True), options=(LAYER, HEAD_FUSION))
 def raw_attention(trace, readout, *, layer: int = -1, head_fusion: str = "mean") -> torch.Tensor:
     """Raw attention of one layer (default the last), heads fused, at the readout row.
 

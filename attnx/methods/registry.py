@@ -21,7 +21,7 @@ import torch
 
 from ..trace import Needs
 
-__all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "register_method", "unregister_method"]
+__all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "register_method", "unregister_method"]
 
 _NOTHING = object()
 
@@ -139,6 +139,7 @@ class Method:
     needs: Needs = Needs(attentions=True)
     summary: str = ""
     option_specs: tuple[Option, ...] = ()
+    reference: str = ""
 
     @property
     def gradients(self) -> bool:
@@ -211,6 +212,7 @@ def register_method(
     needs: Needs | None = None,
     options: Sequence[Option] | None = None,
     summary: str | None = None,
+    reference: str = "",
     gradients: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(trace, readout, **options)`` as the method ``name``.
@@ -223,15 +225,17 @@ def register_method(
     options:
         The typed options; default: read from the keyword parameters of ``fn``.
     summary:
-        One line for ``attnx methods``; default: the first line of the docstring.
+        One line for ``attnx methods``; default: the first paragraph of the docstring.
+    reference:
+        The paper (or code) the method follows, for the methods table.
     """
 
     def deco(fn: Callable) -> Callable:
         specs = tuple(options) if options is not None else options_from_signature(fn)
         check_declaration(name, fn, specs)
-        doc = summary if summary is not None else (inspect.getdoc(fn) or "").split("\n")[0]
+        doc = summary if summary is not None else " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
         declared = needs if needs is not None else Needs(attentions=True, gradients=gradients)
-        _METHODS[name] = Method(name, fn, declared, doc, specs)
+        _METHODS[name] = Method(name, fn, declared, doc, specs, reference)
         return fn
 
     return deco
@@ -257,3 +261,22 @@ def list_methods() -> list[str]:
 
 
 method_names = list_methods
+
+
+def describe_option(option: Option) -> str:
+    """``name=default`` with the choices, for the methods table."""
+    text = f"`{option.describe()}`"
+    if option.choices is not None and len(option.choices) > 1:
+        text += " (" + "/".join(str(c) for c in option.choices) + ")"
+    return text
+
+
+def methods_markdown() -> str:
+    """The README's methods table, written from the declarations (``attnx methods --markdown``)."""
+    rows = ["| name | what it computes | reads | options | reference |", "|---|---|---|---|---|"]
+    for m in _METHODS.values():
+        reads = [k for k in ("attentions", "gradients", "attention_relevance", "input_relevance") if getattr(m.needs, k)]
+        options = ", ".join(describe_option(o) for o in m.option_specs) or "—"
+        summary = m.summary.replace("``", "`").replace("|", "\\|")
+        rows.append(f"| `{m.name}` | {summary} | {', '.join(reads)} | {options} | {m.reference or '—'} |")
+    return "\n".join(rows)

@@ -22,7 +22,7 @@ def rollout_matrix(fused: torch.Tensor, discard_ratio: float, readout: Readout) 
     return a / a.sum(dim=-1, keepdim=True)
 
 
-@register_method("rollout", needs=Needs(attentions=True), options=(HEAD_FUSION, DISCARD_RATIO, START_LAYER))
+@register_method("rollout", reference="Abnar & Zuidema, ACL 2020", needs=Needs(attentions=True), options=(HEAD_FUSION, DISCARD_RATIO, START_LAYER))
 def rollout(
     trace, readout, *, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0
 ) -> torch.Tensor:

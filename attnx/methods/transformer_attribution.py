@@ -48,6 +48,7 @@ def resolve_form(form: str, readout: Readout) -> str:
 
 @register_method(
     "transformer_attribution",
+    reference="Chefer, Gur & Wolf, CVPR 2021",
     needs=Needs(attentions=True, gradients=True, attention_relevance=True),
     options=(
         Option("start_layer", None, "first layer of the product (default: 0 for vit, the last for bert)", kind=int, allow_none=True),
@@ -74,6 +75,7 @@ def transformer_attribution(trace, readout, *, start_layer: int | None = None, f
 
 @register_method(
     "partial_lrp",
+    reference="Voita et al., ACL 2019",
     needs=Needs(attentions=True, attention_relevance=True),
     options=(LAYER, PRESET.with_default("chefer2021"), STRICT),
 )
