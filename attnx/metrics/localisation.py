@@ -1,8 +1,9 @@
 """Localisation: how well a map finds the object, against ground-truth masks.
 
 :func:`segmentation_scores` and :class:`SegmentationMeter`
-    The ImageNet-segmentation protocol of Chefer et al. (CVPR 2021): pixel accuracy, mIoU and mean
-    average precision (:func:`average_precision`) of each map thresholded at its mean.
+    The ImageNet-segmentation protocol of Chefer et al. (CVPR 2021): pixel accuracy and mIoU of
+    each map thresholded at its mean, and the average precision of the map itself
+    (:func:`average_precision`).
 :func:`pointing_game`
     Is the map's maximum on the object (Zhang et al., ECCV 2016)?
 :func:`relevance_mass`
@@ -11,7 +12,7 @@
     On scenes with two objects, does a class-specific map favour its own object
     (:class:`ClassDiscrimination`)?
 
-Maps are an image :class:`attnx.Explanation` or a tensor; masks are ``(B, H, W)`` bool tensors.
+Maps are an image :class:`attnx.Explanation` or a tensor; masks are ``(B, H, W)`` bool (or 0/1) tensors.
 """
 from __future__ import annotations
 
