@@ -13,12 +13,12 @@ the plain model on the same model object, batch and inputs:
 Baselines (the same ones for every method of a kind):
 
 * ``forward``: ``model(inputs)`` under ``torch.no_grad()``; the baseline of methods that need no
-  gradients (``get_method(name).gradients`` false and ``kind == 'attention'``: raw_attention,
-  rollout).
+  gradients nor relevance (``get_method(name).needs``: raw_attention, rollout, attention_flow,
+  random).
 * ``forward+backward``: ``model(inputs)`` with grad enabled, then
   ``torch.autograd.grad(sum_b logits[b, t_b], input)`` where the input is the image tensor (vit)
   or the output of ``get_input_embeddings()`` (bert; a forward hook makes it require grad); the
-  baseline of gradient methods and of every method with ``kind != 'attention'`` (e.g. LRP).
+  baseline of gradient methods and of every method that needs an LRP pass.
 
 Every method is called as a user would: ``attnx.Explainer(model)(inputs, method=name,
 target=targets)``, with the targets ``t_b`` (the predicted classes, fixed once) given explicitly
@@ -223,7 +223,7 @@ def split_method(name: str) -> tuple[str, dict]:
 
 def baseline_of(method: str) -> str:
     spec = attnx.get_method(split_method(method)[0])
-    return FORWARD_BACKWARD if (spec.gradients or spec.kind != "attention") else FORWARD
+    return FORWARD_BACKWARD if (spec.needs.gradients or spec.needs.relevance) else FORWARD
 
 
 # --------------------------------------------------------------------------------------------
