@@ -22,3 +22,25 @@ def test_methods_table_is_written_from_the_declarations():
 def test_every_method_is_in_the_table():
     table = generated("methods")
     assert all(f"| `{m}` |" in table for m in attnx.list_methods())
+
+
+ARCHITECTURE = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+
+
+def test_the_architecture_method_example_runs():
+    """The "Add a method" example of docs/ARCHITECTURE.md registers a working method."""
+    section = ARCHITECTURE.split("## Add a method", 1)[1].split("## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "ARCHITECTURE.md", "exec"), namespace)
+    try:
+        from conftest import CASES
+
+        case = CASES["timm_vit"]
+        model, x = case.model(), case.inputs(2)
+        e = attnx.explain(model, x, method="last_layer_head", head=1)
+        trace = attnx.Explainer(model).capture(x)
+        assert (e.scores - trace.attentions[-1][:, 1, 0, 1:]).abs().max() < 1e-6
+        assert attnx.get_method("last_layer_head").options == {"head": 0}
+    finally:
+        attnx.methods.unregister_method("last_layer_head")
