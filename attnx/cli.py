@@ -365,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.num_scenes is not None and (args.data or task != "vision"):
         raise SystemExit("attnx: --num-scenes composes scenes for the embedded vision model (no --data, --task vision)")
     shard = ev.parse_shard(args.shard) if args.shard else None
-    if shard is not None and ev._launched_distributed():
+    if shard is not None and ev.launched_distributed():
         raise SystemExit("attnx: under torchrun every process is a shard already; leave out --shard")
     out = Path(args.out or "attnx_evaluate")
     for t in tasks:

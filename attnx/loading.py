@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["Loaded", "load_model", "MODEL_KINDS"]
+__all__ = ["Loaded", "load_model", "MODEL_KINDS", "pil_transform"]
 
 MODEL_KINDS = {
     "default": "the embedded default model (vision for images, text for --text); no network needed",
@@ -39,7 +39,8 @@ class Loaded:
     info: dict = field(default_factory=dict)
 
 
-def _pil_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
+def pil_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """PIL image -> ``(3, H, W)`` tensor: RGB, resized to ``size`` ``(H, W)``, normalised with ``mean`` / ``std``."""
     from torchvision.transforms import functional as TF
 
     def f(img):
