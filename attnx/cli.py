@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from .evaluate.columns import BASELINES, columns_help
 
 EPILOG = """\
 examples:
@@ -259,7 +262,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-EVALUATE_EPILOG = """\
+EVALUATE_EXAMPLES = """\
 examples:
   attnx evaluate                                 every method on the shipped scenes, to attnx_evaluate/
   attnx evaluate --task text --limit 500 --methods rollout,generic,transformer_attribution
@@ -272,12 +275,16 @@ examples:
 
 Writes league_<task>.md (the table, best values in bold, arrows: higher or lower is better),
 league_<task>.csv, curves_<task>.png (mean perturbation, deletion and insertion curves) and
-samples_<task>.npz (the per-sample results). The baselines random and gradient_x_input are always
-added (--no-baselines leaves them out unless named). The sanity check of model-parameter
-randomisation runs on the first --randomisation-samples samples (random scores rand. ρ = 1: its
-map ignores the weights). Shards split the batches (--batch-size) round-robin; merged, they give
-the table of a single run (only the timings differ).
+samples_<task>.npz (the per-sample results). Shards split the batches (--batch-size) round-robin;
+merged, they give the table of a single run (only the timings differ).
 """
+
+
+def evaluate_epilog() -> str:
+    """``attnx evaluate --help``: the examples, the baselines and the columns (from their declarations)."""
+    baselines = textwrap.fill(f"The baselines {' and '.join(BASELINES)} are always added (--no-baselines leaves "
+                              "them out unless named).", width=100)
+    return EVALUATE_EXAMPLES + baselines + "\n\n" + columns_help()
 
 
 def _positive_int(v: str) -> int:
@@ -431,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     ev = sub.add_parser("evaluate", help="score the methods: faithfulness, localisation and speed, one table row per method",
-                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVALUATE_EPILOG)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=evaluate_epilog())
     ev.add_argument("--task", choices=["vision", "text", "all"], default=None,
                     help="vision (default; text for a .csv/.tsv --data), text, or all (both embedded models)")
     ev.add_argument("--methods", default="all", help="a comma list of methods, or 'all' (default)")
@@ -441,13 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N scenes / images / texts only")
     ev.add_argument("--batch-size", type=_positive_int, default=16, help="samples per batch (default 16)")
     ev.add_argument("--randomisation-samples", metavar="N", type=_non_negative_int, default=16,
-                    help="model-parameter randomisation sanity check (columns rand. ρ and head ρ: Spearman of each map "
-                    "with the map after all / the head's weights are re-drawn) on the first N samples (default 16; "
-                    "0: leave it out)")
+                    help="the model-parameter randomisation sanity check (columns rand. ρ and head ρ) runs on the "
+                    "first N samples (default 16; 0: leave it out)")
     ev.add_argument("--out", default=None, help="output folder (default attnx_evaluate/; with --merge: the merged folder)")
     ev.add_argument("--shard", metavar="I/N", default=None, help="evaluate shard I of N (batches I, I+N, ...) and save its samples")
     ev.add_argument("--merge", metavar="DIR", default=None, help="merge the shard files in DIR into the tables")
-    ev.add_argument("--no-baselines", action="store_true", help="do not add random and gradient_x_input")
+    ev.add_argument("--no-baselines", action="store_true", help=f"do not add {' and '.join(BASELINES)}")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
     return p
