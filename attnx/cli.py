@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 import time
@@ -11,7 +12,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .evaluate.columns import BASELINES, columns_help
+import attnx
+
+from . import demo, evaluate, viz, zoo
 
 EPILOG = """\
 examples:
@@ -76,8 +79,6 @@ def _targets(values: Sequence[str] | None, class_names: Sequence[str] | None) ->
 
 
 def _methods(arg: str, kind: str) -> list[str]:
-    import attnx
-
     if arg == "all":
         return attnx.methods()
     names = [m.strip() for m in arg.split(",") if m.strip()]
@@ -89,8 +90,6 @@ def _methods(arg: str, kind: str) -> list[str]:
 def _per_method(methods: Sequence[str], options: dict) -> dict[str, dict]:
     """The options each method accepts: with several methods (``--method all``) an option goes to
     the methods that have it; one that no method has is an error."""
-    import attnx
-
     if len(methods) == 1:
         return {methods[0]: options}
     known = {m: attnx.get_method(m).options for m in methods}
@@ -119,23 +118,19 @@ def _save(fig: Any, path: Path) -> None:
 
 def _save_stacked(figs: Sequence[Any], path: Path) -> None:
     """Several images or methods into one --out file: the figures one under the other."""
-    from attnx import viz
-
     viz.save_stacked(figs, path, dpi=110)
     print(f"wrote {path}")
 
 
-def _load(spec: str | None, kind: str) -> Any:
-    from attnx.loading import load_model
-
+def _load(spec: str | None, kind: str) -> zoo.ZooModel:
     try:
-        return load_model(spec, kind)
+        return zoo.load(spec, kind)
     except Exception as exc:  # unknown names, no network, missing files: one line, not a traceback
         raise SystemExit(f"attnx: cannot load model {spec or 'default'!r} ({kind}): {type(exc).__name__}: {exc}\n"
                          "       see `attnx models` for what --model accepts") from exc
 
 
-def _load_images(paths: Sequence[str], loaded: Any) -> tuple[torch.Tensor, list[str]]:
+def _load_images(paths: Sequence[str], loaded: zoo.ZooModel) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 
     if loaded.preprocess is None:
@@ -150,9 +145,6 @@ def _load_images(paths: Sequence[str], loaded: Any) -> tuple[torch.Tensor, list[
 
 
 def explain_images(args: argparse.Namespace) -> int:
-    import attnx
-    from attnx import viz
-
     # cheap checks first: no model is loaded (or downloaded) to learn about a typo
     methods = _methods(args.method, "image")
     options = _per_method(methods, _options(args.option))
@@ -164,15 +156,12 @@ def explain_images(args: argparse.Namespace) -> int:
     loaded = _load(args.model, "image")
     if args.images:
         images, names = _load_images(args.images, loaded)
-    else:
-        from attnx import zoo
-
-        scenes = zoo.default_scenes(args.num_scenes)
-        images, names = scenes["images"], [f"scene{i}" for i in range(len(scenes["images"]))]
+    else:  # the embedded scenes: --model is the embedded vision model
+        images = loaded.preprocess(zoo.scenes(args.num_scenes).images)
+        names = [f"scene{i}" for i in range(len(images))]
     explainer = attnx.Explainer(loaded.model)
     targets = _targets(args.target, loaded.class_names)
-    kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std,
-              multi_label=bool(loaded.info.get("multi_label", False)))
+    kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std, multi_label=loaded.multi_label)
     from tqdm.auto import tqdm
 
     if targets and len(targets) > 1:  # class-specific maps side by side, per image and method
@@ -200,9 +189,6 @@ def explain_images(args: argparse.Namespace) -> int:
 
 
 def explain_text(args: argparse.Namespace) -> int:
-    import attnx
-    from attnx import viz
-
     if args.out and Path(args.out).suffix.lower() not in ("", ".html", ".htm"):
         raise SystemExit(f"attnx: text explanations are written as HTML: give --out FILE.html or a folder, not {args.out}")
     methods = _methods(args.method, "text")
@@ -237,8 +223,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    import attnx
-
     for name in attnx.methods():
         m = attnx.get_method(name)
         opts = ", ".join(f"{k}={v!r}" for k, v in m.options.items()) or "-"
@@ -247,13 +231,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from attnx.loading import MODEL_KINDS
-
-    for k, v in MODEL_KINDS.items():
+    for k, v in zoo.MODEL_KINDS.items():
         print(f"{k:<24} {v}")
     try:
-        from attnx import zoo
-
         lines = list(zoo.describe())
     except Exception as exc:  # pragma: no cover - informative only
         lines = [f"(embedded models unavailable: {exc})"]
@@ -282,9 +262,9 @@ merged, they give the table of a single run (only the timings differ).
 
 def evaluate_epilog() -> str:
     """``attnx evaluate --help``: the examples, the baselines and the columns (from their declarations)."""
-    baselines = textwrap.fill(f"The baselines {' and '.join(BASELINES)} are always added (--no-baselines leaves "
+    baselines = textwrap.fill(f"The baselines {' and '.join(evaluate.BASELINES)} are always added (--no-baselines leaves "
                               "them out unless named).", width=100)
-    return EVALUATE_EXAMPLES + baselines + "\n\n" + columns_help()
+    return EVALUATE_EXAMPLES + baselines + "\n\n" + evaluate.columns_help()
 
 
 def _positive_int(v: str) -> int:
@@ -324,10 +304,6 @@ def _write_league(league: Any, out: Path, wall: float) -> None:
 
 
 def _evaluate_merge(args: argparse.Namespace) -> int:
-    import re
-
-    from attnx.evaluate import League
-
     folder = Path(args.merge)
     if not folder.is_dir():
         raise SystemExit(f"attnx: no such folder: {folder}")
@@ -342,14 +318,12 @@ def _evaluate_merge(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else folder
     for task, files in groups.items():
         t0 = time.perf_counter()
-        league = League.merge([League.load(f) for f in files])
+        league = evaluate.League.merge([evaluate.League.load(f) for f in files])
         _write_league(league, out, time.perf_counter() - t0)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from attnx import evaluate as ev
-
     if args.merge:
         if args.shard:
             raise SystemExit("attnx: give --shard (evaluate one shard) or --merge (combine shards), not both")
@@ -371,8 +345,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("attnx: the shipped scenes are for the embedded model; give --data FOLDER to evaluate --model")
     if args.num_scenes is not None and (args.data or task != "vision"):
         raise SystemExit("attnx: --num-scenes composes scenes for the embedded vision model (no --data, --task vision)")
-    shard = ev.parse_shard(args.shard) if args.shard else None
-    if shard is not None and ev.launched_distributed():
+    shard = evaluate.parse_shard(args.shard) if args.shard else None
+    if shard is not None and evaluate.launched_distributed():
         raise SystemExit("attnx: under torchrun every process is a shard already; leave out --shard")
     out = Path(args.out or "attnx_evaluate")
     for t in tasks:
@@ -382,17 +356,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             model.info.setdefault("name", args.model)
         t0 = time.perf_counter()
         try:
-            league = ev.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
-                                 num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
-                                 shard=shard, randomisation_samples=args.randomisation_samples)
+            league = evaluate.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
+                                       num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
+                                       shard=shard, randomisation_samples=args.randomisation_samples)
         except (FileNotFoundError, ModuleNotFoundError) as exc:  # data or packages missing: say how to get them
             raise SystemExit(f"attnx: {exc}") from exc
         wall = time.perf_counter() - t0
-        if ev.rank() != 0:  # under torchrun rank 0 writes the tables
+        if evaluate.rank() != 0:  # under torchrun rank 0 writes the tables
             continue
         if shard is not None:
             out.mkdir(parents=True, exist_ok=True)
-            path = league.save(out / ev.shard_file(t, shard))
+            path = league.save(out / evaluate.shard_file(t, shard))
             print(f"wrote {path} ({len(league)} of {league.meta['total']} samples, {wall:.1f} s); "
                   f"when every shard is done: attnx evaluate --merge {out}")
             continue
@@ -401,8 +375,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from attnx import demo
-
     demo.run(args.out, quiet=args.quiet)
     return 0
 
@@ -453,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="output folder (default attnx_evaluate/; with --merge: the merged folder)")
     ev.add_argument("--shard", metavar="I/N", default=None, help="evaluate shard I of N (batches I, I+N, ...) and save its samples")
     ev.add_argument("--merge", metavar="DIR", default=None, help="merge the shard files in DIR into the tables")
-    ev.add_argument("--no-baselines", action="store_true", help=f"do not add {' and '.join(BASELINES)}")
+    ev.add_argument("--no-baselines", action="store_true", help=f"do not add {' and '.join(evaluate.BASELINES)}")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
     return p

@@ -169,9 +169,9 @@ def test_torchrun_two_processes_give_the_single_process_table(capsys, tmp_path):
 # a sanity check that can fail
 # ------------------------------------------------------------------------------------------------
 def test_random_does_not_discriminate_garments_transformer_attribution_does():
-    from attnx.zoo import default_vision_scenes
+    from attnx import zoo
 
-    scenes = default_vision_scenes()
+    scenes = zoo.scenes()
     two = scenes[scenes.num_objects == 2][:24]
     lg = evaluate("vision", ["transformer_attribution"], data=two, batch_size=12, deletion_steps=2, progress=False)
     ta, rnd = lg.row("transformer_attribution"), lg.row("random")

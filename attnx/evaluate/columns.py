@@ -51,7 +51,7 @@ class DataKind:
 DATA_KINDS = (
     DataKind(
         "scenes", '`task="vision"`, the embedded model on held-out scenes (the default)',
-        "The held-out scenes that ship with attnx (`attnx.zoo.default_vision_scenes()`, 48 one-garment and 48 two-garment "
+        "The held-out scenes that ship with attnx (`attnx.zoo.scenes()`, 48 one-garment and 48 two-garment "
         "scenes), evaluated alternately one- and two-garment (`limit=N` takes the first `N` of that order), or "
         "`num_scenes=N` new held-out scenes composed by `attnx.data.make_scenes` from the Fashion-MNIST t10k "
         f"split: `ceil(N/2)` one-garment scenes (seed {SCENE_SEEDS[0]}) and `N//2` two-garment scenes "
@@ -62,7 +62,7 @@ DATA_KINDS = (
     DataKind(
         "images", '`task="vision"`, `data=FOLDER`: an image folder',
         "An ImageNet-style folder (one sub-folder per class, `torchvision.datasets.ImageFolder`) and "
-        "`model=` anything `attnx.loading.load_model` accepts. The explained class is the ground truth: folder names "
+        "`model=` anything `attnx.zoo.load` accepts. The explained class is the ground truth: folder names "
         "matching the model's class names (case, `_` and spaces ignored) are mapped to them, integer folder "
         "names are class indices, otherwise the folders' sorted order gives the indices. Images are "
         "evaluated in class round-robin order (`limit` takes a prefix of it). There are no masks, hence no "

@@ -15,7 +15,7 @@ import torch
 from .. import zoo
 from ..data import FashionMNISTNotFound, Scenes, make_scenes
 from ..data import rotten_tomatoes as rt
-from ..loading import Loaded, pil_transform
+from ..zoo.hub import pil_transform
 from .columns import SCENE_SEEDS
 
 __all__ = ["IndexDataset", "evaluation_scenes", "folder_class_indices", "image_transform", "read_texts"]
@@ -63,7 +63,8 @@ def evaluation_scenes(data: Scenes | None, num_scenes: int | None) -> tuple[Scen
     if num_scenes is not None:
         if not isinstance(num_scenes, int) or num_scenes < 1:
             raise ValueError(f"num_scenes must be a positive int, got {num_scenes!r}")
-        size = int(zoo.vision_info().get("scene_kwargs", {}).get("size", zoo.vision_info()["image_size"][0]))
+        info = zoo.vision.read_info()
+        size = int(info.get("scene_kwargs", {}).get("size", info["image_size"][0]))
         a, b = (num_scenes + 1) // 2, num_scenes // 2
         try:
             parts = [make_scenes(a, "test", seed=SCENE_SEEDS[0], size=size, objects=1)]
@@ -77,7 +78,7 @@ def evaluation_scenes(data: Scenes | None, num_scenes: int | None) -> tuple[Scen
         desc = (f"{num_scenes} new held-out scenes (make_scenes t10k, {a} one-garment seed {SCENE_SEEDS[0]}, "
                 f"{b} two-garment seed {SCENE_SEEDS[1]}, alternated)")
         return scenes[torch.tensor(_alternate(a, b))], desc
-    scenes = zoo.default_vision_scenes()
+    scenes = zoo.scenes()
     one = int((scenes.num_objects == 1).sum())
     if bool((scenes.num_objects[:one] == 1).all()):  # the shipped order: one-garment half first
         order = _alternate(one, len(scenes) - one)
@@ -116,14 +117,14 @@ def _model_input_size(model: torch.nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def image_transform(loaded: Loaded) -> tuple[Callable, Any, Any, str]:
+def image_transform(loaded: zoo.ZooModel) -> tuple[Callable, Any, Any, str]:
     """(PIL image -> input tensor, mean, std, note) for a loaded image model."""
     if loaded.preprocess is not None:
         return loaded.preprocess, loaded.mean, loaded.std, "the model's preprocessing"
     size = _model_input_size(loaded.model)
     if size is None:
         raise ValueError("cannot tell this model's input size (no preprocessing known); evaluate it from Python "
-                         "with a model bundle (attnx.loading.Loaded) that has preprocess=")
+                         "with a model bundle (attnx.zoo.ZooModel) that has preprocess=")
     cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean"), cfg.get("std")
     if mean is not None and std is not None:

@@ -64,7 +64,7 @@ def evaluate(
         method. The baselines ``random`` and ``gradient_x_input`` are appended (``baselines``).
     model:
         ``None`` (the embedded model of the task), a specification for
-        :func:`attnx.loading.load_model`, a :class:`attnx.loading.Loaded` bundle, or (images) an
+        :func:`attnx.zoo.load`, a :class:`attnx.zoo.ZooModel` bundle, or (images) an
         ``nn.Module``.
     data:
         Vision: ``None`` (the shipped scenes; then ``model`` must be the embedded one), an

@@ -17,7 +17,6 @@ import torch
 from .. import metrics, zoo
 from ..data import Scenes
 from ..data import rotten_tomatoes as rt
-from ..loading import Loaded, load_model
 from .datasets import evaluation_scenes, folder_class_indices, image_transform, read_texts
 
 __all__ = ["FolderTask", "ImageTask", "SceneTask", "TextTask", "to_numpy", "vision_task"]
@@ -27,17 +26,17 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def _bundle(model: Any, kind: str) -> Loaded:
-    """``model`` (a name, a bundle or an ``nn.Module``) as a :class:`attnx.loading.Loaded`."""
-    if isinstance(model, Loaded):
+def _bundle(model: Any, kind: str) -> zoo.ZooModel:
+    """``model`` (a name, a bundle or an ``nn.Module``) as a :class:`attnx.zoo.ZooModel`."""
+    if isinstance(model, zoo.ZooModel):
         return model
     if isinstance(model, torch.nn.Module):
         if kind == "text":
-            raise TypeError("a text model needs its tokenizer: pass attnx.loading.Loaded(model, 'text', tokenizer=...)")
-        return Loaded(model.eval(), "image")
+            raise TypeError("a text model needs its tokenizer: pass attnx.zoo.ZooModel(model, 'text', tokenizer=...)")
+        return zoo.ZooModel(model.eval(), "image")
     if model is None or isinstance(model, str):
-        return load_model(model, "text" if kind == "text" else "image")
-    raise TypeError(f"model must be a name (see attnx.loading.load_model), a Loaded bundle or an nn.Module, got {type(model).__name__}")
+        return zoo.load(model, "text" if kind == "text" else "image")
+    raise TypeError(f"model must be a name (see attnx.zoo.load), a ZooModel bundle or an nn.Module, got {type(model).__name__}")
 
 
 def vision_task(model: Any, data: Any, num_scenes: int | None, deletion_steps: int, forward_batch_size: int) -> ImageTask:
@@ -62,12 +61,12 @@ class ImageTask:
     unit = "image"
     item_fields: tuple[str, ...] = ()
 
-    def _setup(self, loaded: Loaded, deletion_steps: int, forward_batch_size: int) -> None:
+    def _setup(self, loaded: zoo.ZooModel, deletion_steps: int, forward_batch_size: int) -> None:
         if not isinstance(deletion_steps, int) or deletion_steps < 1:
             raise ValueError(f"deletion_steps must be a positive int, got {deletion_steps!r}")
         self.loaded = loaded
         self.model = loaded.model
-        self.multi_label = bool(loaded.info.get("multi_label", False))
+        self.multi_label = loaded.multi_label
         self.steps = deletion_steps
         self.fbs = forward_batch_size
         # multi-label: the logit is stored, the table shows its sigmoid (and logit > 0: "present")
@@ -124,7 +123,7 @@ class SceneTask(ImageTask):
 
     def __init__(self, data: Scenes | None, num_scenes: int | None, deletion_steps: int, forward_batch_size: int) -> None:
         self.scenes, dataset = evaluation_scenes(data, num_scenes)
-        loaded = zoo.default_vision()
+        loaded = zoo.vision_model()
         self._setup(loaded, deletion_steps, forward_batch_size)
         self.mean, self.std = loaded.mean, loaded.std
         self.preprocess = loaded.preprocess
@@ -261,7 +260,7 @@ class TextTask:
         fr = [i / self.steps for i in range(self.steps + 1)]
         self.fractions = {"most": fr, "least": fr}
         self.measures = {"deletion": "probability"}
-        name = "the embedded sentiment model (attnx.zoo_text)" if model in (None, "default") else (
+        name = "the embedded sentiment model (attnx.zoo)" if model in (None, "default") else (
             model if isinstance(model, str) else (loaded.info.get("name") or type(loaded.model).__name__))
         self.meta = {"kind": "text", "model": str(name), "dataset": dataset, "item_name": "texts",
                      "replacement": "mask", "steps": self.steps, "forward_batch_size": forward_batch_size}
