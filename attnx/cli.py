@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+import attnx
+
+from . import demo, evaluate, viz, zoo
 
 EPILOG = """\
 examples:
@@ -73,8 +79,6 @@ def _targets(values: Sequence[str] | None, class_names: Sequence[str] | None) ->
 
 
 def _methods(arg: str, kind: str) -> list[str]:
-    import attnx
-
     if arg == "all":
         return attnx.list_methods()
     names = [m.strip() for m in arg.split(",") if m.strip()]
@@ -86,8 +90,6 @@ def _methods(arg: str, kind: str) -> list[str]:
 def _per_method(methods: Sequence[str], options: dict) -> dict[str, dict]:
     """The options each method accepts: with several methods (``--method all``) an option goes to
     the methods that have it; one that no method has is an error."""
-    import attnx
-
     if len(methods) == 1:
         return {methods[0]: options}
     known = {m: attnx.get_method(m).options for m in methods}
@@ -116,23 +118,19 @@ def _save(fig: Any, path: Path) -> None:
 
 def _save_stacked(figs: Sequence[Any], path: Path) -> None:
     """Several images or methods into one --out file: the figures one under the other."""
-    from attnx import viz
-
     viz.save_stacked(figs, path, dpi=110)
     print(f"wrote {path}")
 
 
-def _load(spec: str | None, kind: str) -> Any:
-    from attnx.loading import load_model
-
+def _load(spec: str | None, kind: str) -> zoo.ZooModel:
     try:
-        return load_model(spec, kind)
+        return zoo.load(spec, kind)
     except Exception as exc:  # unknown names, no network, missing files: one line, not a traceback
         raise SystemExit(f"attnx: cannot load model {spec or 'default'!r} ({kind}): {type(exc).__name__}: {exc}\n"
                          "       see `attnx models` for what --model accepts") from exc
 
 
-def _load_images(paths: Sequence[str], loaded: Any) -> tuple[torch.Tensor, list[str]]:
+def _load_images(paths: Sequence[str], loaded: zoo.ZooModel) -> tuple[torch.Tensor, list[str]]:
     from PIL import Image
 
     if loaded.preprocess is None:
@@ -147,9 +145,6 @@ def _load_images(paths: Sequence[str], loaded: Any) -> tuple[torch.Tensor, list[
 
 
 def explain_images(args: argparse.Namespace) -> int:
-    import attnx
-    from attnx import viz
-
     # cheap checks first: no model is loaded (or downloaded) to learn about a typo
     methods = _methods(args.method, "image")
     options = _per_method(methods, _options(args.option))
@@ -161,15 +156,12 @@ def explain_images(args: argparse.Namespace) -> int:
     loaded = _load(args.model, "image")
     if args.images:
         images, names = _load_images(args.images, loaded)
-    else:
-        from attnx import zoo
-
-        scenes = zoo.default_scenes(args.num_scenes)
-        images, names = scenes["images"], [f"scene{i}" for i in range(len(scenes["images"]))]
+    else:  # the embedded scenes: --model is the embedded vision model
+        images = loaded.preprocess(zoo.scenes(args.num_scenes).images)
+        names = [f"scene{i}" for i in range(len(images))]
     explainer = attnx.Explainer(loaded.model)
     targets = _targets(args.target, loaded.class_names)
-    kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std,
-              multi_label=bool(loaded.info.get("multi_label", False)))
+    kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std, multi_label=loaded.multi_label)
     from tqdm.auto import tqdm
 
     if targets and len(targets) > 1:  # class-specific maps side by side, per image and method
@@ -197,9 +189,6 @@ def explain_images(args: argparse.Namespace) -> int:
 
 
 def explain_text(args: argparse.Namespace) -> int:
-    import attnx
-    from attnx import viz
-
     if args.out and Path(args.out).suffix.lower() not in ("", ".html", ".htm"):
         raise SystemExit(f"attnx: text explanations are written as HTML: give --out FILE.html or a folder, not {args.out}")
     methods = _methods(args.method, "text")
@@ -234,8 +223,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    import attnx
-
     for name in attnx.list_methods():
         m = attnx.get_method(name)
         opts = ", ".join(f"{k}={v!r}" for k, v in m.options.items()) or "-"
@@ -244,13 +231,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from attnx.loading import MODEL_KINDS
-
-    for k, v in MODEL_KINDS.items():
+    for k, v in zoo.MODEL_KINDS.items():
         print(f"{k:<24} {v}")
     try:
-        from attnx import zoo
-
         lines = list(zoo.describe())
     except Exception as exc:  # pragma: no cover - informative only
         lines = [f"(embedded models unavailable: {exc})"]
@@ -259,7 +242,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-EVALUATE_EPILOG = """\
+EVALUATE_EXAMPLES = """\
 examples:
   attnx evaluate                                 every method on the shipped scenes, to attnx_evaluate/
   attnx evaluate --task text --limit 500 --methods rollout,generic,transformer_attribution
@@ -272,12 +255,16 @@ examples:
 
 Writes league_<task>.md (the table, best values in bold, arrows: higher or lower is better),
 league_<task>.csv, curves_<task>.png (mean perturbation, deletion and insertion curves) and
-samples_<task>.npz (the per-sample results). The baselines random and gradient_x_input are always
-added (--no-baselines leaves them out unless named). The sanity check of model-parameter
-randomisation runs on the first --randomisation-samples samples (random scores rand. ρ = 1: its
-map ignores the weights). Shards split the batches (--batch-size) round-robin; merged, they give
-the table of a single run (only the timings differ).
+samples_<task>.npz (the per-sample results). Shards split the batches (--batch-size) round-robin;
+merged, they give the table of a single run (only the timings differ).
 """
+
+
+def evaluate_epilog() -> str:
+    """``attnx evaluate --help``: the examples, the baselines and the columns (from their declarations)."""
+    baselines = textwrap.fill(f"The baselines {' and '.join(evaluate.BASELINES)} are always added (--no-baselines leaves "
+                              "them out unless named).", width=100)
+    return EVALUATE_EXAMPLES + baselines + "\n\n" + evaluate.columns_help()
 
 
 def _positive_int(v: str) -> int:
@@ -317,10 +304,6 @@ def _write_league(league: Any, out: Path, wall: float) -> None:
 
 
 def _evaluate_merge(args: argparse.Namespace) -> int:
-    import re
-
-    from attnx.evaluate import League
-
     folder = Path(args.merge)
     if not folder.is_dir():
         raise SystemExit(f"attnx: no such folder: {folder}")
@@ -335,14 +318,12 @@ def _evaluate_merge(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else folder
     for task, files in groups.items():
         t0 = time.perf_counter()
-        league = League.merge([League.load(f) for f in files])
+        league = evaluate.League.merge([evaluate.League.load(f) for f in files])
         _write_league(league, out, time.perf_counter() - t0)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from attnx import evaluate as ev
-
     if args.merge:
         if args.shard:
             raise SystemExit("attnx: give --shard (evaluate one shard) or --merge (combine shards), not both")
@@ -364,8 +345,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit("attnx: the shipped scenes are for the embedded model; give --data FOLDER to evaluate --model")
     if args.num_scenes is not None and (args.data or task != "vision"):
         raise SystemExit("attnx: --num-scenes composes scenes for the embedded vision model (no --data, --task vision)")
-    shard = ev.parse_shard(args.shard) if args.shard else None
-    if shard is not None and ev._launched_distributed():
+    shard = evaluate.parse_shard(args.shard) if args.shard else None
+    if shard is not None and evaluate.launched_distributed():
         raise SystemExit("attnx: under torchrun every process is a shard already; leave out --shard")
     out = Path(args.out or "attnx_evaluate")
     for t in tasks:
@@ -375,17 +356,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             model.info.setdefault("name", args.model)
         t0 = time.perf_counter()
         try:
-            league = ev.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
-                                 num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
-                                 shard=shard, randomisation_samples=args.randomisation_samples)
+            league = evaluate.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
+                                       num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
+                                       shard=shard, randomisation_samples=args.randomisation_samples)
         except (FileNotFoundError, ModuleNotFoundError) as exc:  # data or packages missing: say how to get them
             raise SystemExit(f"attnx: {exc}") from exc
         wall = time.perf_counter() - t0
-        if ev.rank() != 0:  # under torchrun rank 0 writes the tables
+        if evaluate.rank() != 0:  # under torchrun rank 0 writes the tables
             continue
         if shard is not None:
             out.mkdir(parents=True, exist_ok=True)
-            path = league.save(out / ev.shard_file(t, shard))
+            path = league.save(out / evaluate.shard_file(t, shard))
             print(f"wrote {path} ({len(league)} of {league.meta['total']} samples, {wall:.1f} s); "
                   f"when every shard is done: attnx evaluate --merge {out}")
             continue
@@ -394,8 +375,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from attnx import demo
-
     demo.run(args.out, quiet=args.quiet)
     return 0
 
@@ -431,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     ev = sub.add_parser("evaluate", help="score the methods: faithfulness, localisation and speed, one table row per method",
-                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EVALUATE_EPILOG)
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=evaluate_epilog())
     ev.add_argument("--task", choices=["vision", "text", "all"], default=None,
                     help="vision (default; text for a .csv/.tsv --data), text, or all (both embedded models)")
     ev.add_argument("--methods", default="all", help="a comma list of methods, or 'all' (default)")
@@ -441,13 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N scenes / images / texts only")
     ev.add_argument("--batch-size", type=_positive_int, default=16, help="samples per batch (default 16)")
     ev.add_argument("--randomisation-samples", metavar="N", type=_non_negative_int, default=16,
-                    help="model-parameter randomisation sanity check (columns rand. ρ and head ρ: Spearman of each map "
-                    "with the map after all / the head's weights are re-drawn) on the first N samples (default 16; "
-                    "0: leave it out)")
+                    help="the model-parameter randomisation sanity check (columns rand. ρ and head ρ) runs on the "
+                    "first N samples (default 16; 0: leave it out)")
     ev.add_argument("--out", default=None, help="output folder (default attnx_evaluate/; with --merge: the merged folder)")
     ev.add_argument("--shard", metavar="I/N", default=None, help="evaluate shard I of N (batches I, I+N, ...) and save its samples")
     ev.add_argument("--merge", metavar="DIR", default=None, help="merge the shard files in DIR into the tables")
-    ev.add_argument("--no-baselines", action="store_true", help="do not add random and gradient_x_input")
+    ev.add_argument("--no-baselines", action="store_true", help=f"do not add {' and '.join(evaluate.BASELINES)}")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
     return p

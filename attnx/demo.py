@@ -14,6 +14,10 @@ from pathlib import Path
 
 import torch
 
+import attnx
+
+from . import viz, zoo
+
 VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", "attn_gradcam", "generic",
                   "transformer_attribution", "partial_lrp", "lrp"]
 TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
@@ -29,14 +33,11 @@ def _save(fig, path: Path, quiet: bool) -> None:
 
 
 def vision(out: Path, quiet: bool = False) -> list[Path]:
-    import attnx
-    from attnx import viz, zoo
-
-    loaded = zoo.default_vision()
-    scenes = zoo.default_scenes()
-    images, labels = scenes["images"], scenes["labels"]
+    loaded = zoo.vision_model()
+    scenes = zoo.scenes()
+    images, labels = loaded.preprocess(scenes.images), scenes.labels
     kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std,
-              multi_label=bool(loaded.info.get("multi_label", False)))  # titles: sigmoid, not softmax
+              multi_label=loaded.multi_label)  # titles: sigmoid, not softmax
     explainer = attnx.Explainer(loaded.model)
     written = []
     single = [i for i in range(len(images)) if int(labels[i].sum()) == 1][:2]
@@ -62,9 +63,7 @@ def vision(out: Path, quiet: bool = False) -> list[Path]:
 
 
 def _rollout_options(explainer, image, class_names=None, mean=None, std=None, multi_label=False):
-    from attnx import viz
-
-    plt = viz._plt()
+    plt = viz.pyplot()
     settings = [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.9), ("max", 0.9)]
     fig, axes = plt.subplots(1, len(settings) + 1, figsize=(2.8 * (len(settings) + 1), 3.0))
     axes[0].imshow(viz.to_rgb(image, mean, std))
@@ -79,10 +78,7 @@ def _rollout_options(explainer, image, class_names=None, mean=None, std=None, mu
 
 
 def text(out: Path, quiet: bool = False) -> list[Path]:
-    import attnx
-    from attnx import viz, zoo
-
-    loaded = zoo.default_text()
+    loaded = zoo.text_model()
     sentences = zoo.example_texts()
     batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
     explainer = attnx.Explainer(loaded.model)

@@ -23,10 +23,12 @@ __all__ = [
     "token_strings",
     "text_figure",
     "save_stacked",
+    "pyplot",
 ]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot, with a GUI backend that has no display replaced by Agg."""
     import matplotlib
 
     # only a GUI backend without a display is replaced: Jupyter's inline backend (reported as
@@ -97,7 +99,7 @@ def overlay(
     std: Sequence[float] | None = None,
 ):
     """Draw ``heatmap`` (H, W) in [0, 1] over ``image``; returns the axes."""
-    plt = _plt()
+    plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
     rgb = to_rgb(image, mean, std)
@@ -134,7 +136,7 @@ def show(
 ):
     """One overlay per sample, titled with the explained class and its probability (the softmax, or
     with ``multi_label`` the class's sigmoid)."""
-    plt = _plt()
+    plt = pyplot()
     n = min(len(explanation), max_images)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
     maps = heat(explanation, tuple(images.shape[-2:]))
@@ -160,7 +162,7 @@ def method_grid(
 ):
     """Rows: samples; columns: the image, then one heat map per method (same target).
     ``multi_label``: the titles give the sigmoid of the class instead of the softmax."""
-    plt = _plt()
+    plt = pyplot()
     options = options or {}
     B = images.shape[0]
     fig, axes = plt.subplots(B, len(methods) + 1, figsize=(2.6 * (len(methods) + 1), 2.6 * B), squeeze=False)
@@ -198,7 +200,7 @@ def class_maps(
 ):
     """Class-specific maps of one image side by side: "where does the model see A, and B?".
     ``multi_label``: the titles give the sigmoid of each class instead of the softmax."""
-    plt = _plt()
+    plt = pyplot()
     if image.dim() == 3:
         image = image.unsqueeze(0)
     batch = image.expand(len(targets), *image.shape[1:])
@@ -299,7 +301,7 @@ def text_figure(
 ):
     """A matplotlib picture of text explanations: for each explanation (e.g. one per method) and
     each sample, the word pieces on green (for the class) / red (against) backgrounds."""
-    plt = _plt()
+    plt = pyplot()
     lines: list[tuple[str, list[tuple[str, float]]]] = []
     for e in explanations:
         for i in range(len(e)):
@@ -340,7 +342,7 @@ def save_stacked(figs: Sequence[Any], path: Any, dpi: int = 100) -> None:
 
     from PIL import Image
 
-    plt = _plt()
+    plt = pyplot()
     arrays = []
     for f in figs:
         buf = io.BytesIO()

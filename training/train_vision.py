@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from attnx.data import CLASS_NAMES, make_scenes
-from attnx.zoo import (
+from attnx.zoo.vision import (
     CONFIG_FILE,
     SCENES_FILE,
     WEIGHTS_FILE,

@@ -68,7 +68,7 @@ def find_fashion_mnist() -> Path:
         "  python -c \"import torchvision; torchvision.datasets.FashionMNIST("
         "'~/.cache/attnx', download=True)\"   # needs a network\n"
         f"or point {ENV_VAR} at a directory that holds them. The held-out scenes shipped with attnx "
-        "(attnx.zoo.default_vision_scenes()) need none of this."
+        "(attnx.zoo.scenes()) need none of this."
     )
 
 

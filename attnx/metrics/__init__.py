@@ -81,5 +81,3 @@ __all__ = [
     "MEASURES",
 ]
 
-# alias removed when evaluate imports the public name
-_randomisation_steps = randomisation_steps

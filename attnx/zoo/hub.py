@@ -1,19 +1,22 @@
-"""Load models for the command line and notebooks: timm names, torchvision names, Hugging Face ids
-or folders, saved checkpoints, and the embedded default models (no network needed for those).
+"""Models by name: timm names, torchvision names, Hugging Face ids or folders, saved checkpoints,
+and the embedded models (no network needed for those).
 
 Hub models need a network the first time (timm ``pretrained=True``, torchvision weights,
-``from_pretrained``); the embedded defaults are trained by the project and ship with it.
+``from_pretrained``); ``HF_HUB_OFFLINE=1`` makes a Hugging Face id read the local cache only.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Loaded", "load_model", "MODEL_KINDS"]
+from .bundle import ZooModel
+from .text import text_model
+from .vision import vision_model
+
+__all__ = ["MODEL_KINDS", "load", "pil_transform"]
 
 MODEL_KINDS = {
     "default": "the embedded default model (vision for images, text for --text); no network needed",
@@ -25,21 +28,8 @@ MODEL_KINDS = {
 }
 
 
-@dataclass
-class Loaded:
-    """A model ready to explain, with what is needed to feed it and to name its classes."""
-
-    model: nn.Module
-    kind: str  # "image" or "text"
-    class_names: list[str] | None = None
-    preprocess: Callable[[Any], torch.Tensor] | None = None  # PIL image -> (C, H, W) tensor
-    tokenizer: Any = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-    info: dict = field(default_factory=dict)
-
-
-def _pil_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
+def pil_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """PIL image -> ``(3, H, W)`` tensor: RGB, resized to ``size`` ``(H, W)``, normalised with ``mean`` / ``std``."""
     from torchvision.transforms import functional as TF
 
     def f(img):
@@ -49,7 +39,7 @@ def _pil_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[f
     return f
 
 
-def _timm(name: str) -> Loaded:
+def _timm(name: str) -> ZooModel:
     import timm
 
     model = timm.create_model(name, pretrained=True).eval()
@@ -58,20 +48,20 @@ def _timm(name: str) -> Loaded:
     names = None
     if getattr(model, "num_classes", 0) == 1000:
         names = list(timm.data.ImageNetInfo().label_descriptions())
-    return Loaded(model, "image", names, lambda img: transform(img.convert("RGB")), mean=cfg["mean"], std=cfg["std"])
+    return ZooModel(model, "image", names, lambda img: transform(img.convert("RGB")), mean=cfg["mean"], std=cfg["std"])
 
 
-def _torchvision(name: str) -> Loaded:
+def _torchvision(name: str) -> ZooModel:
     import torchvision
 
     weights = torchvision.models.get_model_weights(name).DEFAULT
     model = torchvision.models.get_model(name, weights=weights).eval()
     transform = weights.transforms()
-    return Loaded(model, "image", list(weights.meta.get("categories", [])) or None, transform,
-                  mean=transform.mean, std=transform.std)
+    return ZooModel(model, "image", list(weights.meta.get("categories", [])) or None, transform,
+                    mean=transform.mean, std=transform.std)
 
 
-def _hf(name: str) -> Loaded:
+def _hugging_face(name: str) -> ZooModel:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name)
@@ -81,37 +71,46 @@ def _hf(name: str) -> Loaded:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         model = AutoModelForSequenceClassification.from_pretrained(name).eval()
-        return Loaded(model, "text", labels, tokenizer=AutoTokenizer.from_pretrained(name))
+        return ZooModel(model, "text", labels, tokenizer=AutoTokenizer.from_pretrained(name))
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(name).eval()
     proc = AutoImageProcessor.from_pretrained(name)
-    return Loaded(model, "image", labels, lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0],
-                  mean=getattr(proc, "image_mean", None), std=getattr(proc, "image_std", None))
+    return ZooModel(model, "image", labels, lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0],
+                    mean=getattr(proc, "image_mean", None), std=getattr(proc, "image_std", None))
 
 
-def _checkpoint(path: str) -> Loaded:
+def _checkpoint(path: str) -> ZooModel:
     model = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(model, nn.Module):
         raise TypeError(f"{path} holds a {type(model).__name__}, expected a whole nn.Module saved with torch.save(model)")
-    return Loaded(model.eval(), "image", None, None)
+    return ZooModel(model.eval(), "image", None, None)
 
 
-def load_model(spec: str | None, kind: str = "image") -> Loaded:
-    """Load a model from a specification (see ``MODEL_KINDS``); ``None`` or ``"default"`` gives the
-    embedded default model of ``kind`` (``"image"`` or ``"text"``)."""
+def load(spec: str | os.PathLike | None = None, kind: str = "image") -> ZooModel:
+    """A model from a specification (see :data:`MODEL_KINDS`).
+
+    Parameters
+    ----------
+    spec:
+        ``None`` or ``"default"``: the embedded model of ``kind``; ``"timm:NAME"`` or a bare timm
+        name; ``"torchvision:NAME"``; ``"hf:ID"``, a Hugging Face id with a slash or a local folder
+        saved with ``save_pretrained`` (an image or a sequence classifier, told apart by its config);
+        a ``.pt`` / ``.pth`` / ``.ckpt`` file holding a whole ``nn.Module``.
+    kind:
+        ``"image"`` or ``"text"``: which embedded model ``None`` / ``"default"`` means.
+    """
+    spec = None if spec is None else os.fspath(spec)
     if spec in (None, "", "default"):
-        from . import zoo
-
-        return zoo.default_text() if kind == "text" else zoo.default_vision()
+        return text_model() if kind == "text" else vision_model()
     if spec.startswith("timm:"):
         return _timm(spec[5:])
     if spec.startswith("torchvision:"):
         return _torchvision(spec[12:])
     if spec.startswith("hf:"):
-        return _hf(spec[3:])
+        return _hugging_face(spec[3:])
     if os.path.isfile(spec) and spec.endswith((".pt", ".pth", ".ckpt")):
         return _checkpoint(spec)
     if os.path.isdir(spec) or "/" in spec:
-        return _hf(spec)
+        return _hugging_face(spec)
     return _timm(spec)

@@ -1,0 +1,218 @@
+"""The evaluation: every method on every batch of a task, per-sample results into a league."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import attnx
+
+from ..metrics import parameter_randomisation, randomisation_steps
+from . import sharding
+from .columns import BASELINES, RANDOMISATION_SEED
+from .datasets import IndexDataset
+from .league import League
+from .tasks import TextTask, to_numpy, vision_task
+
+__all__ = ["evaluate"]
+
+
+def _method_list(methods: Any, baselines: bool) -> list[str]:
+    if methods is None or methods == "all":
+        names = attnx.list_methods()
+    else:
+        names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+        names = [m for m in names if m]
+        if not names:
+            raise ValueError("no method given")
+    for m in names:
+        attnx.get_method(m)  # raises, naming the methods there are
+    out = list(dict.fromkeys(names))
+    if baselines:
+        out += [b for b in BASELINES if b in attnx.list_methods() and b not in out]
+    return out
+
+
+def evaluate(
+    task: str = "vision",
+    methods: str | Sequence[str] | None = None,
+    *,
+    model: Any = None,
+    data: Any = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    num_scenes: int | None = None,
+    progress: bool = True,
+    baselines: bool = True,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    shard: str | tuple[int, int] | None = None,
+    distributed: bool | None = None,
+    deletion_steps: int = 16,
+    forward_batch_size: int = 256,
+    randomisation_samples: int = 16,
+) -> League:
+    """Evaluate explanation methods; the protocol is declared in :mod:`attnx.evaluate.columns`.
+
+    Parameters
+    ----------
+    task:
+        ``"vision"`` or ``"text"``.
+    methods:
+        Method names (a list or a comma-separated string); ``None`` or ``"all"``: every registered
+        method. The baselines ``random`` and ``gradient_x_input`` are appended (``baselines``).
+    model:
+        ``None`` (the embedded model of the task), a specification for
+        :func:`attnx.zoo.load`, a :class:`attnx.zoo.ZooModel` bundle, or (images) an
+        ``nn.Module``.
+    data:
+        Vision: ``None`` (the shipped scenes; then ``model`` must be the embedded one), an
+        :class:`attnx.data.Scenes`, or an image folder (class sub-folders). Text: ``None`` (Rotten
+        Tomatoes test split), a CSV / TSV file (``text``, optional ``label``) or a list of strings.
+    limit:
+        Evaluate only the first ``limit`` samples (scenes, images, texts) of the evaluation order.
+    batch_size:
+        Samples per batch (a two-garment scene gives two maps in its batch). Batches, hence
+        shards, are formed in the evaluation order.
+    num_scenes:
+        Compose this many new held-out scenes (needs Fashion-MNIST; see
+        :data:`~attnx.evaluate.columns.SCENE_SEEDS`).
+    progress:
+        Show a progress bar (on rank 0 only when distributed).
+    options:
+        Method options: ``{"rollout": {"head_fusion": "max"}, ...}``.
+    shard:
+        ``"I/N"`` or ``(I, N)``: evaluate only batches ``I, I+N, ...``; returns a partial league
+        for :meth:`League.merge` (:mod:`attnx.evaluate.sharding`).
+    distributed:
+        ``None``: shard over torch.distributed when launched by torchrun (``WORLD_SIZE > 1``),
+        with ``max(1, cores // world_size)`` threads for the evaluation (restored afterwards);
+        ``False``: never.
+    deletion_steps:
+        Steps of the deletion / insertion curves.
+    forward_batch_size:
+        At most this many perturbed inputs per model call in the metrics.
+    randomisation_samples:
+        The model-parameter randomisation check (``rand. ρ``, ``head ρ``) runs on the samples
+        whose index in the evaluation order is below this ((scene, class) maps for scenes), each
+        computed with its batch, so shards merge exactly; ``0`` leaves it out.
+
+    Returns
+    -------
+    League
+    """
+    if task not in ("vision", "text"):
+        raise ValueError(f"task must be 'vision' or 'text', got {task!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive int, got {limit!r}")
+    if not isinstance(randomisation_samples, int) or isinstance(randomisation_samples, bool) or randomisation_samples < 0:
+        raise ValueError(f"randomisation_samples must be an int >= 0, got {randomisation_samples!r}")
+    names = _method_list(methods, baselines)
+    options = {k: dict(v) for k, v in (options or {}).items()}
+    for m, opts in options.items():
+        if m not in names:
+            raise ValueError(f"options given for {m!r}, which is not evaluated ({', '.join(names)})")
+        attnx.get_method(m).check_options(opts)
+    if shard is not None:
+        shard = sharding.parse_shard(shard)
+    use_dist = sharding.launched_distributed() if distributed is None else bool(distributed)
+    if use_dist and shard is not None:
+        raise ValueError("shard= and a torch.distributed launch do not combine: under torchrun every rank is a shard")
+    if task == "text" and num_scenes is not None:
+        raise ValueError("num_scenes applies to the vision task")
+
+    dist = sharding.join_process_group() if use_dist else None
+    with sharding.torch_threads(sharding.threads_per_rank() if dist is not None else None):
+        if task == "vision":
+            job = vision_task(model, data, num_scenes, deletion_steps, forward_batch_size)
+        else:
+            job = TextTask(model, data, forward_batch_size)
+        n = job.num_samples if limit is None else min(limit, job.num_samples)
+        randomisation = _randomisation_settings(job.model, randomisation_samples) if randomisation_samples else None
+        if dist is not None:
+            shard = (dist.get_rank(), dist.get_world_size())
+        meta = dict(job.meta, task=task, num_samples=n, total=job.count_items(n), batch_size=batch_size,
+                    methods_options={m: options.get(m, {}) for m in names}, randomisation=randomisation,
+                    shard=list(shard) if shard else None)
+        part = _run(job, names, options, n, batch_size, shard, progress and (dist is None or dist.get_rank() == 0), meta)
+    if dist is not None:
+        return League.merge([League.from_dict(d) for d in sharding.all_gather(part.as_dict())])
+    if shard is not None:
+        return part
+    return League.merge([part])
+
+
+def _randomisation_settings(model: torch.nn.Module, samples: int) -> dict:
+    """The randomisation check's settings (checks first that the cascade's steps can be found)."""
+    try:
+        steps = randomisation_steps(model)
+    except ValueError as exc:
+        raise ValueError(f"parameter randomisation: {exc}; or leave the check out with randomisation_samples=0 "
+                         "(attnx evaluate --randomisation-samples 0)") from None
+    return {"samples": samples, "order": "cascade", "seed": RANDOMISATION_SEED,
+            "steps": [name for name, _ in steps], "first": steps[0][0]}
+
+
+def _randomisation(job, method: str, opts: Mapping[str, Any], p: dict, fields: dict, limit: int) -> dict[str, np.ndarray]:
+    """Spearman correlations of the cascading randomisation (after the first step and after the
+    last one) for the rows of this batch whose global index is below ``limit``; NaN elsewhere."""
+    index = p["items"]["index"]
+    head = np.full(len(index), np.nan)
+    full = np.full(len(index), np.nan)
+    sel = np.flatnonzero(index < limit)
+    if sel.size:
+        inputs, targets = job.subset(p, torch.from_numpy(sel), fields)
+        cache: dict[str, Any] = {}
+
+        def explain(work, x, t):  # the method's own options, not parameter_randomisation's (``seed`` of random)
+            if cache.get("model") is not work:
+                cache.update(model=work, explainer=attnx.Explainer(work))
+            return cache["explainer"](x, method=method, target=t, **opts)
+
+        r = parameter_randomisation(job.model, inputs, explain, targets, order="cascade", seed=RANDOMISATION_SEED)
+        head[sel] = to_numpy(r.spearman[1]).astype(np.float64)
+        full[sel] = to_numpy(r.spearman[-1]).astype(np.float64)
+    return {"rand_head": head, "rand_all": full}
+
+
+def _run(job, names, options, n, batch_size, shard, progress, meta) -> League:
+    """Every method on the batches of ``shard``: the (partial) league of their per-sample results."""
+    explainer = attnx.Explainer(job.model)
+    batches = sharding.batch_indices(n, batch_size, shard)
+    loader = torch.utils.data.DataLoader(IndexDataset(job.get, n), batch_sampler=batches,
+                                         collate_fn=job.collate, num_workers=0)
+    items: dict[str, list] = {}
+    samples: dict[str, dict[str, list]] = {m: {} for m in names}
+    total = sum(len(b) for b in batches)
+    rand_limit = int((meta.get("randomisation") or {}).get("samples", 0))
+    with tqdm(total=total, desc=f"evaluate {meta['task']}", unit=job.unit, disable=not progress, dynamic_ncols=True) as bar:
+        for batch in loader:
+            prepared = job.prepare(batch)
+            for k, v in prepared["items"].items():
+                items.setdefault(k, []).append(v)
+            for m in names:
+                bar.set_postfix_str(m, refresh=False)
+                try:
+                    fields = job.run(explainer, m, options.get(m, {}), prepared)
+                    if rand_limit:
+                        fields.update(_randomisation(job, m, options.get(m, {}), prepared, fields, rand_limit))
+                except (ValueError, TypeError, RuntimeError) as exc:
+                    if type(exc) not in (ValueError, TypeError, RuntimeError):
+                        raise
+                    raise type(exc)(f"method {m!r}: {exc}") from exc
+                for k, v in fields.items():
+                    samples[m].setdefault(k, []).append(v)
+            bar.update(len(prepared["samples"]))
+    if items:
+        items_np = {k: np.concatenate(v) for k, v in items.items()}
+        samples_np = {m: {k: np.concatenate(v) for k, v in f.items()} for m, f in samples.items()}
+    else:
+        items_np, samples_np = job.empty(names)
+        if rand_limit:
+            for f in samples_np.values():
+                f.update(rand_head=np.zeros(0), rand_all=np.zeros(0))
+    meta = dict(meta, fractions=job.fractions, measures=job.measures)
+    return League(meta["task"], job.kind, list(names), items_np, samples_np, meta)

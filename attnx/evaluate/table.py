@@ -1,0 +1,119 @@
+"""Render a league: the markdown table, the CSV table and the figure of mean curves."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .columns import Column
+
+__all__ = ["curve_panels", "curves_figure", "to_csv", "to_markdown"]
+
+#: line styles of the baselines in the curve plots: they read as references, not as contenders
+BASELINE_STYLE = {"random": dict(color="0.15", linestyle=":"), "gradient_x_input": dict(color="0.5", linestyle="--")}
+
+
+def to_markdown(title: str, columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> str:
+    """The table as markdown: ``title`` in bold, the direction of every column, one row per method
+    (the best value of each column in bold), the columns' definitions and ``notes`` (lines)."""
+    best: dict[str, float] = {}
+    for c in columns:
+        vals = [r[c.key] for r in rows if not math.isnan(r[c.key])]
+        if vals and len(rows) > 1:
+            best[c.key] = min(vals, key=abs) if c.best_at_zero else max(vals) if c.higher_is_better else min(vals)
+    higher = ", ".join(c.label for c in columns if c.higher_is_better)
+    lower = ", ".join(c.label for c in columns if not c.higher_is_better)
+    lines = [
+        f"**{title}**",
+        "",
+        f"Higher is better (↑): {higher}. Lower is better (↓): {lower}.",
+        "",
+        "| method | " + " | ".join(f"{c.label} {c.arrow}" for c in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r[c.key]
+            text = "–" if math.isnan(v) else f"{v:.{c.digits}f}"
+            if c.key in best and not math.isnan(v) and f"{v:.{c.digits}f}" == f"{best[c.key]:.{c.digits}f}":
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"- {c.label}: {c.doc}" for c in columns)]
+    lines += list(notes)
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], path: str | Path | None = None) -> str:
+    """The table as CSV (full precision; ``method`` then the column keys); written to ``path`` if
+    given. Returns the text."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["method", *(c.key for c in columns)])
+    for r in rows:
+        w.writerow([r["method"], *(repr(float(r[c.key])) for c in columns)])
+    text = buf.getvalue()
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def curve_panels(kind: str, measures: Mapping[str, str] | None) -> list[tuple[str, str, str]]:
+    """``(curve, title, y label)`` of each panel of a league's curve figure."""
+    if kind == "text":
+        y = "probability of the predicted class"
+        return [("most", "token deletion, most relevant first (lower is better)", y),
+                ("least", "token deletion, least relevant first (higher is better)", y)]
+    pert = {"sigmoid": "sigmoid probability of the class", "accuracy": "top-1 accuracy"}[measures["perturbation"]]
+    causal = {"sigmoid": "sigmoid probability of the class", "probability": "softmax probability of the class"}[measures["causal"]]
+    return [("pos", "positive perturbation (lower is better)", pert), ("neg", "negative perturbation (higher is better)", pert),
+            ("deletion", "deletion (lower is better)", causal), ("insertion", "insertion (higher is better)", causal)]
+
+
+def curves_figure(title: str, panels: Sequence[tuple[str, str, str]], fractions: Mapping[str, Sequence[float]],
+                  curves: Mapping[str, Mapping[str, np.ndarray]], methods: Sequence[str], path: str | Path | None = None):
+    """Mean curves per method, one panel per curve, as a matplotlib figure (saved to ``path`` if given).
+
+    Parameters
+    ----------
+    title:
+        The figure's title.
+    panels:
+        ``(curve, title, y label)`` per panel (:func:`curve_panels`).
+    fractions:
+        The x values of each curve.
+    curves:
+        ``curves[method][curve]``: the mean curve; a method without curves (no samples) draws nothing.
+    methods:
+        The methods, in table order (their colours follow it).
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    ncols = 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(6.2 * ncols, 4.2 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    for ax, (name, panel_title, ylabel) in zip(axes, panels):
+        x = np.asarray(fractions[name])
+        for i, method in enumerate(methods):
+            if name not in curves.get(method, {}):
+                continue
+            style = BASELINE_STYLE.get(method, dict(color=cmap(i % cmap.N)))
+            ax.plot(x, curves[method][name], label=method, linewidth=1.6, **style)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("fraction removed" if name != "insertion" else "fraction inserted")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig

@@ -1,0 +1,39 @@
+"""Models ready to explain: the two embedded models (offline) and any hub model, in one shape.
+
+Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``"text"``),
+``preprocess`` (images) or ``tokenizer`` (text), ``class_names``, ``mean`` / ``std`` and ``info``::
+
+    from attnx import zoo
+
+    vit = zoo.vision_model()         # the embedded timm ViT (Fashion-MNIST garments in scenes)
+    bert = zoo.text_model()          # the embedded MiniLM sentiment model
+    scenes = zoo.scenes()            # the held-out scenes shipped with the vision model
+    other = zoo.load("vit_base_patch16_224")   # a timm / torchvision / Hugging Face name, a folder, a .pt
+
+* :mod:`attnx.zoo.vision`: the embedded vision model and its held-out scenes;
+* :mod:`attnx.zoo.text`: the embedded text model (pretrained encoder package + shipped delta);
+* :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`).
+"""
+from __future__ import annotations
+
+from .bundle import ZooModel
+from .hub import MODEL_KINDS, load
+from .text import example_texts, text_model
+from .vision import scenes, vision_model
+from . import text, vision
+
+__all__ = ["MODEL_KINDS", "ZooModel", "describe", "example_texts", "load", "scenes", "text_model", "vision_model"]
+
+
+def describe() -> list[str]:
+    """One line per embedded model, for ``attnx models``."""
+    lines = []
+    try:
+        lines.append(vision.describe())
+    except FileNotFoundError as exc:
+        lines.append(f"default (image): unavailable ({exc})")
+    try:  # from the text model's sidecar: no model is built
+        lines.append(text.describe())
+    except Exception as exc:  # the text model is optional
+        lines.append(f"default (text): unavailable ({exc})")
+    return lines

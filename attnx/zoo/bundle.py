@@ -1,0 +1,49 @@
+"""The one shape every loader of :mod:`attnx.zoo` returns: a model with what it needs around it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ZooModel"]
+
+
+@dataclass
+class ZooModel:
+    """A model ready to explain, with what is needed to feed it and to name its classes.
+
+    Attributes
+    ----------
+    model:
+        The classifier, in eval mode.
+    kind:
+        ``"image"`` or ``"text"``.
+    class_names:
+        The name of each class index, if known.
+    preprocess:
+        Images: image -> normalised model input (at least a PIL image -> ``(3, H, W)`` tensor; the
+        embedded vision model's also takes tensors and batches); ``None`` if unknown.
+    tokenizer:
+        Text: the model's tokenizer.
+    mean, std:
+        Images: the per-channel normalisation of ``preprocess`` (to show inputs, and to black out
+        pixels before normalising), if known.
+    info:
+        What else is known: ``name``, ``multi_label``, a sidecar's metrics, ...
+    """
+
+    model: nn.Module
+    kind: str
+    class_names: list[str] | None = None
+    preprocess: Callable[[Any], torch.Tensor] | None = None
+    tokenizer: Any = None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether each class is an independent sigmoid (several classes per input)."""
+        return bool(self.info.get("multi_label", False))
