@@ -11,7 +11,7 @@ import warnings
 
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from .base import Adapter
 from .hf import HFAdapter
 from .intercept import InterceptAdapter
@@ -37,7 +37,7 @@ DEPRECATED_NAMES = {"generic": InterceptAdapter.name}
 def register_adapter(cls: type[Adapter], *, first: bool = False) -> type[Adapter]:
     """Register an adapter class (usable as a decorator). ``first=True`` gives it priority."""
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
-        raise TypeError(f"expected an Adapter subclass, got {cls!r}")
+        raise AttnxTypeError(f"expected an Adapter subclass, got {cls!r}")
     global _REGISTRY
     _REGISTRY.pop(cls.name, None)
     _REGISTRY = {cls.name: cls, **_REGISTRY} if first else {**_REGISTRY, cls.name: cls}
@@ -68,7 +68,7 @@ def get_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> Adapt
     name of a registered adapter, ``"intercept"``, or an ``Adapter`` instance.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise AttnxTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(adapter, Adapter):
         return adapter
     if adapter is None:
@@ -81,7 +81,7 @@ def get_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> Adapt
     if adapter == InterceptAdapter.name:
         return InterceptAdapter(model, layout_from=family_adapter(model))
     if adapter not in _REGISTRY:
-        raise ValueError(f"unknown adapter {adapter!r}; available: {adapter_names()}")
+        raise AttnxValueError(f"unknown adapter {adapter!r}; available: {adapter_names()}")
     cls = _REGISTRY[adapter]
     if not cls.matches(model):
         raise UnsupportedModelError(f"adapter {adapter!r} does not apply to {type(model).__name__}")

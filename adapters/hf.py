@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..errors import AttnxValueError
 from ..batch import Batch, check_image_batch, check_text_inputs
 from ..layout import Layout
 from ..recorder import AttentionRecorder
@@ -75,14 +76,14 @@ class HFAdapter(Adapter):
             return Batch(args=(), kwargs=kwargs, batch_size=ids.shape[0], layout=layout, device=ids.device)
         if isinstance(inputs, Mapping):
             if "pixel_values" not in inputs:
-                raise ValueError(f"expected 'pixel_values' in the image inputs, got keys {sorted(inputs)}")
+                raise AttnxValueError(f"expected 'pixel_values' in the image inputs, got keys {sorted(inputs)}")
             inputs = inputs["pixel_values"]
         cfg = self.model.config
         x = check_image_batch(inputs, getattr(cfg, "num_channels", None))
         p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
         H, W = int(x.shape[-2]), int(x.shape[-1])
         if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the model's patch size {p}")
+            raise AttnxValueError(f"image size {H}x{W} is not a multiple of the model's patch size {p}")
         size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
         kwargs = {"pixel_values": x}
         if (H, W) != tuple(size):

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..errors import AttnxTypeError
 from ..batch import Batch, check_image_batch, check_text_inputs
 from ..layout import Layout, infer_image_layout
 from ..recorder import AttentionRecorder
@@ -29,7 +30,7 @@ def logits_of(output: Any) -> torch.Tensor:
         return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
+    raise AttnxTypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
 
 
 class InterceptAdapter(Adapter):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..errors import AttnxValueError
 from ..recorder import AttentionRecorder
 from .switches import record_mha_weights
 
@@ -57,7 +58,7 @@ def explicit_attention(
     elif probs.dim() == 3:
         recorder.record(probs.unsqueeze(1), grad_wrt=probs)
     else:
-        raise ValueError(f"cannot record attention probabilities of shape {tuple(probs.shape)}")
+        raise AttnxValueError(f"cannot record attention probabilities of shape {tuple(probs.shape)}")
     return torch.matmul(probs, value)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..errors import AttnxValueError
 from ..batch import Batch, check_image_batch
 from ..layout import Layout
 from ..recorder import AttentionRecorder
@@ -35,7 +36,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     for block in model.blocks:
         attn = getattr(block, "attn", None)
         if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
-            raise ValueError(
+            raise AttnxValueError(
                 f"timm block {type(block).__name__} has no 'attn.attn_drop'; this timm attention "
                 "layout is not supported by the timm adapter (try adapter='intercept')"
             )
@@ -58,7 +59,7 @@ class TimmViTAdapter(Adapter):
         self.attentions = _attention_modules(model)
         pool = getattr(model, "global_pool", "token")
         if pool not in _TOKEN_POOLS + _PATCH_POOLS:
-            raise ValueError(
+            raise AttnxValueError(
                 f"timm model with global_pool={pool!r} (attention pooling) is not supported: its "
                 "readout is not a token of the encoder"
             )
@@ -75,7 +76,7 @@ class TimmViTAdapter(Adapter):
         if not dynamic:
             expected = tuple(int(s) for s in pe.img_size)
             if (H, W) != expected and not getattr(pe, "dynamic_img_pad", False):
-                raise ValueError(
+                raise AttnxValueError(
                     f"the model expects {expected[0]}x{expected[1]} images, got {H}x{W}; create it "
                     "with dynamic_img_size=True to explain other sizes"
                 )

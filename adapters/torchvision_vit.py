@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import AttnxValueError
 from ..batch import Batch, check_image_batch
 from ..layout import Layout
 from ..recorder import AttentionRecorder
@@ -44,7 +45,7 @@ class TorchvisionViTAdapter(Adapter):
         size = self.model.image_size
         H, W = int(x.shape[-2]), int(x.shape[-1])
         if (H, W) != (size, size):
-            raise ValueError(f"the model expects {size}x{size} images, got {H}x{W}")
+            raise AttnxValueError(f"the model expects {size}x{size} images, got {H}x{W}")
         p = self.model.patch_size
         layout = Layout.for_image(x, (H // p, W // p), prefix_tokens=1, readout=0)
         return Batch(args=(x,), kwargs={}, batch_size=x.shape[0], layout=layout, device=x.device)

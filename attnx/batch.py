@@ -6,6 +6,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .errors import AttnxTypeError, AttnxValueError
 from .layout import Layout
 
 __all__ = ["Batch", "check_image_batch", "check_text_inputs"]
@@ -74,61 +75,61 @@ class Batch:
 def check_image_batch(inputs: Any, channels: int | None) -> torch.Tensor:
     """Validate an image batch ``(B, C, H, W)`` and return it."""
     if not isinstance(inputs, torch.Tensor):
-        raise TypeError(
+        raise AttnxTypeError(
             f"expected an image batch tensor of shape (B, C, H, W), got {type(inputs).__name__}"
         )
     if inputs.dim() == 3:
-        raise ValueError(
+        raise AttnxValueError(
             f"expected an image batch of shape (B, C, H, W), got a single image of shape "
             f"{tuple(inputs.shape)}; add a batch dimension with x.unsqueeze(0)"
         )
     if inputs.dim() != 4:
-        raise ValueError(f"expected an image batch of shape (B, C, H, W), got shape {tuple(inputs.shape)}")
+        raise AttnxValueError(f"expected an image batch of shape (B, C, H, W), got shape {tuple(inputs.shape)}")
     if inputs.shape[0] == 0:
-        raise ValueError("the image batch is empty (B = 0)")
+        raise AttnxValueError("the image batch is empty (B = 0)")
     if not inputs.is_floating_point():
-        raise TypeError(f"expected a floating point image batch, got dtype {inputs.dtype}")
+        raise AttnxTypeError(f"expected a floating point image batch, got dtype {inputs.dtype}")
     if channels is not None and inputs.shape[1] != channels:
-        raise ValueError(
+        raise AttnxValueError(
             f"the model expects {channels} input channels, got an image batch of shape "
             f"{tuple(inputs.shape)} (B, C, H, W)"
         )
     if not torch.isfinite(inputs).all():
-        raise ValueError("the image batch contains NaN or infinite values")
+        raise AttnxValueError("the image batch contains NaN or infinite values")
     return inputs
 
 
 def check_text_inputs(inputs: Any) -> dict:
     """Validate the dict a Hugging Face tokenizer returns and return a plain dict of tensors."""
     if not isinstance(inputs, Mapping):
-        raise TypeError(
+        raise AttnxTypeError(
             "expected the dict a Hugging Face tokenizer returns (input_ids, attention_mask, ...) "
             f"with return_tensors='pt', got {type(inputs).__name__}"
         )
     inputs = dict(inputs)
     if "input_ids" not in inputs:
-        raise ValueError(f"the text inputs have no 'input_ids' (got keys {sorted(inputs)})")
+        raise AttnxValueError(f"the text inputs have no 'input_ids' (got keys {sorted(inputs)})")
     for k, v in inputs.items():
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"text input {k!r} must be a tensor (use return_tensors='pt'), got {type(v).__name__}")
+            raise AttnxTypeError(f"text input {k!r} must be a tensor (use return_tensors='pt'), got {type(v).__name__}")
     ids = inputs["input_ids"]
     if ids.dim() == 1:
-        raise ValueError(
+        raise AttnxValueError(
             f"expected input_ids of shape (B, T), got shape {tuple(ids.shape)}; "
             "add a batch dimension or use return_tensors='pt'"
         )
     if ids.dim() != 2:
-        raise ValueError(f"expected input_ids of shape (B, T), got shape {tuple(ids.shape)}")
+        raise AttnxValueError(f"expected input_ids of shape (B, T), got shape {tuple(ids.shape)}")
     if ids.shape[0] == 0:
-        raise ValueError("the text batch is empty (B = 0)")
+        raise AttnxValueError("the text batch is empty (B = 0)")
     if ids.shape[1] == 0:
-        raise ValueError("the text is empty (T = 0 tokens)")
+        raise AttnxValueError("the text is empty (T = 0 tokens)")
     mask = inputs.get("attention_mask")
     if mask is not None:
         if mask.shape != ids.shape:
-            raise ValueError(
+            raise AttnxValueError(
                 f"attention_mask has shape {tuple(mask.shape)}, expected the shape of input_ids {tuple(ids.shape)}"
             )
         if (mask.sum(-1) == 0).any():
-            raise ValueError("a sample of the text batch has no tokens (its attention_mask is all zeros)")
+            raise AttnxValueError("a sample of the text batch has no tokens (its attention_mask is all zeros)")
     return inputs

@@ -15,6 +15,7 @@ import torch
 import attnx
 
 from . import demo, evaluate, viz, zoo
+from .errors import AttnxError
 
 EPILOG = """\
 examples:
@@ -36,22 +37,14 @@ Targets are class indices or class names (quote names with spaces). Method optio
 """
 
 
-def _parse_value(v: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
-
-
-def _options(pairs: Sequence[str]) -> dict:
+def _options(pairs: Sequence[str]) -> dict[str, str]:
+    """``--option key=value`` pairs as text; each method parses its own (typed) options."""
     out = {}
     for p in pairs or []:
         if "=" not in p:
             raise SystemExit(f"attnx: --option expects key=value, got {p!r}")
         k, v = p.split("=", 1)
-        out[k.strip()] = _parse_value(v.strip())
+        out[k.strip()] = v.strip()
     return out
 
 
@@ -87,16 +80,20 @@ def _methods(arg: str, kind: str) -> list[str]:
     return names
 
 
-def _per_method(methods: Sequence[str], options: dict) -> dict[str, dict]:
-    """The options each method accepts: with several methods (``--method all``) an option goes to
-    the methods that have it; one that no method has is an error."""
-    if len(methods) == 1:
-        return {methods[0]: options}
-    known = {m: attnx.get_method(m).options for m in methods}
-    unused = sorted(k for k in options if not any(k in opts for opts in known.values()))
-    if unused:
-        raise SystemExit(f"attnx: no method of {', '.join(methods)} has the option(s) {unused}; see `attnx methods`")
-    return {m: {k: v for k, v in options.items() if k in known[m]} for m in methods}
+def _per_method(methods: Sequence[str], options: dict[str, str]) -> dict[str, dict]:
+    """The options of each method, parsed by its declaration: with several methods (``--method
+    all``) an option goes to the methods that have it; one that no method has is an error."""
+    specs = {m: attnx.get_method(m) for m in methods}
+    if len(methods) > 1:
+        unused = sorted(k for k in options if not any(k in spec.options for spec in specs.values()))
+        if unused:
+            raise SystemExit(f"attnx: no method of {', '.join(methods)} has the option(s) {unused}; see `attnx methods`")
+    out = {}
+    for m, spec in specs.items():
+        if len(methods) == 1:
+            spec.check_options(options)
+        out[m] = {k: spec.option(k).parse(v) for k, v in options.items() if k in spec.options}
+    return out
 
 
 def _out_path(out: str | None, default: str, suffix: str) -> Path:
@@ -223,10 +220,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(attnx.methods.methods_markdown())
+        return 0
     for name in attnx.list_methods():
         m = attnx.get_method(name)
-        opts = ", ".join(f"{k}={v!r}" for k, v in m.options.items()) or "-"
-        print(f"{name:<24} {m.summary}\n{'':<24} options: {opts}")
+        print(f"{name:<24} {m.summary}")
+        for o in m.option_specs:
+            choices = f" ({'/'.join(str(c) for c in o.choices)})" if o.choices else ""
+            print(f"{'':<24}   {o.describe()}{choices}: {o.doc}")
     return 0
 
 
@@ -402,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_explain)
     m = sub.add_parser("methods", help="list the explanation methods and their options")
+    m.add_argument("--markdown", action="store_true", help="the README's methods table")
     m.set_defaults(func=cmd_methods)
     mo = sub.add_parser("models", help="list what --model accepts and the embedded models")
     mo.set_defaults(func=cmd_models)
@@ -439,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, TypeError) as exc:
+    except AttnxError as exc:  # a user's mistake, said in one line; anything else keeps its traceback
         print(f"attnx: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `attnx methods | head`: the reader went away, not an error

@@ -1,8 +1,26 @@
-"""Errors that name what attnx expected, raised where a model or an input cannot be explained."""
+"""Errors that name what attnx expected.
+
+Every error attnx raises on purpose (a bad input, an option out of range, a model it cannot
+explain) is an :class:`AttnxError`; the command line prints those as one line, and anything else
+(a bug) with its traceback. The concrete classes also derive from the built-in exception a user
+would catch (``ValueError``, ``TypeError``).
+"""
 from __future__ import annotations
 
-__all__ = ["UnsupportedModelError"]
+__all__ = ["AttnxError", "AttnxTypeError", "AttnxValueError", "UnsupportedModelError"]
 
 
-class UnsupportedModelError(TypeError):
+class AttnxError(Exception):
+    """Base of the errors attnx raises on purpose, with a message saying what was expected."""
+
+
+class AttnxValueError(AttnxError, ValueError):
+    """A value attnx cannot use: an input of the wrong shape, an option out of range, ..."""
+
+
+class AttnxTypeError(AttnxError, TypeError):
+    """A value of the wrong type: a list where a tensor was expected, a float for an int, ..."""
+
+
+class UnsupportedModelError(AttnxError, TypeError):
     """Raised when no adapter can make a model's attention observable."""

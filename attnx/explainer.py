@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import AttnxTypeError
 from .adapters import Adapter, get_adapter
 from .explanation import Explanation
 from .layout import Readout, to_scores
@@ -101,7 +102,7 @@ class Explainer:
             return get_preset(trace_options["preset"])
         if spec.needs.rules is not None:
             return spec.needs.rules()
-        raise TypeError(f"method {spec.name!r} needs relevance but declares neither a preset option nor rules")
+        raise AttnxTypeError(f"method {spec.name!r} needs relevance but declares neither a preset option nor rules")
 
     @staticmethod
     def package(result: torch.Tensor | Relevance, trace: Trace, method: str, options: dict) -> Explanation:

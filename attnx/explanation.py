@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .errors import AttnxValueError
 from . import viz
 from .layout import Layout, normalize_per_sample, scores_to_map
 from .lrp.coverage import Coverage
@@ -75,7 +76,7 @@ class Explanation:
     def patch_map(self) -> torch.Tensor:
         """``(B, h, w)`` raw scores on the patch grid."""
         if self.grid is None:
-            raise ValueError("this explanation is of text: it has token scores but no patch grid")
+            raise AttnxValueError("this explanation is of text: it has token scores but no patch grid")
         return self.scores.reshape(self.scores.shape[0], *self.grid)
 
     def heatmap(self, size: tuple[int, int] | int | None = None) -> torch.Tensor:
@@ -87,7 +88,7 @@ class Explanation:
             Output ``(H, W)`` (or one int for a square map); default the input image size.
         """
         if self.grid is None:
-            raise ValueError("this explanation is of text: use .scores (one value per token) instead of a heat map")
+            raise AttnxValueError("this explanation is of text: use .scores (one value per token) instead of a heat map")
         if size is None:
             size = self.input_size or self.grid
         elif isinstance(size, int):
@@ -106,10 +107,10 @@ class Explanation:
         notebook). See :mod:`attnx.viz` for the options."""
         if self.grid is not None:
             if images is None:
-                raise ValueError("pass the images the explanation was computed on: e.show(images)")
+                raise AttnxValueError("pass the images the explanation was computed on: e.show(images)")
             return viz.show(self, images, **kwargs)
         if tokenizer is None:
-            raise ValueError("pass the tokenizer to show a text explanation: e.show(tokenizer=tok)")
+            raise AttnxValueError("pass the tokenizer to show a text explanation: e.show(tokenizer=tok)")
         page = viz.text_html(self, tokenizer, **kwargs)
         try:
             from IPython.display import HTML

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from .errors import AttnxValueError
 
 __all__ = ["Layout", "Readout", "infer_image_layout", "to_scores", "scores_to_map", "normalize_per_sample"]
 
@@ -90,7 +91,7 @@ def infer_image_layout(x: torch.Tensor, num_tokens: int) -> Layout:
             ww = n // hh
             if abs(H / hh - W / ww) < 1e-6 * max(H, W):
                 return Layout.for_image(x, (hh, ww), p, 0 if p > 0 else None)
-    raise ValueError(
+    raise AttnxValueError(
         f"cannot infer the patch grid of a {H}x{W} image from {num_tokens} attention tokens; "
         "write an adapter for this model (see attnx.adapters.register_adapter)"
     )

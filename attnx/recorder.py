@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from .errors import AttnxValueError
 
 __all__ = ["AttentionRecorder"]
 
@@ -24,7 +25,7 @@ class AttentionRecorder:
 
     def record(self, probs: torch.Tensor, grad_wrt: torch.Tensor | None = None) -> None:
         if probs.dim() != 4:
-            raise ValueError(f"attention probabilities must be (B, H, N, N), got shape {tuple(probs.shape)}")
+            raise AttnxValueError(f"attention probabilities must be (B, H, N, N), got shape {tuple(probs.shape)}")
         self.probs.append(probs)
         self.grad_wrt.append(probs if grad_wrt is None else grad_wrt)
         self.token_counts.append(int(probs.shape[-1]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence, Union
 
 import torch
+from .errors import AttnxTypeError, AttnxValueError
 
 Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[Any], torch.Tensor]]
 
@@ -33,32 +34,32 @@ def resolve_targets(
         ``None`` for a callable target.
     """
     if logits.dim() != 2:
-        raise ValueError(f"expected logits of shape (B, C), got {tuple(logits.shape)}")
+        raise AttnxValueError(f"expected logits of shape (B, C), got {tuple(logits.shape)}")
     B, C = logits.shape
     if callable(target) and not isinstance(target, torch.Tensor):
         scores = target(output)
         if not isinstance(scores, torch.Tensor) or scores.shape != (B,):
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise ValueError(f"a callable target must return a tensor of shape ({B},), one scalar per sample; got {got}")
+            raise AttnxValueError(f"a callable target must return a tensor of shape ({B},), one scalar per sample; got {got}")
         return scores, None
     if target is None:
         classes = logits.detach().argmax(dim=1)
     else:
         if isinstance(target, bool) or isinstance(target, float):
-            raise TypeError(f"target must be an int, a sequence of ints, a tensor or a callable, got {target!r}")
+            raise AttnxTypeError(f"target must be an int, a sequence of ints, a tensor or a callable, got {target!r}")
         if isinstance(target, int):
             classes = torch.full((B,), target, dtype=torch.long, device=logits.device)
         else:
             classes = torch.as_tensor(target, device=logits.device)
             if classes.is_floating_point() or classes.dtype == torch.bool:
-                raise TypeError(f"target classes must be integers, got dtype {classes.dtype}")
+                raise AttnxTypeError(f"target classes must be integers, got dtype {classes.dtype}")
             classes = classes.long().reshape(-1)
             if classes.numel() == 1 and B > 1:
                 classes = classes.expand(B)
             if classes.numel() != B:
-                raise ValueError(f"got {classes.numel()} targets for a batch of {B} samples")
+                raise AttnxValueError(f"got {classes.numel()} targets for a batch of {B} samples")
         bad = (classes < 0) | (classes >= C)
         if bad.any():
-            raise ValueError(f"target class {classes[bad][0].item()} is out of range: the model has {C} classes (0..{C - 1})")
+            raise AttnxValueError(f"target class {classes[bad][0].item()} is out of range: the model has {C} classes (0..{C - 1})")
     scores = logits.gather(1, classes[:, None]).squeeze(1)
     return scores, classes

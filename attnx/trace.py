@@ -18,7 +18,7 @@ from torch import nn
 
 from .adapters import adapter_names
 from .batch import Batch
-from .errors import UnsupportedModelError
+from .errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from .layout import Layout
 from .lrp.coverage import Coverage
 from .lrp.engine import LRPEngine
@@ -206,7 +206,7 @@ def run_trace(
     if not needs.relevance:
         return trace
     if registry is None:
-        raise ValueError("a relevance pass needs an LRP rule registry (preset)")
+        raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
     # with a plain pass, the relevance pass explains the classes it resolved
     lrp = relevance_pass(
         adapter, batch, trace.targets if trace is not None else target, registry,
@@ -248,14 +248,14 @@ def patch_layout(adapter: Any, batch: Batch, patch_size: int) -> Layout:
     is otherwise unknown; an adapter's own layout must agree with it."""
     x = batch.explained_input
     if x is None or x.dim() != 4:
-        raise ValueError("patch_size applies to image batches (B, C, H, W)")
+        raise AttnxValueError("patch_size applies to image batches (B, C, H, W)")
     H, W = int(x.shape[-2]), int(x.shape[-1])
     if patch_size <= 0 or H % patch_size or W % patch_size:
-        raise ValueError(f"patch_size={patch_size} does not tile {H}x{W} images")
+        raise AttnxValueError(f"patch_size={patch_size} does not tile {H}x{W} images")
     grid = (H // patch_size, W // patch_size)
     if batch.layout is not None:
         if batch.layout.grid != grid:
-            raise ValueError(f"patch_size={patch_size} disagrees with the model's patch grid {batch.layout.grid} for {H}x{W} images")
+            raise AttnxValueError(f"patch_size={patch_size} disagrees with the model's patch grid {batch.layout.grid} for {H}x{W} images")
         return batch.layout
     return Layout.for_image(x, grid, prefix_tokens=0, readout=None)
 
@@ -299,7 +299,7 @@ def relevance_pass(
     """
     registry = get_preset(registry)
     if callable(target) and not isinstance(target, torch.Tensor):
-        raise TypeError("LRP methods need class targets (int, list or tensor), not a callable")
+        raise AttnxTypeError("LRP methods need class targets (int, list or tensor), not a callable")
     model = adapter.model
     recorder = AttentionRecorder()
     embeddings = adapter.input_embeddings()
@@ -327,7 +327,7 @@ def relevance_pass(
         if attentions:
             cut = [i for i, t in enumerate(recorder.grad_wrt) if not t.requires_grad]
             if cut:
-                raise ValueError(
+                raise AttnxValueError(
                     f"LRP preset {registry.name!r} holds the attention probabilities constant (layers {cut} "
                     "carry no relevance), so there is no relevance at the attentions for "
                     "transformer_attribution / partial_lrp; use a preset that propagates through them, "

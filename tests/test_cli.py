@@ -289,3 +289,34 @@ def test_broken_pipe_is_not_an_error(tmp_path):
                           env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip()
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+@pytest.mark.parametrize("option,message", [
+    ("discard_ratio=abc", "discard_ratio must be a number, got 'abc'"),
+    ("discard_ratio=1.5", "discard_ratio must be in [0, 1), got 1.5"),
+    ("head_fusion=sum", "head_fusion must be one of ('mean', 'max', 'min'), got 'sum'"),
+    ("start_layer=1.5", "start_layer must be an int, got '1.5'"),
+])
+def test_option_values_are_parsed_by_their_declaration(capsys, option, message):
+    status, _, err = run(capsys, "explain", "--num-scenes", "1", "--method", "rollout", "--option", option, "--quiet")
+    assert status == 2 and err.strip() == f"attnx: error: {message}"
+
+
+def test_a_bug_keeps_its_traceback(capsys, monkeypatch):
+    """User mistakes are one line; anything unexpected is raised with its traceback."""
+    from attnx.methods import registry
+
+    def broken(trace, readout):
+        raise ZeroDivisionError("a bug")
+
+    registry.register_method("broken_for_test", options=())(broken)
+    try:
+        with pytest.raises(ZeroDivisionError, match="a bug"):
+            run(capsys, "explain", "--num-scenes", "1", "--method", "broken_for_test", "--quiet")
+    finally:
+        registry.unregister_method("broken_for_test")
+
+
+def test_methods_markdown_is_the_readme_table(capsys):
+    status, out, _ = run(capsys, "methods", "--markdown")
+    assert status == 0 and out.strip() == attnx.methods.methods_markdown()

@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from ..errors import AttnxValueError
 
 __all__ = ["CLASS_NAMES", "ENV_VAR", "FashionMNISTNotFound", "find_fashion_mnist", "load_fashion_mnist"]
 
@@ -78,12 +79,12 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     magic = int.from_bytes(data[0:4], "big")
     if magic >> 8 != 0x08:  # unsigned byte data
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
+        raise AttnxValueError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
     ndim = magic & 0xFF
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated IDX file ({array.size} bytes for shape {shape})")
+        raise AttnxValueError(f"{path}: truncated IDX file ({array.size} bytes for shape {shape})")
     return array.reshape(shape)
 
 
@@ -97,13 +98,13 @@ def load_fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         ``"train"`` (60 000 images) or ``"test"`` / ``"t10k"`` (10 000 images).
     """
     if split not in _PREFIX:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise AttnxValueError(f"split must be 'train' or 'test', got {split!r}")
     directory = find_fashion_mnist()
     prefix = _PREFIX[split]
     images = _read_idx(_file(directory, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_file(directory, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{directory}: {images.shape[0]} images but {labels.shape[0]} labels")
+        raise AttnxValueError(f"{directory}: {images.shape[0]} images but {labels.shape[0]} labels")
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels

@@ -29,6 +29,7 @@ import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from ..errors import AttnxValueError
 
 __all__ = [
     "LABELS",
@@ -116,7 +117,7 @@ def load_splits(
     ``train``, ``validation`` and ``test``. Within a split the snippets keep file order.
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions!r}")
+        raise AttnxValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions!r}")
     reviews = load_reviews(path)
     counts: dict[str, int] = {}
     for r in reviews:
@@ -138,5 +139,5 @@ def load_splits(
 def load_split(name: str, seed: int = 0, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> list[Review]:
     """One split of :func:`load_splits` (``"train"``, ``"validation"`` or ``"test"``)."""
     if name not in SPLITS:
-        raise ValueError(f"unknown split {name!r}; one of {SPLITS}")
+        raise AttnxValueError(f"unknown split {name!r}; one of {SPLITS}")
     return load_splits(seed, fractions)[name]

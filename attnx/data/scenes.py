@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import AttnxValueError
 from .fashion import CLASS_NAMES, load_fashion_mnist
 
 __all__ = ["CLASS_NAMES", "MASK_THRESHOLD", "Scenes", "make_scenes", "render_scenes"]
@@ -319,7 +320,7 @@ def make_scenes(n: int, split: str = "test", seed: int = 0, *, size: int = 64, o
         (n, 10, size, size)`` bool, per-slot ``classes (n, 2)`` and ``boxes (n, 2, 4)``.
     """
     if objects not in (None, 1, 2):
-        raise ValueError(f"objects must be 1, 2 or None, got {objects!r}")
+        raise AttnxValueError(f"objects must be 1, 2 or None, got {objects!r}")
     pool, pool_labels = load_fashion_mnist(split)
     g = torch.Generator().manual_seed(int(seed))
     if objects is None:

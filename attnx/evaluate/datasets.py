@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import AttnxValueError
 from .. import zoo
 from ..data import FashionMNISTNotFound, Scenes, make_scenes
 from ..data import rotten_tomatoes as rt
@@ -58,11 +59,11 @@ def evaluation_scenes(data: Scenes | None, num_scenes: int | None) -> tuple[Scen
     """
     if isinstance(data, Scenes):
         if num_scenes is not None:
-            raise ValueError("give scenes (data=) or num_scenes=, not both")
+            raise AttnxValueError("give scenes (data=) or num_scenes=, not both")
         return data, f"{len(data)} given scenes"
     if num_scenes is not None:
         if not isinstance(num_scenes, int) or num_scenes < 1:
-            raise ValueError(f"num_scenes must be a positive int, got {num_scenes!r}")
+            raise AttnxValueError(f"num_scenes must be a positive int, got {num_scenes!r}")
         info = zoo.vision.read_info()
         size = int(info.get("scene_kwargs", {}).get("size", info["image_size"][0]))
         a, b = (num_scenes + 1) // 2, num_scenes // 2
@@ -123,7 +124,7 @@ def image_transform(loaded: zoo.ZooModel) -> tuple[Callable, Any, Any, str]:
         return loaded.preprocess, loaded.mean, loaded.std, "the model's preprocessing"
     size = _model_input_size(loaded.model)
     if size is None:
-        raise ValueError("cannot tell this model's input size (no preprocessing known); evaluate it from Python "
+        raise AttnxValueError("cannot tell this model's input size (no preprocessing known); evaluate it from Python "
                          "with a model bundle (attnx.zoo.ZooModel) that has preprocess=")
     cfg = getattr(loaded.model, "pretrained_cfg", None) or {}
     mean, std = cfg.get("mean"), cfg.get("std")
@@ -156,7 +157,7 @@ def read_texts(data: Any, class_names: Sequence[str] | None) -> tuple[list[str],
         reader = csv.DictReader(f, delimiter=delimiter)
         fields = {(k or "").strip().lower(): k for k in reader.fieldnames or []}
         if "text" not in fields:
-            raise ValueError(f"{path} has no 'text' column (columns: {list(reader.fieldnames or [])}); "
+            raise AttnxValueError(f"{path} has no 'text' column (columns: {list(reader.fieldnames or [])}); "
                              "give a header line with text and (optionally) label")
         rows = list(reader)
     lookup = {_norm(c): i for i, c in enumerate(class_names or [])}
@@ -169,7 +170,7 @@ def read_texts(data: Any, class_names: Sequence[str] | None) -> tuple[list[str],
         elif raw and _norm(raw) in lookup:
             labels.append(lookup[_norm(raw)])
         elif raw:
-            raise ValueError(f"{path}: label {raw!r} is neither a class index nor one of the model's classes {list(class_names or [])}")
+            raise AttnxValueError(f"{path}: label {raw!r} is neither a class index nor one of the model's classes {list(class_names or [])}")
         else:
             labels.append(-1)
     return texts, labels, f"{path.name} ({len(texts)} texts)"

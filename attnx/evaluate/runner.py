@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 import attnx
 
+from ..errors import AttnxValueError
 from ..metrics import parameter_randomisation, randomisation_steps
 from . import sharding
 from .columns import BASELINES, RANDOMISATION_SEED
@@ -26,7 +27,7 @@ def _method_list(methods: Any, baselines: bool) -> list[str]:
         names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
         names = [m for m in names if m]
         if not names:
-            raise ValueError("no method given")
+            raise AttnxValueError("no method given")
     for m in names:
         attnx.get_method(m)  # raises, naming the methods there are
     out = list(dict.fromkeys(names))
@@ -103,26 +104,26 @@ def evaluate(
     League
     """
     if task not in ("vision", "text"):
-        raise ValueError(f"task must be 'vision' or 'text', got {task!r}")
+        raise AttnxValueError(f"task must be 'vision' or 'text', got {task!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise AttnxValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive int, got {limit!r}")
+        raise AttnxValueError(f"limit must be a positive int, got {limit!r}")
     if not isinstance(randomisation_samples, int) or isinstance(randomisation_samples, bool) or randomisation_samples < 0:
-        raise ValueError(f"randomisation_samples must be an int >= 0, got {randomisation_samples!r}")
+        raise AttnxValueError(f"randomisation_samples must be an int >= 0, got {randomisation_samples!r}")
     names = _method_list(methods, baselines)
     options = {k: dict(v) for k, v in (options or {}).items()}
     for m, opts in options.items():
         if m not in names:
-            raise ValueError(f"options given for {m!r}, which is not evaluated ({', '.join(names)})")
+            raise AttnxValueError(f"options given for {m!r}, which is not evaluated ({', '.join(names)})")
         attnx.get_method(m).check_options(opts)
     if shard is not None:
         shard = sharding.parse_shard(shard)
     use_dist = sharding.launched_distributed() if distributed is None else bool(distributed)
     if use_dist and shard is not None:
-        raise ValueError("shard= and a torch.distributed launch do not combine: under torchrun every rank is a shard")
+        raise AttnxValueError("shard= and a torch.distributed launch do not combine: under torchrun every rank is a shard")
     if task == "text" and num_scenes is not None:
-        raise ValueError("num_scenes applies to the vision task")
+        raise AttnxValueError("num_scenes applies to the vision task")
 
     dist = sharding.join_process_group() if use_dist else None
     with sharding.torch_threads(sharding.threads_per_rank() if dist is not None else None):
@@ -150,7 +151,7 @@ def _randomisation_settings(model: torch.nn.Module, samples: int) -> dict:
     try:
         steps = randomisation_steps(model)
     except ValueError as exc:
-        raise ValueError(f"parameter randomisation: {exc}; or leave the check out with randomisation_samples=0 "
+        raise AttnxValueError(f"parameter randomisation: {exc}; or leave the check out with randomisation_samples=0 "
                          "(attnx evaluate --randomisation-samples 0)") from None
     return {"samples": samples, "order": "cascade", "seed": RANDOMISATION_SEED,
             "steps": [name for name, _ in steps], "first": steps[0][0]}

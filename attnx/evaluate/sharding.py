@@ -25,6 +25,7 @@ import re
 from typing import Any, Iterator
 
 import torch
+from ..errors import AttnxValueError
 
 __all__ = [
     "all_gather",
@@ -44,15 +45,15 @@ def parse_shard(spec: Any) -> tuple[int, int]:
     if isinstance(spec, str):
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
         if not m:
-            raise ValueError(f"a shard is given as I/N (e.g. 0/4: the first of four shards), got {spec!r}")
+            raise AttnxValueError(f"a shard is given as I/N (e.g. 0/4: the first of four shards), got {spec!r}")
         i, n = int(m.group(1)), int(m.group(2))
     else:
         try:
             i, n = (int(v) for v in spec)
         except (TypeError, ValueError):
-            raise ValueError(f"a shard is given as 'I/N' or (I, N), got {spec!r}") from None
+            raise AttnxValueError(f"a shard is given as 'I/N' or (I, N), got {spec!r}") from None
     if n < 1 or not 0 <= i < n:
-        raise ValueError(f"shard {i}/{n}: need 0 <= I < N")
+        raise AttnxValueError(f"shard {i}/{n}: need 0 <= I < N")
     return i, n
 
 

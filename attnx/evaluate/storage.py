@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, TypeVar
 
 import numpy as np
+from ..errors import AttnxValueError
 
 __all__ = ["FORMAT", "SampleResults"]
 
@@ -95,7 +96,7 @@ class SampleResults:
         """Read a file written by :meth:`save`."""
         with np.load(path, allow_pickle=False) as z:
             if "format" not in z.files or str(z["format"]) != FORMAT:
-                raise ValueError(f"{path} is not a file written by League.save")
+                raise AttnxValueError(f"{path} is not a file written by League.save")
             head = json.loads(str(z["league"]))
             items = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("items/")}
             samples: dict[str, dict[str, np.ndarray]] = {m: {} for m in head["methods"]}
@@ -114,16 +115,16 @@ class SampleResults:
         or (unless ``allow_partial``) do not cover every sample."""
         parts = list(parts)
         if not parts:
-            raise ValueError("nothing to merge")
+            raise AttnxValueError("nothing to merge")
         first = parts[0]
         ref = _comparable(first.meta)
         for p in parts[1:]:
             if (p.task, p.kind, p.methods) != (first.task, first.kind, first.methods):
-                raise ValueError(f"cannot merge a {p.task}/{p.kind} league of {p.methods} with a "
+                raise AttnxValueError(f"cannot merge a {p.task}/{p.kind} league of {p.methods} with a "
                                  f"{first.task}/{first.kind} league of {first.methods}")
             diff = sorted(k for k in set(ref) | set(_comparable(p.meta)) if ref.get(k) != _comparable(p.meta).get(k))
             if diff:
-                raise ValueError(f"the shards were run with different settings ({', '.join(diff)}); "
+                raise AttnxValueError(f"the shards were run with different settings ({', '.join(diff)}); "
                                  "run every shard with the same options")
         full = [p for p in parts if len(p)]
         meta = dict(first.meta, shard=None)
@@ -139,7 +140,7 @@ class SampleResults:
         index = items["index"]
         if index.size > 1 and (np.diff(index) == 0).any():
             dup = index[1:][np.diff(index) == 0][:5].tolist()
-            raise ValueError(f"the shards overlap (samples {dup} twice): merge each shard once")
+            raise AttnxValueError(f"the shards overlap (samples {dup} twice): merge each shard once")
         total = int(meta["total"])
         if index.size != total and not allow_partial:
             shards = sorted({tuple(p.meta["shard"]) for p in parts if p.meta.get("shard")})
@@ -149,7 +150,7 @@ class SampleResults:
                 missing = sorted(set(range(n)) - {i for i, _ in shards})
                 if missing:
                     hint = f"; missing shard(s) {', '.join(f'{i}/{n}' for i in missing)}"
-            raise ValueError(f"the shards hold {index.size} of the {total} samples of this evaluation{hint}")
+            raise AttnxValueError(f"the shards hold {index.size} of the {total} samples of this evaluation{hint}")
         return cls(first.task, first.kind, list(first.methods), items, samples, meta)
 
 

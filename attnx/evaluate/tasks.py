@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import AttnxTypeError, AttnxValueError
 from .. import metrics, zoo
 from ..data import Scenes
 from ..data import rotten_tomatoes as rt
@@ -32,22 +33,22 @@ def _bundle(model: Any, kind: str) -> zoo.ZooModel:
         return model
     if isinstance(model, torch.nn.Module):
         if kind == "text":
-            raise TypeError("a text model needs its tokenizer: pass attnx.zoo.ZooModel(model, 'text', tokenizer=...)")
+            raise AttnxTypeError("a text model needs its tokenizer: pass attnx.zoo.ZooModel(model, 'text', tokenizer=...)")
         return zoo.ZooModel(model.eval(), "image")
     if model is None or isinstance(model, str):
         return zoo.load(model, "text" if kind == "text" else "image")
-    raise TypeError(f"model must be a name (see attnx.zoo.load), a ZooModel bundle or an nn.Module, got {type(model).__name__}")
+    raise AttnxTypeError(f"model must be a name (see attnx.zoo.load), a ZooModel bundle or an nn.Module, got {type(model).__name__}")
 
 
 def vision_task(model: Any, data: Any, num_scenes: int | None, deletion_steps: int, forward_batch_size: int) -> ImageTask:
     """The scenes task (``data`` ``None`` or scenes: the embedded model) or an image folder's."""
     if data is None or isinstance(data, Scenes):
         if model not in (None, "default"):
-            raise ValueError("the scenes are for the embedded vision model; to evaluate another model give "
+            raise AttnxValueError("the scenes are for the embedded vision model; to evaluate another model give "
                              "data=an image folder (one sub-folder per class)")
         return SceneTask(data, num_scenes, deletion_steps, forward_batch_size)
     if num_scenes is not None:
-        raise ValueError("num_scenes applies to the shipped scenes, not to data=")
+        raise AttnxValueError("num_scenes applies to the shipped scenes, not to data=")
     return FolderTask(model, data, deletion_steps, forward_batch_size)
 
 
@@ -63,7 +64,7 @@ class ImageTask:
 
     def _setup(self, loaded: zoo.ZooModel, deletion_steps: int, forward_batch_size: int) -> None:
         if not isinstance(deletion_steps, int) or deletion_steps < 1:
-            raise ValueError(f"deletion_steps must be a positive int, got {deletion_steps!r}")
+            raise AttnxValueError(f"deletion_steps must be a positive int, got {deletion_steps!r}")
         self.loaded = loaded
         self.model = loaded.model
         self.multi_label = loaded.multi_label
@@ -190,7 +191,7 @@ class FolderTask(ImageTask):
             raise FileNotFoundError(f"no such image folder: {root} (give a folder with one sub-folder of images per class)")
         loaded = _bundle(model, "image")
         if loaded.kind != "image":
-            raise ValueError(f"{model!r} is not an image classifier")
+            raise AttnxValueError(f"{model!r} is not an image classifier")
         transform, mean, std, how = image_transform(loaded)
         self.dataset = ImageFolder(str(root), transform=transform)
         if len(self.dataset) == 0:
@@ -250,10 +251,10 @@ class TextTask:
             rt.corpus_path()
         loaded = _bundle(model, "text")
         if loaded.kind != "text" or loaded.tokenizer is None:
-            raise ValueError(f"{model!r} is not a text classifier with a tokenizer")
+            raise AttnxValueError(f"{model!r} is not a text classifier with a tokenizer")
         self.texts, self.labels, dataset = read_texts(data, loaded.class_names)
         if not self.texts:
-            raise ValueError("no texts to evaluate")
+            raise AttnxValueError("no texts to evaluate")
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.fbs = forward_batch_size
         self.num_samples = len(self.texts)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import AttnxError, AttnxValueError
 from .coverage import Coverage
 from .registry import Registry, get_preset
 from .rules import Constant, Op, Rule, relay, safe_divide
@@ -45,7 +46,7 @@ _LINEAR_IF_ONE = frozenset(
 )
 
 
-class UncoveredOpError(RuntimeError):
+class UncoveredOpError(AttnxError, RuntimeError):
     """Raised in strict mode when a relevance-carrying op matches no rule."""
 
 
@@ -249,7 +250,7 @@ class LRPEngine(TorchFunctionMode):
         rule = self.registry.rule_for_function(func, list(self._stack))
         if rule is not None:
             if any(isinstance(c, str) for c in carrying):
-                raise ValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")
+                raise AttnxValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")
             out = rule(Op(func, args, kwargs, carrying, stack=list(self._stack), call=self.call, is_input=self.is_input))
             self.coverage[(name, rule.name)] += 1
             _count_uses(args, kwargs, out)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import AttnxTypeError, AttnxValueError
 from . import rules as R
 
 __all__ = ["Registry", "FUNCTION_ALIASES", "presets", "in_mlp", "in_attention", "get_preset"]
@@ -61,7 +62,7 @@ def _within_predicate(within: Any) -> Callable[[str, nn.Module], bool] | None:
         return lambda name, module: isinstance(module, within)
     if callable(within):
         return within
-    raise TypeError(f"within must be a module type, a tuple of types or a predicate, got {within!r}")
+    raise AttnxTypeError(f"within must be a module type, a tuple of types or a predicate, got {within!r}")
 
 
 _MLP_NAME = re.compile(r"(^|\.)(mlp|ffn|feed_forward|intermediate|output)(\.|$)|(^|\.)mlp[^.]*$", re.IGNORECASE)
@@ -111,10 +112,10 @@ class Registry:
     def register(self, key: Any, rule: R.Rule, *, within: Any = None) -> "Registry":
         """Map ``key`` (a module type or a torch function) to ``rule``; returns ``self``."""
         if not isinstance(rule, R.Rule):
-            raise TypeError(f"rule must be an attnx.lrp.rules.Rule, got {rule!r}")
+            raise AttnxTypeError(f"rule must be an attnx.lrp.rules.Rule, got {rule!r}")
         is_module = isinstance(key, type) and issubclass(key, nn.Module)
         if not is_module and not callable(key):
-            raise TypeError(f"key must be a module type or a torch function, got {key!r}")
+            raise AttnxTypeError(f"key must be a module type or a torch function, got {key!r}")
         self.entries.append(Entry(key, rule, _within_predicate(within), is_module))
         return self
 
@@ -252,5 +253,5 @@ def get_preset(preset: "str | Registry") -> Registry:
     if isinstance(preset, Registry):
         return preset
     if preset not in presets:
-        raise ValueError(f"unknown LRP preset {preset!r}; available: {sorted(presets)} or an attnx.lrp.Registry")
+        raise AttnxValueError(f"unknown LRP preset {preset!r}; available: {sorted(presets)} or an attnx.lrp.Registry")
     return presets[preset]()

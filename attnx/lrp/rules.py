@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import AttnxTypeError, AttnxValueError
 
 __all__ = [
     "Op",
@@ -162,7 +163,7 @@ class Identity(Rule):
         y = op.compute()
         x = op.inputs[0]
         if x.shape != y.shape:
-            raise ValueError(f"identity rule needs matching input/output shapes, got {tuple(x.shape)} -> {tuple(y.shape)}")
+            raise AttnxValueError(f"identity rule needs matching input/output shapes, got {tuple(x.shape)} -> {tuple(y.shape)}")
         xd, yd = x.detach(), y.detach()
         n = len(op.inputs)
 
@@ -191,9 +192,9 @@ def _linear_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
             return x, m.weight, m.bias, F.linear, {}
         if isinstance(m, nn.Conv2d):
             if m.padding_mode != "zeros":
-                raise ValueError("LRP rules support zero-padded convolutions only")
+                raise AttnxValueError("LRP rules support zero-padded convolutions only")
             return x, m.weight, m.bias, F.conv2d, dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
-        raise TypeError(f"{type(m).__name__} is not a linear or convolution module")
+        raise AttnxTypeError(f"{type(m).__name__} is not a linear or convolution module")
     if op.func is F.linear:
         names = ("input", "weight", "bias")
         bound = dict(zip(names, op.args))
@@ -205,7 +206,7 @@ def _linear_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
         bound.update(op.kwargs)
         extra = {k: bound[k] for k in names[3:] if k in bound}
         return bound["input"], bound["weight"], bound.get("bias"), F.conv2d, extra
-    raise TypeError(f"{op.func} is not F.linear or F.conv2d")
+    raise AttnxTypeError(f"{op.func} is not F.linear or F.conv2d")
 
 
 def _vjp(fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -214,7 +215,7 @@ def _vjp(fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, ext
         return grad.matmul(w)
     if fn is F.conv2d:
         return torch.nn.grad.conv2d_input(x.shape, w, grad, **extra)
-    raise TypeError(f"no vector-Jacobian product for {fn}")
+    raise AttnxTypeError(f"no vector-Jacobian product for {fn}")
 
 
 class _LinearRule(Rule):
@@ -224,7 +225,7 @@ class _LinearRule(Rule):
         x, w, b, fn, extra = _linear_parts(op)
         y = op.compute()
         if op.module is None and op.carrying != [0]:
-            raise ValueError(f"{self.name} rule: only the input of a linear op may carry relevance")
+            raise AttnxValueError(f"{self.name} rule: only the input of a linear op may carry relevance")
         xd, yd = x.detach(), y.detach()
         wd = w.detach()
         bd = None if b is None else b.detach()
@@ -337,10 +338,10 @@ def _operands(op: Op) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tens
         eq = op.args[0]
         operands = op.args[1] if len(op.args) == 2 and isinstance(op.args[1], (list, tuple)) else op.args[1:]
         if len(operands) != 2:
-            raise ValueError("the bilinear rule handles einsum with two operands only")
+            raise AttnxValueError("the bilinear rule handles einsum with two operands only")
         return (lambda a, b: torch.einsum(eq, a, b)), operands[0], operands[1]
     if len(op.args) != 2:
-        raise ValueError(f"the bilinear rule expects two operands, got {len(op.args)} arguments")
+        raise AttnxValueError(f"the bilinear rule expects two operands, got {len(op.args)} arguments")
     func = op.func
     return (lambda a, b: func(a, b)), op.args[0], op.args[1]
 
@@ -405,7 +406,7 @@ class NormalizedAdd(Rule):
 
     def __call__(self, op: Op) -> Any:
         if op.func in (torch.add, torch.Tensor.add) and (len(op.args) > 2 or "alpha" in op.kwargs):
-            raise ValueError("normalized-add does not support add(..., alpha=...)")
+            raise AttnxValueError("normalized-add does not support add(..., alpha=...)")
         u, v = op.args[0], op.args[1]
         both = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (u, v))
         absorbing = both and (self.constants or all(i in op.carrying or op.args[i].requires_grad for i in (0, 1)))

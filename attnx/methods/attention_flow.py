@@ -43,6 +43,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import AttnxValueError
 from ..trace import Needs
 from .options import DISCARD_RATIO, HEAD_FUSION, START_LAYER
 from .propagation import check_start_layer, fuse_heads
@@ -59,9 +60,9 @@ def _units(capacities: np.ndarray) -> np.ndarray:
     """Capacities in [0, 1] -> int32 multiples of ``1 / RESOLUTION`` (rounded to nearest)."""
     c = np.asarray(capacities, dtype=np.float64)
     if not np.isfinite(c).all():
-        raise ValueError("attention flow: capacities must be finite")
+        raise AttnxValueError("attention flow: capacities must be finite")
     if c.size and (c.min() < -1e-6 or c.max() > 1 + 1e-6):
-        raise ValueError(f"attention flow: capacities must lie in [0, 1], got [{c.min():.3g}, {c.max():.3g}]")
+        raise AttnxValueError(f"attention flow: capacities must lie in [0, 1], got [{c.min():.3g}, {c.max():.3g}]")
     return np.rint(np.clip(c, 0.0, 1.0) * RESOLUTION).astype(np.int32)
 
 
@@ -88,12 +89,12 @@ def max_flows(matrices: np.ndarray, source: np.ndarray) -> np.ndarray:
 
     matrices = np.asarray(matrices)
     if matrices.ndim != 3 or matrices.shape[1] != matrices.shape[2] or matrices.shape[0] == 0:
-        raise ValueError(f"matrices must be (L, n, n) with L >= 1, got {matrices.shape}")
+        raise AttnxValueError(f"matrices must be (L, n, n) with L >= 1, got {matrices.shape}")
     L, n, _ = matrices.shape
     caps = _units(matrices)
     src = _units(source).reshape(-1)
     if src.shape != (n,):
-        raise ValueError(f"source must have {n} entries, got {src.shape}")
+        raise AttnxValueError(f"source must have {n} entries, got {src.shape}")
 
     # nodes reachable from the readout through positive capacities, per boundary (top down)
     reach = [None] * (L + 1)

@@ -14,6 +14,7 @@ import hashlib
 import numpy as np
 import torch
 
+from ..errors import AttnxTypeError
 from ..lrp.registry import Registry
 from ..lrp.rules import Passthrough
 from ..trace import Needs
@@ -51,7 +52,7 @@ def random_relevance(num_tokens: int, seed: int, digest: list[int] = ()) -> np.n
 
 def non_negative_seed(seed: int) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+        raise AttnxTypeError(f"seed must be a non-negative int, got {seed!r}")
     return seed
 
 

@@ -1,6 +1,7 @@
 """Options shared by several methods, declared once (each method may change the default)."""
 from __future__ import annotations
 
+from ..errors import AttnxValueError
 from ..lrp.registry import Registry, presets
 from .registry import Option
 
@@ -9,7 +10,7 @@ def preset_or_registry(value):
     """A preset name from ``attnx.lrp.presets`` or an :class:`attnx.lrp.Registry`."""
     if isinstance(value, Registry) or (isinstance(value, str) and value in presets):
         return value
-    raise ValueError(f"unknown LRP preset {value!r}; available: {sorted(presets)} or an attnx.lrp.Registry")
+    raise AttnxValueError(f"unknown LRP preset {value!r}; available: {sorted(presets)} or an attnx.lrp.Registry")
 
 
 HEAD_FUSION = Option("head_fusion", "mean", "how the heads of a layer are fused", kind=str, choices=("mean", "max", "min"))

@@ -5,6 +5,7 @@ from typing import Iterable
 
 import torch
 
+from ..errors import AttnxTypeError, AttnxValueError
 from ..layout import Readout
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -18,7 +19,7 @@ def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tens
         return attention.amax(dim=1)
     if head_fusion == "min":
         return attention.amin(dim=1)
-    raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+    raise AttnxValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
 
 
 def discard_lowest(fused: torch.Tensor, discard_ratio: float, readout: Readout) -> torch.Tensor:
@@ -28,7 +29,7 @@ def discard_lowest(fused: torch.Tensor, discard_ratio: float, readout: Readout) 
     is never discarded; for each sample ``floor(discard_ratio * #candidates)`` entries are zeroed.
     """
     if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        raise AttnxValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if discard_ratio == 0.0:
         return fused
     B, N, _ = fused.shape
@@ -49,7 +50,7 @@ def rollout_row(matrices: Iterable[torch.Tensor], readout: Readout) -> torch.Ten
     forward order (``M_1`` first), computed as a row vector from the last layer down: O(L N^2)."""
     matrices = list(matrices)
     if not matrices:
-        raise ValueError("no layers to roll out (check start_layer)")
+        raise AttnxValueError("no layers to roll out (check start_layer)")
     row = readout.row(matrices[-1])
     for m in reversed(matrices[:-1]):
         row = torch.bmm(row.unsqueeze(1), m).squeeze(1)
@@ -59,8 +60,8 @@ def rollout_row(matrices: Iterable[torch.Tensor], readout: Readout) -> torch.Ten
 def check_start_layer(start_layer: int, num_layers: int, option: str = "start_layer") -> int:
     """``start_layer`` as an index in ``[0, num_layers)``; ``option`` names it in errors."""
     if not isinstance(start_layer, int) or isinstance(start_layer, bool):
-        raise TypeError(f"{option} must be an int, got {start_layer!r}")
+        raise AttnxTypeError(f"{option} must be an int, got {start_layer!r}")
     s = start_layer + num_layers if start_layer < 0 else start_layer
     if not 0 <= s < num_layers:
-        raise ValueError(f"{option} {start_layer} is out of range for a model with {num_layers} layers")
+        raise AttnxValueError(f"{option} {start_layer} is out of range for a model with {num_layers} layers")
     return s

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import AttnxTypeError, AttnxValueError
 from ..trace import Needs
 
 __all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "register_method", "unregister_method"]
@@ -68,17 +69,17 @@ class Option:
             return value
         if self.choices is not None:
             if value not in self.choices or isinstance(value, bool) != isinstance(self.choices[0], bool):
-                raise ValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
+                raise AttnxValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
         elif self.kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-            raise TypeError(f"{self.name} must be an int, got {value!r}")
+            raise AttnxTypeError(f"{self.name} must be an int, got {value!r}")
         elif self.kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise TypeError(f"{self.name} must be a number, got {value!r}")
+            raise AttnxTypeError(f"{self.name} must be a number, got {value!r}")
         elif self.kind is bool and not isinstance(value, bool):
-            raise TypeError(f"{self.name} must be True or False, got {value!r}")
+            raise AttnxTypeError(f"{self.name} must be True or False, got {value!r}")
         if self.bounds is not None:
             low, high = self.bounds
             if not (low <= value and (value < high if self.high_open else value <= high)):
-                raise ValueError(f"{self.name} must be in [{low}, {high}{')' if self.high_open else ']'}, got {value}")
+                raise AttnxValueError(f"{self.name} must be in [{low}, {high}{')' if self.high_open else ']'}, got {value}")
         return value if self.check is None else self.check(value)
 
     def parse(self, text: str) -> Any:
@@ -99,7 +100,7 @@ class Option:
                 return float(text)
         except ValueError:
             kind = {bool: "true or false", int: "an int", float: "a number"}[self.kind]
-            raise ValueError(f"{self.name} must be {kind}, got {text!r}") from None
+            raise AttnxValueError(f"{self.name} must be {kind}, got {text!r}") from None
         return text
 
     def describe(self) -> str:
@@ -157,13 +158,13 @@ class Method:
                 return o
         raise self.unknown([name])
 
-    def unknown(self, names: Sequence[str]) -> TypeError:
+    def unknown(self, names: Sequence[str]) -> AttnxTypeError:
         known = ", ".join(o.describe() for o in self.option_specs) or "none"
         hint = ""
         close = difflib.get_close_matches(names[0], [o.name for o in self.option_specs], n=1)
         if close:
             hint = f" (did you mean {close[0]!r}?)"
-        return TypeError(f"method {self.name!r} got unknown option(s) {sorted(names)}; its options: {known}{hint}")
+        return AttnxTypeError(f"method {self.name!r} got unknown option(s) {sorted(names)}; its options: {known}{hint}")
 
     def check_options(self, options: dict) -> None:
         unknown = sorted(set(options) - {o.name for o in self.option_specs})
@@ -203,7 +204,7 @@ def check_declaration(name: str, fn: Callable, options: Sequence[Option]) -> Non
             continue
         p = params.get(o.name)
         if p is None or (p.default is not p.empty and p.default != o.default):
-            raise TypeError(f"method {name!r}: option {o.name!r} does not match the parameters of {fn.__name__}")
+            raise AttnxTypeError(f"method {name!r}: option {o.name!r} does not match the parameters of {fn.__name__}")
 
 
 def register_method(
@@ -251,7 +252,7 @@ def get_method(name: str) -> Method:
     if not isinstance(name, str) or name not in _METHODS:
         close = difflib.get_close_matches(name, list(_METHODS), n=1) if isinstance(name, str) else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown method {name!r}; available: {list_methods()}{hint}")
+        raise AttnxValueError(f"unknown method {name!r}; available: {list_methods()}{hint}")
     return _METHODS[name]
 
 

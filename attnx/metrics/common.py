@@ -6,6 +6,7 @@ from typing import Any, Union
 
 import torch
 
+from ..errors import AttnxTypeError, AttnxValueError
 from ..explanation import Explanation
 
 __all__ = ["Relevance", "bool_mask", "check_finite", "infer_grid", "ranks_descending"]
@@ -25,7 +26,7 @@ def ranks_descending(key: torch.Tensor) -> torch.Tensor:
 def check_finite(t: torch.Tensor, name: str) -> None:
     """Raise if ``t`` holds NaN or infinite values (``name`` says which input)."""
     if t.is_floating_point() and not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise AttnxValueError(f"{name} contains NaN or infinite values")
 
 
 def infer_grid(P: int, H: int, W: int) -> tuple[int, int]:
@@ -35,7 +36,7 @@ def infer_grid(P: int, H: int, W: int) -> tuple[int, int]:
         w = P // h
         if H % h == 0 and W % w == 0 and H // h == W // w:
             return h, w
-    raise ValueError(
+    raise AttnxValueError(
         f"cannot infer the patch grid of {P} patch scores for a {H}x{W} image; pass grid=(h, w)"
     )
 
@@ -43,11 +44,11 @@ def infer_grid(P: int, H: int, W: int) -> tuple[int, int]:
 def bool_mask(mask: Any, shape: tuple, name: str) -> torch.Tensor:
     """``mask`` as a bool tensor of ``shape``; 0/1 tensors are accepted, anything else is an error."""
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(mask).__name__}")
+        raise AttnxTypeError(f"{name} must be a tensor, got {type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"expected {name} of shape {tuple(shape)}, got {tuple(mask.shape)}")
+        raise AttnxValueError(f"expected {name} of shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.dtype == torch.bool:
         return mask
     if mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
-        raise ValueError(f"{name} must be boolean (or hold only 0 and 1)")
+        raise AttnxValueError(f"{name} must be boolean (or hold only 0 and 1)")
     return mask.bool()

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import AttnxTypeError, AttnxValueError
 from ..explanation import Explanation
 from .common import Relevance, check_finite, infer_grid, ranks_descending
 from .measures import (
@@ -98,15 +99,15 @@ class Curve:
         """Concatenate the curves of several batches (same fractions, measure and protocol)."""
         curves = list(curves)
         if not curves:
-            raise ValueError("Curve.cat needs at least one curve")
+            raise AttnxValueError("Curve.cat needs at least one curve")
         first = curves[0]
         for c in curves[1:]:
             if c.fractions.shape != first.fractions.shape or not torch.allclose(
                 c.fractions.cpu().double(), first.fractions.cpu().double()
             ):
-                raise ValueError("cannot concatenate curves with different fractions")
+                raise AttnxValueError("cannot concatenate curves with different fractions")
             if (c.measure, c.protocol) != (first.measure, first.protocol):
-                raise ValueError(
+                raise AttnxValueError(
                     f"cannot concatenate a {c.protocol!r}/{c.measure!r} curve with a {first.protocol!r}/{first.measure!r} one"
                 )
         values = torch.cat([c.values.to(first.values.device) for c in curves], dim=0)
@@ -121,24 +122,24 @@ class Curve:
 
 def _check_images(inputs: Any) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
-        raise TypeError(
+        raise AttnxTypeError(
             f"expected an image batch tensor (B, C, H, W), got {type(inputs).__name__}; for models that take "
             "other arguments pass model=lambda x: ... and the pixel tensor"
         )
     if inputs.dim() != 4 or not inputs.is_floating_point():
-        raise ValueError(f"expected a floating image batch (B, C, H, W), got shape {tuple(inputs.shape)} and dtype {inputs.dtype}")
+        raise AttnxValueError(f"expected a floating image batch (B, C, H, W), got shape {tuple(inputs.shape)} and dtype {inputs.dtype}")
     return inputs
 
 
 def _image_relevance(relevance: Relevance, B: int, H: int, W: int, granularity: str, grid: tuple[int, int] | None):
     """The relevance as ``(B, n)`` with its grid: ``None`` for pixels (n = H*W), ``(h, w)`` for patches."""
     if granularity not in ("pixel", "patch"):
-        raise ValueError(f"granularity must be 'pixel' or 'patch', got {granularity!r}")
+        raise AttnxValueError(f"granularity must be 'pixel' or 'patch', got {granularity!r}")
     if isinstance(relevance, Explanation):
         if relevance.grid is None:
-            raise ValueError("this explanation is of text; use token_deletion_curve for text models")
+            raise AttnxValueError("this explanation is of text; use token_deletion_curve for text models")
         if len(relevance) != B:
-            raise ValueError(f"the explanation has {len(relevance)} samples but the input batch has {B}")
+            raise AttnxValueError(f"the explanation has {len(relevance)} samples but the input batch has {B}")
         if granularity == "pixel":
             maps = relevance.heatmap(size=(H, W))
         else:
@@ -150,26 +151,26 @@ def _image_relevance(relevance: Relevance, B: int, H: int, W: int, granularity: 
         if maps.dim() == 2:  # (B, P) patch scores
             g = tuple(grid) if grid is not None else infer_grid(maps.shape[1], H, W)
             if g[0] * g[1] != maps.shape[1]:
-                raise ValueError(f"grid {g} does not hold the {maps.shape[1]} patch scores")
+                raise AttnxValueError(f"grid {g} does not hold the {maps.shape[1]} patch scores")
             maps = maps.reshape(maps.shape[0], *g)
         if maps.dim() != 3:
-            raise ValueError(
+            raise AttnxValueError(
                 f"expected relevance of shape (B, H, W), (B, h, w), (B, P) or (B, C, H, W), got {tuple(relevance.shape)}"
             )
         if maps.shape[0] != B:
-            raise ValueError(f"the relevance has {maps.shape[0]} samples but the input batch has {B}")
+            raise AttnxValueError(f"the relevance has {maps.shape[0]} samples but the input batch has {B}")
         if not maps.is_floating_point():
             maps = maps.float()
         if granularity == "pixel" and tuple(maps.shape[-2:]) != (H, W):
             maps = F.interpolate(maps[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
     else:
-        raise TypeError(f"relevance must be an attnx Explanation or a tensor, got {type(relevance).__name__}")
+        raise AttnxTypeError(f"relevance must be an attnx Explanation or a tensor, got {type(relevance).__name__}")
     check_finite(maps, "relevance")
     if granularity == "pixel":
         return maps.reshape(B, H * W), None
     h, w = maps.shape[-2:]
     if H % h or W % w:
-        raise ValueError(f"a {h}x{w} patch grid does not tile a {H}x{W} image")
+        raise AttnxValueError(f"a {h}x{w} patch grid does not tile a {H}x{W} image")
     return maps.reshape(B, h * w), (h, w)
 
 
@@ -178,7 +179,7 @@ def _channel_vector(v: Any, C: int, like: torch.Tensor, name: str) -> torch.Tens
     if t.numel() == 1:
         t = t.expand(C)
     if t.numel() != C:
-        raise ValueError(f"{name} must have one value per channel ({C}), got {t.numel()}")
+        raise AttnxValueError(f"{name} must have one value per channel ({C}), got {t.numel()}")
     return t.view(1, C, 1, 1)
 
 
@@ -188,7 +189,7 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) ->
     The defaults and the zero padding follow RISE's insertion substrate (kernel 11, σ = 5).
     """
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
+        raise AttnxValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
     C = x.shape[1]
     r = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - kernel_size // 2
     g = torch.exp(-(r**2) / (2 * sigma**2))
@@ -201,19 +202,19 @@ def _fill_values(baseline: Any, x: torch.Tensor, mean: Any, std: Any) -> torch.T
     """The value each removed pixel takes, broadcast to ``x``'s shape."""
     B, C, H, W = x.shape
     if (mean is None) != (std is None):
-        raise ValueError("pass both mean and std (the input normalisation) or neither")
+        raise AttnxValueError("pass both mean and std (the input normalisation) or neither")
     if isinstance(baseline, str):
         if baseline == "mean":
             fill = x.mean(dim=(2, 3), keepdim=True)
         elif baseline == "blur":
             fill = gaussian_blur(x)
         else:
-            raise ValueError(f"unknown baseline {baseline!r}: use a number, 'mean', 'blur', a tensor or a callable")
+            raise AttnxValueError(f"unknown baseline {baseline!r}: use a number, 'mean', 'blur', a tensor or a callable")
     elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
         if mean is not None:  # a value in pixel space, mapped through the input normalisation
             m, s = _channel_vector(mean, C, x, "mean"), _channel_vector(std, C, x, "std")
             if (s == 0).any():
-                raise ValueError("std must be non-zero")
+                raise AttnxValueError("std must be non-zero")
             fill = (float(baseline) - m) / s
         else:
             fill = x.new_full((1, 1, 1, 1), float(baseline))
@@ -225,15 +226,15 @@ def _fill_values(baseline: Any, x: torch.Tensor, mean: Any, std: Any) -> torch.T
         with torch.no_grad():
             fill = baseline(x)
         if not isinstance(fill, torch.Tensor):
-            raise TypeError(f"a baseline callable must return a tensor, got {type(fill).__name__}")
+            raise AttnxTypeError(f"a baseline callable must return a tensor, got {type(fill).__name__}")
         fill = fill.detach().to(device=x.device, dtype=x.dtype)
     else:
-        raise TypeError(f"baseline must be a number, 'mean', 'blur', a tensor or a callable, got {baseline!r}")
+        raise AttnxTypeError(f"baseline must be a number, 'mean', 'blur', a tensor or a callable, got {baseline!r}")
     try:
         if torch.broadcast_shapes(fill.shape, x.shape) != x.shape:
             raise RuntimeError
     except RuntimeError:
-        raise ValueError(
+        raise AttnxValueError(
             f"a baseline of shape {tuple(fill.shape)} does not broadcast to the input {tuple(x.shape)} "
             "(expected (C,), (C, H, W), (B, C, H, W) or a scalar)"
         ) from None
@@ -278,7 +279,7 @@ def _image_curve(
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
     fr = [float(f) for f in fractions]
     if not fr or any(not (0 < f <= 1) for f in fr) or any(b <= a for a, b in zip(fr, fr[1:])):
-        raise ValueError(f"fractions must be increasing values in (0, 1], got {list(fractions)}")
+        raise AttnxValueError(f"fractions must be increasing values in (0, 1], got {list(fractions)}")
     return fr
 
 
@@ -368,7 +369,7 @@ def perturbation_curve(
         ``auc(normalize=True)`` divides by the x-range.
     """
     if mode not in ("positive", "negative"):
-        raise ValueError(f"mode must be 'positive' (most relevant removed first) or 'negative', got {mode!r}")
+        raise AttnxValueError(f"mode must be 'positive' (most relevant removed first) or 'negative', got {mode!r}")
     fr = _check_fractions(fractions)
     x = _check_images(inputs)
     n = x.shape[-2] * x.shape[-1]
@@ -385,15 +386,15 @@ def perturbation_curve(
 
 def _step_counts(n: int, steps: int | None, step_size: int | None, default_step: int) -> tuple[list[int], list[float]]:
     if steps is not None and step_size is not None:
-        raise ValueError("pass steps or step_size, not both")
+        raise AttnxValueError("pass steps or step_size, not both")
     if steps is not None:
         if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+            raise AttnxValueError(f"steps must be a positive int, got {steps!r}")
         counts = [(i * n) // steps for i in range(steps + 1)]
         return counts, [i / steps for i in range(steps + 1)]
     size = default_step if step_size is None else step_size
     if not isinstance(size, int) or size < 1:
-        raise ValueError(f"step_size must be a positive int, got {step_size!r}")
+        raise AttnxValueError(f"step_size must be a positive int, got {step_size!r}")
     total = -(-n // size)
     return [min(i * size, n) for i in range(total + 1)], [i / total for i in range(total + 1)]
 

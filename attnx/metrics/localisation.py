@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..errors import AttnxTypeError, AttnxValueError
 from ..explanation import Explanation
 from ..layout import normalize_per_sample
 from .common import Relevance, bool_mask, check_finite, infer_grid
@@ -44,7 +45,7 @@ _SPACING = 2.220446049250313e-16
 def _masks(masks: Any, name: str = "masks") -> torch.Tensor:
     if not isinstance(masks, torch.Tensor) or masks.dim() != 3:
         got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-        raise ValueError(f"expected {name} as a (B, H, W) boolean tensor, got {got}")
+        raise AttnxValueError(f"expected {name} as a (B, H, W) boolean tensor, got {got}")
     return bool_mask(masks, tuple(masks.shape), name)
 
 
@@ -53,9 +54,9 @@ def _maps(maps: Relevance, B: int, size: tuple[int, int], *, normalise: bool) ->
     H, W = size
     if isinstance(maps, Explanation):
         if maps.grid is None:
-            raise ValueError("this explanation is of text; localisation metrics need image maps")
+            raise AttnxValueError("this explanation is of text; localisation metrics need image maps")
         if len(maps) != B:
-            raise ValueError(f"the explanation has {len(maps)} samples but the masks {B}")
+            raise AttnxValueError(f"the explanation has {len(maps)} samples but the masks {B}")
         if normalise:
             return maps.heatmap(size=size)
         pixels = maps.pixel_relevance
@@ -70,11 +71,11 @@ def _maps(maps: Relevance, B: int, size: tuple[int, int], *, normalise: bool) ->
         if out.dim() == 2:
             out = out.reshape(out.shape[0], *infer_grid(out.shape[1], H, W))
         if out.dim() != 3:
-            raise ValueError(f"expected maps of shape (B, H, W) (or (B, h, w), (B, P), (B, C, H, W)), got {tuple(maps.shape)}")
+            raise AttnxValueError(f"expected maps of shape (B, H, W) (or (B, h, w), (B, P), (B, C, H, W)), got {tuple(maps.shape)}")
         if out.shape[0] != B:
-            raise ValueError(f"the maps have {out.shape[0]} samples but the masks {B}")
+            raise AttnxValueError(f"the maps have {out.shape[0]} samples but the masks {B}")
     else:
-        raise TypeError(f"maps must be an attnx Explanation or a tensor, got {type(maps).__name__}")
+        raise AttnxTypeError(f"maps must be an attnx Explanation or a tensor, got {type(maps).__name__}")
     if not out.is_floating_point():
         out = out.float()
     if tuple(out.shape[-2:]) != (H, W):  # patch maps are upsampled as the reference does
@@ -91,7 +92,7 @@ def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     ``average_precision_score``; 0 for a row without positives.
     """
     if scores.shape != labels.shape or scores.dim() != 2:
-        raise ValueError(f"expected scores and labels of the same (B, n) shape, got {tuple(scores.shape)} and {tuple(labels.shape)}")
+        raise AttnxValueError(f"expected scores and labels of the same (B, n) shape, got {tuple(scores.shape)} and {tuple(labels.shape)}")
     B, n = scores.shape
     s, order = scores.sort(dim=1, descending=True, stable=True)
     y = labels.gather(1, order).to(torch.float64)
@@ -238,7 +239,7 @@ def pointing_game(maps: Relevance, masks: torch.Tensor, tolerance: float = 0) ->
     m = _masks(masks)
     B, H, W = m.shape
     if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+        raise AttnxValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
     maps = _maps(maps, B, (H, W), normalise=False).to(m.device)
     idx = maps.reshape(B, -1).argmax(dim=1)
     if tolerance == 0:
@@ -293,7 +294,7 @@ def class_discrimination(
     """
     a, b = _masks(mask_target, "mask_target"), _masks(mask_other, "mask_other")
     if a.shape != b.shape:
-        raise ValueError(f"mask_target {tuple(a.shape)} and mask_other {tuple(b.shape)} differ in shape")
+        raise AttnxValueError(f"mask_target {tuple(a.shape)} and mask_other {tuple(b.shape)} differ in shape")
     ma, mb = relevance_mass(relevance, a).double(), relevance_mass(relevance, b).double()
     if area_normalized:
         n = a.shape[1] * a.shape[2]

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
+from ..errors import AttnxTypeError, AttnxValueError
 from ..explanation import Explanation
 
 __all__ = [
@@ -46,7 +47,7 @@ def _logits_of(output: Any) -> torch.Tensor:
         return output["logits"]
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
+    raise AttnxTypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
 
 
 def _forward(model: Callable, inputs: Any) -> torch.Tensor:
@@ -55,7 +56,7 @@ def _forward(model: Callable, inputs: Any) -> torch.Tensor:
         out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     logits = _logits_of(out).detach()
     if logits.dim() != 2:
-        raise ValueError(f"expected the model to return logits of shape (B, C), got {tuple(logits.shape)}")
+        raise AttnxValueError(f"expected the model to return logits of shape (B, C), got {tuple(logits.shape)}")
     return logits
 
 
@@ -63,7 +64,7 @@ def forward_chunked(model: Callable, batch: int, batch_size: int | None, select:
     """Logits of the unperturbed inputs, at most ``batch_size`` samples per call."""
     step = batch if not batch_size else int(batch_size)
     if step < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise AttnxValueError(f"batch_size must be a positive int, got {batch_size!r}")
     parts = [_forward(model, select(torch.arange(s, min(s + step, batch)))) for s in range(0, batch, step)]
     return torch.cat(parts, dim=0)
 
@@ -71,21 +72,21 @@ def forward_chunked(model: Callable, batch: int, batch_size: int | None, select:
 def class_vector(value: Any, batch: int, num_classes: int, device: torch.device, name: str) -> torch.Tensor:
     """``value`` (an int, ``B`` ints or a tensor) as a ``(B,)`` long tensor of valid classes."""
     if isinstance(value, (bool, float)) or (callable(value) and not isinstance(value, torch.Tensor)):
-        raise TypeError(f"{name} must be an int, a sequence of ints or an integer tensor, got {value!r}")
+        raise AttnxTypeError(f"{name} must be an int, a sequence of ints or an integer tensor, got {value!r}")
     if isinstance(value, int):
         classes = torch.full((batch,), value, dtype=torch.long, device=device)
     else:
         classes = torch.as_tensor(value, device=device)
         if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
-            raise TypeError(f"{name} must hold integer classes, got dtype {classes.dtype}")
+            raise AttnxTypeError(f"{name} must hold integer classes, got dtype {classes.dtype}")
         classes = classes.long().reshape(-1)
         if classes.numel() == 1 and batch > 1:
             classes = classes.expand(batch)
         if classes.numel() != batch:
-            raise ValueError(f"got {classes.numel()} {name} values for a batch of {batch} samples")
+            raise AttnxValueError(f"got {classes.numel()} {name} values for a batch of {batch} samples")
     bad = (classes < 0) | (classes >= num_classes)
     if bad.any():
-        raise ValueError(
+        raise AttnxValueError(
             f"{name} class {classes[bad][0].item()} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
         )
     return classes
@@ -105,11 +106,11 @@ def measure_name(measure: Measure) -> str:
     """The name a curve records for ``measure`` (a preset's own, else the callable's ``__name__``)."""
     if isinstance(measure, str):
         if measure not in MEASURES:
-            raise ValueError(f"unknown measure {measure!r}; choose one of {list(MEASURES)} or pass a callable (logits, target) -> (B,)")
+            raise AttnxValueError(f"unknown measure {measure!r}; choose one of {list(MEASURES)} or pass a callable (logits, target) -> (B,)")
         return measure
     if callable(measure):
         return getattr(measure, "__name__", type(measure).__name__)
-    raise TypeError(f"measure must be one of {list(MEASURES)} or a callable (logits, target) -> (B,), got {measure!r}")
+    raise AttnxTypeError(f"measure must be one of {list(MEASURES)} or a callable (logits, target) -> (B,), got {measure!r}")
 
 
 def apply_measure(measure: Measure, logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -119,7 +120,7 @@ def apply_measure(measure: Measure, logits: torch.Tensor, target: torch.Tensor, 
         v = measure(logits, target)
         if not isinstance(v, torch.Tensor) or v.shape != (logits.shape[0],):
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"a measure must return a tensor of shape ({logits.shape[0]},), one value per sample; got {got}")
+            raise AttnxValueError(f"a measure must return a tensor of shape ({logits.shape[0]},), one value per sample; got {got}")
         return v.detach().to(lf.dtype)
     picked = lf.gather(1, target[:, None])[:, 0]
     if measure == "accuracy":
@@ -151,7 +152,7 @@ def run_points(
     jobs = todo.reshape(-1).nonzero().flatten().cpu()
     step = B if not batch_size else int(batch_size)
     if step < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        raise AttnxValueError(f"batch_size must be a positive int, got {batch_size!r}")
     for s in range(0, jobs.numel(), step):
         j = jobs[s : s + step]
         k_idx, b_idx = j // B, j % B

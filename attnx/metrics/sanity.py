@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import AttnxTypeError, AttnxValueError
 from ..explainer import Explainer
 from ..explanation import Explanation
 from .common import Relevance, bool_mask
@@ -28,10 +29,10 @@ def _rows(a: Any, name: str) -> torch.Tensor:
     if isinstance(a, Explanation):
         a = a.scores
     if not isinstance(a, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or an Explanation, got {type(a).__name__}")
+        raise AttnxTypeError(f"{name} must be a tensor or an Explanation, got {type(a).__name__}")
     a = a.detach()
     if a.dim() < 2:
-        raise ValueError(f"{name} must have a batch dimension: (B, ...), got shape {tuple(a.shape)}")
+        raise AttnxValueError(f"{name} must have a batch dimension: (B, ...), got shape {tuple(a.shape)}")
     return a.reshape(a.shape[0], -1).to(torch.float64)
 
 
@@ -52,7 +53,7 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
 def _pair(a: Relevance, b: Relevance, mask: torch.Tensor | None):
     x, y = _rows(a, "a"), _rows(b, "b")
     if x.shape != y.shape:
-        raise ValueError(f"cannot correlate maps of shapes {tuple(x.shape)} and {tuple(y.shape)}")
+        raise AttnxValueError(f"cannot correlate maps of shapes {tuple(x.shape)} and {tuple(y.shape)}")
     y = y.to(x.device)
     if mask is not None:
         mask = bool_mask(mask.reshape(x.shape[0], -1) if isinstance(mask, torch.Tensor) else mask, tuple(x.shape), "mask")
@@ -161,7 +162,7 @@ def randomisation_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
         if count > best_count:
             best, best_count = (cname, [k for k, _ in kids]), count
     if best is None:
-        raise ValueError("cannot find the stack of Transformer blocks of this model; pass layers=[module names, top first]")
+        raise AttnxValueError("cannot find the stack of Transformer blocks of this model; pass layers=[module names, top first]")
     cname, kids = best
     prefix = f"{cname}." if cname else ""
     blocks = [(f"{prefix}{k}", [n for n in names if n.startswith(f"{prefix}{k}.")]) for k in kids]
@@ -188,7 +189,7 @@ def _named_steps(model: nn.Module, layers: Sequence[str]) -> list[tuple[str, lis
         elif name in params:
             steps.append((name, [name]))
         else:
-            raise ValueError(f"{name!r} is neither a module nor a parameter of the model")
+            raise AttnxValueError(f"{name!r} is neither a module nor a parameter of the model")
     return steps
 
 
@@ -256,11 +257,11 @@ def parameter_randomisation(
         ``spearman``, ``spearman_abs`` and ``pearson`` ``(S, B)`` against the original map.
     """
     if order not in ("cascade", "independent"):
-        raise ValueError(f"order must be 'cascade' or 'independent', got {order!r}")
+        raise AttnxValueError(f"order must be 'cascade' or 'independent', got {order!r}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"parameter_randomisation needs an nn.Module to copy, got {type(model).__name__}")
+        raise AttnxTypeError(f"parameter_randomisation needs an nn.Module to copy, got {type(model).__name__}")
     if not (isinstance(method, str) or callable(method)):
-        raise TypeError(f"method must be an attnx method name or a callable, got {method!r}")
+        raise AttnxTypeError(f"method must be an attnx method name or a callable, got {method!r}")
     work = copy.deepcopy(model)
     steps = randomisation_steps(work) if layers is None else _named_steps(work, layers)
     params = dict(work.named_parameters())
@@ -281,7 +282,7 @@ def parameter_randomisation(
             return _rows(out.scores, "map"), out.targets
         if isinstance(out, torch.Tensor):
             return _rows(out, "map"), None
-        raise TypeError(f"the method must return an Explanation or a tensor, got {type(out).__name__}")
+        raise AttnxTypeError(f"the method must return an Explanation or a tensor, got {type(out).__name__}")
 
     reference, targets = run(target)
     fixed = targets if targets is not None else target

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..errors import AttnxTypeError, AttnxValueError
 from ..explanation import Explanation
 from .common import Relevance, bool_mask, check_finite, ranks_descending
 from .curves import Curve
@@ -40,11 +41,11 @@ _TOKENIZER_ONLY_KEYS = (
 
 def _text_batch(batch: Any) -> dict:
     if not isinstance(batch, Mapping) or "input_ids" not in batch:
-        raise TypeError("expected the dict a Hugging Face tokenizer returns (with 'input_ids'), got "
+        raise AttnxTypeError("expected the dict a Hugging Face tokenizer returns (with 'input_ids'), got "
                         f"{type(batch).__name__}")
     ids = batch["input_ids"]
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise ValueError("expected input_ids as a (B, T) tensor (tokenize with return_tensors='pt')")
+        raise AttnxValueError("expected input_ids as a (B, T) tensor (tokenize with return_tensors='pt')")
     return dict(batch)
 
 
@@ -53,11 +54,11 @@ def _special_mask(batch: dict, tokenizer: Any) -> torch.Tensor:
     if batch.get("special_tokens_mask") is not None:
         special = torch.as_tensor(batch["special_tokens_mask"], device=ids.device).bool()
         if special.shape != ids.shape:
-            raise ValueError(f"special_tokens_mask has shape {tuple(special.shape)}, input_ids {tuple(ids.shape)}")
+            raise AttnxValueError(f"special_tokens_mask has shape {tuple(special.shape)}, input_ids {tuple(ids.shape)}")
         return special
     if tokenizer is not None and getattr(tokenizer, "all_special_ids", None) is not None:
         return torch.isin(ids, torch.as_tensor(list(tokenizer.all_special_ids), dtype=ids.dtype, device=ids.device))
-    raise ValueError(
+    raise AttnxValueError(
         "cannot tell the special tokens ([CLS], [SEP], ...) from the content: tokenize with "
         "return_special_tokens_mask=True or pass tokenizer="
     )
@@ -66,15 +67,15 @@ def _special_mask(batch: dict, tokenizer: Any) -> torch.Tensor:
 def _text_scores(relevance: Relevance, ids: torch.Tensor) -> torch.Tensor:
     if isinstance(relevance, Explanation):
         if relevance.grid is not None:
-            raise ValueError("this explanation is of an image; use perturbation_curve / deletion_curve")
+            raise AttnxValueError("this explanation is of an image; use perturbation_curve / deletion_curve")
         scores = relevance.scores
     elif isinstance(relevance, torch.Tensor):
         scores = relevance
     else:
-        raise TypeError(f"relevance must be an attnx Explanation or a (B, T) tensor, got {type(relevance).__name__}")
+        raise AttnxTypeError(f"relevance must be an attnx Explanation or a (B, T) tensor, got {type(relevance).__name__}")
     scores = scores.detach()
     if scores.shape != ids.shape:
-        raise ValueError(f"expected relevance of shape {tuple(ids.shape)} (one value per token), got {tuple(scores.shape)}")
+        raise AttnxValueError(f"expected relevance of shape {tuple(ids.shape)} (one value per token), got {tuple(scores.shape)}")
     if not scores.is_floating_point():
         scores = scores.float()
     check_finite(scores, "relevance")
@@ -127,12 +128,12 @@ def token_deletion_curve(
     B, T = ids.shape
     name = measure_name(measure)
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+        raise AttnxValueError(f"steps must be a positive int, got {steps!r}")
     special = _special_mask(data, tokenizer)
     attention = data.get("attention_mask")
     attention = torch.ones_like(ids) if attention is None else torch.as_tensor(attention, device=ids.device)
     if attention.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention.shape)}, input_ids {tuple(ids.shape)}")
+        raise AttnxValueError(f"attention_mask has shape {tuple(attention.shape)}, input_ids {tuple(ids.shape)}")
     content = attention.bool() & ~special
     scores = _text_scores(relevance, ids)
 
@@ -141,13 +142,13 @@ def token_deletion_curve(
         attr = f"{replacement}_token_id"
         replace_id = getattr(tokenizer, attr, None) if tokenizer is not None else None
         if replace_id is None:
-            raise ValueError(
+            raise AttnxValueError(
                 f"replacement={replacement!r} needs the tokenizer's {attr}: pass tokenizer= (or a token id, or replacement='pad')"
             )
     elif isinstance(replacement, int) and not isinstance(replacement, bool):
         replace_id = replacement
     elif replacement != "pad":
-        raise ValueError(f"replacement must be 'mask', 'unk', 'pad' or a token id, got {replacement!r}")
+        raise AttnxValueError(f"replacement must be 'mask', 'unk', 'pad' or a token id, got {replacement!r}")
 
     model_inputs = {k: v for k, v in data.items() if k not in _TOKENIZER_ONLY_KEYS}
     if replacement == "pad" and "attention_mask" not in model_inputs:
@@ -224,17 +225,17 @@ def rationale_f1(
     """
     if isinstance(relevance, Explanation):
         if relevance.grid is not None:
-            raise ValueError("rationale_f1 scores text explanations; this one is of an image")
+            raise AttnxValueError("rationale_f1 scores text explanations; this one is of an image")
         scores = relevance.scores
         if attention_mask is None and relevance.layout is not None and relevance.layout.valid is not None:
             attention_mask = relevance.layout.valid
     elif isinstance(relevance, torch.Tensor):
         scores = relevance
     else:
-        raise TypeError(f"relevance must be an attnx Explanation or a (B, T) tensor, got {type(relevance).__name__}")
+        raise AttnxTypeError(f"relevance must be an attnx Explanation or a (B, T) tensor, got {type(relevance).__name__}")
     scores = scores.detach()
     if scores.dim() != 2:
-        raise ValueError(f"expected (B, T) token relevance, got shape {tuple(scores.shape)}")
+        raise AttnxValueError(f"expected (B, T) token relevance, got shape {tuple(scores.shape)}")
     if not scores.is_floating_point():
         scores = scores.float()
     check_finite(scores, "relevance")
@@ -246,13 +247,13 @@ def rationale_f1(
     if special_tokens_mask is not None:
         candidates &= ~bool_mask(special_tokens_mask, (B, T), "special_tokens_mask").to(scores.device)
     if isinstance(k, bool) or isinstance(k, float):
-        raise TypeError(f"k must be an int or one int per sample, got {k!r}")
+        raise AttnxTypeError(f"k must be an int or one int per sample, got {k!r}")
     kk = torch.as_tensor(k, device=scores.device)
     if kk.is_floating_point():
-        raise TypeError(f"k must hold ints, got dtype {kk.dtype}")
+        raise AttnxTypeError(f"k must hold ints, got dtype {kk.dtype}")
     kk = kk.long().reshape(-1).expand(B) if kk.numel() == 1 else kk.long().reshape(-1)
     if kk.numel() != B or (kk < 0).any():
-        raise ValueError(f"k must be a non-negative int or {B} of them, got {k!r}")
+        raise AttnxValueError(f"k must be a non-negative int or {B} of them, got {k!r}")
     key = torch.where(candidates, scores, torch.full_like(scores, -math.inf))
     rank = ranks_descending(key)
     picked = (rank < kk[:, None]) & candidates

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import AttnxTypeError
 from .bundle import ZooModel
 from .text import text_model
 from .vision import vision_model
@@ -83,7 +84,7 @@ def _hugging_face(name: str) -> ZooModel:
 def _checkpoint(path: str) -> ZooModel:
     model = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"{path} holds a {type(model).__name__}, expected a whole nn.Module saved with torch.save(model)")
+        raise AttnxTypeError(f"{path} holds a {type(model).__name__}, expected a whole nn.Module saved with torch.save(model)")
     return ZooModel(model.eval(), "image", None, None)
 
 

@@ -44,6 +44,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..errors import AttnxValueError
 from .assets import ASSETS
 from .bundle import ZooModel
 
@@ -184,7 +185,7 @@ def apply_delta(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> set[str]
                 raise KeyError(f"delta sets {key!r}, which is not a parameter of {type(model).__name__}")
             p = params[key]
             if p.shape != value.shape:
-                raise ValueError(f"delta value for {key!r} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+                raise AttnxValueError(f"delta value for {key!r} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
             p.copy_(value.to(p.dtype))
             changed.add(key)
     for name, ab in low_rank.items():
@@ -195,7 +196,7 @@ def apply_delta(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> set[str]
         p = params[name]
         a, b = ab[LORA_A], ab[LORA_B]
         if p.dim() != 2 or a.shape[1] != p.shape[1] or b.shape[0] != p.shape[0] or a.shape[0] != b.shape[1]:
-            raise ValueError(f"low-rank update of {name!r}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit {tuple(p.shape)}")
+            raise AttnxValueError(f"low-rank update of {name!r}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit {tuple(p.shape)}")
         p.copy_(merge_low_rank(p, a, b))
         changed.add(name)
     return changed

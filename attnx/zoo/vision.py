@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import AttnxValueError
 from ..data.scenes import Scenes
 from .assets import asset
 from .bundle import ZooModel
@@ -79,7 +80,7 @@ def _make_preprocess(size: tuple[int, int], mean, std) -> Callable[[Any], torch.
         if single:
             x = x[None]
         if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected RGB images (3, H, W) or (B, 3, H, W), got shape {tuple(images.shape)}")
+            raise AttnxValueError(f"expected RGB images (3, H, W) or (B, 3, H, W), got shape {tuple(images.shape)}")
         if tuple(x.shape[-2:]) != tuple(size):
             x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
         x = (x - mean_t) / std_t
