@@ -1,10 +1,11 @@
-"""The fallback adapter for models nobody wrote an adapter for: it intercepts attention kernels.
+"""The fallback adapter for models nobody wrote an adapter for: it intercepts attention.
 
 Any model whose attention runs through ``F.scaled_dot_product_attention`` or
-``nn.MultiheadAttention`` is explained by replacing those kernels while observing (see
-:mod:`attnx.adapters.kernels`). The token layout comes from a family adapter when one matches,
-else from the inputs: image grids from the token count the attention sees, text from the
-attention mask.
+``nn.MultiheadAttention``, or is written out as a softmax over the keys whose output is
+multiplied with the values (``attn.softmax(-1) @ v``, ``torch.bmm``, ``torch.einsum``), is
+explained by observing those calls (see :mod:`attnx.adapters.kernels`). The token layout comes
+from a family adapter when one matches, else from the inputs: image grids from the token count
+the attention sees, text from the attention mask.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 class InterceptAdapter(Adapter):
-    """Fallback adapter for any model whose attention goes through SDPA or ``nn.MultiheadAttention``.
+    """Fallback adapter for any model whose attention goes through SDPA, ``nn.MultiheadAttention``
+    or a written-out softmax over the keys multiplied with the values.
 
     Parameters
     ----------

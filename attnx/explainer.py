@@ -27,7 +27,8 @@ class Explainer:
     model:
         A stock model: timm / torchvision / Hugging Face ViT or DeiT, a Hugging Face BERT-family
         sequence classifier, or any model whose attention runs through
-        ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention``.
+        ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` or is written out
+        (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it).
     adapter:
         ``None`` to choose automatically, an adapter name (``"timm_vit"``, ``"torchvision_vit"``,
         ``"hf"``, ``"intercept"``) or an :class:`attnx.adapters.Adapter` instance.

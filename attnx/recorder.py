@@ -15,9 +15,17 @@ class AttentionRecorder:
     ``(B*H, N, N)`` tensor that the attention product actually consumed). Adapters that only
     watch the attention kernels (to learn the token count, without exposing ``A``) call
     :meth:`saw_tokens`.
+
+    Parameters
+    ----------
+    batch_size:
+        The number of samples of the forward, when known: attention probabilities written out
+        with the heads folded into the batch axis (``(B*H, N, N)``, as ``torch.bmm`` needs them)
+        are recorded as ``(B, H, N, N)`` with it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch_size: int | None = None) -> None:
+        self.batch_size = batch_size
         self.probs: list[torch.Tensor] = []
         self.grad_wrt: list[torch.Tensor] = []
         self.token_counts: list[int] = []

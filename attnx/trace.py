@@ -153,9 +153,10 @@ def check_attentions(adapter: Any, recorder: AttentionRecorder, batch_size: int)
     if len(recorder) == 0:
         raise UnsupportedModelError(
             f"no attention was observed in {type(adapter.model).__name__} with adapter "
-            f"{adapter.name!r}; attnx has adapters {adapter_names()} (the 'intercept' one intercepts "
-            "F.scaled_dot_product_attention and F.multi_head_attention_forward). Register an "
-            "adapter for this model with attnx.adapters.register_adapter."
+            f"{adapter.name!r}; attnx has adapters {adapter_names()} (the 'intercept' one sees "
+            "F.scaled_dot_product_attention, F.multi_head_attention_forward and a softmax over the "
+            "key axis whose output is multiplied with the values by @, matmul, bmm or einsum). "
+            "Register an adapter for this model with attnx.adapters.register_adapter."
         )
     shapes = {tuple(a.shape[-2:]) for a in recorder.probs}
     batches = {a.shape[0] for a in recorder.probs}
@@ -219,7 +220,7 @@ def run_trace(
 
 def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gradients: bool) -> Trace:
     """A forward observing the attentions, then ``dy_t/dA`` by ``torch.autograd.grad``."""
-    recorder = AttentionRecorder()
+    recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
     grad_mode = torch.enable_grad() if gradients else torch.no_grad()
     if gradients:
@@ -301,7 +302,7 @@ def relevance_pass(
     if callable(target) and not isinstance(target, torch.Tensor):
         raise AttnxTypeError("LRP methods need class targets (int, list or tensor), not a callable")
     model = adapter.model
-    recorder = AttentionRecorder()
+    recorder = AttentionRecorder(batch.batch_size)
     embeddings = adapter.input_embeddings()
     with evaluation_mode(model), torch.enable_grad():
         engine = LRPEngine(model, registry, strict=strict)

@@ -98,6 +98,11 @@ def grab_layer_inputs(layers):
             h.remove()
 
 
+def runs_float32_softmax(case, adapter):
+    """Transformers' ViT/DeiT eager kernel runs (native adapter, or the model built eager)."""
+    return case.family == "hf_vision" and (adapter == "native" or case.attn_implementation == "eager")
+
+
 def recomputed_attention(q, k, scale, key_mask=None):
     scores = (q @ k.transpose(-2, -1)) * scale
     if key_mask is not None:
@@ -115,8 +120,9 @@ def test_attention_equals_softmax_of_own_qk(case, adapter):
         captured = explainer.capture(x)
     assert len(seen) == len(layers) == len(captured.attentions) == 3
     key_mask = x["attention_mask"].bool() if case.is_text else None
-    # transformers' ViT/DeiT eager kernel computes the softmax in float32 even for float64 models
-    tolerance = 1e-6 if (case.family == "hf_vision" and adapter == "native") else 1e-10
+    # transformers' ViT/DeiT eager kernel (the native capture, and the model as built when it
+    # is eager) computes the softmax in float32 even for float64 models
+    tolerance = 1e-6 if runs_float32_softmax(case, adapter) else 1e-10
     for l, ((mod, qk, scale), h) in enumerate(zip(layers, seen)):
         with torch.no_grad():
             expected = recomputed_attention(*qk(h), scale, key_mask)
@@ -220,8 +226,8 @@ def test_gradients_match_finite_differences(case, adapter):
         probe.set_attn_implementation("eager")
     g = torch.Generator().manual_seed(5)
     eps = 1e-5
-    # transformers' ViT/DeiT eager kernel (the native capture) computes its softmax in float32
-    tolerance = 1e-5 if (case.family == "hf_vision" and adapter == "native") else 1e-6
+    # transformers' ViT/DeiT eager kernel computes its softmax in float32
+    tolerance = 1e-5 if runs_float32_softmax(case, adapter) else 1e-6
     for layer in range(3):
         G = captured.gradients[layer]
         assert G.shape == captured.attentions[layer].shape

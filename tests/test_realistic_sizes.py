@@ -20,10 +20,15 @@ def timm_model(name):
     return randomize_(timm.create_model(name, pretrained=False, num_classes=10), seed=1).eval()
 
 
-@pytest.mark.parametrize("name,prefix", [("vit_tiny_patch16_224", 1), ("deit_tiny_distilled_patch16_224", 2),
-                                         ("vit_small_patch16_224", 1)])
-def test_timm_224(name, prefix):
+@pytest.mark.parametrize("name,prefix,fused", [("vit_tiny_patch16_224", 1, True), ("deit_tiny_distilled_patch16_224", 2, True),
+                                               ("vit_small_patch16_224", 1, True), ("vit_tiny_patch16_224", 1, False)])
+def test_timm_224(name, prefix, fused):
+    """``fused=False``: the user switched timm's SDPA off; the intercept adapter then sees the
+    attention written out (softmax, ``attn_drop``, ``attn @ v``)."""
     model = timm_model(name)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     native = attnx.Explainer(model)
     generic = attnx.Explainer(model, adapter="intercept")

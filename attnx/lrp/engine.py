@@ -34,10 +34,10 @@ LINEAR_OPS = frozenset(
     """view view_as reshape reshape_as permute transpose swapaxes moveaxis movedim t contiguous flatten
     unflatten squeeze unsqueeze expand expand_as repeat repeat_interleave cat concat concatenate stack
     hstack vstack split split_with_sizes chunk unbind narrow select __getitem__ __setitem__ index_select
-    gather take_along_dim roll flip clone detach_copy to type float double half bfloat16 dropout pad
+    gather take_along_dim roll flip clone detach_copy to type type_as float double half bfloat16 dropout pad
     neg __neg__ sum mean add __add__ __radd__ __iadd__ sub __sub__ __rsub__ __isub__ masked_fill
     masked_fill_ where tril triu diagonal interpolate adaptive_avg_pool1d adaptive_avg_pool2d avg_pool1d
-    avg_pool2d linear conv1d conv2d conv3d identity scaled_dot_product_attention tensor_split
+    avg_pool2d linear conv1d conv2d conv3d unfold identity scaled_dot_product_attention tensor_split
     new_tensor as_strided fill_diagonal_ copy_ index_add scatter scatter_add T mT H mH real _base""".split()
 )
 #: linear only when a single argument carries relevance
