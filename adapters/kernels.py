@@ -172,7 +172,7 @@ def record_probabilities(recorder: AttentionRecorder, probs: torch.Tensor) -> No
     elif probs.dim() > 4:
         recorder.record(probs.flatten(1, -3), grad_wrt=probs)
     else:
-        raise ValueError(f"cannot record attention probabilities of shape {tuple(probs.shape)}")
+        raise AttnxValueError(f"cannot record attention probabilities of shape {tuple(probs.shape)}")
 
 
 def explicit_attention(
