@@ -48,11 +48,12 @@ class Explainer:
         target: Target = None,
         needs: Needs = Needs(attentions=True),
         preset: str | Registry | None = None,
-        strict: bool = False,
+        strict: bool = True,
         patch_size: int | None = None,
     ) -> Trace:
         """One pass recording what ``needs`` asks for (attentions, ``dy_t/dA``, relevance), for
-        users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass."""
+        users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass,
+        ``strict`` raises :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules."""
         batch = self.adapter.prepare(inputs)
         registry = None if preset is None else get_preset(preset)
         return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
@@ -81,7 +82,7 @@ class Explainer:
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
         trace = self.trace(
-            inputs, target, spec.needs, registry, trace_options.get("strict", False), trace_options.get("patch_size")
+            inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size")
         )
         readout = Readout(trace.layout, trace.logits.shape[0], trace.logits.device)
         result = spec.fn(trace, readout, **method_options)
