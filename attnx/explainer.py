@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter
+from .degenerate import check_map
 from .explanation import Explanation
 from .layout import Readout, to_scores
 from .lrp.registry import Registry, get_preset
@@ -106,11 +107,17 @@ class Explainer:
 
     @staticmethod
     def package(result: torch.Tensor | Relevance, trace: Trace, method: str, options: dict) -> Explanation:
-        """The :class:`Explanation` of a method's result on ``trace``."""
+        """The :class:`Explanation` of a method's result on ``trace``.
+
+        Raises :class:`attnx.errors.NonFiniteMapError` when a sample's map has NaN or infinite
+        values and warns with :class:`attnx.errors.DegenerateMapWarning` when it is constant or
+        all zero over the real content tokens (:mod:`attnx.degenerate`).
+        """
         if isinstance(result, torch.Tensor):
             result = Relevance(tokens=result)
         layout = trace.layout
         scores = result.scores if result.scores is not None else to_scores(result.tokens, layout)
+        check_map(scores, result.pixels, trace, method)
         ids = trace.batch.kwargs.get("input_ids") if layout.grid is None and trace.batch is not None else None
         return Explanation(
             scores=scores,
