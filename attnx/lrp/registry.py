@@ -249,8 +249,9 @@ def attnlrp(gamma: float | None = None, epsilon: float = 1e-6) -> Registry:
     reg.register(F.softmax, R.Passthrough())
     reg.register(torch.add, R.Passthrough())
     bilinear = R.Bilinear(0.5)
-    for key in (torch.matmul, torch.bmm, torch.einsum, torch.mul):
+    for key in (torch.matmul, torch.bmm, torch.einsum):
         reg.register(key, bilinear)
+    reg.register(torch.mul, R.Bilinear(0.5, products_only=True))  # gates; products with constants are linear
     _decoder_ops(reg, R.RMSNormConstantRMS(epsilon))
     return reg
 
@@ -278,8 +279,9 @@ def cplrp() -> Registry:
         reg.register(key, identity)
     reg.register(torch.add, R.Passthrough())
     bilinear = R.Bilinear(0.5)
-    for key in (torch.matmul, torch.bmm, torch.einsum, torch.mul):
+    for key in (torch.matmul, torch.bmm, torch.einsum):
         reg.register(key, bilinear)
+    reg.register(torch.mul, R.Bilinear(0.5, products_only=True))  # gates; products with constants are linear
     _decoder_ops(reg, R.RMSNormConstantRMS())
     return reg
 
