@@ -82,8 +82,11 @@ def likely_cause(trace, samples: list[int], zero: bool) -> str:
     real = content_of(torch.zeros(trace.logits.shape[0], trace.layout.num_content), trace.layout).sum(1)
     if all(real[b] <= 2 for b in samples):
         return "only two real content tokens (e.g. the bert form of transformer_attribution sets the readout to its row minimum)"
-    if zero and not lrp:
-        return "no positive contribution: the method keeps the positive part only (e.g. attn_gradcam's ReLU)"
+    if zero:
+        return (
+            "no positive contribution: methods that keep the positive part only (attn_gradcam's ReLU, "
+            "transformer_attribution's (grad A * R^A)+) found none"
+        )
     return "the method gives every content token the same relevance on this input"
 
 
