@@ -528,3 +528,40 @@ def test_position_biases_are_constants(kind):
     # CP-LRP: the attention is constant, so the layer is linear in x and conserves
     _, (R_cp,), _ = run_engine(module, presets["cplrp"](), x, seed=seed)
     assert_same(R_cp.sum((1, 2)), (y * seed).sum((1, 2)), 1e-12)
+
+
+class NamedRouter(nn.Module):
+    """A router returning a named tuple, as some MoE implementations do."""
+
+    Routing = __import__("collections").namedtuple("Routing", "logits weights")
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 2, bias=False).to(DT)
+
+    def forward(self, x):
+        logits = self.proj(x)
+        return self.Routing(logits, torch.softmax(logits, -1))
+
+
+class TwoExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = NamedRouter()
+        self.experts = nn.ModuleList(nn.Linear(4, 4, bias=False).to(DT) for _ in range(2))
+
+    def forward(self, x):
+        w = self.router(x).weights
+        return w[..., :1] * self.experts[0](x) + w[..., 1:] * self.experts[1](x)
+
+
+def test_router_returning_a_named_tuple_is_constant():
+    model = TwoExperts()
+    x, seed = randn(3, 4, seed=92), randn(3, 4, seed=93)
+    reg = presets["attnlrp"]().register(nn.Linear, rules.Passthrough())  # its softmax is not constant
+    y, (R_x,), engine = run_engine(model, reg, x, seed=seed)
+    assert rule_names(engine)["NamedRouter"] == "constant"
+    w = torch.softmax(model.router.proj(x), -1).detach()
+    W0, W1 = (e.weight.detach() for e in model.experts)
+    expected = x * ((w[:, :1] * seed) @ W0 + (w[:, 1:] * seed) @ W1)  # x ⊙ Σ_k w_k W_kᵀ g
+    assert_same(R_x, expected)

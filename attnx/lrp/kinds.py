@@ -55,15 +55,22 @@ class ModuleKind:
         return f"ModuleKind({self.__name__!r})"
 
 
+_RESOLVED: dict[tuple, tuple[type, ...]] = {}
+
+
 def transformers_types(module: str, *names: str) -> tuple[type, ...]:
     """The classes ``names`` of ``transformers.<module>`` that exist, once transformers is imported."""
+    key = (module, names)
+    if key in _RESOLVED:
+        return _RESOLVED[key]
     if "transformers" not in sys.modules:
         return ()
     try:
         mod = importlib.import_module(f"transformers.{module}")
     except Exception:  # pragma: no cover - a broken or very old transformers
         return ()
-    return tuple(t for t in (getattr(mod, n, None) for n in names) if isinstance(t, type))
+    _RESOLVED[key] = tuple(t for t in (getattr(mod, n, None) for n in names) if isinstance(t, type))
+    return _RESOLVED[key]
 
 
 def rms_epsilon(module: nn.Module) -> float:

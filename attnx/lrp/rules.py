@@ -199,8 +199,12 @@ def detach_all(out: Any) -> Any:
     """``out`` with every tensor in it detached (modules such as MoE routers return tuples)."""
     if isinstance(out, torch.Tensor):
         return out.detach()
-    if isinstance(out, (list, tuple)) and not hasattr(out, "_fields"):
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a named tuple
+        return type(out)(*(detach_all(o) for o in out))
+    if isinstance(out, (list, tuple)):
         return type(out)(detach_all(o) for o in out)
+    if isinstance(out, dict):
+        return type(out)({k: detach_all(v) for k, v in out.items()})
     return out
 
 
