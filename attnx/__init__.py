@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import adapters, methods, metrics
 from .adapters import register_adapter
+from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
 from .explainer import Explainer, explain
 from .explanation import Explanation
 from .methods import Option, Relevance, get_method, list_methods, register_method
@@ -17,12 +18,15 @@ from .trace import Needs, Trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "DegenerateMapWarning",
     "Explainer",
     "Explanation",
     "Needs",
+    "NonFiniteMapError",
     "Option",
     "Relevance",
     "Trace",
+    "UnsupportedModelError",
     "adapters",
     "explain",
     "get_method",

@@ -1,13 +1,8 @@
-"""Errors that name what attnx expected.
-
-Every error attnx raises on purpose (a bad input, an option out of range, a model it cannot
-explain) is an :class:`AttnxError`; the command line prints those as one line, and anything else
-(a bug) with its traceback. The concrete classes also derive from the built-in exception a user
-would catch (``ValueError``, ``TypeError``).
-"""
+"""Errors and warnings that name what attnx expected, raised where a model or an input cannot be
+explained, or where an explanation would be silently meaningless."""
 from __future__ import annotations
 
-__all__ = ["AttnxError", "AttnxTypeError", "AttnxValueError", "UnsupportedModelError"]
+__all__ = ["UnsupportedModelError", "DegenerateMapWarning", "NonFiniteMapError"]
 
 
 class AttnxError(Exception):
@@ -24,3 +19,12 @@ class AttnxTypeError(AttnxError, TypeError):
 
 class UnsupportedModelError(AttnxError, TypeError):
     """Raised when no adapter can make a model's attention observable."""
+
+
+class DegenerateMapWarning(UserWarning):
+    """A method gave a sample a constant or all-zero map: it shows nothing (the message names the
+    method, the samples and the likely cause)."""
+
+
+class NonFiniteMapError(ValueError):
+    """A method gave a sample NaN or infinite relevance."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from .errors import AttnxTypeError
 from .adapters import Adapter, get_adapter
+from .degenerate import check_map
 from .explanation import Explanation
 from .layout import Readout, to_scores
 from .lrp.registry import Registry, get_preset
@@ -50,11 +51,12 @@ class Explainer:
         target: Target = None,
         needs: Needs = Needs(attentions=True),
         preset: str | Registry | None = None,
-        strict: bool = False,
+        strict: bool = True,
         patch_size: int | None = None,
     ) -> Trace:
         """One pass recording what ``needs`` asks for (attentions, ``dy_t/dA``, relevance), for
-        users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass."""
+        users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass,
+        ``strict`` raises :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules."""
         batch = self.adapter.prepare(inputs)
         registry = None if preset is None else get_preset(preset)
         return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
@@ -83,7 +85,7 @@ class Explainer:
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
         trace = self.trace(
-            inputs, target, spec.needs, registry, trace_options.get("strict", False), trace_options.get("patch_size")
+            inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size")
         )
         readout = Readout(trace.layout, trace.logits.shape[0], trace.logits.device)
         result = spec.fn(trace, readout, **method_options)
@@ -107,11 +109,17 @@ class Explainer:
 
     @staticmethod
     def package(result: torch.Tensor | Relevance, trace: Trace, method: str, options: dict) -> Explanation:
-        """The :class:`Explanation` of a method's result on ``trace``."""
+        """The :class:`Explanation` of a method's result on ``trace``.
+
+        Raises :class:`attnx.errors.NonFiniteMapError` when a sample's map has NaN or infinite
+        values and warns with :class:`attnx.errors.DegenerateMapWarning` when it is constant or
+        all zero over the real content tokens (:mod:`attnx.degenerate`).
+        """
         if isinstance(result, torch.Tensor):
             result = Relevance(tokens=result)
         layout = trace.layout
         scores = result.scores if result.scores is not None else to_scores(result.tokens, layout)
+        check_map(scores, result.pixels, trace, method)
         ids = trace.batch.kwargs.get("input_ids") if layout.grid is None and trace.batch is not None else None
         return Explanation(
             scores=scores,

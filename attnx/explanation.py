@@ -8,6 +8,7 @@ import torch
 
 from .errors import AttnxValueError
 from . import viz
+from .errors import NonFiniteMapError
 from .layout import Layout, normalize_per_sample, scores_to_map
 from .lrp.coverage import Coverage
 
@@ -98,8 +99,13 @@ class Explanation:
             maps = pixels[:, None].to(self.scores.dtype)
             if tuple(size) != tuple(maps.shape[-2:]):
                 maps = torch.nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-            return normalize_per_sample(maps[:, 0])
-        return normalize_per_sample(scores_to_map(self.scores, self.grid, size))
+            maps = maps[:, 0]
+        else:
+            maps = scores_to_map(self.scores, self.grid, size)
+        bad = torch.nonzero(~torch.isfinite(maps.flatten(1)).all(1)).flatten().tolist()
+        if bad:  # min-max normalisation would turn them into a blank picture
+            raise NonFiniteMapError(f"the {self.method!r} map of sample(s) {bad} has NaN or infinite values: no heat map")
+        return normalize_per_sample(maps)
 
     def show(self, images: torch.Tensor | None = None, tokenizer: Any = None, **kwargs: Any) -> Any:
         """A picture of the explanation: heat-map overlays on ``images`` (a matplotlib figure), or

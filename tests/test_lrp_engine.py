@@ -96,17 +96,28 @@ def test_registering_a_rule_removes_the_warning():
     assert max_abs_diff(e.input_relevance.sum((1, 2, 3)), y) <= 1e-9 * y.abs().max().item()
 
 
-def test_product_of_two_carrying_tensors_is_reported_under_chefer2021():
-    """chefer2021 has no rule for ``mul`` (nor ``sigmoid``): ``h * sigmoid(h)`` is reported."""
+def test_sigmoid_gate_is_reported_under_chefer2021():
+    """chefer2021 has no rule for ``sigmoid`` (its identity rule needs ``f(0) = 0``): in
+    ``h * sigmoid(h)`` the sigmoid is reported, the product of two carrying tensors is the gate rule."""
     with pytest.warns(UserWarning) as record:
         explain(Net(swish), presets["chefer2021"]())
     message = str(record[0].message)
-    assert "'mul': 1" in message and "'sigmoid': 1" in message
-    with pytest.raises(UncoveredOpError, match="mul"):
+    assert "'sigmoid': 1" in message and "'mul'" not in message.split("\n")[0]
+    with pytest.raises(UncoveredOpError, match="sigmoid") as raised:
         explain(Net(swish), presets["chefer2021"](), strict=True)
-    # with rules for both, the same model passes strict mode
-    reg = presets["chefer2021"]().register(torch.sigmoid, rules.Identity()).register(torch.mul, rules.Bilinear(0.5))
-    explain(Net(swish), reg, strict=True)
+    # the error names the op, where it ran, how to register a rule and how to proceed anyway
+    text = str(raised.value)
+    assert "'sigmoid': 1 call(s) in model (Net)" in text
+    assert "reg.register(" in text and "attnx.lrp.get_preset('chefer2021').copy()" in text and "strict=False" in text
+    # without the gate rule the product is reported too
+    bare = presets["chefer2021"]()
+    bare.entries = [e for e in bare.entries if e.key is not torch.mul]
+    with pytest.raises(UncoveredOpError, match="'mul': 1"):
+        explain(Net(swish), bare, strict=True)
+    # with a rule for the sigmoid, the same model passes strict mode
+    reg = presets["chefer2021"]().register(torch.sigmoid, rules.Identity())
+    e = explain(Net(swish), reg, strict=True)
+    assert e.coverage.rule_of("mul") == ["bilinear"]
 
 
 def test_products_with_constants_are_not_reported():
@@ -117,17 +128,19 @@ def test_products_with_constants_are_not_reported():
 
 
 def test_engine_reports_without_a_method():
-    """Driving the engine directly: ``check_coverage`` warns and names the op."""
+    """Driving the engine directly: ``check_coverage`` raises by default (strict), warns with
+    ``strict=False``, and names the op."""
     model = Net(sin)
     engine = LRPEngine(model, presets["attnlrp"]())
     with engine:
         x = engine.track(images())
         model(x)
     assert engine.uncovered == {"sin": 1}
-    with pytest.warns(UserWarning, match="sin"):
+    assert engine.summary().where == {"sin": ("model (Net)",)}
+    with pytest.raises(UncoveredOpError, match="sin"):
         engine.check_coverage()
-    engine.strict = True
-    with pytest.raises(UncoveredOpError):
+    engine.strict = False
+    with pytest.warns(UserWarning, match="sin"):
         engine.check_coverage()
 
 

@@ -1,25 +1,31 @@
 """Layer-wise relevance propagation on stock models: rules, registries and the engine.
 
 See :mod:`attnx.lrp.rules` (the convention and the rules), :mod:`attnx.lrp.registry` (module
-types and torch functions -> rules, the presets ``chefer2021``, ``attnlrp``, ``attnlrp-gamma``,
-``cplrp``), :mod:`attnx.lrp.engine` (applying a registry during a forward) and
-:mod:`attnx.lrp.coverage` (what a pass did with every op). The pass itself runs in :mod:`attnx.trace`.
+types, module kinds and torch functions -> rules, the presets ``chefer2021``, ``attnlrp``,
+``attnlrp-gamma``, ``cplrp``), :mod:`attnx.lrp.kinds` (families of modules recognised by a
+predicate: RMSNorm, written-out activations, GPT-2's Conv1D, MoE routers),
+:mod:`attnx.lrp.decompositions` (attention kernels written out), :mod:`attnx.lrp.engine`
+(applying a registry during a forward, strict by default) and :mod:`attnx.lrp.coverage` (what a
+pass did with every op). The pass itself runs in :mod:`attnx.trace`.
 """
 from .coverage import Coverage
 from .engine import LINEAR_OPS, LRPEngine, UncoveredOpError
+from .kinds import ModuleKind
 from .registry import FUNCTION_ALIASES, Registry, get_preset, in_attention, in_mlp, presets
-from . import rules
+from . import kinds, rules
 
 __all__ = [
     "Coverage",
     "FUNCTION_ALIASES",
     "LINEAR_OPS",
     "LRPEngine",
+    "ModuleKind",
     "Registry",
     "UncoveredOpError",
     "get_preset",
     "in_attention",
     "in_mlp",
+    "kinds",
     "presets",
     "rules",
 ]

@@ -20,11 +20,14 @@ class Coverage:
     uncovered:
         ``{op: calls}`` for the relevance-carrying ops no rule matched and that are not linear:
         their relevance is plain gradient x input, which is not what the preset prescribes.
+    where:
+        ``{op: ("module.path (ModuleType)", ...)}``: the modules the uncovered calls ran in.
     """
 
     preset: str
     handled: dict[tuple[str, str], int] = field(default_factory=dict)
     uncovered: dict[str, int] = field(default_factory=dict)
+    where: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -42,7 +45,8 @@ class Coverage:
         for (op, rule), n in sorted(self.handled.items()):
             rows.append((op, rule, str(n)))
         for op, n in sorted(self.uncovered.items()):
-            rows.append((op, "NO RULE", str(n)))
+            places = self.where.get(op, ())
+            rows.append((op, "NO RULE", str(n) + (f"  in {places[0]}" + (" ..." if len(places) > 1 else "") if places else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 

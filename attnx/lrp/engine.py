@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +37,8 @@ LINEAR_OPS = frozenset(
     gather take_along_dim roll flip clone detach_copy to type type_as float double half bfloat16 dropout pad
     neg __neg__ sum mean add __add__ __radd__ __iadd__ sub __sub__ __rsub__ __isub__ masked_fill
     masked_fill_ where tril triu diagonal interpolate adaptive_avg_pool1d adaptive_avg_pool2d avg_pool1d
-    avg_pool2d linear conv1d conv2d conv3d unfold identity scaled_dot_product_attention tensor_split
-    new_tensor as_strided fill_diagonal_ copy_ index_add scatter scatter_add T mT H mH real _base""".split()
+    avg_pool2d linear conv1d conv2d conv3d identity scaled_dot_product_attention tensor_split
+    new_tensor as_strided fill_diagonal_ copy_ index_add index_add_ scatter scatter_add T mT H mH real _base type_as""".split()
 )
 #: linear only when a single argument carries relevance
 _LINEAR_IF_ONE = frozenset(
@@ -46,8 +46,8 @@ _LINEAR_IF_ONE = frozenset(
 )
 
 
-class UncoveredOpError(AttnxError, RuntimeError):
-    """Raised in strict mode when a relevance-carrying op matches no rule."""
+class UncoveredOpError(RuntimeError):
+    """Raised in strict mode (the default) when a relevance-carrying op matches no rule."""
 
 
 def is_tracked(t: Any) -> bool:
@@ -88,8 +88,8 @@ class LRPEngine(TorchFunctionMode):
     registry:
         A :class:`~attnx.lrp.registry.Registry` or a preset name.
     strict:
-        Raise :class:`UncoveredOpError` (instead of warning) when a relevance-carrying op has no
-        rule and is not linear.
+        Raise :class:`UncoveredOpError` from :meth:`check_coverage` when a relevance-carrying op
+        has no rule and is not linear (``False``: warn and proceed with plain gradient × input).
 
     Examples
     --------
@@ -100,13 +100,15 @@ class LRPEngine(TorchFunctionMode):
     >>> relevance = x * g
     """
 
-    def __init__(self, model: nn.Module, registry: Registry | str = "chefer2021", strict: bool = False) -> None:
+    def __init__(self, model: nn.Module, registry: Registry | str = "chefer2021", strict: bool = True) -> None:
         super().__init__()
         self.model = model
         self.registry = get_preset(registry)
         self.strict = strict
         self.coverage: collections.Counter = collections.Counter()
         self.uncovered: collections.Counter = collections.Counter()
+        #: ``{op: {"module.path (ModuleType)": calls}}`` where the uncovered calls ran
+        self.uncovered_at: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self._stack: list[tuple[str, nn.Module]] = []
         self._suspended = 0
         self._ruled: list[tuple[nn.Module, Rule | None]] = []
@@ -144,19 +146,31 @@ class LRPEngine(TorchFunctionMode):
 
     def summary(self) -> Coverage:
         """The coverage of the pass so far, as a :class:`~attnx.lrp.coverage.Coverage`."""
-        return Coverage(self.registry.name, dict(self.coverage), dict(self.uncovered))
+        where = {op: tuple(sorted(c)) for op, c in self.uncovered_at.items()}
+        return Coverage(self.registry.name, dict(self.coverage), dict(self.uncovered), where)
 
     def report(self) -> str:
         """The coverage table: every relevance-carrying op seen, with the rule that handled it."""
         return self.summary().report()
 
     def check_coverage(self) -> None:
+        """Raise :class:`UncoveredOpError` (strict) or warn when an op matched no rule."""
         if not self.uncovered:
             return
+        lines = []
+        for op, n in sorted(self.uncovered.items()):
+            places = self.uncovered_at.get(op, {})
+            shown = ", ".join(sorted(places)[:4]) + (f", ... ({len(places)} places)" if len(places) > 4 else "")
+            lines.append(f"  {op!r}: {n} call(s) in {shown or 'the model'}")
+        name = self.registry.name
         msg = (
-            f"LRP preset {self.registry.name!r}: {sum(self.uncovered.values())} relevance-carrying "
-            f"call(s) matched no rule and are not linear: {dict(self.uncovered)}; their relevance is "
-            "plain gradient x input. Register rules for them (attnx.lrp.Registry.register).\n"
+            f"LRP preset {name!r}: {sum(self.uncovered.values())} relevance-carrying call(s) matched no rule "
+            f"and are not linear, so their relevance would be plain gradient x input, not what the preset "
+            f"prescribes: {dict(self.uncovered)}\n" + "\n".join(lines) + "\n"
+            "Register a rule for the module type or the torch function and pass the registry as preset:\n"
+            f"  reg = attnx.lrp.get_preset({name!r}).copy()\n"
+            "  reg.register(TheModuleType, attnx.lrp.rules.Identity())   # or reg.register(torch.<function>, rule)\n"
+            + ("or pass strict=False to proceed with a warning.\n" if self.strict else "")
             + self.report()
         )
         if self.strict:
@@ -191,11 +205,12 @@ class LRPEngine(TorchFunctionMode):
     # module hooks ---------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         rule = None
+        name = self._names.get(module, type(module).__name__)
         if not self._suspended and args and is_tracked(args[0]):
-            rule = self.registry.rule_for_module(module, list(self._stack))
+            rule = self.registry.rule_for_module(module, list(self._stack), name)
             if rule is not None:
                 _count_use(args[0])
-        self._stack.append((self._names.get(module, type(module).__name__), module))
+        self._stack.append((name, module))
         self._ruled.append((module, rule))
         if rule is not None:
             self._suspended += 1
@@ -203,12 +218,15 @@ class LRPEngine(TorchFunctionMode):
     def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         mod, rule = self._ruled.pop()
         stack = list(self._stack[:-1])
-        self._stack.pop()
+        name = self._stack.pop()[0]
         if rule is None:
             return None
         # the rule runs with the engine still suspended: its own torch calls are not model ops
         try:
-            op = Op(module, args, {}, [0], module=module, stack=stack, output=output, call=self.call, is_input=self.is_input)
+            op = Op(
+                module, args, {}, [0], module=module, stack=stack, output=output, call=self.call,
+                is_input=self.is_input, name=name,
+            )
             out = rule(op)
             self.coverage[(type(module).__name__, rule.name)] += 1
             if not isinstance(rule, Constant):
@@ -248,10 +266,14 @@ class LRPEngine(TorchFunctionMode):
             return func(*args, **kwargs)
         name = _name(func)
         rule = self.registry.rule_for_function(func, list(self._stack))
+        where = self._stack[-1][0] if self._stack else ""
+        op = Op(func, args, kwargs, carrying, stack=list(self._stack), call=self.call, is_input=self.is_input, name=where)
+        if rule is not None and not rule.applies(op):
+            rule = None
         if rule is not None:
             if any(isinstance(c, str) for c in carrying):
-                raise AttnxValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")
-            out = rule(Op(func, args, kwargs, carrying, stack=list(self._stack), call=self.call, is_input=self.is_input))
+                raise ValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")
+            out = rule(op)
             self.coverage[(name, rule.name)] += 1
             _count_uses(args, kwargs, out)
             if not isinstance(rule, Constant):
@@ -271,6 +293,8 @@ class LRPEngine(TorchFunctionMode):
             self.coverage[(name, "gradient (linear)")] += 1
         else:
             self.uncovered[name] += 1
+            inner = self._stack[-1] if self._stack else None
+            self.uncovered_at[name][f"{inner[0] or 'model'} ({type(inner[1]).__name__})" if inner else "model"] += 1
         _mark(out)
         return out
 

@@ -2,8 +2,9 @@
 
 A :class:`Registry` is an ordered list of entries ``(key, rule, within)``:
 
-* ``key`` is a module type (matched with ``isinstance``) or a torch function (matched together
-  with its aliases: registering ``F.softmax`` also covers ``torch.softmax`` and
+* ``key`` is a module type (matched with ``isinstance``), a :class:`~attnx.lrp.kinds.ModuleKind`
+  (a family of modules recognised by a predicate, e.g. every RMSNorm) or a torch function (matched
+  together with its aliases: registering ``F.softmax`` also covers ``torch.softmax`` and
   ``Tensor.softmax``);
 * ``within`` optionally restricts the entry to ops running inside an enclosing module, given as a
   module type or a predicate ``(qualified_name, module) -> bool`` tested on every enclosing module.
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError
 from . import rules as R
+from .kinds import ACTIVATION, HF_CONV1D, MOE_ROUTER, RMS_NORM, ModuleKind
 
 __all__ = ["Registry", "FUNCTION_ALIASES", "presets", "in_mlp", "in_attention", "get_preset"]
 
@@ -42,6 +44,8 @@ FUNCTION_ALIASES: list[tuple] = [
     (F.gelu,),
     (F.relu, torch.relu, T.relu),
     (F.silu,),
+    (F.rms_norm,),
+    R.GROUPED_MM,
     (torch.tanh, T.tanh, F.tanh),
     (torch.sigmoid, T.sigmoid, F.sigmoid),
     (F.layer_norm,),
@@ -110,12 +114,13 @@ class Registry:
         self.fanout_eps = fanout_eps
 
     def register(self, key: Any, rule: R.Rule, *, within: Any = None) -> "Registry":
-        """Map ``key`` (a module type or a torch function) to ``rule``; returns ``self``."""
+        """Map ``key`` (a module type, a :class:`ModuleKind` or a torch function) to ``rule``;
+        returns ``self``."""
         if not isinstance(rule, R.Rule):
-            raise AttnxTypeError(f"rule must be an attnx.lrp.rules.Rule, got {rule!r}")
-        is_module = isinstance(key, type) and issubclass(key, nn.Module)
+            raise TypeError(f"rule must be an attnx.lrp.rules.Rule, got {rule!r}")
+        is_module = isinstance(key, ModuleKind) or (isinstance(key, type) and issubclass(key, nn.Module))
         if not is_module and not callable(key):
-            raise AttnxTypeError(f"key must be a module type or a torch function, got {key!r}")
+            raise TypeError(f"key must be a module type, an attnx.lrp.kinds.ModuleKind or a torch function, got {key!r}")
         self.entries.append(Entry(key, rule, _within_predicate(within), is_module))
         return self
 
@@ -125,10 +130,12 @@ class Registry:
     def _match(self, entry: Entry, stack: list) -> bool:
         return entry.within is None or any(entry.within(n, m) for n, m in stack)
 
-    def rule_for_module(self, module: nn.Module, stack: list) -> R.Rule | None:
-        """The rule for ``module`` (with ``stack`` its enclosing modules), or ``None``."""
+    def rule_for_module(self, module: nn.Module, stack: list, name: str = "") -> R.Rule | None:
+        """The rule for ``module`` (qualified ``name``, with ``stack`` its enclosing modules), or ``None``."""
         for entry in reversed(self.entries):
-            if entry.is_module and isinstance(module, entry.key) and self._match(entry, stack):
+            if not entry.is_module or not self._match(entry, stack):
+                continue
+            if entry.key.matches(name, module) if isinstance(entry.key, ModuleKind) else isinstance(module, entry.key):
                 return entry.rule
         return None
 
@@ -156,6 +163,27 @@ def _base(name: str, seed: str) -> Registry:
     return reg
 
 
+def _linear_layers(reg: Registry, rule: R.Rule, within: Any = None) -> None:
+    """``rule`` on every linear layer of the stock models: ``nn.Linear`` / ``F.linear``, GPT-2's
+    ``Conv1D`` and the grouped products of mixture-of-experts layers."""
+    for key in (nn.Linear, F.linear, HF_CONV1D, *R.GROUPED_MM[:1]):
+        reg.register(key, rule, within=within)
+
+
+def _decoder_ops(reg: Registry, norm: R.Rule, gate: R.Rule | None = None) -> None:
+    """The ops modern decoders bring: RMSNorm (``norm``), elementwise activations written out in
+    several ops (identity), gated products ``act(gate(x)) * up(x)`` (``gate``, when ``torch.mul``
+    has no rule yet), and MoE routing weights (constants). Rotary embeddings, soft-capping
+    ``tanh(x / c) * c``, ALiBi and relative position biases need no entry: they are linear, the
+    tanh rule, and constants."""
+    for key in (RMS_NORM, F.rms_norm):
+        reg.register(key, norm)
+    reg.register(ACTIVATION, R.Identity())
+    if gate is not None:
+        reg.register(torch.mul, gate)
+    reg.register(MOE_ROUTER, R.Constant())
+
+
 def chefer2021() -> Registry:
     """The rules of Chefer, Gur & Wolf (CVPR 2021) as in their reference code.
 
@@ -164,6 +192,11 @@ def chefer2021() -> Registry:
     normalised add (attention masks included); ``Q Kᵀ`` and ``A V``: gradient × input per
     operand, halved; class-token indexing and fan-out (``Clone``) divide by their output with
     ``safe_divide``. Seed: one-hot.
+
+    Decoder ops, by analogy (the reference code has none): GPT-2's ``Conv1D`` and MoE grouped
+    products as linear layers (α=1 β=0); RMSNorm, SiLU and the written-out GELUs as LayerNorm
+    and GELU (identity); a gate ``act(gate(x)) * up(x)`` as ``A V`` (each operand half, after
+    ``safe_divide``); MoE routing weights constant.
     """
     reg = _base("chefer2021", seed="one_hot")
     reg.fanout_eps = 1e-9
@@ -180,27 +213,34 @@ def chefer2021() -> Registry:
     bilinear = R.Bilinear(0.5, chefer=True)
     for key in (torch.matmul, torch.bmm, torch.einsum):
         reg.register(key, bilinear)
+    for key in (HF_CONV1D, *R.GROUPED_MM[:1]):
+        reg.register(key, linear)
+    reg.register(F.silu, identity)
+    _decoder_ops(reg, R.RMSNormConstantRMS(), gate=R.Bilinear(0.5, chefer=True, products_only=True))
     return reg
 
 
 def attnlrp(gamma: float | None = None, epsilon: float = 1e-6) -> Registry:
     """AttnLRP (Achtibat et al., ICML 2024).
 
-    Linear: ε-rule; LayerNorm: normalisation held constant (identity on σ), ε-stabilised;
-    GELU / SiLU / tanh / ReLU: identity; softmax: its own gradient × input (plain autograd);
-    products of two relevance-carrying tensors (``Q Kᵀ``, ``A V``, gates): uniform rule, each
-    operand half. ``gamma``: use LRP-γ on convolutions and feed-forward linear layers (recommended
-    for ViTs). Seed: the target logit.
+    Linear (``nn.Linear``, GPT-2's ``Conv1D``, MoE grouped products): ε-rule; LayerNorm and
+    RMSNorm: normalisation held constant (identity on σ / the RMS), ε-stabilised; GELU (also
+    tanh-GELU written out) / SiLU / tanh / ReLU: identity, so logit soft-capping ``tanh(x/c)·c``
+    is identity too; softmax: its own gradient × input (plain autograd); products of two
+    relevance-carrying tensors (``Q Kᵀ``, ``A V``, gates ``act(gate(x)) * up(x)``): uniform
+    rule, each operand half; MoE routing weights: constants. ``gamma``: use LRP-γ on convolutions
+    and feed-forward linear layers (recommended for ViTs). Seed: the target logit.
     """
     reg = _base("attnlrp" if gamma is None else f"attnlrp-gamma{gamma}", seed="logit")
     eps = R.Epsilon(epsilon)
-    for key in (nn.Linear, F.linear, nn.Conv2d, F.conv2d):
+    for key in (nn.Conv2d, F.conv2d):
         reg.register(key, eps)
+    _linear_layers(reg, eps)
     if gamma is not None:
         g = R.Gamma(gamma, epsilon)
         reg.register(nn.Conv2d, g)
         reg.register(F.conv2d, g)
-        reg.register(nn.Linear, g, within=in_mlp)
+        _linear_layers(reg, g, within=in_mlp)
     ln = R.LayerNormConstantStd(epsilon)
     reg.register(nn.LayerNorm, ln)
     reg.register(F.layer_norm, ln)
@@ -210,22 +250,27 @@ def attnlrp(gamma: float | None = None, epsilon: float = 1e-6) -> Registry:
     reg.register(F.softmax, R.Passthrough())
     reg.register(torch.add, R.Passthrough())
     bilinear = R.Bilinear(0.5)
-    for key in (torch.matmul, torch.bmm, torch.einsum, torch.mul):
+    for key in (torch.matmul, torch.bmm, torch.einsum):
         reg.register(key, bilinear)
+    reg.register(torch.mul, R.Bilinear(0.5, products_only=True))  # gates; products with constants are linear
+    _decoder_ops(reg, R.RMSNormConstantRMS(epsilon))
     return reg
 
 
 def cplrp() -> Registry:
     """Conservative propagation, CP-LRP (Ali et al., ICML 2022).
 
-    Attention probabilities and the LayerNorm standard deviation are held constant, so the
-    attention head and LayerNorm are linear in their value path; everything else is gradient ×
-    input (LRP-0), with the identity rule on pointwise activations. With zero biases the input
-    relevance sums to the target logit exactly. Seed: the target logit.
+    Attention probabilities and the LayerNorm standard deviation (the RMS of RMSNorm) are held
+    constant, so the attention head and the normalisations are linear in their value path;
+    everything else is gradient × input (LRP-0), with the identity rule on pointwise activations
+    (tanh-GELU and soft-capping included), the uniform rule on gates ``act(gate(x)) * up(x)``
+    and MoE routing weights held constant. With zero biases the input relevance sums to the
+    target logit exactly. Seed: the target logit.
     """
     reg = _base("cplrp", seed="logit")
-    for key in (nn.Linear, F.linear, nn.Conv2d, F.conv2d):
+    for key in (nn.Conv2d, F.conv2d):
         reg.register(key, R.Passthrough())
+    _linear_layers(reg, R.Passthrough())
     ln = R.LayerNormConstantStd(0.0)
     reg.register(nn.LayerNorm, ln)
     reg.register(F.layer_norm, ln)
@@ -235,8 +280,10 @@ def cplrp() -> Registry:
         reg.register(key, identity)
     reg.register(torch.add, R.Passthrough())
     bilinear = R.Bilinear(0.5)
-    for key in (torch.matmul, torch.bmm, torch.einsum, torch.mul):
+    for key in (torch.matmul, torch.bmm, torch.einsum):
         reg.register(key, bilinear)
+    reg.register(torch.mul, R.Bilinear(0.5, products_only=True))  # gates; products with constants are linear
+    _decoder_ops(reg, R.RMSNormConstantRMS())
     return reg
 
 

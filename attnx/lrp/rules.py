@@ -13,7 +13,6 @@ rule.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -21,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from ..errors import AttnxTypeError, AttnxValueError
+
+from .decompositions import mha_decomposition, sdpa_decomposition
+from .kinds import is_hf_conv1d, rms_epsilon, rms_norm_spread
 
 __all__ = [
     "Op",
@@ -38,8 +40,11 @@ __all__ = [
     "Bilinear",
     "NormalizedAdd",
     "LayerNormConstantStd",
+    "RMSNormConstantRMS",
     "Decompose",
     "Stabilized",
+    "sdpa_decomposition",
+    "mha_decomposition",
 ]
 
 
@@ -102,6 +107,8 @@ class Op:
         ``call(func, *args, **kwargs)``: run another op through the engine (for decompositions).
     is_input:
         ``is_input(t)``: whether ``t`` is the explained input (pixels or token embeddings).
+    name:
+        The qualified name of the module (module rules) or of the innermost enclosing module.
     """
 
     func: Any
@@ -113,6 +120,7 @@ class Op:
     output: Any = None
     call: Callable[..., Any] | None = None
     is_input: Callable[[torch.Tensor], bool] | None = None
+    name: str = ""
 
     def compute(self) -> Any:
         """The op's plain output (without a graph)."""
@@ -131,6 +139,11 @@ class Rule:
 
     #: short name shown in the coverage table
     name = "rule"
+
+    def applies(self, op: Op) -> bool:
+        """Whether the rule takes this call of a function it is registered for; when it does not,
+        the engine treats the call as if no rule matched (linear ops are then plain gradient)."""
+        return True
 
     def __call__(self, op: Op) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -180,7 +193,20 @@ class Constant(Rule):
     name = "constant"
 
     def __call__(self, op: Op) -> Any:
-        return op.compute().detach()
+        return detach_all(op.compute())
+
+
+def detach_all(out: Any) -> Any:
+    """``out`` with every tensor in it detached (modules such as MoE routers return tuples)."""
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a named tuple
+        return type(out)(*(detach_all(o) for o in out))
+    if isinstance(out, (list, tuple)):
+        return type(out)(detach_all(o) for o in out)
+    if isinstance(out, dict):
+        return type(out)({k: detach_all(v) for k, v in out.items()})
+    return out
 
 
 def _linear_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, Callable, dict]:
@@ -190,6 +216,8 @@ def _linear_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
         x = op.args[0]
         if isinstance(m, nn.Linear):
             return x, m.weight, m.bias, F.linear, {}
+        if is_hf_conv1d(m):  # GPT-2's Conv1D: x @ W + b with W of shape (in, out)
+            return x, m.weight.t(), m.bias, F.linear, {}
         if isinstance(m, nn.Conv2d):
             if m.padding_mode != "zeros":
                 raise AttnxValueError("LRP rules support zero-padded convolutions only")
@@ -206,7 +234,21 @@ def _linear_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
         bound.update(op.kwargs)
         extra = {k: bound[k] for k in names[3:] if k in bound}
         return bound["input"], bound["weight"], bound.get("bias"), F.conv2d, extra
-    raise AttnxTypeError(f"{op.func} is not F.linear or F.conv2d")
+    if op.func in GROUPED_MM:
+        bound = {**dict(zip(("mat_a", "mat_b"), op.args)), **op.kwargs}
+        if bound.get("out_dtype") is not None:
+            raise ValueError("LRP rules support grouped_mm without out_dtype only")
+        return bound["mat_a"], bound["mat_b"], bound.get("bias"), grouped_linear, {"offs": bound.get("offs")}
+    raise TypeError(f"{op.func} is not F.linear, F.conv2d or grouped_mm")
+
+
+#: the grouped matrix product of mixture-of-experts layers (one weight matrix per group of rows)
+GROUPED_MM = tuple(f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None)
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, offs: torch.Tensor | None = None) -> torch.Tensor:
+    """``grouped_mm(x, w, offs)`` (+ ``b``): rows ``offs[e-1]:offs[e]`` of ``x`` times ``w[e]`` (in, out)."""
+    return GROUPED_MM[0](x, w, offs=offs, bias=b)
 
 
 def _vjp(fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -215,7 +257,10 @@ def _vjp(fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, ext
         return grad.matmul(w)
     if fn is F.conv2d:
         return torch.nn.grad.conv2d_input(x.shape, w, grad, **extra)
-    raise AttnxTypeError(f"no vector-Jacobian product for {fn}")
+    with torch.enable_grad():  # any other linear map: its own backward
+        xx = x.detach().requires_grad_(True)
+        (gx,) = torch.autograd.grad(fn(xx, w.detach(), None, **extra), xx, grad)
+    return gx
 
 
 class _LinearRule(Rule):
@@ -351,13 +396,25 @@ class Bilinear(Rule):
 
     Each operand gets gradient × input relevance, scaled by ``share`` (½: the uniform rule of
     AttnLRP and the halving of Chefer et al.). With ``chefer=True`` the incoming relevance is first
-    divided by the output with Chefer's ``safe_divide``, as the reference code does.
+    divided by the output with Chefer's ``safe_divide``, as the reference code does. With
+    ``products_only=True`` the rule takes only calls where both operands carry relevance (a gate
+    ``act(gate(x)) * up(x)``); a product with a constant is then left to the engine as linear.
     """
 
     name = "bilinear"
 
-    def __init__(self, share: float = 0.5, chefer: bool = False, eps: float = 1e-9) -> None:
-        self.share, self.chefer, self.eps = share, chefer, eps
+    def __init__(self, share: float = 0.5, chefer: bool = False, eps: float = 1e-9, products_only: bool = False) -> None:
+        self.share, self.chefer, self.eps, self.products_only = share, chefer, eps, products_only
+
+    def applies(self, op: Op) -> bool:
+        if not self.products_only:
+            return True
+        try:
+            f, a, b = _operands(op)
+        except ValueError:  # not a product of two operands: not a gate
+            return False
+        carrying = [op.args[i] for i in op.carrying]
+        return all(isinstance(t, torch.Tensor) and any(c is t or _in(c, t) for c in carrying) for t in (a, b))
 
     def __call__(self, op: Op) -> Any:
         f, a, b = _operands(op)
@@ -483,6 +540,54 @@ class LayerNormConstantStd(Rule):
         return relay(y, [x], backward)
 
 
+class RMSNormConstantRMS(Rule):
+    """RMSNorm with the root mean square held constant (AttnLRP's identity on the normalisation,
+    as lxt's ``rms_norm_forward`` stops the gradient of ``rsqrt(mean(x²) + ε)``).
+
+    ``y = x ⊙ w / rms(x)`` is then linear and elementwise in ``x``, so gradient × input gives
+    ``R_x = R_y`` element by element, whatever the weight's form (``w``, Gemma's ``1 + w``);
+    with ``epsilon`` the incoming relevance is first ε-stabilised as for LayerNorm
+    (``R_y ⊙ y / (y + ε sign y)``). On a module the rule first checks that its output is an RMS
+    normalisation (``y / (x / rms(x))`` the same per-feature weight in every row), and raises
+    otherwise rather than explain a LayerNorm-like module with the wrong rule.
+    """
+
+    name = "rmsnorm-const-rms"
+
+    def __init__(self, epsilon: float = 0.0) -> None:
+        self.epsilon = epsilon
+
+    def __call__(self, op: Op) -> Any:
+        if op.module is not None:
+            x, eps = op.args[0], rms_epsilon(op.module)
+        else:
+            bound = {**dict(zip(("input", "normalized_shape", "weight", "eps"), op.args)), **op.kwargs}
+            if len(bound["normalized_shape"]) != 1:
+                raise ValueError("the RMSNorm rule supports normalisation over the last dimension only")
+            x, eps = bound["input"], bound.get("eps")
+        y = op.compute()
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            raise ValueError(f"the RMSNorm rule needs one output shaped as the input, got {type(y).__name__}")
+        if op.module is not None:
+            spread = rms_norm_spread(x.detach(), y.detach(), eps)
+            if spread > max(1e-5, 16 * torch.finfo(y.dtype).eps):
+                cls = type(op.module).__name__
+                raise ValueError(
+                    f"{cls} at {op.name or 'the model'} was taken for an RMS normalisation, but its output is "
+                    f"not x / rms(x) times one per-feature weight (relative spread {spread:.2e}); register "
+                    f"a rule for it: attnx.lrp.Registry.register({cls}, rule)"
+                )
+        xd, yd = x.detach(), y.detach()
+        epsilon = self.epsilon
+
+        def backward(g):
+            if epsilon:
+                g = yd * g / stabilize(yd, epsilon)
+            return (divide_or_zero(yd * g, xd),)
+
+        return relay(y, [x], backward)
+
+
 class Stabilized(Rule):
     """Plain gradient × input through a linear op, with the incoming relevance first divided by the
     output with ``safe_divide`` (``R_x = x ⊙ Jᵀ (R / (z + ε))``): Chefer et al.'s ``RelPropSimple``
@@ -512,90 +617,3 @@ class Decompose(Rule):
 
     def __call__(self, op: Op) -> Any:
         return self.fn(op.call, *op.args, **op.kwargs)
-
-
-def sdpa_decomposition(call, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    """``F.scaled_dot_product_attention`` written out with engine-visible ops."""
-    L, S = query.shape[-2], key.shape[-2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key = call(torch.repeat_interleave, key, rep, dim=-3)
-        value = call(torch.repeat_interleave, value, rep, dim=-3)
-    scores = call(torch.matmul, query, call(torch.Tensor.transpose, key, -2, -1))
-    scores = call(torch.mul, scores, scale)
-    if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-        scores = call(torch.Tensor.masked_fill, scores, ~causal, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = call(torch.Tensor.masked_fill, scores, ~attn_mask, float("-inf"))
-        else:
-            scores = call(torch.add, scores, attn_mask)
-    probs = call(torch.softmax, scores, -1)
-    if dropout_p > 0.0:
-        probs = call(F.dropout, probs, dropout_p, True)
-    return call(torch.matmul, probs, value)
-
-
-def mha_decomposition(call, query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias,
-                      bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True,
-                      key_padding_mask=None, need_weights=True, attn_mask=None, use_separate_proj_weight=False,
-                      q_proj_weight=None, k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None,
-                      average_attn_weights=True, is_causal=False):
-    """``F.multi_head_attention_forward`` written out with engine-visible ops (the common case:
-    no ``bias_k``/``bias_v``, no ``add_zero_attn``, no static keys)."""
-    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None:
-        raise NotImplementedError("LRP through nn.MultiheadAttention supports no bias_k/bias_v/add_zero_attn/static_k/static_v")
-    batched = query.dim() == 3
-    if not batched:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        if key_padding_mask is not None:
-            key_padding_mask = key_padding_mask.unsqueeze(0)
-    L, B, E = query.shape
-    S = key.shape[0]
-    hd = E // num_heads
-    if use_separate_proj_weight:
-        wq, wk, wv = q_proj_weight, k_proj_weight, v_proj_weight
-    else:
-        wq, wk, wv = in_proj_weight.chunk(3)
-    bq, bk, bv = (None, None, None) if in_proj_bias is None else in_proj_bias.chunk(3)
-    q = call(F.linear, query, wq, bq)
-    k = call(F.linear, key, wk, bk)
-    v = call(F.linear, value, wv, bv)
-    # (L, B, E) -> (B*H, L, hd)
-    q = call(torch.Tensor.transpose, call(torch.Tensor.reshape, q, L, B * num_heads, hd), 0, 1)
-    k = call(torch.Tensor.transpose, call(torch.Tensor.reshape, k, S, B * num_heads, hd), 0, 1)
-    v = call(torch.Tensor.transpose, call(torch.Tensor.reshape, v, S, B * num_heads, hd), 0, 1)
-    mask = None
-    if attn_mask is not None:
-        m = attn_mask if attn_mask.dim() == 3 else attn_mask.unsqueeze(0)
-        mask = torch.zeros_like(m, dtype=q.dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(q.dtype)
-    if is_causal and attn_mask is None:
-        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        mask = torch.zeros(1, L, S, dtype=q.dtype, device=q.device).masked_fill(~causal, float("-inf"))
-    if key_padding_mask is not None:
-        kp = key_padding_mask
-        kp = torch.zeros_like(kp, dtype=q.dtype).masked_fill(kp, float("-inf")) if kp.dtype == torch.bool else kp.to(q.dtype)
-        kp = kp.view(B, 1, 1, S).expand(B, num_heads, 1, S).reshape(B * num_heads, 1, S)
-        mask = kp if mask is None else mask + kp
-    scores = call(torch.bmm, call(torch.mul, q, 1.0 / math.sqrt(hd)), call(torch.Tensor.transpose, k, -2, -1))
-    if mask is not None:
-        scores = call(torch.add, scores, mask)
-    probs = call(torch.softmax, scores, -1)
-    if dropout_p > 0.0 and training:
-        probs = call(F.dropout, probs, dropout_p, True)
-    out = call(torch.bmm, probs, v)  # (B*H, L, hd)
-    out = call(torch.Tensor.reshape, call(torch.Tensor.transpose, out, 0, 1), L * B, E)
-    out = call(F.linear, out, out_proj_weight, out_proj_bias)
-    out = call(torch.Tensor.reshape, out, L, B, E)
-    weights = None
-    if need_weights:
-        weights = probs.view(B, num_heads, L, S)
-        if average_attn_weights:
-            weights = weights.mean(dim=1)
-        if not batched:
-            weights = weights.squeeze(0)
-    if not batched:
-        out = out.squeeze(1)
-    return out, weights

@@ -96,7 +96,7 @@ class GradientRegistry(Registry):
         super().__init__("gradient", seed="logit")
         self._rule = Passthrough()
 
-    def rule_for_module(self, module, stack):  # noqa: D401 - Registry interface
+    def rule_for_module(self, module, stack, name=""):  # noqa: D401 - Registry interface
         return self._rule
 
     def rule_for_function(self, func, stack):

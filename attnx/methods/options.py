@@ -29,5 +29,7 @@ PATCH_SIZE = Option(
     kind=int, allow_none=True, trace=True,
 )
 STRICT = Option(
-    "strict", False, "raise instead of warning when a relevance-carrying op matches no rule", kind=bool, trace=True
+    "strict", True,
+    "raise attnx.lrp.UncoveredOpError when a relevance-carrying op matches no rule (False: warn and proceed)",
+    kind=bool, trace=True,
 )
