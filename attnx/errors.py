@@ -1,8 +1,20 @@
-"""Errors and warnings that name what attnx expected, raised where a model or an input cannot be
-explained, or where an explanation would be silently meaningless."""
+"""Errors and warnings that name what attnx expected.
+
+Every error attnx raises on purpose (a bad input, an option out of range, a model it cannot
+explain, a meaningless map) is an :class:`AttnxError`; the command line prints those as one line,
+and anything else (a bug) with its traceback. The concrete classes also derive from the built-in
+exception a user would catch (``ValueError``, ``TypeError``, ``RuntimeError``).
+"""
 from __future__ import annotations
 
-__all__ = ["UnsupportedModelError", "DegenerateMapWarning", "NonFiniteMapError"]
+__all__ = [
+    "AttnxError",
+    "AttnxTypeError",
+    "AttnxValueError",
+    "DegenerateMapWarning",
+    "NonFiniteMapError",
+    "UnsupportedModelError",
+]
 
 
 class AttnxError(Exception):
@@ -26,5 +38,5 @@ class DegenerateMapWarning(UserWarning):
     method, the samples and the likely cause)."""
 
 
-class NonFiniteMapError(ValueError):
+class NonFiniteMapError(AttnxError, ValueError):
     """A method gave a sample NaN or infinite relevance."""

@@ -6,9 +6,8 @@ from typing import Any
 
 import torch
 
-from .errors import AttnxValueError
 from . import viz
-from .errors import NonFiniteMapError
+from .errors import AttnxValueError, NonFiniteMapError
 from .layout import Layout, normalize_per_sample, scores_to_map
 from .lrp.coverage import Coverage
 

@@ -37,8 +37,8 @@ LINEAR_OPS = frozenset(
     gather take_along_dim roll flip clone detach_copy to type type_as float double half bfloat16 dropout pad
     neg __neg__ sum mean add __add__ __radd__ __iadd__ sub __sub__ __rsub__ __isub__ masked_fill
     masked_fill_ where tril triu diagonal interpolate adaptive_avg_pool1d adaptive_avg_pool2d avg_pool1d
-    avg_pool2d linear conv1d conv2d conv3d identity scaled_dot_product_attention tensor_split
-    new_tensor as_strided fill_diagonal_ copy_ index_add index_add_ scatter scatter_add T mT H mH real _base type_as""".split()
+    avg_pool2d linear conv1d conv2d conv3d unfold identity scaled_dot_product_attention tensor_split
+    new_tensor as_strided fill_diagonal_ copy_ index_add index_add_ scatter scatter_add T mT H mH real _base""".split()
 )
 #: linear only when a single argument carries relevance
 _LINEAR_IF_ONE = frozenset(
@@ -46,7 +46,7 @@ _LINEAR_IF_ONE = frozenset(
 )
 
 
-class UncoveredOpError(RuntimeError):
+class UncoveredOpError(AttnxError, RuntimeError):
     """Raised in strict mode (the default) when a relevance-carrying op matches no rule."""
 
 
@@ -272,7 +272,7 @@ class LRPEngine(TorchFunctionMode):
             rule = None
         if rule is not None:
             if any(isinstance(c, str) for c in carrying):
-                raise ValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")
+                raise AttnxValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")
             out = rule(op)
             self.coverage[(name, rule.name)] += 1
             _count_uses(args, kwargs, out)

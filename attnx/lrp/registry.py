@@ -117,10 +117,10 @@ class Registry:
         """Map ``key`` (a module type, a :class:`ModuleKind` or a torch function) to ``rule``;
         returns ``self``."""
         if not isinstance(rule, R.Rule):
-            raise TypeError(f"rule must be an attnx.lrp.rules.Rule, got {rule!r}")
+            raise AttnxTypeError(f"rule must be an attnx.lrp.rules.Rule, got {rule!r}")
         is_module = isinstance(key, ModuleKind) or (isinstance(key, type) and issubclass(key, nn.Module))
         if not is_module and not callable(key):
-            raise TypeError(f"key must be a module type, an attnx.lrp.kinds.ModuleKind or a torch function, got {key!r}")
+            raise AttnxTypeError(f"key must be a module type, an attnx.lrp.kinds.ModuleKind or a torch function, got {key!r}")
         self.entries.append(Entry(key, rule, _within_predicate(within), is_module))
         return self
 

@@ -237,9 +237,9 @@ def _linear_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | No
     if op.func in GROUPED_MM:
         bound = {**dict(zip(("mat_a", "mat_b"), op.args)), **op.kwargs}
         if bound.get("out_dtype") is not None:
-            raise ValueError("LRP rules support grouped_mm without out_dtype only")
+            raise AttnxValueError("LRP rules support grouped_mm without out_dtype only")
         return bound["mat_a"], bound["mat_b"], bound.get("bias"), grouped_linear, {"offs": bound.get("offs")}
-    raise TypeError(f"{op.func} is not F.linear, F.conv2d or grouped_mm")
+    raise AttnxTypeError(f"{op.func} is not F.linear, F.conv2d or grouped_mm")
 
 
 #: the grouped matrix product of mixture-of-experts layers (one weight matrix per group of rows)
@@ -563,16 +563,16 @@ class RMSNormConstantRMS(Rule):
         else:
             bound = {**dict(zip(("input", "normalized_shape", "weight", "eps"), op.args)), **op.kwargs}
             if len(bound["normalized_shape"]) != 1:
-                raise ValueError("the RMSNorm rule supports normalisation over the last dimension only")
+                raise AttnxValueError("the RMSNorm rule supports normalisation over the last dimension only")
             x, eps = bound["input"], bound.get("eps")
         y = op.compute()
         if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-            raise ValueError(f"the RMSNorm rule needs one output shaped as the input, got {type(y).__name__}")
+            raise AttnxValueError(f"the RMSNorm rule needs one output shaped as the input, got {type(y).__name__}")
         if op.module is not None:
             spread = rms_norm_spread(x.detach(), y.detach(), eps)
             if spread > max(1e-5, 16 * torch.finfo(y.dtype).eps):
                 cls = type(op.module).__name__
-                raise ValueError(
+                raise AttnxValueError(
                     f"{cls} at {op.name or 'the model'} was taken for an RMS normalisation, but its output is "
                     f"not x / rms(x) times one per-feature weight (relative spread {spread:.2e}); register "
                     f"a rule for it: attnx.lrp.Registry.register({cls}, rule)"
