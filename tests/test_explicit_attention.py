@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnx
+from attnx.errors import DegenerateMapWarning
+from attnx.lrp import UncoveredOpError
 from attnx.adapters.kernels import AttentionInterceptor, TokenWatcher
 from attnx.errors import UnsupportedModelError
 from attnx.recorder import AttentionRecorder
@@ -399,16 +401,26 @@ def test_gradients_equal_autograd_through_an_independent_forward(name):
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def uncovered_router(name: str, method: str):
-    """The MoE router's ``topk`` has no LRP rule: the presets' passes say so (never silently).
-    Every other op of these models has a rule or is linear: any warning is an error."""
+    """The MoE router's ``topk`` has no LRP rule: the presets' passes refuse it by default and,
+    with ``strict=False``, say so (never silently). Every other op of these models has a rule or is
+    linear: any other warning is an error, except the degenerate-map warning of methods that keep
+    only a positive part (attn_gradcam's ReLU can leave a sample with nothing). Yields the extra
+    options of the call."""
     spec = attnx.get_method(method)
     if name.startswith("moe") and spec.needs.relevance and spec.needs.rules is None:
         with pytest.warns(UserWarning, match=r"matched no rule.*'topk'"):
-            yield
+            yield {"strict": False}
         return
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        yield
+        if method == "attn_gradcam":
+            warnings.simplefilter("ignore", DegenerateMapWarning)
+        yield {}
+
+
+def test_the_uncovered_router_is_refused_by_default():
+    with pytest.raises(UncoveredOpError, match="topk"):
+        attnx.explain(build("moe_classifier_softmax"), images("moe_classifier_softmax"), method="lrp")
 
 
 @pytest.mark.parametrize("name", list(STYLES))
@@ -417,8 +429,8 @@ def test_grid_and_prefix_tokens_are_inferred(name):
     _, size, patch, cls, _ = STYLES[name]
     grid = (size[0] // patch, size[1] // patch)
     for method in ("rollout", "lrp"):  # from the attention's token count; from the token watcher
-        with uncovered_router(name, method):
-            e = attnx.explain(model, images(name), method=method)
+        with uncovered_router(name, method) as extra:
+            e = attnx.explain(model, images(name), method=method, **extra)
         assert e.grid == grid and e.scores.shape == (3, grid[0] * grid[1])
         assert e.layout.prefix_tokens == int(cls)
         assert e.layout.readout == (0 if cls else None)
@@ -437,8 +449,8 @@ def test_every_method_equals_the_sdpa_twin_and_is_batch_independent(name):
     explainer = attnx.Explainer(model)
 
     def explain(inputs, method, target):
-        with uncovered_router(name, method):
-            return explainer.explain(inputs, method=method, target=target)
+        with uncovered_router(name, method) as extra:
+            return explainer.explain(inputs, method=method, target=target, **extra)
 
     for method in attnx.list_methods():
         e = explain(x, method, targets)
