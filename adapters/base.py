@@ -85,3 +85,11 @@ class Adapter:
     def input_embeddings(self) -> nn.Module | None:
         """The module whose output is the first relevance-carrying activation for integer inputs."""
         return None
+
+    def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:
+        """``batch`` with each sample's continuation tokens appended after its prompt, and the
+        :class:`attnx.targets.BoundContinuation` saying where they are (causal language models)."""
+        raise TypeError(
+            f"a continuation target needs a causal language model; adapter {self.name!r} "
+            f"({type(self.model).__name__}) has none"
+        )
