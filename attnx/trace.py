@@ -240,8 +240,17 @@ def explained_position(layout: Layout, batch_size: int, device: torch.device) ->
 
 
 def resolve(target: Target, output: Any, logits: torch.Tensor, layout: Layout, batch_size: int):
-    """:func:`attnx.targets.resolve_targets` at the explained position of ``layout``."""
-    return resolve_targets(target, output, logits, explained_position(layout, batch_size, logits.device))
+    """:func:`attnx.targets.resolve_targets` at the explained position of ``layout``; a target
+    that is not finite (the model produced NaN or inf) raises instead of giving a NaN map."""
+    resolved = resolve_targets(target, output, logits, explained_position(layout, batch_size, logits.device))
+    bad = ~torch.isfinite(resolved.scores.detach())
+    if bad.any():
+        samples = torch.nonzero(bad).flatten().tolist()
+        raise ValueError(
+            f"the explained output of {type(output).__name__} is not finite (NaN or inf) for sample(s) {samples}; "
+            "the model itself produced it (check its dtype and the attention mask)"
+        )
+    return resolved
 
 
 def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gradients: bool) -> Trace:
