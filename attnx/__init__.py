@@ -12,11 +12,13 @@ from .adapters import register_adapter
 from .explainer import Explainer, explain
 from .explanation import Explanation
 from .methods import Option, Relevance, get_method, list_methods, register_method
+from .targets import Continuation
 from .trace import Needs, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Continuation",
     "Explainer",
     "Explanation",
     "Needs",
