@@ -135,6 +135,26 @@ def test_either_padding_side(case):
             assert max_abs_diff(a.scores[i][left["attention_mask"][i].bool()], b.scores[i][right["attention_mask"][i].bool()]) <= TOL
 
 
+@pytest.mark.parametrize("case", params([c for c in EAGER if c.family in ("mistral", "qwen2", "gemma2", "gemma3")]))
+def test_sliding_window_layers(case):
+    """Sliding-window layers are recorded with their window (4 keys: zero further back), full
+    layers without; every layer is causal. (GQA: one map per query head.)"""
+    model = case.model()
+    types = getattr(model.config, "layer_types", None) or ["sliding_attention"] * 3
+    trace = attnx.Explainer(model).capture(case.inputs([9, 9]))
+    i = torch.arange(9)[:, None]
+    j = torch.arange(9)[None, :]
+    assert any(t == "sliding_attention" for t in types)
+    for layer, (a, kind) in enumerate(zip(trace.attentions, types)):
+        assert a.shape == (2, 4, 9, 9)
+        assert (a[..., j > i] == 0).all(), f"layer {layer} is not causal"
+        far = a[..., (i - j) >= 4]
+        if kind == "sliding_attention":
+            assert (far == 0).all(), f"layer {layer}: attention outside the window"
+        else:
+            assert (far > 0).any(), f"layer {layer}: a full layer looks windowed"
+
+
 @pytest.mark.parametrize("case", params([c for c in CASES if c.impl == "sdpa"]))
 def test_sdpa_model_equals_eager_model(case):
     """A model loaded with sdpa is switched to eager while explained: the same maps as the same
