@@ -369,3 +369,36 @@ def test_callable_target_equals_id(case, method):
     if method != "attn_gradcam":  # its clamp may zero both maps
         diff = explainer(x, method=method, target=lambda out: at(out)[rows, c] - at(out)[rows, c + 1])
         assert max_abs_diff(diff.scores, by_id.scores) > 1e-4
+
+
+@pytest.mark.parametrize("case", params([c for c in EAGER if c.family in ("llama", "gpt2")]))
+def test_discard_ratio_counts_attending_pairs(case):
+    """In a causal model rollout's discard_ratio ranks the pairs that may attend (key <= query),
+    outside the readout row: checked against rollout with discarding written out here. (Counting
+    the masked future pairs, which are zero anyway, would spend the budget on them: with 0.4 and
+    9 tokens nothing real would be discarded.)"""
+    model = case.model()
+    x = case.inputs([9, 9])
+    ratio = 0.4
+    e = attnx.explain(model, x, method="rollout", discard_ratio=ratio)
+    plain = attnx.explain(model, x, method="rollout")
+    assert max_abs_diff(e.scores, plain.scores) > 1e-3
+    with torch.no_grad():
+        att = manual_forward(case, case.model(), x).attentions
+    pos = readout_positions(case, x)
+    N = 9
+    tril = torch.ones(N, N, dtype=torch.bool).tril()
+    for b in range(2):
+        cand = tril.clone()
+        cand[pos[b]] = False
+        k = int(cand.sum().item() * ratio)
+        C = torch.eye(N, dtype=torch.float64)
+        for a in att:
+            fused = a[b].double().mean(0)
+            values = fused[cand]
+            drop_at = torch.nonzero(cand)[values.argsort()[:k]]
+            fused = fused.clone()
+            fused[drop_at[:, 0], drop_at[:, 1]] = 0
+            m = (fused + torch.eye(N, dtype=torch.float64)) / 2
+            C = (m / m.sum(-1, keepdim=True)) @ C
+        assert max_abs_diff(e.scores[b], C[pos[b]]) <= TOL
