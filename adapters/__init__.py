@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from .base import Adapter
 from .hf import HFAdapter
+from .hf_decoder import HFDecoderAdapter
 from .intercept import InterceptAdapter
 from .timm_vit import TimmViTAdapter
 from .torchvision_vit import TorchvisionViTAdapter
@@ -21,6 +22,7 @@ from .torchvision_vit import TorchvisionViTAdapter
 __all__ = [
     "Adapter",
     "HFAdapter",
+    "HFDecoderAdapter",
     "InterceptAdapter",
     "TimmViTAdapter",
     "TorchvisionViTAdapter",
@@ -44,7 +46,7 @@ def register_adapter(cls: type[Adapter], *, first: bool = False) -> type[Adapter
     return cls
 
 
-for _cls in (TimmViTAdapter, TorchvisionViTAdapter, HFAdapter):
+for _cls in (TimmViTAdapter, TorchvisionViTAdapter, HFDecoderAdapter, HFAdapter):
     register_adapter(_cls)
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from torch import nn
 
+from ..errors import AttnxTypeError
 from ..batch import Batch
 from ..layout import Layout
 from ..recorder import AttentionRecorder
@@ -85,3 +86,11 @@ class Adapter:
     def input_embeddings(self) -> nn.Module | None:
         """The module whose output is the first relevance-carrying activation for integer inputs."""
         return None
+
+    def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:
+        """``batch`` with each sample's continuation tokens appended after its prompt, and the
+        :class:`attnx.targets.BoundContinuation` saying where they are (causal language models)."""
+        raise AttnxTypeError(
+            f"a continuation target needs a causal language model; adapter {self.name!r} "
+            f"({type(self.model).__name__}) has none"
+        )

@@ -87,6 +87,11 @@ class InterceptAdapter(Adapter):
         get = getattr(self.model, "get_input_embeddings", None)
         return get() if callable(get) else None
 
+    def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:
+        if self.family is not None:
+            return self.family.append_continuation(batch, continuation)
+        return super().append_continuation(batch, continuation)
+
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
         with AttentionInterceptor(recorder):

@@ -203,6 +203,9 @@ def explicit_attention(
         else:
             scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
+    if is_causal or attn_mask is not None:
+        # a query that may attend to no key (a left-padding position) gets zeros, as in SDPA
+        probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     record_probabilities(recorder, probs)

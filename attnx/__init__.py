@@ -13,12 +13,14 @@ from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelErr
 from .explainer import Explainer, explain
 from .explanation import Explanation
 from .methods import Option, Relevance, get_method, list_methods, register_method
+from .targets import Continuation
 from .trace import Needs, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DegenerateMapWarning",
+    "Continuation",
     "Explainer",
     "Explanation",
     "Needs",

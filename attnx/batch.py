@@ -47,7 +47,10 @@ class Batch:
                 return v[index.to(v.device)]
             return v
 
-        layout = None if self.layout is None else replace(self.layout, valid=take(self.layout.valid))
+        layout = None
+        if self.layout is not None:
+            lay = self.layout
+            layout = replace(lay, valid=take(lay.valid), readout=take(lay.readout), columns=take(lay.columns))
         return Batch(
             args=tuple(take(a) for a in self.args),
             kwargs={k: take(v) for k, v in self.kwargs.items()},

@@ -26,6 +26,9 @@ examples:
                                                 one map per class, side by side
   attnx explain a.png b.png --method all --out grid.png   compare every method
   attnx explain --text "a gripping, beautifully shot film" --method generic --out review.html
+  attnx explain --text "The capital of France is" --model openai-community/gpt2 --method generic
+                                                a language model: its next token, marked after the prompt
+  attnx explain --text "The capital of France is" --continuation " Paris" --model openai-community/gpt2
   attnx explain                                  explain the embedded default scenes
   attnx methods                                  list the methods and their options
   attnx models                                   list what --model accepts
@@ -193,10 +196,16 @@ def explain_text(args: argparse.Namespace) -> int:
     loaded = _load(args.model, "text")
     if loaded.kind != "text":
         raise SystemExit(f"attnx: {args.model} is not a text classifier")
-    batch = loaded.tokenizer(list(args.text), padding=True, truncation=True, return_tensors="pt")
-    explainer = attnx.Explainer(loaded.model)
-    targets = _targets(args.target, loaded.class_names)
-    target = targets[0] if targets and len(targets) == 1 else targets
+    language_model = bool(loaded.info.get("language_model"))
+    if args.continuation and not language_model:
+        raise SystemExit("attnx: --continuation needs a causal language model (--model of a *ForCausalLM)")
+    if language_model:
+        batch, target = _language_model_inputs(args, loaded.tokenizer)
+    else:
+        batch = loaded.tokenizer(list(args.text), padding=True, truncation=True, return_tensors="pt")
+        targets = _targets(args.target, loaded.class_names)
+        target = targets[0] if targets and len(targets) == 1 else targets
+    explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
     if target is not None and isinstance(target, list) and len(target) != len(args.text):
         raise SystemExit("attnx: give one --target for all texts, or one per text")
     explained = []
@@ -209,6 +218,28 @@ def explain_text(args: argparse.Namespace) -> int:
     path.write_text(viz.text_html(explained, loaded.tokenizer, class_names=loaded.class_names))
     print(f"wrote {path}")
     return 0
+
+
+def _language_model_inputs(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
+    """A language model's prompts, left-padded (the generation convention), and its target: the
+    next token (default), --target tokens (ids or text, its first token) or --continuation."""
+    from attnx.targets import Continuation
+
+    if tokenizer.pad_token is None:  # GPT-2-style vocabularies have none; any id works, it is masked
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(args.text), padding=True, return_tensors="pt")
+    if args.continuation:
+        if args.target:
+            raise SystemExit("attnx: give --target (a next token) or --continuation, not both")
+        if len(args.continuation) not in (1, len(args.text)):
+            raise SystemExit("attnx: give one --continuation for all texts, or one per text")
+        conts = args.continuation * len(args.text) if len(args.continuation) == 1 else args.continuation
+        return batch, Continuation(list(conts))
+    if not args.target:
+        return batch, None
+    targets = [int(v) if v.isdigit() else v for v in args.target]
+    return batch, targets[0] if len(targets) == 1 else targets
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -396,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", action="append", help="a text to explain (repeat for several)")
     e.add_argument("--model", default=None, help="see `attnx models`; default: the embedded model")
     e.add_argument("--method", default="transformer_attribution", help="a method name, a comma list, or 'all'")
-    e.add_argument("--target", nargs="+", help="class indices or names; several give class-specific maps side by side")
+    e.add_argument("--target", nargs="+", help="class indices or names; several give class-specific maps side by side "
+                   "(language models: token ids or texts, the next token to explain)")
+    e.add_argument("--continuation", action="append", help="language models: explain this continuation of --text "
+                   "(its summed log-probability; repeat for one per text)")
     e.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     e.add_argument("--out", default=None, help="output file or folder (PNG for images, HTML for text)")
     e.add_argument("--num-scenes", type=int, default=4, help="default scenes to explain when no image is given")

@@ -14,7 +14,7 @@ from .explanation import Explanation
 from .layout import Readout, to_scores
 from .lrp.registry import Registry, get_preset
 from .methods.registry import Method, Relevance, get_method
-from .targets import Target
+from .targets import Target, prepare_target
 from .trace import Needs, Trace, run_trace
 
 __all__ = ["Explainer", "explain"]
@@ -32,18 +32,24 @@ class Explainer:
         (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it).
     adapter:
         ``None`` to choose automatically, an adapter name (``"timm_vit"``, ``"torchvision_vit"``,
-        ``"hf"``, ``"intercept"``) or an :class:`attnx.adapters.Adapter` instance.
+        ``"hf"``, ``"hf_decoder"``, ``"intercept"``) or an :class:`attnx.adapters.Adapter` instance.
+    tokenizer:
+        The tokenizer of a language model, for text targets (``target=" Paris"``: its first
+        token) and text continuations (:class:`attnx.targets.Continuation`).
 
     Examples
     --------
     >>> explainer = attnx.Explainer(model)
     >>> e = explainer(images, method="grad_rollout", target=[243, 282])
     >>> e.heatmap().shape  # (B, H, W)
+    >>> lm = attnx.Explainer(gpt2, tokenizer=tok)
+    >>> e = lm(tok(["The capital of France is"], return_tensors="pt"), method="generic")  # the next token
     """
 
-    def __init__(self, model: nn.Module, adapter: str | Adapter | None = None) -> None:
+    def __init__(self, model: nn.Module, adapter: str | Adapter | None = None, tokenizer: Any = None) -> None:
         self.model = model
         self.adapter = get_adapter(model, adapter)
+        self.tokenizer = tokenizer
 
     def trace(
         self,
@@ -59,6 +65,7 @@ class Explainer:
         ``strict`` raises :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules."""
         batch = self.adapter.prepare(inputs)
         registry = None if preset is None else get_preset(preset)
+        target = prepare_target(target, self.tokenizer)
         return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
 
     def capture(self, inputs: Any, target: Target = None, gradients: bool = False) -> Trace:
@@ -75,8 +82,10 @@ class Explainer:
         method:
             A name from :func:`attnx.list_methods`.
         target:
-            ``None`` (predicted class), an int, ``B`` ints, or a callable on the model output
-            returning ``B`` scalars.
+            ``None`` (predicted class; for a language model the predicted next token), an int,
+            ``B`` ints, a string (a language model's token, with the explainer's tokenizer), an
+            :class:`attnx.targets.Continuation`, or a callable on the model output returning
+            ``B`` scalars (see :mod:`attnx.targets`).
         **options:
             Options of the method (e.g. ``head_fusion``, ``discard_ratio``, ``start_layer``);
             ``attnx methods`` lists them.
@@ -120,7 +129,9 @@ class Explainer:
         layout = trace.layout
         scores = result.scores if result.scores is not None else to_scores(result.tokens, layout)
         check_map(scores, result.pixels, trace, method)
-        ids = trace.batch.kwargs.get("input_ids") if layout.grid is None and trace.batch is not None else None
+        ids = None
+        if layout.grid is None and trace.batch is not None:  # the user's ids (not those with a continuation)
+            ids = trace.batch.extra.get("input_ids", trace.batch.kwargs.get("input_ids"))
         return Explanation(
             scores=scores,
             grid=layout.grid,
@@ -134,9 +145,13 @@ class Explainer:
             input_relevance=trace.input_relevance,
             pixel_relevance=result.pixels,
             coverage=trace.coverage,
+            target_scores=trace.target_scores,
+            explained_tokens=trace.explained_tokens,
         )
 
 
-def explain(model: nn.Module, inputs: Any, method: str = "rollout", target: Target = None, **options: Any) -> Explanation:
+def explain(
+    model: nn.Module, inputs: Any, method: str = "rollout", target: Target = None, tokenizer: Any = None, **options: Any
+) -> Explanation:
     """Explain ``model`` on ``inputs`` with ``method``; see :meth:`Explainer.explain`."""
-    return Explainer(model).explain(inputs, method=method, target=target, **options)
+    return Explainer(model, tokenizer=tokenizer).explain(inputs, method=method, target=target, **options)

@@ -27,9 +27,11 @@ class Explanation:
     grid:
         ``(h, w)`` patch grid for images, ``None`` for text.
     targets:
-        ``(B,)`` class explained for each sample (``None`` for a callable target).
+        ``(B,)`` class (or, for a language model, token id) explained for each sample (``None``
+        for a callable or a continuation target).
     logits:
-        ``(B, C)`` logits of the model on the batch.
+        ``(B, C)`` logits of the model on the batch; for a language model the next-token logits
+        at the explained position.
     method:
         Name of the method, and ``options`` the options it ran with.
     token_relevance:
@@ -46,6 +48,12 @@ class Explanation:
         their heat map is drawn from it.
     coverage:
         What the LRP pass did with every relevance-carrying op (LRP-style methods).
+    target_scores:
+        ``(B,)`` the explained scalars (the target logit, a callable's value, a continuation's
+        summed log-probability).
+    explained_tokens:
+        ``(B, K)`` for language models: the explained token(s) after the prompt, the next token
+        (``K = 1``) or a continuation (``-1`` pads shorter ones); ``None`` otherwise.
     """
 
     scores: torch.Tensor
@@ -60,6 +68,8 @@ class Explanation:
     input_relevance: torch.Tensor | None = None
     pixel_relevance: torch.Tensor | None = None
     coverage: Coverage | None = None
+    target_scores: torch.Tensor | None = None
+    explained_tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.scores.shape[0]

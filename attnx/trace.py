@@ -18,16 +18,16 @@ from torch import nn
 
 from .adapters import adapter_names
 from .batch import Batch
-from .errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
-from .layout import Layout
+from .errors import AttnxValueError, UnsupportedModelError
+from .layout import Layout, Readout
 from .lrp.coverage import Coverage
 from .lrp.engine import LRPEngine
 from .lrp.registry import Registry, get_preset
 from .lrp.rules import divide_or_zero
 from .recorder import AttentionRecorder
-from .targets import Target, resolve_targets
+from .targets import Continuation, Target, resolve_targets
 
-__all__ = ["Needs", "Trace", "evaluation_mode", "run_trace"]
+__all__ = ["Needs", "Trace", "evaluation_mode", "lrp_seed", "run_trace"]
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,11 @@ class Trace:
     Attributes
     ----------
     logits:
-        ``(B, C)`` logits, detached.
+        ``(B, C)`` logits at the explained position, detached (for a language model, the
+        next-token logits of the last real token, or of the last prompt token for a continuation).
     targets:
-        ``(B,)`` explained class per sample, or ``None`` for a callable target.
+        ``(B,)`` explained class (or token id) per sample, or ``None`` for a callable or a
+        continuation target.
     layout:
         The token layout of the batch.
     batch:
@@ -92,6 +94,12 @@ class Trace:
         What the LRP pass did with every relevance-carrying op.
     output:
         The raw model output (detached where it is a tensor).
+    target_scores:
+        ``(B,)`` the explained scalars ``y_t`` (a logit, the callable's value, a continuation's
+        summed log-probability), detached.
+    explained_tokens:
+        ``(B, K)`` for language models: the explained token(s) after the prompt (``-1`` pads
+        continuations of different lengths); ``None`` otherwise.
     """
 
     logits: torch.Tensor
@@ -104,6 +112,8 @@ class Trace:
     input_relevance: torch.Tensor | None = None
     coverage: Coverage | None = None
     output: Any = None
+    target_scores: torch.Tensor | None = None
+    explained_tokens: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -201,6 +211,8 @@ def run_trace(
     """
     if patch_size is not None:
         batch = replace(batch, layout=patch_layout(adapter, batch, patch_size))
+    if isinstance(target, Continuation):
+        batch, target = adapter.append_continuation(batch, target.token_ids(batch.batch_size))
     trace = None
     if needs.plain_pass:
         trace = plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients, gradients=needs.gradients)
@@ -208,14 +220,38 @@ def run_trace(
         return trace
     if registry is None:
         raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
-    # with a plain pass, the relevance pass explains the classes it resolved
+    # with a plain pass, the relevance pass explains the classes it resolved; a callable or a
+    # continuation is the same scalar function in both passes
+    resolved = trace is not None and trace.targets is not None
     lrp = relevance_pass(
-        adapter, batch, trace.targets if trace is not None else target, registry,
+        adapter, batch, trace.targets if resolved else target, registry,
         attentions=needs.attention_relevance, strict=strict,
     )
     if trace is None:
         return lrp
     return replace(trace, attention_relevance=lrp.attention_relevance, input_relevance=lrp.input_relevance, coverage=lrp.coverage)
+
+
+def explained_position(layout: Layout, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    """``(B,)`` the position whose logits are explained, when the readout is one token per
+    sample (sequence logits of a language model are read there); else ``None``."""
+    if layout.readout is None or (isinstance(layout.readout, torch.Tensor) and layout.readout.dim() == 2):
+        return None
+    return Readout(layout, batch_size, device).index
+
+
+def resolve(target: Target, output: Any, logits: torch.Tensor, layout: Layout, batch_size: int):
+    """:func:`attnx.targets.resolve_targets` at the explained position of ``layout``; a target
+    that is not finite (the model produced NaN or inf) raises instead of giving a NaN map."""
+    resolved = resolve_targets(target, output, logits, explained_position(layout, batch_size, logits.device))
+    bad = ~torch.isfinite(resolved.scores.detach())
+    if bad.any():
+        samples = torch.nonzero(bad).flatten().tolist()
+        raise AttnxValueError(
+            f"the explained output of {type(output).__name__} is not finite (NaN or inf) for sample(s) {samples}; "
+            "the model itself produced it (check its dtype and the attention mask)"
+        )
+    return resolved
 
 
 def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gradients: bool) -> Trace:
@@ -230,17 +266,19 @@ def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gra
         with tracked_embeddings(adapter.input_embeddings() if gradients else None), observe:
             output, logits = adapter.call(batch)
         layout = resolved_layout(adapter, batch, recorder, attentions)
-        scores, classes = resolve_targets(target, output, logits)
-        grads = recorder.gradients(scores.sum()) if gradients else None
+        resolved = resolve(target, output, logits, layout, batch.batch_size)
+        grads = recorder.gradients(resolved.scores.sum()) if gradients else None
     detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
     return Trace(
-        logits=logits.detach(),
-        targets=classes,
+        logits=resolved.logits.detach(),
+        targets=resolved.classes,
         layout=layout,
         batch=batch,
         attentions=[a.detach() for a in recorder.probs] if attentions else None,
         gradients=None if grads is None else [g.detach() for g in grads],
         output=detached,
+        target_scores=resolved.scores.detach(),
+        explained_tokens=resolved.explained_tokens,
     )
 
 
@@ -292,15 +330,15 @@ def relevance_pass(
     attentions: bool = False,
     strict: bool = False,
 ) -> Trace:
-    """Forward under ``registry``, then one modified backward from the target logits.
+    """Forward under ``registry``, then one modified backward from the target's scalar.
 
-    The seed is set by ``registry.seed``: ``"one_hot"`` puts relevance 1 on the target logit
-    (Chefer et al.), ``"logit"`` puts the logit's value (so that conservation reads
-    Σ input relevance = y_t).
+    The backward starts at the logits with the seed :func:`lrp_seed` gives for the target's
+    scalar ``s`` and ``registry.seed``: for a class target exactly the one-hot (``"one_hot"``:
+    relevance 1 on the target logit, Chefer et al.) or the logit's value (``"logit"``: so that
+    conservation reads Σ input relevance = y_t); for any other target (a callable, a
+    continuation) the gradient of ``s`` with respect to the logits (times the logits).
     """
     registry = get_preset(registry)
-    if callable(target) and not isinstance(target, torch.Tensor):
-        raise AttnxTypeError("LRP methods need class targets (int, list or tensor), not a callable")
     model = adapter.model
     recorder = AttentionRecorder(batch.batch_size)
     embeddings = adapter.input_embeddings()
@@ -322,9 +360,8 @@ def relevance_pass(
             root = engine.roots[0]
         engine.check_coverage()
         layout = resolved_layout(adapter, batch, recorder, attentions)
-        _, classes = resolve_targets(target, output, logits)
-        one_hot = torch.zeros_like(logits).scatter_(1, classes[:, None], 1.0)
-        seed = divide_or_zero(one_hot, logits.detach()) if registry.seed == "one_hot" else one_hot
+        resolved = resolve(target, output, logits, layout, batch.batch_size)
+        seed = lrp_seed(resolved.scores, logits, registry.seed)
         if attentions:
             cut = [i for i, t in enumerate(recorder.grad_wrt) if not t.requires_grad]
             if cut:
@@ -345,12 +382,41 @@ def relevance_pass(
             for p, g in zip(probs, grads[1:])
         ]
     return Trace(
-        logits=logits.detach(),
-        targets=classes,
+        logits=resolved.logits.detach(),
+        targets=resolved.classes,
         layout=layout,
         batch=batch,
         attentions=probs,
         attention_relevance=attn_rel,
         input_relevance=(root * g_root).detach(),
         coverage=engine.summary(),
+        target_scores=resolved.scores.detach(),
+        explained_tokens=resolved.explained_tokens,
     )
+
+
+def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Tensor:
+    """The modified gradient a relevance pass starts from at the logits, for the target's
+    scalars ``s`` ``(B,)``.
+
+    The relevance put on the logits ``z`` is ``R_z = ∂s/∂z`` with ``seed="one_hot"`` and
+    ``R_z = z ⊙ ∂s/∂z`` with ``seed="logit"``; under the gradient x input convention the returned
+    seed is ``R_z / z`` (0 where ``z = 0``), resp. ``∂s/∂z``. For a class target ``s = z_c`` this
+    is the one-hot of ``c`` (relevance 1, resp. ``z_c``, on the target logit); for a callable such
+    as ``z_a - z_b`` it is ``+1`` / ``-1`` (times the logits); for a continuation, the gradient of
+    its summed log-probability. ``∂s/∂z`` follows only the logits: other outputs a callable reads
+    (hidden states) are held constant.
+    """
+    if not scores.requires_grad:
+        raise AttnxValueError("the target's scalar does not depend on the model output (it carries no gradient)")
+    (grad,) = torch.autograd.grad(scores.sum(), logits, retain_graph=True, allow_unused=True)
+    if grad is None:
+        raise AttnxValueError(
+            "the target does not depend on the logits: LRP methods start the relevance at the logits, "
+            "so a callable target must be a function of them"
+        )
+    if seed == "one_hot":
+        return divide_or_zero(grad, logits.detach())
+    if seed != "logit":
+        raise AttnxValueError(f"unknown LRP seed {seed!r}; expected 'one_hot' or 'logit'")
+    return grad

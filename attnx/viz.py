@@ -21,6 +21,8 @@ __all__ = [
     "text_html",
     "text_terminal",
     "token_strings",
+    "real_scores",
+    "explained_strings",
     "text_figure",
     "save_stacked",
     "pyplot",
@@ -217,12 +219,47 @@ def class_maps(
     return fig
 
 
+def real_columns(explanation: Any, index: int) -> list[int]:
+    """The score columns of sample ``index`` that are real tokens (padding on either side dropped)."""
+    layout = explanation.layout
+    if layout is None:
+        return list(range(explanation.scores.shape[1]))
+    mask = layout.score_mask(len(explanation), explanation.scores.device)[index]
+    return torch.nonzero(mask).flatten().tolist()
+
+
 def token_strings(explanation: Any, tokenizer: Any, index: int) -> list[str]:
-    """The word pieces of sample ``index`` (padding dropped)."""
+    """The word pieces of sample ``index`` (padding dropped), in the order of
+    ``scores[index, real_columns(explanation, index)]``."""
     ids = explanation.input_ids[index]
-    valid = explanation.layout.valid
-    n = int(valid[index].sum()) if valid is not None else ids.shape[0]
-    return tokenizer.convert_ids_to_tokens(ids[:n].tolist())
+    return tokenizer.convert_ids_to_tokens(ids[real_columns(explanation, index)].tolist())
+
+
+def real_scores(explanation: Any, index: int) -> torch.Tensor:
+    """The scores of the real tokens of sample ``index``, aligned with :func:`token_strings`."""
+    return explanation.scores[index, real_columns(explanation, index)]
+
+
+def explained_strings(explanation: Any, tokenizer: Any, index: int) -> list[str]:
+    """For a language model, the explained token(s) after the prompt (the next token or the
+    continuation); empty for classifiers."""
+    tokens = getattr(explanation, "explained_tokens", None)
+    if tokens is None:
+        return []
+    ids = [t for t in tokens[index].tolist() if t >= 0]
+    return tokenizer.convert_ids_to_tokens(ids)
+
+
+def _text_label(explanation: Any, tokenizer: Any, i: int, class_names: Sequence[str] | None) -> str:
+    """The class label, or for a language model what is explained after the prompt."""
+    explained = explained_strings(explanation, tokenizer, i)
+    if not explained:
+        return _label(explanation, i, class_names)
+    if explanation.targets is not None:  # one token
+        t = int(explanation.targets[i])
+        return f"next token {explained[0]!r} (p={float(explanation.probabilities[i, t]):.2f})"
+    score = "" if explanation.target_scores is None else f" (log p={float(explanation.target_scores[i]):.2f})"
+    return f"continuation {tokenizer.convert_tokens_to_string(explained)!r}{score}"
 
 
 def _signed(scores: torch.Tensor, keep: Sequence[bool] | None = None) -> np.ndarray:
@@ -242,8 +279,9 @@ def text_html(
     skip_special: bool = False,
 ) -> str:
     """HTML with every token coloured by its signed relevance (green: for the explained class,
-    red: against it), one line per sample, with the prediction. A list of explanations (e.g. one
-    per method) gives one page with a section per explanation, separated by rules."""
+    red: against it), one line per sample, with the prediction. For a language model the
+    explained token(s) follow the prompt in a framed box after an arrow. A list of explanations
+    (e.g. one per method) gives one page with a section per explanation, separated by rules."""
     explanations = explanation if isinstance(explanation, (list, tuple)) else [explanation]
     sections = ["\n".join(_text_html_rows(e, tokenizer, class_names, skip_special)) for e in explanations]
     return "<html><head><meta charset='utf-8'></head><body>\n" + "\n<hr>\n".join(sections) + "\n</body></html>\n"
@@ -255,7 +293,7 @@ def _text_html_rows(explanation: Any, tokenizer: Any, class_names, skip_special:
         toks = token_strings(explanation, tokenizer, i)
         special = set(getattr(tokenizer, "all_special_tokens", ()))
         keep = [not (skip_special and t in special) for t in toks]
-        s = _signed(explanation.scores[i, : len(toks)], keep)
+        s = _signed(real_scores(explanation, i), keep)
         spans = []
         for tok, v, k in zip(toks, s, keep):
             if not k:
@@ -263,22 +301,32 @@ def _text_html_rows(explanation: Any, tokenizer: Any, class_names, skip_special:
             color = f"rgba(0,160,0,{abs(v):.3f})" if v >= 0 else f"rgba(220,0,0,{abs(v):.3f})"
             spans.append(f'<span style="background:{color};padding:1px 2px;margin:1px;border-radius:3px" '
                          f'title="{v:+.3f}">{html.escape(tok)}</span>')
+        explained = explained_strings(explanation, tokenizer, i)
+        if explained:
+            spans.append('&rarr; <span class="explained" style="border:2px solid #333;padding:1px 3px;margin:1px;'
+                         f'border-radius:3px;font-weight:bold" title="explained">{html.escape(" ".join(explained))}</span>')
         pred = int(explanation.logits[i].argmax())
-        name = class_names[pred] if class_names else str(pred)
+        if explained:
+            name = tokenizer.convert_ids_to_tokens([pred])[0]
+        else:
+            name = class_names[pred] if class_names else str(pred)
         rows.append(
-            f'<div style="margin:6px 0;font-family:sans-serif"><b>{html.escape(_label(explanation, i, class_names))}</b> '
-            f'<small>(predicted: {html.escape(name)}, p={float(explanation.probabilities[i, pred]):.2f}; method: '
+            f'<div style="margin:6px 0;font-family:sans-serif"><b>{html.escape(_text_label(explanation, tokenizer, i, class_names))}</b> '
+            f'<small>(predicted{" next token" if explained else ""}: {html.escape(name)}, '
+            f'p={float(explanation.probabilities[i, pred]):.2f}; method: '
             f'{html.escape(explanation.method)})</small><br>{" ".join(spans)}</div>'
         )
     return rows
 
 
 def text_terminal(explanation: Any, tokenizer: Any, *, class_names: Sequence[str] | None = None, color: bool = True) -> str:
-    """A terminal rendering: tokens on 24-bit colour backgrounds (or ``token[+0.42]`` without colour)."""
+    """A terminal rendering: tokens on 24-bit colour backgrounds (or ``token[+0.42]`` without
+    colour); for a language model the explained token(s) follow ``->`` in bold underline (or
+    ``[[token]]`` without colour)."""
     lines = []
     for i in range(len(explanation)):
         toks = token_strings(explanation, tokenizer, i)
-        s = _signed(explanation.scores[i, : len(toks)])
+        s = _signed(real_scores(explanation, i))
         parts = []
         for tok, v in zip(toks, s):
             if color:
@@ -287,7 +335,12 @@ def text_terminal(explanation: Any, tokenizer: Any, *, class_names: Sequence[str
                 parts.append(f"\x1b[48;2;{bg[0]};{bg[1]};{bg[2]}m\x1b[38;2;0;0;0m{tok}\x1b[0m")
             else:
                 parts.append(f"{tok}[{v:+.2f}]")
-        lines.append(f"{_label(explanation, i, class_names)}: " + " ".join(parts))
+        explained = explained_strings(explanation, tokenizer, i)
+        if explained:
+            text = " ".join(explained)
+            parts.append("->")
+            parts.append(f"\x1b[1;4m{text}\x1b[0m" if color else f"[[{text}]]")
+        lines.append(f"{_text_label(explanation, tokenizer, i, class_names)}: " + " ".join(parts))
     return "\n".join(lines)
 
 
@@ -308,9 +361,12 @@ def text_figure(
             toks = token_strings(e, tokenizer, i)
             special = set(getattr(tokenizer, "all_special_tokens", ()))
             keep = [not (skip_special and t in special) for t in toks]
-            s = _signed(e.scores[i, : len(toks)], keep)
+            s = _signed(real_scores(e, i), keep)
             pairs = [(t, float(v)) for t, v, k in zip(toks, s, keep) if k]
-            lines.append((f"{e.method} | {_label(e, i, class_names)}", pairs))
+            explained = explained_strings(e, tokenizer, i)
+            if explained:  # a language model's explained token(s): an arrow, then a framed box
+                pairs += [("→", None), (" ".join(explained), None)]
+            lines.append((f"{e.method} | {_text_label(e, tokenizer, i, class_names)}", pairs))
     fig = plt.figure(figsize=(width, 0.2 + 0.55 * len(lines) * 1.6))
     # an invisible axes: Jupyter's inline backend draws nothing for a figure without axes
     fig.add_axes((0, 0, 1, 1)).set_axis_off()
@@ -323,9 +379,12 @@ def text_figure(
         y -= step * 0.55
         x = 0.01
         for tok, v in pairs:
-            color = (0.0, 0.63, 0.0, min(abs(v), 1.0) * 0.85) if v >= 0 else (0.86, 0.0, 0.0, min(abs(v), 1.0) * 0.85)
-            t = fig.text(x, y, tok.replace("##", ""), fontsize=10, va="top", family="monospace",
-                         bbox=dict(boxstyle="round,pad=0.15", fc=color, ec="none"))
+            if v is None:
+                box = dict(boxstyle="round,pad=0.15", fc="white", ec="black" if tok != "→" else "none")
+            else:
+                color = (0.0, 0.63, 0.0, min(abs(v), 1.0) * 0.85) if v >= 0 else (0.86, 0.0, 0.0, min(abs(v), 1.0) * 0.85)
+                box = dict(boxstyle="round,pad=0.15", fc=color, ec="none")
+            t = fig.text(x, y, tok.replace("##", ""), fontsize=10, va="top", family="monospace", bbox=box)
             bb = t.get_window_extent(renderer=renderer)
             x += bb.width / fig.bbox.width + 0.006
             if x > 0.95:

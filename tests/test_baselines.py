@@ -147,8 +147,15 @@ def test_gradient_x_input_batch_independence(name):
         assert max_abs_diff(alone.scores[0], batch.scores[b]) <= 1e-10 * max(1.0, batch.scores.abs().max().item())
 
 
-def test_gradient_x_input_needs_class_targets():
+def test_gradient_x_input_of_a_callable_target():
+    """A callable target (a logit difference) is differentiated as given: x ⊙ ∂s/∂x by autograd."""
     case = CASES["timm_vit"]
-    with pytest.raises(TypeError, match="class targets"):
-        attnx.explain(case.model(), case.inputs(2), method="gradient_x_input", target=lambda out: out[:, 0])
+    model = case.model(torch.float64)
+    x = case.inputs(2, dtype=torch.float64)
+    e = attnx.explain(model, x, method="gradient_x_input", target=lambda out: out[:, 0] - out[:, 3])
+    xr = x.clone().requires_grad_(True)
+    out = model(xr)
+    (g,) = torch.autograd.grad((out[:, 0] - out[:, 3]).sum(), xr)
+    assert e.targets is None
+    assert max_abs_diff(e.input_relevance, (xr * g).detach()) <= 1e-12
 

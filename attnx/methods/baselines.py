@@ -113,7 +113,7 @@ def gradient_x_input(trace, readout) -> Relevance:
     ``Explanation.input_relevance`` holds the raw products, ``(B, C, H, W)`` or ``(B, T, D)``
     (the output of the input embeddings). ``Explanation.scores`` sums them over the channels and
     each patch of the model's grid (images) or over the hidden dimension (text, one value per
-    token). The same as the ``lrp`` method with every rule the plain gradient. Needs class
-    targets (not a callable).
+    token). The same as the ``lrp`` method with every rule the plain gradient; any target
+    (a callable or a continuation too) is differentiated as given.
     """
     return input_relevance_scores(trace, readout)

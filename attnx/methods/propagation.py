@@ -25,17 +25,16 @@ def fuse_heads(attention: torch.Tensor, head_fusion: str = "mean") -> torch.Tens
 def discard_lowest(fused: torch.Tensor, discard_ratio: float, readout: Readout) -> torch.Tensor:
     """Zero the smallest ``discard_ratio`` fraction of each sample's ``(B, N, N)`` map.
 
-    Candidates are the pairs of real (non-padding) tokens outside the readout token's row, which
-    is never discarded; for each sample ``floor(discard_ratio * #candidates)`` entries are zeroed.
+    Candidates are the pairs of real (non-padding) tokens that may attend (key before query in a
+    causal model) outside the readout rows, which are never discarded; for each sample
+    ``floor(discard_ratio * #candidates)`` entries are zeroed.
     """
     if not 0.0 <= discard_ratio < 1.0:
         raise AttnxValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if discard_ratio == 0.0:
         return fused
     B, N, _ = fused.shape
-    candidates = readout.pairs().clone()
-    if readout.index is not None:
-        candidates[:, readout.index, :] = False
+    candidates = readout.pairs() & ~readout.protected.to(fused.device)[:, :, None]
     k = (candidates.flatten(1).sum(1).to(torch.float64) * discard_ratio).floor().long()  # (B,)
     values = fused.masked_fill(~candidates, float("inf")).flatten(1)
     order = values.argsort(dim=1, stable=True)

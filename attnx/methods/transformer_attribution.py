@@ -32,10 +32,11 @@ def attribution_row(
         return m / m.sum(dim=-1, keepdim=True) if form == "bert" else m
 
     row = rollout_row((layer(g, r) for g, r in zip(attentions_grad[s:], attention_relevance[s:])), readout)
-    if form == "bert" and readout.index is not None:
-        masked = row.masked_fill(~readout.valid, float("inf"))
-        row = row.clone()
-        row[:, readout.index] = masked.min(dim=-1).values
+    if form == "bert" and readout.protected.any():
+        # the readout token's relevance to itself (the identity of the product) is set to the
+        # row's minimum over the real tokens (every readout token, for a multi-row readout)
+        low = row.masked_fill(~readout.valid, float("inf")).min(dim=-1, keepdim=True).values
+        row = torch.where(readout.protected.to(row.device), low.expand_as(row), row)
     return row
 
 

@@ -277,8 +277,8 @@ def parameter_randomisation(
         out = explainer(inputs, method=method, target=t, **method_kwargs) if explainer else method(work, inputs, t)
         if isinstance(out, Explanation):
             layout = out.layout
-            if out.grid is None and layout is not None and layout.valid is not None:  # padded text
-                valid = layout.valid[:, layout.prefix_tokens :].to(out.scores.device)
+            if out.grid is None and layout is not None and (layout.valid is not None or layout.columns is not None):
+                valid = layout.score_mask(len(out), out.scores.device)  # padded text
             return _rows(out.scores, "map"), out.targets
         if isinstance(out, torch.Tensor):
             return _rows(out, "map"), None

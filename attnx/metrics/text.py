@@ -227,8 +227,9 @@ def rationale_f1(
         if relevance.grid is not None:
             raise AttnxValueError("rationale_f1 scores text explanations; this one is of an image")
         scores = relevance.scores
-        if attention_mask is None and relevance.layout is not None and relevance.layout.valid is not None:
-            attention_mask = relevance.layout.valid
+        layout = relevance.layout
+        if attention_mask is None and layout is not None and (layout.valid is not None or layout.columns is not None):
+            attention_mask = layout.score_mask(len(relevance), scores.device)
     elif isinstance(relevance, torch.Tensor):
         scores = relevance
     else:

@@ -23,7 +23,8 @@ MODEL_KINDS = {
     "default": "the embedded default model (vision for images, text for --text); no network needed",
     "timm:NAME or NAME": "a timm model with pretrained weights, e.g. vit_base_patch16_224, deit_small_patch16_224",
     "torchvision:NAME": "a torchvision model with its default weights, e.g. torchvision:vit_b_16",
-    "hf:ID or ID/with/slash": "a Hugging Face image or text classifier id, e.g. google/vit-base-patch16-224",
+    "hf:ID or ID/with/slash": "a Hugging Face image or text classifier id, e.g. google/vit-base-patch16-224, "
+    "or a causal language model (GPT-2, Llama, Qwen, Gemma, Phi-3, ...), e.g. openai-community/gpt2",
     "PATH/": "a local Hugging Face folder (config.json + weights)",
     "PATH.pt": "a checkpoint saved with torch.save(model) (a whole nn.Module)",
 }
@@ -68,6 +69,11 @@ def _hugging_face(name: str) -> ZooModel:
     config = AutoConfig.from_pretrained(name)
     labels = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else None
     archs = " ".join(getattr(config, "architectures", None) or [])
+    if "ForCausalLM" in archs or "LMHeadModel" in archs:  # a language model: explain its next token
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(name).eval()
+        return ZooModel(model, "text", None, tokenizer=AutoTokenizer.from_pretrained(name), info={"language_model": True})
     if "SequenceClassification" in archs or getattr(config, "model_type", "") in ("bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
