@@ -1,11 +1,7 @@
-"""The LRP methods on decoders, with the rules attnx has today.
-
-RMSNorm (written as pow / mean / rsqrt), gated MLP products, SiLU under chefer2021, GPT-2's
-tanh-GELU written out (pow) and its ``Conv1D`` (``addmm``, treated as a plain linear op, so no
-α-β rule) have no dedicated rules yet: with ``strict=False`` the methods run, warn with the
-coverage table, and keep every contract that does not depend on the rules (finite, padding 0,
-batched = alone, callable = id, the readout position). ``test_strict_coverage`` is expected to
-fail until those rules exist, and names what each family needs.
+"""The LRP methods on decoders: every op covered (strict), every contract that does not depend on
+the rules kept with ``strict=False`` too (finite, padding 0, batched = alone, callable = id, the
+readout position); the rules themselves are checked in ``test_lrp_decoder_rules.py`` and
+``test_lrp_decoders.py``.
 """
 from __future__ import annotations
 
@@ -15,27 +11,12 @@ import pytest
 import torch
 
 import attnx
-from attnx.lrp.engine import UncoveredOpError
 from conftest import max_abs_diff
 from decoder_models import CASES, EAGER, params
 
 LRP_METHODS = [("lrp", {"preset": "attnlrp"}), ("lrp", {"preset": "chefer2021"}), ("transformer_attribution", {}),
                ("partial_lrp", {})]
 RUN_IDS = [f"{m}-{o.get('preset', 'default')}" for m, o in LRP_METHODS]
-
-#: the ops each family's LRP pass meets without a rule (chefer2021 / attnlrp), as of this commit
-NEEDS_RULES = {
-    "gpt2": "tanh-GELU written out (pow, mul); Conv1D (addmm) gets plain gradient, not the preset's linear rule",
-    "llama": "RMSNorm (pow, rsqrt, mul); gated SiLU MLP (mul, silu under chefer2021)",
-    "mistral": "RMSNorm (pow, rsqrt, mul); gated SiLU MLP (mul, silu under chefer2021)",
-    "qwen2": "RMSNorm (pow, rsqrt, mul); gated SiLU MLP (mul, silu under chefer2021)",
-    "qwen3": "RMSNorm incl. q/k norms (pow, rsqrt, mul); gated SiLU MLP (mul, silu under chefer2021)",
-    "gemma": "Gemma RMSNorm (pow, rsqrt, mul, type_as); gated tanh-GELU MLP (mul)",
-    "gemma2": "Gemma RMSNorm (pow, rsqrt, mul, type_as); gated tanh-GELU MLP (mul)",
-    "gemma3": "Gemma RMSNorm incl. q/k norms (pow, rsqrt, mul, type_as); gated tanh-GELU MLP (mul)",
-    "phi3": "RMSNorm (pow, rsqrt, mul); gated SiLU MLP (mul, silu under chefer2021)",
-}
-
 
 def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
@@ -132,10 +113,6 @@ def test_gradient_x_input_continuation(case, dtype):
 
 @pytest.mark.parametrize("case", params([c for c in EAGER if c.is_lm]))
 @pytest.mark.parametrize("preset", ["attnlrp", "chefer2021"])
-def test_strict_coverage(case, preset, request):
-    """Every relevance-carrying op has a rule (strict=True). Expected to fail until the rules exist
-    (then it passes, reported as XPASS)."""
-    if NEEDS_RULES.get(case.family):
-        request.applymarker(pytest.mark.xfail(raises=UncoveredOpError, strict=False,
-                                              reason=f"needs LRP rules: {NEEDS_RULES[case.family]}"))
+def test_strict_coverage(case, preset):
+    """Every relevance-carrying op of every decoder language model has a rule (strict=True)."""
     attnx.explain(case.model(), case.inputs([9, 6]), method="lrp", preset=preset, strict=True)
