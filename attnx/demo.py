@@ -5,7 +5,8 @@
 * ``vision_methods.png``: held-out scenes, the predicted class explained by every method;
 * ``vision_classes_<method>.png``: two-garment scenes, one map per garment class side by side;
 * ``vision_rollout_options.png``: rollout with several head fusions and discard ratios;
-* ``text_methods.png`` and ``text.html``: review snippets coloured by relevance, per method.
+* ``text_methods.png`` (methods as columns, snippets as rows) and ``text.html``: review snippets
+  coloured by relevance, per method.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
     explainer = attnx.Explainer(loaded.model)
     explanations = [explainer(batch, method=m) for m in TEXT_METHODS]
-    fig = viz.text_figure(explanations, loaded.tokenizer, class_names=loaded.class_names)
+    fig = viz.text_grid(explanations, loaded.tokenizer, class_names=loaded.class_names)
     _save(fig, out / "text_methods.png", quiet)
     (out / "text.html").write_text(viz.text_html(explanations, loaded.tokenizer, class_names=loaded.class_names))
     if not quiet:
