@@ -233,7 +233,7 @@ function imageView(root, D) {
     const s = e[state.sample], k = hv.r * w + hv.c, value = s.scores[k];
     const m = heat(method, state.target, state.sample).v[hv.y * W + hv.x];
     p.readout.classList.remove("ax-hint");
-    p.readout.textContent = `patch (${hv.r}, ${hv.c})  score ${fmt(value)}  map ${m.toFixed(2)}`;
+    p.readout.textContent = `patch (${hv.r}, ${hv.c}) \u00b7 score ${fmt(value)} \u00b7 map ${m.toFixed(2)}`;
     Object.assign(p.readout.dataset, {row: String(hv.r), col: String(hv.c), value: String(value)});
     const cw = p.cursor.width / w, ch = p.cursor.height / h;
     ctx.lineWidth = 3 * dpr; ctx.strokeStyle = "rgba(0,0,0,0.55)";
@@ -373,7 +373,7 @@ function textView(root, D) {
                                     "(special tokens do not set the scale)"}));
     const marked = D.sentences.some(s => s.readout !== null);
     legend.appendChild(el("span", {}, marked ? [el("span", {class: "ax-tok ax-explained", text: "token"}),
-                                                " the explained token (its row is read)"]
+                                                "\u2002the explained token (its row is read)"]
                                              : ["the mean of the token rows is read (no single explained token)"]));
     root.dataset.target = state.target; root.dataset.a = state.a; root.dataset.b = state.b;
     show();
