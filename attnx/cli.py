@@ -14,7 +14,7 @@ import torch
 
 import attnx
 
-from . import demo, evaluate, viz, zoo
+from . import demo, evaluate, report, viz, zoo
 from .errors import AttnxError
 
 EPILOG = """\
@@ -25,6 +25,9 @@ examples:
   attnx explain cat.jpg --model timm:vit_base_patch16_224 --target 243 282 --out dogcat.png
                                                 one map per class, side by side
   attnx explain a.png b.png --method all --out grid.png   compare every method
+  attnx explain a.png b.png --method all --out report.html
+                                                the same as one interactive page (switch methods and
+                                                classes, two side by side, values under the pointer)
   attnx explain --text "a gripping, beautifully shot film" --method generic --out review.html
   attnx explain --text "The capital of France is" --model openai-community/gpt2 --method generic
                                                 a language model: its next token, marked after the prompt
@@ -162,6 +165,8 @@ def explain_images(args: argparse.Namespace) -> int:
     explainer = attnx.Explainer(loaded.model)
     targets = _targets(args.target, loaded.class_names)
     kw = dict(class_names=loaded.class_names, mean=loaded.mean, std=loaded.std, multi_label=loaded.multi_label)
+    if _is_html(args.out):
+        return _image_report(args, explainer, images, names, methods, options, targets, loaded, kw)
     from tqdm.auto import tqdm
 
     if targets and len(targets) > 1:  # class-specific maps side by side, per image and method
@@ -185,6 +190,30 @@ def explain_images(args: argparse.Namespace) -> int:
     e = explainer(images, method=methods[0], target=target, **options[methods[0]])
     fig = viz.show(e, images, **kw, max_images=len(images))
     _save(fig, _out_path(args.out, f"attnx_{methods[0]}.png", f"_{methods[0]}.png"))
+    return 0
+
+
+def _is_html(out: str | None) -> bool:
+    return bool(out) and Path(out).suffix.lower() in (".html", ".htm")
+
+
+def _model_title(spec: str | None, loaded: zoo.ZooModel) -> str:
+    name = str(loaded.info.get("name") or spec or f"the embedded {loaded.kind} model")
+    return name if name.startswith("attnx") else f"attnx: {name}"
+
+
+def _image_report(args, explainer, images, names, methods, options, targets, loaded, kw) -> int:
+    """``--out FILE.html``: one interactive page, every method x target over the images."""
+    from tqdm.auto import tqdm
+
+    groups = {}
+    jobs = [(t, m) for t in (targets or [None]) for m in methods]
+    for t, m in tqdm(jobs, desc="explaining", disable=args.quiet or len(jobs) < 2):
+        label = "predicted" if t is None else (kw["class_names"][t] if kw["class_names"] and t < len(kw["class_names"]) else f"class {t}")
+        groups.setdefault(label, []).append(explainer(images, method=m, target=t, **options[m]))
+    path = report.write_report(args.out, groups, images, names=names, title=_model_title(args.model, loaded),
+                               page_title="attnx report", **kw)
+    print(f"wrote {path}")
     return 0
 
 
@@ -215,7 +244,11 @@ def explain_text(args: argparse.Namespace) -> int:
         print(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=not args.no_color and sys.stdout.isatty()))
         explained.append(e)
     path = _out_path(args.out, "attnx_text.html", "_text.html")
-    path.write_text(viz.text_html(explained, loaded.tokenizer, class_names=loaded.class_names))
+    if language_model:  # the page that shows the explained token after the prompt
+        path.write_text(viz.text_html(explained, loaded.tokenizer, class_names=loaded.class_names))
+    else:  # the interactive page: methods side by side, the value under the pointer
+        report.write_report(path, explained, tokenizer=loaded.tokenizer, class_names=loaded.class_names,
+                            title=_model_title(args.model, loaded), page_title="attnx report")
     print(f"wrote {path}")
     return 0
 
@@ -287,6 +320,7 @@ examples:
   attnx evaluate --merge parts                   merges them into the tables
 
 Writes league_<task>.md (the table, best values in bold, arrows: higher or lower is better),
+league_<task>.html (the same table with sortable columns, and the curves, in one offline page),
 league_<task>.csv, curves_<task>.png (mean perturbation, deletion and insertion curves) and
 samples_<task>.npz (the per-sample results). Shards split the batches (--batch-size) round-robin;
 merged, they give the table of a single run (only the timings differ).
@@ -329,10 +363,11 @@ def _write_league(league: Any, out: Path, wall: float) -> None:
     league.to_csv(out / f"league_{task}.csv")
     fig = league.plot_curves(out / f"curves_{task}.png")
     del fig
+    league.to_html(out / f"league_{task}.html")
     league.save(out / f"samples_{task}.npz")
     print(table)
     print(f"{task}: {len(league.methods)} methods, {len(league)} samples, wall time {wall:.1f} s")
-    for name in (md.name, f"league_{task}.csv", f"curves_{task}.png", f"samples_{task}.npz"):
+    for name in (md.name, f"league_{task}.html", f"league_{task}.csv", f"curves_{task}.png", f"samples_{task}.npz"):
         print(f"wrote {out / name}")
 
 
@@ -432,7 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--continuation", action="append", help="language models: explain this continuation of --text "
                    "(its summed log-probability; repeat for one per text)")
     e.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
-    e.add_argument("--out", default=None, help="output file or folder (PNG for images, HTML for text)")
+    e.add_argument("--out", default=None, help="output file or folder: PNG for images, or FILE.html for an interactive "
+                   "page (images or text)")
     e.add_argument("--num-scenes", type=int, default=4, help="default scenes to explain when no image is given")
     e.add_argument("--no-color", action="store_true", help="plain terminal output for text")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

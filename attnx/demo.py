@@ -5,7 +5,10 @@
 * ``vision_methods.png``: held-out scenes, the predicted class explained by every method;
 * ``vision_classes_<method>.png``: two-garment scenes, one map per garment class side by side;
 * ``vision_rollout_options.png``: rollout with several head fusions and discard ratios;
-* ``text_methods.png`` and ``text.html``: review snippets coloured by relevance, per method.
+* ``text_methods.png`` (methods as columns, snippets as rows) and ``text.html``: review snippets
+  coloured by relevance, per method;
+* ``report.html``: both models in one interactive page (every method x target, two methods side by
+  side, the value under the pointer), self-contained and offline.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 
 import attnx
 
-from . import viz, zoo
+from . import report, viz, zoo
 
 VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", "attn_gradcam", "generic",
                   "transformer_attribution", "partial_lrp", "lrp"]
@@ -83,7 +86,7 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     batch = loaded.tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
     explainer = attnx.Explainer(loaded.model)
     explanations = [explainer(batch, method=m) for m in TEXT_METHODS]
-    fig = viz.text_figure(explanations, loaded.tokenizer, class_names=loaded.class_names)
+    fig = viz.text_grid(explanations, loaded.tokenizer, class_names=loaded.class_names)
     _save(fig, out / "text_methods.png", quiet)
     (out / "text.html").write_text(viz.text_html(explanations, loaded.tokenizer, class_names=loaded.class_names))
     if not quiet:
@@ -93,12 +96,61 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     return [out / "text_methods.png", out / "text.html"]
 
 
+#: classes explained in the report: the scenes' top-3 (two-garment scenes: both garments, then the runner-up)
+REPORT_RANKS = ("top-1 (predicted)", "top-2", "top-3")
+
+
+def interactive(out: Path, quiet: bool = False) -> list[Path]:
+    """``report.html``: the vision model on one- and two-garment scenes (the top-3 classes of each),
+    and the text model on the example snippets (the predicted class, then each class)."""
+    loaded = zoo.vision_model()
+    scenes = zoo.scenes()
+    labels = scenes.labels
+    single = [i for i in range(len(labels)) if int(labels[i].sum()) == 1][:4]
+    double = [i for i in range(len(labels)) if int(labels[i].sum()) == 2][:4]
+    chosen = [k for pair in zip(double, single) for k in pair]
+    images = loaded.preprocess(scenes.images[chosen])
+    explainer = attnx.Explainer(loaded.model)
+    with torch.no_grad():
+        ranked = loaded.model(images).topk(len(REPORT_RANKS), dim=1).indices
+    groups = {}
+    for k, label in enumerate(REPORT_RANKS):
+        groups[label] = [explainer(images, method=m, target=ranked[:, k].tolist()) for m in VISION_METHODS]
+    names = [f"{i}: " + " + ".join(loaded.class_names[c] for c in torch.nonzero(labels[i]).flatten().tolist()) for i in chosen]
+    vision_view = report.explanation_html(
+        groups, images, class_names=loaded.class_names, mean=loaded.mean, std=loaded.std, multi_label=True,
+        names=names, compare=("rollout", "transformer_attribution"),
+        title="Vision: the embedded ViT on held-out scenes",
+        subtitle="scenes named by their garments; titles give the class's sigmoid (a multi-label model)")
+
+    text_model = zoo.text_model()
+    batch = text_model.tokenizer(zoo.example_texts(), padding=True, truncation=True, return_tensors="pt")
+    explainer = attnx.Explainer(text_model.model)
+    text_groups = {"predicted": [explainer(batch, method=m) for m in TEXT_METHODS]}
+    for c, name in enumerate(text_model.class_names):
+        text_groups[name] = [explainer(batch, method=m, target=c) for m in TEXT_METHODS]
+    text_view = report.explanation_html(
+        text_groups, tokenizer=text_model.tokenizer, class_names=text_model.class_names,
+        compare=("generic", "lrp"), title="Text: the embedded MiniLM sentiment classifier",
+        subtitle="Rotten Tomatoes-style snippets")
+    path = out / "report.html"
+    path.write_text(report.report_page(
+        vision_view, text_view, title="attnx demo",
+        intro="Every method on the embedded models. Choose the target and two methods to compare; point at a "
+              "map or a word piece to read its relevance. This page is self-contained and works offline."),
+        encoding="utf-8")
+    if not quiet:
+        print(f"wrote {path}")
+    return [path]
+
+
 def run(out: str | Path = "attnx_demo", quiet: bool = False) -> list[Path]:
-    """Write every demo picture to ``out``; returns the paths."""
+    """Write every demo picture (and the interactive report) to ``out``; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    return vision(out, quiet) + text(out, quiet)
+    written = vision(out, quiet) + text(out, quiet)
+    return written + interactive(out, quiet)  # last: the pictures above do not depend on it
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -134,6 +134,15 @@ class Explanation:
         except ImportError:
             return page
 
+    def _repr_html_(self) -> str:
+        """The interactive view in a notebook: the maps (the images are not stored on an
+        explanation: ``attnx.report.explanation_html(e, images)`` draws the maps over them), or for
+        text the token ids on signed colours (``attnx.report.explanation_html(e, tokenizer=tok)``
+        shows the word pieces)."""
+        from .report import explanation_html
+
+        return explanation_html(self)
+
     def __repr__(self) -> str:
         kind = f"grid={self.grid}" if self.grid is not None else f"tokens={self.scores.shape[1]}"
         t = None if self.targets is None else self.targets.tolist()

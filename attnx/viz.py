@@ -24,6 +24,8 @@ __all__ = [
     "real_scores",
     "explained_strings",
     "text_figure",
+    "text_grid",
+    "target_label",
     "save_stacked",
     "pyplot",
 ]
@@ -116,7 +118,9 @@ def overlay(
     return ax
 
 
-def _label(explanation: Any, i: int, class_names: Sequence[str] | None, multi_label: bool = False) -> str:
+def target_label(explanation: Any, i: int, class_names: Sequence[str] | None = None, multi_label: bool = False) -> str:
+    """The explained class of sample ``i`` and its probability, e.g. ``"Coat (p=0.91)"`` (the softmax,
+    or with ``multi_label`` the class's sigmoid); the method's name for a callable target."""
     if explanation.targets is None:
         return explanation.method
     t = int(explanation.targets[i])
@@ -144,7 +148,7 @@ def show(
     maps = heat(explanation, tuple(images.shape[-2:]))
     for i in range(n):
         overlay(images[i], maps[i], axes[0, i], alpha=alpha, mean=mean, std=std,
-                title=f"{explanation.method}: {_label(explanation, i, class_names, multi_label)}")
+                title=f"{explanation.method}: {target_label(explanation, i, class_names, multi_label)}")
     fig.tight_layout()
     return fig
 
@@ -183,7 +187,7 @@ def method_grid(
             for i in range(B):
                 axes[i, 0].imshow(to_rgb(images[i], mean, std))
                 axes[i, 0].set_axis_off()
-                axes[i, 0].set_title(_label(e, i, class_names, multi_label), fontsize=9)
+                axes[i, 0].set_title(target_label(e, i, class_names, multi_label), fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -214,7 +218,7 @@ def class_maps(
     axes[0, 0].set_title("input", fontsize=9)
     for k in range(len(targets)):
         overlay(image[0], maps[k], axes[0, k + 1], mean=mean, std=std, colorbar=k == len(targets) - 1,
-                title=f"{method}: {_label(e, k, class_names, multi_label)}")
+                title=f"{method}: {target_label(e, k, class_names, multi_label)}")
     fig.tight_layout()
     return fig
 
@@ -254,7 +258,7 @@ def _text_label(explanation: Any, tokenizer: Any, i: int, class_names: Sequence[
     """The class label, or for a language model what is explained after the prompt."""
     explained = explained_strings(explanation, tokenizer, i)
     if not explained:
-        return _label(explanation, i, class_names)
+        return target_label(explanation, i, class_names)
     if explanation.targets is not None:  # one token
         t = int(explanation.targets[i])
         return f"next token {explained[0]!r} (p={float(explanation.probabilities[i, t]):.2f})"
@@ -391,6 +395,131 @@ def text_figure(
                 x = 0.01
                 y -= step * 0.5
         y -= step * 0.45
+    return fig
+
+
+def word_pieces(tokens: Sequence[str]) -> list[tuple[str, bool]]:
+    """Word pieces as ``(text, joined)``: the text to show and whether it continues the previous
+    word (BERT's ``##`` pieces; for byte-level / SentencePiece vocabularies, pieces without the
+    ``Ġ`` / ``▁`` word-start mark)."""
+    marked = any(t.startswith(("Ġ", "▁")) for t in tokens)
+    out = []
+    for k, t in enumerate(tokens):
+        if t.startswith("##"):
+            out.append((t[2:], k > 0))
+        elif marked:
+            out.append((t.lstrip("Ġ▁") or t, k > 0 and not t.startswith(("Ġ", "▁"))))
+        else:
+            out.append((t, False))
+    return out
+
+
+def text_grid(
+    explanations: Sequence[Any],
+    tokenizer: Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    column_width: float = 2.5,
+    fontsize: float = 9.0,
+    skip_special: bool = True,
+):
+    """A compact picture of text explanations: one column per explanation (e.g. one per method),
+    one row per sentence, every word piece on a green (for the explained class) or red (against it)
+    background whose strength is its relevance divided by the sentence's largest absolute one.
+
+    Parameters
+    ----------
+    explanations:
+        Explanations of the same sentences (the first one's targets title the rows).
+    column_width:
+        Width of a method's column in inches; sentences wrap inside it.
+    skip_special:
+        Leave out special tokens (``[CLS]``, ``[SEP]``); they also do not set the scale.
+    """
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    plt = pyplot()
+    if not explanations:
+        raise ValueError("text_grid needs at least one explanation")
+    n = len(explanations[0])
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    cells: list[list[list[tuple[str, bool, float]]]] = []  # [row][column] -> (text, joined, signed value)
+    for i in range(n):
+        row = []
+        for e in explanations:
+            toks = token_strings(e, tokenizer, i)
+            keep = [not (skip_special and t in special) for t in toks]
+            s = _signed(e.scores[i, : len(toks)], keep)
+            pieces = word_pieces(toks)
+            row.append([(text, joined, float(v)) for (text, joined), v, k in zip(pieces, s, keep) if k])
+        cells.append(row)
+
+    fig = plt.figure(figsize=(1, 1), dpi=100)
+    renderer = fig.canvas.get_renderer()
+    prop = FontProperties(size=fontsize)
+    pt = 1 / 72  # inches per point
+    pad, space, line = 0.18 * fontsize * pt, 0.32 * fontsize * pt, 1.75 * fontsize * pt
+    label_width, gap, top, legend = 1.55, 0.14, 0.32, 0.5
+
+    def width(text: str) -> float:
+        w, _, _ = renderer.get_text_width_height_descent(text or " ", prop, ismath=False)
+        return w / fig.dpi
+
+    # wrap every cell into lines of (x, text, value) within the column
+    layout, heights = [], []
+    for row in cells:
+        placed_row, lines_in_row = [], 1
+        for tokens in row:
+            placed, x, y = [], 0.0, 0
+            for text, joined, v in tokens:
+                w = width(text) + 2 * pad
+                if not joined and x > 0:
+                    x += space
+                if x + w > column_width - gap and x > 0:
+                    x, y = 0.0, y + 1
+                placed.append((x, y, text, v))
+                x += w
+            placed_row.append(placed)
+            lines_in_row = max(lines_in_row, y + 1)
+        layout.append(placed_row)
+        heights.append(lines_in_row * line + 0.16)
+    W = label_width + column_width * len(explanations)
+    H = top + sum(heights) + legend
+    fig.set_size_inches(W, H)
+    inch = fig.dpi_scale_trans
+
+    def put(x: float, y: float, text: str, **kw: Any) -> Any:  # (x, y) in inches from the top left
+        return fig.text(x, H - y, text, transform=inch, **kw)
+
+    for j, e in enumerate(explanations):
+        put(label_width + j * column_width + pad, top - 0.1, e.method, fontsize=fontsize + 0.5, weight="bold", va="bottom")
+    y = top
+    for i, (placed_row, h) in enumerate(zip(layout, heights)):
+        fig.add_artist(Line2D([0.05, W - 0.05], [H - y, H - y], transform=inch, color="0.85", linewidth=0.6))
+        put(0.08, y + 0.08, target_label(explanations[0], i, class_names), fontsize=fontsize - 0.5, color="0.25", va="top")
+        for j, placed in enumerate(placed_row):
+            x0 = label_width + j * column_width + pad
+            for x, k, text, v in placed:
+                a = min(abs(v), 1.0) * 0.85
+                colour = (0.0, 0.63, 0.0, a) if v >= 0 else (0.86, 0.0, 0.0, a)
+                put(x0 + x + pad, y + 0.08 + k * line + pad, text, fontsize=fontsize, va="top",
+                    bbox=dict(boxstyle=f"round,pad={pad / (fontsize * pt):.2f}", fc=colour, ec="none"))
+        y += h
+    fig.add_artist(Line2D([0.05, W - 0.05], [H - y, H - y], transform=inch, color="0.85", linewidth=0.6))
+    # the colour scale: -1 (against the class) ... +1 (for it)
+    bar_x, bar_w, bar_y = label_width, min(3.0, W - label_width - 0.2), y + 0.22
+    steps = 41
+    for s in range(steps):
+        v = -1 + 2 * s / (steps - 1)
+        a = abs(v) * 0.85
+        fig.add_artist(Rectangle((bar_x + s * bar_w / steps, H - bar_y - 0.12), bar_w / steps, 0.12, transform=inch,
+                                 fc=(0.0, 0.63, 0.0, a) if v >= 0 else (0.86, 0.0, 0.0, a), ec="none"))
+    put(bar_x - 0.08, bar_y + 0.06, "against the class", fontsize=fontsize - 1.5, ha="right", va="center", color="0.3")
+    put(bar_x + bar_w + 0.08, bar_y + 0.06, "for the class", fontsize=fontsize - 1.5, va="center", color="0.3")
+    put(bar_x + bar_w / 2, bar_y + 0.16, "relevance / largest |relevance| of the sentence",
+        fontsize=fontsize - 2, ha="center", va="top", color="0.4")
     return fig
 
 

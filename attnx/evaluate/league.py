@@ -10,7 +10,7 @@ import torch
 
 from ..metrics import Curve, SegmentationMeter
 from . import table
-from .columns import Column, league_columns
+from .columns import BASELINES, Column, league_columns
 from .storage import SampleResults
 
 __all__ = ["League"]
@@ -157,6 +157,43 @@ class League(SampleResults):
         ``path`` if given."""
         panels = table.curve_panels(self.kind, self.meta.get("measures"))
         return table.curves_figure(self.describe(), panels, self.meta["fractions"], self.mean_curves(), self.methods, path)
+
+    def report_data(self) -> dict[str, Any]:
+        """What the HTML league shows (:func:`attnx.report.league_html`): the table (NaN as ``None``,
+        the best cells named), the columns' definitions and the mean curves, as plain data."""
+        rows, columns = self.rows(), self.columns
+        best = table.best_values(columns, rows)
+        panels = table.curve_panels(self.kind, self.meta.get("measures"))
+        curves = self.mean_curves()
+
+        def number(v: float) -> float | None:
+            return float(v) if math.isfinite(v) else None
+
+        return {
+            "title": f"league: {self.task}", "subtitle": self.describe(),
+            "columns": [{"key": c.key, "label": c.label, "arrow": c.arrow, "higher": c.higher_is_better,
+                         "best_at_zero": c.best_at_zero, "digits": c.digits, "doc": c.doc} for c in columns],
+            "rows": [{"method": r["method"], "values": {c.key: number(r[c.key]) for c in columns},
+                      "best": [c.key for c in columns if table.is_best(c, r[c.key], best)],
+                      "baseline": r["method"] in BASELINES} for r in rows],
+            "panels": [{"name": name, "title": title, "ylabel": ylabel,
+                        "xlabel": "fraction inserted" if name == "insertion" else "fraction removed"}
+                       for name, title, ylabel in panels],
+            "fractions": {name: [float(x) for x in self.meta["fractions"][name]] for name, _, _ in panels},
+            "curves": {m: {name: [number(float(v)) for v in c] for name, c in by_name.items()} for m, by_name in curves.items()},
+            "styles": table.curve_styles(self.methods),
+            "notes": [n for n in self._randomisation_notes() if n],
+        }
+
+    def to_html(self, path: str | Path | None = None) -> str:
+        """The league as a self-contained HTML page (sortable columns, the mean curves); written to
+        ``path`` if given. Returns the page."""
+        from .. import report
+
+        page = report.report_page(report.league_html(self), title=f"attnx league: {self.task}", heading=False)
+        if path is not None:
+            Path(path).write_text(page, encoding="utf-8")
+        return page
 
     def __repr__(self) -> str:
         return f"League({self.describe()}, methods={self.methods})"

@@ -11,7 +11,7 @@ import numpy as np
 
 from .columns import Column
 
-__all__ = ["curve_panels", "curves_figure", "to_csv", "to_markdown"]
+__all__ = ["best_values", "curve_panels", "curve_styles", "curves_figure", "is_best", "to_csv", "to_markdown"]
 
 #: line styles of the baselines in the curve plots: they read as references, not as contenders
 BASELINE_STYLE = {"random": dict(color="0.15", linestyle=":"), "gradient_x_input": dict(color="0.5", linestyle="--")}
@@ -20,11 +20,7 @@ BASELINE_STYLE = {"random": dict(color="0.15", linestyle=":"), "gradient_x_input
 def to_markdown(title: str, columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> str:
     """The table as markdown: ``title`` in bold, the direction of every column, one row per method
     (the best value of each column in bold), the columns' definitions and ``notes`` (lines)."""
-    best: dict[str, float] = {}
-    for c in columns:
-        vals = [r[c.key] for r in rows if not math.isnan(r[c.key])]
-        if vals and len(rows) > 1:
-            best[c.key] = min(vals, key=abs) if c.best_at_zero else max(vals) if c.higher_is_better else min(vals)
+    best = best_values(columns, rows)
     higher = ", ".join(c.label for c in columns if c.higher_is_better)
     lower = ", ".join(c.label for c in columns if not c.higher_is_better)
     lines = [
@@ -40,13 +36,44 @@ def to_markdown(title: str, columns: Sequence[Column], rows: Sequence[Mapping[st
         for c in columns:
             v = r[c.key]
             text = "–" if math.isnan(v) else f"{v:.{c.digits}f}"
-            if c.key in best and not math.isnan(v) and f"{v:.{c.digits}f}" == f"{best[c.key]:.{c.digits}f}":
+            if is_best(c, v, best):
                 text = f"**{text}**"
             cells.append(text)
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     lines += ["", *(f"- {c.label}: {c.doc}" for c in columns)]
     lines += list(notes)
     return "\n".join(lines) + "\n"
+
+
+def best_values(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The best value of each column by its direction (none with a single row, or only NaN)."""
+    best: dict[str, float] = {}
+    for c in columns:
+        vals = [r[c.key] for r in rows if not math.isnan(r[c.key])]
+        if vals and len(rows) > 1:
+            best[c.key] = min(vals, key=abs) if c.best_at_zero else max(vals) if c.higher_is_better else min(vals)
+    return best
+
+
+def is_best(column: Column, value: float, best: Mapping[str, float]) -> bool:
+    """Whether ``value`` shows as the column's best (ties at the shown precision count)."""
+    return (column.key in best and not math.isnan(value)
+            and f"{value:.{column.digits}f}" == f"{best[column.key]:.{column.digits}f}")
+
+
+def curve_styles(methods: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``{method: {"color": "#rrggbb", "dash": SVG dash array}}``: the colours and line styles of
+    :func:`curves_figure`, for the HTML league."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    dashes = {":": "1.5 3", "--": "6 4"}
+    out = {}
+    for i, m in enumerate(methods):
+        style = BASELINE_STYLE.get(m, dict(color=cmap(i % cmap.N)))
+        out[m] = {"color": to_hex(style["color"]), "dash": dashes.get(style.get("linestyle", "-"), "")}
+    return out
 
 
 def to_csv(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], path: str | Path | None = None) -> str:
