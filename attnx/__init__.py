@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from . import adapters, methods, metrics
+from . import adapters, methods, metrics, similarity
 from .adapters import register_adapter
 from .explainer import Explainer, explain
 from .explanation import Explanation
@@ -31,6 +31,7 @@ __all__ = [
     "metrics",
     "register_adapter",
     "register_method",
+    "similarity",
 ]
 
 

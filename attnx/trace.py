@@ -208,9 +208,10 @@ def run_trace(
         return trace
     if registry is None:
         raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
-    # with a plain pass, the relevance pass explains the classes it resolved
+    # with a plain pass, the relevance pass explains the classes it resolved (a callable target
+    # resolves to no class: it is passed on as it is)
     lrp = relevance_pass(
-        adapter, batch, trace.targets if trace is not None else target, registry,
+        adapter, batch, target if trace is None or trace.targets is None else trace.targets, registry,
         attentions=needs.attention_relevance, strict=strict,
     )
     if trace is None:
@@ -283,6 +284,25 @@ def resolved_layout(adapter: Any, batch: Batch, recorder: AttentionRecorder, att
     )
 
 
+def linear_target_seed(target: Any, scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Tensor:
+    """The modified gradient at the logits for a callable target with ``relevance_seed``,
+    checked against the target's value (a rule that does not reproduce it would be a silent
+    wrong answer)."""
+    weights = target.relevance_seed(logits)
+    if not isinstance(weights, torch.Tensor) or weights.shape != logits.shape:
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise AttnxValueError(f"relevance_seed must return a tensor shaped like the logits {tuple(logits.shape)}, got {got}")
+    weights = weights.detach().to(logits.dtype)
+    linear = (weights * logits).sum(dim=1)
+    tolerance = 1e-4 * (1 + scores.abs()) if logits.dtype != torch.float64 else 1e-9 * (1 + scores.abs())
+    if ((linear - scores).abs() > tolerance).any():
+        raise AttnxValueError(
+            f"relevance_seed of {type(target).__name__} is not the target: Σ w·logits = {linear.tolist()}, "
+            f"the target = {scores.tolist()}"
+        )
+    return divide_or_zero(weights, scores[:, None]) if seed == "one_hot" else weights
+
+
 def relevance_pass(
     adapter: Any,
     batch: Batch,
@@ -297,10 +317,20 @@ def relevance_pass(
     The seed is set by ``registry.seed``: ``"one_hot"`` puts relevance 1 on the target logit
     (Chefer et al.), ``"logit"`` puts the logit's value (so that conservation reads
     Σ input relevance = y_t).
+
+    A callable target is explained by LRP only if it states its own rule: a method
+    ``relevance_seed(logits) -> (B, C)`` giving constant weights ``w`` with
+    ``target(output) = Σ_c w_c · logits_c`` at this point (its nonlinear factors, such as a
+    normaliser, held constant, as LayerNorm's σ is). The seed is then ``w ⊙ logits`` (seed
+    ``"logit"``), or the same divided by the target (``"one_hot"``: relevance 1 in total).
     """
     registry = get_preset(registry)
-    if callable(target) and not isinstance(target, torch.Tensor):
-        raise AttnxTypeError("LRP methods need class targets (int, list or tensor), not a callable")
+    linear_target = callable(target) and not isinstance(target, torch.Tensor)
+    if linear_target and not callable(getattr(target, "relevance_seed", None)):
+        raise AttnxTypeError(
+            "LRP methods need class targets (int, list or tensor), or a callable target with a "
+            "relevance_seed(logits) method stating its rule (e.g. attnx.similarity.cosine_to), not a plain callable"
+        )
     model = adapter.model
     recorder = AttentionRecorder(batch.batch_size)
     embeddings = adapter.input_embeddings()
@@ -322,9 +352,12 @@ def relevance_pass(
             root = engine.roots[0]
         engine.check_coverage()
         layout = resolved_layout(adapter, batch, recorder, attentions)
-        _, classes = resolve_targets(target, output, logits)
-        one_hot = torch.zeros_like(logits).scatter_(1, classes[:, None], 1.0)
-        seed = divide_or_zero(one_hot, logits.detach()) if registry.seed == "one_hot" else one_hot
+        scores, classes = resolve_targets(target, output, logits)
+        if linear_target:
+            seed = linear_target_seed(target, scores.detach(), logits.detach(), registry.seed)
+        else:
+            one_hot = torch.zeros_like(logits).scatter_(1, classes[:, None], 1.0)
+            seed = divide_or_zero(one_hot, logits.detach()) if registry.seed == "one_hot" else one_hot
         if attentions:
             cut = [i for i, t in enumerate(recorder.grad_wrt) if not t.requires_grad]
             if cut:
