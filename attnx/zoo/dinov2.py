@@ -227,8 +227,13 @@ def timm_state_dict(state: dict[str, torch.Tensor], img_size: int = SIZE) -> dic
 
 def timm_backbone(state: dict[str, torch.Tensor] | None = None, img_size: int = SIZE) -> nn.Module:
     """A stock timm ``vit_small_patch14_dinov2`` (no head: its output is the class-token embedding
-    after the final norm) with the backbone's weights, in eval mode. It takes any image size that
-    is a multiple of 14 (``dynamic_img_size``); at ``img_size`` it equals ``Dinov2Model``."""
+    after the final norm) with the backbone's weights, in eval mode.
+
+    It takes any image size that is a multiple of 14 (``dynamic_img_size``). At ``img_size`` it
+    equals ``Dinov2Model``; at other sizes the two differ a little: timm resamples its
+    ``img_size`` position grid (antialiased), ``Dinov2Model`` the original 37x37 one (timm's
+    run-time resampling of the 37x37 grid is antialiased, which at 224 px would move the last
+    hidden state by up to about 1 from the ONNX graph's, hence the grid of ``img_size``)."""
     import timm
 
     state = cached_state_dict() if state is None else state
