@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from . import adapters, methods, metrics
+from . import adapters, methods, metrics, similarity
 from .adapters import register_adapter
 from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
 from .explainer import Explainer, explain
@@ -37,6 +37,7 @@ __all__ = [
     "metrics",
     "register_adapter",
     "register_method",
+    "similarity",
 ]
 
 

