@@ -153,6 +153,8 @@ def no_gradient_checkpointing(model: nn.Module) -> Iterator[None]:
     try:
         for m in model.modules():
             for flag in CHECKPOINT_FLAGS:
+                if isinstance(getattr(type(m), flag, None), property):
+                    continue  # a derived view (e.g. is_gradient_checkpointing), not the flag itself
                 if getattr(m, flag, None) is True:
                     own = flag in m.__dict__
                     saved.append((m, flag, own, m.__dict__.get(flag)))
