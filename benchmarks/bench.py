@@ -462,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                     "base_per_sample": statistics.median(tb) / bs,
                     "ratio": statistics.median(m / b for m, b in zip(tm, tb)),
                 }
+                r = res[(name, bs, meth)]
+                log(f"{name} B={bs} {meth}: {r['ratio']:.2f}x {base} ({fmt_s(r['per_sample'])} vs "
+                    f"{fmt_s(r['base_per_sample'])} s/sample, rounds {[round(m / b, 2) for m, b in zip(tm, tb)]})")
             for b in BASELINES:
                 if not pooled[b]:  # no method of that kind ran: time the baseline on its own
                     log(f"{name} B={bs} {b} (alone)")
