@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_names
+from .adapters.switches import plain_execution
 from .batch import Batch
 from .errors import AttnxValueError, UnsupportedModelError
 from .layout import Layout, Readout
@@ -232,6 +233,13 @@ def run_trace(
     return replace(trace, attention_relevance=lrp.attention_relevance, input_relevance=lrp.input_relevance, coverage=lrp.coverage)
 
 
+def on_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """``t`` detached, on the device of the inputs: a model dispatched over several devices
+    (``accelerate``) computes each layer where its weights are, the explanation lives with the inputs."""
+    t = t.detach()
+    return t if device is None else t.to(device)
+
+
 def explained_position(layout: Layout, batch_size: int, device: torch.device) -> torch.Tensor | None:
     """``(B,)`` the position whose logits are explained, when the readout is one token per
     sample (sequence logits of a language model are read there); else ``None``."""
@@ -264,7 +272,8 @@ def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gra
     observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
     with evaluation_mode(model), grad_mode:
         with tracked_embeddings(adapter.input_embeddings() if gradients else None), observe:
-            output, logits = adapter.call(batch)
+            with plain_execution(model):
+                output, logits = adapter.call(batch)
         layout = resolved_layout(adapter, batch, recorder, attentions)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
         grads = recorder.gradients(resolved.scores.sum()) if gradients else None
@@ -274,8 +283,8 @@ def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gra
         targets=resolved.classes,
         layout=layout,
         batch=batch,
-        attentions=[a.detach() for a in recorder.probs] if attentions else None,
-        gradients=None if grads is None else [g.detach() for g in grads],
+        attentions=[on_device(a, batch.device) for a in recorder.probs] if attentions else None,
+        gradients=None if grads is None else [on_device(g, batch.device) for g in grads],
         output=detached,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,
@@ -371,7 +380,7 @@ def relevance_pass(
                 root = engine.track(batch.args[0] if batch.args else batch.kwargs["pixel_values"])
                 batch = batch.with_input(root)
             observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, root)
-            with observe:
+            with observe, plain_execution(model):  # inside the engine: its hooks see loaded weights
                 output, logits = adapter.call(batch)
         if root is None:
             if len(engine.roots) != 1:
@@ -400,9 +409,10 @@ def relevance_pass(
     if attentions:
         probs = [p.detach() for p in recorder.probs]
         attn_rel = [
-            (p * (torch.zeros_like(p) if g is None else g.reshape(p.shape))).detach()
+            on_device(p * (torch.zeros_like(p) if g is None else g.reshape(p.shape)), batch.device)
             for p, g in zip(probs, grads[1:])
         ]
+        probs = [on_device(p, batch.device) for p in probs]
     return Trace(
         logits=resolved.logits.detach(),
         targets=resolved.classes,
@@ -410,7 +420,7 @@ def relevance_pass(
         batch=batch,
         attentions=probs,
         attention_relevance=attn_rel,
-        input_relevance=(root * g_root).detach(),
+        input_relevance=on_device(root * g_root, batch.device),
         coverage=engine.summary(),
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,

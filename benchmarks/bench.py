@@ -8,7 +8,11 @@ the plain model on the same model object, batch and inputs:
   attention, ``eval()``), 224x224 random images;
 * ``bert`` -- Hugging Face ``BertForSequenceClassification(BertConfig())`` (12 layers, 768 hidden,
   12 heads, default ``sdpa`` attention, ``eval()``), ``--seq-len`` random word pieces
-  ([CLS] ... [SEP], attention mask of ones).
+  ([CLS] ... [SEP], attention mask of ones);
+* ``llama`` -- a Llama-shaped Hugging Face ``LlamaForCausalLM`` (random init: 12 layers, 768
+  hidden, 12 query heads sharing 4 key/value heads (grouped-query attention), intermediate 2048,
+  vocabulary 32000, default ``sdpa`` attention, ``eval()``), ``--seq-len`` (default 512) random
+  tokens; the explained output is the next-token logit at the last position.
 
 Baselines (the same ones for every method of a kind):
 
@@ -17,7 +21,8 @@ Baselines (the same ones for every method of a kind):
   random).
 * ``forward+backward``: ``model(inputs)`` with grad enabled, then
   ``torch.autograd.grad(sum_b logits[b, t_b], input)`` where the input is the image tensor (vit)
-  or the output of ``get_input_embeddings()`` (bert; a forward hook makes it require grad); the
+  or the output of ``get_input_embeddings()`` (bert, llama; a forward hook makes it require grad;
+  for llama the logits of the last position, run with ``use_cache=False`` as attnx runs it); the
   baseline of gradient methods and of every method that needs an LRP pass.
 
 Every method is called as a user would: ``attnx.Explainer(model)(inputs, method=name,
@@ -85,20 +90,39 @@ BASELINES = (FORWARD, FORWARD_BACKWARD)
 MAX_RATIO = {FORWARD: 1.3, FORWARD_BACKWARD: 1.5}
 # LRP methods have their own targets (x forward+backward); None: no target stated
 METHOD_MAX_RATIO = {"transformer_attribution": 2.5, "lrp": 1.6, "partial_lrp": None}
+# per-model targets that differ from or add to the above: time (x baseline) and peak memory (x baseline)
+MODEL_MAX_RATIO = {"llama": {"lrp": 1.6, "generic": 1.5}}
+MODEL_MAX_MEMORY_RATIO = {"llama": {"lrp": 1.5}}
+#: text tokens per sample when --seq-len is not given
+DEFAULT_SEQ_LEN = {"llama": 512}
 
 
-def max_ratio(method: str, base: str) -> float | None:
+def max_ratio(method: str, base: str, model: str | None = None) -> float | None:
     name = split_method(method)[0]
+    if name in MODEL_MAX_RATIO.get(model, {}):
+        return MODEL_MAX_RATIO[model][name]
     return METHOD_MAX_RATIO[name] if name in METHOD_MAX_RATIO else MAX_RATIO[base]
+
+
+def max_memory_ratio(method: str, model: str) -> float | None:
+    return MODEL_MAX_MEMORY_RATIO.get(model, {}).get(split_method(method)[0])
+
+
+def seq_len_of(args: argparse.Namespace, model: str) -> int:
+    if args.seq_len is not None:
+        return args.seq_len
+    return 16 if args.quick else DEFAULT_SEQ_LEN.get(model, 128)
 MIN_BATCH_SPEEDUP = 2.0
 
 MODEL_LABELS = {
     "vit": "timm vit_base_patch16_224",
     "bert": "HF BertForSequenceClassification (bert-base)",
+    "llama": "HF LlamaForCausalLM (12 layers, 768 hidden, GQA 12/4 heads, random init)",
 }
 QUICK_LABELS = {
     "vit": "timm ViT tiny (quick: 32px, 2 layers, 48 dim)",
     "bert": "HF BERT tiny (quick: 2 layers, 48 hidden)",
+    "llama": "HF Llama tiny (quick: 2 layers, 48 hidden, GQA 4/2 heads)",
 }
 
 
@@ -131,6 +155,16 @@ def build_model(name: str, quick: bool, seed: int) -> torch.nn.Module:
         else:
             config = BertConfig()  # bert-base: 12 layers, 768 hidden, 12 heads; sdpa attention
         model = BertForSequenceClassification(config)
+    elif name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        if quick:
+            config = LlamaConfig(vocab_size=1000, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)
+        else:
+            config = LlamaConfig(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                 num_key_value_heads=4, intermediate_size=2048, max_position_embeddings=2048)
+        model = LlamaForCausalLM(config)
     else:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_LABELS)}")
     return model.eval()  # as a user explaining a trained model has it
@@ -142,6 +176,9 @@ def make_inputs(name: str, model: torch.nn.Module, batch: int, seq_len: int, see
         size = tuple(int(s) for s in model.patch_embed.img_size)
         return torch.randn(batch, 3, *size, generator=gen)
     vocab = model.config.vocab_size
+    if name == "llama":
+        ids = torch.randint(3, vocab, (batch, seq_len), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     cls_id, sep_id = (101, 102) if vocab > 1000 else (1, 2)
     ids = torch.randint(1000 if vocab > 2000 else 3, vocab, (batch, seq_len), generator=gen)
     ids[:, 0] = cls_id
@@ -154,7 +191,10 @@ def make_inputs(name: str, model: torch.nn.Module, batch: int, seq_len: int, see
 
 
 def run_model(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    """The explained logits ``(B, C)``: a language model's next-token logits at the last position."""
     if isinstance(inputs, dict):
+        if type(model).__name__.endswith("ForCausalLM"):
+            return model(**inputs, use_cache=False).logits[:, -1]
         return model(**inputs).logits
     return model(inputs)
 
@@ -311,7 +351,7 @@ def measure_memory(args: argparse.Namespace, model: str, batch: int, op: str) ->
         "model": model,
         "quick": args.quick,
         "batch": batch,
-        "seq_len": args.seq_len,
+        "seq_len": seq_len_of(args, model),
         "op": op,
         "threads": args.threads,
         "seed": args.seed,
@@ -359,12 +399,12 @@ def parse_list(text: str, cast=str) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="vit,bert", help="comma list from: vit, bert (default both)")
+    p.add_argument("--models", default="vit,bert", help="comma list from: vit, bert, llama (default vit,bert)")
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,16; --quick: 1,4)")
     p.add_argument("--methods", default=None, help="comma list (default: all of attnx.list_methods())")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per series (default 5; --quick: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds per series (default 1)")
-    p.add_argument("--seq-len", type=int, default=None, help="text tokens per sample (default 128; --quick: 16)")
+    p.add_argument("--seq-len", type=int, default=None, help="text tokens per sample (default 128, llama 512; --quick: 16)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory", action="store_true", help="also measure peak RSS increase (fresh subprocess each)")
@@ -383,8 +423,6 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_sizes = "1,4" if args.quick else "1,16"
     if args.repeats is None:
         args.repeats = 3 if args.quick else 5
-    if args.seq_len is None:
-        args.seq_len = 16 if args.quick else 128
     models = parse_list(args.models)
     batch_sizes = parse_list(args.batch_sizes, int)
     methods = parse_list(args.methods) if args.methods else attnx.list_methods()
@@ -406,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in models:
         model = build_model(name, args.quick, args.seed)
         for bs in batch_sizes:
-            inputs = make_inputs(name, model, bs, args.seq_len, args.seed)
+            inputs = make_inputs(name, model, bs, seq_len_of(args, name), args.seed)
             bench = Bench(name, model, inputs)
             pooled: dict[str, list[float]] = {b: [] for b in BASELINES}
             for meth in methods:
@@ -424,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                     "base_per_sample": statistics.median(tb) / bs,
                     "ratio": statistics.median(m / b for m, b in zip(tm, tb)),
                 }
+                r = res[(name, bs, meth)]
+                log(f"{name} B={bs} {meth}: {r['ratio']:.2f}x {base} ({fmt_s(r['per_sample'])} vs "
+                    f"{fmt_s(r['base_per_sample'])} s/sample, rounds {[round(m / b, 2) for m, b in zip(tm, tb)]})")
             for b in BASELINES:
                 if not pooled[b]:  # no method of that kind ran: time the baseline on its own
                     log(f"{name} B={bs} {b} (alone)")
@@ -458,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.datetime.now().isoformat(timespec='seconds')} · torch {torch.__version__} · "
         f"attnx {attnx.__version__} · {platform.processor() or platform.machine()} · "
         f"{os.cpu_count()} CPUs, torch threads {args.threads} · seed {args.seed} · "
-        f"repeats {args.repeats} (warm-up {args.warmup}) · text length {args.seq_len} tokens"
+        f"repeats {args.repeats} (warm-up {args.warmup}) · text length "
+        + ", ".join(f"{m} {seq_len_of(args, m)}" for m in models if m != "vit") + " tokens"
         + (" · **--quick (tiny models)**" if args.quick else "")
     )
     lines.append("")
@@ -475,8 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         "t(method) / t(baseline) on the same model, batch and inputs. Baselines: forward = no-grad "
         "forward; forward+backward = forward + `autograd.grad(target logits, input)` (image / embedding "
         "output). Targets: ≤ 1.3× forward (non-gradient methods), ≤ 1.5× forward+backward (gradient "
-        "methods), ≤ 2.5× for transformer_attribution and ≤ 1.6× for lrp (at batch 16). `lrp:NAME` is "
-        "lrp with the LRP preset NAME."
+        "methods), ≤ 2.5× for transformer_attribution and ≤ 1.6× for lrp (at batch 16); llama: lrp ≤ 1.6× "
+        "time and ≤ 1.5× peak memory, generic ≤ 1.5× time. `lrp:NAME` is lrp with the LRP preset NAME."
         + (
             " Peak MB = peak RSS increase of one call over the RSS before it (fresh subprocess, model "
             "and inputs resident, after warm-up; VmHWM reset via /proc/self/clear_refs)."
@@ -487,9 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     header = ["model", "batch", "method", "baseline", "s/sample", "baseline s/sample", "× base", "time target"]
     if args.memory:
-        header += ["peak MB", "baseline peak MB", "mem × base"]
+        header += ["peak MB", "baseline peak MB", "mem × base", "memory target"]
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] * 3 + ["---"] + ["---:"] * 3 + ["---"] + ["---:"] * (3 if args.memory else 0)) + "|")
+    lines.append("|" + "|".join(["---"] * 3 + ["---"] + ["---:"] * 3 + ["---"] + (["---:"] * 3 + ["---"] if args.memory else [])) + "|")
     for name in models:
         for bs in batch_sizes:
             for op in ops:
@@ -503,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif is_base:
                     row += [fmt_s(r["per_sample"]), "–", "1.00×", "–"]
                 else:
-                    lim = max_ratio(op, r["base"])
+                    lim = max_ratio(op, r["base"], name)
                     row += [
                         fmt_s(r["per_sample"]),
                         fmt_s(r["base_per_sample"]),
@@ -514,13 +556,15 @@ def main(argv: list[str] | None = None) -> int:
                     m = mem.get((name, bs, op), {})
                     mb = mem.get((name, bs, r["base"]), {})
                     if "error" in m:
-                        row += ["error: " + m["error"], "–", "–"]
+                        row += ["error: " + m["error"], "–", "–", "–"]
                     elif is_base:
-                        row += [fmt_mb(m.get("increase_kb")), "–", "1.00×"]
+                        row += [fmt_mb(m.get("increase_kb")), "–", "1.00×", "–"]
                     else:
                         inc, binc = m.get("increase_kb"), mb.get("increase_kb")
                         ratio = inc / binc if inc is not None and binc else None
-                        row += [fmt_mb(inc), fmt_mb(binc), fmt_x(ratio)]
+                        mlim = max_memory_ratio(op, name)
+                        target = "–" if mlim is None or ratio is None else f"≤ {mlim}× {verdict(ratio <= mlim)}"
+                        row += [fmt_mb(inc), fmt_mb(binc), fmt_x(ratio), target]
                 lines.append("| " + " | ".join(row) + " |")
     if args.memory and any(not v.get("exact", True) for v in mem.values() if "error" not in v):
         lines.append("")
