@@ -1,4 +1,4 @@
-"""Models ready to explain: the two embedded models (offline) and any hub model, in one shape.
+"""Models ready to explain: the embedded models (offline) and any hub model, in one shape.
 
 Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``"text"``),
 ``preprocess`` (images) or ``tokenizer`` (text), ``class_names``, ``mean`` / ``std`` and ``info``::
@@ -7,22 +7,25 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
 
     vit = zoo.vision_model()         # the embedded timm ViT (Fashion-MNIST garments in scenes)
     bert = zoo.text_model()          # the embedded MiniLM sentiment model
+    lm = zoo.language_model()        # the embedded small Llama (next word of movie reviews)
     scenes = zoo.scenes()            # the held-out scenes shipped with the vision model
     other = zoo.load("vit_base_patch16_224")   # a timm / torchvision / Hugging Face name, a folder, a .pt
 
 * :mod:`attnx.zoo.vision`: the embedded vision model and its held-out scenes;
 * :mod:`attnx.zoo.text`: the embedded text model (pretrained encoder package + shipped delta);
+* :mod:`attnx.zoo.lm`: the embedded language model (shipped whole);
 * :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`).
 """
 from __future__ import annotations
 
 from .bundle import ZooModel
 from .hub import MODEL_KINDS, load
+from .lm import example_prompts, language_model
 from .text import example_texts, text_model
 from .vision import scenes, vision_model
-from . import text, vision
+from . import lm, text, vision
 
-__all__ = ["MODEL_KINDS", "ZooModel", "describe", "example_texts", "load", "scenes", "text_model", "vision_model"]
+__all__ = ["MODEL_KINDS", "ZooModel", "describe", "example_prompts", "example_texts", "language_model", "load", "scenes", "text_model", "vision_model"]
 
 
 def describe() -> list[str]:
@@ -36,4 +39,8 @@ def describe() -> list[str]:
         lines.append(text.describe())
     except Exception as exc:  # the text model is optional
         lines.append(f"default (text): unavailable ({exc})")
+    try:
+        lines.append(lm.describe())
+    except FileNotFoundError as exc:
+        lines.append(f"default-lm (text): unavailable ({exc})")
     return lines
