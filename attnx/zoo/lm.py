@@ -1,7 +1,7 @@
 """The embedded language model: a small Llama trained on movie-critic snippets, shipped whole.
 
 :func:`language_model` returns a **stock** ``transformers.LlamaForCausalLM`` (RMSNorm, rotary
-positions, grouped-query attention, SiLU-gated MLP, tied input / output embeddings; about 1.3 M
+positions, grouped-query attention, SiLU-gated MLP, tied input / output embeddings; 0.78 M
 parameters, float16 on disk) trained from scratch to predict the next word of Rotten Tomatoes
 critic snippets (the train split of :mod:`attnx.data.rotten_tomatoes`), with its word-level
 tokenizer (lowercase, punctuation split, ``[BOS]`` prepended, left padding). Nothing is downloaded
@@ -17,7 +17,7 @@ records the configuration, the held-out perplexity next to a unigram baseline an
     e.scores                   # (2, T): one value per prompt word, padding 0
     e.explained_tokens         # the predicted next word of each prompt
 
-It is small and its vocabulary is the 4000 most frequent words of the train split (rarer words
+It is small and its vocabulary is the 3000 most frequent words of the train split (rarer words
 read as ``[UNK]``): a model to see the methods at work on a decoder in seconds, not a model of
 English.
 """
