@@ -21,7 +21,10 @@ next word of Rotten Tomatoes critic snippets, on CPU, from scratch.
 
     HF_HUB_OFFLINE=1 python training/train_lm.py
 
-(the command that wrote the shipped model; the defaults are the same).
+(the command that wrote the shipped model; the defaults are the same: 2 layers, hidden 128, 4 query /
+2 key-value heads, 3000 words, one epoch of 320 steps; 0.78 M parameters, 1.6 MB). It took 18 min
+of wall time on 2 cores shared with other jobs (about 6 min of CPU time). Held-out (test split)
+perplexity 107.5, against 196.0 for the unigram baseline.
 """
 from __future__ import annotations
 
@@ -169,8 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=48)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=4e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--dropout", type=float, default=0.1)
