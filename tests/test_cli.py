@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import attnx
+from attnx import zoo
 from cli_runner import run
 from html_pages import page_data
 
@@ -278,6 +279,7 @@ def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
 
     expected = {"vision_methods.png", "vision_rollout_options.png", "text_methods.png", "text.html", "report.html"}
     expected |= {f"vision_classes_{m}.png" for m in ("transformer_attribution", "grad_rollout", "lrp")}
+    expected |= {"lm_next_token.png", "lm.html"}
     assert {p.name for p in out.iterdir()} == expected
     for name in sorted(expected):
         if name.endswith(".png"):
@@ -293,6 +295,11 @@ def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
     assert vision["methods"] == demo.VISION_METHODS and vision["targets"] == list(demo.REPORT_RANKS)
     assert all(s["image"].startswith("data:image/png;base64,") for s in vision["samples"])
     assert text["methods"] == demo.TEXT_METHODS and text["targets"] == ["predicted", "negative", "positive"]
+    # the language model: one row per prompt, the explained next word framed, per method
+    lm_page = (out / "lm.html").read_text()
+    assert lm_page.count('class="explained"') == len(demo.LM_METHODS) * len(zoo.example_prompts())
+    a = picture(out / "lm_next_token.png")
+    assert ((a.max(-1) - a.min(-1)) > 60).mean() > 0.01 and a.shape[1] > 300 * len(demo.LM_METHODS)
 
 
 def test_broken_pipe_is_not_an_error(tmp_path):

