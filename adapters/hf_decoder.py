@@ -23,6 +23,7 @@ The explained position (the readout row) is where the model decides:
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -92,6 +93,7 @@ class HFDecoderAdapter(HFAdapter):
         self.is_text = True
         #: a language model (next-token logits at every position), not a classifier
         self.is_lm = type(model).__name__.endswith(CAUSAL_LM_SUFFIXES)
+        self._forward_parameters: set[str] | None = None
 
     def pad_token_id(self) -> int | None:
         config = self.model.config
@@ -192,10 +194,41 @@ class HFDecoderAdapter(HFAdapter):
         )
         return new, BoundContinuation(positions.clone(), cont, cont_mask)
 
+    def logits_window(self, batch: Batch) -> int | None:
+        """How many last positions a language model needs logits for, when the target reads only
+        the explained positions (``batch.extra["readout_logits_only"]``): from the first explained
+        position on. The output layer is then applied to those positions only (Hugging Face's
+        ``logits_to_keep``), which saves a (B, T, vocabulary) product and its backward."""
+        layout = batch.layout
+        if not (self.is_lm and batch.extra.get("readout_logits_only") and layout is not None):
+            return None
+        if "logits_to_keep" in batch.kwargs or "logits_to_keep" not in self.forward_parameters():
+            return None
+        readout = layout.readout
+        if isinstance(readout, int):
+            first = readout
+        elif isinstance(readout, torch.Tensor) and readout.dim() == 1:
+            first = int(readout.min())
+        elif isinstance(readout, torch.Tensor) and readout.dim() == 2:
+            read = torch.nonzero(readout.ne(0).any(dim=0)).flatten()
+            first = int(read[0]) if read.numel() else 0
+        else:
+            return None
+        first %= layout.num_tokens
+        return layout.num_tokens - first if first > 0 else None
+
+    def forward_parameters(self) -> set[str]:
+        if self._forward_parameters is None:
+            self._forward_parameters = set(inspect.signature(self.model.forward).parameters)
+        return self._forward_parameters
+
     # capture (observe: the hf adapter's eager switch) ------------------------------------------
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)
         kwargs.setdefault("use_cache", False)  # one forward over the whole sequence: no cache to build
+        window = self.logits_window(batch)
+        if window is not None:
+            kwargs["logits_to_keep"] = window
         if self._recorder is not None:
             kwargs["output_attentions"] = True
         out = self.model(**kwargs, return_dict=True)

@@ -26,7 +26,7 @@ from .lrp.engine import LRPEngine
 from .lrp.registry import Registry, get_preset
 from .lrp.rules import divide_or_zero
 from .recorder import AttentionRecorder
-from .targets import Continuation, Target, resolve_targets
+from .targets import BoundContinuation, Continuation, Target, resolve_targets
 
 __all__ = ["Needs", "Trace", "evaluation_mode", "lrp_seed", "run_trace"]
 
@@ -214,6 +214,10 @@ def run_trace(
         batch = replace(batch, layout=patch_layout(adapter, batch, patch_size))
     if isinstance(target, Continuation):
         batch, target = adapter.append_continuation(batch, target.token_ids(batch.batch_size))
+    if not callable(target):
+        # the target reads the logits at the explained positions only: a language model may skip
+        # the output layer elsewhere (a callable sees the whole output, so it gets every position)
+        batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
     trace = None
     if needs.plain_pass:
         trace = plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients, gradients=needs.gradients)
@@ -231,6 +235,10 @@ def run_trace(
     if trace is None:
         return lrp
     return replace(trace, attention_relevance=lrp.attention_relevance, input_relevance=lrp.input_relevance, coverage=lrp.coverage)
+
+
+#: ``Batch.extra`` flag: only the logits at the layout's readout positions are read
+READOUT_LOGITS_ONLY = "readout_logits_only"
 
 
 def on_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
@@ -251,7 +259,14 @@ def explained_position(layout: Layout, batch_size: int, device: torch.device) ->
 def resolve(target: Target, output: Any, logits: torch.Tensor, layout: Layout, batch_size: int):
     """:func:`attnx.targets.resolve_targets` at the explained position of ``layout``; a target
     that is not finite (the model produced NaN or inf) raises instead of giving a NaN map."""
-    resolved = resolve_targets(target, output, logits, explained_position(layout, batch_size, logits.device))
+    position = explained_position(layout, batch_size, logits.device)
+    if logits.dim() == 3 and layout is not None and logits.shape[1] < layout.num_tokens:
+        # a language model computed the logits of the last positions only (READOUT_LOGITS_ONLY)
+        offset = layout.num_tokens - logits.shape[1]
+        position = None if position is None else position - offset
+        if isinstance(target, BoundContinuation):
+            target = replace(target, positions=target.positions - offset)
+    resolved = resolve_targets(target, output, logits, position)
     bad = ~torch.isfinite(resolved.scores.detach())
     if bad.any():
         samples = torch.nonzero(bad).flatten().tolist()

@@ -402,3 +402,32 @@ def test_discard_ratio_counts_attending_pairs(case):
             m = (fused + torch.eye(N, dtype=torch.float64)) / 2
             C = (m / m.sum(-1, keepdim=True)) @ C
         assert max_abs_diff(e.scores[b], C[pos[b]]) <= TOL
+
+
+@pytest.mark.parametrize("case", params([c for c in LM if c.impl == "eager" and c.family in ("llama", "gpt2", "gemma2")]))
+def test_output_layer_only_at_explained_positions(case):
+    """A token or continuation target reads the logits at the explained positions only, so the
+    output layer runs on the positions from the first explained one on; a callable sees every
+    position. The maps are those of the full computation (the callable's)."""
+    model = case.model()
+    seen: list[int] = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        for side in ("left", "right"):
+            x = case.inputs([9, 6], side=side)
+            pos = readout_positions(case, x)
+            rows = torch.arange(2)
+            c = torch.tensor([7, 11])
+            for method in ("generic", "lrp"):
+                seen.clear()
+                by_id = attnx.explain(model, x, method=method, target=c)
+                assert set(seen) == {9 - int(pos.min())}, (side, method, seen)
+                seen.clear()
+                by_fn = attnx.explain(model, x, method=method, target=lambda out: out.logits[rows, pos][rows, c])
+                assert set(seen) == {9}
+                assert max_abs_diff(by_id.scores, by_fn.scores) <= 1e-6 * (1 + by_fn.scores.abs().max())
+        seen.clear()
+        attnx.explain(model, case.inputs([9, 6]), method="lrp", target=Continuation([[5, 9, 12], [30]]))
+        assert set(seen) == {3 + 1}  # the last prompt position and the continuation's
+    finally:
+        handle.remove()

@@ -36,7 +36,8 @@ def sdpa_decomposition(call, query, key, value, attn_mask=None, dropout_p=0.0, i
     if is_causal or attn_mask is not None:
         # a query that may attend to no key (a left-padding position) gets zeros, as in SDPA
         dead = torch.isneginf(scores.detach()).all(dim=-1, keepdim=True)
-        probs = call(torch.Tensor.masked_fill, probs, dead, 0.0)
+        if dead.any():  # (no copy of the probabilities when every query sees a key)
+            probs = call(torch.Tensor.masked_fill, probs, dead, 0.0)
     if dropout_p > 0.0:
         probs = call(F.dropout, probs, dropout_p, True)
     return call(torch.matmul, probs, value)

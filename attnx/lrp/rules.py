@@ -56,7 +56,14 @@ def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Te
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + eps * sign(z)`` (sign(0) taken as +1): the ε-rule denominator."""
-    return z + eps * torch.where(z >= 0, torch.ones_like(z), -torch.ones_like(z))
+    return torch.where(z >= 0, z + eps, z - eps)
+
+
+def epsilon_share(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z / (z + eps * sign(z))`` = ``|z| / (|z| + eps)``: the fraction of an output's relevance
+    the ε-rule passes on (0 where ``z = 0``), in three elementwise passes."""
+    a = z.abs()
+    return a.div_(a + eps) if eps else (a != 0).to(z.dtype)
 
 
 def divide_or_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -263,8 +270,23 @@ def _vjp(fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, ext
     return gx
 
 
+def _live_rows(g: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows (all dimensions but the last) of ``g`` that are not all zero, when at
+    most half are: a language model's relevance starts at one position per sample, so the
+    output layer and the last block's position-wise layers see mostly zero rows."""
+    if g.dim() < 3:
+        return None
+    live = g.flatten(0, -2).ne(0).any(dim=-1)
+    rows = live.nonzero().squeeze(1)
+    return rows if 2 * rows.numel() <= live.numel() else None
+
+
 class _LinearRule(Rule):
-    """Shared plumbing of the rules for linear and convolution layers."""
+    """Shared plumbing of the rules for linear and convolution layers.
+
+    Rules act on each row (position) of a linear layer independently, so a backward whose
+    incoming modified gradient is zero on most rows computes only the live ones.
+    """
 
     def __call__(self, op: Op) -> Any:
         x, w, b, fn, extra = _linear_parts(op)
@@ -277,7 +299,14 @@ class _LinearRule(Rule):
         is_input = bool(op.is_input and op.is_input(x))
 
         def backward(g):
-            return (self.propagate(xd, wd, bd, yd, g, fn, extra, is_input),)
+            rows = _live_rows(g) if fn is F.linear and xd.shape[:-1] == g.shape[:-1] else None
+            if rows is None:
+                return (self.propagate(xd, wd, bd, yd, g, fn, extra, is_input),)
+            pick = lambda t: t.flatten(0, -2).index_select(0, rows)  # noqa: E731
+            part = self.propagate(pick(xd), wd, bd, pick(yd), pick(g), fn, extra, is_input)
+            out = torch.zeros(xd.shape, dtype=part.dtype, device=part.device)
+            out.view(-1, out.shape[-1]).index_copy_(0, rows, part)
+            return (out,)
 
         return relay(y, [x], backward)
 
@@ -294,7 +323,7 @@ class Epsilon(_LinearRule):
         self.epsilon = epsilon
 
     def propagate(self, x, w, b, y, g, fn, extra, is_input):
-        return _vjp(fn, x, w, y * g / stabilize(y, self.epsilon), extra)
+        return _vjp(fn, x, w, epsilon_share(y, self.epsilon).mul_(g), extra)
 
 
 class AlphaBeta(_LinearRule):
@@ -424,14 +453,19 @@ class Bilinear(Rule):
             return Passthrough()(op)
         z = op.compute()
         inputs = [t for t, keep in zip((a, b), track) if keep]
-        ad, bd, zd = a.detach(), b.detach(), z.detach()
+        ad, bd = a.detach(), b.detach()
+        zd = z.detach() if self.chefer else None  # only Chefer's division needs the output kept
         share, chefer = self.share, self.chefer
         # the stabiliser is stated for the product of the unscaled operands: timm scales q before
         # Q Kᵀ, Chefer et al.'s reference after it
         eps = self.eps * getattr(a, "_attnx_scale", 1.0) * getattr(b, "_attnx_scale", 1.0)
+        explicit = product_gradients(op.func, ad, bd)
 
         def backward(g):
             s = safe_divide(zd * g, zd, eps) if chefer else g
+            if explicit is not None:
+                ga, gb = explicit(s)
+                return (ga.mul_(share), gb.mul_(share))
             with torch.enable_grad():
                 aa = ad.detach().requires_grad_(track[0])
                 bb = bd.detach().requires_grad_(track[1])
@@ -441,6 +475,24 @@ class Bilinear(Rule):
             return tuple(gr * share for gr in grads)
 
         return relay(z, inputs, backward)
+
+
+_ELEMENTWISE_PRODUCTS = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+_MATRIX_PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
+
+
+def product_gradients(func: Any, a: torch.Tensor, b: torch.Tensor):
+    """``g -> (∂⟨g, f(a, b)⟩/∂a, ∂⟨g, f(a, b)⟩/∂b)`` written out for elementwise and matrix
+    products of two tensors (fresh tensors, broadcasting summed back), so that the backward needs
+    neither the product's output nor a second forward; ``None`` for other products (einsum,
+    vectors), which go through autograd."""
+    if a.dtype != b.dtype or not (a.is_floating_point() and b.is_floating_point()):
+        return None
+    if func in _ELEMENTWISE_PRODUCTS:
+        return lambda g: (_reduce_to(g * b, a), _reduce_to(g * a, b))
+    if func in _MATRIX_PRODUCTS and a.dim() >= 2 and b.dim() >= 2:
+        return lambda g: (_reduce_to(g @ b.mT, a), _reduce_to(a.mT @ g, b))
+    return None
 
 
 def _in(container: Any, t: torch.Tensor) -> bool:
