@@ -190,11 +190,17 @@ def make_inputs(name: str, model: torch.nn.Module, batch: int, seq_len: int, see
     }
 
 
+#: the baseline's language-model logits: "all" positions (the model called as users call it) or
+#: "last" (``logits_to_keep=1``, as attnx runs it for a next-token target); set by --lm-logits
+LM_LOGITS = {"mode": "all"}
+
+
 def run_model(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
     """The explained logits ``(B, C)``: a language model's next-token logits at the last position."""
     if isinstance(inputs, dict):
         if type(model).__name__.endswith("ForCausalLM"):
-            return model(**inputs, use_cache=False).logits[:, -1]
+            keep = {"logits_to_keep": 1} if LM_LOGITS["mode"] == "last" else {}
+            return model(**inputs, use_cache=False, **keep).logits[:, -1]
         return model(**inputs).logits
     return model(inputs)
 
@@ -325,6 +331,7 @@ def _reset_peak() -> bool:
 def memory_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
+    LM_LOGITS["mode"] = spec.get("lm_logits", "all")
     model = build_model(spec["model"], spec["quick"], spec["seed"])
     inputs = make_inputs(spec["model"], model, spec["batch"], spec["seq_len"], spec["seed"])
     bench = Bench(spec["model"], model, inputs)  # includes the plain warm-up forward
@@ -352,6 +359,7 @@ def measure_memory(args: argparse.Namespace, model: str, batch: int, op: str) ->
         "quick": args.quick,
         "batch": batch,
         "seq_len": seq_len_of(args, model),
+        "lm_logits": args.lm_logits,
         "op": op,
         "threads": args.threads,
         "seed": args.seed,
@@ -410,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", action="store_true", help="also measure peak RSS increase (fresh subprocess each)")
     p.add_argument("--quick", action="store_true", help="tiny models, small batches: a smoke test")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    p.add_argument("--lm-logits", choices=("all", "last"), default="all",
+                   help="the llama baseline's logits: at every position, as the model is usually called "
+                        "(default), or at the last one only (logits_to_keep=1, as attnx computes them for a "
+                        "next-token target)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -433,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown model {m!r}; choose from {sorted(MODEL_LABELS)}")
     labels = QUICK_LABELS if args.quick else MODEL_LABELS
     torch.set_num_threads(args.threads)
+    LM_LOGITS["mode"] = args.lm_logits
 
     start = time.time()
     load_start = os.getloadavg()
@@ -516,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         "s/sample = median seconds per call / batch size. × base = median over alternating rounds of "
         "t(method) / t(baseline) on the same model, batch and inputs. Baselines: forward = no-grad "
         "forward; forward+backward = forward + `autograd.grad(target logits, input)` (image / embedding "
-        "output). Targets: ≤ 1.3× forward (non-gradient methods), ≤ 1.5× forward+backward (gradient "
+        f"output; llama's logits computed at {'the last position only' if args.lm_logits == 'last' else 'every position'}). Targets: ≤ 1.3× forward (non-gradient methods), ≤ 1.5× forward+backward (gradient "
         "methods), ≤ 2.5× for transformer_attribution and ≤ 1.6× for lrp (at batch 16); llama: lrp ≤ 1.6× "
         "time and ≤ 1.5× peak memory, generic ≤ 1.5× time. `lrp:NAME` is lrp with the LRP preset NAME."
         + (
