@@ -22,8 +22,8 @@ def sdpa_decomposition(call, query, key, value, attn_mask=None, dropout_p=0.0, i
         rep = query.shape[-3] // key.shape[-3]
         key = call(torch.repeat_interleave, key, rep, dim=-3)
         value = call(torch.repeat_interleave, value, rep, dim=-3)
-    scores = call(torch.matmul, query, call(torch.Tensor.transpose, key, -2, -1))
-    scores = call(torch.mul, scores, scale)
+    # scaling the queries rather than the (N x N) scores: the same linear map, a smaller tensor
+    scores = call(torch.matmul, call(torch.mul, query, scale), call(torch.Tensor.transpose, key, -2, -1))
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = call(torch.Tensor.masked_fill, scores, ~causal, float("-inf"))
@@ -33,7 +33,7 @@ def sdpa_decomposition(call, query, key, value, attn_mask=None, dropout_p=0.0, i
         else:
             scores = call(torch.add, scores, attn_mask)
     probs = call(torch.softmax, scores, -1)
-    if is_causal or attn_mask is not None:
+    if attn_mask is not None:  # (a causal mask alone leaves every query its first key)
         # a query that may attend to no key (a left-padding position) gets zeros, as in SDPA
         dead = torch.isneginf(scores.detach()).all(dim=-1, keepdim=True)
         if dead.any():  # (no copy of the probabilities when every query sees a key)

@@ -69,7 +69,7 @@ def epsilon_share(z: torch.Tensor, eps: float) -> torch.Tensor:
 def divide_or_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a / b`` where ``b != 0``, else 0 (turns a relevance back into a modified gradient)."""
     nz = b != 0
-    return torch.where(nz, a / torch.where(nz, b, torch.ones_like(b)), torch.zeros_like(a))
+    return (a / torch.where(nz, b, 1.0)).mul_(nz)
 
 
 class _Relay(torch.autograd.Function):
@@ -276,7 +276,10 @@ def _live_rows(g: torch.Tensor) -> torch.Tensor | None:
     output layer and the last block's position-wise layers see mostly zero rows."""
     if g.dim() < 3:
         return None
-    live = g.flatten(0, -2).ne(0).any(dim=-1)
+    flat = g.flatten(0, -2)
+    if flat[0].any():  # (a dense gradient usually shows in its first row: skip the full scan)
+        return None
+    live = flat.any(dim=-1)
     rows = live.nonzero().squeeze(1)
     return rows if 2 * rows.numel() <= live.numel() else None
 
@@ -584,7 +587,7 @@ class LayerNormConstantStd(Rule):
 
         def backward(g):
             if epsilon:
-                g = yd * g / stabilize(yd, epsilon)
+                g = epsilon_share(yd, epsilon).mul_(g)
             gx = g if wd is None else g * wd
             gx = gx - gx.mean(dims, keepdim=True)
             return (gx / std,)
@@ -634,7 +637,7 @@ class RMSNormConstantRMS(Rule):
 
         def backward(g):
             if epsilon:
-                g = yd * g / stabilize(yd, epsilon)
+                g = epsilon_share(yd, epsilon).mul_(g)
             return (divide_or_zero(yd * g, xd),)
 
         return relay(y, [x], backward)
