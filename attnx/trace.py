@@ -177,7 +177,8 @@ def check_attentions(adapter: Any, recorder: AttentionRecorder, batch_size: int)
             f"self-attentions over {batch_size} samples (token shapes {sorted(shapes)}, leading "
             f"sizes {sorted(batches)}); attention methods need global self-attention (windowed or "
             "hierarchical models: the 'timm_swin' and 'hf_swin' adapters read a Swin model's last "
-            "stage when one window covers it; lrp and gradient_x_input explain any of them)"
+            "stage when one window covers it; lrp and gradient_x_input read no attention and explain windowed "
+            "models too)"
         )
     return shapes.pop()[0]
 

@@ -388,3 +388,22 @@ def test_timm_size_mismatch_and_pooling_are_clear():
     with pytest.raises(UnsupportedModelError, match="does not average.*lrp, gradient_x_input"):
         attnx.explain(model, images(1), method="rollout")
     assert attnx.explain(model, images(1), method="gradient_x_input").scores.shape == (1, 64)
+
+
+@pytest.mark.parametrize("preset", list(presets))
+def test_other_windowed_models_explain_at_the_pixels_through_intercept(preset):
+    """timm's SwinTransformerV2Cr has no adapter: the intercept adapter sees its windows and
+    refuses the attention methods, while LRP (strict) and gradient x input explain it on the patch
+    grid its patch embedding shows."""
+    from timm.models.swin_transformer_v2_cr import SwinTransformerV2Cr
+
+    torch.manual_seed(0)
+    model = randomize_(SwinTransformerV2Cr(img_size=(32, 32), patch_size=4, window_size=4, embed_dim=16, depths=(2, 2),
+                                           num_heads=(2, 4), num_classes=CLASSES), seed=3).to(DT).eval()
+    explainer = attnx.Explainer(model)
+    assert explainer.adapter.name == "intercept"
+    with pytest.raises(UnsupportedModelError, match="windowed or hierarchical.*lrp and gradient_x_input"):
+        explainer.explain(images(2), method="rollout")
+    e = explainer.explain(images(2), method="lrp", preset=preset, strict=True)
+    assert e.grid == (8, 8) and not e.coverage.uncovered and torch.isfinite(e.pixel_relevance).all()
+    assert explainer.explain(images(2), method="gradient_x_input").grid == (8, 8)
