@@ -16,6 +16,7 @@ from .base import Adapter
 from .hf import HFAdapter
 from .hf_decoder import HFDecoderAdapter
 from .intercept import InterceptAdapter
+from .swin import HFSwinAdapter, TimmSwinAdapter
 from .timm_vit import TimmViTAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
@@ -23,7 +24,9 @@ __all__ = [
     "Adapter",
     "HFAdapter",
     "HFDecoderAdapter",
+    "HFSwinAdapter",
     "InterceptAdapter",
+    "TimmSwinAdapter",
     "TimmViTAdapter",
     "TorchvisionViTAdapter",
     "adapter_names",
@@ -46,7 +49,7 @@ def register_adapter(cls: type[Adapter], *, first: bool = False) -> type[Adapter
     return cls
 
 
-for _cls in (TimmViTAdapter, TorchvisionViTAdapter, HFDecoderAdapter, HFAdapter):
+for _cls in (TimmViTAdapter, TimmSwinAdapter, TorchvisionViTAdapter, HFDecoderAdapter, HFSwinAdapter, HFAdapter):
     register_adapter(_cls)
 
 

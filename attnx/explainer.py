@@ -31,8 +31,9 @@ class Explainer:
         ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` or is written out
         (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it).
     adapter:
-        ``None`` to choose automatically, an adapter name (``"timm_vit"``, ``"torchvision_vit"``,
-        ``"hf"``, ``"hf_decoder"``, ``"intercept"``) or an :class:`attnx.adapters.Adapter` instance.
+        ``None`` to choose automatically, an adapter name (``"timm_vit"``, ``"timm_swin"``,
+        ``"torchvision_vit"``, ``"hf"``, ``"hf_swin"``, ``"hf_decoder"``, ``"intercept"``) or an
+        :class:`attnx.adapters.Adapter` instance.
     tokenizer:
         The tokenizer of a language model, for text targets (``target=" Paris"``: its first
         token) and text continuations (:class:`attnx.targets.Continuation`).

@@ -176,7 +176,9 @@ def check_attentions(adapter: Any, recorder: AttentionRecorder, batch_size: int)
             f"the attention layers of {type(adapter.model).__name__} are not one stack of global "
             f"self-attentions over {batch_size} samples (token shapes {sorted(shapes)}, leading "
             f"sizes {sorted(batches)}); attention methods need global self-attention (windowed or "
-            "hierarchical models such as Swin are not supported by them)"
+            "hierarchical models: the 'timm_swin' and 'hf_swin' adapters read a Swin model's last "
+            "stage when one window covers it; lrp and gradient_x_input read no attention and explain windowed "
+            "models too)"
         )
     return shapes.pop()[0]
 

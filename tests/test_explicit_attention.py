@@ -585,17 +585,21 @@ def test_attention_changed_after_the_softmax_is_refused():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_timm_swin_windows_are_refused_clearly(fused):
-    """timm Swin's window attention (nn.Softmax over (B*windows, H, N, N)) is seen, and refused
-    as not one stack of global self-attentions, rather than explained wrongly."""
+    """timm Swin's window attention (nn.Softmax over (B*windows, H, N, N)) is seen by the
+    intercept adapter, and refused as not one stack of global self-attentions, rather than
+    explained wrongly; the Swin adapter refuses a size whose last stage has several windows,
+    naming the methods that work (tests/test_swin.py covers the sizes it explains)."""
     from timm.models.swin_transformer import SwinTransformer
 
     torch.manual_seed(0)
-    model = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4), num_classes=CLASSES).eval()
+    model = SwinTransformer(img_size=64, patch_size=4, window_size=4, embed_dim=16, depths=(1, 1), num_heads=(2, 4), num_classes=CLASSES).eval()
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused
     with pytest.raises(UnsupportedModelError, match="windowed or hierarchical"):
-        attnx.explain(model, torch.randn(2, 3, 32, 32), method="rollout")
+        attnx.Explainer(model, adapter="intercept").explain(torch.randn(2, 3, 64, 64), method="rollout")
+    with pytest.raises(UnsupportedModelError, match=r"8x8 feature map attended in windows of 4x4.*lrp, gradient_x_input"):
+        attnx.explain(model, torch.randn(2, 3, 64, 64), method="rollout")
     assert all(m.fused_attn is fused for m in model.modules() if hasattr(m, "fused_attn"))
 
 

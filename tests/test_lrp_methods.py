@@ -118,7 +118,7 @@ def test_cplrp_conserves_the_target_logit(name):
         valid = x["attention_mask"].bool()
         assert R[~valid].abs().max() <= 1e-12
         assert rel_err(e.scores, R.sum(-1) * valid) <= 1e-12
-    if name == "timm_swin":  # no adapter knows Swin: the generic one, and its coverage is complete
+    if name == "timm_swin":  # the Swin adapter, and its coverage is complete
         assert "NO RULE" not in e.coverage.report() and "constant" in e.coverage.report()
 
 

@@ -49,6 +49,7 @@ FUNCTION_ALIASES: list[tuple] = [
     (torch.tanh, T.tanh, F.tanh),
     (torch.sigmoid, T.sigmoid, F.sigmoid),
     (F.layer_norm,),
+    (F.normalize,),
     (F.linear,),
     (F.conv2d,),
     (F.scaled_dot_product_attention,),
@@ -160,6 +161,9 @@ def _base(name: str, seed: str) -> Registry:
     reg = Registry(name, seed=seed)
     reg.register(F.scaled_dot_product_attention, R.Decompose(R.sdpa_decomposition))
     reg.register(F.multi_head_attention_forward, R.Decompose(R.mha_decomposition))
+    # L2 normalisation (SwinV2's cosine attention normalises q and k) with the norm held constant:
+    # y = x / c is linear and elementwise, so R_x = R_y (the identity rule), as LayerNorm's σ
+    reg.register(F.normalize, R.Identity())
     return reg
 
 
