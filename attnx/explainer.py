@@ -31,6 +31,8 @@ class Explainer:
         sequence classifier, or any model whose attention runs through
         ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` or is written out
         (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it).
+        ``torch.compile``, ``nn.DataParallel`` and ``DistributedDataParallel`` wrappers are
+        explained on the module inside them (:func:`attnx.runtime.unwrap_model`).
     adapter:
         ``None`` to choose automatically, an adapter name (``"timm_vit"``, ``"torchvision_vit"``,
         ``"hf"``, ``"hf_decoder"``, ``"intercept"``) or an :class:`attnx.adapters.Adapter` instance.
