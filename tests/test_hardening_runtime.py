@@ -23,10 +23,23 @@ import attnx
 from attnx import zoo
 from attnx.errors import AttnxError
 from conftest import CASES
+from decoder_models import CASES as DECODER_CASES, DecoderCase
 from test_state import assert_unchanged, snapshot
 
 VISION_METHODS = [m for m in attnx.list_methods() if m not in ("random", "attention_flow")]
+DECODERS = {c.name: c for c in DECODER_CASES}
 MAP_METHODS = ["grad_rollout", "generic", "attn_gradcam", "transformer_attribution", "lrp"]
+
+
+def _case(name: str):
+    return DECODERS[name] if name in DECODERS else CASES[name]
+
+
+def _inputs(case, seed: int = 0):
+    """Two samples, text ones padded; different seeds give different inputs."""
+    if isinstance(case, DecoderCase):
+        return case.inputs(lengths=[9, 6], seed=3 + seed)
+    return case.inputs(2, seed=1 + seed, lengths=[9, 5] if case.is_text else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -35,17 +48,18 @@ MAP_METHODS = ["grad_rollout", "generic", "attn_gradcam", "transformer_attributi
 THREAD_RUNS = [
     ("timm_vit", None, "generic"),  # fused_attn switched
     ("timm_vit", None, "lrp"),  # the engine's hooks on every module
-    ("timm_vit", "intercept", "grad_rollout"),  # the fallback adapter's function mode
+    ("timm_vit", "intercept", "transformer_attribution"),  # the fallback adapter's function mode, both passes
     ("hf_bert_sdpa", None, "generic"),  # the eager-kernel switch and the recorder of the HF adapter
     ("hf_bert_sdpa", None, "transformer_attribution"),  # both passes
+    ("llama_lm_sdpa", None, "generic"),  # the decoder adapter's recorder
 ]
 
 
 @pytest.mark.parametrize("name,adapter,method", THREAD_RUNS, ids=[f"{n}-{a or 'native'}-{m}" for n, a, m in THREAD_RUNS])
 def test_threads_explaining_one_model_get_the_single_threaded_result(name, adapter, method):
-    case = CASES[name]
+    case = _case(name)
     model = case.model().eval()
-    inputs = [case.inputs(2, lengths=[9, 5] if case.is_text else None) for _ in range(3)]
+    inputs = [_inputs(case, seed) for seed in range(3)]
     alone = [attnx.Explainer(model, adapter=adapter)(x, method=method).scores for x in inputs]
     before = snapshot(model)
     shared = attnx.Explainer(model, adapter=adapter)  # one explainer (one adapter) and fresh ones
@@ -70,9 +84,10 @@ def test_threads_explaining_one_model_get_the_single_threaded_result(name, adapt
         t.join()
     assert not errors, errors[:3]
     assert len(results) == 24
+    assert not torch.equal(alone[0], alone[1])  # the threads explain different inputs
     assert all(torch.equal(s, alone[j]) for j, s in results), "a thread got another result than alone"
     assert_unchanged(before, model)
-    if case.fused is not None:
+    if getattr(case, "fused", None) is not None:
         assert all(m.fused_attn is True for m in model.modules() if hasattr(m, "fused_attn"))
 
 
@@ -98,9 +113,14 @@ def test_explaining_a_model_inside_its_own_explanation_raises_at_once():
 def _compiled_variants(model: nn.Module, backend: str) -> dict[str, nn.Module]:
     in_place = copy.deepcopy(model)
     in_place.compile(backend=backend)
+    parts = copy.deepcopy(model)
+    for m in list(parts.modules())[1:]:
+        if type(m).__name__ in ("Block", "BertLayer"):
+            m.compile(backend=backend)
     return {
         "torch.compile": torch.compile(copy.deepcopy(model), backend=backend),
         "module.compile": in_place,
+        "blocks compiled": parts,
         "DataParallel": nn.DataParallel(copy.deepcopy(model)),
         "DataParallel(torch.compile)": nn.DataParallel(torch.compile(copy.deepcopy(model), backend=backend)),
     }
@@ -128,6 +148,42 @@ def test_compiled_and_wrapped_models_give_the_eager_maps(name):
     attnx.explain(in_place, x, method="generic")
     assert getattr(in_place, "_compiled_call_impl", None) is not None, "the compiled call was dropped"
     assert torch.compiler.is_compiling() is False
+
+
+DDP_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from conftest import CASES
+import attnx
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+case = CASES["timm_vit"]
+model = case.model().eval()
+x = case.inputs(2)
+wrapped = torch.nn.parallel.DistributedDataParallel(model)
+for m in ("generic", "lrp", "transformer_attribution"):
+    d = (attnx.explain(wrapped, x, method=m).scores - attnx.explain(model, x, method=m).scores).abs().max().item()
+    print(m, d)
+    assert d == 0.0
+dist.destroy_process_group()
+print("ok")
+"""
+
+
+def test_distributed_data_parallel_is_explained_on_its_module(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, str(script), tests, port], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -198,6 +254,27 @@ def test_half_precision_models_give_finite_maps_close_to_float32(vision_fp32, dt
         assert t.dtype == storage[n][1].dtype
         assert t.data_ptr() == storage[n][0] and torch.equal(t.detach(), storage[n][1]), n
     assert xh.dtype == dtype and not xh.requires_grad and xh.grad is None
+
+
+TEXT_HALF = ["hf_bert_sdpa", "llama_lm_sdpa", "gpt2_cls_eager"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("name", TEXT_HALF)
+def test_half_precision_text_models_are_computed_in_float32(name, dtype):
+    case = _case(name)
+    model = case.model().to(dtype)
+    x = _inputs(case)
+    rounded = copy.deepcopy(model).float()  # the half-precision weights, exactly, in float32
+    storage = {n: (t.data_ptr(), t.detach().clone()) for n, t in model.state_dict(keep_vars=True).items()}
+    before = snapshot(model)
+    for m in [m for m in attnx.list_methods() if m != "random"]:
+        e = attnx.explain(model, x, method=m)
+        assert e.scores.dtype == torch.float32 and torch.isfinite(e.scores).all(), m
+        assert (e.scores - attnx.explain(rounded, x, method=m).scores).abs().max() <= 1e-6, m
+    assert_unchanged(before, model)
+    for n, t in model.state_dict(keep_vars=True).items():
+        assert t.data_ptr() == storage[n][0] and t.dtype == storage[n][1].dtype and torch.equal(t.detach(), storage[n][1]), n
 
 
 def test_autocast_gives_the_float32_maps(vision_fp32):
