@@ -228,7 +228,7 @@ HALF_BOUNDS = {torch.float16: (0.997, 0.1), torch.bfloat16: (0.997, 0.2)}
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 def test_half_precision_models_give_finite_maps_close_to_float32(vision_fp32, dtype):
     vit, x, ref = vision_fp32
-    model = copy.deepcopy(vit.model).to(dtype)
+    model = zoo.vision_model(dtype=dtype).model
     xh = x.to(dtype)
     # the same numbers in float32: what attnx computes the half-precision model in
     rounded = copy.deepcopy(model).float()
@@ -285,15 +285,6 @@ def test_autocast_gives_the_float32_maps(vision_fp32):
             assert e.scores.dtype == torch.float32
             assert torch.equal(e.scores, ref[m].scores), m  # autocast off for the call: exactly float32
         assert torch.is_autocast_enabled("cpu")  # the user's autocast is back after each call
-
-
-def test_heatmap_refuses_non_finite_maps(vision_fp32):
-    _, _, ref = vision_fp32
-    e = copy.copy(ref["generic"])
-    e.scores = e.scores.clone()
-    e.scores[1, 3] = float("nan")
-    with pytest.raises(attnx.errors.NonFiniteMapError, match=r"sample\(s\) \[1\]"):
-        e.heatmap()
 
 
 # ------------------------------------------------------------------------------------------------
