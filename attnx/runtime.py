@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .batch import Batch
-from .errors import AttnxError
+from .errors import AttnxError, AttnxValueError
 
 __all__ = ["HALF_DTYPES", "eager_compiled", "exclusive", "float32_execution", "is_compiled", "no_autocast", "unwrap_model"]
 
@@ -136,7 +136,16 @@ def float32_execution(model: nn.Module, batch: Batch) -> Iterator[Batch]:
     bit-exactly as found), half-precision input tensors are cast (the user's tensors are not
     touched), and autocast is off for the call. Models without half-precision tensors run as they are.
     """
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.dtype in HALF_DTYPES and t.device.type != "meta"]
+    everything = list(model.parameters()) + list(model.buffers())
+    offloaded = {str(t.dtype) for t in everything if t.dtype in HALF_DTYPES and t.device.type == "meta"}
+    if offloaded:
+        raise AttnxValueError(
+            f"{type(model).__name__} is offloaded (accelerate) with {', '.join(sorted(offloaded))} weights, which "
+            "its hooks load in that dtype at every call; attnx computes half-precision models in float32 "
+            "(relevance overflows in half precision) and cannot cast offloaded weights: offload the model "
+            "in float32 (model.float() before accelerate) to explain it"
+        )
+    tensors = [t for t in everything if t.dtype in HALF_DTYPES]
     saved = []
     with no_autocast(tuple({t.device.type for t in model.parameters()})):
         try:

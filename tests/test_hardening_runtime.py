@@ -277,6 +277,18 @@ def test_half_precision_text_models_are_computed_in_float32(name, dtype):
         assert t.data_ptr() == storage[n][0] and t.dtype == storage[n][1].dtype and torch.equal(t.detach(), storage[n][1]), n
 
 
+def test_offloaded_half_precision_model_raises_a_clear_error():
+    accelerate = pytest.importorskip("accelerate")
+    case = CASES["timm_vit"]
+    model = case.model().eval().half()
+    accelerate.cpu_offload(model, execution_device="cpu")
+    hooks = {n: dict(m._forward_hooks) for n, m in model.named_modules()}
+    with pytest.raises(attnx.errors.AttnxValueError, match=r"offloaded \(accelerate\) with torch.float16 weights"):
+        attnx.explain(model, case.inputs(2).half(), method="generic")
+    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.float16, "meta")}
+    assert {n: dict(m._forward_hooks) for n, m in model.named_modules()} == hooks
+
+
 def test_autocast_gives_the_float32_maps(vision_fp32):
     vit, x, ref = vision_fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
