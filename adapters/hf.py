@@ -9,6 +9,7 @@ product consumed (dropout is the identity in eval mode), so gradients flow throu
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -49,7 +50,12 @@ class HFAdapter(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.is_text = type(model).__name__.endswith("ForSequenceClassification")
-        self._recorder: AttentionRecorder | None = None
+        self._calls = threading.local()  # the recorder of the call in progress, per thread
+
+    @property
+    def _recorder(self) -> AttentionRecorder | None:
+        """The recorder of this thread's observed call, if one is in progress."""
+        return getattr(self._calls, "recorder", None)
 
     # layout -------------------------------------------------------------------------------
     def _vision_prefix_tokens(self) -> int:
@@ -98,11 +104,11 @@ class HFAdapter(Adapter):
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
         with attn_implementation(self.model, "eager"), no_new_forward_hooks(self.model):
-            self._recorder = recorder
+            self._calls.recorder = recorder
             try:
                 yield
             finally:
-                self._recorder = None
+                self._calls.recorder = None
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)

@@ -14,6 +14,7 @@ from .explanation import Explanation
 from .layout import Readout, to_scores
 from .lrp.registry import Registry, get_preset
 from .methods.registry import Method, Relevance, get_method
+from .runtime import no_autocast, unwrap_model
 from .targets import Target, prepare_target
 from .trace import Needs, Trace, run_trace
 
@@ -30,6 +31,8 @@ class Explainer:
         sequence classifier, or any model whose attention runs through
         ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` or is written out
         (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it).
+        ``torch.compile``, ``nn.DataParallel`` and ``DistributedDataParallel`` wrappers are
+        explained on the module inside them (:func:`attnx.runtime.unwrap_model`).
     adapter:
         ``None`` to choose automatically, an adapter name (``"timm_vit"``, ``"timm_swin"``,
         ``"torchvision_vit"``, ``"hf"``, ``"hf_swin"``, ``"hf_decoder"``, ``"intercept"``) or an
@@ -48,8 +51,8 @@ class Explainer:
     """
 
     def __init__(self, model: nn.Module, adapter: str | Adapter | None = None, tokenizer: Any = None) -> None:
-        self.model = model
-        self.adapter = get_adapter(model, adapter)
+        self.model = unwrap_model(model)  # torch.compile / DataParallel wrappers: the user's module
+        self.adapter = get_adapter(self.model, adapter)
         self.tokenizer = tokenizer
 
     def trace(
@@ -98,7 +101,8 @@ class Explainer:
             inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size")
         )
         readout = Readout(trace.layout, trace.logits.shape[0], trace.logits.device)
-        result = spec.fn(trace, readout, **method_options)
+        with no_autocast((trace.logits.device.type,)):  # the method's math in the trace's dtype
+            result = spec.fn(trace, readout, **method_options)
         recorded = {k: v for k, v in options.items() if k != "preset"}
         if "preset" in trace_options:
             recorded["preset"] = registry.name

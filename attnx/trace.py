@@ -26,6 +26,7 @@ from .lrp.engine import LRPEngine
 from .lrp.registry import Registry, get_preset
 from .lrp.rules import divide_or_zero
 from .recorder import AttentionRecorder
+from .runtime import eager_compiled, exclusive, float32_execution
 from .targets import BoundContinuation, Continuation, Target, resolve_targets
 
 __all__ = ["Needs", "Trace", "evaluation_mode", "lrp_seed", "run_trace"]
@@ -211,7 +212,26 @@ def run_trace(
     patch_size:
         Pixels per patch of an image model whose token layout cannot be known (no adapter
         gives it and no attention call shows it): the grid that pixel relevance is pooled on.
+
+    The model is explained by one call at a time (other threads wait), eagerly if it was
+    compiled in place, and in float32 if it or the inputs are float16 / bfloat16
+    (:mod:`attnx.runtime`).
     """
+    model = adapter.model
+    with exclusive(model), eager_compiled(model), float32_execution(model, batch) as batch:
+        return one_pass(adapter, batch, target, needs, registry, strict, patch_size)
+
+
+def one_pass(
+    adapter: Any,
+    batch: Batch,
+    target: Target,
+    needs: Needs,
+    registry: Registry | str | None,
+    strict: bool,
+    patch_size: int | None,
+) -> Trace:
+    """:func:`run_trace`'s passes, with the model held for the call."""
     if patch_size is not None:
         batch = replace(batch, layout=patch_layout(adapter, batch, patch_size))
     if isinstance(target, Continuation):
@@ -335,8 +355,9 @@ def resolved_layout(adapter: Any, batch: Batch, recorder: AttentionRecorder, att
         return batch.layout
     if recorder.patch_grids:
         h, w = recorder.patch_grids[0]
-        # attention over fewer tokens than patches is windowed (Swin): the patch grid is the layout
-        if not recorder.token_counts or not 0 <= recorder.token_counts[0] - h * w <= 16:
+        # attention over fewer tokens than patches is windowed (Swin): the patch grid is the layout;
+        # over more, the grid is the one the attention methods infer from the token count
+        if not recorder.token_counts or recorder.token_counts[0] < h * w:
             return adapter.patch_layout(batch, (h, w))
     if recorder.token_counts:
         return adapter.resolve_layout(batch, recorder.token_counts[0])

@@ -11,6 +11,7 @@ import attnx
 
 from ..errors import AttnxValueError
 from ..metrics import parameter_randomisation, randomisation_steps
+from ..trace import evaluation_mode
 from . import sharding
 from .columns import BASELINES, RANDOMISATION_SEED
 from .datasets import IndexDataset
@@ -138,7 +139,8 @@ def evaluate(
         meta = dict(job.meta, task=task, num_samples=n, total=job.count_items(n), batch_size=batch_size,
                     methods_options={m: options.get(m, {}) for m in names}, randomisation=randomisation,
                     shard=list(shard) if shard else None)
-        part = _run(job, names, options, n, batch_size, shard, progress and (dist is None or dist.get_rank() == 0), meta)
+        with evaluation_mode(job.model):  # the metrics call the model too; every module's own flag restored
+            part = _run(job, names, options, n, batch_size, shard, progress and (dist is None or dist.get_rank() == 0), meta)
     if dist is not None:
         return League.merge([League.from_dict(d) for d in sharding.all_gather(part.as_dict())])
     if shard is not None:

@@ -34,7 +34,7 @@ def _bundle(model: Any, kind: str) -> zoo.ZooModel:
     if isinstance(model, torch.nn.Module):
         if kind == "text":
             raise AttnxTypeError("a text model needs its tokenizer: pass attnx.zoo.ZooModel(model, 'text', tokenizer=...)")
-        return zoo.ZooModel(model.eval(), "image")
+        return zoo.ZooModel(model, "image")  # evaluated in eval mode, its flags restored (runner.evaluate)
     if model is None or isinstance(model, str):
         return zoo.load(model, "text" if kind == "text" else "image")
     raise AttnxTypeError(f"model must be a name (see attnx.zoo.load), a ZooModel bundle or an nn.Module, got {type(model).__name__}")

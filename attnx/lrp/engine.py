@@ -118,9 +118,9 @@ class LRPEngine(TorchFunctionMode):
 
     # public ---------------------------------------------------------------------------------
     def track(self, t: torch.Tensor) -> torch.Tensor:
-        """Mark ``t`` as the explained input; returns a leaf copy that requires grad if needed."""
-        if not t.requires_grad:
-            t = t.detach().requires_grad_(True)
+        """Mark ``t`` as the explained input; returns the marked tensor, a new leaf that requires
+        grad (``t`` may be the user's input: nothing is attached to it)."""
+        t = t.detach().requires_grad_(True)
         setattr(t, _TRACK, True)
         self._inputs.add(id(t))
         return t
