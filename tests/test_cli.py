@@ -84,6 +84,7 @@ def test_models_lists_embedded_models(capsys):
     for kind in ("default", "timm:NAME", "torchvision:NAME", "hf:ID"):
         assert kind in out
     assert "default (image): timm VisionTransformer" in out and "default-lm (text): LlamaForCausalLM" in out
+    assert "clip (image-text): CLIPModel" in out
     # the shipped models are always there; only the optional DINOv2 backbone may be missing
     assert not [line for line in out.splitlines() if "unavailable" in line and "dinov2" not in line]
     if HAS_TEXT_BASE:

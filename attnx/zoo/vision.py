@@ -42,6 +42,7 @@ __all__ = [
     "SCENES_FILE",
     "WEIGHTS_FILE",
     "describe",
+    "image_preprocess",
     "multilabel_metrics",
     "read_info",
     "scenes",
@@ -59,7 +60,8 @@ def read_info() -> dict:
     return json.loads(asset(CONFIG_FILE).read_text())
 
 
-def _make_preprocess(size: tuple[int, int], mean, std) -> Callable[[Any], torch.Tensor]:
+def image_preprocess(size: tuple[int, int], mean, std) -> Callable[[Any], torch.Tensor]:
+    """The ``preprocess`` of a model of ``size`` ``(H, W)`` RGB input normalised with ``mean`` / ``std``."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
@@ -124,7 +126,7 @@ def vision_model(dtype: torch.dtype = torch.float32) -> ZooModel:
         "training": config["training"],
     }
     return ZooModel(model, "image", class_names=list(config["class_names"]),
-                    preprocess=_make_preprocess(size, config["mean"], config["std"]),
+                    preprocess=image_preprocess(size, config["mean"], config["std"]),
                     mean=tuple(config["mean"]), std=tuple(config["std"]), info=info)
 
 
