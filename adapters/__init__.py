@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from .base import Adapter
+from .dual_encoder import DualEncoderAdapter, HFDualEncoderAdapter, OpenCLIPAdapter
 from .hf import HFAdapter
 from .hf_decoder import HFDecoderAdapter
 from .intercept import InterceptAdapter
@@ -21,6 +22,9 @@ from .torchvision_vit import TorchvisionViTAdapter
 
 __all__ = [
     "Adapter",
+    "DualEncoderAdapter",
+    "HFDualEncoderAdapter",
+    "OpenCLIPAdapter",
     "HFAdapter",
     "HFDecoderAdapter",
     "InterceptAdapter",
@@ -46,7 +50,7 @@ def register_adapter(cls: type[Adapter], *, first: bool = False) -> type[Adapter
     return cls
 
 
-for _cls in (TimmViTAdapter, TorchvisionViTAdapter, HFDecoderAdapter, HFAdapter):
+for _cls in (TimmViTAdapter, TorchvisionViTAdapter, HFDualEncoderAdapter, OpenCLIPAdapter, HFDecoderAdapter, HFAdapter):
     register_adapter(_cls)
 
 
