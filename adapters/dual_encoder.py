@@ -106,6 +106,10 @@ class DualEncoderAdapter(Adapter):
     def prepare_text(self, kwargs: dict) -> Batch:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def tokenizer_options(self, tokenizer: Any) -> dict:
+        """Keyword arguments for calling the model's tokenizer on a list of prompts."""
+        return {}
+
     def logit_scale(self) -> float:
         """The factor of the cosine similarity in the model's logit (``exp(logit_scale)``)."""
         raise UnsupportedModelError(f"{type(self.model).__name__} has no logit scale (a single tower)")
@@ -221,6 +225,12 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
         if self.tower != "text":
             return None
         return self.tower_module("text").embeddings.token_embedding
+
+    def tokenizer_options(self, tokenizer: Any) -> dict:
+        # SigLIP was trained on texts padded to a fixed length and pools the last position
+        length = self.tower_config("text").max_position_embeddings
+        padding = "max_length" if self.siglip else True
+        return dict(padding=padding, max_length=length, truncation=True, return_tensors="pt")
 
     def logit_scale(self) -> float:
         if not hasattr(self.model, "logit_scale"):

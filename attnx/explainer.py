@@ -11,6 +11,7 @@ from .errors import AttnxTypeError
 from .adapters import Adapter, get_adapter
 from .degenerate import check_map
 from .explanation import Explanation
+from .image_text import ImageText, ImageTextExplanation, explain_pairs, tower_target
 from .layout import Readout, to_scores
 from .lrp.registry import Registry, get_preset
 from .methods.registry import Method, Relevance, get_method
@@ -72,7 +73,9 @@ class Explainer:
         """Attentions (and their gradients) of one forward, for users' own methods."""
         return self.trace(inputs, target, Needs(attentions=True, gradients=gradients))
 
-    def explain(self, inputs: Any, method: str = "rollout", target: Target = None, **options: Any) -> Explanation:
+    def explain(
+        self, inputs: Any, method: str = "rollout", target: Target = None, **options: Any
+    ) -> Explanation | ImageTextExplanation:
         """Explain a batch.
 
         Parameters
@@ -88,9 +91,17 @@ class Explainer:
             ``B`` scalars (see :mod:`attnx.targets`).
         **options:
             Options of the method (e.g. ``head_fusion``, ``discard_ratio``, ``start_layer``);
-            ``attnx methods`` lists them.
+            ``attnx methods`` lists them. For a dual encoder (CLIP, SigLIP, OpenCLIP) also
+            ``text=`` prompts (with the ``tokenizer`` of the explainer or ``attnx.explain``) and
+            ``towers=("image", "text")``: the image-text pairs are explained and an
+            :class:`attnx.image_text.ImageTextExplanation` returned (see :mod:`attnx.image_text`).
         """
+        if "text" in options:
+            inputs = ImageText(inputs, options.pop("text"))
+        if isinstance(inputs, ImageText):
+            return explain_pairs(self, inputs, method, target, **options)
         spec = get_method(method)
+        target = tower_target(self.adapter, spec.needs, target)
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
         trace = self.trace(
@@ -152,6 +163,6 @@ class Explainer:
 
 def explain(
     model: nn.Module, inputs: Any, method: str = "rollout", target: Target = None, tokenizer: Any = None, **options: Any
-) -> Explanation:
+) -> Explanation | ImageTextExplanation:
     """Explain ``model`` on ``inputs`` with ``method``; see :meth:`Explainer.explain`."""
     return Explainer(model, tokenizer=tokenizer).explain(inputs, method=method, target=target, **options)
