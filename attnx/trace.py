@@ -389,7 +389,8 @@ def relevance_pass(
         engine.check_coverage()
         layout = resolved_layout(adapter, batch, recorder, attentions)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
-        if callable(getattr(target, "relevance_seed", None)):  # a target stating its own rule (attnx.similarity)
+        # a target stating its own rule (attnx.similarity); plain autograd (gradient x input) keeps the exact gradient
+        if callable(getattr(target, "relevance_seed", None)) and not getattr(registry, "plain_gradient", False):
             seed = linear_target_seed(target, resolved.scores.detach(), logits.detach(), registry.seed)
         else:
             seed = lrp_seed(resolved.scores, logits, registry.seed)
