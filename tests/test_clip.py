@@ -134,6 +134,8 @@ def test_generic_against_autograd_on_logits_per_image(name):
     model = FAMILIES[name](dtype=DT)
     x, text = images(2, DT), tokens(name)
     pair = attnx.explain(model, x, text=PROMPTS, tokenizer=tokenizer_for(name), method="generic")
+    # the authors' CLIP notebook keeps the last layer only (its start_layer = 11 of 12)
+    last = attnx.explain(model, x, text=PROMPTS, tokenizer=tokenizer_for(name), method="generic", start_layer=-1)
     model.set_attn_implementation("eager")
     try:
         for b in range(2):
@@ -156,6 +158,10 @@ def test_generic_against_autograd_on_logits_per_image(name):
                 text_row = generic_rows([a[0] for a in txt_att], [g[0] for g in grads[L:-1]], eot)
                 # Hugging Face's eager kernel takes the softmax in float32 (here and in attnx's pass)
                 assert rel_err(pair.image_scores()[b, p], image_row) <= 1e-6
+                if name == "clip":
+                    row = generic_rows([img_att[-1][0]], [grads[L - 1][0]], 0)[1:]
+                    assert rel_err(last.image_scores()[b, p], row) <= 1e-6
+                    assert rel_err(last.image_scores()[b, p], image_row) > 1e-3
                 valid = text["attention_mask"][p].bool()
                 if name == "siglip":
                     valid[-1] = True
