@@ -170,7 +170,7 @@ class SmallCNN(nn.Module):
 @pytest.mark.parametrize("method", ["rollout", "grad_rollout"])
 def test_model_without_attention(method):
     with pytest.raises(UnsupportedModelError, match=r"no attention was observed in SmallCNN.*"
-                                                    r"\['timm_vit', 'torchvision_vit', 'hf_decoder', 'hf', 'intercept'\]"
+                                                    r"\['timm_vit', 'torchvision_vit', 'hf_dual_encoder', 'open_clip', 'hf_decoder', 'hf', 'intercept'\]"
                                                     r".*register_adapter"):
         attnx.explain(SmallCNN(), torch.randn(2, 3, 16, 16), method=method)
 
