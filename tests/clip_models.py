@@ -72,14 +72,16 @@ def hf_siglip(layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0
     return model.to(dtype).eval()
 
 
-def open_clip_model(layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, pool: str = "tok") -> nn.Module:
+def open_clip_model(layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0, pool: str = "tok", **block) -> nn.Module:
+    """OpenCLIP's ``CLIP``: ``nn.MultiheadAttention`` blocks, or with ``block_type="custom"`` its
+    own ``Attention`` class (SDPA, here with ``qk_norm``)."""
     import open_clip
 
     torch.manual_seed(seed)
     model = open_clip.CLIP(
         embed_dim=PROJ,
-        vision_cfg=dict(image_size=IMAGE, patch_size=PATCH, width=DIM, layers=layers, head_width=8, mlp_ratio=2, pool_type=pool),
-        text_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=DIM, heads=4, layers=layers),
+        vision_cfg=dict(image_size=IMAGE, patch_size=PATCH, width=DIM, layers=layers, head_width=8, mlp_ratio=2, pool_type=pool, **block),
+        text_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=DIM, heads=4, layers=layers, **block),
     )
     randomize_(model, seed)
     with torch.no_grad():
@@ -87,11 +89,15 @@ def open_clip_model(layers: int = 2, dtype: torch.dtype = torch.float32, seed: i
     return model.to(dtype).eval()
 
 
-FAMILIES = {"clip": hf_clip, "siglip": hf_siglip, "open_clip": open_clip_model}
+def open_clip_custom(layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    return open_clip_model(layers, dtype, seed, block_type="custom", qk_norm=True)
+
+
+FAMILIES = {"clip": hf_clip, "siglip": hf_siglip, "open_clip": open_clip_model, "open_clip_custom": open_clip_custom}
 
 
 def tokenizer_for(family: str) -> WordTokenizer:
-    return WordTokenizer(open_clip=family == "open_clip")
+    return WordTokenizer(open_clip=family.startswith("open_clip"))
 
 
 def images(batch: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.Tensor:
@@ -101,7 +107,7 @@ def images(batch: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> tor
 def model_logits(family: str, model: nn.Module, x: torch.Tensor, text) -> torch.Tensor:
     """``(B, P)`` logits per image as the model itself computes them."""
     with torch.no_grad():
-        if family == "open_clip":
+        if family.startswith("open_clip"):
             img, txt, scale = model(x, text)
             return scale * img @ txt.T
         return model(pixel_values=x, **text).logits_per_image
