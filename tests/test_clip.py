@@ -360,3 +360,34 @@ def test_errors_are_one_clear_line():
     pool = open_clip_model(pool="avg")  # mean of the patch rows: no class-token readout
     e = attnx.explain(pool, images(1), text=PROMPTS[:1], tokenizer=tokenizer_for("open_clip"), method="rollout")
     assert e.image.layout.readout is None
+
+
+@pytest.mark.parametrize("preset", sorted(attnx.lrp.presets))
+def test_lrp_presets_cover_every_tower(family, preset):
+    name, model = family
+    pair = attnx.explain(model, images(2, DT), text=PROMPTS, tokenizer=tokenizer_for(name), method="lrp", preset=preset,
+                         strict=True)
+    for tower in ("image", "text"):
+        e = pair.tower(tower)
+        assert torch.isfinite(e.input_relevance).all() and e.input_relevance.abs().sum() > 0
+        assert "NO RULE" not in e.coverage.report()
+
+
+def test_siglip_towers_alone_match_the_full_model():
+    from transformers import SiglipTextModel, SiglipVisionModel
+
+    model = hf_siglip(dtype=DT)
+    vision = SiglipVisionModel(model.config.vision_config).to(DT).eval()
+    vision.load_state_dict(model.vision_model.state_dict())  # the towers hold the transformer's modules directly
+    text = SiglipTextModel(model.config.text_config).to(DT).eval()
+    text.load_state_dict(model.text_model.state_dict())
+    x, ids = images(2, DT), tokens("siglip")
+    pair = attnx.explain(model, x, text=PROMPTS, tokenizer=tokenizer_for("siglip"), method="transformer_attribution", target=[1, 0])
+    ex = attnx.Explainer(model)
+    t_emb, i_emb = image_text.embeddings(ex.adapter, ids), image_text.embeddings(ex.adapter, x)
+    scale = model.logit_scale.exp().item()
+    e = attnx.explain(vision, x, method="transformer_attribution", target=image_text.similarity_to(t_emb.flip(0), scale))
+    assert rel_err(e.scores, pair.image.scores) <= 1e-10
+    e = attnx.explain(text, {k: v.flip(0) for k, v in ids.items()}, method="transformer_attribution",
+                      target=image_text.similarity_to(i_emb, scale))
+    assert rel_err(e.scores, pair.text.scores) <= 1e-10
