@@ -30,7 +30,8 @@ class Explainer:
         A stock model: timm / torchvision / Hugging Face ViT or DeiT, a Hugging Face BERT-family
         sequence classifier, or any model whose attention runs through
         ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` or is written out
-        (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it).
+        (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it);
+        a dual encoder (CLIP, SigLIP, OpenCLIP: see :mod:`attnx.image_text`).
     adapter:
         ``None`` to choose automatically, an adapter name (``"timm_vit"``, ``"torchvision_vit"``,
         ``"hf"``, ``"hf_decoder"``, ``"intercept"``) or an :class:`attnx.adapters.Adapter` instance.
@@ -66,7 +67,7 @@ class Explainer:
         ``strict`` raises :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules."""
         batch = self.adapter.prepare(inputs)
         registry = None if preset is None else get_preset(preset)
-        target = prepare_target(target, self.tokenizer)
+        target = tower_target(self.adapter, needs, prepare_target(target, self.tokenizer))
         return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
 
     def capture(self, inputs: Any, target: Target = None, gradients: bool = False) -> Trace:
@@ -101,7 +102,6 @@ class Explainer:
         if isinstance(inputs, ImageText):
             return explain_pairs(self, inputs, method, target, **options)
         spec = get_method(method)
-        target = tower_target(self.adapter, spec.needs, target)
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
         trace = self.trace(
