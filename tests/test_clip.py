@@ -391,3 +391,26 @@ def test_siglip_towers_alone_match_the_full_model():
     e = attnx.explain(text, {k: v.flip(0) for k, v in ids.items()}, method="transformer_attribution",
                       target=image_text.similarity_to(i_emb, scale))
     assert rel_err(e.scores, pair.text.scores) <= 1e-10
+
+
+def test_lrp_warns_on_a_scale_invariant_callable():
+    """A cosine computed inside a plain callable is seeded with e ⊙ ∂s/∂e, which sums to 0: a warning
+    points to the targets that hold the norm constant (which give the conserving answer)."""
+    import warnings
+
+    model = hf_clip(dtype=DT)
+    with torch.no_grad():  # CP-LRP conserves with the biases zeroed: the input sums show the seed's total
+        for pname, p in model.named_parameters():
+            if any(k in pname for k in BIAS_LIKE):
+                p.zero_()
+    x = images(2, DT)
+    ex = attnx.Explainer(model)
+    ref = image_text.embeddings(ex.adapter, images(1, DT, seed=5))
+    plain = lambda out: F.cosine_similarity(out, ref.expand_as(out))  # noqa: E731
+    with pytest.warns(attnx.DegenerateMapWarning, match="does not change with the scale of the logits"):
+        e = ex(x, method="lrp", preset="cplrp", target=plain)
+    assert e.input_relevance.sum((1, 2, 3)).abs().max() < 1e-8 * e.target_scores.abs().min()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnx.DegenerateMapWarning)
+        e = ex(x, method="lrp", preset="cplrp", target=attnx.similarity.cosine_to(ref))
+    assert rel_err(e.input_relevance.sum((1, 2, 3)), e.target_scores) <= 1e-8
