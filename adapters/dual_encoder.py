@@ -202,6 +202,8 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
         return getattr(head, "attention", None)
 
     def prepare_text(self, kwargs: dict) -> Batch:
+        # what the text towers take (a tokenizer may add token_type_ids, which they do not)
+        kwargs = {k: v for k, v in kwargs.items() if k in ("input_ids", "attention_mask", "position_ids")}
         ids = kwargs["input_ids"]
         mask = kwargs.get("attention_mask")
         B, T = ids.shape
@@ -252,12 +254,13 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)
+        tower = batch.extra.get("tower", self.tower)
         if self.recorder is not None:
             kwargs["output_attentions"] = True
-        probe = self.pooling_probe(self.head() if self.siglip and self.tower == "image" else None)
+        probe = self.pooling_probe(self.head() if self.siglip and tower == "image" else None)
         with probe:
             if self.field is None:
-                features = self.model.get_image_features if self.tower == "image" else self.model.get_text_features
+                features = self.model.get_image_features if tower == "image" else self.model.get_text_features
                 out = features(**kwargs, return_dict=True)
                 embedding = out.pooler_output
             else:
@@ -348,6 +351,6 @@ class OpenCLIPAdapter(DualEncoderAdapter):
             yield
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
-        encode = self.model.encode_image if self.tower == "image" else self.model.encode_text
+        encode = self.model.encode_image if batch.extra.get("tower", self.tower) == "image" else self.model.encode_text
         embedding = encode(*batch.args)
         return embedding, embedding

@@ -280,7 +280,7 @@ def _language_model_inputs(args: argparse.Namespace, tokenizer: Any) -> tuple[An
 
 def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
     """Images and --text prompts of a dual encoder (CLIP, SigLIP, OpenCLIP): one map per image and
-    prompt, for each method (the prompts' token scores in the terminal)."""
+    prompt, for each method; the prompts' probabilities per image in the terminal."""
     methods = _methods(args.method, "image")
     options = _per_method(methods, _options(args.option))
     if args.target or args.continuation:

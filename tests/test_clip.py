@@ -414,3 +414,12 @@ def test_lrp_warns_on_a_scale_invariant_callable():
         warnings.simplefilter("error", attnx.DegenerateMapWarning)
         e = ex(x, method="lrp", preset="cplrp", target=attnx.similarity.cosine_to(ref))
     assert rel_err(e.input_relevance.sum((1, 2, 3)), e.target_scores) <= 1e-8
+
+
+def test_text_tower_ignores_token_type_ids():
+    """Some tokenizers add token_type_ids, which CLIP's text tower does not take."""
+    model = hf_clip(dtype=DT)
+    ids = tokens("clip")
+    plain = attnx.explain(model, ids, method="rollout")
+    typed = attnx.explain(model, {**ids, "token_type_ids": torch.zeros_like(ids["input_ids"])}, method="rollout")
+    assert rel_err(typed.scores, plain.scores) == 0
