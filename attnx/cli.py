@@ -285,6 +285,8 @@ def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
     options = _per_method(methods, _options(args.option))
     if args.target or args.continuation:
         raise SystemExit("attnx: a dual encoder explains every image with every --text prompt; --target and --continuation do not apply")
+    if args.out and Path(args.out).suffix.lower() not in ("", ".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise SystemExit(f"attnx: image-text maps are written as a picture (PNG, JPG, PDF, SVG) or into a folder, not {args.out}")
     images, names = _load_images(args.images, loaded)
     explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
     figs = []

@@ -70,6 +70,8 @@ def test_explain_open_clip_architecture_and_errors(capsys, tmp_path):
     assert out.is_file() and stdout.count("[rollout]") == 1 and stdout.count("[lrp]") == 1
     status, _, stderr = run(capsys, "explain", img, "--model", "open_clip:ViT-B-32", "--text", "a cat", "--target", "0")
     assert status != 0 and "--target and --continuation do not apply" in stderr
+    status, _, stderr = run(capsys, "explain", img, "--model", "open_clip:ViT-B-32", "--text", "a cat", "--out", "x.html")
+    assert status != 0 and "written as a picture" in stderr
 
 
 def test_images_and_text_need_a_dual_encoder(capsys, tmp_path):
