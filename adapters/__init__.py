@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from .base import Adapter
+from .dual_encoder import DualEncoderAdapter, HFDualEncoderAdapter, OpenCLIPAdapter
 from .hf import HFAdapter
 from .hf_decoder import HFDecoderAdapter
 from .intercept import InterceptAdapter
@@ -22,6 +23,9 @@ from .torchvision_vit import TorchvisionViTAdapter
 
 __all__ = [
     "Adapter",
+    "DualEncoderAdapter",
+    "HFDualEncoderAdapter",
+    "OpenCLIPAdapter",
     "HFAdapter",
     "HFDecoderAdapter",
     "HFSwinAdapter",
@@ -49,7 +53,7 @@ def register_adapter(cls: type[Adapter], *, first: bool = False) -> type[Adapter
     return cls
 
 
-for _cls in (TimmViTAdapter, TimmSwinAdapter, TorchvisionViTAdapter, HFDecoderAdapter, HFSwinAdapter, HFAdapter):
+for _cls in (TimmViTAdapter, TimmSwinAdapter, TorchvisionViTAdapter, HFDualEncoderAdapter, OpenCLIPAdapter, HFDecoderAdapter, HFSwinAdapter, HFAdapter):
     register_adapter(_cls)
 
 

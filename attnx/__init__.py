@@ -7,11 +7,12 @@
 """
 from __future__ import annotations
 
-from . import adapters, methods, metrics, similarity
+from . import adapters, image_text, methods, metrics, similarity
 from .adapters import register_adapter
 from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
 from .explainer import Explainer, explain
 from .explanation import Explanation
+from .image_text import ImageText, ImageTextExplanation
 from .methods import Option, Relevance, get_method, list_methods, register_method
 from .targets import Continuation
 from .trace import Needs, Trace
@@ -23,6 +24,8 @@ __all__ = [
     "Continuation",
     "Explainer",
     "Explanation",
+    "ImageText",
+    "ImageTextExplanation",
     "Needs",
     "NonFiniteMapError",
     "Option",
@@ -32,6 +35,7 @@ __all__ = [
     "adapters",
     "explain",
     "get_method",
+    "image_text",
     "list_methods",
     "methods",
     "metrics",

@@ -32,6 +32,9 @@ examples:
   attnx explain --text "The capital of France is" --model openai-community/gpt2 --method generic
                                                 a language model: its next token, marked after the prompt
   attnx explain --text "The capital of France is" --continuation " Paris" --model openai-community/gpt2
+  attnx explain photo.jpg --model openai/clip-vit-base-patch32 --text "a cat" "a dog" --method generic
+                                                a dual encoder (CLIP, SigLIP, open_clip:ViT-B-32/laion2b_s34b_b79k):
+                                                one map per prompt
   attnx explain                                  explain the embedded default scenes
   attnx methods                                  list the methods and their options
   attnx models                                   list what --model accepts
@@ -275,10 +278,40 @@ def _language_model_inputs(args: argparse.Namespace, tokenizer: Any) -> tuple[An
     return batch, targets[0] if len(targets) == 1 else targets
 
 
+def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
+    """Images and --text prompts of a dual encoder (CLIP, SigLIP, OpenCLIP): one map per image and
+    prompt, for each method; the prompts' probabilities per image in the terminal."""
+    methods = _methods(args.method, "image")
+    options = _per_method(methods, _options(args.option))
+    if args.target or args.continuation:
+        raise SystemExit("attnx: a dual encoder explains every image with every --text prompt; --target and --continuation do not apply")
+    if args.out and Path(args.out).suffix.lower() not in ("", ".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise SystemExit(f"attnx: image-text maps are written as a picture (PNG, JPG, PDF, SVG) or into a folder, not {args.out}")
+    images, names = _load_images(args.images, loaded)
+    explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
+    figs = []
+    for m in methods:
+        pair = explainer(images, method=m, text=list(args.text), **options[m])
+        probs = pair.logits_per_image.float().softmax(-1)
+        for b, name in enumerate(names):
+            ranked = ", ".join(f"{t!r} {probs[b, p]:.2f}" for p, t in enumerate(args.text))
+            print(f"[{m}] {name}: {ranked}")
+        figs.append(viz.image_text_maps(pair, images, mean=loaded.mean, std=loaded.std))
+    path = _out_path(args.out, "attnx_image_text.png", "_image_text.png")
+    if len(figs) == 1:
+        _save(figs[0], path)
+    else:
+        _save_stacked(figs, path)
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
+    if args.text and args.images:
+        loaded = _load(args.model, "image")
+        if loaded.kind != "image_text":
+            raise SystemExit("attnx: give either images or --text, not both (both only for a CLIP-style --model)")
+        return explain_image_text(args, loaded)
     if args.text:
-        if args.images:
-            raise SystemExit("attnx: give either images or --text, not both")
         return explain_text(args)
     return explain_images(args)
 
@@ -459,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("explain", help="explain images or texts and write pictures",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     e.add_argument("images", nargs="*", help="image files (none: the embedded default scenes)")
-    e.add_argument("--text", action="append", help="a text to explain (repeat for several)")
+    e.add_argument("--text", action="extend", nargs="+", help="texts to explain; with images and a CLIP-style --model, "
+                   "the prompts each image is explained for (one map per prompt)")
     e.add_argument("--model", default=None, help="see `attnx models`; default: the embedded model")
     e.add_argument("--method", default="transformer_attribution", help="a method name, a comma list, or 'all'")
     e.add_argument("--target", nargs="+", help="class indices or names; several give class-specific maps side by side "

@@ -68,8 +68,11 @@ def likely_cause(trace, samples: list[int], zero: bool) -> str:
             causes.append("target logit zero (LRP relevance is proportional to it)")
     attentions = getattr(trace, "attentions", None)
     readout = trace.layout.readout if trace.layout is not None else None
+    if isinstance(readout, torch.Tensor):  # one token per sample, or a weighting of rows (not one token)
+        readout = readout.tolist() if readout.dim() == 1 else None
     if attentions and readout is not None:
-        alone = all(bool((a[b, :, readout, readout] >= 1 - 1e-6).all()) for a in attentions for b in samples)
+        at = (lambda b: readout) if isinstance(readout, int) else (lambda b: readout[b])  # noqa: E731
+        alone = all(bool((a[b, :, at(b), at(b)] >= 1 - 1e-6).all()) for a in attentions for b in samples)
         if alone:
             causes.append(
                 f"readout row sees only itself (token {readout} attends only to itself in every layer: "

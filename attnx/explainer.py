@@ -11,6 +11,7 @@ from .errors import AttnxTypeError
 from .adapters import Adapter, get_adapter
 from .degenerate import check_map
 from .explanation import Explanation
+from .image_text import ImageText, ImageTextExplanation, explain_pairs, tower_target
 from .layout import Readout, to_scores
 from .lrp.registry import Registry, get_preset
 from .methods.registry import Method, Relevance, get_method
@@ -30,7 +31,8 @@ class Explainer:
         A stock model: timm / torchvision / Hugging Face ViT or DeiT, a Hugging Face BERT-family
         sequence classifier, or any model whose attention runs through
         ``F.scaled_dot_product_attention`` or ``nn.MultiheadAttention`` or is written out
-        (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it).
+        (a softmax over the keys multiplied with the values, as DINO, DeiT and MAE write it);
+        a dual encoder (CLIP, SigLIP, OpenCLIP: see :mod:`attnx.image_text`).
         ``torch.compile``, ``nn.DataParallel`` and ``DistributedDataParallel`` wrappers are
         explained on the module inside them (:func:`attnx.runtime.unwrap_model`).
     adapter:
@@ -69,14 +71,16 @@ class Explainer:
         ``strict`` raises :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules."""
         batch = self.adapter.prepare(inputs)
         registry = None if preset is None else get_preset(preset)
-        target = prepare_target(target, self.tokenizer)
+        target = tower_target(self.adapter, needs, prepare_target(target, self.tokenizer))
         return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
 
     def capture(self, inputs: Any, target: Target = None, gradients: bool = False) -> Trace:
         """Attentions (and their gradients) of one forward, for users' own methods."""
         return self.trace(inputs, target, Needs(attentions=True, gradients=gradients))
 
-    def explain(self, inputs: Any, method: str = "rollout", target: Target = None, **options: Any) -> Explanation:
+    def explain(
+        self, inputs: Any, method: str = "rollout", target: Target = None, **options: Any
+    ) -> Explanation | ImageTextExplanation:
         """Explain a batch.
 
         Parameters
@@ -92,8 +96,15 @@ class Explainer:
             ``B`` scalars (see :mod:`attnx.targets`).
         **options:
             Options of the method (e.g. ``head_fusion``, ``discard_ratio``, ``start_layer``);
-            ``attnx methods`` lists them.
+            ``attnx methods`` lists them. For a dual encoder (CLIP, SigLIP, OpenCLIP) also
+            ``text=`` prompts (with the ``tokenizer`` of the explainer or ``attnx.explain``) and
+            ``towers=("image", "text")``: the image-text pairs are explained and an
+            :class:`attnx.image_text.ImageTextExplanation` returned (see :mod:`attnx.image_text`).
         """
+        if "text" in options:
+            inputs = ImageText(inputs, options.pop("text"))
+        if isinstance(inputs, ImageText):
+            return explain_pairs(self, inputs, method, target, **options)
         spec = get_method(method)
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
@@ -157,6 +168,6 @@ class Explainer:
 
 def explain(
     model: nn.Module, inputs: Any, method: str = "rollout", target: Target = None, tokenizer: Any = None, **options: Any
-) -> Explanation:
+) -> Explanation | ImageTextExplanation:
     """Explain ``model`` on ``inputs`` with ``method``; see :meth:`Explainer.explain`."""
     return Explainer(model, tokenizer=tokenizer).explain(inputs, method=method, target=target, **options)

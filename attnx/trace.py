@@ -10,6 +10,7 @@ A method that needs both the plain gradient ``dy_t/dA`` and relevance gets both 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
@@ -19,7 +20,7 @@ from torch import nn
 from .adapters import adapter_names
 from .adapters.switches import plain_execution
 from .batch import Batch
-from .errors import AttnxValueError, UnsupportedModelError
+from .errors import AttnxValueError, DegenerateMapWarning, UnsupportedModelError
 from .layout import Layout, Readout
 from .lrp.coverage import Coverage
 from .lrp.engine import LRPEngine
@@ -427,7 +428,8 @@ def relevance_pass(
         engine.check_coverage()
         layout = resolved_layout(adapter, batch, recorder, attentions)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
-        if callable(getattr(target, "relevance_seed", None)):  # a target stating its own rule (attnx.similarity)
+        # a target stating its own rule (attnx.similarity); plain autograd (gradient x input) keeps the exact gradient
+        if callable(getattr(target, "relevance_seed", None)) and not getattr(registry, "plain_gradient", False):
             seed = linear_target_seed(target, resolved.scores.detach(), logits.detach(), registry.seed)
         else:
             seed = lrp_seed(resolved.scores, logits, registry.seed)
@@ -489,4 +491,13 @@ def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Ten
         return divide_or_zero(grad, logits.detach())
     if seed != "logit":
         raise AttnxValueError(f"unknown LRP seed {seed!r}; expected 'one_hot' or 'logit'")
+    total, s = (grad * logits.detach()).reshape(grad.shape[0], -1).sum(1), scores.detach()
+    flat = ((total.abs() <= 1e-6 * s.abs()) & (s != 0)).nonzero().flatten().tolist()
+    if flat:  # Σ z ∂s/∂z = 0: s does not change with the scale of z (a cosine of a normalised embedding)
+        warnings.warn(
+            f"the target of sample(s) {flat} does not change with the scale of the logits (e.g. a cosine "
+            "similarity of the output), so the relevance seeded with z * ds/dz sums to 0; give the target a "
+            "relevance_seed holding the norm constant (attnx.similarity.cosine_to, attnx.image_text.similarity_to)",
+            DegenerateMapWarning, stacklevel=5,
+        )
     return grad

@@ -542,3 +542,31 @@ def save_stacked(figs: Sequence[Any], path: Any, dpi: int = 100) -> None:
     width = max(a.shape[1] for a in arrays)
     padded = [np.pad(a, ((0, 0), (0, width - a.shape[1]), (0, 0)), constant_values=255) for a in arrays]
     Image.fromarray(np.concatenate(padded, axis=0)).save(path)
+
+
+def image_text_maps(
+    pair: Any,
+    images: torch.Tensor,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    alpha: float = 0.5,
+):
+    """An :class:`attnx.image_text.ImageTextExplanation` of every pair: rows are images, columns
+    the image and then one map per prompt, titled with the prompt and its probability among the
+    prompts (the softmax of the image's logits)."""
+    plt = pyplot()
+    B, P = pair.logits_per_image.shape
+    fig, axes = plt.subplots(B, P + 1, figsize=(2.8 * (P + 1), 2.8 * B), squeeze=False)
+    maps = pair.image_maps(tuple(images.shape[-2:]))
+    probs = pair.logits_per_image.float().softmax(-1)
+    prompts = pair.prompts or [f"prompt {p}" for p in range(P)]
+    for b in range(B):
+        axes[b, 0].imshow(to_rgb(images[b], mean, std))
+        axes[b, 0].set_axis_off()
+        for p in range(P):
+            overlay(images[b], maps[b, p], axes[b, p + 1], alpha=alpha, colorbar=False, mean=mean, std=std,
+                    title=f"{prompts[p]!r} {probs[b, p]:.2f}" if b == 0 else f"{probs[b, p]:.2f}")
+    axes[0, 0].set_title(pair.tower("image").method, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -91,7 +91,7 @@ def test_a_stock_clip_model_loaded_offline(clip, monkeypatch):
 
     assert type(clip.model) is CLIPModel and not clip.model.training
     assert all(p.dtype == torch.float32 for p in clip.model.parameters())
-    assert clip.kind == "image-text" and clip.class_names == list(CLASS_NAMES)
+    assert clip.kind == "image_text" and clip.class_names == list(CLASS_NAMES)
     assert clip.info["prompts"][8] == "a photo of a bag" and clip.info["prompts"][9] == "a photo of an ankle boot"
     assert clip.info["caption"]([8, 4]) == "a photo of a coat and a bag"
 

@@ -14,6 +14,13 @@ import torch.nn.functional as F
 __all__ = ["sdpa_decomposition", "mha_decomposition"]
 
 
+def finite_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive float mask with ``-inf`` replaced by the dtype's lowest value: the same softmax
+    (the masked probabilities underflow to exactly 0), but rules that split the relevance of a sum
+    by its terms (``a / (a + b)``) see no ``-inf / -inf``."""
+    return mask.to(dtype).clamp(min=torch.finfo(dtype).min)
+
+
 def sdpa_decomposition(call, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """``F.scaled_dot_product_attention`` written out with engine-visible ops."""
     L, S = query.shape[-2], key.shape[-2]
@@ -31,7 +38,7 @@ def sdpa_decomposition(call, query, key, value, attn_mask=None, dropout_p=0.0, i
         if attn_mask.dtype == torch.bool:
             scores = call(torch.Tensor.masked_fill, scores, ~attn_mask, float("-inf"))
         else:
-            scores = call(torch.add, scores, attn_mask)
+            scores = call(torch.add, scores, finite_mask(attn_mask, scores.dtype))
     probs = call(torch.softmax, scores, -1)
     if attn_mask is not None:  # (a causal mask alone leaves every query its first key)
         # a query that may attend to no key (a left-padding position) gets zeros, as in SDPA
@@ -86,7 +93,7 @@ def mha_decomposition(call, query, key, value, embed_dim_to_check, num_heads, in
         mask = kp if mask is None else mask + kp
     scores = call(torch.bmm, call(torch.mul, q, 1.0 / math.sqrt(hd)), call(torch.Tensor.transpose, k, -2, -1))
     if mask is not None:
-        scores = call(torch.add, scores, mask)
+        scores = call(torch.add, scores, finite_mask(mask, scores.dtype))
     probs = call(torch.softmax, scores, -1)
     if dropout_p > 0.0 and training:
         probs = call(F.dropout, probs, dropout_p, True)

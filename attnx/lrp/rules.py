@@ -262,7 +262,7 @@ def _vjp(fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, ext
     """``(∂ fn(x, w) / ∂x)ᵀ grad`` for the linear map ``x -> fn(x, w)`` (no bias)."""
     if fn is F.linear:
         return grad.matmul(w)
-    if fn is F.conv2d:
+    if fn is F.conv2d and not isinstance(extra.get("padding"), str):  # "valid" / "same": the generic path
         return torch.nn.grad.conv2d_input(x.shape, w, grad, **extra)
     with torch.enable_grad():  # any other linear map: its own backward
         xx = x.detach().requires_grad_(True)

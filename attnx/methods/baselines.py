@@ -90,7 +90,11 @@ def random_baseline(trace, readout, *, seed: int = 0) -> Relevance:
 class GradientRegistry(Registry):
     """A rule registry giving plain autograd everywhere: every module and every torch function
     is handled by :class:`~attnx.lrp.rules.Passthrough`, so an LRP pass returns gradient × input
-    (and the coverage table has no unhandled ops)."""
+    (and the coverage table has no unhandled ops). A target's ``relevance_seed`` (a stated
+    linearisation, e.g. a cosine with its norm held constant) is not used: the seed is the
+    target's exact gradient at the logits."""
+
+    plain_gradient = True
 
     def __init__(self) -> None:
         super().__init__("gradient", seed="logit")

@@ -19,7 +19,8 @@ class ZooModel:
     model:
         The model, in eval mode.
     kind:
-        ``"image"``, ``"text"`` or ``"image-text"`` (a CLIP model: both inputs, similarity logits).
+        ``"image"``, ``"text"``, or ``"image_text"`` for a dual encoder (CLIP, SigLIP, OpenCLIP:
+        ``preprocess`` for its images, ``tokenizer`` for its prompts).
     class_names:
         The name of each class index, if known.
     preprocess:

@@ -102,7 +102,7 @@ def clip_model(device: str | torch.device = "cpu") -> ZooModel:
     -------
     ZooModel
         ``model``: a stock ``transformers.CLIPModel`` in eval mode, float32 (the float16 weights
-        widened: the model the sidecar's metrics were measured on); ``kind``: ``"image-text"``;
+        widened: the model the sidecar's metrics were measured on); ``kind``: ``"image_text"``;
         ``tokenizer``: its ``PreTrainedTokenizerFast``; ``preprocess``: images (tensors in ``[0, 1]``
         or uint8, PIL, numpy) -> ``pixel_values``; ``class_names`` (Fashion-MNIST); ``mean`` /
         ``std``; ``info``: the sidecar plus ``name``, ``image_size``, ``prompts`` (the zero-shot
@@ -128,7 +128,7 @@ def clip_model(device: str | torch.device = "cpu") -> ZooModel:
         "prompts": [class_prompt(c) for c in range(len(info["class_names"]))],
         "caption": label_set_caption,
     }
-    return ZooModel(model, "image-text", class_names=list(info["class_names"]), tokenizer=tokenizer,
+    return ZooModel(model, "image_text", class_names=list(info["class_names"]), tokenizer=tokenizer,
                     preprocess=image_preprocess(size, info["mean"], info["std"]),
                     mean=tuple(info["mean"]), std=tuple(info["std"]), info=dict(info, **extra))
 

@@ -27,6 +27,8 @@ MODEL_KINDS = {
     "torchvision:NAME": "a torchvision model with its default weights, e.g. torchvision:vit_b_16",
     "hf:ID or ID/with/slash": "a Hugging Face image or text classifier id, e.g. google/vit-base-patch16-224, "
     "or a causal language model (GPT-2, Llama, Qwen, Gemma, Phi-3, ...), e.g. openai-community/gpt2",
+    "open_clip:ARCH/TAG": "an OpenCLIP model with its pretrained tag, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k "
+    "(open_clip:ARCH alone: random weights); explain with --text prompts",
     "PATH/": "a local Hugging Face folder (config.json + weights)",
     "PATH.pt": "a checkpoint saved with torch.save(model) (a whole nn.Module)",
 }
@@ -71,6 +73,8 @@ def _hugging_face(name: str) -> ZooModel:
     config = AutoConfig.from_pretrained(name)
     labels = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else None
     archs = " ".join(getattr(config, "architectures", None) or [])
+    if getattr(config, "model_type", "") in DUAL_ENCODERS:  # CLIP / SigLIP: image-text similarity
+        return _hf_dual_encoder(name)
     if "ForCausalLM" in archs or "LMHeadModel" in archs:  # a language model: explain its next token
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,6 +91,33 @@ def _hugging_face(name: str) -> ZooModel:
     proc = AutoImageProcessor.from_pretrained(name)
     return ZooModel(model, "image", labels, lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0],
                     mean=getattr(proc, "image_mean", None), std=getattr(proc, "image_std", None))
+
+
+#: Hugging Face ``model_type`` of the dual encoders attnx explains
+DUAL_ENCODERS = ("clip", "siglip")
+
+
+def _hf_dual_encoder(name: str) -> ZooModel:
+    """A Hugging Face CLIP / SigLIP model with its image processor and tokenizer."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(name).eval()
+    proc = AutoImageProcessor.from_pretrained(name)
+    return ZooModel(model, "image_text", None, lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0],
+                    tokenizer=AutoTokenizer.from_pretrained(name), mean=getattr(proc, "image_mean", None),
+                    std=getattr(proc, "image_std", None), info={"name": name})
+
+
+def _open_clip(spec: str) -> ZooModel:
+    """``ARCH/TAG`` (pretrained weights, downloaded once by OpenCLIP) or ``ARCH`` (random weights)."""
+    import open_clip
+
+    arch, _, tag = spec.partition("/")
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag or None)
+    norm = next((t for t in getattr(preprocess, "transforms", []) if type(t).__name__ == "Normalize"), None)
+    return ZooModel(model.eval(), "image_text", None, lambda img: preprocess(img.convert("RGB")),
+                    tokenizer=open_clip.get_tokenizer(arch), mean=getattr(norm, "mean", None), std=getattr(norm, "std", None),
+                    info={"name": f"open_clip:{spec}", "pretrained": tag or None})
 
 
 def _checkpoint(path: str) -> ZooModel:
@@ -106,7 +137,8 @@ def load(spec: str | os.PathLike | None = None, kind: str = "image") -> ZooModel
         language model (:func:`attnx.zoo.language_model`); ``"timm:NAME"`` or a bare timm
         name; ``"torchvision:NAME"``; ``"hf:ID"``, a Hugging Face id with a slash or a local folder
         saved with ``save_pretrained`` (an image or a sequence classifier, told apart by its config);
-        a ``.pt`` / ``.pth`` / ``.ckpt`` file holding a whole ``nn.Module``.
+        a ``.pt`` / ``.pth`` / ``.ckpt`` file holding a whole ``nn.Module``; ``"open_clip:ARCH/TAG"``.
+        CLIP and SigLIP folders or ids, and OpenCLIP models, come with ``kind == "image_text"``.
     kind:
         ``"image"`` or ``"text"``: which embedded model ``None`` / ``"default"`` means.
     """
@@ -119,6 +151,8 @@ def load(spec: str | os.PathLike | None = None, kind: str = "image") -> ZooModel
         return _timm(spec[5:])
     if spec.startswith("torchvision:"):
         return _torchvision(spec[12:])
+    if spec.startswith("open_clip:"):
+        return _open_clip(spec[len("open_clip:"):])
     if spec.startswith("hf:"):
         return _hugging_face(spec[3:])
     if os.path.isfile(spec) and spec.endswith((".pt", ".pth", ".ckpt")):

@@ -1,0 +1,81 @@
+"""``attnx explain photo.jpg --model CLIP --text "a cat" "a dog"``: one map per prompt, offline.
+
+A tiny random CLIP / SigLIP is saved with ``save_pretrained`` beside a word-level tokenizer and an
+image processor, and loaded by the command as a user's folder would be; OpenCLIP is loaded by
+architecture name without pretrained weights (``open_clip:ARCH``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from PIL import Image
+
+from attnx import zoo
+from cli_runner import run
+from clip_models import BOS, EOT, VOCAB, hf_clip, hf_siglip
+
+WORDS = ["a", "cat", "dog", "photo", "of"]
+
+
+def save_folder(path, model) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: 3 + i for i, w in enumerate(WORDS)}, "<bos>": BOS, "<eot>": EOT}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eot>", special_tokens=[("<bos>", BOS), ("<eot>", EOT)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eot>")
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+def photo(path) -> str:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("build", [hf_clip, hf_siglip], ids=["clip", "siglip"])
+def test_explain_writes_one_map_per_prompt(capsys, tmp_path, build):
+    folder = save_folder(tmp_path / "model", build())
+    img = photo(tmp_path / "photo.png")
+    out = tmp_path / "maps.png"
+    status, stdout, stderr = run(capsys, "explain", img, "--model", folder, "--text", "a cat", "a dog",
+                                 "--method", "generic", "--out", str(out))
+    assert status == 0, stderr
+    assert out.is_file() and "'a cat'" in stdout and "'a dog'" in stdout
+    # the probabilities printed are the model's own
+    loaded = zoo.load(folder)
+    assert loaded.kind == "image_text"
+    x = loaded.preprocess(Image.open(img))[None]
+    # SigLIP pads to its fixed length; CLIP to the longest prompt (the padding after the end of text is never seen)
+    padding = dict(padding="max_length", max_length=16) if build is hf_siglip else dict(padding=True)
+    with torch.no_grad():
+        text = loaded.tokenizer(["a cat", "a dog"], return_tensors="pt", **padding)
+        probs = loaded.model(pixel_values=x, **text).logits_per_image.softmax(-1)[0]
+    assert f"'a cat' {probs[0]:.2f}, 'a dog' {probs[1]:.2f}" in stdout
+
+
+def test_explain_open_clip_architecture_and_errors(capsys, tmp_path):
+    img = photo(tmp_path / "photo.png")
+    out = tmp_path / "oc.png"
+    status, stdout, stderr = run(capsys, "explain", img, "--model", "open_clip:ViT-B-32", "--text", "a cat", "a dog",
+                                 "--method", "rollout,lrp", "--out", str(out))
+    assert status == 0, stderr
+    assert out.is_file() and stdout.count("[rollout]") == 1 and stdout.count("[lrp]") == 1
+    status, _, stderr = run(capsys, "explain", img, "--model", "open_clip:ViT-B-32", "--text", "a cat", "--target", "0")
+    assert status != 0 and "--target and --continuation do not apply" in stderr
+    status, _, stderr = run(capsys, "explain", img, "--model", "open_clip:ViT-B-32", "--text", "a cat", "--out", "x.html")
+    assert status != 0 and "written as a picture" in stderr
+
+
+def test_images_and_text_need_a_dual_encoder(capsys, tmp_path):
+    img = photo(tmp_path / "photo.png")
+    status, _, stderr = run(capsys, "explain", img, "--text", "a cat")
+    assert status != 0 and "CLIP-style --model" in stderr
+
