@@ -104,6 +104,11 @@ class Trace:
     explained_tokens:
         ``(B, K)`` for language models: the explained token(s) after the prompt (``-1`` pads
         continuations of different lengths); ``None`` otherwise.
+    seeded_relevance:
+        ``(B,)`` the relevance an LRP pass put on the logits (``Σ seed ⊙ logits``): what the
+        input relevance sums to under a conserving preset.
+    conserving:
+        Whether the LRP pass's preset (about) conserves relevance.
     """
 
     logits: torch.Tensor
@@ -118,6 +123,8 @@ class Trace:
     output: Any = None
     target_scores: torch.Tensor | None = None
     explained_tokens: torch.Tensor | None = None
+    seeded_relevance: torch.Tensor | None = None
+    conserving: bool = False
 
 
 @contextlib.contextmanager
@@ -440,6 +447,8 @@ def relevance_pass(
         output=output.detach() if isinstance(output, torch.Tensor) else None,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,
+        seeded_relevance=on_device((seed * logits.detach()).flatten(1).sum(1), batch.device),
+        conserving=registry.conserving,
     )
 
 

@@ -192,11 +192,15 @@ class AlphaBeta(LinearRule):
 
 
 class Gamma(LinearRule):
-    """LRP-γ: positive contributions amplified, ``W + γ W⁺`` (Montavon et al. 2019), as used by
-    AttnLRP for convolutions and feed-forward layers of ViTs. Relevance is conserved up to the bias.
+    """Generalised LRP-γ: positive contributions amplified, ``W + γ W⁺`` (Montavon et al. 2019;
+    zennit's ``Gamma``), as used by AttnLRP for convolutions and feed-forward layers of ViTs.
 
-    Outputs with ``y > 0`` use the activator ``x⁺W_γ⁺ + x⁻W_γ⁻ = u + γ(u + v)/2``, the others
-    ``x⁺W_γ⁻ + x⁻W_γ⁺ = u + γ(u − v)/2`` (``u = Wx``, ``v = |W||x|``); then
+    Outputs with ``y > 0`` divide by ``x⁺W_γ⁺ + x⁻W_γ⁻ + b + γb⁺ = y + γ((u + v)/2 + b⁺)``, the
+    others by ``x⁺W_γ⁻ + x⁻W_γ⁺ + b + γb⁻ = y + γ((u − v)/2 + b⁻)`` (``u = Wx``, ``v = |W||x|``):
+    the γ-modified bias is in the denominator, which therefore has the sign of ``y`` and at least
+    its magnitude, and the bias absorbs its share of relevance. (Leaving the bias out, the
+    denominator can vanish or change sign where a large bias decides the sign of ``y``: relevance
+    then grows layer by layer, to 1e14 on DINOv2.) Then
     ``g̃(x) = (1 + γ/2) Wᵀ(s₊ + s₋) + σ(x) γ/2 |W|ᵀ(s₊ − s₋)``.
     """
 
@@ -211,7 +215,8 @@ class Gamma(LinearRule):
         u, v = c.u(), c.v(abs_w)
         h = self.gamma / 2
         pos = c.y > 0
-        z = torch.where(pos, u + h * (u + v), u + h * (u - v))
+        b = c.y - u  # the bias, broadcast (0 without one)
+        z = c.y + self.gamma * torch.where(pos, (u + v) / 2 + b.clamp(min=0), (u - v) / 2 + b.clamp(max=0))
         s = R / stabilize(z, self.epsilon)
         s_diff = torch.where(pos, s, -s)  # s₊ − s₋
         return (1 + h) * s, sign1(c.x) * c.abs_vjp(abs_w, h * s_diff)
