@@ -106,7 +106,8 @@ BLOWUP = 100.0
 
 def blown_up_samples(trace) -> tuple[list[int], list[int]]:
     """``(non_finite, blown_up)``: samples whose input relevance is not finite, or (under a
-    conserving preset) sums to more than :data:`BLOWUP` times the relevance put on the logits."""
+    conserving preset) sums to more than :data:`BLOWUP` times the relevance put on the logits
+    (or the size it can take: ``trace.relevance_scale``) away from it."""
     relevance = getattr(trace, "input_relevance", None)
     if relevance is None:
         return [], []
@@ -116,7 +117,10 @@ def blown_up_samples(trace) -> tuple[list[int], list[int]]:
     if not getattr(trace, "conserving", False) or seeded is None:
         return bad, []
     seeded = seeded.detach().to(device=total.device, dtype=torch.float64)
-    scale = seeded.abs().clamp(min=torch.finfo(relevance.dtype).tiny)
+    scale = seeded.abs()
+    if getattr(trace, "relevance_scale", None) is not None:
+        scale = torch.maximum(scale, trace.relevance_scale.detach().to(device=total.device, dtype=torch.float64))
+    scale = scale.clamp(min=torch.finfo(relevance.dtype).tiny)
     far = (total - seeded).abs() > BLOWUP * scale
     return bad, [b for b in torch.nonzero(far).flatten().tolist() if b not in bad]
 

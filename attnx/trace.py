@@ -107,6 +107,10 @@ class Trace:
     seeded_relevance:
         ``(B,)`` the relevance an LRP pass put on the logits (``Σ seed ⊙ logits``): what the
         input relevance sums to under a conserving preset.
+    relevance_scale:
+        ``(B,)`` the size relevance at the logits can take for this seed (``Σ |seed| · max |logit|``
+        for a logit seed, ``Σ |seed ⊙ logits|`` for a one-hot seed): a blow-up is measured against it,
+        so that a target logit near zero is no false alarm.
     conserving:
         Whether the LRP pass's preset (about) conserves relevance.
     """
@@ -124,6 +128,7 @@ class Trace:
     target_scores: torch.Tensor | None = None
     explained_tokens: torch.Tensor | None = None
     seeded_relevance: torch.Tensor | None = None
+    relevance_scale: torch.Tensor | None = None
     conserving: bool = False
 
 
@@ -448,8 +453,17 @@ def relevance_pass(
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,
         seeded_relevance=on_device((seed * logits.detach()).flatten(1).sum(1), batch.device),
+        relevance_scale=on_device(relevance_scale(seed, logits.detach(), registry.seed), batch.device),
         conserving=registry.conserving,
     )
+
+
+def relevance_scale(seed: torch.Tensor, logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """``(B,)`` the size of the relevance a seed can put on the logits (see ``Trace.relevance_scale``)."""
+    seed, logits = seed.flatten(1), logits.flatten(1)
+    if kind == "logit":
+        return seed.abs().sum(1) * logits.abs().amax(1)
+    return (seed * logits).abs().sum(1)
 
 
 def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Tensor:
