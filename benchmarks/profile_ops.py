@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import collections
 import os
 import sys
@@ -23,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+print = functools.partial(print, flush=True)  # noqa: A001 (progress shows in logs)
 
 from bench import FORWARD_BACKWARD, Bench, build_model, make_inputs, seq_len_of  # noqa: E402
 
