@@ -25,6 +25,7 @@ from .errors import AttnxValueError, UnsupportedModelError
 from .layout import Layout, Readout
 from .lrp.coverage import Coverage
 from .lrp.engine import LRPEngine, is_tracked
+from .lrp.relay import held_constant
 from .lrp.registry import Registry, get_preset
 from .lrp.rules import divide_or_zero
 from .recorder import AttentionRecorder
@@ -415,7 +416,10 @@ def relevance_pass(
             seed = lrp_seed(resolved.scores, logits, registry.seed)
         if attentions:
             # with plain edges every A is in the model's graph: only the tracked ones carry relevance
-            cut = [i for i, t in enumerate(recorder.grad_wrt) if not t.requires_grad or (gradients and not is_tracked(t))]
+            cut = [
+                i for i, t in enumerate(recorder.grad_wrt)
+                if not t.requires_grad or (gradients and (held_constant(t) or not is_tracked(t)))
+            ]
             if cut:
                 raise AttnxValueError(
                     f"LRP preset {registry.name!r} holds the attention probabilities constant (layers {cut} "

@@ -28,7 +28,9 @@ __all__ = [
     "Op",
     "Propagation",
     "Rule",
+    "CONSTANT",
     "divide_or_zero",
+    "held_constant",
     "propagation",
     "relay",
     "safe_divide",
@@ -150,6 +152,15 @@ def relay(
     state = active()
     keep = through_output or (state is not None and state.plain_edges)
     return _Relay.apply(backward, state, through_output, output if keep else output.detach(), *inputs)
+
+
+#: attribute marking a tensor that a rule holds constant (relevance stops there, gradients do not)
+CONSTANT = "_attnx_constant"
+
+
+def held_constant(t: torch.Tensor) -> bool:
+    """Whether ``t`` (or the tensor it is a view of) was held constant by a rule."""
+    return bool(getattr(t, CONSTANT, False) or (t._base is not None and getattr(t._base, CONSTANT, False)))
 
 
 def plain_edges() -> bool:

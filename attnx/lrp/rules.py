@@ -21,7 +21,7 @@ from ..errors import AttnxValueError
 from .decompositions import mha_decomposition, sdpa_decomposition
 from .kinds import rms_epsilon, rms_norm_spread
 from .linear import GROUPED_MM, AlphaBeta, Epsilon, Gamma, LinearRule, ZBox, grouped_linear, linear_parts
-from .relay import Op, Propagation, Rule, divide_or_zero, plain_edges, propagation, relay, safe_divide, stabilize
+from .relay import CONSTANT, Op, Propagation, Rule, divide_or_zero, plain_edges, propagation, relay, safe_divide, stabilize
 
 __all__ = [
     "Op",
@@ -96,8 +96,14 @@ class Constant(Rule):
     def __call__(self, op: Op) -> Any:
         out = op.compute()
         if plain_edges():  # the plain backward still flows through the op, relevance does not
-            return _map_tensors(out, lambda t: relay(t, [], lambda g: ()) if t.requires_grad and t.is_floating_point() else t)
+            return _map_tensors(out, lambda t: _constant_edge(t) if t.requires_grad and t.is_floating_point() else t)
         return detach_all(out)
+
+
+def _constant_edge(t: torch.Tensor) -> torch.Tensor:
+    out = relay(t, [], lambda g: ())
+    setattr(out, CONSTANT, True)
+    return out
 
 
 def _map_tensors(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
