@@ -116,11 +116,7 @@ class LinearRule(Rule):
         ctx = LinearCall(x.detach(), w.detach(), None if b is None else b.detach(), y.detach(), fn, extra,
                          bool(op.is_input and op.is_input(x)), active())
 
-        def backward(g):
-            real, more = self.propagate(ctx, g)
-            return real, more
-
-        return relay(y, [x], backward, through_output=True)
+        return relay(y, [x], lambda g: self.propagate(ctx, g), through_output=True)
 
     def propagate(self, c: "LinearCall", g: torch.Tensor) -> tuple:  # pragma: no cover - abstract
         raise NotImplementedError
