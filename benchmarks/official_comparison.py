@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--depth", type=int, default=12, help="transformer blocks (12: ViT-B/16)")
     p.add_argument("--batch", type=int, default=16, help="attnx's batch size in the timing")
     p.add_argument("--check-images", type=int, default=2, help="images of the exactness check")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (0: the exactness check only)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--start-layer", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -145,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in (torch.float32, torch.float64):
         err = compare(official, stock, check, dtype, args.start_layer)
         print(f"exactness {str(dtype).replace('torch.', '')}: max relative difference {err:.2e} over {args.check_images} images")
+    if args.repeats == 0:  # exactness only
+        return
     images = torch.randn(args.batch, 3, img, img, generator=g)
     t = timing(official, stock, images, args.repeats)
     ours, theirs = args.batch / t["attnx"], 1 / t["official"]
