@@ -197,15 +197,24 @@ def explicit_attention(
     if is_causal:
         causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
+    dead = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
-            scores = scores + attn_mask
+            # -inf entries as the dtype's lowest value: the same softmax, and relevance rules that
+            # split a sum by its terms (a / (a + b)) meet no -inf / -inf
+            dead = torch.isneginf(attn_mask).all(dim=-1, keepdim=True)
+            scores = scores + attn_mask.to(scores.dtype).clamp(min=torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1)
     if is_causal or attn_mask is not None:
-        # a query that may attend to no key (a left-padding position) gets zeros, as in SDPA
-        probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+        # a query that may attend to no key (a left-padding position) gets zeros, as in SDPA;
+        # the mask is read off the detached scores, which is not a use of them
+        no_key = torch.isneginf(scores.detach()).all(dim=-1, keepdim=True)
+        if dead is not None:
+            no_key = no_key | dead
+        if no_key.any():
+            probs = probs.masked_fill(no_key, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     record_probabilities(recorder, probs)

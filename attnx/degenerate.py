@@ -4,7 +4,8 @@ A map that gives every real content token the same value (all zero included) sho
 with NaN or infinite values cannot be drawn. :func:`check_map` runs on every explanation the
 explainer builds: it warns with :class:`~attnx.errors.DegenerateMapWarning` for constant maps and
 raises :class:`~attnx.errors.NonFiniteMapError` for non-finite ones, naming the method, the
-samples and the likely cause.
+samples and the likely cause. An LRP pass under a conserving preset whose input relevance sums to
+orders of magnitude more than the relevance put on the logits (a blow-up) warns too.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from .errors import DegenerateMapWarning, NonFiniteMapError
 from .layout import Layout
 
-__all__ = ["check_map", "constant_samples", "nonfinite_samples"]
+__all__ = ["BLOWUP", "blown_up_samples", "check_map", "check_relevance", "constant_samples", "nonfinite_samples"]
 
 #: a map is constant when max - min <= TINY_ULPS * eps(dtype) * max |value| over its content
 TINY_ULPS = 8
@@ -101,6 +102,56 @@ def nonfinite_cause(trace) -> str:
     return "a division by (near) zero in the method or a rule"
 
 
+#: an input relevance summing to more than this many times the relevance seeded at the logits
+#: (under a conserving preset) has blown up
+BLOWUP = 100.0
+
+
+def blown_up_samples(trace) -> tuple[list[int], list[int]]:
+    """``(non_finite, blown_up)``: samples whose input relevance is not finite, or (under a
+    conserving preset) sums to more than :data:`BLOWUP` times the relevance put on the logits
+    (or the size it can take: ``trace.relevance_scale``) away from it."""
+    relevance = getattr(trace, "input_relevance", None)
+    if relevance is None:
+        return [], []
+    total = relevance.detach().flatten(1).to(torch.float64).sum(1)
+    bad = nonfinite_samples(relevance)
+    seeded = getattr(trace, "seeded_relevance", None)
+    if not getattr(trace, "conserving", False) or seeded is None:
+        return bad, []
+    seeded = seeded.detach().to(device=total.device, dtype=torch.float64)
+    scale = seeded.abs()
+    if getattr(trace, "relevance_scale", None) is not None:
+        scale = torch.maximum(scale, trace.relevance_scale.detach().to(device=total.device, dtype=torch.float64))
+    scale = scale.clamp(min=torch.finfo(relevance.dtype).tiny)
+    far = (total - seeded).abs() > BLOWUP * scale
+    return bad, [b for b in torch.nonzero(far).flatten().tolist() if b not in bad]
+
+
+def check_relevance(trace, method: str) -> None:
+    """Raise for non-finite input relevance; warn when a conserving preset's input relevance is
+    orders of magnitude away from the relevance it started with (a rule dividing by a vanishing
+    denominator)."""
+    bad, far = blown_up_samples(trace)
+    if bad:
+        raise NonFiniteMapError(
+            f"method {method!r} gave sample(s) {bad} non-finite input relevance (NaN or inf); likely cause: "
+            f"{nonfinite_cause(trace)}"
+        )
+    if far:
+        total = trace.input_relevance.detach().flatten(1).to(torch.float64).sum(1)
+        preset = trace.coverage.preset if getattr(trace, "coverage", None) is not None else "the preset"
+        pairs = ", ".join(f"{b}: {total[b].item():.3g} vs {trace.seeded_relevance[b].item():.3g}" for b in far[:8])
+        warnings.warn(
+            f"method {method!r}: the input relevance of sample(s) {far} sums to more than {BLOWUP:g}x the relevance "
+            f"put on the logits ({pairs}), although preset {preset!r} conserves relevance: the relevance blew up. "
+            "Likely cause: a rule dividing by a (near) zero denominator (check e.coverage.report() for the rules "
+            "that ran, and try the preset without gamma, e.g. 'attnlrp')",
+            DegenerateMapWarning,
+            stacklevel=4,
+        )
+
+
 def check_map(scores: torch.Tensor, pixels: torch.Tensor | None, trace, method: str) -> None:
     """Raise for non-finite maps, warn for constant ones (see the module docstring).
 
@@ -115,6 +166,7 @@ def check_map(scores: torch.Tensor, pixels: torch.Tensor | None, trace, method: 
     method:
         The method's name, for the messages.
     """
+    check_relevance(trace, method)
     mask = content_of(scores, trace.layout)
     bad = sorted(set(nonfinite_samples(scores, mask)) | set([] if pixels is None else nonfinite_samples(pixels)))
     if bad:

@@ -49,8 +49,9 @@ class AttentionRecorder:
     def __len__(self) -> int:
         return len(self.probs)
 
-    def gradients(self, score: torch.Tensor) -> list[torch.Tensor]:
-        """``d score / d A`` for every recorded layer, shaped like the probabilities."""
+    def gradients(self, score: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
+        """``d score / d A`` for every recorded layer, shaped like the probabilities (``retain_graph``:
+        keep the graph for another backward on the same forward)."""
         needs = [t.requires_grad for t in self.grad_wrt]
         if not any(needs):
             raise RuntimeError(
@@ -58,7 +59,7 @@ class AttentionRecorder:
                 "was the forward run under torch.no_grad() or torch.inference_mode()?"
             )
         wrt = [t for t, n in zip(self.grad_wrt, needs) if n]
-        grads = iter(torch.autograd.grad(score, wrt, allow_unused=True))
+        grads = iter(torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=retain_graph))
         out = []
         for probs, n in zip(self.probs, needs):
             g = next(grads) if n else None

@@ -5,7 +5,9 @@ mode, makes the attention probabilities observable through the adapter, resolves
 takes gradients with ``torch.autograd.grad`` (no ``.grad`` is left anywhere). When a method needs
 relevance, the forward runs under an LRP rule registry (:class:`attnx.lrp.engine.LRPEngine`) and
 one modified backward gives the relevance at the attention probabilities and at the input.
-A method that needs both the plain gradient ``dy_t/dA`` and relevance gets both passes.
+A method that needs both the plain gradient ``dy_t/dA`` and relevance still runs one forward:
+the engine keeps the model's own graph beside the rules, a plain backward on it gives ``dy_t/dA``
+and the relevance backward follows on the same graph (:mod:`attnx.lrp.relay`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from .batch import Batch
 from .errors import AttnxValueError, DegenerateMapWarning, UnsupportedModelError
 from .layout import Layout, Readout
 from .lrp.coverage import Coverage
-from .lrp.engine import LRPEngine
+from .lrp.engine import LRPEngine, is_tracked
+from .lrp.relay import held_constant
 from .lrp.registry import Registry, get_preset
 from .lrp.rules import divide_or_zero
 from .recorder import AttentionRecorder
@@ -65,8 +68,9 @@ class Needs:
 
     @property
     def plain_pass(self) -> bool:
-        """Whether a plain forward runs (for ``A`` and ``dy_t/dA``, or when no LRP pass does)."""
-        return self.gradients or not self.relevance or (self.attentions and not self.attention_relevance)
+        """Whether the forward is a plain one (no LRP pass): with relevance, the one forward runs
+        under the LRP engine and also gives ``A`` and ``dy_t/dA``."""
+        return not self.relevance
 
 
 @dataclass
@@ -103,6 +107,15 @@ class Trace:
     explained_tokens:
         ``(B, K)`` for language models: the explained token(s) after the prompt (``-1`` pads
         continuations of different lengths); ``None`` otherwise.
+    seeded_relevance:
+        ``(B,)`` the relevance an LRP pass put on the logits (``Σ seed ⊙ logits``): what the
+        input relevance sums to under a conserving preset.
+    relevance_scale:
+        ``(B,)`` the size relevance at the logits can take for this seed (``Σ |seed| · max |logit|``
+        for a logit seed, ``Σ |seed ⊙ logits|`` for a one-hot seed): a blow-up is measured against it,
+        so that a target logit near zero is no false alarm.
+    conserving:
+        Whether the LRP pass's preset (about) conserves relevance.
     """
 
     logits: torch.Tensor
@@ -117,6 +130,9 @@ class Trace:
     output: Any = None
     target_scores: torch.Tensor | None = None
     explained_tokens: torch.Tensor | None = None
+    seeded_relevance: torch.Tensor | None = None
+    relevance_scale: torch.Tensor | None = None
+    conserving: bool = False
 
 
 @contextlib.contextmanager
@@ -241,23 +257,16 @@ def one_pass(
         # the target reads the logits at the explained positions only: a language model may skip
         # the output layer elsewhere (a callable sees the whole output, so it gets every position)
         batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
-    trace = None
-    if needs.plain_pass:
-        trace = plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients, gradients=needs.gradients)
     if not needs.relevance:
-        return trace
+        return plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients, gradients=needs.gradients)
     if registry is None:
         raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
-    # with a plain pass, the relevance pass explains the classes it resolved; a callable or a
-    # continuation is the same scalar function in both passes
-    resolved = trace is not None and trace.targets is not None
-    lrp = relevance_pass(
-        adapter, batch, trace.targets if resolved else target, registry,
-        attentions=needs.attention_relevance, strict=strict,
+    # one forward serves everything: the attentions, dy_t/dA (a plain backward through the
+    # model's own graph, kept beside the rules) and the relevance backward
+    return relevance_pass(
+        adapter, batch, target, registry, attentions=needs.attention_relevance, strict=strict,
+        observe=needs.attentions or needs.gradients, gradients=needs.gradients,
     )
-    if trace is None:
-        return lrp
-    return replace(trace, attention_relevance=lrp.attention_relevance, input_relevance=lrp.input_relevance, coverage=lrp.coverage)
 
 
 #: ``Batch.extra`` flag: only the logits at the layout's readout positions are read
@@ -396,8 +405,15 @@ def relevance_pass(
     *,
     attentions: bool = False,
     strict: bool = False,
+    observe: bool = False,
+    gradients: bool = False,
 ) -> Trace:
     """Forward under ``registry``, then one modified backward from the target's scalar.
+
+    ``attentions``: the relevance at the attention probabilities too; ``observe``: record the
+    attention probabilities; ``gradients``: also ``dy_t/dA`` by a plain backward on the same
+    forward (the engine keeps the model's own graph beside the rules), before the relevance
+    backward.
 
     The backward starts at the logits with the seed :func:`lrp_seed` gives for the target's
     scalar ``s`` and ``registry.seed``: for a class target exactly the one-hot (``"one_hot"``:
@@ -409,8 +425,9 @@ def relevance_pass(
     model = adapter.model
     recorder = AttentionRecorder(batch.batch_size)
     embeddings = adapter.input_embeddings()
+    observe = observe or attentions or gradients
     with evaluation_mode(model), torch.enable_grad():
-        engine = LRPEngine(model, registry, strict=strict)
+        engine = LRPEngine(model, registry, strict=strict, plain_edges=gradients)
         with engine:
             if embeddings is not None:
                 engine.track_output_of(embeddings)
@@ -418,23 +435,31 @@ def relevance_pass(
             else:
                 root = engine.track(batch.args[0] if batch.args else batch.kwargs["pixel_values"])
                 batch = batch.with_input(root)
-            observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, root)
-            with observe, plain_execution(model):  # inside the engine: its hooks see loaded weights
+            watch = adapter.observe(recorder) if observe else adapter.watch_tokens(recorder, root)
+            with watch, plain_execution(model):  # inside the engine: its hooks see loaded weights
                 output, logits = adapter.call(batch)
         if root is None:
             if len(engine.roots) != 1:
                 raise RuntimeError(f"expected one call of the input embeddings, saw {len(engine.roots)}")
             root = engine.roots[0]
         engine.check_coverage()
-        layout = resolved_layout(adapter, batch, recorder, attentions)
+        layout = resolved_layout(adapter, batch, recorder, observe)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
+        plain_grads = None
+        if gradients:
+            with engine.propagation.plain():
+                plain_grads = recorder.gradients(resolved.scores.sum(), retain_graph=True)
         # a target stating its own rule (attnx.similarity); plain autograd (gradient x input) keeps the exact gradient
         if callable(getattr(target, "relevance_seed", None)) and not getattr(registry, "plain_gradient", False):
             seed = linear_target_seed(target, resolved.scores.detach(), logits.detach(), registry.seed)
         else:
             seed = lrp_seed(resolved.scores, logits, registry.seed)
         if attentions:
-            cut = [i for i, t in enumerate(recorder.grad_wrt) if not t.requires_grad]
+            # with plain edges every A is in the model's graph: only the tracked ones carry relevance
+            cut = [
+                i for i, t in enumerate(recorder.grad_wrt)
+                if not t.requires_grad or (gradients and (held_constant(t) or not is_tracked(t)))
+            ]
             if cut:
                 raise AttnxValueError(
                     f"LRP preset {registry.name!r} holds the attention probabilities constant (layers {cut} "
@@ -443,15 +468,20 @@ def relevance_pass(
                     "e.g. 'chefer2021' or 'attnlrp'"
                 )
         wrt = [root] + (list(recorder.grad_wrt) if attentions else [])
-        grads = torch.autograd.grad(logits, wrt, seed, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(logits, wrt, seed, allow_unused=True)
+        finally:
+            engine.release()
     g_root = grads[0] if grads[0] is not None else torch.zeros_like(root)
     probs = attn_rel = None
-    if attentions:
+    if observe:
         probs = [p.detach() for p in recorder.probs]
+    if attentions:
         attn_rel = [
             on_device(p * (torch.zeros_like(p) if g is None else g.reshape(p.shape)), batch.device)
             for p, g in zip(probs, grads[1:])
         ]
+    if observe:
         probs = [on_device(p, batch.device) for p in probs]
     return Trace(
         logits=resolved.logits.detach(),
@@ -459,12 +489,25 @@ def relevance_pass(
         layout=layout,
         batch=batch,
         attentions=probs,
+        gradients=None if plain_grads is None else [on_device(g, batch.device) for g in plain_grads],
         attention_relevance=attn_rel,
         input_relevance=on_device(root * g_root, batch.device),
         coverage=engine.summary(),
+        output=output.detach() if isinstance(output, torch.Tensor) else None,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,
+        seeded_relevance=on_device((seed * logits.detach()).flatten(1).sum(1), batch.device),
+        relevance_scale=on_device(relevance_scale(seed, logits.detach(), registry.seed), batch.device),
+        conserving=registry.conserving,
     )
+
+
+def relevance_scale(seed: torch.Tensor, logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """``(B,)`` the size of the relevance a seed can put on the logits (see ``Trace.relevance_scale``)."""
+    seed, logits = seed.flatten(1), logits.flatten(1)
+    if kind == "logit":
+        return seed.abs().sum(1) * logits.abs().amax(1)
+    return (seed * logits).abs().sum(1)
 
 
 def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Tensor:

@@ -61,6 +61,7 @@ Usage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -89,7 +90,11 @@ BASELINES = (FORWARD, FORWARD_BACKWARD)
 # targets from the brief (x of the own baseline; batch scaling for gradient methods)
 MAX_RATIO = {FORWARD: 1.3, FORWARD_BACKWARD: 1.5}
 # LRP methods have their own targets (x forward+backward); None: no target stated
-METHOD_MAX_RATIO = {"transformer_attribution": 2.5, "lrp": 1.6, "partial_lrp": None}
+METHOD_MAX_RATIO = {"transformer_attribution": 2.7, "lrp": 1.4, "partial_lrp": 2.5}
+#: LRP to the input per preset (``lrp`` alone runs its default preset, attnlrp)
+PRESET_MAX_RATIO = {"lrp:attnlrp": 1.4, "lrp:cplrp": 1.2, "lrp:chefer2021": 2.7, "lrp:attnlrp-gamma": 2.7}
+#: peak memory, x that of forward + input-backward
+METHOD_MAX_MEMORY_RATIO = {"transformer_attribution": 2.0}
 # per-model targets that differ from or add to the above: time (x baseline) and peak memory (x baseline)
 MODEL_MAX_RATIO = {"llama": {"lrp": 1.6, "generic": 1.5}}
 MODEL_MAX_MEMORY_RATIO = {"llama": {"lrp": 1.5}}
@@ -101,11 +106,14 @@ def max_ratio(method: str, base: str, model: str | None = None) -> float | None:
     name = split_method(method)[0]
     if name in MODEL_MAX_RATIO.get(model, {}):
         return MODEL_MAX_RATIO[model][name]
+    if method in PRESET_MAX_RATIO:
+        return PRESET_MAX_RATIO[method]
     return METHOD_MAX_RATIO[name] if name in METHOD_MAX_RATIO else MAX_RATIO[base]
 
 
 def max_memory_ratio(method: str, model: str) -> float | None:
-    return MODEL_MAX_MEMORY_RATIO.get(model, {}).get(split_method(method)[0])
+    name = split_method(method)[0]
+    return MODEL_MAX_MEMORY_RATIO.get(model, {}).get(name, METHOD_MAX_MEMORY_RATIO.get(name))
 
 
 def seq_len_of(args: argparse.Namespace, model: str) -> int:
@@ -195,6 +203,12 @@ def make_inputs(name: str, model: torch.nn.Module, batch: int, seq_len: int, see
 LM_LOGITS = {"mode": "all"}
 
 
+def to_device(inputs: Any, device: str) -> Any:
+    if isinstance(inputs, dict):
+        return {k: v.to(device) for k, v in inputs.items()}
+    return inputs.to(device)
+
+
 def run_model(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
     """The explained logits ``(B, C)``: a language model's next-token logits at the last position."""
     if isinstance(inputs, dict):
@@ -208,20 +222,28 @@ def run_model(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
 class Bench:
     """One model and one batch: the baselines and the method calls as zero-argument callables."""
 
-    def __init__(self, name: str, model: torch.nn.Module, inputs: Any) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, inputs: Any, dtype: str = "float32") -> None:
         self.name = name
         self.model = model
         self.inputs = inputs
+        self.dtype = dtype
         self.explainer = attnx.Explainer(model)
-        with torch.no_grad():  # also the warm-up forward
+        with torch.no_grad(), self.precision():  # also the warm-up forward
             self.targets = run_model(model, inputs).argmax(dim=1)
 
+    def precision(self) -> Any:
+        """bfloat16 autocast when asked for (an opt-in: the model's weights stay float32)."""
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=getattr(torch, self.dtype))
+
     def forward(self) -> Any:
-        with torch.no_grad():
+        with torch.no_grad(), self.precision():
             return run_model(self.model, self.inputs)
 
     def forward_backward(self) -> Any:
-        with torch.enable_grad():
+        with torch.enable_grad(), self.precision():
             if isinstance(self.inputs, dict):
                 box: list[torch.Tensor] = []
 
@@ -247,7 +269,8 @@ class Bench:
         method, options = split_method(name)
 
         def call() -> Any:
-            return self.explainer(self.inputs, method=method, target=self.targets, **options)
+            with self.precision():
+                return self.explainer(self.inputs, method=method, target=self.targets, **options)
 
         return call
 
@@ -275,9 +298,16 @@ def baseline_of(method: str) -> str:
 # --------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], Any]) -> float:
+    synchronize()
     t0 = time.perf_counter()
     out = fn()
+    synchronize()
     t = time.perf_counter() - t0
     del out
     return t
@@ -332,13 +362,21 @@ def memory_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     LM_LOGITS["mode"] = spec.get("lm_logits", "all")
-    model = build_model(spec["model"], spec["quick"], spec["seed"])
-    inputs = make_inputs(spec["model"], model, spec["batch"], spec["seq_len"], spec["seed"])
-    bench = Bench(spec["model"], model, inputs)  # includes the plain warm-up forward
+    model = build_model(spec["model"], spec["quick"], spec["seed"]).to(spec["device"])
+    inputs = to_device(make_inputs(spec["model"], model, spec["batch"], spec["seq_len"], spec["seed"]), spec["device"])
+    bench = Bench(spec["model"], model, inputs, spec["dtype"])  # includes the plain warm-up forward
     op = bench.op(spec["op"])
     out = op()  # warm-up call of the measured operation
     del out
     gc.collect()
+    if spec["device"].startswith("cuda"):  # device memory: the allocator's peak
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = op()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"rss_before_kb": before // 1024, "peak_kb": peak // 1024, "increase_kb": (peak - before) // 1024, "exact": True}
     _malloc_trim()
     rss_before = _status_kb("VmRSS")
     exact = _reset_peak() and rss_before is not None
@@ -363,6 +401,8 @@ def measure_memory(args: argparse.Namespace, model: str, batch: int, op: str) ->
         "op": op,
         "threads": args.threads,
         "seed": args.seed,
+        "device": args.device,
+        "dtype": args.dtype,
     }
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -422,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the llama baseline's logits: at every position, as the model is usually called "
                         "(default), or at the last one only (logits_to_keep=1, as attnx computes them for a "
                         "next-token target)")
+    p.add_argument("--device", default="cpu", help="torch device of the model and inputs (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16: every call under torch.autocast (opt-in; weights stay float32)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -455,10 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     # res[(model, batch, op)] = dict(per_sample, base_per_sample, ratio, base, error)
     res: dict[tuple, dict] = {}
     for name in models:
-        model = build_model(name, args.quick, args.seed)
+        model = build_model(name, args.quick, args.seed).to(args.device)
         for bs in batch_sizes:
-            inputs = make_inputs(name, model, bs, seq_len_of(args, name), args.seed)
-            bench = Bench(name, model, inputs)
+            inputs = to_device(make_inputs(name, model, bs, seq_len_of(args, name), args.seed), args.device)
+            bench = Bench(name, model, inputs, args.dtype)
             pooled: dict[str, list[float]] = {b: [] for b in BASELINES}
             for meth in methods:
                 base = baseline_of(meth)
@@ -530,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
         "t(method) / t(baseline) on the same model, batch and inputs. Baselines: forward = no-grad "
         "forward; forward+backward = forward + `autograd.grad(target logits, input)` (image / embedding "
         f"output; llama's logits computed at {'the last position only' if args.lm_logits == 'last' else 'every position'}). Targets: ≤ 1.3× forward (non-gradient methods), ≤ 1.5× forward+backward (gradient "
-        "methods), ≤ 2.5× for transformer_attribution and ≤ 1.6× for lrp (at batch 16); llama: lrp ≤ 1.6× "
+        "methods); at batch 16 transformer_attribution ≤ 2.7× (peak memory ≤ 2×), partial_lrp ≤ 2.5×, lrp "
+        "(attnlrp) ≤ 1.4×, cplrp ≤ 1.2×, chefer2021 and attnlrp-gamma ≤ 2.7×; llama: lrp ≤ 1.6× "
         "time and ≤ 1.5× peak memory, generic ≤ 1.5× time. `lrp:NAME` is lrp with the LRP preset NAME."
         + (
             " Peak MB = peak RSS increase of one call over the RSS before it (fresh subprocess, model "

@@ -131,18 +131,21 @@ def ref_epsilon(x, M, bias, R, eps):
 
 
 def ref_gamma(x, M, bias, R, gamma, eps):
-    """Generalised LRP-γ (Montavon et al. 2019; zennit's ``Gamma``), bias out of the denominator.
+    """Generalised LRP-γ (Montavon et al. 2019; zennit's ``Gamma``), the γ-modified bias in the
+    denominator.
 
     Outputs with y_j > 0: contributions x⁺_i (M + γM⁺)_ji + x⁻_i (M + γM⁻)_ji (the positive
-    ones, amplified); outputs with y_j ≤ 0: x⁺_i (M + γM⁻)_ji + x⁻_i (M + γM⁺)_ji. Then
-    R_i = Σ_j c_ji R_j / (Σ_i c_ji + ε sign).
+    ones, amplified) and the bias b_j + γ b⁺_j; outputs with y_j ≤ 0: x⁺_i (M + γM⁻)_ji +
+    x⁻_i (M + γM⁺)_ji and b_j + γ b⁻_j. Then R_i = Σ_j c_ji R_j / (Σ_i c_ji + bias_j + ε sign).
     """
     xp, xn = x.clamp(min=0)[:, None, :], x.clamp(max=0)[:, None, :]
     Mup = (M + gamma * M.clamp(min=0))[None]
     Mdn = (M + gamma * M.clamp(max=0))[None]
     y = (x[:, None, :] * M[None]).sum(-1) + bias
-    c = torch.where((y > 0)[..., None], xp * Mup + xn * Mdn, xp * Mdn + xn * Mup)
-    z = c.sum(-1)
+    pos = y > 0
+    c = torch.where(pos[..., None], xp * Mup + xn * Mdn, xp * Mdn + xn * Mup)
+    b = torch.as_tensor(bias, dtype=x.dtype).expand_as(y)
+    z = c.sum(-1) + torch.where(pos, b + gamma * b.clamp(min=0), b + gamma * b.clamp(max=0))
     return (c * (R / (z + eps * sign1(z)))[..., None]).sum(1)
 
 

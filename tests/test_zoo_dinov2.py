@@ -198,3 +198,23 @@ def test_real_photos_panel(bundles, tmp_path):
     viz.save_stacked(figs, path)
     a = np.asarray(Image.open(path).convert("RGB")).astype(float)
     assert a.shape[0] > 300 and a.shape[1] > 300 and a.std() > 10
+
+
+def test_attnlrp_gamma_does_not_blow_up_on_dinov2(bundles, chelsea):
+    """attnlrp-gamma used to put ~1e11 relevance on the pixels of the real backbone (the bias out
+    of the γ denominator, which DINOv2's large biases made vanish); now the input relevance is
+    finite, below the relevance put on the output, and no blow-up is reported."""
+    import warnings
+
+    from attnx.errors import DegenerateMapWarning
+
+    x = torch.cat([chelsea, dinov2.preprocess(skimage_data.astronaut())[None]])
+    model = bundles["hf"].model
+    trace = attnx.Explainer(model).trace(x, target=similarity.embedding_norm, needs=attnx.Needs(input_relevance=True),
+                                         preset="attnlrp-gamma")
+    total = trace.input_relevance.flatten(1).sum(1)
+    assert torch.isfinite(trace.input_relevance).all()
+    assert (total.abs() <= trace.seeded_relevance.abs()).all(), (total, trace.seeded_relevance)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateMapWarning)
+        attnx.explain(model, x, method="lrp", target=similarity.embedding_norm, preset="attnlrp-gamma")

@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import AttnxError, AttnxValueError
 from .coverage import Coverage
 from .registry import Registry, get_preset
+from .relay import Propagation, propagation
 from .rules import Constant, Op, Rule, relay, safe_divide
 
 __all__ = ["LRPEngine", "UncoveredOpError", "LINEAR_OPS"]
@@ -90,6 +91,10 @@ class LRPEngine(TorchFunctionMode):
     strict:
         Raise :class:`UncoveredOpError` from :meth:`check_coverage` when a relevance-carrying op
         has no rule and is not linear (``False``: warn and proceed with plain gradient × input).
+    plain_edges:
+        Keep the model's own graph beside every rule, so that the same forward also serves a
+        plain backward (``with engine.propagation.plain(): torch.autograd.grad(...)``, with
+        ``retain_graph=True``), e.g. ``dy/dA`` for Transformer Attribution.
 
     Examples
     --------
@@ -100,8 +105,13 @@ class LRPEngine(TorchFunctionMode):
     >>> relevance = x * g
     """
 
-    def __init__(self, model: nn.Module, registry: Registry | str = "chefer2021", strict: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, registry: Registry | str = "chefer2021", strict: bool = True, plain_edges: bool = False
+    ) -> None:
         super().__init__()
+        #: the switch between the plain and the relevance backward, and the per-pass weight cache
+        self.propagation = Propagation(plain_edges)
+        self._switch: Any = None
         self.model = model
         self.registry = get_preset(registry)
         self.strict = strict
@@ -183,6 +193,8 @@ class LRPEngine(TorchFunctionMode):
             self._handles.append(module.register_forward_pre_hook(self._pre_hook))
             self._handles.append(module.register_forward_hook(self._post_hook))
         try:
+            self._switch = propagation(self.propagation)
+            self._switch.__enter__()
             return super().__enter__()
         except BaseException:
             self._remove()
@@ -194,7 +206,14 @@ class LRPEngine(TorchFunctionMode):
         finally:
             self._remove()
 
+    def release(self) -> None:
+        """Drop what the pass cached for its backward (``|W|`` of the linear layers)."""
+        self.propagation.release()
+
     def _remove(self) -> None:
+        if self._switch is not None:
+            switch, self._switch = self._switch, None
+            switch.__exit__(None, None, None)
         for h in self._handles:
             h.remove()
         self._handles.clear()

@@ -104,9 +104,17 @@ class Registry:
     """Ordered map from module types and torch functions to rules (later entries win)."""
 
     def __init__(
-        self, name: str = "custom", entries: Iterable[Entry] = (), seed: str = "logit", fanout_eps: float | None = None
+        self,
+        name: str = "custom",
+        entries: Iterable[Entry] = (),
+        seed: str = "logit",
+        fanout_eps: float | None = None,
+        conserving: bool = False,
     ) -> None:
         self.name = name
+        #: whether the rules (about) conserve relevance, so that the input relevance of a sample
+        #: must sum to about the relevance put on the logits (checked by attnx.degenerate)
+        self.conserving = conserving
         self.entries: list[Entry] = list(entries)
         #: relevance put on the target logit: ``"logit"`` (R = y_t) or ``"one_hot"`` (R = 1)
         self.seed = seed
@@ -126,7 +134,7 @@ class Registry:
         return self
 
     def copy(self, name: str | None = None) -> "Registry":
-        return Registry(name or self.name, list(self.entries), self.seed, self.fanout_eps)
+        return Registry(name or self.name, list(self.entries), self.seed, self.fanout_eps, self.conserving)
 
     def _match(self, entry: Entry, stack: list) -> bool:
         return entry.within is None or any(entry.within(n, m) for n, m in stack)
@@ -158,7 +166,7 @@ class Registry:
 
 def _base(name: str, seed: str) -> Registry:
     """Entries every preset shares: attention kernels are decomposed so their parts get rules."""
-    reg = Registry(name, seed=seed)
+    reg = Registry(name, seed=seed, conserving=True)
     reg.register(F.scaled_dot_product_attention, R.Decompose(R.sdpa_decomposition))
     reg.register(F.multi_head_attention_forward, R.Decompose(R.mha_decomposition))
     # L2 normalisation (SwinV2's cosine attention normalises q and k) with the norm held constant:

@@ -1,0 +1,246 @@
+"""The relay: an op's output whose backward is a rule, and the one forward that serves two backwards.
+
+Under the gradient x input convention (DESIGN §5) a rule replaces the backward of one op: it
+receives the modified gradient ``g̃`` of the op's output and returns ``g̃`` of its
+relevance-carrying inputs. :func:`relay` builds that edge. Two things make one forward enough for
+methods that need both the plain gradient ``dy/dA`` and relevance (Transformer Attribution):
+
+* the relay keeps the op's real output, with its autograd graph, as an extra input; a
+  :class:`Propagation` switch read by the relay's backward sends the incoming gradient either into
+  that real graph (``relevance = False``: the model's own backward, exactly ``dy/dA``) or into the
+  rule (``relevance = True``). The caller runs ``torch.autograd.grad`` once per mode on the same
+  graph (``retain_graph`` on the first).
+* a rule may also hand a modified gradient to the real graph (``through_output=True``), so the
+  model's own backward computes the products a rule shares with the plain gradient (``Wᵀ s`` of a
+  linear layer, both operands of ``Q Kᵀ``) instead of the rule recomputing the op.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Op",
+    "Propagation",
+    "Rule",
+    "CONSTANT",
+    "divide_or_zero",
+    "epsilon_share",
+    "held_constant",
+    "propagation",
+    "relay",
+    "safe_divide",
+    "stabilize",
+]
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
+    """``a / (b + eps)``, and 0 where ``b == 0``: the stabiliser of Chefer et al.'s reference code
+    (it adds ``eps`` whatever the sign of ``b``)."""
+    return a / (b + eps) * (b != 0).to(b.dtype)
+
+
+def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z + eps * sign(z)`` (sign(0) taken as +1): the ε-rule denominator."""
+    return torch.where(z >= 0, z + eps, z - eps)
+
+
+def epsilon_share(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """``z / (z + eps * sign(z))`` = ``|z| / (|z| + eps)``: the fraction of an output's relevance
+    the ε-rule passes on (0 where ``z = 0``), in three elementwise passes."""
+    a = z.abs()
+    return a.div_(a + eps) if eps else (a != 0).to(z.dtype)
+
+
+def divide_or_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / b`` where ``b != 0``, else 0 (turns a relevance back into a modified gradient)."""
+    nz = b != 0
+    return torch.where(nz, a / torch.where(nz, b, 1.0), 0.0)
+
+
+class Propagation:
+    """Which backward the relays of one forward run: the rules (``relevance = True``) or the
+    model's own gradient (``False``).
+
+    ``weights`` caches per-call derived weights (``|W|`` of a linear layer) for the backward of
+    every layer that uses the same weight; :meth:`release` drops them after the pass.
+    """
+
+    def __init__(self, plain_edges: bool = False) -> None:
+        #: whether the relays keep the real graph so that a plain backward can run on it
+        self.plain_edges = plain_edges
+        self.relevance = True
+        self.weights: dict[tuple, torch.Tensor] = {}
+
+    def absolute(self, w: torch.Tensor) -> torch.Tensor:
+        """``|w|``, computed once per pass for each weight tensor."""
+        key = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
+        out = self.weights.get(key)
+        if out is None:
+            out = self.weights[key] = w.abs()
+        return out
+
+    @contextlib.contextmanager
+    def plain(self) -> Iterator[None]:
+        """Run the backward inside as the model's own gradient."""
+        self.relevance = False
+        try:
+            yield
+        finally:
+            self.relevance = True
+
+    def release(self) -> None:
+        self.weights.clear()
+
+
+_ACTIVE: contextvars.ContextVar[Propagation | None] = contextvars.ContextVar("attnx_propagation", default=None)
+
+
+@contextlib.contextmanager
+def propagation(state: Propagation) -> Iterator[Propagation]:
+    """Make ``state`` the switch of the relays built inside (the LRP engine's forward)."""
+    token = _ACTIVE.set(state)
+    try:
+        yield state
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active() -> Propagation | None:
+    """The switch of the forward running now, if any."""
+    return _ACTIVE.get()
+
+
+class _Relay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backward_fn, state, through_output, output, *inputs):  # type: ignore[override]
+        ctx.backward_fn = backward_fn
+        ctx.state = state
+        ctx.through_output = through_output
+        ctx.num_inputs = len(inputs)
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        n = ctx.num_inputs
+        if ctx.state is not None and not ctx.state.relevance:
+            return (None, None, None, grad_output) + (None,) * n
+        if ctx.backward_fn is None:
+            raise RuntimeError("this relevance pass was already run (a relay's rule runs once)")
+        grads = tuple(ctx.backward_fn(grad_output))
+        if ctx.state is not None:  # one relevance backward per pass: free what the rule held
+            ctx.backward_fn = None
+        if ctx.through_output:
+            g_out, grads = grads[0], grads[1:]
+        else:
+            g_out = None
+        if len(grads) != n:
+            raise RuntimeError(f"rule returned {len(grads)} gradients for {n} inputs")
+        return (None, None, None, g_out, *grads)
+
+
+def relay(
+    output: torch.Tensor,
+    inputs: Sequence[torch.Tensor],
+    backward: Callable[[torch.Tensor], Sequence],
+    through_output: bool = False,
+) -> torch.Tensor:
+    """A tensor equal to ``output`` whose backward to ``inputs`` is ``backward(g̃_out) -> g̃_inputs``.
+
+    With ``through_output``, ``backward`` returns ``(g_real, *g̃_inputs)``: ``g_real`` is sent
+    back through ``output``'s own graph (so ``output`` must have one), the rest to ``inputs``. In
+    a forward that keeps plain edges (:class:`Propagation`), the plain backward sends the incoming
+    gradient through ``output``'s own graph unchanged.
+    """
+    state = active()
+    keep = through_output or (state is not None and state.plain_edges)
+    return _Relay.apply(backward, state, through_output, output if keep else output.detach(), *inputs)
+
+
+#: attribute marking a tensor that a rule holds constant (relevance stops there, gradients do not)
+CONSTANT = "_attnx_constant"
+
+
+def held_constant(t: torch.Tensor) -> bool:
+    """Whether ``t`` (or the tensor it is a view of) was held constant by a rule."""
+    return bool(getattr(t, CONSTANT, False) or (t._base is not None and getattr(t._base, CONSTANT, False)))
+
+
+def plain_edges() -> bool:
+    """Whether the forward running now keeps the real graph of every op (for a plain backward)."""
+    state = active()
+    return state is not None and state.plain_edges
+
+
+@dataclass
+class Op:
+    """One intercepted call.
+
+    Attributes
+    ----------
+    func:
+        The torch function called, or the module whose forward ran (``module`` is set then).
+    args, kwargs:
+        The call's arguments (for a module: its forward's arguments).
+    carrying:
+        Positions in ``args`` of the tensors that carry relevance.
+    module:
+        The module, for module rules; ``None`` for function rules.
+    stack:
+        The enclosing modules as ``(qualified name, module)`` pairs, outermost first.
+    output:
+        For module rules, the output the module computed.
+    call:
+        ``call(func, *args, **kwargs)``: run another op through the engine (for decompositions).
+    is_input:
+        ``is_input(t)``: whether ``t`` is the explained input (pixels or token embeddings).
+    name:
+        The qualified name of the module (module rules) or of the innermost enclosing module.
+    """
+
+    func: Any
+    args: tuple
+    kwargs: dict
+    carrying: list[int]
+    module: nn.Module | None = None
+    stack: list = field(default_factory=list)
+    output: Any = None
+    call: Callable[..., Any] | None = None
+    is_input: Callable[[torch.Tensor], bool] | None = None
+    name: str = ""
+
+    def compute(self, graph: bool = False) -> Any:
+        """The op's output; with its autograd graph when ``graph`` or when the forward keeps
+        plain edges, else without."""
+        if self.output is not None:
+            return self.output
+        with torch.set_grad_enabled(graph or plain_edges()):
+            return self.func(*self.args, **self.kwargs)
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return [self.args[i] for i in self.carrying]
+
+
+class Rule:
+    """Base class: a rule turns one :class:`Op` into an output whose backward is the rule."""
+
+    #: short name shown in the coverage table
+    name = "rule"
+
+    def applies(self, op: Op) -> bool:
+        """Whether the rule takes this call of a function it is registered for; when it does not,
+        the engine treats the call as if no rule matched (linear ops are then plain gradient)."""
+        return True
+
+    def __call__(self, op: Op) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
