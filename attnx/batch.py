@@ -156,8 +156,9 @@ def check_on_real_device(inputs: Any, model: nn.Module) -> None:
             "create the inputs on a real device ('cpu', 'cuda', ...)"
         )
     p = next(model.parameters(), None)
-    offloaded = any(hasattr(m, "_hf_hook") for m in model.modules())  # accelerate loads meta weights itself
-    if p is not None and p.device.type == "meta" and not offloaded:
+    if p is None or p.device.type != "meta":
+        return
+    if not any(hasattr(m, "_hf_hook") for m in model.modules()):  # accelerate's offload loads meta weights itself
         raise AttnxValueError(
             "the model's weights are on the meta device (not loaded); load them first "
             "(from_pretrained, or model.to_empty(device='cpu') and load_state_dict)"
@@ -174,8 +175,7 @@ def outside_inference_mode(inputs: Any) -> Any:
     if isinstance(inputs, torch.Tensor):
         return plain(inputs)
     if isinstance(inputs, Mapping) and any(isinstance(v, torch.Tensor) and v.is_inference() for v in inputs.values()):
-        return type(inputs)({k: plain(v) for k, v in inputs.items()}) if isinstance(inputs, dict) else \
-            {k: plain(v) for k, v in inputs.items()}
+        return {k: plain(v) for k, v in inputs.items()}
     return inputs
 
 

@@ -106,6 +106,14 @@ def test_hugging_face_folder_as_arch(tmp_path):
     x = CASES["hf_vit_sdpa"].inputs()
     assert loaded.preprocess(Image.new("RGB", (40, 40))).shape == (3, 32, 32)  # config.image_size
     assert torch.equal(loaded.model(pixel_values=x).logits, model(pixel_values=x).logits)
+    # the folder's own image processor config, when there is one
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(image_mean=list(STD), image_std=list(MEAN), size={"height": 24, "width": 40}).save_pretrained(folder)
+    own = zoo.load(tmp_path / "vit.bin", arch=str(folder))
+    assert own.mean == STD and own.std == MEAN and own.preprocess(Image.new("RGB", (9, 9))).shape == (3, 24, 40)
+    given = zoo.load(tmp_path / "vit.bin", arch=str(folder), mean=MEAN, std=STD, size=32)  # options win
+    assert given.mean == MEAN and given.preprocess(Image.new("RGB", (9, 9))).shape == (3, 32, 32)
 
 
 def test_whole_pickled_model_needs_trust_pickle(capsys, tmp_path):

@@ -168,16 +168,16 @@ def own_preprocessing(model: nn.Module, folder: str | None) -> dict[str, Any]:
         if cfg.get("input_size") is not None:
             found["size"] = tuple(cfg["input_size"][-2:])
     if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
-        import json
+        from transformers import AutoImageProcessor
 
-        proc = json.loads((Path(folder) / "preprocessor_config.json").read_text())
-        if proc.get("image_mean") is not None and proc.get("image_std") is not None:
-            found.update(mean=tuple(proc["image_mean"]), std=tuple(proc["image_std"]))
-        size = proc.get("size")
-        if isinstance(size, Mapping) and "height" in size and "width" in size:
+        proc = AutoImageProcessor.from_pretrained(folder)
+        if getattr(proc, "image_mean", None) is not None and getattr(proc, "image_std", None) is not None:
+            found.update(mean=tuple(proc.image_mean), std=tuple(proc.image_std))
+        size = getattr(proc, "size", None) or {}
+        if "height" in size and "width" in size:
             found["size"] = (int(size["height"]), int(size["width"]))
-        elif isinstance(size, int):
-            found["size"] = (size, size)
+        elif "shortest_edge" in size:
+            found["size"] = (int(size["shortest_edge"]),) * 2
     image_size = getattr(getattr(model, "config", None), "image_size", None)
     if "size" not in found and image_size is not None:
         found["size"] = tuple(image_size) if isinstance(image_size, (tuple, list)) else (int(image_size),) * 2
