@@ -141,6 +141,8 @@ def test_whole_pickled_model_needs_trust_pickle(capsys, tmp_path):
         loaded = zoo.load(path, trust_pickle=True, mean=MEAN, std=STD, size=32)
     x = CASES["timm_vit"].inputs()
     assert torch.equal(loaded.model(x), model(x))
+    with pytest.warns(UserWarning), pytest.raises(AttnxValueError, match="holds a whole VisionTransformer, not a state dict"):
+        zoo.load(path, trust_pickle=True, arch="test_vit")
 
 
 class Payload:

@@ -228,6 +228,8 @@ def load_model_file(
         obj = read_checkpoint(path, trust_pickle)
     folder = None
     if isinstance(obj, nn.Module):
+        if arch is not None:
+            raise AttnxValueError(f"{path} holds a whole {type(obj).__name__}, not a state dict: leave out --arch (arch=)")
         model = obj
     else:
         state = as_state_dict(obj, path)
