@@ -118,7 +118,7 @@ def _silence_stdout() -> None:
         pass
 
 
-def check_out(out: str | None, folder_ok: bool = True) -> None:
+def check_out(out: str | None) -> None:
     """``--out`` must name a folder (existing or new) or a file whose folder can be made: one line
     saying what is wrong, before any work is done."""
     if not out:
@@ -129,7 +129,7 @@ def check_out(out: str | None, folder_ok: bool = True) -> None:
                               "in .png or .html")
     if p.suffix and p.is_dir():
         raise AttnxValueError(f"--out {out} is an existing folder, expected a file name (or give the folder without a suffix)")
-    parent = p if p.suffix == "" and folder_ok else p.parent
+    parent = p if p.suffix == "" else p.parent
     for q in (parent, *parent.parents):
         if q.exists():
             if not q.is_dir():

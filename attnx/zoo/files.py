@@ -167,6 +167,14 @@ def own_preprocessing(model: nn.Module, folder: str | None) -> dict[str, Any]:
             found.update(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
         if cfg.get("input_size") is not None:
             found["size"] = tuple(cfg["input_size"][-2:])
+    # the size the model is built for beats the config of the weights it was derived from
+    # (timm keeps the default cfg's input_size when created with another img_size)
+    for obj, attr in ((getattr(model, "patch_embed", None), "img_size"), (model, "image_size")):
+        built = getattr(obj, attr, None) if obj is not None else None
+        if isinstance(built, int):
+            found["size"] = (built, built)
+        elif isinstance(built, (tuple, list)) and len(built) == 2:
+            found["size"] = (int(built[0]), int(built[1]))
     if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
