@@ -129,8 +129,9 @@ def test_whole_pickled_model_needs_trust_pickle(capsys, tmp_path):
     # trusted: a warning naming the risk, then the preprocessing the options give
     with pytest.warns(UserWarning, match="can execute arbitrary code"):
         status, _, err = run(capsys, "explain", str(image), "--model", str(path), "--trust-pickle", "--out", str(out))
-    assert status == 2 and err.strip() == (f"attnx: error: no preprocessing is known for whole.pt (mean, std, size "
-                                           "missing): give --mean --std --size (Python: mean=, std=, size=)")
+    # the size is the one the model is built for (patch_embed.img_size); mean and std are unknown
+    assert status == 2 and err.strip() == ("attnx: error: no preprocessing is known for whole.pt (mean, std missing): "
+                                           "give --mean --std (Python: mean=, std=)")
     with pytest.warns(UserWarning, match="trust_pickle=True"):
         status, stdout, err = run(capsys, "explain", str(image), "--model", str(path), "--trust-pickle", "--mean",
                                   *map(str, MEAN), "--std", *map(str, STD), "--size", "32", "--method", "rollout",
