@@ -5,11 +5,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
+from torch import nn
 
 from .errors import AttnxTypeError, AttnxValueError
 from .layout import Layout
 
-__all__ = ["Batch", "check_image_batch", "check_text_inputs"]
+__all__ = ["Batch", "check_image_batch", "check_on_real_device", "check_text_inputs", "check_token_ids", "outside_inference_mode"]
 
 
 @dataclass
@@ -136,3 +137,74 @@ def check_text_inputs(inputs: Any) -> dict:
         if (mask.sum(-1) == 0).any():
             raise AttnxValueError("a sample of the text batch has no tokens (its attention_mask is all zeros)")
     return inputs
+
+
+def tensors_of(inputs: Any) -> list[torch.Tensor]:
+    """The tensors of an input: itself, or the values of a dict (a tokenizer's output)."""
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    if isinstance(inputs, Mapping):
+        return [v for v in inputs.values() if isinstance(v, torch.Tensor)]
+    return []
+
+
+def check_on_real_device(inputs: Any, model: nn.Module) -> None:
+    """Inputs (and weights) on the ``meta`` device have shapes but no values: nothing to explain."""
+    if any(t.device.type == "meta" for t in tensors_of(inputs)):
+        raise AttnxValueError(
+            "the inputs are on the meta device (shapes without values); attnx explains real values: "
+            "create the inputs on a real device ('cpu', 'cuda', ...)"
+        )
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "meta":
+        return
+    if not any(hasattr(m, "_hf_hook") for m in model.modules()):  # accelerate's offload loads meta weights itself
+        raise AttnxValueError(
+            "the model's weights are on the meta device (not loaded); load them first "
+            "(from_pretrained, or model.to_empty(device='cpu') and load_state_dict)"
+        )
+
+
+def outside_inference_mode(inputs: Any) -> Any:
+    """``inputs`` with every tensor created under ``torch.inference_mode()`` cloned (call this
+    under ``torch.inference_mode(False)``): autograd cannot record inference tensors; the user's
+    tensors are not changed."""
+    def plain(v: Any) -> Any:
+        return v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+
+    if isinstance(inputs, torch.Tensor):
+        return plain(inputs)
+    if isinstance(inputs, Mapping) and any(isinstance(v, torch.Tensor) and v.is_inference() for v in inputs.values()):
+        return {k: plain(v) for k, v in inputs.items()}
+    return inputs
+
+
+def learned_positions(model: nn.Module) -> int | None:
+    """How many tokens a model with learned absolute position embeddings takes (BERT-family
+    ``position_embeddings``, GPT-2 ``wpe``); ``None`` for rotary or relative positions."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe"):
+            offset = 0 if m.padding_idx is None else m.padding_idx + 1  # RoBERTa counts from padding_idx + 1
+            return m.num_embeddings - offset
+    return None
+
+
+def check_token_ids(batch: Batch, embeddings: nn.Module | None, model: nn.Module) -> None:
+    """Token ids must index the vocabulary, and a text must fit the model's position embeddings."""
+    ids = batch.kwargs.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or not isinstance(embeddings, nn.Embedding):
+        return
+    V = embeddings.num_embeddings
+    bad = (ids < 0) | (ids >= V)
+    if bad.any():
+        where = torch.nonzero(bad)[0].tolist()
+        raise AttnxValueError(
+            f"token id {ids[bad][0].item()} (sample {where[0]}, position {where[1]}) is outside the model's "
+            f"vocabulary of {V} tokens (0..{V - 1}); was the text tokenised by this model's tokenizer?"
+        )
+    limit = learned_positions(model)
+    if limit is not None and ids.shape[1] > limit:
+        raise AttnxValueError(
+            f"{ids.shape[1]} tokens, the model takes at most {limit}; truncate with "
+            f"tokenizer(..., truncation=True, max_length={limit})"
+        )

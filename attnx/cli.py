@@ -15,7 +15,7 @@ import torch
 import attnx
 
 from . import demo, evaluate, report, viz, zoo
-from .errors import AttnxError
+from .errors import AttnxError, AttnxValueError
 
 EPILOG = """\
 examples:
@@ -105,7 +105,43 @@ def _per_method(methods: Sequence[str], options: dict[str, str]) -> dict[str, di
     return out
 
 
+def say(text: str) -> None:
+    """Print a line to stdout; a reader that went away (``| head -1``) silences the rest, and the
+    command goes on writing its files."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        _silence_stdout()
+
+
+def _silence_stdout() -> None:
+    try:  # the fd, so that nothing buffered fails again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def check_out(out: str | None) -> None:
+    """``--out`` must name a folder (existing or new) or a file whose folder can be made: one line
+    saying what is wrong, before any work is done."""
+    if not out:
+        return
+    p = Path(out)
+    if p.suffix == "" and p.exists() and not p.is_dir():
+        raise AttnxValueError(f"--out {out} is an existing file, not a folder; give a folder or a file name ending "
+                              "in .png or .html")
+    if p.suffix and p.is_dir():
+        raise AttnxValueError(f"--out {out} is an existing folder, expected a file name (or give the folder without a suffix)")
+    parent = p if p.suffix == "" else p.parent
+    for q in (parent, *parent.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise AttnxValueError(f"--out {out}: {q} is a file, expected a folder there")
+            break
+
+
 def _out_path(out: str | None, default: str, suffix: str) -> Path:
+    check_out(out)
     p = Path(out) if out else Path(default)
     if p.suffix == "":
         p.mkdir(parents=True, exist_ok=True)
@@ -119,35 +155,62 @@ def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    print(f"wrote {path}")
+    say(f"wrote {path}")
 
 
 def _save_stacked(figs: Sequence[Any], path: Path) -> None:
     """Several images or methods into one --out file: the figures one under the other."""
     viz.save_stacked(figs, path, dpi=110)
-    print(f"wrote {path}")
+    say(f"wrote {path}")
 
 
-def _load(spec: str | None, kind: str) -> zoo.ZooModel:
+def _load(args: argparse.Namespace, kind: str) -> zoo.ZooModel:
+    spec = args.model
+    if args.size is not None and len(args.size) > 2:
+        raise AttnxValueError(f"--size takes N or H W, got {len(args.size)} numbers")
+    size = None if args.size is None else (args.size[0] if len(args.size) == 1 else tuple(args.size))
+    files = dict(arch=args.arch, trust_pickle=args.trust_pickle, mean=args.mean, std=args.std, size=size)
+    if spec in (None, "default", "default-lm") or not zoo.files.is_model_file(str(spec)):
+        if args.arch or args.trust_pickle:
+            raise AttnxValueError(f"--arch and --trust-pickle apply to model files (.pt, .pth, .ckpt, .bin, "
+                                  f".safetensors), not to --model {spec or 'default'}")
     try:
-        return zoo.load(spec, kind)
-    except Exception as exc:  # unknown names, no network, missing files: one line, not a traceback
+        return zoo.load(spec, kind, **files)
+    except AttnxError:  # said in one line already
+        raise
+    except Exception as exc:  # unknown names, no network: one line, not a traceback
         raise SystemExit(f"attnx: cannot load model {spec or 'default'!r} ({kind}): {type(exc).__name__}: {exc}\n"
                          "       see `attnx models` for what --model accepts") from exc
 
 
-def _load_images(paths: Sequence[str], loaded: zoo.ZooModel) -> tuple[torch.Tensor, list[str]]:
-    from PIL import Image
+def _open_images(paths: Sequence[str]) -> list[Any]:
+    """The image files as PIL images, read before any model is loaded."""
+    from PIL import Image, UnidentifiedImageError
 
-    if loaded.preprocess is None:
-        raise SystemExit("attnx: this model has no known preprocessing; explain it from Python instead")
-    tensors, names = [], []
+    images = []
     for p in paths:
         if not os.path.isfile(p):
-            raise SystemExit(f"attnx: no such image file: {p}")
-        tensors.append(loaded.preprocess(Image.open(p)))
-        names.append(Path(p).stem)
-    return torch.stack(tensors), names
+            raise AttnxValueError(f"no such image file: {p}")
+        try:
+            with Image.open(p) as img:
+                img.load()
+                images.append(img.copy())
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise AttnxValueError(f"{p} is not an image file PIL can read (expected PNG, JPEG, ...): "
+                                  f"{str(exc) or type(exc).__name__}") from None
+    return images
+
+
+def _load_images(paths: Sequence[str], pictures: Sequence[Any], loaded: zoo.ZooModel) -> tuple[torch.Tensor, list[str]]:
+    zoo.files.require_preprocessing(loaded)
+    return torch.stack([loaded.preprocess(img) for img in pictures]), [Path(p).stem for p in paths]
+
+
+def check_num_scenes(n: int) -> None:
+    """``--num-scenes`` of ``attnx explain`` counts shipped scenes: 1 to their number."""
+    total = zoo.vision.num_scenes()
+    if not 1 <= n <= total:
+        raise AttnxValueError(f"--num-scenes must be between 1 and {total} (the shipped held-out scenes), got {n}")
 
 
 def explain_images(args: argparse.Namespace) -> int:
@@ -159,9 +222,13 @@ def explain_images(args: argparse.Namespace) -> int:
         raise SystemExit(f"attnx: no such image file: {', '.join(missing)}")
     if not args.images and args.model not in (None, "default"):
         raise SystemExit("attnx: give image files to explain with --model")
-    loaded = _load(args.model, "image")
+    check_out(args.out)
+    if not args.images:
+        check_num_scenes(args.num_scenes)
+    pictures = _open_images(args.images)
+    loaded = _load(args, "image")
     if args.images:
-        images, names = _load_images(args.images, loaded)
+        images, names = _load_images(args.images, pictures, loaded)
     else:  # the embedded scenes: --model is the embedded vision model
         images = loaded.preprocess(zoo.scenes(args.num_scenes).images)
         names = [f"scene{i}" for i in range(len(images))]
@@ -214,9 +281,9 @@ def _image_report(args, explainer, images, names, methods, options, targets, loa
     for t, m in tqdm(jobs, desc="explaining", disable=args.quiet or len(jobs) < 2):
         label = "predicted" if t is None else (kw["class_names"][t] if kw["class_names"] and t < len(kw["class_names"]) else f"class {t}")
         groups.setdefault(label, []).append(explainer(images, method=m, target=t, **options[m]))
-    path = report.write_report(args.out, groups, images, names=names, title=_model_title(args.model, loaded),
-                               page_title="attnx report", **kw)
-    print(f"wrote {path}")
+    path = report.write_report(_out_path(args.out, "", ""), groups, images, names=names,
+                               title=_model_title(args.model, loaded), page_title="attnx report", **kw)
+    say(f"wrote {path}")
     return 0
 
 
@@ -225,9 +292,12 @@ def explain_text(args: argparse.Namespace) -> int:
         raise SystemExit(f"attnx: text explanations are written as HTML: give --out FILE.html or a folder, not {args.out}")
     methods = _methods(args.method, "text")
     options = _per_method(methods, _options(args.option))
-    loaded = _load(args.model, "text")
+    check_out(args.out)
+    loaded = _load(args, "text")
     if loaded.kind != "text":
         raise SystemExit(f"attnx: {args.model} is not a text classifier")
+    if loaded.tokenizer is None:
+        raise AttnxValueError(f"{args.model} has no tokenizer: give the Hugging Face folder with its tokenizer files as --arch")
     language_model = bool(loaded.info.get("language_model"))
     if args.continuation and not language_model:
         raise SystemExit("attnx: --continuation needs a causal language model (--model of a *ForCausalLM)")
@@ -240,19 +310,19 @@ def explain_text(args: argparse.Namespace) -> int:
     explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
     if target is not None and isinstance(target, list) and len(target) != len(args.text):
         raise SystemExit("attnx: give one --target for all texts, or one per text")
-    explained = []
-    for m in methods:
-        e = explainer(batch, method=m, target=target, **options[m])
-        print(f"[{m}]")
-        print(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=not args.no_color and sys.stdout.isatty()))
-        explained.append(e)
+    explained = [explainer(batch, method=m, target=target, **options[m]) for m in methods]
     path = _out_path(args.out, "attnx_text.html", "_text.html")
     if language_model:  # the page that shows the explained token after the prompt
         path.write_text(viz.text_html(explained, loaded.tokenizer, class_names=loaded.class_names))
     else:  # the interactive page: methods side by side, the value under the pointer
         report.write_report(path, explained, tokenizer=loaded.tokenizer, class_names=loaded.class_names,
                             title=_model_title(args.model, loaded), page_title="attnx report")
-    print(f"wrote {path}")
+    # the page is complete before anything goes to stdout: a closed pipe (| head) cannot lose it
+    color = not args.no_color and sys.stdout.isatty()
+    for m, e in zip(methods, explained):
+        say(f"[{m}]")
+        say(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=color))
+    say(f"wrote {path}")
     return 0
 
 
@@ -287,7 +357,8 @@ def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
         raise SystemExit("attnx: a dual encoder explains every image with every --text prompt; --target and --continuation do not apply")
     if args.out and Path(args.out).suffix.lower() not in ("", ".png", ".jpg", ".jpeg", ".pdf", ".svg"):
         raise SystemExit(f"attnx: image-text maps are written as a picture (PNG, JPG, PDF, SVG) or into a folder, not {args.out}")
-    images, names = _load_images(args.images, loaded)
+    check_out(args.out)
+    images, names = _load_images(args.images, _open_images(args.images), loaded)
     explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
     figs = []
     for m in methods:
@@ -307,7 +378,7 @@ def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     if args.text and args.images:
-        loaded = _load(args.model, "image")
+        loaded = _load(args, "image")
         if loaded.kind != "image_text":
             raise SystemExit("attnx: give either images or --text, not both (both only for a CLIP-style --model)")
         return explain_image_text(args, loaded)
@@ -398,10 +469,10 @@ def _write_league(league: Any, out: Path, wall: float) -> None:
     del fig
     league.to_html(out / f"league_{task}.html")
     league.save(out / f"samples_{task}.npz")
-    print(table)
-    print(f"{task}: {len(league.methods)} methods, {len(league)} samples, wall time {wall:.1f} s")
+    say(table)
+    say(f"{task}: {len(league.methods)} methods, {len(league)} samples, wall time {wall:.1f} s")
     for name in (md.name, f"league_{task}.html", f"league_{task}.csv", f"curves_{task}.png", f"samples_{task}.npz"):
-        print(f"wrote {out / name}")
+        say(f"wrote {out / name}")
 
 
 def _evaluate_merge(args: argparse.Namespace) -> int:
@@ -449,11 +520,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     shard = evaluate.parse_shard(args.shard) if args.shard else None
     if shard is not None and evaluate.launched_distributed():
         raise SystemExit("attnx: under torchrun every process is a shard already; leave out --shard")
+    check_out(args.out)
     out = Path(args.out or "attnx_evaluate")
     for t in tasks:
         model = None
         if args.model not in (None, "default"):
-            model = _load(args.model, "text" if t == "text" else "image")
+            model = _load(args, "text" if t == "text" else "image")
             model.info.setdefault("name", args.model)
         t0 = time.perf_counter()
         try:
@@ -468,8 +540,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if shard is not None:
             out.mkdir(parents=True, exist_ok=True)
             path = league.save(out / evaluate.shard_file(t, shard))
-            print(f"wrote {path} ({len(league)} of {league.meta['total']} samples, {wall:.1f} s); "
-                  f"when every shard is done: attnx evaluate --merge {out}")
+            say(f"wrote {path} ({len(league)} of {league.meta['total']} samples, {wall:.1f} s); "
+                f"when every shard is done: attnx evaluate --merge {out}")
             continue
         _write_league(league, out, wall)
     return 0
@@ -478,6 +550,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     demo.run(args.out, quiet=args.quiet)
     return 0
+
+
+def _model_file_options(p: argparse.ArgumentParser) -> None:
+    """How a --model FILE is read (see the README's "Loading your own model")."""
+    g = p.add_argument_group("model files (--model FILE.pt / .pth / .ckpt / .bin / .safetensors)")
+    g.add_argument("--arch", default=None, help="the architecture of a state dict: a timm name (e.g. vit_small_patch16_224) "
+                   "or a Hugging Face model folder / config.json")
+    g.add_argument("--trust-pickle", action="store_true", help="unpickle a whole model saved with torch.save(model); "
+                   "a pickle can execute arbitrary code: only for files you trust")
+    g.add_argument("--mean", type=float, nargs=3, default=None, metavar="M", help="per-channel mean of [0, 1] inputs "
+                   "(default: the model's own)")
+    g.add_argument("--std", type=float, nargs=3, default=None, metavar="S", help="per-channel std (default: the model's own)")
+    g.add_argument("--size", type=_positive_int, nargs="+", default=None, metavar="N", help="input size: N or H W "
+                   "(default: the model's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -503,7 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     e.add_argument("--out", default=None, help="output file or folder: PNG for images, or FILE.html for an interactive "
                    "page (images or text)")
-    e.add_argument("--num-scenes", type=int, default=4, help="default scenes to explain when no image is given")
+    e.add_argument("--num-scenes", type=int, default=4, help="default scenes to explain when no image is given "
+                   "(1 to the number of shipped scenes)")
+    _model_file_options(e)
     e.add_argument("--no-color", action="store_true", help="plain terminal output for text")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_explain)
@@ -522,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="vision (default; text for a .csv/.tsv --data), text, or all (both embedded models)")
     ev.add_argument("--methods", default="all", help="a comma list of methods, or 'all' (default)")
     ev.add_argument("--model", default=None, help="see `attnx models`; default: the embedded model of the task")
+    _model_file_options(ev)
     ev.add_argument("--data", default=None, help="an image folder (one sub-folder per class) or a CSV/TSV file with text,label columns")
     ev.add_argument("--num-scenes", type=_positive_int, default=None, help="compose N new held-out scenes (needs Fashion-MNIST)")
     ev.add_argument("--limit", type=_positive_int, default=None, help="evaluate the first N scenes / images / texts only")
@@ -545,15 +634,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is not an error
+        return status
     except AttnxError as exc:  # a user's mistake, said in one line; anything else keeps its traceback
         print(f"attnx: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `attnx methods | head`: the reader went away, not an error
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
+        _silence_stdout()
         return 0
 
 

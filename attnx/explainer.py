@@ -9,9 +9,11 @@ from torch import nn
 
 from .errors import AttnxTypeError
 from .adapters import Adapter, get_adapter
+from .batch import check_on_real_device, check_token_ids, outside_inference_mode
 from .degenerate import check_map
 from .explanation import Explanation
 from .image_text import ImageText, ImageTextExplanation, explain_pairs, tower_target
+from .labels import class_names
 from .layout import Readout, to_scores
 from .lrp.registry import Registry, get_preset
 from .methods.registry import Method, Relevance, get_method
@@ -56,6 +58,8 @@ class Explainer:
         self.model = unwrap_model(model)  # torch.compile / DataParallel wrappers: the user's module
         self.adapter = get_adapter(self.model, adapter)
         self.tokenizer = tokenizer
+        #: the labels of a classifier's outputs (string targets are class names); None for language models
+        self.class_names = None if getattr(self.adapter, "is_lm", False) else class_names(model)
 
     def trace(
         self,
@@ -69,10 +73,17 @@ class Explainer:
         """One pass recording what ``needs`` asks for (attentions, ``dy_t/dA``, relevance), for
         users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass,
         ``strict`` raises :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules."""
-        batch = self.adapter.prepare(inputs)
-        registry = None if preset is None else get_preset(preset)
-        target = tower_target(self.adapter, needs, prepare_target(target, self.tokenizer))
-        return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
+        check_on_real_device(inputs, self.model)
+        # autograd is off under torch.inference_mode(): the pass runs outside it, on clones of
+        # the inputs created under it (the user's tensors stay as they are)
+        with torch.inference_mode(False):
+            batch = self.adapter.prepare(outside_inference_mode(inputs))
+            check_token_ids(batch, self.adapter.input_embeddings(), self.model)
+            registry = None if preset is None else get_preset(preset)
+            target = prepare_target(target, self.tokenizer, self.class_names, not getattr(self.adapter, "is_lm", False),
+                                    self.model)
+            target = tower_target(self.adapter, needs, target)
+            return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
 
     def capture(self, inputs: Any, target: Target = None, gradients: bool = False) -> Trace:
         """Attentions (and their gradients) of one forward, for users' own methods."""

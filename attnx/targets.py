@@ -181,14 +181,25 @@ def first_token(text: str, tokenizer: Any) -> int:
     return ids[0]
 
 
-def prepare_target(target: Target, tokenizer: Any = None) -> Target:
-    """Tokenise the text parts of ``target``: a string becomes its first token id, a list of
-    strings one id per sample, a text :class:`Continuation` its token ids; anything else is
-    returned as given."""
-    if isinstance(target, str):
-        return first_token(target, tokenizer)
-    if isinstance(target, (list, tuple)) and target and all(isinstance(t, str) for t in target):
-        return [first_token(t, tokenizer) for t in target]
+def prepare_target(target: Target, tokenizer: Any = None, class_names: Sequence[str] | None = None,
+                   classifier: bool = False, model: Any = None) -> Target:
+    """Turn the text parts of ``target`` into ids: for a classifier a string is a class name
+    (resolved through ``class_names``, the labels the model carries), for a language model the
+    first token of the text; a list of strings gives one per sample; a text :class:`Continuation`
+    becomes its token ids; anything else is returned as given.
+
+    A string given to a classifier without class names (and no tokenizer) raises, saying that
+    string targets need a language model or a model with labels.
+    """
+    if isinstance(target, str) or (isinstance(target, (list, tuple)) and target and all(isinstance(t, str) for t in target)):
+        texts = [target] if isinstance(target, str) else list(target)
+        if class_names or (classifier and tokenizer is None):
+            from .labels import class_index
+
+            ids = [class_index(t, class_names, model) for t in texts]
+        else:
+            ids = [first_token(t, tokenizer) for t in texts]
+        return ids[0] if isinstance(target, str) else ids
     if isinstance(target, Continuation):
         t = target.tokens
         if isinstance(t, str) or (isinstance(t, (list, tuple)) and t and all(isinstance(x, str) for x in t)):

@@ -318,10 +318,10 @@ def test_broken_pipe_is_not_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("option,message", [
-    ("discard_ratio=abc", "discard_ratio must be a number, got 'abc'"),
+    ("discard_ratio=abc", "discard_ratio: expected a number in [0, 1), got 'abc'"),
     ("discard_ratio=1.5", "discard_ratio must be in [0, 1), got 1.5"),
     ("head_fusion=sum", "head_fusion must be one of ('mean', 'max', 'min'), got 'sum'"),
-    ("start_layer=1.5", "start_layer must be an int, got '1.5'"),
+    ("start_layer=1.5", "start_layer: expected an int, got '1.5'"),
 ])
 def test_option_values_are_parsed_by_their_declaration(capsys, option, message):
     status, _, err = run(capsys, "explain", "--num-scenes", "1", "--method", "rollout", "--option", option, "--quiet")

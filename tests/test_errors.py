@@ -251,7 +251,7 @@ def test_layer_out_of_range(timm, method, option, value):
 @pytest.mark.parametrize("value", [1.0, "1", True])
 def test_layer_of_the_wrong_type(timm, method, option, value):
     explainer, x = timm
-    with pytest.raises(TypeError, match=rf"^{option} must be an int"):
+    with pytest.raises(TypeError, match=rf"^{option}: expected an int, got"):
         explainer.explain(x, method=method, **{option: value})
 
 

@@ -66,7 +66,7 @@ DATA_KINDS = (
         "matching the model's class names (case, `_` and spaces ignored) are mapped to them, integer folder "
         "names are class indices, otherwise the folders' sorted order gives the indices. Images are "
         "evaluated in class round-robin order (`limit` takes a prefix of it). There are no masks, hence no "
-        "localisation columns. Models without known preprocessing (a `.pt` checkpoint) are fed RGB images "
+        "localisation columns. Models without known preprocessing (a pickled model with no mean/std of its own or given) are fed RGB images "
         "resized to the model's input size and normalised with its `pretrained_cfg` mean/std if it has one "
         "(else left in [0, 1]).",
     ),

