@@ -35,6 +35,8 @@ examples:
   attnx explain photo.jpg --model openai/clip-vit-base-patch32 --text "a cat" "a dog" --method generic
                                                 a dual encoder (CLIP, SigLIP, open_clip:ViT-B-32/laion2b_s34b_b79k):
                                                 one map per prompt
+  attnx explain --model default-clip --text "where is the bag?" "where is the coat?" --method generic
+                                                the embedded CLIP on the shipped scenes (or on image files)
   attnx explain                                  explain the embedded default scenes
   attnx methods                                  list the methods and their options
   attnx models                                   list what --model accepts
@@ -226,6 +228,8 @@ def explain_text(args: argparse.Namespace) -> int:
     methods = _methods(args.method, "text")
     options = _per_method(methods, _options(args.option))
     loaded = _load(args.model, "text")
+    if loaded.kind == "image_text":
+        raise SystemExit(f"attnx: {args.model} is a dual encoder: give image files with the --text prompts")
     if loaded.kind != "text":
         raise SystemExit(f"attnx: {args.model} is not a text classifier")
     language_model = bool(loaded.info.get("language_model"))
@@ -278,6 +282,10 @@ def _language_model_inputs(args: argparse.Namespace, tokenizer: Any) -> tuple[An
     return batch, targets[0] if len(targets) == 1 else targets
 
 
+#: the ``--model`` of the embedded CLIP, explained on the shipped scenes when no image is given
+EMBEDDED_CLIP = "default-clip"
+
+
 def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
     """Images and --text prompts of a dual encoder (CLIP, SigLIP, OpenCLIP): one map per image and
     prompt, for each method; the prompts' probabilities per image in the terminal."""
@@ -287,7 +295,11 @@ def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
         raise SystemExit("attnx: a dual encoder explains every image with every --text prompt; --target and --continuation do not apply")
     if args.out and Path(args.out).suffix.lower() not in ("", ".png", ".jpg", ".jpeg", ".pdf", ".svg"):
         raise SystemExit(f"attnx: image-text maps are written as a picture (PNG, JPG, PDF, SVG) or into a folder, not {args.out}")
-    images, names = _load_images(args.images, loaded)
+    if args.images:
+        images, names = _load_images(args.images, loaded)
+    else:  # the embedded CLIP: the shipped scenes
+        images = loaded.preprocess(zoo.scenes(args.num_scenes).images)
+        names = [f"scene{i}" for i in range(len(images))]
     explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
     figs = []
     for m in methods:
@@ -311,6 +323,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if loaded.kind != "image_text":
             raise SystemExit("attnx: give either images or --text, not both (both only for a CLIP-style --model)")
         return explain_image_text(args, loaded)
+    if args.text and args.model == EMBEDDED_CLIP:  # no images: the shipped scenes
+        return explain_image_text(args, _load(args.model, "image"))
     if args.text:
         return explain_text(args)
     return explain_images(args)
