@@ -129,4 +129,4 @@ def test_a_dual_encoder_with_text_alone_asks_for_images(capsys, tmp_path):
     status, _, stderr = run(capsys, "explain", "--model", folder, "--text", "a cat")
     assert status != 0 and "is a dual encoder: give image files" in stderr
     status, stdout, _ = run(capsys, "models")
-    assert status == 0 and "default-clip" in stdout
+    assert status == 0 and stdout.count("default-clip") == 2  # the spec, and the embedded model's line
