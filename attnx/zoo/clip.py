@@ -142,4 +142,4 @@ def describe() -> str:
             f"{v['num_hidden_layers']} layers, text {t['hidden_size']} x {t['num_hidden_layers']} layers, "
             f"{t['vocab_size']} words; captioned garment scenes; held-out retrieval among {m['retrieval_candidates']} "
             f"{m['retrieval_i2t']:.1%} image->text / {m['retrieval_t2i']:.1%} text->image, zero-shot "
-            f"{m['zero_shot_top1']:.1%} (Python: attnx.zoo.clip_model())")
+            f"{m['zero_shot_top1']:.1%} (--model default-clip; Python: attnx.zoo.clip_model())")

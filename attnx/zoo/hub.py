@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from ..errors import AttnxValueError
 from .bundle import ZooModel
+from .clip import clip_model
 from .files import is_model_file, load_model_file, pil_transform
 from .lm import language_model
 from .text import text_model
@@ -21,6 +22,8 @@ __all__ = ["MODEL_KINDS", "load", "pil_transform"]
 MODEL_KINDS = {
     "default": "the embedded default model (vision for images, text for --text); no network needed",
     "default-lm": "the embedded language model (a small Llama trained on movie-review snippets); no network needed",
+    "default-clip": "the embedded CLIP (a small CLIPModel trained on captioned garment scenes); explain with --text "
+    "prompts, e.g. \"where is the bag?\"; no network needed",
     "timm:NAME or NAME": "a timm model with pretrained weights, e.g. vit_base_patch16_224, deit_small_patch16_224",
     "torchvision:NAME": "a torchvision model with its default weights, e.g. torchvision:vit_b_16",
     "hf:ID or ID/with/slash": "a Hugging Face image or text classifier id, e.g. google/vit-base-patch16-224, "
@@ -124,7 +127,8 @@ def load(
     ----------
     spec:
         ``None`` or ``"default"``: the embedded model of ``kind``; ``"default-lm"``: the embedded
-        language model (:func:`attnx.zoo.language_model`); ``"timm:NAME"`` or a bare timm
+        language model (:func:`attnx.zoo.language_model`); ``"default-clip"``: the embedded CLIP
+        (:func:`attnx.zoo.clip_model`); ``"timm:NAME"`` or a bare timm
         name; ``"torchvision:NAME"``; ``"hf:ID"``, a Hugging Face id with a slash or a local folder
         saved with ``save_pretrained`` (an image or a sequence classifier, told apart by its config);
         a model file (``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` / ``.safetensors``), loaded as data
@@ -142,6 +146,8 @@ def load(
         return text_model() if kind == "text" else vision_model()
     if spec == "default-lm":
         return language_model()
+    if spec == "default-clip":
+        return clip_model()
     if spec.startswith("timm:"):
         return _timm(spec[5:])
     if spec.startswith("torchvision:"):
