@@ -115,8 +115,9 @@ class DualEncoderAdapter(Adapter):
         raise UnsupportedModelError(f"{type(self.model).__name__} has no logit scale (a single tower)")
 
     def logit_bias(self) -> float:
-        """The constant added to the scaled cosine (SigLIP), 0 for CLIP."""
-        return 0.0
+        """The constant added to the scaled cosine (SigLIP's ``logit_bias``), 0 for CLIP."""
+        bias = getattr(self.model, "logit_bias", None)
+        return 0.0 if bias is None else float(bias.detach())
 
     def resolve_layout(self, batch: Batch, num_tokens: int) -> Layout:
         layout = super().resolve_layout(batch, num_tokens)
@@ -239,10 +240,6 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
             return super().logit_scale()
         return float(self.model.logit_scale.detach().exp())
 
-    def logit_bias(self) -> float:
-        bias = getattr(self.model, "logit_bias", None)
-        return 0.0 if bias is None else float(bias.detach())
-
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
         with attn_implementation(self.model, "eager"), no_new_forward_hooks(self.model):
@@ -335,10 +332,6 @@ class OpenCLIPAdapter(DualEncoderAdapter):
 
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
-
-    def logit_bias(self) -> float:
-        bias = getattr(self.model, "logit_bias", None)
-        return 0.0 if bias is None else float(bias.detach())
 
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
