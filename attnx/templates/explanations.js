@@ -33,6 +33,20 @@ function labelled(text, control, key) {
   return el("label", {}, [key ? el("span", {class: "ax-key " + key}) : null, text, control]);
 }
 
+// The target and the two compared methods, shared by the image and the text views: the three
+// dropdowns, wired to state[key] and a redraw, and their labels in the order the views show them.
+function comparisonControls(D, state, draw) {
+  const methodOptions = D.methods.map(m => [m, m]);
+  const c = {
+    target: dropdown("ax-target", D.targets.map(t => [t, t]), state.target),
+    a: dropdown("ax-method-a", methodOptions, state.a),
+    b: dropdown("ax-method-b", [["", "(none)"]].concat(methodOptions), state.b),
+  };
+  for (const key of ["target", "a", "b"]) c[key].addEventListener("change", () => { state[key] = c[key].value; draw(); });
+  return {...c, labels: [labelled("target", c.target), labelled("method A", c.a, "ax-key-a"),
+                         labelled("method B", c.b, "ax-key-b")]};
+}
+
 // a number as the read-outs show it: 4 significant digits, an explicit sign
 function fmt(v) {
   if (v === null || v === undefined || !isFinite(v)) return "n/a";
@@ -129,18 +143,14 @@ function imageView(root, D) {
   }
 
   header(root, D);
-  const methodOptions = D.methods.map(m => [m, m]);
   const controls = {
-    target: dropdown("ax-target", D.targets.map(t => [t, t]), state.target),
-    a: dropdown("ax-method-a", methodOptions, state.a),
-    b: dropdown("ax-method-b", [["", "(none)"]].concat(methodOptions), state.b),
+    ...comparisonControls(D, state, draw),
     opacity: el("input", {class: "ax-opacity", type: "range", min: "0", max: "1", step: "0.05", value: String(state.opacity)}),
     cmap: dropdown("ax-cmap", Object.keys(D.colormaps).map(c => [c, c]), state.cmap),
   };
   const opacityText = el("span", {class: "ax-opacity-value", text: state.opacity.toFixed(2)});
   root.appendChild(el("div", {class: "ax-controls"}, [
-    labelled("target", controls.target), labelled("method A", controls.a, "ax-key-a"),
-    labelled("method B", controls.b, "ax-key-b"), labelled("opacity", controls.opacity), opacityText,
+    ...controls.labels, labelled("opacity", controls.opacity), opacityText,
     labelled("colour map", controls.cmap)]));
 
   // the samples, as a list of thumbnails
@@ -200,9 +210,6 @@ function imageView(root, D) {
     return {method: m, root: t, canvas: c};
   });
 
-  controls.target.addEventListener("change", () => { state.target = controls.target.value; draw(); });
-  controls.a.addEventListener("change", () => { state.a = controls.a.value; draw(); });
-  controls.b.addEventListener("change", () => { state.b = controls.b.value; draw(); });
   controls.cmap.addEventListener("change", () => { state.cmap = controls.cmap.value; draw(); });
   controls.opacity.addEventListener("input", () => {
     state.opacity = parseFloat(controls.opacity.value); opacityText.textContent = state.opacity.toFixed(2); draw();
@@ -285,17 +292,13 @@ function textView(root, D) {
   const entry = method => (D.entries[method] || {})[state.target];
 
   header(root, D);
-  const methodOptions = D.methods.map(m => [m, m]);
   const controls = {
-    target: dropdown("ax-target", D.targets.map(t => [t, t]), state.target),
-    a: dropdown("ax-method-a", methodOptions, state.a),
-    b: dropdown("ax-method-b", [["", "(none)"]].concat(methodOptions), state.b),
+    ...comparisonControls(D, state, draw),
     intensity: el("input", {class: "ax-opacity", type: "range", min: "0.1", max: "1", step: "0.05", value: String(state.intensity)}),
     palette: dropdown("ax-cmap", Object.keys(palettes).map(p => [p, p]), state.palette),
   };
   root.appendChild(el("div", {class: "ax-controls"}, [
-    labelled("target", controls.target), labelled("method A", controls.a, "ax-key-a"),
-    labelled("method B", controls.b, "ax-key-b"), labelled("colour strength", controls.intensity),
+    ...controls.labels, labelled("colour strength", controls.intensity),
     labelled("colours (for / against)", controls.palette)]));
   const where = el("span", {class: "ax-where", text: "point at a word piece to read its relevance"});
   const values = {a: el("span", {class: "ax-value", "data-slot": "a"}), b: el("span", {class: "ax-value", "data-slot": "b"})};
@@ -387,9 +390,6 @@ function textView(root, D) {
     show();
   });
   table.addEventListener("mouseleave", () => { state.hover = null; show(); });
-  controls.target.addEventListener("change", () => { state.target = controls.target.value; draw(); });
-  controls.a.addEventListener("change", () => { state.a = controls.a.value; draw(); });
-  controls.b.addEventListener("change", () => { state.b = controls.b.value; draw(); });
   controls.palette.addEventListener("change", () => { state.palette = controls.palette.value; draw(); });
   controls.intensity.addEventListener("input", () => { state.intensity = parseFloat(controls.intensity.value); draw(); });
   draw();
