@@ -198,22 +198,19 @@ def make_inputs(name: str, model: torch.nn.Module, batch: int, seq_len: int, see
     }
 
 
-#: the baseline's language-model logits: "all" positions (the model called as users call it) or
-#: "last" (``logits_to_keep=1``, as attnx runs it for a next-token target); set by --lm-logits
-LM_LOGITS = {"mode": "all"}
-
-
 def to_device(inputs: Any, device: str) -> Any:
     if isinstance(inputs, dict):
         return {k: v.to(device) for k, v in inputs.items()}
     return inputs.to(device)
 
 
-def run_model(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
-    """The explained logits ``(B, C)``: a language model's next-token logits at the last position."""
+def run_model(model: torch.nn.Module, inputs: Any, lm_logits: str = "all") -> torch.Tensor:
+    """The explained logits ``(B, C)``: a language model's next-token logits at the last position,
+    computed at every position (``lm_logits="all"``, the model called as users call it) or at the
+    last one only (``"last"``: ``logits_to_keep=1``, as attnx runs it for a next-token target)."""
     if isinstance(inputs, dict):
         if type(model).__name__.endswith("ForCausalLM"):
-            keep = {"logits_to_keep": 1} if LM_LOGITS["mode"] == "last" else {}
+            keep = {"logits_to_keep": 1} if lm_logits == "last" else {}
             return model(**inputs, use_cache=False, **keep).logits[:, -1]
         return model(**inputs).logits
     return model(inputs)
@@ -222,14 +219,15 @@ def run_model(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
 class Bench:
     """One model and one batch: the baselines and the method calls as zero-argument callables."""
 
-    def __init__(self, name: str, model: torch.nn.Module, inputs: Any, dtype: str = "float32") -> None:
+    def __init__(self, name: str, model: torch.nn.Module, inputs: Any, dtype: str = "float32", lm_logits: str = "all") -> None:
         self.name = name
         self.model = model
         self.inputs = inputs
         self.dtype = dtype
+        self.lm_logits = lm_logits
         self.explainer = attnx.Explainer(model)
         with torch.no_grad(), self.precision():  # also the warm-up forward
-            self.targets = run_model(model, inputs).argmax(dim=1)
+            self.targets = run_model(model, inputs, lm_logits).argmax(dim=1)
 
     def precision(self) -> Any:
         """bfloat16 autocast when asked for (an opt-in: the model's weights stay float32)."""
@@ -240,7 +238,7 @@ class Bench:
 
     def forward(self) -> Any:
         with torch.no_grad(), self.precision():
-            return run_model(self.model, self.inputs)
+            return run_model(self.model, self.inputs, self.lm_logits)
 
     def forward_backward(self) -> Any:
         with torch.enable_grad(), self.precision():
@@ -254,13 +252,13 @@ class Bench:
 
                 handle = self.model.get_input_embeddings().register_forward_hook(hook)
                 try:
-                    logits = run_model(self.model, self.inputs)
+                    logits = run_model(self.model, self.inputs, self.lm_logits)
                 finally:
                     handle.remove()
                 wrt = box[0]
             else:
                 wrt = self.inputs.detach().requires_grad_(True)
-                logits = run_model(self.model, wrt)
+                logits = run_model(self.model, wrt, self.lm_logits)
             score = logits.gather(1, self.targets[:, None]).sum()
             (grad,) = torch.autograd.grad(score, wrt)
         return grad
@@ -361,10 +359,9 @@ def _reset_peak() -> bool:
 def memory_worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
-    LM_LOGITS["mode"] = spec.get("lm_logits", "all")
     model = build_model(spec["model"], spec["quick"], spec["seed"]).to(spec["device"])
     inputs = to_device(make_inputs(spec["model"], model, spec["batch"], spec["seq_len"], spec["seed"]), spec["device"])
-    bench = Bench(spec["model"], model, inputs, spec["dtype"])  # includes the plain warm-up forward
+    bench = Bench(spec["model"], model, inputs, spec["dtype"], spec["lm_logits"])  # includes the plain warm-up forward
     op = bench.op(spec["op"])
     out = op()  # warm-up call of the measured operation
     del out
@@ -488,7 +485,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown model {m!r}; choose from {sorted(MODEL_LABELS)}")
     labels = QUICK_LABELS if args.quick else MODEL_LABELS
     torch.set_num_threads(args.threads)
-    LM_LOGITS["mode"] = args.lm_logits
 
     start = time.time()
     load_start = os.getloadavg()
@@ -501,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(name, args.quick, args.seed).to(args.device)
         for bs in batch_sizes:
             inputs = to_device(make_inputs(name, model, bs, seq_len_of(args, name), args.seed), args.device)
-            bench = Bench(name, model, inputs, args.dtype)
+            bench = Bench(name, model, inputs, args.dtype, args.lm_logits)
             pooled: dict[str, list[float]] = {b: [] for b in BASELINES}
             for meth in methods:
                 base = baseline_of(meth)
