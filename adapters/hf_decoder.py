@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError
-from ..batch import Batch, check_text_inputs
+from ..batch import READOUT_LOGITS_ONLY, Batch, check_text_inputs
 from ..layout import Layout
 from ..targets import BoundContinuation
 from .hf import HFAdapter
@@ -196,11 +196,11 @@ class HFDecoderAdapter(HFAdapter):
 
     def logits_window(self, batch: Batch) -> int | None:
         """How many last positions a language model needs logits for, when the target reads only
-        the explained positions (``batch.extra["readout_logits_only"]``): from the first explained
+        the explained positions (:data:`attnx.batch.READOUT_LOGITS_ONLY`): from the first explained
         position on. The output layer is then applied to those positions only (Hugging Face's
         ``logits_to_keep``), which saves a (B, T, vocabulary) product and its backward."""
         layout = batch.layout
-        if not (self.is_lm and batch.extra.get("readout_logits_only") and layout is not None):
+        if not (self.is_lm and batch.extra.get(READOUT_LOGITS_ONLY) and layout is not None):
             return None
         if "logits_to_keep" in batch.kwargs or "logits_to_keep" not in self.forward_parameters():
             return None

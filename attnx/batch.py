@@ -10,7 +10,11 @@ from torch import nn
 from .errors import AttnxTypeError, AttnxValueError
 from .layout import Layout
 
-__all__ = ["Batch", "check_image_batch", "check_on_real_device", "check_text_inputs", "check_token_ids", "outside_inference_mode"]
+__all__ = ["READOUT_LOGITS_ONLY", "Batch", "check_image_batch", "check_on_real_device", "check_text_inputs", "check_token_ids", "outside_inference_mode"]
+
+#: ``Batch.extra`` flag set by the pass when the target reads the logits at the layout's readout
+#: positions only: a language model may then skip its output layer at the other positions
+READOUT_LOGITS_ONLY = "readout_logits_only"
 
 
 @dataclass
@@ -29,7 +33,8 @@ class Batch:
     device:
         The device of the inputs.
     extra:
-        Per-sample tensors an adapter keeps beside the call arguments.
+        Per-sample tensors an adapter keeps beside the call arguments, and flags such as
+        :data:`READOUT_LOGITS_ONLY`.
     """
 
     args: tuple

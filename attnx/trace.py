@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import adapter_names
 from .adapters.switches import plain_execution
-from .batch import Batch
+from .batch import READOUT_LOGITS_ONLY, Batch
 from .errors import AttnxValueError, DegenerateMapWarning, UnsupportedModelError
 from .layout import Layout, Readout
 from .lrp.coverage import Coverage
@@ -267,10 +267,6 @@ def one_pass(
         adapter, batch, target, registry, attentions=needs.attention_relevance, strict=strict,
         observe=needs.attentions or needs.gradients, gradients=needs.gradients,
     )
-
-
-#: ``Batch.extra`` flag: only the logits at the layout's readout positions are read
-READOUT_LOGITS_ONLY = "readout_logits_only"
 
 
 def on_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
