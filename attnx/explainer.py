@@ -120,7 +120,7 @@ class Explainer:
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
         trace = self.trace(
-            inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size")
+            inputs, target, spec.needs_for(method_options), registry, trace_options.get("strict", True), trace_options.get("patch_size")
         )
         readout = Readout(trace.layout, trace.logits.shape[0], trace.logits.device)
         with no_autocast((trace.logits.device.type,)):  # the method's math in the trace's dtype

@@ -49,10 +49,11 @@ class AttentionRecorder:
     def __len__(self) -> int:
         return len(self.probs)
 
-    def gradients(self, score: torch.Tensor, retain_graph: bool = False) -> list[torch.Tensor]:
-        """``d score / d A`` for every recorded layer, shaped like the probabilities (``retain_graph``:
-        keep the graph for another backward on the same forward)."""
-        needs = [t.requires_grad for t in self.grad_wrt]
+    def gradients(self, score: torch.Tensor, retain_graph: bool = False, first: int = 0) -> list[torch.Tensor | None]:
+        """``d score / d A`` for every recorded layer from ``first`` on, shaped like the probabilities
+        (``None`` below ``first``: the backward stops there); ``retain_graph``: keep the graph for
+        another backward on the same forward."""
+        needs = [i >= first and t.requires_grad for i, t in enumerate(self.grad_wrt)]
         if not any(needs):
             raise RuntimeError(
                 "the recorded attention probabilities are not part of an autograd graph; "
@@ -61,7 +62,7 @@ class AttentionRecorder:
         wrt = [t for t, n in zip(self.grad_wrt, needs) if n]
         grads = iter(torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=retain_graph))
         out = []
-        for probs, n in zip(self.probs, needs):
+        for i, (probs, n) in enumerate(zip(self.probs, needs)):
             g = next(grads) if n else None
-            out.append(torch.zeros_like(probs) if g is None else g.reshape(probs.shape))
+            out.append(None if i < first else torch.zeros_like(probs) if g is None else g.reshape(probs.shape))
         return out

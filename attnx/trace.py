@@ -53,6 +53,11 @@ class Needs:
     rules:
         For methods whose LRP rules are fixed: a factory of their
         :class:`~attnx.lrp.registry.Registry` (the others take a ``preset`` option).
+    first_layer:
+        ``first_layer(layout, num_layers)``: the lowest layer whose gradients / attention
+        relevance the method reads; ``None``: every layer. The backward passes then stop there
+        (below it, the entries of ``Trace.gradients`` and ``Trace.attention_relevance`` are
+        ``None``), which leaves what is read unchanged.
     """
 
     attentions: bool = False
@@ -60,6 +65,17 @@ class Needs:
     attention_relevance: bool = False
     input_relevance: bool = False
     rules: Callable[[], Registry] | None = None
+    first_layer: Callable[[Layout, int], int] | None = None
+
+    def lowest_layer(self, layout: Layout, num_layers: int) -> int:
+        """The first layer the backward passes must reach (0 when ``first_layer`` names no valid
+        layer: the method then reports the bad option itself)."""
+        if self.first_layer is None or num_layers == 0:
+            return 0
+        first = self.first_layer(layout, num_layers)
+        if not isinstance(first, int) or not -num_layers <= first < num_layers:
+            return 0
+        return first % num_layers
 
     @property
     def relevance(self) -> bool:
@@ -92,11 +108,12 @@ class Trace:
     attentions:
         Post-softmax attention of every layer in forward order, each ``(B, H, N, N)``.
     gradients:
-        ``∂y_t/∂A`` for each layer (same shapes), when needed.
+        ``∂y_t/∂A`` for each layer (same shapes), when needed (``None`` below ``Needs.first_layer``).
     attention_relevance:
-        ``R^A`` for each layer (same shapes), when needed.
+        ``R^A`` for each layer (same shapes), when needed (``None`` below ``Needs.first_layer``).
     input_relevance:
-        Relevance at the input, ``(B, C, H, W)`` pixels or ``(B, T, D)`` token embeddings.
+        Relevance at the input, ``(B, C, H, W)`` pixels or ``(B, T, D)`` token embeddings, when
+        ``Needs.input_relevance``.
     coverage:
         What the LRP pass did with every relevance-carrying op.
     output:
@@ -258,7 +275,8 @@ def one_pass(
         # the output layer elsewhere (a callable sees the whole output, so it gets every position)
         batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
     if not needs.relevance:
-        return plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients, gradients=needs.gradients)
+        return plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients, gradients=needs.gradients,
+                          lowest_layer=needs.lowest_layer)
     if registry is None:
         raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
     # one forward serves everything: the attentions, dy_t/dA (a plain backward through the
@@ -266,6 +284,7 @@ def one_pass(
     return relevance_pass(
         adapter, batch, target, registry, attentions=needs.attention_relevance, strict=strict,
         observe=needs.attentions or needs.gradients, gradients=needs.gradients,
+        input_relevance=needs.input_relevance, lowest_layer=needs.lowest_layer,
     )
 
 
@@ -274,6 +293,11 @@ def on_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     (``accelerate``) computes each layer where its weights are, the explanation lives with the inputs."""
     t = t.detach()
     return t if device is None else t.to(device)
+
+
+def maybe_on_device(t: torch.Tensor | None, device: torch.device | None) -> torch.Tensor | None:
+    """:func:`on_device`, passing ``None`` (a layer the backward did not reach) through."""
+    return None if t is None else on_device(t, device)
 
 
 def explained_position(layout: Layout, batch_size: int, device: torch.device) -> torch.Tensor | None:
@@ -305,8 +329,16 @@ def resolve(target: Target, output: Any, logits: torch.Tensor, layout: Layout, b
     return resolved
 
 
-def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gradients: bool) -> Trace:
-    """A forward observing the attentions, then ``dy_t/dA`` by ``torch.autograd.grad``."""
+def all_layers(layout: Layout, num_layers: int) -> int:
+    return 0
+
+
+def plain_pass(
+    adapter: Any, batch: Batch, target: Target, attentions: bool, gradients: bool,
+    lowest_layer: Callable[[Layout, int], int] = all_layers,
+) -> Trace:
+    """A forward observing the attentions, then ``dy_t/dA`` by ``torch.autograd.grad`` (for the
+    layers from ``lowest_layer(layout, num_layers)`` on)."""
     recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
     grad_mode = torch.enable_grad() if gradients else torch.no_grad()
@@ -319,7 +351,8 @@ def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gra
                 output, logits = adapter.call(batch)
         layout = resolved_layout(adapter, batch, recorder, attentions)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
-        grads = recorder.gradients(resolved.scores.sum()) if gradients else None
+        first = lowest_layer(layout, len(recorder.probs))
+        grads = recorder.gradients(resolved.scores.sum(), first=first) if gradients else None
     detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
     return Trace(
         logits=resolved.logits.detach(),
@@ -327,7 +360,7 @@ def plain_pass(adapter: Any, batch: Batch, target: Target, attentions: bool, gra
         layout=layout,
         batch=batch,
         attentions=[on_device(a, batch.device) for a in recorder.probs] if attentions else None,
-        gradients=None if grads is None else [on_device(g, batch.device) for g in grads],
+        gradients=None if grads is None else [maybe_on_device(g, batch.device) for g in grads],
         output=detached,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,
@@ -403,13 +436,17 @@ def relevance_pass(
     strict: bool = False,
     observe: bool = False,
     gradients: bool = False,
+    input_relevance: bool = True,
+    lowest_layer: Callable[[Layout, int], int] = all_layers,
 ) -> Trace:
     """Forward under ``registry``, then one modified backward from the target's scalar.
 
     ``attentions``: the relevance at the attention probabilities too; ``observe``: record the
     attention probabilities; ``gradients``: also ``dy_t/dA`` by a plain backward on the same
     forward (the engine keeps the model's own graph beside the rules), before the relevance
-    backward.
+    backward; ``input_relevance``: the relevance at the input (without it, and for the
+    attention layers from ``lowest_layer(layout, num_layers)`` on, both backwards stop at the
+    lowest layer they must reach).
 
     The backward starts at the logits with the seed :func:`lrp_seed` gives for the target's
     scalar ``s`` and ``registry.seed``: for a class target exactly the one-hot (``"one_hot"``:
@@ -441,10 +478,11 @@ def relevance_pass(
         engine.check_coverage()
         layout = resolved_layout(adapter, batch, recorder, observe)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
+        first = lowest_layer(layout, len(recorder.probs))
         plain_grads = None
         if gradients:
             with engine.propagation.plain():
-                plain_grads = recorder.gradients(resolved.scores.sum(), retain_graph=True)
+                plain_grads = recorder.gradients(resolved.scores.sum(), retain_graph=True, first=first)
         # a target stating its own rule (attnx.similarity); plain autograd (gradient x input) keeps the exact gradient
         if callable(getattr(target, "relevance_seed", None)) and not getattr(registry, "plain_gradient", False):
             seed = linear_target_seed(target, resolved.scores.detach(), logits.detach(), registry.seed)
@@ -454,7 +492,7 @@ def relevance_pass(
             # with plain edges every A is in the model's graph: only the tracked ones carry relevance
             cut = [
                 i for i, t in enumerate(recorder.grad_wrt)
-                if not t.requires_grad or (gradients and (held_constant(t) or not is_tracked(t)))
+                if i >= first and (not t.requires_grad or (gradients and (held_constant(t) or not is_tracked(t))))
             ]
             if cut:
                 raise AttnxValueError(
@@ -463,19 +501,22 @@ def relevance_pass(
                     "transformer_attribution / partial_lrp; use a preset that propagates through them, "
                     "e.g. 'chefer2021' or 'attnlrp'"
                 )
-        wrt = [root] + (list(recorder.grad_wrt) if attentions else [])
+        layers = list(recorder.grad_wrt[first:]) if attentions else []
+        wrt = ([root] if input_relevance else []) + layers
         try:
-            grads = torch.autograd.grad(logits, wrt, seed, allow_unused=True)
+            grads = list(torch.autograd.grad(logits, wrt, seed, allow_unused=True))
         finally:
             engine.release()
-    g_root = grads[0] if grads[0] is not None else torch.zeros_like(root)
+    g_root = (grads.pop(0) if input_relevance else None)
+    if input_relevance and g_root is None:
+        g_root = torch.zeros_like(root)
     probs = attn_rel = None
     if observe:
         probs = [p.detach() for p in recorder.probs]
     if attentions:
-        attn_rel = [
+        attn_rel = [None] * first + [
             on_device(p * (torch.zeros_like(p) if g is None else g.reshape(p.shape)), batch.device)
-            for p, g in zip(probs, grads[1:])
+            for p, g in zip(probs[first:], grads)
         ]
     if observe:
         probs = [on_device(p, batch.device) for p in probs]
@@ -485,9 +526,9 @@ def relevance_pass(
         layout=layout,
         batch=batch,
         attentions=probs,
-        gradients=None if plain_grads is None else [on_device(g, batch.device) for g in plain_grads],
+        gradients=None if plain_grads is None else [maybe_on_device(g, batch.device) for g in plain_grads],
         attention_relevance=attn_rel,
-        input_relevance=on_device(root * g_root, batch.device),
+        input_relevance=None if g_root is None else on_device(root * g_root, batch.device),
         coverage=engine.summary(),
         output=output.detach() if isinstance(output, torch.Tensor) else None,
         target_scores=resolved.scores.detach(),

@@ -20,8 +20,8 @@ from torch.overrides import TorchFunctionMode
 from ..errors import AttnxError, AttnxValueError
 from .coverage import Coverage
 from .registry import Registry, get_preset
-from .relay import Propagation, propagation
-from .rules import Constant, Op, Rule, relay, safe_divide
+from .relay import Propagation, propagation, relative_share
+from .rules import Constant, Op, Rule, relay
 
 __all__ = ["LRPEngine", "UncoveredOpError", "LINEAR_OPS"]
 
@@ -265,7 +265,7 @@ class LRPEngine(TorchFunctionMode):
         zd = out.detach()
 
         def backward(g):
-            return (safe_divide(zd * g, zd, eps) if uses[0] >= 2 else g,)
+            return (relative_share(zd, g, eps) if uses[0] >= 2 else g,)
 
         wrapped = relay(out, [out], backward)
         setattr(wrapped, _USES, uses)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError
 from .kinds import is_hf_conv1d
-from .relay import Op, Rule, active, divide_or_zero, epsilon_share, relay, safe_divide, stabilize
+from .relay import Op, Rule, active, divide_or_zero, epsilon_share, indicator, relay, safe_divide, stabilize
 
 __all__ = ["AlphaBeta", "Epsilon", "Gamma", "GROUPED_MM", "LinearRule", "ZBox", "grouped_linear", "linear_parts"]
 
@@ -95,7 +95,7 @@ def absolute(w: torch.Tensor, state: Any) -> torch.Tensor:
 def sign1(x: torch.Tensor) -> torch.Tensor:
     """``+1`` where ``x > 0``, else ``-1`` (an input at 0 takes the negative branch, as the
     ``where(x > 0, ...)`` of the reference formulas)."""
-    return torch.where(x > 0, 1.0, -1.0).to(x.dtype)
+    return indicator(x, torch.gt).mul_(2).sub_(1)
 
 
 class LinearRule(Rule):
@@ -145,6 +145,19 @@ class LinearCall:
         """``|W|ᵀ s``."""
         return input_vjp(self.fn, self.x, abs_w, s, self.extra)
 
+    def doubled_positive_activator(self, abs_w: torch.Tensor) -> torch.Tensor:
+        """``2(x⁺W⁺ + x⁻W⁻) = Wx + |W||x|``, a new tensor; the bias enters the product (as ``−b``)
+        rather than costing a pass of its own."""
+        if self.b is not None and self.fn in (F.linear, F.conv2d):
+            return self.fn(self.x.abs(), abs_w, self.b.neg(), **self.extra).add_(self.y)
+        return self.v(abs_w).add_(self.u())
+
+    def signed_part(self, sign: int) -> torch.Tensor:
+        """``W + |W|`` (``sign = 1``: twice the positive part) or ``W − |W|`` (twice the negative
+        part), once per pass for each weight."""
+        make = (lambda w: w + self.abs_w()) if sign > 0 else (lambda w: w - self.abs_w())
+        return self.w + self.abs_w() * sign if self.state is None else self.state.derived(self.w, f"2w{sign:+d}", make)
+
 
 class Epsilon(LinearRule):
     """LRP-ε: ``R_x = x ⊙ Wᵀ (R_y / (y + ε sign y))`` (bias included in ``y``). One product: the
@@ -167,7 +180,8 @@ class AlphaBeta(LinearRule):
     ignored. With α = 1, β = 0 only the positive contributions are kept.
 
     Computed as ``g̃(x) = Wᵀ(αS − βS')/2 + σ(x) ⊙ |W|ᵀ(αS + βS')/2`` with ``σ = ±1`` the sign of
-    ``x`` (−1 at 0): the activators cost one product ``|W||x|``, the backward one more.
+    ``x`` (−1 at 0): the activators cost one product ``|W||x|``, the backward one more. With
+    β = 0 (:meth:`positive`) the backward is two products with ``W ± |W|`` instead.
     """
 
     name = "alpha-beta"
@@ -176,6 +190,8 @@ class AlphaBeta(LinearRule):
         self.alpha, self.beta, self.eps = alpha, beta, eps
 
     def propagate(self, c, g):
+        if not self.beta:
+            return None, self.positive(c, g)
         R = c.y * g
         abs_w = c.abs_w()
         u, v = c.u(), c.v(abs_w)
@@ -185,6 +201,22 @@ class AlphaBeta(LinearRule):
             s_neg = safe_divide(R, (u - v) / 2, self.eps) * self.beta
             real, extra = s - s_neg, s + s_neg
         return real / 2, sign1(c.x) * c.abs_vjp(abs_w, extra / 2)
+
+    def positive(self, c: LinearCall, g: torch.Tensor) -> torch.Tensor:
+        """β = 0: ``g̃(x) = α W⁺ᵀS`` where ``x > 0``, ``α W⁻ᵀS`` elsewhere, ``S = R / z⁺``.
+
+        ``W±ᵀS`` are products with ``W ± |W|`` themselves, not ``(WᵀS ± |W|ᵀS)/2``: where a
+        denominator is (near) zero, ``S`` is large and only exact zeros in ``W±`` cancel it."""
+        z = c.doubled_positive_activator(c.abs_w())  # 2 z⁺
+        nonzero = indicator(z, torch.ne)
+        # S / 2 = R / (2 z⁺ + 2 eps), zero where z⁺ = 0 (safe_divide)
+        s = (c.y * g).div_(z.add_(2 * self.eps)).mul_(nonzero)
+        if self.alpha != 1:
+            s.mul_(self.alpha)
+        pos = input_vjp(c.fn, c.x, c.signed_part(1), s, c.extra)
+        neg = input_vjp(c.fn, c.x, c.signed_part(-1), s, c.extra)
+        # where(x > 0, pos, neg) by multiplication (exact: one term is 0)
+        return pos.mul_(indicator(c.x, torch.gt)).add_(neg.mul_(indicator(c.x, torch.le)))
 
 
 class Gamma(LinearRule):

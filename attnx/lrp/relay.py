@@ -30,6 +30,9 @@ __all__ = [
     "Rule",
     "CONSTANT",
     "divide_or_zero",
+    "divide_or_zero_",
+    "indicator",
+    "relative_share",
     "epsilon_share",
     "held_constant",
     "propagation",
@@ -39,10 +42,26 @@ __all__ = [
 ]
 
 
+# Masks are kept in the tensors' floating dtype and applied by multiplication: on CPU, boolean
+# tensors, ``torch.where`` and ``masked_fill_`` cost several times an arithmetic pass.
+
+
+def indicator(t: torch.Tensor, comparison: Callable, value: float = 0.0) -> torch.Tensor:
+    """``comparison(t, value)`` as 1.0 / 0.0 in ``t``'s dtype (e.g. ``indicator(x, torch.gt)``)."""
+    return comparison(t, value, out=torch.empty_like(t))
+
+
 def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:
     """``a / (b + eps)``, and 0 where ``b == 0``: the stabiliser of Chefer et al.'s reference code
     (it adds ``eps`` whatever the sign of ``b``)."""
-    return a / (b + eps) * (b != 0).to(b.dtype)
+    return (a / (b + eps)).mul_(indicator(b, torch.ne))
+
+
+def relative_share(z: torch.Tensor, g: torch.Tensor, eps: float, scale: float = 1.0) -> torch.Tensor:
+    """``safe_divide(z ⊙ g, z, eps) · scale`` for a finite ``g``: where ``z = 0`` the numerator is
+    0 already, so no mask is needed (four arithmetic passes)."""
+    out = (z * g).div_(z + eps)
+    return out.mul_(scale) if scale != 1 else out
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,16 +78,23 @@ def epsilon_share(z: torch.Tensor, eps: float) -> torch.Tensor:
 
 def divide_or_zero(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a / b`` where ``b != 0``, else 0 (turns a relevance back into a modified gradient)."""
-    nz = b != 0
-    return torch.where(nz, a / torch.where(nz, b, 1.0), 0.0)
+    return divide_or_zero_(a.expand(torch.broadcast_shapes(a.shape, b.shape)).clone(), b)
+
+
+def divide_or_zero_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`divide_or_zero` written into ``a`` (a temporary of the full shape); ``a`` finite.
+    Where ``b = 0`` it divides by 1 (``b`` plus the indicator of zero, exact elsewhere) and then
+    multiplies by 0."""
+    zero = indicator(b, torch.eq)
+    return a.div_(zero.add_(b)).mul_(indicator(b, torch.ne))
 
 
 class Propagation:
     """Which backward the relays of one forward run: the rules (``relevance = True``) or the
     model's own gradient (``False``).
 
-    ``weights`` caches per-call derived weights (``|W|`` of a linear layer) for the backward of
-    every layer that uses the same weight; :meth:`release` drops them after the pass.
+    ``weights`` caches per-call derived weights (``|W|``, ``W ± |W|`` of a linear layer) for the
+    backward of every layer that uses the same weight; :meth:`release` drops them after the pass.
     """
 
     def __init__(self, plain_edges: bool = False) -> None:
@@ -77,13 +103,17 @@ class Propagation:
         self.relevance = True
         self.weights: dict[tuple, torch.Tensor] = {}
 
-    def absolute(self, w: torch.Tensor) -> torch.Tensor:
-        """``|w|``, computed once per pass for each weight tensor."""
-        key = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
+    def derived(self, w: torch.Tensor, kind: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``make(w)``, computed once per pass for each weight tensor and ``kind``."""
+        key = (kind, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
         out = self.weights.get(key)
         if out is None:
-            out = self.weights[key] = w.abs()
+            out = self.weights[key] = make(w)
         return out
+
+    def absolute(self, w: torch.Tensor) -> torch.Tensor:
+        """``|w|``, computed once per pass for each weight tensor."""
+        return self.derived(w, "abs", torch.abs)
 
     @contextlib.contextmanager
     def plain(self) -> Iterator[None]:

@@ -21,7 +21,7 @@ from ..errors import AttnxValueError
 from .decompositions import mha_decomposition, sdpa_decomposition
 from .kinds import rms_epsilon, rms_norm_spread
 from .linear import GROUPED_MM, AlphaBeta, Epsilon, Gamma, LinearRule, ZBox, grouped_linear, linear_parts
-from .relay import CONSTANT, Op, Propagation, Rule, divide_or_zero, epsilon_share, plain_edges, propagation, relay, safe_divide, stabilize
+from .relay import CONSTANT, Op, Propagation, Rule, divide_or_zero, divide_or_zero_, epsilon_share, plain_edges, propagation, relative_share, relay, safe_divide, stabilize
 
 __all__ = [
     "Op",
@@ -82,7 +82,7 @@ class Identity(Rule):
         n = len(op.inputs)
 
         def backward(g):
-            return (divide_or_zero(yd * g, xd),) + (None,) * (n - 1)
+            return (divide_or_zero_(yd * g, xd),) + (None,) * (n - 1)
 
         return relay(y, op.inputs, backward)
 
@@ -178,8 +178,7 @@ class Bilinear(Rule):
         eps = self.eps * getattr(a, "_attnx_scale", 1.0) * getattr(b, "_attnx_scale", 1.0)
 
         def backward(g):
-            s = safe_divide(zd * g, zd, eps) if chefer else g
-            return (s * share,)
+            return (relative_share(zd, g, eps, share) if chefer else g * share,)
 
         return relay(z, [], backward, through_output=True)
 
@@ -218,7 +217,7 @@ class NormalizedAdd(Rule):
 
         def backward(g):
             R = zd * g
-            S = safe_divide(R, zd, eps)
+            S = R / (zd + eps)  # safe_divide(R, zd): R is 0 where zd is
             a, b = ud * S, vd * S
             a_sum, b_sum, r_sum = a.sum(dims, keepdim=True), b.sum(dims, keepdim=True), R.sum(dims, keepdim=True)
             total = a_sum.abs() + b_sum.abs()
@@ -324,7 +323,7 @@ class RMSNormConstantRMS(Rule):
         def backward(g):
             if epsilon:
                 g = epsilon_share(yd, epsilon).mul_(g)
-            return (divide_or_zero(yd * g, xd),)
+            return (divide_or_zero_(yd * g, xd),)
 
         return relay(y, [x], backward)
 
@@ -344,7 +343,7 @@ class Stabilized(Rule):
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return out
         zd, eps = out.detach(), self.eps
-        return relay(out, [out], lambda g: (safe_divide(zd * g, zd, eps),))
+        return relay(out, [out], lambda g: (relative_share(zd, g, eps),))
 
 
 class Decompose(Rule):

@@ -5,12 +5,13 @@ import torch
 
 from ..trace import Needs
 from .options import START_LAYER
-from .propagation import check_start_layer, rollout_row
+from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import register_method
 
 
 @register_method(
-    "generic", reference="Chefer, Gur & Wolf, ICCV 2021", needs=Needs(attentions=True, gradients=True), options=(START_LAYER,)
+    "generic", reference="Chefer, Gur & Wolf, ICCV 2021", needs=Needs(attentions=True, gradients=True), options=(START_LAYER,),
+    first_layer=option_layer("start_layer"),
 )
 def generic(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
     """Chefer et al. ICCV'21, Eq. 5-6: ``R ← R + E_h[(∇A ⊙ A)⁺] R`` from ``R = I``, readout row.

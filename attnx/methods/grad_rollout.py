@@ -5,12 +5,13 @@ import torch
 
 from ..trace import Needs
 from .options import DISCARD_RATIO, START_LAYER
-from .propagation import check_start_layer, rollout_row
+from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import register_method
 from .rollout import rollout_matrix
 
 
-@register_method("grad_rollout", reference="Gildenblat, vit-explain", needs=Needs(attentions=True, gradients=True), options=(DISCARD_RATIO, START_LAYER))
+@register_method("grad_rollout", reference="Gildenblat, vit-explain", needs=Needs(attentions=True, gradients=True), options=(DISCARD_RATIO, START_LAYER),
+                 first_layer=option_layer("start_layer"))
 def grad_rollout(trace, readout, *, discard_ratio: float = 0.0, start_layer: int = 0) -> torch.Tensor:
     """Gradient rollout: rollout of ``Ā = (mean_h(A ⊙ ∂y_t/∂A))⁺``, class-specific.
 

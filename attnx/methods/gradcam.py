@@ -5,11 +5,12 @@ import torch
 
 from ..trace import Needs
 from .options import LAYER
-from .propagation import check_start_layer
+from .propagation import check_start_layer, option_layer
 from .registry import register_method
 
 
-@register_method("attn_gradcam", reference="Chefer et al., CVPR 2021 (baseline)", needs=Needs(attentions=True, gradients=True), options=(LAYER,))
+@register_method("attn_gradcam", reference="Chefer et al., CVPR 2021 (baseline)", needs=Needs(attentions=True, gradients=True), options=(LAYER,),
+                 first_layer=option_layer("layer"))
 def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
     """Attention GradCAM: ``(mean_h w_h · A_h[readout, :])⁺`` with ``w_h`` the mean of ``∂y_t/∂A_h``
     over the readout row's content columns (last layer by default).

@@ -56,6 +56,15 @@ def rollout_row(matrices: Iterable[torch.Tensor], readout: Readout) -> torch.Ten
     return row
 
 
+def option_layer(option: str):
+    """``first_layer`` of a method that reads the layers from its option ``option`` on."""
+
+    def first_layer(options: dict, layout, num_layers: int) -> int:
+        return options[option]
+
+    return first_layer
+
+
 def check_start_layer(start_layer: int, num_layers: int, option: str = "start_layer") -> int:
     """``start_layer`` as an index in ``[0, num_layers)``; ``option`` names it in errors."""
     if not isinstance(start_layer, int) or isinstance(start_layer, bool):

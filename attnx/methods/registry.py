@@ -13,8 +13,9 @@ alone runs the trace and builds the :class:`~attnx.explanation.Explanation`.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -148,6 +149,14 @@ class Method:
     summary: str = ""
     option_specs: tuple[Option, ...] = ()
     reference: str = ""
+    #: ``first_layer(options, layout, num_layers)``: the lowest layer the method reads
+    first_layer: Callable[[dict, Any, int], int] | None = None
+
+    def needs_for(self, options: dict) -> Needs:
+        """``needs`` for one call: with the lowest layer the method reads under ``options``."""
+        if self.first_layer is None:
+            return self.needs
+        return replace(self.needs, first_layer=functools.partial(self.first_layer, options))
 
     @property
     def gradients(self) -> bool:
@@ -222,6 +231,7 @@ def register_method(
     summary: str | None = None,
     reference: str = "",
     gradients: bool = False,
+    first_layer: Callable[[dict, Any, int], int] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(trace, readout, **options)`` as the method ``name``.
 
@@ -236,6 +246,10 @@ def register_method(
         One line for ``attnx methods``; default: the first paragraph of the docstring.
     reference:
         The paper (or code) the method follows, for the methods table.
+    first_layer:
+        ``first_layer(options, layout, num_layers)``: the lowest layer whose gradients or
+        attention relevance the method reads with these options (default: every layer); the
+        backward passes stop there.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -243,7 +257,7 @@ def register_method(
         check_declaration(name, fn, specs)
         doc = summary if summary is not None else " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
         declared = needs if needs is not None else Needs(attentions=True, gradients=gradients)
-        _METHODS[name] = Method(name, fn, declared, doc, specs, reference)
+        _METHODS[name] = Method(name, fn, declared, doc, specs, reference, first_layer)
         return fn
 
     return deco

@@ -7,7 +7,7 @@ import torch
 from ..layout import Readout
 from ..trace import Needs
 from .options import LAYER, PRESET, STRICT
-from .propagation import check_start_layer, rollout_row
+from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import Option, Relevance, register_method
 
 
@@ -25,7 +25,8 @@ def attribution_row(
     row over the real tokens (the reference BERT code).
     """
     s = check_start_layer(start_layer, len(attention_relevance))
-    eye = torch.eye(attention_relevance[0].shape[-1], dtype=attention_relevance[0].dtype, device=attention_relevance[0].device)
+    first = attention_relevance[s]
+    eye = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device)
 
     def layer(g, r):
         m = (g * r).clamp(min=0).mean(dim=1) + eye
@@ -47,6 +48,15 @@ def resolve_form(form: str, readout: Readout) -> str:
     return form
 
 
+def first_attribution_layer(options: dict, layout, num_layers: int) -> int:
+    """The first layer of the product (``start_layer``, or its default for the form)."""
+    form = options["form"]
+    if form == "auto":
+        form = "vit" if layout.grid is not None else "bert"
+    start = options["start_layer"]
+    return start if start is not None else (0 if form == "vit" else num_layers - 1)
+
+
 @register_method(
     "transformer_attribution",
     reference="Chefer, Gur & Wolf, CVPR 2021",
@@ -58,6 +68,7 @@ def resolve_form(form: str, readout: Readout) -> str:
         PRESET.with_default("chefer2021"),
         STRICT,
     ),
+    first_layer=first_attribution_layer,
 )
 def transformer_attribution(trace, readout, *, start_layer: int | None = None, form: str = "auto") -> Relevance:
     """Transformer Attribution (Chefer et al. CVPR'21): LRP relevance at each attention map,
@@ -79,6 +90,7 @@ def transformer_attribution(trace, readout, *, start_layer: int | None = None, f
     reference="Voita et al., ACL 2019",
     needs=Needs(attentions=True, attention_relevance=True),
     options=(LAYER, PRESET.with_default("chefer2021"), STRICT),
+    first_layer=option_layer("layer"),
 )
 def partial_lrp(trace, readout, *, layer: int = -1) -> Relevance:
     """Partial LRP (Voita et al. 2019; Chefer et al.'s baseline): relevance at one layer's
