@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import adapters, image_text, methods, metrics, similarity
 from .adapters import register_adapter
+from .allocator import reuse_freed_memory
 from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
 from .explainer import Explainer, explain
 from .explanation import Explanation
@@ -41,6 +42,7 @@ __all__ = [
     "metrics",
     "register_adapter",
     "register_method",
+    "reuse_freed_memory",
     "similarity",
 ]
 

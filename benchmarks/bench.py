@@ -357,6 +357,8 @@ def _reset_peak() -> bool:
 
 
 def memory_worker(spec: dict) -> dict:
+    if spec["allocator"] == "reuse":
+        attnx.reuse_freed_memory()
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     model = build_model(spec["model"], spec["quick"], spec["seed"]).to(spec["device"])
@@ -400,6 +402,7 @@ def measure_memory(args: argparse.Namespace, model: str, batch: int, op: str) ->
         "seed": args.seed,
         "device": args.device,
         "dtype": args.dtype,
+        "allocator": args.allocator,
     }
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(spec)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -438,6 +441,14 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def allocator_note(choice: str) -> str:
+    if choice == "reuse":
+        return "freed memory kept for reuse (`attnx.reuse_freed_memory()`)"
+    preload = os.environ.get("LD_PRELOAD")
+    tuned = [k for k in os.environ if k.startswith("MALLOC_")]
+    return "default" + (f", LD_PRELOAD={preload}" if preload else "") + (f", {', '.join(sorted(tuned))} set" if tuned else "")
+
+
 def parse_list(text: str, cast=str) -> list:
     return [cast(t.strip()) for t in text.split(",") if t.strip()]
 
@@ -462,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device of the model and inputs (default cpu)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="bfloat16: every call under torch.autocast (opt-in; weights stay float32)")
+    p.add_argument("--allocator", default="default", choices=("default", "reuse"),
+                   help="reuse: attnx.reuse_freed_memory() first (glibc keeps freed memory for reuse; see "
+                        "attnx/allocator.py); default: the C library's own setting")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -485,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown model {m!r}; choose from {sorted(MODEL_LABELS)}")
     labels = QUICK_LABELS if args.quick else MODEL_LABELS
     torch.set_num_threads(args.threads)
+    reused = args.allocator == "reuse" and attnx.reuse_freed_memory()
+    if args.allocator == "reuse" and not reused:
+        raise SystemExit("--allocator reuse needs glibc (Linux); this C library allocates differently")
 
     start = time.time()
     load_start = os.getloadavg()
@@ -551,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.datetime.now().isoformat(timespec='seconds')} · torch {torch.__version__} · "
         f"attnx {attnx.__version__} · {platform.processor() or platform.machine()} · "
         f"{os.cpu_count()} CPUs, torch threads {args.threads} · seed {args.seed} · "
-        f"repeats {args.repeats} (warm-up {args.warmup}) · text length "
+        f"repeats {args.repeats} (warm-up {args.warmup}) · allocator: {allocator_note(args.allocator)} · text length "
         + ", ".join(f"{m} {seq_len_of(args, m)}" for m in models if m != "vit") + " tokens"
         + (" · **--quick (tiny models)**" if args.quick else "")
     )

@@ -292,6 +292,39 @@ def test_alpha1_beta0_keeps_positive_contributions_and_conserves():
     assert abs(R_x.sum().item() - R_y.sum().item()) < 1e-8
 
 
+def test_alpha1_beta0_with_vanishing_denominators_and_zero_inputs():
+    """An output with no positive contribution (z⁺ = 0) but relevance (its bias makes y > 0),
+    inputs at exactly 0, and large weights on the zero input: the relevance equals the reference
+    formula (nothing leaks from the huge R / (0 + ε) of the empty output) and is finite."""
+    x = torch.tensor([[1.0, 0.0, -2.0], [0.5, -1.0, 0.0]], dtype=DT)
+    w = torch.tensor([[-1.0, -1e6, 2.0], [1.0, -3.0, 0.5], [0.0, 0.0, 0.0]], dtype=DT)
+    module = nn.Linear(3, 3).to(DT)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        module.bias.copy_(torch.tensor([5.0, 0.1, 2.0], dtype=DT))
+    # sample 0, output 0: contributions (-1, 0, -4): z⁺ = 0 while y = 0 (+5 bias); output 2: all 0
+    seed = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 1.0]], dtype=DT)
+    y, (R_x,), _ = run_engine(module, registry((nn.Linear, rules.AlphaBeta(1.0, 0.0))), x, seed=seed)
+    assert torch.isfinite(R_x).all()
+    assert_same(R_x, ref_alpha_beta(x, w, y * seed, 1.0, 0.0), 1e-12)
+
+
+def test_mask_helpers_match_their_definitions():
+    """safe_divide, divide_or_zero and relative_share (float masks) against the written-out
+    formulas, with zeros, negatives and broadcasting."""
+    from attnx.lrp.relay import divide_or_zero, relative_share, safe_divide
+
+    a = torch.tensor([[1.0, -2.0, 3.0, 0.0], [4.0, 5.0, -6.0, 7.0]], dtype=DT)
+    b = torch.tensor([[0.0, 2.0, -1e-3, 0.0], [1e-12, -4.0, 3.0, 0.0]], dtype=DT)
+    assert_same(safe_divide(a, b), chefer_safe_divide(a, b), 1e-15)
+    expected = torch.where(b != 0, a / torch.where(b != 0, b, torch.ones_like(b)), torch.zeros_like(a))
+    assert torch.equal(divide_or_zero(a, b), expected)
+    column = torch.tensor([[2.0], [0.0]], dtype=DT)
+    assert torch.equal(divide_or_zero(a, column), torch.stack([a[0] / 2, torch.zeros(4, dtype=DT)]))
+    g = randn(2, 4, seed=3)
+    assert_same(relative_share(b, g, 1e-9, 0.5), chefer_safe_divide(b * g, b) * 0.5, 1e-15)
+
+
 # --------------------------------------------------------------------------------------------
 # z^B at the input
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""The CPU memory allocator setting that batched LRP passes need to run at full speed.
+
+An explanation's backward passes create and free many large temporaries (at batch 16 on
+ViT-B, MLP activations of 39 MB each). glibc's ``malloc`` serves blocks above its mmap threshold
+(at most 32 MB by default) with fresh pages from the kernel and returns them on ``free``, so every
+such tensor pays for zeroing and faulting in its pages: measured on the benchmark machine,
+Transformer Attribution on ViT-B/16 at batch 16 takes 3.6x a forward + backward with the
+default setting and 2.6x with freed memory kept for reuse.
+
+:func:`reuse_freed_memory` keeps freed memory in the process for the next allocation
+(``mallopt`` of the mmap and trim thresholds), as PyTorch's CPU performance guide does by
+preloading jemalloc or tcmalloc. It is a process-wide setting, so attnx never applies it by
+itself: call it once at the start of a batched run. The cost is a resident size that stays at
+its peak instead of shrinking after the call. The same effect without code:
+``MALLOC_MMAP_THRESHOLD_=2147483647 MALLOC_TRIM_THRESHOLD_=2147483647`` in the environment, or
+``LD_PRELOAD`` of jemalloc / tcmalloc.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+__all__ = ["reuse_freed_memory"]
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_LARGEST = 2**31 - 1
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse in this process (see the module
+    docstring). Returns whether the setting was applied: ``False`` where the C library is not
+    glibc (macOS, Windows, musl), which allocate differently."""
+    if not sys.platform.startswith("linux"):
+        return False
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # only glibc has it
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST)) and bool(mallopt(_M_TRIM_THRESHOLD, _LARGEST))
