@@ -612,5 +612,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def command() -> int:
+    """The ``attnx`` command: its own process, so freed memory is kept for reuse (batched LRP
+    passes on CPU run at full speed with it; see :mod:`attnx.allocator`)."""
+    attnx.reuse_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(command())

@@ -40,3 +40,15 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     assert default > pages // 2, default
     assert reused < pages // 20, reused
 
+
+
+def test_the_attnx_command_keeps_freed_memory(monkeypatch, capsys):
+    """The console script (its own process) applies the setting before running the command."""
+    import attnx
+    import attnx.cli
+
+    called = []
+    monkeypatch.setattr(attnx, "reuse_freed_memory", lambda: called.append(True) or True)
+    monkeypatch.setattr(sys, "argv", ["attnx", "methods"])
+    assert attnx.cli.command() == 0
+    assert called == [True] and "transformer_attribution" in capsys.readouterr().out

@@ -215,8 +215,10 @@ class AlphaBeta(LinearRule):
             s.mul_(self.alpha)
         pos = input_vjp(c.fn, c.x, c.signed_part(1), s, c.extra)
         neg = input_vjp(c.fn, c.x, c.signed_part(-1), s, c.extra)
-        # where(x > 0, pos, neg) by multiplication (exact: one term is 0)
-        return pos.mul_(indicator(c.x, torch.gt)).add_(neg.mul_(indicator(c.x, torch.le)))
+        # where(x > 0, pos, neg) by multiplication (exact: one term is 0), one mask temporary
+        positive = indicator(c.x, torch.gt)
+        pos.mul_(positive)
+        return pos.add_(neg.mul_(torch.le(c.x, 0.0, out=positive)))
 
 
 class Gamma(LinearRule):

@@ -85,8 +85,9 @@ def divide_or_zero_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """:func:`divide_or_zero` written into ``a`` (a temporary of the full shape); ``a`` finite.
     Where ``b = 0`` it divides by 1 (``b`` plus the indicator of zero, exact elsewhere) and then
     multiplies by 0."""
-    zero = indicator(b, torch.eq)
-    return a.div_(zero.add_(b)).mul_(indicator(b, torch.ne))
+    mask = indicator(b, torch.eq)
+    a.div_(mask.add_(b))
+    return a.mul_(torch.ne(b, 0.0, out=mask))  # the one temporary serves both masks
 
 
 class Propagation:
