@@ -131,7 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--start-layer", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 blocks, 112x112 images, batch 2, 1 repeat: a smoke test")
+    p.add_argument("--allocator", default="default", choices=("default", "reuse"),
+                   help="reuse: attnx.reuse_freed_memory() first, for both codes (the same process)")
     args = p.parse_args(argv)
+    if args.allocator == "reuse":
+        import attnx
+
+        if not attnx.reuse_freed_memory():
+            raise SystemExit("--allocator reuse needs glibc (Linux)")
+        print("allocator: freed memory kept for reuse (attnx.reuse_freed_memory())")
     img = 224
     if args.quick:
         args.depth, args.batch, args.repeats, img = 2, 2, 1, 112

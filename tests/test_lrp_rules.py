@@ -708,3 +708,48 @@ def test_constant_attention_probabilities():
                 expected[b, j, d] = sum(x[b, j, d] * A[i, j] * seed[b, i, d] for i in range(4))
     assert_same(R_x, expected)
     assert_same(R_x.sum(), (y * seed).sum(), 1e-10)  # conserved
+
+
+def test_derived_weights_are_made_once_and_dropped_after_the_last_use():
+    """A weight used by two layers: ``|W|`` is made once for both backwards and let go after the
+    second; the cache holds nothing once every use is done."""
+    from attnx.lrp.relay import Propagation
+
+    state, w, made = Propagation(), randn(3, 4, seed=2), []
+
+    def make(t):
+        made.append(1)
+        return t.abs()
+
+    state.will_use(w)
+    state.will_use(w)
+    first = state.derived(w, "abs", make)
+    state.used(w)
+    assert state.derived(w, "abs", make) is first and len(made) == 1
+    state.used(w)
+    assert state.weights == {} and state.uses == {}
+
+
+def test_shared_weight_relevance_matches_the_formula():
+    """One nn.Linear applied twice (the derived weights serve both backwards, then go)."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4, bias=False).to(DT)
+
+        def forward(self, x):
+            return self.lin(torch.relu(self.lin(x)))
+
+    module = Twice()
+    with torch.no_grad():
+        module.lin.weight.copy_(randn(4, 4, seed=5))
+    x, seed = randn(2, 4, seed=6), randn(2, 4, seed=7)
+    reg = registry((nn.Linear, rules.AlphaBeta(1.0, 0.0)), (torch.relu, rules.Identity()))
+    y, (R_x,), engine = run_engine(module, reg, x, seed=seed)
+    W = module.lin.weight.detach()
+    h = torch.relu(x @ W.T)
+    R_h = ref_alpha_beta(h, W, y * seed, 1.0, 0.0)
+    expected = ref_alpha_beta(x, W, R_h, 1.0, 0.0)  # relu's identity rule: R at its input = R at h
+    assert_same(R_x, expected, 1e-12)
+    assert engine.propagation.weights == {}

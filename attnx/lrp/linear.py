@@ -113,10 +113,19 @@ class LinearRule(Rule):
         y = op.compute(graph=True)
         if not y.requires_grad:  # a frozen layer on a constant: nothing to relay
             return y
+        state = active()
         ctx = LinearCall(x.detach(), w.detach(), None if b is None else b.detach(), y.detach(), fn, extra,
-                         bool(op.is_input and op.is_input(x)), active())
+                         bool(op.is_input and op.is_input(x)), state)
+        if state is not None:
+            state.will_use(ctx.w)
+        return relay(y, [x], lambda g: self.backward(ctx, g), through_output=True)
 
-        return relay(y, [x], lambda g: self.propagate(ctx, g), through_output=True)
+    def backward(self, c: "LinearCall", g: torch.Tensor) -> tuple:
+        """:meth:`propagate`, then the weight's derived tensors are let go after its last use."""
+        out = self.propagate(c, g)
+        if c.state is not None:
+            c.state.used(c.w)
+        return out
 
     def propagate(self, c: "LinearCall", g: torch.Tensor) -> tuple:  # pragma: no cover - abstract
         raise NotImplementedError

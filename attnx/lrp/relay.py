@@ -95,21 +95,43 @@ class Propagation:
     model's own gradient (``False``).
 
     ``weights`` caches per-call derived weights (``|W|``, ``W ± |W|`` of a linear layer) for the
-    backward of every layer that uses the same weight; :meth:`release` drops them after the pass.
+    backward of every layer that uses the same weight: the forward counts each weight's uses
+    (:meth:`will_use`), the backward drops a weight's derived tensors after its last use
+    (:meth:`used`), so that they never pile up; :meth:`release` drops what is left after the pass.
     """
 
     def __init__(self, plain_edges: bool = False) -> None:
         #: whether the relays keep the real graph so that a plain backward can run on it
         self.plain_edges = plain_edges
         self.relevance = True
-        self.weights: dict[tuple, torch.Tensor] = {}
+        self.weights: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.uses: dict[tuple, int] = {}
+
+    @staticmethod
+    def key(w: torch.Tensor) -> tuple:
+        return (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
+
+    def will_use(self, w: torch.Tensor) -> None:
+        """Count one use of ``w`` by a rule's backward (called in the forward)."""
+        key = self.key(w)
+        self.uses[key] = self.uses.get(key, 0) + 1
+
+    def used(self, w: torch.Tensor) -> None:
+        """One backward use of ``w`` is done; after the last, its derived tensors are dropped."""
+        key = self.key(w)
+        left = self.uses.get(key, 0) - 1
+        if left > 0:
+            self.uses[key] = left
+        else:
+            self.uses.pop(key, None)
+            self.weights.pop(key, None)
 
     def derived(self, w: torch.Tensor, kind: str, make: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``make(w)``, computed once per pass for each weight tensor and ``kind``."""
-        key = (kind, w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device)
-        out = self.weights.get(key)
+        kinds = self.weights.setdefault(self.key(w), {})
+        out = kinds.get(kind)
         if out is None:
-            out = self.weights[key] = make(w)
+            out = kinds[kind] = make(w)
         return out
 
     def absolute(self, w: torch.Tensor) -> torch.Tensor:
@@ -127,6 +149,7 @@ class Propagation:
 
     def release(self) -> None:
         self.weights.clear()
+        self.uses.clear()
 
 
 _ACTIVE: contextvars.ContextVar[Propagation | None] = contextvars.ContextVar("attnx_propagation", default=None)
