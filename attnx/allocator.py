@@ -4,8 +4,8 @@ An explanation's backward passes create and free many large temporaries (at batc
 ViT-B, MLP activations of 39 MB each). glibc's ``malloc`` serves blocks above its mmap threshold
 (at most 32 MB by default) with fresh pages from the kernel and returns them on ``free``, so every
 such tensor pays for zeroing and faulting in its pages: measured on the benchmark machine,
-Transformer Attribution on ViT-B/16 at batch 16 takes 3.6x a forward + backward with the
-default setting and 2.6x with freed memory kept for reuse.
+Transformer Attribution on ViT-B/16 at batch 16 takes 3.3-3.6x a forward + backward with the
+default setting and 2.6-2.7x with freed memory kept for reuse.
 
 :func:`reuse_freed_memory` keeps freed memory in the process for the next allocation
 (``mallopt`` of the mmap and trim thresholds), as PyTorch's CPU performance guide does by
