@@ -41,20 +41,19 @@ def attribution_row(
     return row
 
 
-def resolve_form(form: str, readout: Readout) -> str:
-    """``auto`` is ``vit`` for images and ``bert`` for text."""
+def resolve_form(form: str, start_layer: int | None, layout, num_layers: int) -> tuple[str, int]:
+    """``(form, start_layer)`` with the defaults filled in: ``auto`` is ``vit`` for images and
+    ``bert`` for text; the product starts at layer 0 (vit) or the last layer (bert)."""
     if form == "auto":
-        return "vit" if readout.layout.grid is not None else "bert"
-    return form
+        form = "vit" if layout.grid is not None else "bert"
+    if start_layer is None:
+        start_layer = 0 if form == "vit" else num_layers - 1
+    return form, start_layer
 
 
 def first_attribution_layer(options: dict, layout, num_layers: int) -> int:
     """The first layer of the product (``start_layer``, or its default for the form)."""
-    form = options["form"]
-    if form == "auto":
-        form = "vit" if layout.grid is not None else "bert"
-    start = options["start_layer"]
-    return start if start is not None else (0 if form == "vit" else num_layers - 1)
+    return resolve_form(options["form"], options["start_layer"], layout, num_layers)[1]
 
 
 @register_method(
@@ -78,9 +77,7 @@ def transformer_attribution(trace, readout, *, start_layer: int | None = None, f
     uses 1) or ``bert`` (row normalisation, default start at the last layer, readout
     self-relevance set to the row minimum); ``auto`` picks ``vit`` for images, ``bert`` for text.
     """
-    form = resolve_form(form, readout)
-    if start_layer is None:
-        start_layer = 0 if form == "vit" else len(trace.attention_relevance) - 1
+    form, start_layer = resolve_form(form, start_layer, readout.layout, len(trace.attention_relevance))
     row = attribution_row(trace.gradients, trace.attention_relevance, readout, start_layer, form)
     return Relevance(tokens=row, options={"start_layer": start_layer, "form": form})
 
