@@ -20,12 +20,8 @@ from ..batch import Batch, check_image_batch, check_text_inputs
 from ..layout import Layout
 from ..recorder import AttentionRecorder
 from .base import Adapter
+from .loaded import loaded_class
 from .switches import attn_implementation, no_new_forward_hooks
-
-try:
-    from transformers import PreTrainedModel as _HFModel
-except Exception:  # pragma: no cover
-    _HFModel = None
 
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForImageClassificationWithTeacher")
 
@@ -41,9 +37,10 @@ class HFAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
+        hf_model = loaded_class("transformers.modeling_utils", "PreTrainedModel")
         return (
-            _HFModel is not None
-            and isinstance(model, _HFModel)
+            hf_model is not None
+            and isinstance(model, hf_model)
             and type(model).__name__.endswith(_HEAD_SUFFIXES)
         )
 

@@ -35,11 +35,7 @@ from ..batch import READOUT_LOGITS_ONLY, Batch, check_text_inputs
 from ..layout import Layout
 from ..targets import BoundContinuation
 from .hf import HFAdapter
-
-try:
-    from transformers import PreTrainedModel as _HFModel
-except Exception:  # pragma: no cover
-    _HFModel = None
+from .loaded import loaded_class
 
 __all__ = ["HFDecoderAdapter", "last_real_token", "pooled_token", "positions_from_mask"]
 
@@ -81,7 +77,8 @@ class HFDecoderAdapter(HFAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        if _HFModel is None or not isinstance(model, _HFModel):
+        hf_model = loaded_class("transformers.modeling_utils", "PreTrainedModel")
+        if hf_model is None or not isinstance(model, hf_model):
             return False
         name = type(model).__name__
         if name.endswith(CAUSAL_LM_SUFFIXES):

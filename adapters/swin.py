@@ -32,13 +32,8 @@ from ..errors import AttnxValueError, UnsupportedModelError
 from ..layout import Layout
 from ..recorder import AttentionRecorder
 from .base import Adapter
+from .loaded import loaded_class
 from .switches import attn_implementation, attribute_switch
-
-try:
-    from timm.models.swin_transformer import SwinTransformer as _TimmSwin
-    from timm.models.swin_transformer_v2 import SwinTransformerV2 as _TimmSwinV2
-except Exception:  # pragma: no cover
-    _TimmSwin = _TimmSwinV2 = None
 
 __all__ = ["TimmSwinAdapter", "HFSwinAdapter", "INPUT_METHODS"]
 
@@ -177,7 +172,9 @@ class TimmSwinAdapter(SwinAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _TimmSwin is not None and isinstance(model, (_TimmSwin, _TimmSwinV2))
+        swins = (loaded_class("timm.models.swin_transformer", "SwinTransformer"),
+                 loaded_class("timm.models.swin_transformer_v2", "SwinTransformerV2"))
+        return isinstance(model, tuple(c for c in swins if c is not None))
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.layers[-1].blocks)

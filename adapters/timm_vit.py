@@ -18,12 +18,8 @@ from ..batch import Batch, check_image_batch
 from ..layout import Layout
 from ..recorder import AttentionRecorder
 from .base import Adapter
+from .loaded import loaded_class
 from .switches import attribute_switch
-
-try:  # timm is a dependency, but keep the adapter importable without it
-    from timm.models.vision_transformer import VisionTransformer as _TimmViT
-except Exception:  # pragma: no cover
-    _TimmViT = None
 
 #: pooling modes whose readout is the class token; the others pool the patch tokens
 _TOKEN_POOLS = ("token",)
@@ -52,7 +48,8 @@ class TimmViTAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _TimmViT is not None and isinstance(model, _TimmViT)
+        timm_vit = loaded_class("timm.models.vision_transformer", "VisionTransformer")
+        return timm_vit is not None and isinstance(model, timm_vit)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -18,12 +18,8 @@ from ..batch import Batch, check_image_batch
 from ..layout import Layout
 from ..recorder import AttentionRecorder
 from .base import Adapter
+from .loaded import loaded_class
 from .switches import per_head_weights
-
-try:
-    from torchvision.models.vision_transformer import VisionTransformer as _TvViT
-except Exception:  # pragma: no cover
-    _TvViT = None
 
 
 class TorchvisionViTAdapter(Adapter):
@@ -34,7 +30,8 @@ class TorchvisionViTAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _TvViT is not None and isinstance(model, _TvViT)
+        tv_vit = loaded_class("torchvision.models.vision_transformer", "VisionTransformer")
+        return tv_vit is not None and isinstance(model, tv_vit)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)

@@ -4,21 +4,50 @@
 >>> e = attnx.explain(model, images, method="rollout")
 >>> e.scores      # (B, P) relevance per patch / token
 >>> e.heatmap()   # (B, H, W) maps at the input size
+
+``import attnx`` loads no torch, transformers, timm or matplotlib: the public names below and the
+subpackages (``attnx.zoo``, ``attnx.metrics``, ``attnx.evaluate``, ...) are imported on first use
+(PEP 562), so a command that only prints its help starts at once.
 """
 from __future__ import annotations
 
-from . import adapters, image_text, methods, metrics, similarity
-from .adapters import register_adapter
-from .allocator import reuse_freed_memory
+import importlib
+import pkgutil
+from typing import TYPE_CHECKING, Any
+
 from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
-from .explainer import Explainer, explain
-from .explanation import Explanation
-from .image_text import ImageText, ImageTextExplanation
-from .methods import Option, Relevance, get_method, list_methods, register_method
-from .targets import Continuation
-from .trace import Needs, Trace
+
+if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and editors
+    from . import adapters, image_text, methods, metrics, similarity
+    from .adapters import register_adapter
+    from .allocator import reuse_freed_memory
+    from .explainer import Explainer, explain
+    from .explanation import Explanation
+    from .image_text import ImageText, ImageTextExplanation
+    from .methods import Option, Relevance, get_method, list_methods, register_method
+    from .targets import Continuation
+    from .trace import Needs, Trace
 
 __version__ = "0.1.0"
+
+#: public name -> the submodule that defines it, imported when the name is first read
+_LAZY_NAMES = {
+    "register_adapter": "adapters",
+    "reuse_freed_memory": "allocator",
+    "Explainer": "explainer",
+    "explain": "explainer",
+    "Explanation": "explanation",
+    "ImageText": "image_text",
+    "ImageTextExplanation": "image_text",
+    "Option": "methods",
+    "Relevance": "methods",
+    "get_method": "methods",
+    "list_methods": "methods",
+    "register_method": "methods",
+    "Continuation": "targets",
+    "Needs": "trace",
+    "Trace": "trace",
+}
 
 __all__ = [
     "DegenerateMapWarning",
@@ -47,9 +76,23 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name == "evaluate":  # attnx.evaluate: the evaluation tables, imported on first use
-        import importlib
+def __getattr__(name: str) -> Any:
+    """Import a public name or a submodule on first use (PEP 562) and keep it."""
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    elif not name.startswith("_"):
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":  # a submodule that exists but fails to import
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
-        return importlib.import_module(".evaluate", __name__)
-    raise AttributeError(f"module 'attnx' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    submodules = {m.name for m in pkgutil.iter_modules(__path__)} | {"adapters"}  # adapters/ ships as attnx.adapters
+    return sorted({*globals(), *__all__, *_LAZY_NAMES, *submodules})

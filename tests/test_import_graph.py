@@ -6,6 +6,8 @@ The graph is read from the source with ``ast`` (imports inside functions include
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,11 +110,12 @@ def test_no_private_names_across_modules():
                         for n in names if n.startswith("_") and not n.startswith("__")]
         tree = ast.parse(MODULES[name].read_text())
         aliases = set()  # local names bound to attnx modules
+        run = {line: target for target, _, line in imports(name)}  # imports for type checkers only are not run
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 aliases |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("attnx")}
-            elif isinstance(node, ast.ImportFrom):
-                target = next(t for t, _, line in imports(name) if line == node.lineno) if node.level else node.module
+            elif isinstance(node, ast.ImportFrom) and node.lineno in run:
+                target = run[node.lineno] if node.level else node.module
                 aliases |= {a.asname or a.name for a in node.names if f"{target}.{a.name}" in MODULES}
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
@@ -131,3 +134,53 @@ def test_the_graph_is_read():
     """The checks above see the real imports (guards against a reader that finds nothing)."""
     assert "attnx.trace" in edges("attnx.explainer") and "attnx.layout" in edges("attnx.adapters.base")
     assert len(MODULES) > 30
+
+
+HEAVY = ("torch", "transformers", "timm", "torchvision", "open_clip", "matplotlib", "tqdm", "scipy")
+
+
+def loaded_after(code: str) -> list[str]:
+    """The heavy libraries in ``sys.modules`` after running ``code`` in a fresh interpreter."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_import_attnx_loads_no_heavy_library():
+    assert loaded_after("import attnx") == []
+
+
+def test_adapters_import_no_model_library():
+    """A model of a library exists only once that library was imported: the adapters ask ``sys.modules``."""
+    assert [m for m in loaded_after("import attnx.adapters") if m not in ("torch", "tqdm")] == []
+
+
+def test_public_api_resolves_lazily():
+    """Every public name, read on the package, is the object its module defines; ``dir`` and
+    ``from attnx import X`` see the names before they are loaded."""
+    code = (
+        "import attnx, importlib, sys\n"
+        "assert 'torch' not in sys.modules and set(attnx.__all__) <= set(dir(attnx)), dir(attnx)\n"
+        "from attnx import explain, Explainer, list_methods, register_method, zoo\n"
+        "assert 'torch' in sys.modules and explain is importlib.import_module('attnx.explainer').explain\n"
+        "for name in attnx.__all__:\n"
+        "    obj = getattr(attnx, name)\n"
+        "    home = getattr(obj, '__module__', None) or obj.__name__\n"
+        "    assert home.startswith('attnx'), (name, home)\n"
+        "assert 'rollout' in attnx.list_methods() and attnx.zoo.__name__ == 'attnx.zoo'\n"
+        "assert attnx.evaluate.__name__ == 'attnx.evaluate' and attnx.lrp.__name__ == 'attnx.lrp'\n"
+        "assert not hasattr(attnx, 'no_such_name')\n"
+    )
+    assert loaded_after(code) != []
+
+
+def test_lazy_names_match_the_type_checking_imports():
+    """The table of lazy names and the imports shown to type checkers name the same modules."""
+    tree = ast.parse(MODULES["attnx"].read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
+    shown = {a.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) and node.module
+             for a in node.names}
+    import attnx
+
+    assert shown == attnx._LAZY_NAMES
