@@ -314,3 +314,15 @@ def run_model(case: Case, model: nn.Module, inputs) -> torch.Tensor:
     else:
         out = model(inputs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+#: kinds of test that run whole programs (the demo, notebooks, a browser, several processes): part of
+#: the slow tier, which ``python -m pytest -q -m slow`` runs and the default run leaves out
+SLOW_KINDS = ("demo", "notebooks", "browser", "distributed", "subprocess")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)

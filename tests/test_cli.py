@@ -251,6 +251,7 @@ def test_unknown_model(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the installed entry point
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_installed_entry_point(tmp_path):
     exe = Path(sys.executable).with_name("attnx")
     exe = str(exe) if exe.is_file() else shutil.which("attnx")
@@ -268,6 +269,8 @@ def test_installed_entry_point(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # the main job
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.demo
+@pytest.mark.timeout(1800)
 @needs_text
 def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
     from attnx import real_photos
@@ -305,6 +308,7 @@ def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
     assert ((a.max(-1) - a.min(-1)) > 60).mean() > 0.01 and a.shape[1] > 300 * len(demo.LM_METHODS)
 
 
+@pytest.mark.demo
 def test_demo_clip_step_passes_the_ci_picture_checks(tmp_path):
     """``clip_where.png`` alone: one row per scene and method, the input and three maps per row, and
     coloured enough for CI's check of the main job (std > 10, > 1 % coloured pixels)."""

@@ -145,6 +145,7 @@ def test_cli_shard_jobs_and_merge(capsys, tmp_path):
     assert status != 0 and "missing shard(s) 1/2" in err and "Traceback" not in err
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes_give_the_single_process_table(capsys, tmp_path):
     args = ["evaluate", "--task", "vision", "--methods", "rollout,random", "--limit", "16", "--batch-size", "4", "--quiet"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")

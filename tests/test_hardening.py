@@ -397,6 +397,7 @@ def test_closed_stdout_keeps_the_page(monkeypatch, tmp_path):
     assert page.read_text().count('class="explained"') == 4  # two methods x two prompts
 
 
+@pytest.mark.subprocess
 def test_explain_piped_into_head(tmp_path):
     """``attnx explain ... --out r.html | head -1``: the page is complete, no traceback."""
     exe = Path(sys.executable).with_name("attnx")

@@ -170,6 +170,7 @@ print("ok")
 """
 
 
+@pytest.mark.distributed
 def test_distributed_data_parallel_is_explained_on_its_module(tmp_path):
     import os
     import socket
@@ -187,6 +188,7 @@ def test_distributed_data_parallel_is_explained_on_its_module(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_inductor_compiled_model_gives_the_eager_maps():
     case = CASES["timm_vit"]
     model = case.model().eval()

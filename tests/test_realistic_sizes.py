@@ -10,7 +10,7 @@ import torch
 import attnx
 from conftest import max_abs_diff, randomize_
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def timm_model(name):
