@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from .errors import AttnxValueError
 
 __all__ = ["Layout", "Readout", "infer_image_layout", "to_scores", "scores_to_map", "normalize_per_sample"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+
 from .errors import AttnxValueError
 
 __all__ = ["AttentionRecorder"]

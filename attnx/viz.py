@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
 from .errors import AttnxValueError
 
 __all__ = [

@@ -15,8 +15,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import collections
+import functools
 import os
 import sys
 

@@ -123,7 +123,7 @@ def test_attention_equals_softmax_of_own_qk(case, adapter):
     # transformers' ViT/DeiT eager kernel (the native capture, and the model as built when it
     # is eager) computes the softmax in float32 even for float64 models
     tolerance = 1e-6 if runs_float32_softmax(case, adapter) else 1e-10
-    for l, ((mod, qk, scale), h) in enumerate(zip(layers, seen)):
+    for l, ((_, qk, scale), h) in enumerate(zip(layers, seen)):
         with torch.no_grad():
             expected = recomputed_attention(*qk(h), scale, key_mask)
         got = captured.attentions[l]

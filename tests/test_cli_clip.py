@@ -14,7 +14,7 @@ from PIL import Image
 
 from attnx import zoo
 from cli_runner import run
-from clip_models import BOS, EOT, VOCAB, hf_clip, hf_siglip
+from clip_models import BOS, EOT, hf_clip, hf_siglip
 
 WORDS = ["a", "cat", "dog", "photo", "of"]
 

@@ -202,7 +202,7 @@ def test_open_clip_generic_against_autograd_on_its_similarity():
         s = scale * (img * txt).sum()
         grads = torch.autograd.grad(s, probs)
     finally:
-        for blk, fwd in zip(blocks, originals):
+        for blk, _ in zip(blocks, originals):
             del blk.attn.forward
     row = generic_rows([p[0].detach() for p in probs], [g[0] for g in grads], 0)[1:]
     assert rel_err(pair.image.scores[0], row) <= 1e-9

@@ -22,7 +22,6 @@ from torch import nn
 import attnx
 from attnx.degenerate import check_map, constant_samples
 from attnx.layout import Layout
-from attnx.lrp import presets
 from attnx.methods import unregister_method
 from conftest import CASES
 

@@ -44,3 +44,19 @@ def test_the_architecture_method_example_runs():
         assert attnx.get_method("last_layer_head").options == {"head": 0}
     finally:
         attnx.methods.unregister_method("last_layer_head")
+
+
+CI = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+
+
+def readme_commands(section: str) -> list[str]:
+    """The lines of the first ``bash`` block of a README section."""
+    body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```bash\n(.*?)```", body, re.S).group(1).strip().splitlines()
+
+
+def test_ci_runs_the_readme_install_and_test_commands_verbatim():
+    ci_lines = CI.splitlines()
+    for section in ("Install", "Test"):
+        commands = readme_commands(section)
+        assert commands and all(c in ci_lines for c in commands), (section, commands)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import attnx
-from conftest import ALL, CASES, ids, max_abs_diff
+from conftest import ALL, CASES, max_abs_diff
 
 TOL = 1e-5
 
@@ -182,6 +182,5 @@ def test_grid_of_a_hand_written_vit_with_8_pixel_patches(method):
 
 
 def test_patch_size_that_disagrees_with_the_model_is_an_error():
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match=r"patch_size=16 disagrees with the model's patch grid \(4, 4\)"):
         attnx.explain(CASES["timm_vit"].model(), CASES["timm_vit"].inputs(2), method="lrp", patch_size=16)

@@ -19,7 +19,6 @@ import tempfile
 
 import numpy as np
 import pytest
-import torch
 
 import attnx
 from attnx import report, viz, zoo

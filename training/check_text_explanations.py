@@ -24,8 +24,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch
 
 import attnx
-from attnx.data import rotten_tomatoes as rt
 from attnx import zoo
+from attnx.data import rotten_tomatoes as rt
 
 POSITIVE = set("""
 great good best better funny fun wonderful beautiful beautifully brilliant brilliantly excellent charming
@@ -100,7 +100,7 @@ def main() -> None:
             top = top_k(r["scores"][m], r["keep"], 5)
             print(f"  top-5 {m:<24} " + ", ".join(r["tokens"][i] for i in top))
         top = top_k(r["other"], r["keep"], 5)
-        print(f"  top-5 other class (transformer_attribution): " + ", ".join(r["tokens"][i] for i in top))
+        print("  top-5 other class (transformer_attribution): " + ", ".join(r["tokens"][i] for i in top))
         print()
 
     def hits(scores_of, lexicon, subset):

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     test_ppl, unigram_ppl = math.exp(t_nll / t_n), math.exp(u_nll / u_n)
     print(f"test perplexity {test_ppl:.1f} (unigram {unigram_ppl:.1f}) over {t_n} tokens", flush=True)
     samples = {q: complete(model, tokenizer, q) for q in PROMPTS}
-    for q, c in samples.items():
+    for c in samples.values():
         print(f"  {c}", flush=True)
 
     from safetensors.torch import save_file

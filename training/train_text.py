@@ -59,8 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from attnx.zoo import text as text_zoo
 from attnx.data import rotten_tomatoes as rt
+from attnx.zoo import text as text_zoo
 
 LABELS = ("negative", "positive")  # = rt.LABELS ("rotten", "fresh")
 LORA_TARGETS = {
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = splits["train"][: args.max_train] if args.max_train else splits["train"]
     data = {name: (tokenize(tokenizer, rs, args.max_length), [r.label for r in rs]) for name, rs in
             (("train", train), ("validation", splits["validation"]), ("test", splits["test"]))}
-    print(f"data: " + ", ".join(f"{k} {len(v[0])}" for k, v in data.items())
+    print("data: " + ", ".join(f"{k} {len(v[0])}" for k, v in data.items())
           + f"; test majority {max(sum(data['test'][1]), len(data['test'][1]) - sum(data['test'][1])) / len(data['test'][1]):.4f}", flush=True)
 
     # ---- trainable parameters

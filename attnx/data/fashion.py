@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
 from ..errors import AttnxValueError
 
 __all__ = ["CLASS_NAMES", "ENV_VAR", "FashionMNISTNotFound", "find_fashion_mnist", "load_fashion_mnist"]

@@ -29,6 +29,7 @@ import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
 from ..errors import AttnxValueError
 
 __all__ = [

@@ -12,10 +12,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import AttnxValueError
 from .. import zoo
 from ..data import FashionMNISTNotFound, Scenes, make_scenes
 from ..data import rotten_tomatoes as rt
+from ..errors import AttnxValueError
 from ..zoo.hub import pil_transform
 from .columns import SCENE_SEEDS
 

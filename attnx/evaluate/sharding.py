@@ -25,6 +25,7 @@ import re
 from typing import Any, Iterator
 
 import torch
+
 from ..errors import AttnxValueError
 
 __all__ = [

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, TypeVar
 
 import numpy as np
+
 from ..errors import AttnxValueError
 
 __all__ = ["FORMAT", "SampleResults"]

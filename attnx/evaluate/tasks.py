@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import AttnxTypeError, AttnxValueError
 from .. import metrics, zoo
 from ..data import Scenes
 from ..data import rotten_tomatoes as rt
+from ..errors import AttnxTypeError, AttnxValueError
 from .datasets import evaluation_scenes, folder_class_indices, image_transform, read_texts
 
 __all__ = ["FolderTask", "ImageTask", "SceneTask", "TextTask", "to_numpy", "vision_task"]

@@ -8,11 +8,11 @@ predicate: RMSNorm, written-out activations, GPT-2's Conv1D, MoE routers),
 (applying a registry during a forward, strict by default) and :mod:`attnx.lrp.coverage` (what a
 pass did with every op). The pass itself runs in :mod:`attnx.trace`.
 """
+from . import kinds, rules
 from .coverage import Coverage
 from .engine import LINEAR_OPS, LRPEngine, UncoveredOpError
 from .kinds import ModuleKind
 from .registry import FUNCTION_ALIASES, Registry, get_preset, in_attention, in_mlp, presets
-from . import kinds, rules
 
 __all__ = [
     "Coverage",

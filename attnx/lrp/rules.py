@@ -21,7 +21,21 @@ from ..errors import AttnxValueError
 from .decompositions import mha_decomposition, sdpa_decomposition
 from .kinds import rms_epsilon, rms_norm_spread
 from .linear import GROUPED_MM, AlphaBeta, Epsilon, Gamma, LinearRule, ZBox, grouped_linear, linear_parts
-from .relay import CONSTANT, Op, Propagation, Rule, divide_or_zero, divide_or_zero_, epsilon_share, plain_edges, propagation, relative_share, relay, safe_divide, stabilize
+from .relay import (
+    CONSTANT,
+    Op,
+    Propagation,
+    Rule,
+    divide_or_zero,
+    divide_or_zero_,
+    epsilon_share,
+    plain_edges,
+    propagation,
+    relative_share,
+    relay,
+    safe_divide,
+    stabilize,
+)
 
 __all__ = [
     "Op",
@@ -257,12 +271,12 @@ class LayerNormConstantStd(Rule):
     def __call__(self, op: Op) -> Any:
         if op.module is not None:
             m = op.module
-            x, shape, weight, bias, eps = op.args[0], m.normalized_shape, m.weight, m.bias, m.eps
+            x, shape, weight, eps = op.args[0], m.normalized_shape, m.weight, m.eps
         else:
             names = ("input", "normalized_shape", "weight", "bias", "eps")
             bound = {**dict(zip(names, op.args)), **op.kwargs}
             x, shape = bound["input"], bound["normalized_shape"]
-            weight, bias, eps = bound.get("weight"), bound.get("bias"), bound.get("eps", 1e-5)
+            weight, eps = bound.get("weight"), bound.get("eps", 1e-5)  # the bias only shifts y
         dims = tuple(range(-len(shape), 0))
         y = op.compute()
         xd, yd = x.detach(), y.detach()

@@ -14,9 +14,18 @@ method (or family), named after it; the rollout family shares :mod:`.propagation
 from __future__ import annotations
 
 from .registry import (
-    Method, Option, Relevance, get_method, list_methods, method_names, methods_markdown, register_method, unregister_method,
+    Method,
+    Option,
+    Relevance,
+    get_method,
+    list_methods,
+    method_names,
+    methods_markdown,
+    register_method,
+    unregister_method,
 )
 
+# isort: split
 # the built-in methods register themselves on import, in this order
 from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp, attention_flow, baselines  # noqa: E402,F401,I001
 

@@ -40,7 +40,7 @@ Example
 from __future__ import annotations
 
 # Relevance and Measure, the type aliases of the signatures, stay importable from here (outside __all__)
-from .common import Relevance
+from .common import Relevance as Relevance
 from .curves import Curve, deletion_curve, gaussian_blur, insertion_curve, perturbation_curve
 from .localisation import (
     ClassDiscrimination,
@@ -52,7 +52,8 @@ from .localisation import (
     relevance_mass,
     segmentation_scores,
 )
-from .measures import MEASURES, Measure
+from .measures import MEASURES
+from .measures import Measure as Measure
 from .sanity import Randomisation, parameter_randomisation, pearson, randomisation_steps, spearman
 from .text import RationaleScores, rationale_f1, token_deletion_curve
 
