@@ -12,7 +12,6 @@ subpackages (``attnx.zoo``, ``attnx.metrics``, ``attnx.evaluate``, ...) are impo
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Any
 
 from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
@@ -94,5 +93,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    import pkgutil
+
     submodules = {m.name for m in pkgutil.iter_modules(__path__)} | {"adapters"}  # adapters/ ships as attnx.adapters
     return sorted({*globals(), *__all__, *_LAZY_NAMES, *submodules})

@@ -156,6 +156,18 @@ def test_adapters_import_no_model_library():
     assert [m for m in loaded_after("import attnx.adapters") if m not in ("torch", "tqdm")] == []
 
 
+def test_explaining_a_timm_model_imports_no_other_model_library():
+    code = (
+        "import torch, timm, attnx\n"
+        "m = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, patch_size=8, depth=2,"
+        " num_classes=3).eval()\n"
+        "assert attnx.explain(m, torch.randn(2, 3, 32, 32), method='generic').scores.shape == (2, 16)\n"
+        "assert type(attnx.adapters.get_adapter(m)).__name__ == 'TimmViTAdapter'\n"
+    )
+    loaded = loaded_after(code)
+    assert "timm" in loaded and "transformers" not in loaded and "open_clip" not in loaded, loaded
+
+
 def test_public_api_resolves_lazily():
     """Every public name, read on the package, is the object its module defines; ``dir`` and
     ``from attnx import X`` see the names before they are loaded."""
