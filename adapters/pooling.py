@@ -106,7 +106,8 @@ class TimmPooling:
         return not self.distilled and (self.attn_pool is not None or self.pool in ("max", "avgmax"))
 
     def pooled_rows(self, num_tokens: int) -> slice:
-        """The rows the pooling reduces over (the attention pool's input too)."""
+        """The rows the pooling reduces over (the attention pool's input too, except EVA's,
+        which takes every token)."""
         return slice(0, num_tokens) if self.include_prefix else slice(self.prefix_tokens, num_tokens)
 
     def apply(self, layout: Layout) -> Layout:
@@ -157,12 +158,14 @@ class TimmPooling:
             return layout
         x, N = self._pool_input, layout.num_tokens
         rows = self.pooled_rows(N)
+        if self.attn_pool is not None and x.shape[1] == N:  # EVA's probe attends to every token
+            rows = slice(0, N)
         weights = torch.zeros(x.shape[0], N, dtype=torch.float64, device=x.device)
         with torch.no_grad():
             if self.attn_pool is not None:
                 weights[:, rows] = probe_weights(self._timm_probe(x))
             else:
-                weights[:, rows] = self._max_share(x[:, rows] if x.shape[1] == N else x)
+                weights[:, rows] = self._max_share(x[:, rows])
         layout.readout = weights
         return layout
 

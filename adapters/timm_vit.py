@@ -78,7 +78,9 @@ class TimmViTAdapter(Adapter):
         return (H // ph, W // pw)
 
     def prepare(self, inputs: Any) -> Batch:
-        x = check_image_batch(inputs, getattr(self.model.patch_embed.proj, "in_channels", None))
+        embed = self.model.patch_embed  # a hybrid model's patch embedding runs a CNN backbone first
+        channels = None if hasattr(embed, "backbone") else getattr(getattr(embed, "proj", None), "in_channels", None)
+        x = check_image_batch(inputs, channels)
         layout = self.pooling.apply(Layout.for_image(x, self.grid(x), self.prefix_tokens(), None))
         return Batch(args=(x,), kwargs={}, batch_size=x.shape[0], layout=layout, device=x.device)
 
