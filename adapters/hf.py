@@ -59,6 +59,11 @@ class HFAdapter(Adapter):
 
     # layout -------------------------------------------------------------------------------
     def _vision_prefix_tokens(self) -> int:
+        name = type(self.model).__name__
+        if name.startswith(("Siglip", "IJepa")):  # no class token
+            return 0
+        if name.startswith(("CLIP", "MetaClip")):  # CLIP's class token is its "class_embedding"
+            return 1
         emb = getattr(getattr(self.model, self.model.base_model_prefix, self.model), "embeddings", None)
         n = 0
         if emb is not None and getattr(emb, "cls_token", None) is not None:
@@ -84,7 +89,13 @@ class HFAdapter(Adapter):
             if "pixel_values" not in inputs:
                 raise AttnxValueError(f"expected 'pixel_values' in the image inputs, got keys {sorted(inputs)}")
             inputs = inputs["pixel_values"]
-        cfg = self.model.config
+        cfg = getattr(self.model.config, "vision_config", None) or self.model.config
+        if not isinstance(getattr(cfg, "patch_size", None), (int, tuple, list)) or not hasattr(cfg, "image_size"):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} is not a ViT-like encoder over one patch grid (its config has no "
+                "patch_size); attention methods need global self-attention over the patches (lrp and "
+                "gradient_x_input explain it with adapter='intercept' when its attention is observable)"
+            )
         x = check_image_batch(inputs, getattr(cfg, "num_channels", None))
         p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
         H, W = int(x.shape[-2]), int(x.shape[-1])
@@ -102,8 +113,8 @@ class HFAdapter(Adapter):
 
         ``ViT``, ``ViTMSN``, ``DeiT``: the class token. ``DeiT...WithTeacher``: the mean of the
         class and distillation heads' logits, rows 0 and 1 weighing 1/2 each. ``BEiT`` /
-        ``Data2VecVision`` with ``use_mean_pooling``: the mean of the patch rows. ``IJepa``: the
-        mean of every row. ``Dinov2`` (with registers too): the classifier reads
+        ``Data2VecVision`` with ``use_mean_pooling``, ``CLIP``, ``SigLIP`` and ``IJepa`` (which have
+        no class token or skip it): the mean of the patch rows. ``Dinov2`` (with registers too): the classifier reads
         ``[CLS; mean(patches)]``; the class row weighs the share of the classifier's gradient
         (its weight rows) on the CLS half, the patch rows share the rest equally
         (:meth:`target_readout`, per target).
@@ -115,9 +126,8 @@ class HFAdapter(Adapter):
             layout.readout, layout.readout_name = weights, "mean of class and distillation tokens"
         elif name.startswith(("Beit", "Data2VecVision")) and getattr(cfg, "use_mean_pooling", False):
             layout.readout, layout.readout_name = None, f"mean of {N - p} patch tokens"
-        elif name.startswith("IJepa"):
-            layout.readout = torch.full((1, N), 1.0 / N, dtype=torch.float64)
-            layout.readout_name = f"mean of all {N} tokens"
+        elif name.startswith(("IJepa", "Siglip", "CLIP", "MetaClip")):  # the mean of the patch rows
+            layout.readout, layout.readout_name = None, f"mean of {N - p} patch tokens"
         elif name.startswith("Dinov2"):
             layout.readout = self._cls_and_mean(layout, self.model.classifier.weight)
             layout.readout_name = f"class token and mean of {N - p} patch tokens"
