@@ -305,3 +305,11 @@ def test_methods_without_a_readout_say_so_and_descriptions():
 
     assert describe(Layout(17, 1, 0, (4, 4))) == "class token"
     assert describe(Layout(16, 0, None, (4, 4))) == "mean of 16 patch tokens"
+
+
+def test_the_command_line_says_the_readout_in_one_line(tmp_path, capsys):
+    from attnx.cli import main
+
+    assert main(["explain", "--method", "rollout", "--out", str(tmp_path / "x.png"), "--num-scenes", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("readout:")]
+    assert lines == ["readout: class token (the rows of the last layer the model's head reads)"]
