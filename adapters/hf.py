@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..errors import AttnxValueError
+from ..errors import AttnxValueError, UnsupportedModelError
 from ..batch import Batch, check_image_batch, check_text_inputs
 from ..layout import Layout
 from ..recorder import AttentionRecorder
@@ -56,6 +56,11 @@ class HFAdapter(Adapter):
 
     # layout -------------------------------------------------------------------------------
     def _vision_prefix_tokens(self) -> int:
+        name = type(self.model).__name__
+        if name.startswith(("Siglip", "IJepa")):  # no class token
+            return 0
+        if name.startswith(("CLIP", "MetaClip")):  # CLIP's class token is its "class_embedding"
+            return 1
         emb = getattr(getattr(self.model, self.model.base_model_prefix, self.model), "embeddings", None)
         n = 0
         if emb is not None and getattr(emb, "cls_token", None) is not None:
@@ -63,7 +68,7 @@ class HFAdapter(Adapter):
         if emb is not None and getattr(emb, "distillation_token", None) is not None:
             n += 1
         n += int(getattr(self.model.config, "num_register_tokens", 0) or 0)
-        return max(n, 1)
+        return n if emb is not None else 1
 
     def prepare(self, inputs: Any) -> Batch:
         if self.is_text:
@@ -81,7 +86,13 @@ class HFAdapter(Adapter):
             if "pixel_values" not in inputs:
                 raise AttnxValueError(f"expected 'pixel_values' in the image inputs, got keys {sorted(inputs)}")
             inputs = inputs["pixel_values"]
-        cfg = self.model.config
+        cfg = getattr(self.model.config, "vision_config", None) or self.model.config
+        if not isinstance(getattr(cfg, "patch_size", None), (int, tuple, list)) or not hasattr(cfg, "image_size"):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} is not a ViT-like encoder over one patch grid (its config has no "
+                "patch_size); attention methods need global self-attention over the patches (lrp and "
+                "gradient_x_input explain it with adapter='intercept' when its attention is observable)"
+            )
         x = check_image_batch(inputs, getattr(cfg, "num_channels", None))
         p = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
         H, W = int(x.shape[-2]), int(x.shape[-1])
@@ -91,8 +102,57 @@ class HFAdapter(Adapter):
         kwargs = {"pixel_values": x}
         if (H, W) != tuple(size):
             kwargs["interpolate_pos_encoding"] = True
-        layout = Layout.for_image(x, (H // p, W // p), self._vision_prefix_tokens(), readout=0)
+        layout = self.image_readout(Layout.for_image(x, (H // p, W // p), self._vision_prefix_tokens(), readout=0))
         return Batch(args=(), kwargs=kwargs, batch_size=x.shape[0], layout=layout, device=x.device)
+
+    def image_readout(self, layout: Layout) -> Layout:
+        """``layout`` with the rows the image classifier's head reads (its forward's pooling).
+
+        ``ViT``, ``ViTMSN``, ``DeiT``: the class token. ``DeiT...WithTeacher``: the mean of the
+        class and distillation heads' logits, rows 0 and 1 weighing 1/2 each. ``BEiT`` /
+        ``Data2VecVision`` with ``use_mean_pooling``, ``CLIP``, ``SigLIP`` and ``IJepa`` (which have
+        no class token or skip it): the mean of the patch rows. ``Dinov2`` (with registers too): the classifier reads
+        ``[CLS; mean(patches)]``; the class row weighs the share of the classifier's gradient
+        (its weight rows) on the CLS half, the patch rows share the rest equally
+        (:meth:`target_readout`, per target).
+        """
+        name, cfg, N, p = type(self.model).__name__, self.model.config, layout.num_tokens, layout.prefix_tokens
+        if name.endswith("WithTeacher"):
+            weights = torch.zeros(1, N, dtype=torch.float64)
+            weights[0, :2] = 0.5
+            layout.readout, layout.readout_name = weights, "mean of class and distillation tokens"
+        elif name.startswith(("Beit", "Data2VecVision")) and getattr(cfg, "use_mean_pooling", False):
+            layout.readout, layout.readout_name = None, f"mean of {N - p} patch tokens"
+        elif name.startswith(("IJepa", "Siglip", "CLIP", "MetaClip")):  # the mean of the patch rows
+            layout.readout, layout.readout_name = None, f"mean of {N - p} patch tokens"
+        elif name.startswith("Dinov2"):
+            layout.readout = self._cls_and_mean(layout, self.model.classifier.weight)
+            layout.readout_name = f"class token and mean of {N - p} patch tokens"
+        else:
+            layout.readout, layout.readout_name = 0, "class token"
+        return layout
+
+    def _cls_and_mean(self, layout: Layout, weight: torch.Tensor) -> torch.Tensor:
+        """``(C or 1, N)`` readout of a ``[CLS; mean(patches)]`` classifier with ``weight`` rows
+        ``(C or 1, 2D)``: the CLS row weighs ``|w_cls| / (|w_cls| + |w_mean|)`` (norms of each
+        half of the weight row), the patch rows the rest, equally."""
+        D = weight.shape[-1] // 2
+        w = weight.detach().to(torch.float64).reshape(-1, 2 * D)
+        cls_norm, mean_norm = w[:, :D].norm(dim=-1), w[:, D:].norm(dim=-1)
+        share = cls_norm / (cls_norm + mean_norm).clamp_min(torch.finfo(torch.float64).tiny)
+        out = torch.zeros(w.shape[0], layout.num_tokens, dtype=torch.float64, device=weight.device)
+        out[:, 0] = share
+        out[:, layout.prefix_tokens:] = ((1 - share) / layout.num_content)[:, None]
+        return out
+
+    def target_readout(self, layout: Layout, targets: torch.Tensor) -> Layout:
+        """``layout`` with a readout for the explained classes ``targets`` ``(B,)`` where the
+        head's pooling weighs the rows differently per class (``Dinov2``): the class row's share
+        is that of the target's weight row, not of the whole classifier."""
+        if not self.is_text and type(self.model).__name__.startswith("Dinov2"):
+            weight = self.model.classifier.weight
+            layout.readout = self._cls_and_mean(layout, weight[targets.to(weight.device)])
+        return layout
 
     def input_embeddings(self) -> nn.Module | None:
         return self.model.get_input_embeddings() if self.is_text else None
@@ -114,10 +174,10 @@ class HFAdapter(Adapter):
         out = self.model(**kwargs, return_dict=True)
         if self._recorder is not None:
             attentions = getattr(out, "attentions", None)
-            if not attentions:
-                raise RuntimeError(
-                    f"{type(self.model).__name__} returned no attentions with the eager kernel; "
-                    "try adapter='intercept'"
+            if not attentions or any(a is None for a in attentions):
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} returned no attention probabilities with the eager kernel "
+                    "(its attention kernel cannot be switched); explain it with adapter='intercept'"
                 )
             for a in attentions:
                 self._recorder.record(a)

@@ -6,6 +6,11 @@ multiplied with the values (``attn.softmax(-1) @ v``, ``torch.bmm``, ``torch.ein
 explained by observing those calls (see :mod:`attnx.adapters.kernels`). The token layout comes
 from a family adapter when one matches, else from the inputs: image grids from the token count
 the attention sees, text from the attention mask.
+
+The readout (the rows the head reads) is the family adapter's; else the pooling a timm ViT-like
+model inside the wrapper declares (:class:`attnx.adapters.pooling.TimmPooling`); else an
+attention-pool probe seen as the last attention call (one query set over the tokens of the
+layers before it); else it is left undeclared and measured before use (:mod:`attnx.readout`).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from ..layout import Layout, infer_image_layout
 from ..recorder import AttentionRecorder
 from .base import Adapter
 from .kernels import AttentionInterceptor, TokenWatcher
+from .pooling import TimmPooling, probe_weights
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -53,6 +59,10 @@ class InterceptAdapter(Adapter):
     def __init__(self, model: nn.Module, layout_from: Adapter | None = None) -> None:
         super().__init__(model)
         self.family = layout_from
+        #: the pooling a timm ViT-like model (maybe inside a wrapper) declares, if any
+        self.pooling = TimmPooling.find(model)
+        #: the head-averaged attention of an attention-pool probe seen in the last forward
+        self.probe: torch.Tensor | None = None
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -72,13 +82,21 @@ class InterceptAdapter(Adapter):
 
     def resolve_layout(self, batch: Batch, num_tokens: int) -> Layout:
         if batch.layout is None:
-            batch.layout = infer_image_layout(batch.args[0], num_tokens)
-        return super().resolve_layout(batch, num_tokens)
+            prefix = None if self.pooling is None else self.pooling.prefix_tokens
+            batch.layout = infer_image_layout(batch.args[0], num_tokens, prefix)
+            if self.pooling is not None:
+                self.pooling.apply(batch.layout)
+        layout = super().resolve_layout(batch, num_tokens)
+        if self.pooling is not None and layout.grid is not None:
+            return self.pooling.complete(layout)
+        if self.probe is not None and not layout.readout_declared and self.probe.shape[-1] == num_tokens:
+            layout.readout, layout.readout_name, layout.readout_declared = self.probe, "probe attention (attention-pool head)", True
+        return layout
 
     def patch_layout(self, batch: Batch, grid: tuple[int, int]) -> Layout:
         """The layout of an image model whose attention was not seen, from its patch embedding."""
         if batch.layout is None:
-            batch.layout = Layout.for_image(batch.args[0], grid, prefix_tokens=0, readout=None)
+            batch.layout = Layout.for_image(batch.args[0], grid, prefix_tokens=0, readout=None, readout_declared=False)
         return batch.layout
 
     def input_embeddings(self) -> nn.Module | None:
@@ -94,8 +112,11 @@ class InterceptAdapter(Adapter):
 
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
-        with AttentionInterceptor(recorder):
+        capture = contextlib.nullcontext() if self.pooling is None else self.pooling.capture()
+        self.probe = None
+        with AttentionInterceptor(recorder), capture:
             yield
+        self.probe = take_probe(recorder)
 
     @contextlib.contextmanager
     def watch_tokens(self, recorder: AttentionRecorder, images: torch.Tensor | None = None) -> Iterator[None]:
@@ -108,3 +129,25 @@ class InterceptAdapter(Adapter):
             return self.family.call(batch)
         out = self.model(*batch.args, **batch.kwargs)
         return out, logits_of(out)
+
+
+def take_probe(recorder: AttentionRecorder) -> torch.Tensor | None:
+    """Remove an attention-pool probe from ``recorder`` and return its :func:`probe_weights`.
+
+    A probe is one last attention call whose few queries attend over (some of) the ``N`` tokens
+    of the self-attention layers before it (``(B, H, Q, M)`` with ``Q < M <= N`` after
+    ``(B, H, N, N)`` layers): a pooling head, not a layer of the token stack.
+    """
+    probs = recorder.probs
+    if len(probs) < 2:
+        return None
+    last, before = probs[-1], probs[-2]
+    n = before.shape[-1]
+    if before.shape[-2] != n or last.shape[-1] > n or last.shape[-2] >= last.shape[-1]:
+        return None
+    if len(probs) > 2 and probs[-3].shape[-2] != probs[-3].shape[-1]:
+        return None  # several non-square calls: not one pooling probe
+    recorder.probs.pop()
+    recorder.grad_wrt.pop()
+    recorder.token_counts.pop()
+    return probe_weights(last)

@@ -19,12 +19,8 @@ from ..layout import Layout
 from ..recorder import AttentionRecorder
 from .base import Adapter
 from .loaded import loaded_class
+from .pooling import TimmPooling
 from .switches import attribute_switch
-
-#: pooling modes whose readout is the class token; the others pool the patch tokens
-_TOKEN_POOLS = ("token",)
-_PATCH_POOLS = ("avg", "max", "avgmax", "")
-
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of the blocks, in forward order."""
@@ -54,13 +50,8 @@ class TimmViTAdapter(Adapter):
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.attentions = _attention_modules(model)
-        pool = getattr(model, "global_pool", "token")
-        if pool not in _TOKEN_POOLS + _PATCH_POOLS:
-            raise AttnxValueError(
-                f"timm model with global_pool={pool!r} (attention pooling) is not supported: its "
-                "readout is not a token of the encoder"
-            )
-        self.pool = pool
+        #: what the head reads (class token, patch mean, distillation pair, max, MAP probe)
+        self.pooling = TimmPooling(model)
 
     # layout -------------------------------------------------------------------------------
     def prefix_tokens(self) -> int:
@@ -84,9 +75,10 @@ class TimmViTAdapter(Adapter):
         return (H // ph, W // pw)
 
     def prepare(self, inputs: Any) -> Batch:
-        x = check_image_batch(inputs, getattr(self.model.patch_embed.proj, "in_channels", None))
-        readout = 0 if (self.pool in _TOKEN_POOLS and self.prefix_tokens() > 0) else None
-        layout = Layout.for_image(x, self.grid(x), self.prefix_tokens(), readout)
+        embed = self.model.patch_embed  # a hybrid model's patch embedding runs a CNN backbone first
+        channels = None if hasattr(embed, "backbone") else getattr(getattr(embed, "proj", None), "in_channels", None)
+        x = check_image_batch(inputs, channels)
+        layout = self.pooling.apply(Layout.for_image(x, self.grid(x), self.prefix_tokens(), None))
         return Batch(args=(x,), kwargs={}, batch_size=x.shape[0], layout=layout, device=x.device)
 
     # capture ------------------------------------------------------------------------------
@@ -97,13 +89,16 @@ class TimmViTAdapter(Adapter):
 
         handles = []
         try:
-            with attribute_switch([(a, "fused_attn", False) for a in self.attentions]):
+            with attribute_switch([(a, "fused_attn", False) for a in self.attentions]), self.pooling.capture():
                 for a in self.attentions:
                     handles.append(a.attn_drop.register_forward_hook(hook))
                 yield
         finally:
             for h in handles:
                 h.remove()
+
+    def resolve_layout(self, batch: Batch, num_tokens: int) -> Layout:
+        return self.pooling.complete(super().resolve_layout(batch, num_tokens))
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         out = self.model(*batch.args, **batch.kwargs)

@@ -231,6 +231,8 @@ def explain_images(args: argparse.Namespace) -> int:
         _save(fig, _out_path(args.out, "attnx_methods.png", "_methods.png"))
         return 0
     e = explainer(images, method=methods[0], target=target, **options[methods[0]])
+    if e.readout is not None and not args.quiet:
+        say(f"readout: {e.readout} (the rows of the last layer the model's head reads)")
     fig = viz.show(e, images, **kw, max_images=len(images))
     _save(fig, _out_path(args.out, f"attnx_{methods[0]}.png", f"_{methods[0]}.png"))
     return 0

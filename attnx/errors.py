@@ -13,6 +13,7 @@ __all__ = [
     "AttnxValueError",
     "DegenerateMapWarning",
     "NonFiniteMapError",
+    "ReadoutMismatchError",
     "UnsupportedModelError",
 ]
 
@@ -40,3 +41,8 @@ class DegenerateMapWarning(UserWarning):
 
 class NonFiniteMapError(AttnxError, ValueError):
     """A method gave a sample NaN or infinite relevance."""
+
+
+class ReadoutMismatchError(UnsupportedModelError):
+    """The rows an adapter declares the head reads are not those the target's gradient reaches
+    (see :mod:`attnx.readout`)."""

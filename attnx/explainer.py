@@ -17,6 +17,7 @@ from .labels import class_names
 from .layout import Readout, to_scores
 from .lrp.registry import Registry, get_preset
 from .methods.registry import Method, Relevance, get_method
+from .readout import ReadoutUsed, settle_readout
 from .runtime import no_autocast, unwrap_model
 from .targets import Target, prepare_target
 from .trace import Needs, Trace, run_trace
@@ -60,6 +61,7 @@ class Explainer:
         self.tokenizer = tokenizer
         #: the labels of a classifier's outputs (string targets are class names); None for language models
         self.class_names = None if getattr(self.adapter, "is_lm", False) else class_names(model)
+        self._readouts: dict = {}  # token layouts whose readout was measured (attnx.readout)
 
     def trace(
         self,
@@ -122,15 +124,24 @@ class Explainer:
         trace = self.trace(
             inputs, target, spec.needs_for(method_options), registry, trace_options.get("strict", True), trace_options.get("patch_size")
         )
-        readout = Readout(trace.layout, trace.logits.shape[0], trace.logits.device)
+        readout, used = self.readout_for(trace, spec.needs_for(method_options), inputs, target)
         with no_autocast((trace.logits.device.type,)):  # the method's math in the trace's dtype
             result = spec.fn(trace, readout, **method_options)
         recorded = {k: v for k, v in options.items() if k != "preset"}
         if "preset" in trace_options:
             recorded["preset"] = registry.name
-        return self.package(result, trace, method, recorded)
+        return self.package(result, trace, method, recorded, used)
 
     __call__ = explain
+
+    def readout_for(self, trace: Trace, needs: Needs, inputs: Any, target: Target) -> tuple[Readout, ReadoutUsed | None]:
+        """The readout a method reads on ``trace``: the head's, declared by the adapter and checked
+        against the target's gradient, or measured (:mod:`attnx.readout`); ``None`` as the used
+        readout for methods that read no attention row (they start at the logits)."""
+        if not (needs.attentions or needs.gradients or needs.attention_relevance):
+            return Readout(trace.layout, trace.logits.shape[0], trace.logits.device), None
+        last = Needs(attentions=True, gradients=True, first_layer=lambda layout, n: n - 1)
+        return settle_readout(trace, self.adapter, lambda: self.trace(inputs, target, last), self._readouts)
 
     @staticmethod
     def registry_for(spec: Method, trace_options: dict) -> Registry | None:
@@ -144,7 +155,9 @@ class Explainer:
         raise AttnxTypeError(f"method {spec.name!r} needs relevance but declares neither a preset option nor rules")
 
     @staticmethod
-    def package(result: torch.Tensor | Relevance, trace: Trace, method: str, options: dict) -> Explanation:
+    def package(
+        result: torch.Tensor | Relevance, trace: Trace, method: str, options: dict, readout: ReadoutUsed | None = None
+    ) -> Explanation:
         """The :class:`Explanation` of a method's result on ``trace``.
 
         Raises :class:`attnx.errors.NonFiniteMapError` when a sample's map has NaN or infinite
@@ -174,6 +187,7 @@ class Explainer:
             coverage=trace.coverage,
             target_scores=trace.target_scores,
             explained_tokens=trace.explained_tokens,
+            readout=readout,
         )
 
 

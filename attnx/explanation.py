@@ -54,6 +54,11 @@ class Explanation:
     explained_tokens:
         ``(B, K)`` for language models: the explained token(s) after the prompt, the next token
         (``K = 1``) or a continuation (``-1`` pads shorter ones); ``None`` otherwise.
+    readout:
+        The rows of the last layer the explanation reads, as the model's head does:
+        ``readout.description`` ("class token", "mean of 196 patch tokens", "probe attention (MAP
+        head)", ...) and ``readout.weights`` ``(B, N)``; ``None`` for methods that read no
+        attention row (LRP to the input starts at the logits). See :mod:`attnx.readout`.
     """
 
     scores: torch.Tensor
@@ -70,6 +75,7 @@ class Explanation:
     coverage: Coverage | None = None
     target_scores: torch.Tensor | None = None
     explained_tokens: torch.Tensor | None = None
+    readout: Any = None
 
     def __len__(self) -> int:
         return self.scores.shape[0]

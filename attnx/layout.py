@@ -49,6 +49,13 @@ class Layout:
         (the default) when the score columns are the tokens after the prefix, in order. Used when
         the explained sequence is not the user's input as given (a continuation appended to a
         prompt: the scores cover the prompt, laid out as the user's ``input_ids``).
+    readout_name:
+        What the readout is, in words ("class token", "mean of 196 patch tokens", ...); ``None``:
+        described from ``readout`` (:func:`attnx.readout.describe`).
+    readout_declared:
+        Whether the adapter knows the readout from the model (its head's pooling). ``False`` for
+        the fallback adapter on a model it knows nothing about: the readout is then measured from
+        the gradient of the target with respect to the last layer's attention (:mod:`attnx.readout`).
     """
 
     num_tokens: int
@@ -59,9 +66,14 @@ class Layout:
     valid: torch.Tensor | None = None
     causal: bool = False
     columns: torch.Tensor | None = None
+    readout_name: str | None = None
+    readout_declared: bool = True
 
     @classmethod
-    def for_image(cls, x: torch.Tensor, grid: tuple[int, int], prefix_tokens: int, readout: int | None) -> "Layout":
+    def for_image(
+        cls, x: torch.Tensor, grid: tuple[int, int], prefix_tokens: int, readout: int | torch.Tensor | None,
+        readout_name: str | None = None, readout_declared: bool = True,
+    ) -> "Layout":
         """The layout of an image batch ``x`` cut into a ``grid`` of patches after ``prefix_tokens``."""
         h, w = int(grid[0]), int(grid[1])
         return cls(
@@ -70,6 +82,8 @@ class Layout:
             readout=readout,
             grid=(h, w),
             input_size=(int(x.shape[-2]), int(x.shape[-1])),
+            readout_name=readout_name,
+            readout_declared=readout_declared,
         )
 
     @property
@@ -101,15 +115,17 @@ class Layout:
         return self.valid_mask(batch_size, device)[:, self.prefix_tokens :]
 
 
-def infer_image_layout(x: torch.Tensor, num_tokens: int) -> Layout:
+def infer_image_layout(x: torch.Tensor, num_tokens: int, prefix_tokens: int | None = None) -> Layout:
     """Guess the layout of an image model nobody wrote an adapter for.
 
-    The smallest number of prefix tokens ``p`` is chosen such that ``N - p`` patches tile the
-    image with square patches (``h * w = N - p`` and ``H / h == W / w``). The first prefix token
-    is taken as the readout token; with no prefix token the mean of the patch rows is read.
+    Unless ``prefix_tokens`` is given, the smallest number of prefix tokens ``p`` is chosen such
+    that ``N - p`` patches tile the image with square patches (``h * w = N - p`` and
+    ``H / h == W / w``). The readout is a first guess (the first prefix token, else the mean of
+    the patch rows), marked as not declared: it is measured before use (:mod:`attnx.readout`).
     """
     H, W = int(x.shape[-2]), int(x.shape[-1])
-    for p in range(0, min(num_tokens, 17)):
+    choices = range(0, min(num_tokens, 17)) if prefix_tokens is None else (prefix_tokens,)
+    for p in choices:
         n = num_tokens - p
         h = math.isqrt(max(1, round(n * H / W)))
         for hh in (h - 1, h, h + 1):
@@ -117,7 +133,7 @@ def infer_image_layout(x: torch.Tensor, num_tokens: int) -> Layout:
                 continue
             ww = n // hh
             if abs(H / hh - W / ww) < 1e-6 * max(H, W):
-                return Layout.for_image(x, (hh, ww), p, 0 if p > 0 else None)
+                return Layout.for_image(x, (hh, ww), p, 0 if p > 0 else None, readout_declared=False)
     raise AttnxValueError(
         f"cannot infer the patch grid of a {H}x{W} image from {num_tokens} attention tokens; "
         "write an adapter for this model (see attnx.adapters.register_adapter)"
@@ -130,7 +146,8 @@ class Readout:
     ``index`` is ``(B,)`` long when one token per sample is read (the class token, the last real
     token of a causal language model), else ``None``; ``weights`` is ``(B, N)``, the readout as
     a weighting of rows (one-hot for a single token; the mean of the real content rows for
-    models that pool their patch tokens; the positions predicting a continuation).
+    models that pool their patch tokens; the positions predicting a continuation). A ``(1, N)``
+    weighting applies to every sample.
     """
 
     def __init__(self, layout: Layout, batch_size: int, device: torch.device) -> None:
@@ -141,6 +158,8 @@ class Readout:
         readout = layout.readout
         self.index: torch.Tensor | None = None
         if isinstance(readout, torch.Tensor) and readout.dim() == 2:
+            if readout.shape[0] == 1 and B > 1:  # the same weighting for every sample
+                readout = readout.expand(B, -1)
             if tuple(readout.shape) != (B, N):
                 raise AttnxValueError(f"readout weights of shape {tuple(readout.shape)} do not match the batch ({B}, {N})")
             self.weights = readout.to(device)

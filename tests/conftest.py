@@ -81,7 +81,9 @@ class Case:
     image_size:
         ``(H, W)`` of the inputs the case uses (images only).
     prefix_tokens, readout, grid:
-        The token layout attnx must report for those inputs.
+        The token layout attnx must report for those inputs; ``readout`` is the row the head
+        reads, a tuple of rows it averages with equal weights (distilled DeiT's class and
+        distillation tokens), or ``None`` for the mean of the content rows.
     fused:
         For timm models: the ``fused_attn`` flag every attention module has before the call.
     attn_implementation:
@@ -94,7 +96,7 @@ class Case:
     build: Callable[[], nn.Module]
     image_size: tuple[int, int] | None = None
     prefix_tokens: int = 0
-    readout: int | None = 0
+    readout: int | tuple[int, ...] | None = 0
     grid: tuple[int, int] | None = None
     fused: bool | None = None
     attn_implementation: str | None = None
@@ -110,6 +112,13 @@ class Case:
         if self.is_text:
             return TEXT_LENGTH
         return self.prefix_tokens + self.grid[0] * self.grid[1]
+
+    @property
+    def readout_rows(self) -> tuple[int, ...]:
+        """The rows the head reads with one equal weight each (empty for a content mean)."""
+        if self.readout is None:
+            return ()
+        return self.readout if isinstance(self.readout, tuple) else (self.readout,)
 
     def model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         model = self.build().to(dtype)
@@ -228,7 +237,7 @@ def _cases() -> list[Case]:
     cases = [
         Case("timm_vit", "timm", "timm_vit", timm_vit(), (32, 32), 1, 0, (4, 4), fused=True),
         Case("timm_vit_unfused", "timm", "timm_vit", timm_vit(), (32, 32), 1, 0, (4, 4), fused=False),
-        Case("timm_deit_distilled", "timm", "timm_vit", timm_deit_distilled, (32, 32), 2, 0, (4, 4), fused=True),
+        Case("timm_deit_distilled", "timm", "timm_vit", timm_deit_distilled, (32, 32), 2, (0, 1), (4, 4), fused=True),
         Case("timm_reg4", "timm", "timm_vit", timm_vit(reg_tokens=4), (32, 32), 5, 0, (4, 4), fused=True),
         Case("timm_avgpool", "timm", "timm_vit", timm_vit(class_token=False, global_pool="avg"), (32, 32), 0, None,
              (4, 4), fused=True),
@@ -245,7 +254,7 @@ def _cases() -> list[Case]:
             Case(f"hf_vit_{impl}", "hf_vision", "hf", hf_vit(impl), (32, 32), 1, 0, (4, 4), attn_implementation=impl),
             Case(f"hf_vit_{impl}_40x56", "hf_vision", "hf", hf_vit(impl), (40, 56), 1, 0, (5, 7),
                  attn_implementation=impl),
-            Case(f"hf_deit_teacher_{impl}", "hf_vision", "hf", hf_deit(impl), (32, 32), 2, 0, (4, 4),
+            Case(f"hf_deit_teacher_{impl}", "hf_vision", "hf", hf_deit(impl), (32, 32), 2, (0, 1), (4, 4),
                  attn_implementation=impl),
         ]
     for kind, pad in (("bert", 0), ("roberta", 1), ("distilbert", 0)):

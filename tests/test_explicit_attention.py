@@ -433,7 +433,10 @@ def test_grid_and_prefix_tokens_are_inferred(name):
             e = attnx.explain(model, images(name), method=method, **extra)
         assert e.grid == grid and e.scores.shape == (3, grid[0] * grid[1])
         assert e.layout.prefix_tokens == int(cls)
-        assert e.layout.readout == (0 if cls else None)
+        if method == "rollout":  # the rows the head reads, measured: the class token, the mean, or
+            # every token (a softmax over the classes of every token is averaged into the output)
+            every = STYLES[name][4].get("classifier_softmax") or not cls
+            assert e.readout.rows(0) == (list(range(e.layout.num_tokens)) if every else [0])
 
 
 @pytest.mark.parametrize("name", list(STYLES))

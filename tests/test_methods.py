@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnx
+from attnx.layout import Readout
 from conftest import ALL, CASES, GRADIENT_METHODS, IMAGE, ids, max_abs_diff, run_model
 
 
@@ -22,7 +23,9 @@ def test_adapter_and_layout(case):
     layout = attnx.Explainer(model).capture(x).layout
     assert layout.num_tokens == case.num_tokens
     assert layout.prefix_tokens == case.prefix_tokens
-    assert layout.readout == case.readout
+    read = Readout(layout, 2, torch.device("cpu")).weights[0]
+    assert torch.nonzero(read).flatten().tolist() == (list(case.readout_rows) or list(range(case.prefix_tokens, case.num_tokens)))
+    assert torch.allclose(read[read != 0], read[read != 0][0])  # equal weights
     assert layout.grid == case.grid
     assert layout.input_size == case.image_size
     if case.is_text:

@@ -41,7 +41,7 @@ def readout_vector(case, valid: torch.Tensor) -> torch.Tensor:
     N = valid.shape[0]
     if case.readout is not None:
         w = torch.zeros(N, dtype=DT)
-        w[case.readout] = 1.0
+        w[list(case.readout_rows)] = 1.0 / len(case.readout_rows)
         return w
     content = valid.clone()
     content[: case.prefix_tokens] = False
@@ -56,7 +56,7 @@ def discard(m: torch.Tensor, ratio: float, case, valid: torch.Tensor) -> torch.T
         (m[i, j].item(), i * N + j)
         for i in range(N)
         for j in range(N)
-        if valid[i] and valid[j] and i != case.readout
+        if valid[i] and valid[j] and i not in case.readout_rows
     ]
     k = math.floor(ratio * len(candidates))
     out = m.clone()

@@ -198,6 +198,7 @@ def explanation_html(
     if first.grid is not None:
         data = _image_data(methods, table, images, class_names, mean, std, multi_label, names)
         default = f"{len(first)} image{'s' if len(first) != 1 else ''}, {first.grid[0]}x{first.grid[1]} patches"
+        default += f"; readout: {first.readout}" if getattr(first, "readout", None) is not None else ""  # the head's rows
         if images is None:
             default += "; the maps alone (attnx.report.explanation_html(e, images) draws them over the images)"
     else:
