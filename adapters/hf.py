@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..errors import AttnxValueError
+from ..errors import AttnxValueError, UnsupportedModelError
 from ..batch import Batch, check_image_batch, check_text_inputs
 from ..layout import Layout
 from ..recorder import AttentionRecorder
@@ -118,9 +118,9 @@ class HFAdapter(Adapter):
         if self._recorder is not None:
             attentions = getattr(out, "attentions", None)
             if not attentions:
-                raise RuntimeError(
-                    f"{type(self.model).__name__} returned no attentions with the eager kernel; "
-                    "try adapter='intercept'"
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} returned no attention probabilities with the eager kernel; "
+                    "adapter='intercept' sees its attention kernels instead"
                 )
             for a in attentions:
                 self._recorder.record(a)

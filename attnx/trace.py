@@ -203,11 +203,11 @@ def check_attentions(adapter: Any, recorder: AttentionRecorder, batch_size: int)
     """Check the recorded attentions form one (B, H, N, N) stack; return N."""
     if len(recorder) == 0:
         raise UnsupportedModelError(
-            f"no attention was observed in {type(adapter.model).__name__} with adapter "
-            f"{adapter.name!r}; attnx has adapters {adapter_names()} (the 'intercept' one sees "
-            "F.scaled_dot_product_attention, F.multi_head_attention_forward and a softmax over the "
-            "key axis whose output is multiplied with the values by @, matmul, bmm or einsum). "
-            "Register an adapter for this model with attnx.adapters.register_adapter."
+            f"no attention was observed in {type(adapter.model).__name__} with adapter {adapter.name!r}: attention "
+            f"methods need a model with attention, and attnx's adapters {adapter_names()} found none (the "
+            "'intercept' one sees F.scaled_dot_product_attention, F.multi_head_attention_forward and a softmax over "
+            "the key axis whose output is multiplied with the values by @, matmul, bmm or einsum); for attention "
+            "computed otherwise, register an adapter with attnx.adapters.register_adapter"
         )
     shapes = {tuple(a.shape[-2:]) for a in recorder.probs}
     batches = {a.shape[0] for a in recorder.probs}
@@ -512,7 +512,8 @@ def relevance_pass(
         if callable(getattr(target, "relevance_seed", None)) and not getattr(registry, "plain_gradient", False):
             seed = linear_target_seed(target, resolved.scores.detach(), logits.detach(), registry.seed)
         else:
-            seed = lrp_seed(resolved.scores, logits, registry.seed)
+            # plain autograd (gradient x input) is the exact gradient whatever the seed sums to: no warning
+            seed = lrp_seed(resolved.scores, logits, registry.seed, warn=not getattr(registry, "plain_gradient", False))
         if attentions:
             # with plain edges every A is in the model's graph: only the tracked ones carry relevance
             cut = [
@@ -572,7 +573,7 @@ def relevance_scale(seed: torch.Tensor, logits: torch.Tensor, kind: str) -> torc
     return (seed * logits).abs().sum(1)
 
 
-def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Tensor:
+def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str, warn: bool = True) -> torch.Tensor:
     """The modified gradient a relevance pass starts from at the logits, for the target's
     scalars ``s`` ``(B,)``.
 
@@ -582,7 +583,8 @@ def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Ten
     is the one-hot of ``c`` (relevance 1, resp. ``z_c``, on the target logit); for a callable such
     as ``z_a - z_b`` it is ``+1`` / ``-1`` (times the logits); for a continuation, the gradient of
     its summed log-probability. ``∂s/∂z`` follows only the logits: other outputs a callable reads
-    (hidden states) are held constant.
+    (hidden states) are held constant. ``warn``: warn when a ``"logit"`` seed sums to 0 (a
+    relevance pass meant to conserve would then show nothing).
     """
     if not scores.requires_grad:
         raise AttnxValueError("the target's scalar does not depend on the model output (it carries no gradient)")
@@ -598,7 +600,7 @@ def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Ten
         raise AttnxValueError(f"unknown LRP seed {seed!r}; expected 'one_hot' or 'logit'")
     total, s = (grad * logits.detach()).reshape(grad.shape[0], -1).sum(1), scores.detach()
     flat = ((total.abs() <= 1e-6 * s.abs()) & (s != 0)).nonzero().flatten().tolist()
-    if flat:  # Σ z ∂s/∂z = 0: s does not change with the scale of z (a cosine of a normalised embedding)
+    if flat and warn:  # Σ z ∂s/∂z = 0: s does not change with the scale of z (a cosine of a normalised embedding)
         warnings.warn(
             f"the target of sample(s) {flat} does not change with the scale of the logits (e.g. a cosine "
             "similarity of the output), so the relevance seeded with z * ds/dz sums to 0; give the target a "
