@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .errors import AttnxTypeError, AttnxValueError, ForwardMismatchError
-from .adapters import Adapter, InterceptAdapter, get_adapter
+from .adapters import Adapter, DualEncoderAdapter, InterceptAdapter, get_adapter
 from .batch import check_input_dtype, check_on_real_device, check_token_ids, outside_inference_mode
 from .forward_check import check_mode, input_signature, tolerance
 from .degenerate import check_map
@@ -140,7 +140,8 @@ class Explainer:
         that path agrees; else refuse."""
         tried = [self.adapter.name]
         differences = [trace.model_forward.difference(trace.logits)]
-        if self.adapter_choice is None and not isinstance(self.adapter, InterceptAdapter):
+        # a dual encoder's towers are its adapter's (image-text pairs need it): no fallback there
+        if self.adapter_choice is None and not isinstance(self.adapter, (InterceptAdapter, DualEncoderAdapter)):
             fallback = InterceptAdapter(self.model, layout_from=self.adapter)
             second, key = self.run(fallback, *run)
             if second.model_forward.agrees(second.logits):
@@ -195,6 +196,7 @@ class Explainer:
             ``towers=("image", "text")``: the image-text pairs are explained and an
             :class:`attnx.image_text.ImageTextExplanation` returned (see :mod:`attnx.image_text`).
         """
+        self.follow_model()
         if "text" in options:
             inputs = ImageText(inputs, options.pop("text"))
         if isinstance(inputs, ImageText):

@@ -72,9 +72,10 @@ def input_signature(batch: Batch) -> tuple:
 
 def tolerance(reference: torch.Tensor) -> float:
     """How far the explained logits may be from the model's: rounding of a reordered sum
-    (``1e-4`` of the logits' scale in float32, ``1e-9`` in float64)."""
+    (``1e-4`` of the logits' scale in float32; ``1e-6`` in float64, where Hugging Face's eager
+    kernels still take the softmax in float32)."""
     scale = 1.0 + float(reference.detach().abs().amax()) if reference.numel() else 1.0
-    return (1e-9 if reference.dtype == torch.float64 else 1e-4) * scale
+    return (1e-6 if reference.dtype == torch.float64 else 1e-4) * scale
 
 
 def is_leaf_with_weights(module: nn.Module) -> bool:

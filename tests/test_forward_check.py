@@ -156,7 +156,7 @@ def test_check_costs_one_forward_once_per_input_signature():
 
 def test_tolerance_scales_with_the_logits_and_dtype():
     assert tolerance(torch.tensor([[2.0, -9.0]])) == pytest.approx(1e-3)
-    assert tolerance(torch.tensor([[2.0, -9.0]], dtype=torch.float64)) == pytest.approx(1e-8)
+    assert tolerance(torch.tensor([[2.0, -9.0]], dtype=torch.float64)) == pytest.approx(1e-5)
 
 
 def test_minilm_passes_the_check_silently():
