@@ -106,16 +106,20 @@ class ModelForward:
         ``(B, C)`` the model's own logits at the explained positions.
     last_layer:
         The last module with weights that ran (``None`` if none did).
+    pooled_output:
+        Whether the output has a ``pooler_output`` and no ``logits``.
     """
 
-    def __init__(self, logits: torch.Tensor, last_layer: nn.Module | None) -> None:
+    def __init__(self, logits: torch.Tensor, last_layer: nn.Module | None, pooled_output: bool = False) -> None:
         self.logits = logits
         self.last_layer = last_layer
+        self.pooled_output = pooled_output
 
     @property
     def is_embedding(self) -> bool:
-        """Whether the output is a normalised embedding (the last layer with weights is a norm)."""
-        return isinstance(self.last_layer, NORMALISATIONS)
+        """Whether the output is an embedding: the last layer with weights is a normalisation, or
+        the output has a ``pooler_output`` and no logits (a Hugging Face backbone)."""
+        return self.pooled_output or isinstance(self.last_layer, NORMALISATIONS)
 
     def difference(self, explained: torch.Tensor) -> float:
         """The largest absolute difference between ``explained`` and the model's logits."""
@@ -141,4 +145,5 @@ def model_forward(adapter: Any, batch: Batch, read: Any) -> ModelForward:
         with last_parametrised_leaf(model, seen):
             output, logits = adapter.call(batch)
         at = read(output, logits)
-    return ModelForward(at.detach(), seen[0] if seen else None)
+    pooled = getattr(output, "logits", None) is None and isinstance(getattr(output, "pooler_output", None), torch.Tensor)
+    return ModelForward(at.detach(), seen[0] if seen else None, pooled)

@@ -126,6 +126,16 @@ def embedding_models() -> dict:
     return {"hf_dinov2": dino, "wrapped_dinov2": ClassToken(dino), "timm_headless": vit(num_classes=0)}
 
 
+@pytest.mark.parametrize("method", ["generic", "lrp"])
+def test_bert_backbone_without_target_names_the_similarity_targets(method):
+    """A BertModel's output is its pooled embedding (no logits)."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)).eval()
+    one_line_error(AttnxValueError, lambda: attnx.explain(model, {"input_ids": IDS}, method=method),
+                   r"BertModel outputs an embedding, not class logits.*attnx.similarity.cosine_to")
+
+
 @pytest.mark.parametrize("name", ["hf_dinov2", "wrapped_dinov2", "timm_headless"])
 @pytest.mark.parametrize("method", ["generic", "lrp"])
 def test_embedding_model_without_target_names_the_similarity_targets(name, method):
