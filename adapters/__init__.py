@@ -35,7 +35,9 @@ __all__ = [
     "TorchvisionViTAdapter",
     "adapter_names",
     "get_adapter",
+    "refuse_out_of_scope",
     "register_adapter",
+    "user_kernel",
 ]
 
 _REGISTRY: dict[str, type[Adapter]] = {}
@@ -70,18 +72,80 @@ def family_adapter(model: nn.Module) -> Adapter | None:
     return None
 
 
+#: what attnx explains, named when it refuses a model
+SUPPORTED = (
+    "attnx explains encoders (ViT/DeiT/BEiT image classifiers, BERT-family text classifiers), decoders "
+    "(causal language models and their sequence classifiers) and dual encoders (CLIP, SigLIP)"
+)
+#: Hugging Face attention kernels that compute what ``eager`` computes
+STOCK_KERNELS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def user_kernel(model: nn.Module) -> str | None:
+    """The name of the attention kernel a user registered (``AttentionInterface.register`` and
+    ``set_attn_implementation``) on a Hugging Face model, or ``None`` for a stock kernel."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if not isinstance(impl, str) or impl.removeprefix("paged|") in STOCK_KERNELS:
+        return None
+    return impl
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` has an encoder and a decoder with cross-attention (BART, T5, Marian,
+    Whisper, ``nn.Transformer``)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True:
+        return True
+    return any(isinstance(m, (nn.Transformer, nn.TransformerDecoderLayer)) for m in model.modules())
+
+
+def has_attention_modules(model: nn.Module) -> bool:
+    """Whether any module of ``model`` is named as an attention (``*Attention*``, ``*Attn*``)."""
+    return any("attention" in type(m).__name__.lower() or "attn" in type(m).__name__.lower() for m in model.modules())
+
+
+def refuse_out_of_scope(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` for models whose attention attnx cannot explain as one
+    stack of self-attention: encoder-decoders, and Hugging Face models without attention (Mamba)."""
+    name = type(model).__name__
+    if is_encoder_decoder(model):
+        raise UnsupportedModelError(
+            f"{name} is an encoder-decoder (encoder self-attention, decoder self-attention and cross-attention), "
+            f"which attnx does not explain yet; {SUPPORTED}"
+        )
+    if _is_hf(model) and not has_attention_modules(model):
+        raise UnsupportedModelError(
+            f"{name} has no attention layers (a state-space or recurrent model?), so attention methods do not "
+            f"apply; {SUPPORTED}"
+        )
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
 def get_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> Adapter:
     """Select the adapter for ``model``.
 
     ``adapter`` may be ``None`` (automatic: the first matching adapter, else ``intercept``), the
-    name of a registered adapter, ``"intercept"``, or an ``Adapter`` instance.
+    name of a registered adapter, ``"intercept"``, or an ``Adapter`` instance. Encoder-decoders
+    and models without attention are refused (:func:`refuse_out_of_scope`). A Hugging Face model
+    running an attention kernel its user registered is explained through ``intercept``, which keeps
+    that kernel (a family adapter would switch it to ``eager``).
     """
     if not isinstance(model, nn.Module):
         raise AttnxTypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(adapter, Adapter):
         return adapter
+    refuse_out_of_scope(model)
     if adapter is None:
-        return family_adapter(model) or InterceptAdapter(model)
+        family = family_adapter(model)
+        if family is not None and user_kernel(model) is not None:
+            return InterceptAdapter(model, layout_from=family)
+        return family or InterceptAdapter(model)
     if adapter in DEPRECATED_NAMES:
         warnings.warn(
             f"adapter={adapter!r} is now called {DEPRECATED_NAMES[adapter]!r}", DeprecationWarning, stacklevel=3

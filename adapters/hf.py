@@ -176,8 +176,8 @@ class HFAdapter(Adapter):
             attentions = getattr(out, "attentions", None)
             if not attentions or any(a is None for a in attentions):
                 raise UnsupportedModelError(
-                    f"{type(self.model).__name__} returned no attention probabilities with the eager kernel "
-                    "(its attention kernel cannot be switched); explain it with adapter='intercept'"
+                    f"{type(self.model).__name__} returned no attention probabilities with the eager kernel; "
+                    "adapter='intercept' sees its attention kernels instead"
                 )
             for a in attentions:
                 self._recorder.record(a)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AttnxTypeError, AttnxValueError
+from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from ..batch import READOUT_LOGITS_ONLY, Batch, check_text_inputs
 from ..layout import Layout
 from ..targets import BoundContinuation
@@ -232,8 +232,9 @@ class HFDecoderAdapter(HFAdapter):
         if self._recorder is not None:
             attentions = getattr(out, "attentions", None)
             if not attentions or any(a is None for a in attentions):
-                raise RuntimeError(
-                    f"{type(self.model).__name__} returned no attentions with the eager kernel; try adapter='intercept'"
+                raise UnsupportedModelError(
+                    f"{type(self.model).__name__} returned no attention probabilities with the eager kernel; "
+                    "adapter='intercept' sees its attention kernels instead"
                 )
             for a in attentions:
                 self._recorder.record(a)

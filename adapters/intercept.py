@@ -30,14 +30,37 @@ from .pooling import TimmPooling, probe_weights
 
 
 def logits_of(output: Any) -> torch.Tensor:
-    """The logits tensor of a model output: the tensor itself, ``.logits``, or the first element."""
+    """The logits tensor of a model output: the tensor itself, ``.logits`` or a ``"logits"`` entry,
+    the first element of a tuple; for a backbone without logits its ``pooler_output`` (an embedding)."""
     if isinstance(output, torch.Tensor):
         return output
-    if hasattr(output, "logits"):
-        return output.logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    for name in ("logits", "pooler_output"):
+        if isinstance(getattr(output, name, None), torch.Tensor):
+            return getattr(output, name)
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise AttnxTypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
+    keys = f" with keys {sorted(map(str, output))}" if isinstance(output, Mapping) else ""
+    raise AttnxTypeError(
+        f"cannot find the logits in a model output of type {type(output).__name__}{keys}; expected a tensor, "
+        "a .logits attribute, a 'logits' entry or a tuple whose first element is the logits"
+    )
+
+
+def wrapped_input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The token embeddings of ``model``, or of the first Hugging Face model inside it (a user's
+    wrapper module around a text model)."""
+    for m in model.modules():
+        get = getattr(m, "get_input_embeddings", None)
+        if callable(get):
+            try:
+                found = get()
+            except (NotImplementedError, AttributeError):
+                continue
+            if isinstance(found, nn.Module):
+                return found
+    return None
 
 
 class InterceptAdapter(Adapter):
@@ -102,8 +125,7 @@ class InterceptAdapter(Adapter):
     def input_embeddings(self) -> nn.Module | None:
         if self.family is not None:
             return self.family.input_embeddings()
-        get = getattr(self.model, "get_input_embeddings", None)
-        return get() if callable(get) else None
+        return wrapped_input_embeddings(self.model)
 
     def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:
         if self.family is not None:

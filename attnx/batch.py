@@ -10,7 +10,7 @@ from torch import nn
 from .errors import AttnxTypeError, AttnxValueError
 from .layout import Layout
 
-__all__ = ["READOUT_LOGITS_ONLY", "Batch", "check_image_batch", "check_on_real_device", "check_text_inputs", "check_token_ids", "outside_inference_mode"]
+__all__ = ["READOUT_LOGITS_ONLY", "Batch", "check_image_batch", "check_on_real_device", "check_input_dtype", "check_text_inputs", "check_token_ids", "outside_inference_mode"]
 
 #: ``Batch.extra`` flag set by the pass when the target reads the logits at the layout's readout
 #: positions only: a language model may then skip its output layer at the other positions
@@ -122,6 +122,8 @@ def check_text_inputs(inputs: Any) -> dict:
         if not isinstance(v, torch.Tensor):
             raise AttnxTypeError(f"text input {k!r} must be a tensor (use return_tensors='pt'), got {type(v).__name__}")
     ids = inputs["input_ids"]
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise AttnxTypeError(f"expected integer input_ids (token ids, torch.long), got dtype {ids.dtype}")
     if ids.dim() == 1:
         raise AttnxValueError(
             f"expected input_ids of shape (B, T), got shape {tuple(ids.shape)}; "
@@ -194,6 +196,31 @@ def learned_positions(model: nn.Module) -> int | None:
     return None
 
 
+def token_type_table(model: nn.Module) -> nn.Embedding | None:
+    """The token type (segment) embedding of a BERT-family model, if it has one."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] == "token_type_embeddings":
+            return m
+    return None
+
+
+def check_input_dtype(batch: Batch, model: nn.Module) -> None:
+    """Images passed positionally (``model(x)``: timm, torchvision, research code) in the model's
+    dtype: float64 images on a float32 model (or the reverse) cannot be computed. Half precision on
+    either side is computed in float32 (:mod:`attnx.runtime`); Hugging Face models cast their
+    ``pixel_values`` themselves."""
+    x = next((a for a in batch.args if isinstance(a, torch.Tensor)), None)
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    if x is None or p is None or not x.is_floating_point():
+        return
+    half = (torch.float16, torch.bfloat16)
+    if x.dtype != p.dtype and x.dtype not in half and p.dtype not in half:
+        raise AttnxTypeError(
+            f"the inputs are {x.dtype} but the model computes in {p.dtype}; cast them with x.to({p.dtype}) "
+            f"(or the model with model.to({x.dtype}))"
+        )
+
+
 def check_token_ids(batch: Batch, embeddings: nn.Module | None, model: nn.Module) -> None:
     """Token ids must index the vocabulary, and a text must fit the model's position embeddings."""
     ids = batch.kwargs.get("input_ids")
@@ -207,6 +234,14 @@ def check_token_ids(batch: Batch, embeddings: nn.Module | None, model: nn.Module
             f"token id {ids[bad][0].item()} (sample {where[0]}, position {where[1]}) is outside the model's "
             f"vocabulary of {V} tokens (0..{V - 1}); was the text tokenised by this model's tokenizer?"
         )
+    types = batch.kwargs.get("token_type_ids")
+    table = token_type_table(model)
+    if isinstance(types, torch.Tensor) and table is not None:
+        if types.is_floating_point() or ((types < 0) | (types >= table.num_embeddings)).any():
+            raise AttnxValueError(
+                f"token_type_ids must be integers in 0..{table.num_embeddings - 1} (the model's token types), "
+                f"got values {sorted(set(types.flatten().tolist()))[:8]}"
+            )
     limit = learned_positions(model)
     if limit is not None and ids.shape[1] > limit:
         raise AttnxValueError(

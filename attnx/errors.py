@@ -12,6 +12,7 @@ __all__ = [
     "AttnxTypeError",
     "AttnxValueError",
     "DegenerateMapWarning",
+    "ForwardMismatchError",
     "NonFiniteMapError",
     "ReadoutMismatchError",
     "UnsupportedModelError",
@@ -32,6 +33,12 @@ class AttnxTypeError(AttnxError, TypeError):
 
 class UnsupportedModelError(AttnxError, TypeError):
     """Raised when no adapter can make a model's attention observable."""
+
+
+class ForwardMismatchError(UnsupportedModelError):
+    """Raised when the forward attnx explains (attention made observable) does not compute the
+    model's own logits, and no path that keeps the model's computation does (see
+    :mod:`attnx.forward_check`)."""
 
 
 class DegenerateMapWarning(UserWarning):

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AttnxTypeError
-from .adapters import Adapter, get_adapter
-from .batch import check_on_real_device, check_token_ids, outside_inference_mode
+from .errors import AttnxTypeError, AttnxValueError, ForwardMismatchError
+from .adapters import Adapter, DualEncoderAdapter, InterceptAdapter, get_adapter
+from .batch import check_input_dtype, check_on_real_device, check_token_ids, outside_inference_mode
+from .forward_check import check_mode, input_signature, tolerance
 from .degenerate import check_map
 from .explanation import Explanation
 from .image_text import ImageText, ImageTextExplanation, explain_pairs, tower_target
@@ -19,6 +20,7 @@ from .lrp.registry import Registry, get_preset
 from .methods.registry import Method, Relevance, get_method
 from .readout import ReadoutUsed, settle_readout
 from .runtime import no_autocast, unwrap_model
+from .structure import ModelStructure
 from .targets import Target, prepare_target
 from .trace import Needs, Trace, run_trace
 
@@ -45,6 +47,15 @@ class Explainer:
     tokenizer:
         The tokenizer of a language model, for text targets (``target=" Paris"``: its first
         token) and text continuations (:class:`attnx.targets.Continuation`).
+    check_forward:
+        Whether to check that the explained forward is the model's own (:mod:`attnx.forward_check`):
+        ``"once"`` (default) per adapter and input signature, costing one forward without
+        gradients; ``"always"``; ``"never"``. When an automatically chosen family adapter fails
+        the check, the ``intercept`` adapter (which keeps the model's own kernels) is tried; a
+        model that fails both is refused with :class:`attnx.errors.ForwardMismatchError`.
+
+    The explainer follows the model: when its modules or head settings change after the
+    explainer was made (a block replaced, ``reset_classifier``), the adapter is made again.
 
     Examples
     --------
@@ -55,13 +66,34 @@ class Explainer:
     >>> e = lm(tok(["The capital of France is"], return_tensors="pt"), method="generic")  # the next token
     """
 
-    def __init__(self, model: nn.Module, adapter: str | Adapter | None = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self, model: nn.Module, adapter: str | Adapter | None = None, tokenizer: Any = None,
+        check_forward: str | bool = "once",
+    ) -> None:
         self.model = unwrap_model(model)  # torch.compile / DataParallel wrappers: the user's module
-        self.adapter = get_adapter(self.model, adapter)
+        self.adapter_choice = adapter
         self.tokenizer = tokenizer
+        self.check_forward = check_mode(check_forward)
+        self.structure: ModelStructure | None = None
+        self.follow_model()
+
+    def follow_model(self) -> None:
+        """Make the adapter (again) when the model's modules or head settings changed since it was
+        made; an adapter instance the user gave cannot be remade, so the call is refused then."""
+        if self.structure is not None and self.structure.same_as(self.model):
+            return
+        if self.structure is not None and isinstance(self.adapter_choice, Adapter):
+            raise AttnxValueError(
+                f"the modules of {type(self.model).__name__} changed since this Explainer was made with the adapter "
+                f"instance {type(self.adapter_choice).__name__}; make a new Explainer (or pass the adapter by name)"
+            )
+        self.adapter = get_adapter(self.model, self.adapter_choice)
         #: the labels of a classifier's outputs (string targets are class names); None for language models
-        self.class_names = None if getattr(self.adapter, "is_lm", False) else class_names(model)
+        self.class_names = None if getattr(self.adapter, "is_lm", False) else class_names(self.model)
         self._readouts: dict = {}  # token layouts whose readout was measured (attnx.readout)
+        #: input signatures whose explained forward was checked, and whether the output is an embedding
+        self.checked: dict[tuple, bool] = {}
+        self.structure = ModelStructure(self.model)
 
     def trace(
         self,
@@ -76,16 +108,68 @@ class Explainer:
         users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass,
         ``strict`` raises :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules."""
         check_on_real_device(inputs, self.model)
+        self.follow_model()
         # autograd is off under torch.inference_mode(): the pass runs outside it, on clones of
         # the inputs created under it (the user's tensors stay as they are)
         with torch.inference_mode(False):
-            batch = self.adapter.prepare(outside_inference_mode(inputs))
-            check_token_ids(batch, self.adapter.input_embeddings(), self.model)
+            inputs = outside_inference_mode(inputs)
             registry = None if preset is None else get_preset(preset)
             target = prepare_target(target, self.tokenizer, self.class_names, not getattr(self.adapter, "is_lm", False),
                                     self.model)
-            target = tower_target(self.adapter, needs, target)
-            return run_trace(self.adapter, batch, target, needs, registry, strict, patch_size)
+            run = (inputs, target, needs, registry, strict, patch_size)
+            trace, key = self.run(self.adapter, *run)
+            if trace.model_forward is not None and not trace.model_forward.agrees(trace.logits):
+                trace, key = self.keep_model_forward(trace, run)
+            if trace.model_forward is not None:
+                self.checked[key] = trace.model_forward.is_embedding
+            return self.embedding_target(trace, key, target, needs)
+
+    def run(self, adapter: Adapter, inputs: Any, target: Target, needs: Needs, registry: Registry | None,
+            strict: bool, patch_size: int | None) -> tuple[Trace, tuple]:
+        """One pass with ``adapter``, checked against the model's forward when due; the trace and
+        the input signature it was checked under."""
+        batch = adapter.prepare(inputs)
+        check_token_ids(batch, adapter.input_embeddings(), self.model)
+        check_input_dtype(batch, self.model)
+        key = (adapter.name, input_signature(batch))
+        due = self.check_forward == "always" or (self.check_forward == "once" and key not in self.checked)
+        target = tower_target(adapter, needs, target)
+        return run_trace(adapter, batch, target, needs, registry, strict, patch_size, check_forward=due), key
+
+    def keep_model_forward(self, trace: Trace, run: tuple) -> tuple[Trace, tuple]:
+        """The explained forward differs from the model's: explain through ``intercept`` (the
+        model's own kernels, intercepted) when the family adapter was chosen automatically and
+        that path agrees; else refuse."""
+        tried = [self.adapter.name]
+        differences = [trace.model_forward.difference(trace.logits)]
+        # a dual encoder's towers are its adapter's (image-text pairs need it): no fallback there
+        if self.adapter_choice is None and not isinstance(self.adapter, (InterceptAdapter, DualEncoderAdapter)):
+            fallback = InterceptAdapter(self.model, layout_from=self.adapter)
+            second, key = self.run(fallback, *run)
+            if second.model_forward.agrees(second.logits):
+                self.adapter, self.checked = fallback, {}
+                return second, key
+            tried.append(fallback.name)
+            differences.append(second.model_forward.difference(second.logits))
+        raise ForwardMismatchError(
+            f"the forward attnx explains differs from {type(self.model).__name__}'s own (largest logit difference "
+            f"{', '.join(f'{d:.2g} with adapter {a!r}' for d, a in zip(differences, tried))}; tolerance "
+            f"{tolerance(trace.model_forward.logits):.2g}): exposing its attention changes what it computes"
+        )
+
+    def embedding_target(self, trace: Trace, key: tuple, target: Target, needs: Needs) -> Trace:
+        """A model whose output is an embedding has no predicted class: without a target, methods
+        that read one are refused (naming the similarity targets), the others report no target."""
+        if target is not None or not self.checked.get(key, False):
+            return trace
+        if needs.gradients or needs.relevance:
+            raise AttnxValueError(
+                f"{type(self.model).__name__} outputs an embedding, not class logits, so there is no predicted class "
+                "to explain; pass a target on the embedding: attnx.similarity.cosine_to(reference_embedding) or "
+                "attnx.similarity.embedding_norm"
+            )
+        trace.targets = None
+        return trace
 
     def capture(self, inputs: Any, target: Target = None, gradients: bool = False) -> Trace:
         """Attentions (and their gradients) of one forward, for users' own methods."""
@@ -114,6 +198,7 @@ class Explainer:
             ``towers=("image", "text")``: the image-text pairs are explained and an
             :class:`attnx.image_text.ImageTextExplanation` returned (see :mod:`attnx.image_text`).
         """
+        self.follow_model()
         if "text" in options:
             inputs = ImageText(inputs, options.pop("text"))
         if isinstance(inputs, ImageText):
@@ -192,7 +277,11 @@ class Explainer:
 
 
 def explain(
-    model: nn.Module, inputs: Any, method: str = "rollout", target: Target = None, tokenizer: Any = None, **options: Any
+    model: nn.Module, inputs: Any, method: str = "rollout", target: Target = None, tokenizer: Any = None,
+    check_forward: str | bool = "once", **options: Any
 ) -> Explanation | ImageTextExplanation:
-    """Explain ``model`` on ``inputs`` with ``method``; see :meth:`Explainer.explain`."""
-    return Explainer(model, tokenizer=tokenizer).explain(inputs, method=method, target=target, **options)
+    """Explain ``model`` on ``inputs`` with ``method``; see :meth:`Explainer.explain` (and
+    :class:`Explainer` for ``check_forward``)."""
+    return Explainer(model, tokenizer=tokenizer, check_forward=check_forward).explain(
+        inputs, method=method, target=target, **options
+    )

@@ -268,9 +268,15 @@ def resolve_targets(
                 f"Continuation or a callable, got {target!r}"
             )
         if isinstance(target, int):
+            if not 0 <= target < C:
+                total = f"a vocabulary of {C} tokens" if sequence else f"{C} classes"
+                raise AttnxValueError(f"target {what} {target} is out of range: the model has {total} (0..{C - 1})")
             classes = torch.full((B,), target, dtype=torch.long, device=logits.device)
         else:
-            classes = torch.as_tensor(target, device=logits.device)
+            try:
+                classes = torch.as_tensor(target, device=logits.device)
+            except (OverflowError, RuntimeError, TypeError, ValueError) as error:
+                raise AttnxValueError(f"target {plural} must be ints in 0..{C - 1}, got {target!r} ({error})") from None
             if classes.is_floating_point() or classes.dtype == torch.bool:
                 raise AttnxTypeError(f"target {plural} must be integers, got dtype {classes.dtype}")
             classes = classes.long().reshape(-1)

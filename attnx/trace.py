@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from .adapters import adapter_names
-from .adapters.switches import plain_execution
+from .adapters.switches import no_new_forward_hooks, plain_execution
 from .batch import READOUT_LOGITS_ONLY, Batch
 from .errors import AttnxValueError, DegenerateMapWarning, UnsupportedModelError
+from .forward_check import ModelForward, model_forward
 from .layout import Layout, Readout
 from .lrp.coverage import Coverage
 from .lrp.engine import LRPEngine, is_tracked
@@ -31,7 +32,7 @@ from .lrp.registry import Registry, get_preset
 from .lrp.rules import divide_or_zero
 from .recorder import AttentionRecorder
 from .runtime import eager_compiled, exclusive, float32_execution
-from .targets import BoundContinuation, Continuation, Target, resolve_targets
+from .targets import BoundContinuation, Continuation, Target, is_callable_target, resolve_targets
 
 __all__ = ["Needs", "Trace", "evaluation_mode", "lrp_seed", "run_trace"]
 
@@ -133,6 +134,9 @@ class Trace:
         so that a target logit near zero is no false alarm.
     conserving:
         Whether the LRP pass's preset (about) conserves relevance.
+    model_forward:
+        The model's own forward on the same batch (:mod:`attnx.forward_check`), when the pass
+        was asked to check that the explained forward is the model's.
     """
 
     logits: torch.Tensor
@@ -150,6 +154,7 @@ class Trace:
     seeded_relevance: torch.Tensor | None = None
     relevance_scale: torch.Tensor | None = None
     conserving: bool = False
+    model_forward: ModelForward | None = None
 
 
 @contextlib.contextmanager
@@ -198,11 +203,11 @@ def check_attentions(adapter: Any, recorder: AttentionRecorder, batch_size: int)
     """Check the recorded attentions form one (B, H, N, N) stack; return N."""
     if len(recorder) == 0:
         raise UnsupportedModelError(
-            f"no attention was observed in {type(adapter.model).__name__} with adapter "
-            f"{adapter.name!r}; attnx has adapters {adapter_names()} (the 'intercept' one sees "
-            "F.scaled_dot_product_attention, F.multi_head_attention_forward and a softmax over the "
-            "key axis whose output is multiplied with the values by @, matmul, bmm or einsum). "
-            "Register an adapter for this model with attnx.adapters.register_adapter."
+            f"no attention was observed in {type(adapter.model).__name__} with adapter {adapter.name!r}: attention "
+            f"methods need a model with attention, and attnx's adapters {adapter_names()} found none (the "
+            "'intercept' one sees F.scaled_dot_product_attention, F.multi_head_attention_forward and a softmax over "
+            "the key axis whose output is multiplied with the values by @, matmul, bmm or einsum); for attention "
+            "computed otherwise, register an adapter with attnx.adapters.register_adapter"
         )
     shapes = {tuple(a.shape[-2:]) for a in recorder.probs}
     batches = {a.shape[0] for a in recorder.probs}
@@ -226,6 +231,7 @@ def run_trace(
     registry: Registry | str | None = None,
     strict: bool = False,
     patch_size: int | None = None,
+    check_forward: bool = False,
 ) -> Trace:
     """Run ``adapter.model`` on ``batch`` and record what ``needs`` asks for.
 
@@ -246,14 +252,18 @@ def run_trace(
     patch_size:
         Pixels per patch of an image model whose token layout cannot be known (no adapter
         gives it and no attention call shows it): the grid that pixel relevance is pooled on.
+    check_forward:
+        Also run the model's own forward on the batch (``Trace.model_forward``), to compare.
 
     The model is explained by one call at a time (other threads wait), eagerly if it was
     compiled in place, and in float32 if it or the inputs are float16 / bfloat16
     (:mod:`attnx.runtime`).
     """
     model = adapter.model
-    with exclusive(model), eager_compiled(model), float32_execution(model, batch) as batch:
-        return one_pass(adapter, batch, target, needs, registry, strict, patch_size)
+    # no_new_forward_hooks: transformers installs output-capturing hooks for good on a model
+    # whose config asks for attentions; the model is left as it was found
+    with exclusive(model), eager_compiled(model), no_new_forward_hooks(model), float32_execution(model, batch) as batch:
+        return one_pass(adapter, batch, target, needs, registry, strict, patch_size, check_forward)
 
 
 def one_pass(
@@ -264,6 +274,7 @@ def one_pass(
     registry: Registry | str | None,
     strict: bool,
     patch_size: int | None,
+    check_forward: bool = False,
 ) -> Trace:
     """:func:`run_trace`'s passes, with the model held for the call."""
     if patch_size is not None:
@@ -275,17 +286,26 @@ def one_pass(
         # the output layer elsewhere (a callable sees the whole output, so it gets every position)
         batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
     if not needs.relevance:
-        return plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients, gradients=needs.gradients,
-                          lowest_layer=needs.lowest_layer)
-    if registry is None:
+        trace = plain_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients,
+                           gradients=needs.gradients, lowest_layer=needs.lowest_layer)
+    elif registry is None:
         raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
-    # one forward serves everything: the attentions, dy_t/dA (a plain backward through the
-    # model's own graph, kept beside the rules) and the relevance backward
-    return relevance_pass(
-        adapter, batch, target, registry, attentions=needs.attention_relevance, strict=strict,
-        observe=needs.attentions or needs.gradients, gradients=needs.gradients,
-        input_relevance=needs.input_relevance, lowest_layer=needs.lowest_layer,
-    )
+    else:
+        # one forward serves everything: the attentions, dy_t/dA (a plain backward through the
+        # model's own graph, kept beside the rules) and the relevance backward
+        trace = relevance_pass(
+            adapter, batch, target, registry, attentions=needs.attention_relevance, strict=strict,
+            observe=needs.attentions or needs.gradients, gradients=needs.gradients,
+            input_relevance=needs.input_relevance, lowest_layer=needs.lowest_layer,
+        )
+    if check_forward:
+        read_as = None if is_callable_target(target) else target  # a callable is not called twice
+
+        def read(output: Any, logits: torch.Tensor) -> torch.Tensor:
+            return resolve(read_as, output, logits, trace.layout, batch.batch_size).logits
+
+        trace.model_forward = model_forward(adapter, batch, read)
+    return trace
 
 
 def on_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
@@ -352,6 +372,11 @@ def plain_pass(
         layout = resolved_layout(adapter, batch, recorder, attentions)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
         first = lowest_layer(layout, len(recorder.probs))
+        if gradients and not resolved.scores.requires_grad:
+            raise AttnxValueError(
+                "the target's scalars do not depend on the model output (a callable target returning a constant?); "
+                "expected a function of the output, e.g. lambda out: out.logits[:, 3]"
+            )
         grads = recorder.gradients(resolved.scores.sum(), first=first) if gradients else None
     detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
     return Trace(
@@ -487,7 +512,8 @@ def relevance_pass(
         if callable(getattr(target, "relevance_seed", None)) and not getattr(registry, "plain_gradient", False):
             seed = linear_target_seed(target, resolved.scores.detach(), logits.detach(), registry.seed)
         else:
-            seed = lrp_seed(resolved.scores, logits, registry.seed)
+            # plain autograd (gradient x input) is the exact gradient whatever the seed sums to: no warning
+            seed = lrp_seed(resolved.scores, logits, registry.seed, warn=not getattr(registry, "plain_gradient", False))
         if attentions:
             # with plain edges every A is in the model's graph: only the tracked ones carry relevance
             cut = [
@@ -547,7 +573,7 @@ def relevance_scale(seed: torch.Tensor, logits: torch.Tensor, kind: str) -> torc
     return (seed * logits).abs().sum(1)
 
 
-def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Tensor:
+def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str, warn: bool = True) -> torch.Tensor:
     """The modified gradient a relevance pass starts from at the logits, for the target's
     scalars ``s`` ``(B,)``.
 
@@ -557,7 +583,8 @@ def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Ten
     is the one-hot of ``c`` (relevance 1, resp. ``z_c``, on the target logit); for a callable such
     as ``z_a - z_b`` it is ``+1`` / ``-1`` (times the logits); for a continuation, the gradient of
     its summed log-probability. ``∂s/∂z`` follows only the logits: other outputs a callable reads
-    (hidden states) are held constant.
+    (hidden states) are held constant. ``warn``: warn when a ``"logit"`` seed sums to 0 (a
+    relevance pass meant to conserve would then show nothing).
     """
     if not scores.requires_grad:
         raise AttnxValueError("the target's scalar does not depend on the model output (it carries no gradient)")
@@ -573,7 +600,7 @@ def lrp_seed(scores: torch.Tensor, logits: torch.Tensor, seed: str) -> torch.Ten
         raise AttnxValueError(f"unknown LRP seed {seed!r}; expected 'one_hot' or 'logit'")
     total, s = (grad * logits.detach()).reshape(grad.shape[0], -1).sum(1), scores.detach()
     flat = ((total.abs() <= 1e-6 * s.abs()) & (s != 0)).nonzero().flatten().tolist()
-    if flat:  # Σ z ∂s/∂z = 0: s does not change with the scale of z (a cosine of a normalised embedding)
+    if flat and warn:  # Σ z ∂s/∂z = 0: s does not change with the scale of z (a cosine of a normalised embedding)
         warnings.warn(
             f"the target of sample(s) {flat} does not change with the scale of the logits (e.g. a cosine "
             "similarity of the output), so the relevance seeded with z * ds/dz sums to 0; give the target a "
