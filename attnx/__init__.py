@@ -7,16 +7,31 @@
 """
 from __future__ import annotations
 
-from . import adapters, image_text, methods, metrics, similarity
-from .adapters import register_adapter
-from .allocator import reuse_freed_memory
-from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
-from .explainer import Explainer, explain
-from .explanation import Explanation
-from .image_text import ImageText, ImageTextExplanation
-from .methods import Option, Relevance, get_method, list_methods, register_method
-from .targets import Continuation
-from .trace import Needs, Trace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names below are imported on first use (``import attnx`` stays light)
+    from . import adapters, image_text, methods, metrics, similarity
+    from .adapters import register_adapter
+    from .allocator import reuse_freed_memory
+    from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
+    from .explainer import Explainer, explain
+    from .explanation import Explanation
+    from .image_text import ImageText, ImageTextExplanation
+    from .methods import Option, Relevance, get_method, list_methods, register_method
+    from .targets import Continuation
+    from .trace import Needs, Trace
+
+#: public name -> the module that defines it (a submodule when the name is the module itself)
+_LAZY = {
+    "adapters": ".adapters", "image_text": ".image_text", "methods": ".methods", "metrics": ".metrics",
+    "similarity": ".similarity", "evaluate": ".evaluate",
+    "register_adapter": ".adapters", "reuse_freed_memory": ".allocator",
+    "DegenerateMapWarning": ".errors", "NonFiniteMapError": ".errors", "UnsupportedModelError": ".errors",
+    "Explainer": ".explainer", "explain": ".explainer", "Explanation": ".explanation",
+    "ImageText": ".image_text", "ImageTextExplanation": ".image_text",
+    "Option": ".methods", "Relevance": ".methods", "get_method": ".methods", "list_methods": ".methods",
+    "register_method": ".methods", "Continuation": ".targets", "Needs": ".trace", "Trace": ".trace",
+}
 
 __version__ = "0.1.0"
 
@@ -48,8 +63,17 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "evaluate":  # attnx.evaluate: the evaluation tables, imported on first use
-        import importlib
+    """The public names, imported on first use: ``import attnx`` loads no torch (``attnx --help``
+    starts at once); ``attnx.Explainer`` imports the core."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'attnx' has no attribute {name!r}")
+    import importlib
 
-        return importlib.import_module(".evaluate", __name__)
-    raise AttributeError(f"module 'attnx' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name], __name__)
+    value = module if _LAZY[name] == f".{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
