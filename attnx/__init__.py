@@ -10,16 +10,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the names below are imported on first use (``import attnx`` stays light)
-    from . import adapters, image_text, methods, metrics, similarity
-    from .adapters import register_adapter
-    from .allocator import reuse_freed_memory
-    from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
-    from .explainer import Explainer, explain
-    from .explanation import Explanation
-    from .image_text import ImageText, ImageTextExplanation
-    from .methods import Option, Relevance, get_method, list_methods, register_method
-    from .targets import Continuation
-    from .trace import Needs, Trace
+    from attnx import adapters, image_text, methods, metrics, similarity
+    from attnx.adapters import register_adapter
+    from attnx.allocator import reuse_freed_memory
+    from attnx.errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
+    from attnx.explainer import Explainer, explain
+    from attnx.explanation import Explanation
+    from attnx.image_text import ImageText, ImageTextExplanation
+    from attnx.methods import Option, Relevance, get_method, list_methods, register_method
+    from attnx.targets import Continuation
+    from attnx.trace import Needs, Trace
 
 #: public name -> the module that defines it (a submodule when the name is the module itself)
 _LAZY = {

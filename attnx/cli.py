@@ -25,7 +25,7 @@ from .terminal import escape, say, silence_stdout
 if TYPE_CHECKING:
     import torch
 
-    from .zoo import ZooModel
+    from attnx.zoo import ZooModel
 
 #: the method ``attnx explain`` uses without --method; not the library's ``rollout``: the command
 #: is where a user asks for one class (--target), and rollout's map is the same for every class

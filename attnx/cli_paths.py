@@ -47,9 +47,10 @@ def check_out(out: str | None, suffixes: Sequence[str] | None = PICTURE_SUFFIXES
     p = Path(out) if out else Path.cwd()
     suffix = p.suffix.lower() if out and suffixes is not None else ""
     if suffix and suffix not in suffixes:
-        kind = f"{what} are written" if what else "attnx writes"
-        raise AttnxValueError(f"--out {out}: {kind} as {' or '.join(s[1:].upper() for s in dict.fromkeys(suffixes))} "
-                              f"files or into a folder, not as {suffix}")
+        forms = [f"{name} ({', '.join(s[1:].upper() for s in group)})" for name, group in
+                 (("a picture", PICTURE_SUFFIXES), ("an HTML page", HTML_SUFFIXES)) if set(group) & set(suffixes)]
+        raise AttnxValueError(f"--out {out}: {what or 'the results'} are written as {' or '.join(forms)} or into a folder, "
+                              f"not as {suffix}")
     if not suffix and p.exists() and not p.is_dir():
         endings = [s for s in (".png", ".html") if s in (suffixes or ())]
         raise AttnxValueError(f"--out {out} is an existing file, not a folder; give a folder"

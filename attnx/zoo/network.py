@@ -4,15 +4,13 @@ of retries, and what to say when it cannot.
 A hub id (``org/name``) is read from the local cache when ``HF_HUB_OFFLINE=1``; otherwise
 transformers asks the Hub first and, with no network, retries for about a minute before it
 fails. :func:`hub_files_only_locally` answers first: the id is read from the cache when the
-Hub cannot be reached (a short TCP connection to ``HF_ENDPOINT``), and an id that is not cached
+Hub cannot be reached (a short HTTP request to ``HF_ENDPOINT``), and an id that is not cached
 is one line naming ``HF_HUB_OFFLINE`` and the local-folder alternative.
 """
 from __future__ import annotations
 
 import os
-import socket
 import threading
-from urllib.parse import urlparse
 
 from ..errors import AttnxValueError
 
@@ -29,22 +27,24 @@ def hub_offline() -> bool:
 
 
 def hub_reachable(timeout: float = CONNECT_TIMEOUT) -> bool:
-    """Whether a TCP connection to the Hub (``HF_ENDPOINT``, default huggingface.co) opens within
-    ``timeout`` seconds. With a proxy configured the answer is left to the proxy: ``True``."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    """Whether the Hub (``HF_ENDPOINT``, default https://huggingface.co) answers an HTTP request
+    within ``timeout`` seconds (any answer counts, an error status too; proxies as configured)."""
+    import urllib.error
+    import urllib.request
+
+    url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/") + "/"
     result: list[bool] = []
 
-    def connect() -> None:  # a thread: the name lookup itself has no timeout
+    def ask() -> None:  # a thread: the name lookup itself has no timeout
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             result.append(True)
-        except OSError:
+        except urllib.error.HTTPError:  # it answered
+            result.append(True)
+        except (OSError, ValueError):  # no name, no route, refused, timed out, a malformed endpoint
             result.append(False)
 
-    worker = threading.Thread(target=connect, daemon=True)
+    worker = threading.Thread(target=ask, daemon=True)
     worker.start()
     worker.join(timeout)
     return bool(result and result[0])
