@@ -30,9 +30,13 @@ if TYPE_CHECKING:
 #: the method ``attnx explain`` uses without --method; not the library's ``rollout``: the command
 #: is where a user asks for one class (--target), and rollout's map is the same for every class
 DEFAULT_METHOD = "transformer_attribution"
-#: what the embedded vision model is, said when it explains a user's own image files
-EMBEDDED_VISION = ("a 64-px ViT trained on Fashion-MNIST-style garment scenes (10 garment classes); "
-                   "give --model for other pictures")
+
+
+def embedded_vision(loaded: ZooModel) -> str:
+    """What the embedded vision model is, said when it explains a user's own images."""
+    size = loaded.info.get("image_size") or ("?",)
+    return (f"a {size[0]}-px ViT trained on Fashion-MNIST-style garment scenes ({len(loaded.class_names or [])} "
+            "garment classes); give --model for other pictures")
 
 
 def _methods(arg: str, kind: str) -> list[str]:
@@ -173,7 +177,7 @@ def explain_images(args: argparse.Namespace) -> int:
     loaded = _load(args, "image")
     if args.images:
         if args.model in (None, "default"):  # a user's photo, the garment model: say so
-            say(f"explaining {len(args.images)} image file(s) with the embedded vision model: {EMBEDDED_VISION}")
+            say(f"explaining {len(args.images)} image file(s) with the embedded vision model: {embedded_vision(loaded)}")
         images, names = _load_images(args.images, pictures, loaded)
     else:  # the embedded scenes: --model is the embedded vision model
         images, names = _scenes(loaded, args.num_scenes)
@@ -452,8 +456,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise AttnxValueError("under torchrun every process is a shard already; leave out --shard")
     check_out(args.out, None)
     out = Path(args.out or "attnx_evaluate")
-    if args.data and args.model in (None, "default") and "vision" in tasks:  # a user's images, the garment model
-        say(f"evaluating the images of {args.data} with the embedded vision model: {EMBEDDED_VISION}")
     for t in tasks:
         model = None
         if args.model not in (None, "default"):
@@ -602,9 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def command() -> int:
     """The ``attnx`` command: its own process, so freed memory is kept for reuse (batched LRP
     passes on CPU run at full speed with it; see :mod:`attnx.allocator`)."""
-    from .allocator import reuse_freed_memory
+    import attnx  # light: its names are imported on first use
 
-    reuse_freed_memory()
+    attnx.reuse_freed_memory()
     return main()
 
 

@@ -45,18 +45,20 @@ class ImagePreprocess:
         self.single = single
         self.reads_tensors = reads_tensors
 
-    def __call__(self, images: Any) -> torch.Tensor:
+    def __call__(self, images: Any, **options: Any) -> torch.Tensor:
+        """``images`` -> model input; ``options`` go to the model's own transform (e.g. the
+        DINOv2 bundle's ``size=``)."""
         if isinstance(images, (list, tuple)):
             if not images:
                 raise AttnxValueError("expected at least one image, got an empty list")
-            return torch.stack([self._one(x) for x in images])
+            return torch.stack([self._one(x, options) for x in images])
         if isinstance(images, torch.Tensor) and images.dim() == 4:
             if self.reads_tensors:
-                return self.single(images).float()
-            return torch.stack([self._one(x) for x in images])
-        return self._one(images)
+                return self.single(images, **options).float()
+            return torch.stack([self._one(x, options) for x in images])
+        return self._one(images, options)
 
-    def _one(self, image: Any) -> torch.Tensor:
+    def _one(self, image: Any, options: dict) -> torch.Tensor:
         if isinstance(image, (str, os.PathLike)):
             image = _open(image)
         elif not self.reads_tensors and isinstance(image, (torch.Tensor, np.ndarray)):
@@ -64,7 +66,7 @@ class ImagePreprocess:
         elif not hasattr(image, "convert") and not isinstance(image, (torch.Tensor, np.ndarray)):
             raise AttnxTypeError(f"expected an image (PIL image, path, (H, W, 3) array or (C, H, W) tensor), "
                                  f"got {type(image).__name__}")
-        out = self.single(image)
+        out = self.single(image, **options)
         if not isinstance(out, torch.Tensor) or out.dim() != 3:
             raise AttnxValueError(f"the model's transform gave {getattr(out, 'shape', type(out).__name__)} for one image, "
                                   "expected (C, H, W)")
