@@ -328,10 +328,12 @@ def _text_html_rows(explanation: Any, tokenizer: Any, class_names, skip_special:
 def text_terminal(explanation: Any, tokenizer: Any, *, class_names: Sequence[str] | None = None, color: bool = True) -> str:
     """A terminal rendering: tokens on 24-bit colour backgrounds (or ``token[+0.42]`` without
     colour); for a language model the explained token(s) follow ``->`` in bold underline (or
-    ``[[token]]`` without colour)."""
+    ``[[token]]`` without colour). Tokens and class names are escaped (:func:`attnx.terminal.escape`)."""
+    from .terminal import escape
+
     lines = []
     for i in range(len(explanation)):
-        toks = token_strings(explanation, tokenizer, i)
+        toks = [escape(t) for t in token_strings(explanation, tokenizer, i)]
         s = _signed(real_scores(explanation, i))
         parts = []
         for tok, v in zip(toks, s):
@@ -343,10 +345,10 @@ def text_terminal(explanation: Any, tokenizer: Any, *, class_names: Sequence[str
                 parts.append(f"{tok}[{v:+.2f}]")
         explained = explained_strings(explanation, tokenizer, i)
         if explained:
-            text = " ".join(explained)
+            text = escape(" ".join(explained))
             parts.append("->")
             parts.append(f"\x1b[1;4m{text}\x1b[0m" if color else f"[[{text}]]")
-        lines.append(f"{_text_label(explanation, tokenizer, i, class_names)}: " + " ".join(parts))
+        lines.append(f"{escape(_text_label(explanation, tokenizer, i, class_names))}: " + " ".join(parts))
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ZooModel"]
+from .preprocess import ImagePreprocess
+
+__all__ = ["ImagePreprocess", "ZooModel"]
 
 
 @dataclass
@@ -24,8 +26,12 @@ class ZooModel:
     class_names:
         The name of each class index, if known.
     preprocess:
-        Images: image -> normalised model input (at least a PIL image -> ``(3, H, W)`` tensor; the
-        embedded vision model's also takes tensors and batches); ``None`` if unknown.
+        Images -> normalised model input, the same contract for every bundle
+        (:mod:`attnx.zoo.preprocess`): a PIL image, a path, an array or a ``(C, H, W)`` tensor ->
+        ``(C, h, w)``; a list of them or a ``(B, C, H, W)`` tensor -> ``(B, C, h, w)``; ``None``
+        if unknown. A plain function given here is taken to read tensors and batches itself (as
+        the embedded models' do); wrap a PIL-only transform in
+        :class:`~attnx.zoo.preprocess.ImagePreprocess`.
     tokenizer:
         Text: the model's tokenizer.
     mean, std:
@@ -43,6 +49,10 @@ class ZooModel:
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
     info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.preprocess is not None and not isinstance(self.preprocess, ImagePreprocess):
+            self.preprocess = ImagePreprocess(self.preprocess, reads_tensors=True)
 
     @property
     def multi_label(self) -> bool:

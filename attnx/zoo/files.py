@@ -10,7 +10,10 @@ The policy (``attnx.zoo.load(path, ...)`` and ``attnx explain --model PATH``):
   (``timm.create_model(arch, pretrained=False, num_classes=<rows of the state dict's head>)``)
   or a Hugging Face folder or ``config.json`` (``from_config``), then ``load_state_dict``, strict;
 * a whole pickled model (``torch.save(model)``) is unpickled only with ``trust_pickle=True``
-  (``--trust-pickle``), with a warning: unpickling can execute arbitrary code from the file.
+  (``--trust-pickle``), with a warning: unpickling can execute arbitrary code from the file;
+* a Hugging Face folder's own Python code (``auto_map``) runs only with ``trust_remote_code=True``
+  (``--trust-remote-code``), and a zip archive that would unpack to more than ``max_expansion``
+  times its size is refused before unpacking (:mod:`attnx.zoo.safety`).
 
 Preprocessing (images): ``mean`` / ``std`` / ``size`` given by the caller win; else the model's own
 (timm ``pretrained_cfg``, the image processor config of a Hugging Face folder); what is still
@@ -28,7 +31,8 @@ import torch
 from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError
-from .bundle import ZooModel
+from .bundle import ImagePreprocess, ZooModel
+from .safety import check_zip_expansion, read_safetensors, refusing_remote_code
 
 __all__ = ["CHECKPOINT_SUFFIXES", "MODEL_FILE_SUFFIXES", "load_model_file", "pil_transform", "require_preprocessing"]
 
@@ -54,8 +58,9 @@ def is_model_file(spec: str) -> bool:
     return spec.lower().endswith(MODEL_FILE_SUFFIXES)
 
 
-def read_checkpoint(path: str, trust_pickle: bool) -> Any:
+def read_checkpoint(path: str, trust_pickle: bool, max_expansion: int | None = None) -> Any:
     """The object in a torch file: weights only, or unpickled when the caller trusts the file."""
+    check_zip_expansion(path, max_expansion)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -80,9 +85,33 @@ def read_checkpoint(path: str, trust_pickle: bool) -> Any:
         stacklevel=4,
     )
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # e.g. a plain pickle.dump file: unpickled, but not a torch file
         raise AttnxValueError(f"{path} is not a file torch.load can read ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, nn.Module):
+        restore_output_recording(obj)
+    return obj
+
+
+def restore_output_recording(model: nn.Module) -> None:
+    """Register the unpickled Hugging Face models' output recorders again.
+
+    transformers 5 records attentions (``output_attentions=True``) through a table keyed by model
+    class that ``post_init`` fills when a model is built; unpickling builds nothing, so a
+    ``torch.save(model)`` copy loaded in a new process returns no attentions until its classes
+    are registered again.
+    """
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:  # another transformers: nothing to restore
+        return
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    if registry is None:
+        return
+    for module in model.modules():
+        recorders = getattr(type(module), "_can_record_outputs", None)
+        if recorders is not None and hasattr(module, "config") and not registry.get(module):
+            registry[module] = recorders
 
 
 def as_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
@@ -121,13 +150,14 @@ def timm_model(arch: str, state: Mapping[str, torch.Tensor]) -> nn.Module:
     return model
 
 
-def hf_model(arch: str, state: Mapping[str, torch.Tensor] | None) -> tuple[nn.Module, str]:
+def hf_model(arch: str, state: Mapping[str, torch.Tensor] | None, trust_remote_code: bool = False) -> tuple[nn.Module, str]:
     """The Hugging Face model of a folder or ``config.json`` (its weights: ``state``, or the
     folder's own when ``state`` is ``None``) and the folder, for the processor and tokenizer."""
     import transformers as tr
 
     folder = str(Path(arch).parent if arch.endswith(".json") else Path(arch))
-    config = tr.AutoConfig.from_pretrained(arch if arch.endswith(".json") else folder)
+    with refusing_remote_code(folder):
+        config = tr.AutoConfig.from_pretrained(arch if arch.endswith(".json") else folder, trust_remote_code=trust_remote_code)
     names = " ".join(getattr(config, "architectures", None) or [])
     if "ForCausalLM" in names or "LMHeadModel" in names:
         auto = tr.AutoModelForCausalLM
@@ -135,9 +165,10 @@ def hf_model(arch: str, state: Mapping[str, torch.Tensor] | None) -> tuple[nn.Mo
         auto = tr.AutoModelForSequenceClassification
     else:
         auto = tr.AutoModelForImageClassification
-    if state is None:
-        return auto.from_pretrained(folder).eval(), folder
-    model = auto.from_config(config)
+    with refusing_remote_code(folder):
+        if state is None:
+            return auto.from_pretrained(folder, trust_remote_code=trust_remote_code).eval(), folder
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
     load_strict(model, state, arch)
     return model, folder
 
@@ -157,7 +188,7 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) 
     model.load_state_dict(state, strict=True)
 
 
-def own_preprocessing(model: nn.Module, folder: str | None) -> dict[str, Any]:
+def own_preprocessing(model: nn.Module, folder: str | None, trust_remote_code: bool = False) -> dict[str, Any]:
     """``mean`` / ``std`` / ``size`` the model carries: timm's ``pretrained_cfg``, the image
     processor config of a Hugging Face folder, or a Hugging Face config's ``image_size``."""
     found: dict[str, Any] = {}
@@ -178,7 +209,8 @@ def own_preprocessing(model: nn.Module, folder: str | None) -> dict[str, Any]:
     if folder is not None and (Path(folder) / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        proc = AutoImageProcessor.from_pretrained(folder)
+        with refusing_remote_code(folder):
+            proc = AutoImageProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if getattr(proc, "image_mean", None) is not None and getattr(proc, "image_std", None) is not None:
             found.update(mean=tuple(proc.image_mean), std=tuple(proc.image_std))
         size = getattr(proc, "size", None) or {}
@@ -210,6 +242,8 @@ def load_model_file(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     size: int | Sequence[int] | None = None,
+    trust_remote_code: bool = False,
+    max_expansion: int | None = None,
 ) -> ZooModel:
     """A model from a file (see the module docstring for the policy).
 
@@ -225,15 +259,19 @@ def load_model_file(
     mean, std, size:
         Image preprocessing (per-channel mean and std of inputs in ``[0, 1]``; ``size`` an int or
         ``(H, W)``); they win over the model's own.
+    trust_remote_code:
+        Run the Python code of an ``arch`` folder whose ``config.json`` has ``auto_map``
+        (refused by default, without a prompt).
+    max_expansion:
+        Refuse a zip archive unpacking to more than this many times its size (default
+        :data:`attnx.zoo.safety.MAX_EXPANSION`).
     """
     if not os.path.isfile(path):
         raise AttnxValueError(f"no such model file: {path}" + (" (it is a folder)" if os.path.isdir(path) else ""))
     if path.lower().endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        obj: Any = load_file(path)
+        obj: Any = read_safetensors(path)
     else:
-        obj = read_checkpoint(path, trust_pickle)
+        obj = read_checkpoint(path, trust_pickle, max_expansion)
     folder = None
     if isinstance(obj, nn.Module):
         if arch is not None:
@@ -247,7 +285,7 @@ def load_model_file(
                 "such as vit_small_patch16_224 or a Hugging Face model folder / config.json"
             )
         if os.path.isdir(arch) or arch.endswith(".json"):
-            model, folder = hf_model(arch, state)
+            model, folder = hf_model(arch, state, trust_remote_code)
         else:
             model = timm_model(arch, state)
     model.eval()
@@ -259,7 +297,8 @@ def load_model_file(
         if folder is not None:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            with refusing_remote_code(folder):
+                tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         names = " ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
         info["language_model"] = "ForCausalLM" in names or "LMHeadModel" in names
         return ZooModel(model, "text", None if info["language_model"] else labels, tokenizer=tokenizer, info=info)
@@ -267,7 +306,7 @@ def load_model_file(
     if "size" in given:
         s = given["size"]
         given["size"] = (int(s), int(s)) if isinstance(s, int) else tuple(int(v) for v in s)
-    prep = {**own_preprocessing(model, folder), **given}
+    prep = {**own_preprocessing(model, folder, trust_remote_code), **given}
     missing = [k for k in ("mean", "std", "size") if k not in prep]
     if missing:
         info["missing_preprocessing"] = missing
@@ -275,7 +314,7 @@ def load_model_file(
     for k in ("mean", "std"):
         if len(prep[k]) != 3:
             raise AttnxValueError(f"{k} must give one value per RGB channel (3 numbers), got {list(prep[k])}")
-    return ZooModel(model, "image", labels, pil_transform(prep["size"], prep["mean"], prep["std"]),
+    return ZooModel(model, "image", labels, ImagePreprocess(pil_transform(prep["size"], prep["mean"], prep["std"])),
                     mean=tuple(prep["mean"]), std=tuple(prep["std"]), info=info)
 
 

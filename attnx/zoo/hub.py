@@ -2,7 +2,10 @@
 and the embedded models (no network needed for those).
 
 Hub models need a network the first time (timm ``pretrained=True``, torchvision weights,
-``from_pretrained``); ``HF_HUB_OFFLINE=1`` makes a Hugging Face id read the local cache only.
+``from_pretrained``); ``HF_HUB_OFFLINE=1`` makes a Hugging Face id read the local cache only, and
+without a network a Hugging Face id is read from the cache or refused within seconds
+(:mod:`attnx.zoo.network`). A model's own Python code (``auto_map``) never runs unless
+``trust_remote_code=True`` (:mod:`attnx.zoo.safety`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from ..errors import AttnxValueError
 from .bundle import ZooModel
 from .clip import clip_model
 from .files import is_model_file, load_model_file, pil_transform
+from .network import hub_files_only_locally
+from .preprocess import ImagePreprocess
+from .safety import refusing_remote_code
 from .lm import language_model
 from .text import text_model
 from .vision import vision_model
@@ -45,7 +51,8 @@ def _timm(name: str) -> ZooModel:
     names = None
     if getattr(model, "num_classes", 0) == 1000:
         names = list(timm.data.ImageNetInfo().label_descriptions())
-    return ZooModel(model, "image", names, lambda img: transform(img.convert("RGB")), mean=cfg["mean"], std=cfg["std"])
+    return ZooModel(model, "image", names, ImagePreprocess(lambda img: transform(img.convert("RGB"))), mean=cfg["mean"],
+                    std=cfg["std"])
 
 
 def _torchvision(name: str) -> ZooModel:
@@ -54,33 +61,40 @@ def _torchvision(name: str) -> ZooModel:
     weights = torchvision.models.get_model_weights(name).DEFAULT
     model = torchvision.models.get_model(name, weights=weights).eval()
     transform = weights.transforms()
-    return ZooModel(model, "image", list(weights.meta.get("categories", [])) or None, transform,
+    return ZooModel(model, "image", list(weights.meta.get("categories", [])) or None, ImagePreprocess(transform),
                     mean=transform.mean, std=transform.std)
 
 
-def _hugging_face(name: str) -> ZooModel:
+def _hugging_face(name: str, trust_remote_code: bool = False) -> ZooModel:
+    """A Hugging Face id or folder: its config says what it is; custom code only when trusted."""
+    local = not os.path.isdir(name) and hub_files_only_locally(name)
+    with refusing_remote_code(name):
+        return _hugging_face_model(name, dict(trust_remote_code=trust_remote_code, local_files_only=local))
+
+
+def _hugging_face_model(name: str, kw: dict) -> ZooModel:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name, **kw)
     labels = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else None
     archs = " ".join(getattr(config, "architectures", None) or [])
     if getattr(config, "model_type", "") in DUAL_ENCODERS:  # CLIP / SigLIP: image-text similarity
-        return _hf_dual_encoder(name)
+        return _hf_dual_encoder(name, kw)
     if "ForCausalLM" in archs or "LMHeadModel" in archs:  # a language model: explain its next token
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(name).eval()
-        return ZooModel(model, "text", None, tokenizer=AutoTokenizer.from_pretrained(name), info={"language_model": True})
+        model = AutoModelForCausalLM.from_pretrained(name, **kw).eval()
+        return ZooModel(model, "text", None, tokenizer=AutoTokenizer.from_pretrained(name, **kw), info={"language_model": True})
     if "SequenceClassification" in archs or getattr(config, "model_type", "") in ("bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(name).eval()
-        return ZooModel(model, "text", labels, tokenizer=AutoTokenizer.from_pretrained(name))
+        model = AutoModelForSequenceClassification.from_pretrained(name, **kw).eval()
+        return ZooModel(model, "text", labels, tokenizer=AutoTokenizer.from_pretrained(name, **kw))
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    model = AutoModelForImageClassification.from_pretrained(name).eval()
-    proc = AutoImageProcessor.from_pretrained(name)
-    return ZooModel(model, "image", labels, lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0],
+    model = AutoModelForImageClassification.from_pretrained(name, **kw).eval()
+    proc = AutoImageProcessor.from_pretrained(name, **kw)
+    return ZooModel(model, "image", labels, ImagePreprocess(lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0]),
                     mean=getattr(proc, "image_mean", None), std=getattr(proc, "image_std", None))
 
 
@@ -88,14 +102,15 @@ def _hugging_face(name: str) -> ZooModel:
 DUAL_ENCODERS = ("clip", "siglip")
 
 
-def _hf_dual_encoder(name: str) -> ZooModel:
+def _hf_dual_encoder(name: str, kw: dict) -> ZooModel:
     """A Hugging Face CLIP / SigLIP model with its image processor and tokenizer."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(name).eval()
-    proc = AutoImageProcessor.from_pretrained(name)
-    return ZooModel(model, "image_text", None, lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0],
-                    tokenizer=AutoTokenizer.from_pretrained(name), mean=getattr(proc, "image_mean", None),
+    model = AutoModel.from_pretrained(name, **kw).eval()
+    proc = AutoImageProcessor.from_pretrained(name, **kw)
+    return ZooModel(model, "image_text", None,
+                    ImagePreprocess(lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0]),
+                    tokenizer=AutoTokenizer.from_pretrained(name, **kw), mean=getattr(proc, "image_mean", None),
                     std=getattr(proc, "image_std", None), info={"name": name})
 
 
@@ -106,7 +121,7 @@ def _open_clip(spec: str) -> ZooModel:
     arch, _, tag = spec.partition("/")
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag or None)
     norm = next((t for t in getattr(preprocess, "transforms", []) if type(t).__name__ == "Normalize"), None)
-    return ZooModel(model.eval(), "image_text", None, lambda img: preprocess(img.convert("RGB")),
+    return ZooModel(model.eval(), "image_text", None, ImagePreprocess(lambda img: preprocess(img.convert("RGB"))),
                     tokenizer=open_clip.get_tokenizer(arch), mean=getattr(norm, "mean", None), std=getattr(norm, "std", None),
                     info={"name": f"open_clip:{spec}", "pretrained": tag or None})
 
@@ -120,6 +135,8 @@ def load(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     size: int | Sequence[int] | None = None,
+    trust_remote_code: bool = False,
+    max_expansion: int | None = None,
 ) -> ZooModel:
     """A model from a specification (see :data:`MODEL_KINDS`).
 
@@ -138,8 +155,12 @@ def load(
         ``kind == "image_text"``.
     kind:
         ``"image"`` or ``"text"``: which embedded model ``None`` / ``"default"`` means.
-    arch, trust_pickle, mean, std, size:
+    arch, trust_pickle, mean, std, size, max_expansion:
         For model files: see :func:`attnx.zoo.files.load_model_file`.
+    trust_remote_code:
+        Run the Python code a Hugging Face folder or id ships for its model (``auto_map`` in its
+        ``config.json``). Off by default: such a model is refused in one line, never run and
+        never asked about at a prompt.
     """
     spec = None if spec is None else os.fspath(spec)
     if spec in (None, "", "default"):
@@ -155,11 +176,12 @@ def load(
     if spec.startswith("open_clip:"):
         return _open_clip(spec[len("open_clip:"):])
     if spec.startswith("hf:"):
-        return _hugging_face(spec[3:])
+        return _hugging_face(spec[3:], trust_remote_code)
     if is_model_file(spec) or (os.path.isfile(spec) and not spec.endswith(".json")):
-        return load_model_file(spec, arch=arch, trust_pickle=trust_pickle, mean=mean, std=std, size=size)
+        return load_model_file(spec, arch=arch, trust_pickle=trust_pickle, mean=mean, std=std, size=size,
+                               trust_remote_code=trust_remote_code, max_expansion=max_expansion)
     if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
         raise AttnxValueError(f"no such model folder or file: {spec}")
     if os.path.isdir(spec) or "/" in spec:
-        return _hugging_face(spec)
+        return _hugging_face(spec, trust_remote_code)
     return _timm(spec)
