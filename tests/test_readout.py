@@ -313,3 +313,12 @@ def test_the_command_line_says_the_readout_in_one_line(tmp_path, capsys):
     assert main(["explain", "--method", "rollout", "--out", str(tmp_path / "x.png"), "--num-scenes", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("readout:")]
     assert lines == ["readout: class token (the rows of the last layer the model's head reads)"]
+
+
+def test_the_readout_follows_a_head_changed_after_the_explainer_was_made():
+    model = timm_model("vit_tiny_patch16_224")
+    explainer = attnx.Explainer(model)
+    assert explainer(images(), method="rollout").readout.description == "class token"
+    model.reset_classifier(5, global_pool="avg")
+    e = explainer(images(), method="rollout")
+    assert e.readout.description == "mean of 16 patch tokens" and e.readout.rows(0) == list(range(1, 17))
