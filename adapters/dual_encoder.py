@@ -33,6 +33,7 @@ from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from ..layout import Layout
 from ..recorder import AttentionRecorder
 from .base import Adapter
+from .pooling import probe_attention
 from .kernels import AttentionInterceptor, TokenWatcher
 from .switches import attn_implementation, no_new_forward_hooks
 
@@ -134,17 +135,12 @@ class DualEncoderAdapter(Adapter):
             yield
             return
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def attention_of(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
             weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None or weights.dim() != 3 or weights.shape[1] != 1:
-                raise UnsupportedModelError("the attention pooling head returned no (B, 1, N) probe attention")
-            self.pool_weights = weights[:, 0].detach().to(torch.float64)
+            return weights if weights is not None and weights.dim() == 3 and weights.shape[1] == 1 else None
 
-        handle = head.register_forward_hook(hook)
-        try:
+        with probe_attention(head, attention_of, lambda w: setattr(self, "pool_weights", w)):
             yield
-        finally:
-            handle.remove()
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,23 +80,43 @@ class TimmPooling:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.pool = model.global_pool
-        self.prefix_tokens = int(model.num_prefix_tokens)
-        self.include_prefix = bool(getattr(model, "pool_include_prefix", False))
-        self.attn_pool = getattr(model, "attn_pool", None)
-        self.distilled = getattr(model, "head_dist", None) is not None
+        self._pool_input: torch.Tensor | None = None
+        self.check()
+
+    # read from the model on every use: reset_classifier(global_pool=...) changes them
+    @property
+    def pool(self) -> str:
+        return self.model.global_pool
+
+    @property
+    def prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def include_prefix(self) -> bool:
+        return bool(getattr(self.model, "pool_include_prefix", False))
+
+    @property
+    def attn_pool(self) -> nn.Module | None:
+        return getattr(self.model, "attn_pool", None)
+
+    @property
+    def distilled(self) -> bool:
+        return getattr(self.model, "head_dist", None) is not None
+
+    def check(self) -> None:
+        """Refuse a model whose head pools nothing (no class logits)."""
         if self.attn_pool is None and self.pool not in ("token", "avg", "max", "avgmax"):
             raise UnsupportedModelError(
-                f"{type(model).__name__} with global_pool={self.pool!r} has no class logits to explain "
+                f"{type(self.model).__name__} with global_pool={self.pool!r} has no class logits to explain "
                 "(timm returns unpooled token features); create it with a pooling head"
             )
-        self._pool_input: torch.Tensor | None = None
 
     @classmethod
     def find(cls, model: nn.Module) -> "TimmPooling | None":
         """The pooling of ``model``, or of the timm ViT-like model inside it (a wrapper)."""
         for module in model.modules():
-            if _is_timm_vit_like(module):
+            if _is_timm_vit_like(module) and (module.global_pool or getattr(module, "attn_pool", None) is not None):
                 return cls(module)
         return None
 
@@ -112,6 +132,7 @@ class TimmPooling:
 
     def apply(self, layout: Layout) -> Layout:
         """``layout`` with the declared readout (input-dependent weights left to :meth:`complete`)."""
+        self.check()
         N, p = layout.num_tokens, self.prefix_tokens
         if self.distilled and not (self.model.training and getattr(self.model, "distilled_training", False)):
             weights = torch.zeros(1, N, dtype=torch.float64)

@@ -25,7 +25,7 @@ when the readout is undeclared and one token per sample). Text layouts with a de
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -82,8 +82,8 @@ def check_rows(read: torch.Tensor, readout: Readout, description: str) -> None:
     """Raise :class:`ReadoutMismatchError` when the declared readout's rows are not the rows
     ``read`` (``(B, N)`` bool, :func:`rows_read`) that the head reads."""
     declared = (readout.weights != 0).to(read.device) & readout.valid.to(read.device)
-    unread = (read.any(dim=1) == False)  # noqa: E712 - a sample without gradient shows nothing
-    bad = ((declared != read).any(dim=1) & ~unread).nonzero().flatten().tolist()
+    measured = read.any(dim=1)  # a sample whose target has no gradient at all shows nothing
+    bad = ((declared != read).any(dim=1) & measured).nonzero().flatten().tolist()
     if bad:
         b = bad[0]
         raise ReadoutMismatchError(
@@ -137,7 +137,7 @@ def _layout_key(layout: Layout, adapter_name: str) -> tuple:
     return (adapter_name, layout.num_tokens, layout.prefix_tokens, layout.grid, describe(layout))
 
 
-def settle_readout(trace, adapter, measure: Callable[[], "object"], known: dict) -> tuple[Readout, ReadoutUsed]:
+def settle_readout(trace: Any, adapter: Any, measure: Callable[[], Any], known: dict) -> tuple[Readout, ReadoutUsed]:
     """The :class:`~attnx.layout.Readout` a method reads on ``trace``, declared and checked, or derived.
 
     Parameters

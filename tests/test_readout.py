@@ -313,3 +313,45 @@ def test_the_command_line_says_the_readout_in_one_line(tmp_path, capsys):
     assert main(["explain", "--method", "rollout", "--out", str(tmp_path / "x.png"), "--num-scenes", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("readout:")]
     assert lines == ["readout: class token (the rows of the last layer the model's head reads)"]
+
+
+def test_the_readout_follows_a_head_changed_after_the_explainer_was_made():
+    model = timm_model("vit_tiny_patch16_224")
+    explainer = attnx.Explainer(model)
+    assert explainer(images(), method="rollout").readout.description == "class token"
+    model.reset_classifier(5, global_pool="avg")
+    e = explainer(images(), method="rollout")
+    assert e.readout.description == "mean of 16 patch tokens" and e.readout.rows(0) == list(range(1, 17))
+
+
+class ProbePooledViT(ResearchViT):
+    """Research code with an attention-pool head: a learned query attends over the tokens."""
+
+    def __init__(self):
+        super().__init__([0])
+        self.query = nn.Parameter(torch.randn(1, 1, 16))
+        self.pool = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def states(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(x), -1, -1), t], 1)
+        for a in self.attn:
+            t = t + a(t, t, t)[0]
+        return torch.tanh(self.mlp(t))
+
+    def forward(self, x):
+        t = self.states(x)
+        q = self.query.expand(len(x), -1, -1)
+        return self.head(self.pool(q, t, t, need_weights=False)[0][:, 0])
+
+
+def test_the_fallback_reads_an_attention_pool_probe_with_its_attention():
+    model = ProbePooledViT().eval()
+    x = images()
+    with torch.no_grad():
+        t = model.states(x)
+        _, probe = model.pool(model.query.expand(2, -1, -1), t, t, need_weights=True, average_attn_weights=True)
+    e = attnx.explain(model, x, method="generic", target=TARGET)
+    assert e.readout.description == "probe attention (attention-pool head)"
+    torch.testing.assert_close(e.readout.weights, probe[:, 0].double(), atol=1e-6, rtol=1e-5)
+    assert len(attnx.Explainer(model).capture(x).attentions) == 2  # the probe is not a layer of the stack
