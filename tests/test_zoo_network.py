@@ -60,3 +60,17 @@ def test_local_folders_never_ask_the_network(monkeypatch, tmp_path):
     monkeypatch.setattr(network, "hub_reachable", no_network)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert zoo.load(str(tmp_path / "vit")).kind == "image"
+
+
+def test_timm_names_fail_fast_too(tmp_path):
+    """A timm name's pretrained weights come from the Hub as well: the same check, the same line
+    (timm imported before the clock starts: its import alone takes seconds on a loaded machine)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=UNREACHABLE, HF_HOME=str(tmp_path / "hf"))
+    code = ("import time, timm\nfrom attnx import zoo\nt = time.perf_counter()\ntry:\n    zoo.load('timm:test_vit')\n"
+            "except Exception as exc:\n    print(type(exc).__name__, round(time.perf_counter() - t, 1))\n    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    kind, seconds = proc.stdout.splitlines()[0].split()
+    assert kind == "AttnxValueError", proc.stdout + proc.stderr
+    assert float(seconds) < network.CONNECT_TIMEOUT + 5
+    assert "timm/test_vit.r160_in1k is not in the local Hugging Face cache" in proc.stdout

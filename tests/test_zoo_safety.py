@@ -53,20 +53,29 @@ def png(path: Path) -> Path:
     return path
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="a pseudo-terminal (POSIX)")
 @pytest.mark.parametrize("how", ["model", "arch"])
 def test_custom_code_is_refused_without_a_prompt(tmp_path, how):
-    """``--model DIR`` / ``--arch DIR`` with auto_map: no "[y/N]" question (a "y" waiting on stdin
-    is not read), the code does not run, one line names --trust-remote-code."""
+    """``--model DIR`` / ``--arch DIR`` with auto_map, run in a terminal (a pseudo-terminal whose
+    user has typed "y"): no "[y/N]" question, the code does not run, one line names
+    --trust-remote-code. (transformers asks when trust_remote_code is left out, and runs the code
+    on "y".)"""
     folder, marker = custom_code_folder(tmp_path / "custom")
     image = png(tmp_path / "photo.png")
     spec = ["--model", str(folder)]
     if how == "arch":
         torch.save({"w": torch.zeros(2)}, tmp_path / "weights.pt")
         spec = ["--model", str(tmp_path / "weights.pt"), "--arch", str(folder)]
-    proc = subprocess.run([sys.executable, "-m", "attnx.cli", "explain", str(image), *spec, "--out", str(tmp_path / "m.png")],
-                          input="y\n", capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode == 2, proc.stderr
+    terminal, user = os.openpty()
+    os.write(terminal, b"y\n")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "attnx.cli", "explain", str(image), *spec, "--out", str(tmp_path / "m.png")],
+                              stdin=user, capture_output=True, text=True, env=ENV, timeout=300)
+    finally:
+        os.close(user)
+        os.close(terminal)
     assert not marker.exists(), "the folder's code ran"
+    assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip().splitlines()[-1]
     assert "[y/N]" not in proc.stdout + proc.stderr
     assert line.startswith(f"attnx: error: {folder} contains custom code") and "--trust-remote-code" in line

@@ -16,7 +16,7 @@ from ..errors import AttnxValueError
 from .bundle import ZooModel
 from .clip import clip_model
 from .files import is_model_file, load_model_file, pil_transform
-from .network import hub_files_only_locally
+from .network import cached_file, hub_files_only_locally, hub_offline
 from .preprocess import ImagePreprocess
 from .safety import refusing_remote_code
 from .lm import language_model
@@ -42,10 +42,19 @@ MODEL_KINDS = {
 }
 
 
+#: the weight files timm reads from a hub repository
+TIMM_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
 def _timm(name: str) -> ZooModel:
     import timm
 
-    model = timm.create_model(name, pretrained=True).eval()
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name) else None
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    overlay = None
+    if hub_id and hub_files_only_locally(hub_id, TIMM_WEIGHTS) and not hub_offline():
+        overlay = {"file": cached_file(hub_id, TIMM_WEIGHTS)}  # no network: the cached weights, no retries
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay).eval()
     cfg = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**cfg)
     names = None

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Sequence
 
 from ..errors import AttnxValueError
 
-__all__ = ["CONNECT_TIMEOUT", "hub_files_only_locally", "hub_offline", "hub_reachable"]
+__all__ = ["CONNECT_TIMEOUT", "cached_file", "hub_files_only_locally", "hub_offline", "hub_reachable"]
 
 #: seconds the connection check waits for the Hub (name lookup included)
 CONNECT_TIMEOUT = 3.0
@@ -50,21 +51,27 @@ def hub_reachable(timeout: float = CONNECT_TIMEOUT) -> bool:
     return bool(result and result[0])
 
 
-def _cached(repo_id: str) -> bool:
+def cached_file(repo_id: str, filenames: Sequence[str] = ("config.json",)) -> str | None:
+    """The local cache's copy of the first of ``filenames`` in ``repo_id``, or ``None``."""
     try:
         from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return False
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ImportError:  # pragma: no cover - transformers and timm depend on it
+        return None
+    for name in filenames:
+        path = try_to_load_from_cache(repo_id, name)
+        if isinstance(path, str):
+            return path
+    return None
 
 
-def hub_files_only_locally(repo_id: str) -> bool:
+def hub_files_only_locally(repo_id: str, filenames: Sequence[str] = ("config.json",)) -> bool:
     """Whether ``repo_id`` must be read from the local cache (``local_files_only``): the Hub is
-    off (``HF_HUB_OFFLINE``) or unreachable. Raises one line when it is not in the cache then."""
+    off (``HF_HUB_OFFLINE``) or unreachable. Raises one line when it is not in the cache then
+    (none of ``filenames`` cached)."""
     offline = hub_offline()
     if not offline and hub_reachable():
         return False
-    if _cached(repo_id):
+    if cached_file(repo_id, filenames) is not None:
         return True
     why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached (no network?)"
     raise AttnxValueError(
