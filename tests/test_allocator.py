@@ -15,6 +15,9 @@ PROBE = textwrap.dedent(
     """
     import resource, sys, torch
     import attnx
+    # the library loaded, as in a run that explains (import attnx alone loads it on first use): in a
+    # bare interpreter's small heap a tensor's metadata may split the freed block at every round
+    attnx.Explainer
     if sys.argv[1] == "reuse":
         assert attnx.reuse_freed_memory()
     def faults():

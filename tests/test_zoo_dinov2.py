@@ -185,6 +185,7 @@ def test_patch_tokens_agree_between_backends_and_match_themselves(bundles, chels
     assert int(sims.argmax()) == 100 and abs(float(sims.max()) - 1) < 1e-5
 
 
+@pytest.mark.demo
 def test_real_photos_panel(bundles, tmp_path):
     """A small version of the demo's real_photos.png: every panel draws something."""
     from PIL import Image
