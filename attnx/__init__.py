@@ -13,6 +13,7 @@ from .allocator import reuse_freed_memory
 from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
 from .explainer import Explainer, explain
 from .explanation import Explanation
+from .generation import GenerationExplanation, explain_generation
 from .image_text import ImageText, ImageTextExplanation
 from .methods import Option, Relevance, get_method, list_methods, register_method
 from .targets import Continuation
@@ -25,6 +26,7 @@ __all__ = [
     "Continuation",
     "Explainer",
     "Explanation",
+    "GenerationExplanation",
     "ImageText",
     "ImageTextExplanation",
     "Needs",
@@ -35,6 +37,7 @@ __all__ = [
     "UnsupportedModelError",
     "adapters",
     "explain",
+    "explain_generation",
     "get_method",
     "image_text",
     "list_methods",

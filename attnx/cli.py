@@ -14,7 +14,7 @@ import torch
 
 import attnx
 
-from . import demo, evaluate, report, viz, zoo
+from . import cli_generation, demo, evaluate, report, viz, zoo
 from .cli_help import EPILOG, EVALUATE_EXAMPLES
 from .errors import AttnxError, AttnxValueError
 
@@ -368,6 +368,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return explain_image_text(args, loaded)
     if args.text and args.model == EMBEDDED_CLIP:  # no images: the shipped scenes
         return explain_image_text(args, _load(args, "image"))
+    if cli_generation.wanted(args):  # a language model's answer, explained token by token
+        methods = _methods(args.method, "text")
+        options = _per_method(methods, _options(args.option))
+        check_out(args.out)
+        return cli_generation.explain_answer(args, lambda: _load(args, "text"), methods, options)
     if args.text:
         return explain_text(args)
     return explain_images(args)
@@ -559,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-scenes", type=int, default=4, help="default scenes to explain when no image is given "
                    "(1 to the number of shipped scenes)")
     _model_file_options(e)
+    cli_generation.add_arguments(e)
     e.add_argument("--no-color", action="store_true", help="plain terminal output for text")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_explain)

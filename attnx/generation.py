@@ -126,15 +126,15 @@ class GenerationExplanation:
         scale = m[:, keep].abs().nan_to_num(0.0).amax(dim=1, keepdim=True) if keep.any() else torch.zeros(len(m), 1)
         return m / torch.where(scale > 0, scale, torch.ones_like(scale))
 
-    def top(self, k: int, count: int = 5, include_sinks: bool = False) -> list[tuple[str, float]]:
-        """The ``count`` context tokens most relevant for generated token ``k`` (``(token, value)``,
-        highest first), sinks left out unless ``include_sinks``."""
+    def top(self, k: int, count: int = 5, include_sinks: bool = False) -> list[tuple[int, str, float]]:
+        """The ``count`` context tokens most relevant for generated token ``k`` as ``(position,
+        token, value)``, highest first, sinks left out unless ``include_sinks``."""
         row = self.matrix[k].detach().double().cpu()
         valid = ~torch.isnan(row)
         if not include_sinks:
             valid &= ~self.sink_mask()
         order = [j for j in row.argsort(descending=True).tolist() if valid[j]][:count]
-        return [(self.tokens[j], float(row[j])) for j in order]
+        return [(j, self.tokens[j], float(row[j])) for j in order]
 
     def figure(self, include_sinks: bool = False, **kwargs: Any) -> Any:
         """A matplotlib heat map of the matrix (see :func:`attnx.generation_plot.generation_figure`)."""
@@ -299,7 +299,9 @@ def explain_generation(
         e = explainer(_left_padded([context], pad, device), method=method, target=Continuation([answer]), **options)
         span_scores = e.scores[0].detach().double().cpu()
         span_log_probability = float(e.target_scores[0])
+    # the template's and the tokenizer's markers (an unknown-word token stands for text: not a sink)
     specials = set(getattr(tokenizer, "all_special_ids", ()) or ()) if tokenizer is not None else set()
+    specials.discard(getattr(tokenizer, "unk_token_id", None))
     sinks = sorted({0} | {j for j, t in enumerate(full[:-1]) if t in specials})
     if tokenizer is not None:
         tokens = [tokenizer.decode([t]) for t in full]

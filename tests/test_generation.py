@@ -100,8 +100,8 @@ def test_scaled_leaves_the_sinks_out_of_the_scale():
     assert torch.isnan(out[0, 3])
     torch.testing.assert_close(g.scaled(include_sinks=True)[0, :3], torch.tensor([1.0, -0.125, 0.25], dtype=torch.float64))
     torch.testing.assert_close(g.sink_share, torch.tensor([8 / 11, 4 / 7.5], dtype=torch.float64))
-    assert g.top(0, 2) == [("#2", 2.0), ("#1", -1.0)]
-    assert g.top(0, 1, include_sinks=True) == [("#0", 8.0)]
+    assert g.top(0, 2) == [(2, "#2", 2.0), (1, "#1", -1.0)]
+    assert g.top(0, 1, include_sinks=True) == [(0, "#0", 8.0)]
     assert share(torch.zeros(1, 3), torch.tensor([True, False, False])).tolist() == [0.0]
 
 
