@@ -57,3 +57,36 @@ def test_load_by_name_and_describe():
     assert "smollm2" in zoo.MODEL_KINDS
     assert any(line.startswith("smollm2 (text): SmolLM2-135M-Instruct") for line in zoo.describe())
     assert type(zoo.load("smollm2").model).__name__ == "LlamaForCausalLM"
+
+
+def test_generation_rows_equal_each_token_explained_alone(lm):
+    """The answer's rows on the real model: " Paris" and "." after "The capital of France is"."""
+    import attnx
+    from attnx.generation import explain_generation
+
+    tok = lm.tokenizer
+    prompt = tok("The capital of France is")["input_ids"]
+    for method in ("generic", "lrp"):
+        g = explain_generation(lm.model, tok, "The capital of France is", max_new_tokens=2, method=method, span=False)
+        assert g.generated_tokens == [" Paris", "."] and g.sinks == [0]
+        full = prompt + g.generated_ids
+        for k in range(2):
+            ids = torch.tensor([full[: len(prompt) + k]])
+            alone = attnx.explain(lm.model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, method=method,
+                                  target=full[len(prompt) + k]).scores[0].double()
+            # float32 through 30 layers, a padded batch of two against one sample: ~2e-4 of the largest value
+            torch.testing.assert_close(g.matrix[k, : len(prompt) + k], alone, rtol=1e-3, atol=1e-3 * float(alone.abs().max()))
+
+
+def test_chat_prompt_goes_through_the_template_and_its_markers_are_sinks(lm):
+    from attnx.generation import explain_generation
+
+    tok = lm.tokenizer
+    g = explain_generation(lm.model, tok, "What is the capital of France?", chat=True, max_new_tokens=1, method="rollout",
+                           span=False)
+    expected = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert g.token_ids.tolist()[: g.prompt_length] == list(expected) and g.generated_tokens == ["The"]
+    markers = {tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")}
+    assert g.sinks == [j for j, t in enumerate(expected) if t in markers or j == 0]
+    assert float(g.first_token_share[0]) > 0.99  # rollout: the attention sink takes (nearly) everything

