@@ -22,10 +22,12 @@ __all__ = ["generation_figure", "shown_token"]
 CMAP = "RdBu_r"
 
 
-def shown_token(token: str) -> str:
-    """A token as a label: newlines and tabs made visible, a leading space kept as ``␣``."""
+def shown_token(token: str, width: int = 16) -> str:
+    """A token as a label: newlines and tabs made visible, a leading space kept as ``␣``, cut to
+    ``width`` characters."""
     text = token.replace("\n", "↵").replace("\t", "⇥")
-    return "␣" + text[1:] if text.startswith(" ") else (text or "∅")
+    text = "␣" + text[1:] if text.startswith(" ") else (text or "∅")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def sink_caption(g: "GenerationExplanation", include_sinks: bool) -> str:
