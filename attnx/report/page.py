@@ -49,14 +49,16 @@ def json_text(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), allow_nan=False, ensure_ascii=False).replace("<", "\\u003c")
 
 
-def fragment(kind: str, data: Any, script: str) -> str:
-    """A self-contained ``<div>`` for a page or a notebook cell: the shared styles, ``data`` as JSON,
-    and the script ``script`` (a template ``.js`` defining ``attnxView(root)``) run on the div.
+def fragment(kind: str, data: Any, script: str, style: str | None = None) -> str:
+    """A self-contained ``<div>`` for a page or a notebook cell: the shared styles (and the template
+    ``style``, a view's own), ``data`` as JSON, and the script ``script`` (a template ``.js``
+    defining ``attnxView(root)``) run on the div.
 
     Every fragment gets its own element id, so several can live in one page or notebook."""
     text = json_text(data)
     uid = f"attnx-{hashlib.sha1(text.encode()).hexdigest()[:10]}-{next(_ids)}"
-    return fill("fragment.html", uid=uid, kind=kind, css=template("report.css"), data=text, script=template(script))
+    css = template("report.css") + (template(style) if style else "")
+    return fill("fragment.html", uid=uid, kind=kind, css=css, data=text, script=template(script))
 
 
 def document(title: str, body: str) -> str:

