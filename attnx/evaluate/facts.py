@@ -192,7 +192,7 @@ def removal_order(scores: torch.Tensor, removable: torch.Tensor, most_relevant_f
 
 def removal_curves(model: torch.nn.Module, batch: dict[str, torch.Tensor], scores: torch.Tensor, targets: torch.Tensor,
                    pad_id: int, fractions: Sequence[float] = FRACTIONS, replacement: str | int = "delete",
-                   batch_size: int = 64) -> dict[str, np.ndarray]:
+                   batch_size: int = 64, cache: dict | None = None) -> dict[str, np.ndarray]:
     """The answer's log-probability as the most (``"most"``) / least (``"least"``) relevant tokens are
     removed, at each fraction of the removable tokens (every real token but the first).
 
@@ -201,6 +201,9 @@ def removal_curves(model: torch.nn.Module, batch: dict[str, torch.Tensor], score
     replacement:
         ``"delete"``: the tokens are taken out of the prompt (the rest closes up; no out-of-vocabulary
         filler); an int: they are replaced by that token id.
+    cache:
+        ``{(token ids, target): log-probability}`` shared between calls (e.g. the methods of one
+        batch): a shortened prompt already measured is not run again.
 
     Returns
     -------
@@ -211,28 +214,28 @@ def removal_curves(model: torch.nn.Module, batch: dict[str, torch.Tensor], score
     ids, mask, first = batch["input_ids"], batch["attention_mask"].bool(), batch["first"]
     removable = mask.clone()
     removable[torch.arange(len(ids)), first] = False
-    out = {}
+    cache = {} if cache is None else cache
+    t = targets.tolist()
+    out, where = {}, {}
     for name, most in (("most", True), ("least", False)):
         orders = removal_order(scores, removable, most)
-        rows, where, index = [], [], {}
+        where[name] = []
         for b, order in enumerate(orders):
             real = torch.nonzero(mask[b]).flatten().tolist()
             for j, f in enumerate(fractions):
-                k = int(round(f * len(order)))
-                key = (b, k)
-                if key not in index:  # the same k at two fractions: one forward
-                    gone = set(order[:k])
-                    if replacement == "delete":
-                        row = [int(ids[b, i]) for i in real if i not in gone]
-                    else:
-                        row = [int(replacement) if i in gone else int(ids[b, i]) for i in real]
-                    index[key] = len(rows)
-                    rows.append(row)
-                where.append((b, j, index[key]))
-        t = targets.tolist()
-        lp = answer_log_probs(model, rows, [t[b] for b, _ in sorted(index, key=index.get)], pad_id, batch_size)
+                gone = set(order[:int(round(f * len(order)))])
+                if replacement == "delete":
+                    row = tuple(int(ids[b, i]) for i in real if i not in gone)
+                else:
+                    row = tuple(int(replacement) if i in gone else int(ids[b, i]) for i in real)
+                where[name].append((b, j, (row, t[b])))
+    todo = list(dict.fromkeys(key for w in where.values() for _, _, key in w if key not in cache))
+    if todo:
+        lp = answer_log_probs(model, [r for r, _ in todo], [tg for _, tg in todo], pad_id, batch_size)
+        cache.update(zip(todo, lp.tolist()))
+    for name, w in where.items():
         curve = np.zeros((len(ids), len(fractions)))
-        for b, j, r in where:
-            curve[b, j] = lp[r]
+        for b, j, key in w:
+            curve[b, j] = cache[key]
         out[name] = curve
     return out

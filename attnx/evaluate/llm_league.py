@@ -221,6 +221,8 @@ def select_prompts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Fac
     prompts are tried in batches until that many are answered."""
     kept, targets = [], []
     tried = 0
+    if needed is not None:  # small runs: try prompts in small batches
+        batch_size = min(batch_size, max(8, 2 * needed))
     for start in range(0, len(prompts), batch_size):
         if needed is not None and len(kept) >= needed:
             break
@@ -298,6 +300,7 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
                                  ("template", p.template), ("candidates", nf), ("subject_tokens", s)):
                         items[k].append(v)
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                cache: dict = {}  # shortened prompts shared by the methods (the ends of every curve, ...)
                 for m in rows:
                     bar.set_postfix_str(m, refresh=False)
                     method, opts = METHODS[m]
@@ -308,7 +311,7 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
                     out = samples[m]
                     out["rank"].append(subject_rank(scores, subject, not_first).numpy())
                     out["rank_first"].append(subject_rank(scores, batch["subject"], real).numpy())
-                    curves = removal_curves(lm, batch, scores, target, pad, FRACTIONS, replacement, forward_batch_size)
+                    curves = removal_curves(lm, batch, scores, target, pad, FRACTIONS, replacement, forward_batch_size, cache)
                     out["most"].append(curves["most"])
                     out["least"].append(curves["least"])
                     out["seconds"].append(np.full(len(chunk), dt / len(chunk)))
