@@ -205,6 +205,8 @@ def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"}
     assert len((tmp_path / "league_llm.csv").read_text().splitlines()) == 3
     assert "10 factual prompts" in (tmp_path / "league_llm.md").read_text()
+    with pytest.raises(SystemExit, match="--data"):  # options of the other tasks are refused, not ignored
+        llm_league.run_cli(types.SimpleNamespace(**{**vars(args), "data": "texts.csv"}), lines.append)
 
 
 def test_unknown_methods_are_refused_in_one_line():

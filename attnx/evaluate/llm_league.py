@@ -328,6 +328,10 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
 def run_cli(args: Any, say: Any) -> int:
     """``attnx evaluate --task llm``: the league on ``--model`` (default smollm2); writes
     ``league_llm.md`` / ``.csv``, ``curves_llm.png`` and ``samples_llm.json`` to ``--out``."""
+    given = [flag for flag, attr in (("--data", "data"), ("--shard", "shard"), ("--num-scenes", "num_scenes"),
+                                     ("--no-baselines", "no_baselines")) if getattr(args, attr, None)]
+    if given:  # the llm task has its own prompts and always ranks random and gradient_x_input
+        raise SystemExit(f"attnx: {', '.join(given)} do(es) not apply to --task llm (its prompts are attnx.data.facts)")
     out = Path(args.out or "attnx_evaluate")
     t0 = time.perf_counter()
     model = args.model if args.model not in (None, "default") else "smollm2"
