@@ -436,6 +436,11 @@ def _evaluate_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.task == "llm" and not args.merge:  # factual recall on a language model: its own protocol
+        from .evaluate import llm_league
+
+        check_out(args.out)
+        return llm_league.run_cli(args, say)
     from . import evaluate
 
     if args.merge:
@@ -563,8 +568,9 @@ def build_parser(evaluate_help: bool = True) -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score the methods: faithfulness, localisation and speed, one table row per method",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog=evaluate_epilog() if evaluate_help else None)
-    ev.add_argument("--task", choices=["vision", "text", "all"], default=None,
-                    help="vision (default; text for a .csv/.tsv --data), text, or all (both embedded models)")
+    ev.add_argument("--task", choices=["vision", "text", "llm", "all"], default=None,
+                    help="vision (default; text for a .csv/.tsv --data), text, llm (factual recall on --model, default "
+                    "smollm2; see docs/league_llm.md), or all (the embedded vision and text models)")
     ev.add_argument("--methods", default="all", help="a comma list of methods, or 'all' (default)")
     ev.add_argument("--model", default=None, help="see `attnx models`; default: the embedded model of the task")
     _model_file_options(ev)

@@ -17,6 +17,8 @@ What is evaluated and what every column measures is declared once, in
 * :mod:`~attnx.evaluate.table`: markdown, CSV and curve figures;
 * :mod:`~attnx.evaluate.storage`: per-sample results saved, loaded and merged from shards;
 * :mod:`~attnx.evaluate.sharding`: ``shard="I/N"`` and ``torchrun`` (how shards merge exactly).
+* :mod:`~attnx.evaluate.llm_league` and :mod:`~attnx.evaluate.facts`: the ``llm`` league, factual
+  recall on a language model (subject rank, deletion curves; ``attnx evaluate --task llm``);
 * :mod:`~attnx.evaluate.image_text`: the class-discrimination column on the embedded CLIP, the
   classes given as text prompts, beside the embedded ViT.
 """

@@ -1,0 +1,349 @@
+"""The ``llm`` league: factual recall on a real language model, one row per method.
+
+Protocol (:func:`evaluate_facts`; ``attnx evaluate --task llm``):
+
+1. The prompts of :func:`attnx.data.facts.fact_prompts` (161 countries × 4 relations × 2 templates)
+   are given to the model; those it answers correctly (greedy, :func:`attnx.evaluate.facts.answered`)
+   are kept, in a fixed shuffled order (seed 0; ``limit`` takes the first ones).
+2. Each method explains the answer's first token (its logit at the prompt's last position), the
+   prompts batched with left padding.
+3. Subject rank (:func:`~attnx.evaluate.facts.subject_rank`): the rank of the subject's best token
+   among the prompt's tokens, **the first token excluded** (language models park attention on it:
+   an attention sink), and again with it included. ``top-1``: share of prompts where the subject
+   ranks first; ``MRR``: mean reciprocal rank. Ties count against the subject.
+4. Faithfulness (:func:`~attnx.evaluate.facts.removal_curves`): the answer token's log-probability
+   as 0, 10, ..., 100 % of the prompt's tokens (all but the first) are **deleted** from the prompt,
+   most relevant first (``AUC most``, lower is better) and least relevant first (``AUC least``,
+   higher is better); ``ABC`` = AUC least − AUC most, the area between the curves (AttnLRP's
+   measure; higher is better).
+
+Every number is a mean over prompts with its standard error (sample standard deviation / √n).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import attnx
+
+from .. import zoo
+from ..data.facts import FactPrompt, fact_prompts
+from ..errors import AttnxValueError
+from ..trace import evaluation_mode
+from .facts import FRACTIONS, _pad_id, answered, chance_rank, encode, removal_curves, subject_rank
+
+__all__ = ["COLUMNS", "FactLeague", "METHODS", "evaluate_facts", "select_prompts"]
+
+#: table row -> (method, options): every method that explains a decoder's next token, and both
+#: LRP presets for language models (attention_flow is left out: its max-flow per token is slow)
+METHODS: dict[str, tuple[str, dict]] = {
+    "raw_attention": ("raw_attention", {}),
+    "rollout": ("rollout", {}),
+    "grad_rollout": ("grad_rollout", {}),
+    "attn_gradcam": ("attn_gradcam", {}),
+    "generic": ("generic", {}),
+    "transformer_attribution": ("transformer_attribution", {}),
+    "partial_lrp": ("partial_lrp", {}),
+    "lrp-attnlrp": ("lrp", {"preset": "attnlrp"}),
+    "lrp-cplrp": ("lrp", {"preset": "cplrp"}),
+    "gradient_x_input": ("gradient_x_input", {}),
+    "random": ("random", {}),
+}
+#: ``(key, label, higher is better, description)`` of the table's columns
+COLUMNS = (
+    ("top1", "top-1", True, "share of prompts whose subject is the most relevant token (first token excluded)"),
+    ("mrr", "MRR", True, "mean reciprocal rank of the subject's best token (first token excluded)"),
+    ("top1_first", "top-1 (first incl.)", True, "top-1 with the first token among the ranked tokens"),
+    ("mrr_first", "MRR (first incl.)", True, "MRR with the first token among the ranked tokens"),
+    ("auc_most", "AUC most", False, "area under the answer's log-probability, most relevant tokens deleted first"),
+    ("auc_least", "AUC least", True, "area under the answer's log-probability, least relevant tokens deleted first"),
+    ("abc", "ABC", True, "area between the curves: AUC least − AUC most"),
+    ("ms", "ms/prompt", False, "wall time of the explanation alone per prompt"),
+)
+
+
+def _mean_se(values: np.ndarray) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+
+
+def _auc(curves: np.ndarray, fractions: Sequence[float]) -> np.ndarray:
+    x = np.asarray(fractions, dtype=np.float64)
+    y = np.asarray(curves, dtype=np.float64)
+    return ((y[:, 1:] + y[:, :-1]) / 2 * np.diff(x)).sum(-1)
+
+
+@dataclass
+class FactLeague:
+    """Per-prompt results of every method and the table computed from them.
+
+    ``items``: per prompt ``text``, ``relation``, ``candidates`` (tokens ranked, first excluded) and
+    ``subject_tokens``; ``samples[row]``: ``rank``, ``rank_first`` (first token included),
+    ``most`` / ``least`` ``(n, K)`` log-probability curves, ``seconds``; ``meta``: the protocol's
+    settings and the filter's counts.
+    """
+
+    methods: list[str]
+    items: dict[str, list]
+    samples: dict[str, dict[str, np.ndarray]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items.get("text", []))
+
+    def row(self, name: str) -> dict[str, tuple[float, float]]:
+        """``{column key: (mean, standard error)}`` of one method."""
+        s = self.samples[name]
+        f = self.meta["fractions"]
+        most, least = _auc(s["most"], f), _auc(s["least"], f)
+        return {"top1": _mean_se(s["rank"] == 1), "mrr": _mean_se(1.0 / s["rank"]),
+                "top1_first": _mean_se(s["rank_first"] == 1), "mrr_first": _mean_se(1.0 / s["rank_first"]),
+                "auc_most": _mean_se(most), "auc_least": _mean_se(least), "abc": _mean_se(least - most),
+                "ms": _mean_se(1000 * s["seconds"])}
+
+    def chance(self) -> dict[str, tuple[float, float]]:
+        """What a uniformly random ranking scores, in expectation per prompt (``top1``, ``mrr`` and the
+        first-token-included pair)."""
+        n = torch.tensor(self.items["candidates"])
+        k = torch.tensor(self.items["subject_tokens"])
+        t, r = chance_rank(n, k)
+        t1, r1 = chance_rank(n + 1, k)
+        return {"top1": _mean_se(t.numpy()), "mrr": _mean_se(r.numpy()),
+                "top1_first": _mean_se(t1.numpy()), "mrr_first": _mean_se(r1.numpy())}
+
+    def describe(self) -> str:
+        m = self.meta
+        return (f"llm: {m.get('model', '?')} on {len(self)} factual prompts answered correctly "
+                f"({m.get('answered', '?')} of {m.get('tried', '?')} answered; relations: "
+                + ", ".join(f"{r} {c}" for r, c in m.get("per_relation", {}).items()) + ")")
+
+    def to_markdown(self) -> str:
+        """The table (mean ± standard error; the best mean of each column in bold), the chance level
+        of the rank columns and the columns' definitions."""
+        rows = {m: self.row(m) for m in self.methods}
+        head = "| method | " + " | ".join(f"{label} {'↑' if hi else '↓'}" for _, label, hi, _ in COLUMNS) + " |"
+        lines = [f"**{self.describe()}**", "", head, "|---|" + "---:|" * len(COLUMNS)]
+        best = {}
+        for key, _, hi, _ in COLUMNS:
+            vals = [rows[m][key][0] for m in self.methods if math.isfinite(rows[m][key][0])]
+            if vals and key != "ms":
+                best[key] = max(vals) if hi else min(vals)
+        for m in self.methods:
+            cells = []
+            for key, _, _, _ in COLUMNS:
+                mean, se = rows[m][key]
+                digits = 0 if key == "ms" else 3
+                text = "–" if not math.isfinite(mean) else f"{mean:.{digits}f} ± {se:.{digits}f}"
+                if key in best and f"{mean:.3f}" == f"{best[key]:.3f}":
+                    text = f"**{text}**"
+                cells.append(text)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        c = self.chance()
+        lines.append("| *chance (random ranking, exact)* | " + " | ".join(
+            f"{c[key][0]:.3f}" if key in c else "" for key, _, _, _ in COLUMNS) + " |")
+        lines += ["", *(f"- {label}: {doc}" for _, label, _, doc in COLUMNS),
+                  f"- Tokens are deleted ({self.meta.get('replacement')}) from the prompt at fractions "
+                  "0, 0.1, ..., 1 of its tokens after the first; the measure is the log-probability (nats) of the "
+                  "answer's first token; areas over [0, 1].",
+                  "- Every cell: mean over prompts ± its standard error."]
+        return "\n".join(lines) + "\n"
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """``method`` then, per column, the mean and its standard error (``<key>_se``)."""
+        header = ["method"] + [x for key, _, _, _ in COLUMNS for x in (key, f"{key}_se")]
+        lines = [",".join(header)]
+        for m in self.methods:
+            r = self.row(m)
+            lines.append(",".join([m] + [repr(float(x)) for key, _, _, _ in COLUMNS for x in r[key]]))
+        text = "\n".join(lines) + "\n"
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text
+
+    def plot_curves(self, path: str | Path | None = None):
+        """Mean removal curves (most / least relevant first) per method, saved to ``path`` if given."""
+        from matplotlib.figure import Figure
+
+        from .table import curve_styles
+
+        styles = curve_styles(self.methods)
+        fig = Figure(figsize=(12.4, 4.4))
+        axes = fig.subplots(1, 2)
+        x = np.asarray(self.meta["fractions"])
+        for ax, (name, title) in zip(axes, (("most", "most relevant deleted first (lower is better)"),
+                                            ("least", "least relevant deleted first (higher is better)"))):
+            for m in self.methods:
+                st = styles[m]
+                ax.plot(x, self.samples[m][name].mean(0), label=m, color=st["color"], linewidth=1.6,
+                        linestyle=":" if m == "random" else "--" if m == "gradient_x_input" else "-")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("fraction of the prompt's tokens deleted (first token kept)")
+            ax.set_ylabel("log-probability of the answer")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7, ncol=2)
+        fig.suptitle(self.describe(), fontsize=8)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+        return fig
+
+    def save(self, path: str | Path) -> Path:
+        """The per-prompt results as JSON (lists), from which every number of the table follows."""
+        data = {"methods": self.methods, "items": self.items, "meta": self.meta,
+                "samples": {m: {k: np.asarray(v).tolist() for k, v in s.items()} for m, s in self.samples.items()}}
+        Path(path).write_text(json.dumps(data), encoding="utf-8")
+        return Path(path)
+
+
+def _method_rows(methods: str | Sequence[str] | None) -> list[str]:
+    if methods is None or methods == "all":
+        return list(METHODS)
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise AttnxValueError(f"unknown llm league method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+def select_prompts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[FactPrompt], batch_size: int = 64,
+                   needed: int | None = None) -> tuple[list[FactPrompt], list[int], dict[str, Any]]:
+    """The prompts the model answers correctly (in the given order), their answers' first tokens, and
+    the counts (``tried``, ``answered``, ``per_relation``: answered per relation). With ``needed``,
+    prompts are tried in batches until that many are answered."""
+    kept, targets = [], []
+    tried = 0
+    if needed is not None:  # small runs: try prompts in small batches
+        batch_size = min(batch_size, max(8, 2 * needed))
+    for start in range(0, len(prompts), batch_size):
+        if needed is not None and len(kept) >= needed:
+            break
+        chunk = list(prompts[start:start + batch_size])
+        correct, target = answered(model, tokenizer, chunk, encode(tokenizer, chunk))
+        tried += len(chunk)
+        for p, c, t in zip(chunk, correct.tolist(), target.tolist()):
+            if c:
+                kept.append(p)
+                targets.append(int(t))
+    per_relation: dict[str, int] = {}
+    for p in kept:
+        per_relation[p.relation] = per_relation.get(p.relation, 0) + 1
+    return kept, targets, {"tried": tried, "answered": len(kept), "per_relation": per_relation}
+
+
+def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None = None, *,
+                   prompts: Sequence[FactPrompt] | None = None, limit: int | None = None, batch_size: int = 16,
+                   replacement: str | int = "delete", forward_batch_size: int = 64, progress: bool = True,
+                   seed: int = 0) -> FactLeague:
+    """Run the ``llm`` league (the protocol is in the module docstring).
+
+    Parameters
+    ----------
+    model:
+        A name for :func:`attnx.zoo.load` (default ``"smollm2"``) or a :class:`attnx.zoo.ZooModel`
+        with a causal language model and its tokenizer.
+    methods:
+        Rows of :data:`METHODS` (a list or a comma-separated string); ``None`` / ``"all"``: every row.
+    prompts:
+        The candidate prompts (default :func:`attnx.data.facts.fact_prompts`).
+    limit:
+        Evaluate the first ``limit`` correctly answered prompts of the shuffled order (prompts are
+        tried until that many are answered; the table says how many were tried).
+    replacement:
+        ``"delete"`` (default) or a token id that replaces the removed tokens.
+    """
+    if replacement != "delete" and not isinstance(replacement, int):
+        raise AttnxValueError(f"replacement must be 'delete' or a token id, got {replacement!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise AttnxValueError(f"limit must be a positive int, got {limit!r}")
+    rows = _method_rows(methods)
+    loaded = model if isinstance(model, zoo.ZooModel) else zoo.load(model, "text")
+    if loaded.tokenizer is None:
+        raise AttnxValueError("the llm league needs a language model with its tokenizer (a ZooModel with tokenizer=)")
+    lm, tok = loaded.model, loaded.tokenizer
+    prompts = list(fact_prompts() if prompts is None else prompts)
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    prompts = [prompts[i] for i in order]
+    pad = _pad_id(tok)
+    explainer = attnx.Explainer(lm, tokenizer=tok)
+    items: dict[str, list] = {k: [] for k in ("text", "subject", "relation", "template", "candidates", "subject_tokens")}
+    samples: dict[str, dict[str, list]] = {m: {"rank": [], "rank_first": [], "most": [], "least": [], "seconds": []}
+                                            for m in rows}
+    t_start = time.perf_counter()
+    with evaluation_mode(lm):
+        kept, targets, counts = select_prompts(lm, tok, prompts, forward_batch_size, needed=limit)
+        if not kept:
+            raise AttnxValueError("the model answers none of the prompts correctly: nothing to evaluate")
+        n = len(kept) if limit is None else min(limit, len(kept))
+        seconds_filter = time.perf_counter() - t_start
+        from tqdm.auto import tqdm
+
+        with tqdm(total=n, desc="evaluate llm", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, n, batch_size):
+                chunk = kept[start:min(start + batch_size, n)]
+                batch = encode(tok, chunk)
+                target = torch.tensor(targets[start:start + len(chunk)], dtype=torch.long)
+                real = batch["attention_mask"].bool()
+                not_first = real.clone()
+                not_first[torch.arange(len(chunk)), batch["first"]] = False
+                subject = batch["subject"] & not_first
+                for p, nf, s in zip(chunk, not_first.sum(-1).tolist(), subject.sum(-1).tolist()):
+                    for k, v in (("text", p.text), ("subject", p.subject), ("relation", p.relation),
+                                 ("template", p.template), ("candidates", nf), ("subject_tokens", s)):
+                        items[k].append(v)
+                inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+                cache: dict = {}  # shortened prompts shared by the methods (the ends of every curve, ...)
+                for m in rows:
+                    bar.set_postfix_str(m, refresh=False)
+                    method, opts = METHODS[m]
+                    t0 = time.perf_counter()
+                    e = explainer(inputs, method=method, target=target, **opts)
+                    dt = time.perf_counter() - t0
+                    scores = e.scores.detach()
+                    out = samples[m]
+                    out["rank"].append(subject_rank(scores, subject, not_first).numpy())
+                    out["rank_first"].append(subject_rank(scores, batch["subject"], real).numpy())
+                    curves = removal_curves(lm, batch, scores, target, pad, FRACTIONS, replacement, forward_batch_size, cache)
+                    out["most"].append(curves["most"])
+                    out["least"].append(curves["least"])
+                    out["seconds"].append(np.full(len(chunk), dt / len(chunk)))
+                bar.update(len(chunk))
+    name = loaded.info.get("name") or (model if isinstance(model, str) else type(lm).__name__)
+    meta = dict(counts, model=str(name), fractions=list(FRACTIONS), batch_size=batch_size,
+                replacement="deleted, the rest closing up" if replacement == "delete" else f"replaced by token id {replacement}",
+                seed=seed, limit=limit, methods_options={m: METHODS[m][1] for m in rows},
+                seconds_filter=seconds_filter, seconds_total=time.perf_counter() - t_start)
+    merged = {m: {k: np.concatenate(v) for k, v in s.items()} for m, s in samples.items()}
+    return FactLeague(rows, items, merged, meta)
+
+
+def run_cli(args: Any, say: Any) -> int:
+    """``attnx evaluate --task llm``: the league on ``--model`` (default smollm2); writes
+    ``league_llm.md`` / ``.csv``, ``curves_llm.png`` and ``samples_llm.json`` to ``--out``."""
+    given = [flag for flag, attr in (("--data", "data"), ("--shard", "shard"), ("--num-scenes", "num_scenes"),
+                                     ("--no-baselines", "no_baselines")) if getattr(args, attr, None)]
+    if given:  # the llm task has its own prompts and always ranks random and gradient_x_input
+        raise AttnxValueError(f"{', '.join(given)} do(es) not apply to --task llm (its prompts are attnx.data.facts)")
+    out = Path(args.out or "attnx_evaluate")
+    t0 = time.perf_counter()
+    model = args.model if args.model not in (None, "default") else "smollm2"
+    league = evaluate_facts(model, args.methods, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
+    wall = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    table = league.to_markdown()
+    (out / "league_llm.md").write_text(table + f"\nWall time: {wall:.1f} s.\n", encoding="utf-8")
+    league.to_csv(out / "league_llm.csv")
+    league.plot_curves(out / "curves_llm.png")
+    league.save(out / "samples_llm.json")
+    say(table)
+    for name in ("league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"):
+        say(f"wrote {out / name}")
+    return 0

@@ -1,0 +1,218 @@
+"""The factual-recall league (``attnx evaluate --task llm``) on a tiny random Llama with a tiny fact set.
+
+Every metric is checked against a hand computation or an independent one: subject ranks of
+hand-made maps, the exact chance level against a Monte Carlo draw, the removal curves against
+forwards of each shortened prompt alone (no padding), the correctness filter against
+``model.generate``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from attnx import zoo
+from attnx.data.facts import RELATIONS, FactPrompt, fact_prompts, facts
+from attnx.evaluate import facts as F
+from attnx.evaluate import llm_league
+from attnx.zoo import lm as embedded_lm
+
+tr = pytest.importorskip("transformers")
+
+SUBJECTS = ["film", "movie", "story", "plot", "script", "comedy", "drama", "music", "actor", "director",
+            "character", "ending", "scene", "funny movie", "bad script", "good story"]
+TEMPLATES = ["the {subject} is", "i think the {subject} was", "and the {subject} of this"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return embedded_lm.load_tokenizer()  # word level, [BOS] prepended: the first token is a special one
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = tr.LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+                         pad_token_id=tok.pad_token_id, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    return tr.LlamaForCausalLM(cfg).double().eval()
+
+
+def prompt(template: str, subject: str, answers=("x",), relation="r") -> FactPrompt:
+    return FactPrompt(template.format(subject=subject), subject, relation, 0, tuple(answers), template.index("{subject}"))
+
+
+def greedy_word(model, tok, text: str, n: int = 1) -> list[str]:
+    """The model's greedy next ``n`` words for ``text`` alone, with ``model.generate``."""
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.pad_token_id)
+    return [tok.decode([t]) for t in out[0, ids.shape[1]:].tolist()]
+
+
+def answered_prompts(model, tok) -> list[FactPrompt]:
+    """Prompts whose accepted answer is the model's own greedy word (a plain word)."""
+    out = []
+    for s in SUBJECTS:
+        for t in TEMPLATES:
+            word = greedy_word(model, tok, t.format(subject=s))[0]
+            if word.isalpha():
+                out.append(prompt(t, s, (word,)))
+    return out
+
+
+# ------------------------------------------------------------------ the fact table
+def test_the_table_gives_enough_prompts_with_the_subject_never_first():
+    table = facts()
+    assert len(table) >= 150 and len({s for s, _ in table}) == len(table)
+    prompts = fact_prompts()
+    assert len(prompts) == len(table) * sum(len(t) for t in RELATIONS.values())
+    for p in prompts:
+        assert p.text[p.subject_start:p.subject_end] == p.subject and p.subject_start > 0 and p.answers
+
+
+# ------------------------------------------------------------------ encoding
+def test_encode_left_pads_and_marks_the_subject_tokens(tok):
+    batch = F.encode(tok, [prompt("the {subject} is", "funny movie"), prompt("i think the {subject} was", "film")])
+    ids, mask, subject = batch["input_ids"], batch["attention_mask"], batch["subject"]
+    # [BOS] the funny movie is / [BOS] i think the film was: lengths 5 and 6, left padding
+    assert mask.tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    assert batch["first"].tolist() == [1, 0]
+    assert subject.tolist() == [[False, False, False, True, True, False], [False, False, False, False, True, False]]
+    assert tok.decode(ids[0, 3:5].tolist()) == "funny movie"
+
+
+# ------------------------------------------------------------------ subject rank
+def test_subject_rank_of_hand_made_maps():
+    subject = torch.tensor([[False, False, True, True, False], [False, True, False, False, False]])
+    cand = torch.tensor([[False, True, True, True, True], [True, True, True, True, True]])
+    on_subject = subject.double()  # all relevance on the subject: rank 1
+    assert F.subject_rank(on_subject, subject, cand).tolist() == [1, 1]
+    scores = torch.tensor([[9.0, 5.0, 1.0, 4.0, 3.0], [9.0, 2.0, 3.0, 2.0, 1.0]])
+    # sample 0: the first token (9) is not a candidate; 5 > 4 (subject's best): rank 2
+    # sample 1: 9 and 3 above 2, and a tie at 2 counts against the subject: rank 4
+    assert F.subject_rank(scores, subject, cand).tolist() == [2, 4]
+    constant = torch.ones(2, 5)  # a constant map ranks the subject last
+    assert F.subject_rank(constant, subject, cand).tolist() == [3, 5]
+
+
+def test_chance_rank_is_exact():
+    top1, rr = F.chance_rank(torch.tensor([4, 4]), torch.tensor([1, 2]))
+    assert top1.tolist() == pytest.approx([1 / 4, 1 / 2])
+    assert rr.tolist() == pytest.approx([(1 + 1 / 2 + 1 / 3 + 1 / 4) / 4, 1 / 2 + (1 / 3) / 2 + (1 / 6) / 3])
+    g = torch.Generator().manual_seed(0)  # a random map's mean reciprocal rank: the same within sampling error
+    subject = torch.tensor([[False, True, True, False, False, False, False]]).expand(40000, -1)
+    cand = torch.ones_like(subject)
+    rank = F.subject_rank(torch.rand(40000, 7, generator=g), subject, cand).double()
+    top1, rr = F.chance_rank(torch.tensor([7]), torch.tensor([2]))
+    assert abs((1 / rank).mean().item() - rr.item()) < 0.01
+    assert abs((rank == 1).double().mean().item() - top1.item()) < 0.01
+
+
+# ------------------------------------------------------------------ faithfulness
+def independent_log_prob(model, ids: list[int], target: int) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    return float(logits.double().log_softmax(-1)[target])
+
+
+@pytest.mark.parametrize("replacement", ["delete", 7])
+def test_removal_curves_equal_forwards_of_each_shortened_prompt(model, tok, replacement):
+    prompts = [prompt("i think the {subject} was", "funny movie"), prompt("the {subject} is", "plot")]
+    batch = F.encode(tok, prompts)
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(batch["input_ids"].shape, generator=g, dtype=torch.float64)
+    targets = torch.tensor([11, 12])
+    curves = F.removal_curves(model, batch, scores, targets, tok.pad_token_id, replacement=replacement)
+    for b in range(2):
+        real = torch.nonzero(batch["attention_mask"][b]).flatten().tolist()
+        ids = [int(batch["input_ids"][b, i]) for i in real]
+        sc = [float(scores[b, i]) for i in real]
+        rest = list(range(1, len(real)))  # the first token is never removed
+        for name, most in (("most", True), ("least", False)):
+            order = sorted(rest, key=lambda i: -sc[i] if most else sc[i])
+            for j, f in enumerate(F.FRACTIONS):
+                gone = set(order[:round(f * len(rest))])
+                row = ([t for i, t in enumerate(ids) if i not in gone] if replacement == "delete"
+                       else [replacement if i in gone else t for i, t in enumerate(ids)])
+                want = independent_log_prob(model, row, int(targets[b]))
+                assert curves[name][b, j] == pytest.approx(want, abs=1e-9)
+    assert curves["most"][:, 0].tolist() == pytest.approx(curves["least"][:, 0].tolist())
+
+
+# ------------------------------------------------------------------ the correctness filter
+def test_answered_keeps_exactly_the_prompts_the_model_completes(model, tok):
+    texts = [t.format(subject=s) for s in SUBJECTS[:6] for t in TEMPLATES[:2]]
+    two = [greedy_word(model, tok, t, 2) for t in texts]
+    other = {w: next(c for c in ("film", "movie") if c != w) for pair in two for w in pair}
+    prompts, expect = [], []
+    for t, (w1, w2) in zip(texts, two):
+        s = next(s for s in SUBJECTS if f" {s} " in f" {t} ")
+        template = t.replace(s, "{subject}", 1)
+        prompts += [prompt(template, s, (w1,)), prompt(template, s, (other[w1],)),
+                    prompt(template, s, (f"{w1} {w2}",)), prompt(template, s, (f"{w1} {other[w2]}",)),
+                    prompt(template, s, (other[w1], w1))]  # any accepted answer counts
+        expect += [True, False, True, False, True]
+    correct, target = F.answered(model, tok, prompts, F.encode(tok, prompts))
+    assert correct.tolist() == expect
+    first = [tok(" " + w1, add_special_tokens=False)["input_ids"][0] for w1, _ in two]
+    assert target.tolist() == [x for f in first for x in (f, -1, f, -1, f)]
+
+
+# ------------------------------------------------------------------ the league
+def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
+    # float32: transformers' float64 Llama attention turns the fully masked rows of left padding into NaN
+    model = copy.deepcopy(model).float()
+    prompts = answered_prompts(model, tok)
+    assert len(prompts) >= 30
+    decoy = [prompt(TEMPLATES[0], "film", ("zzzznotaword",))]  # never answered: filtered out
+    bundle = zoo.ZooModel(model, "text", None, tokenizer=tok, info={"name": "tiny llama"})
+    league = llm_league.evaluate_facts(bundle, ["random", "rollout", "lrp-attnlrp"], prompts=prompts + decoy,
+                                       batch_size=8, progress=False)
+    assert len(league) == len(prompts) and league.meta["answered"] == len(prompts) and league.meta["tried"] == len(prompts) + 1
+    # the curves start at the unperturbed prompt's log-probability, the same for every method
+    by_text = {p.text: p for p in prompts}
+    first = league.samples["random"]["most"][:, 0]
+    for i in (0, len(league) - 1):
+        p = by_text[league.items["text"][i]]
+        ids = tok(p.text)["input_ids"]
+        target = tok(" " + p.answers[0], add_special_tokens=False)["input_ids"][0]
+        assert first[i] == pytest.approx(independent_log_prob(model, ids, target), abs=1e-4)
+    for m in league.methods:
+        assert np.allclose(league.samples[m]["most"][:, 0], first, atol=1e-5)
+    # the table's numbers follow from the per-prompt ranks, with standard errors
+    r = league.row("random")
+    rank = league.samples["random"]["rank"].astype(float)
+    assert r["mrr"][0] == pytest.approx((1 / rank).mean())
+    assert r["mrr"][1] == pytest.approx((1 / rank).std(ddof=1) / math.sqrt(len(rank)))
+    chance = league.chance()["mrr"][0]
+    assert abs(r["mrr"][0] - chance) < 3 * r["mrr"][1] + 0.02  # random is at chance level
+    assert r["abc"][0] == pytest.approx(r["auc_least"][0] - r["auc_most"][0])
+    md = league.to_markdown()
+    assert all(f"| {m} |" in md for m in league.methods) and "±" in md and "chance" in md
+    assert league.to_csv().splitlines()[0].startswith("method,top1,top1_se,mrr,mrr_se")
+
+    # the command writes the table, the curves and the per-prompt results
+    monkeypatch.setattr(llm_league.zoo, "load", lambda spec, kind: bundle)
+    monkeypatch.setattr(llm_league, "fact_prompts", lambda: prompts)
+    args = types.SimpleNamespace(out=str(tmp_path), model="tiny", methods="random,rollout", limit=10, batch_size=4, quiet=True)
+    lines = []
+    assert llm_league.run_cli(args, lines.append) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"}
+    assert len((tmp_path / "league_llm.csv").read_text().splitlines()) == 3
+    assert "10 factual prompts" in (tmp_path / "league_llm.md").read_text()
+    from attnx.errors import AttnxValueError
+
+    with pytest.raises(AttnxValueError, match="--data"):  # options of the other tasks are refused, not ignored
+        llm_league.run_cli(types.SimpleNamespace(**{**vars(args), "data": "texts.csv"}), lines.append)
+
+
+def test_unknown_methods_are_refused_in_one_line():
+    from attnx.errors import AttnxValueError
+
+    with pytest.raises(AttnxValueError, match="choose from"):
+        llm_league.evaluate_facts("smollm2", ["nonsense"])
