@@ -47,8 +47,8 @@ def check_out(out: str | None, suffixes: Sequence[str] | None = PICTURE_SUFFIXES
     p = Path(out) if out else Path.cwd()
     suffix = p.suffix.lower() if out and suffixes is not None else ""
     if suffix and suffix not in suffixes:
-        forms = [f"{name} ({', '.join(s[1:].upper() for s in group)})" for name, group in
-                 (("a picture", PICTURE_SUFFIXES), ("an HTML page", HTML_SUFFIXES)) if set(group) & set(suffixes)]
+        forms = [form for form, group in (("a picture (PNG, JPG, JPEG, PDF, SVG)", PICTURE_SUFFIXES),
+                                          ("HTML (an .html page)", HTML_SUFFIXES)) if set(group) & set(suffixes)]
         raise AttnxValueError(f"--out {out}: {what or 'the results'} are written as {' or '.join(forms)} or into a folder, "
                               f"not as {suffix}")
     if not suffix and p.exists() and not p.is_dir():
