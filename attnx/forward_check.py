@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .adapters.switches import no_new_forward_hooks, plain_execution
 from .batch import Batch
 from .errors import AttnxValueError
 
@@ -133,15 +134,12 @@ class ModelForward:
 
 
 def model_forward(adapter: Any, batch: Batch, read: Any) -> ModelForward:
-    """One plain forward of ``adapter.model`` on ``batch`` (eval mode, no gradients, none of
-    attnx's switches), its logits read by ``read(output, logits) -> (B, C)`` at the explained
-    positions. Call it where the explained pass ran (same dtype and device context)."""
-    from .adapters.switches import no_new_forward_hooks, plain_execution
-    from .trace import evaluation_mode
-
+    """One plain forward of ``adapter.model`` on ``batch`` (no gradients, none of attnx's
+    switches), its logits read by ``read(output, logits) -> (B, C)`` at the explained positions.
+    Call it where the explained pass ran (same dtype and device context, in eval mode)."""
     model = adapter.model
     seen: list = []
-    with evaluation_mode(model), torch.no_grad(), no_new_forward_hooks(model), plain_execution(model):
+    with torch.no_grad(), no_new_forward_hooks(model), plain_execution(model):
         with last_parametrised_leaf(model, seen):
             output, logits = adapter.call(batch)
         at = read(output, logits)

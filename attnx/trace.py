@@ -304,7 +304,8 @@ def one_pass(
         def read(output: Any, logits: torch.Tensor) -> torch.Tensor:
             return resolve(read_as, output, logits, trace.layout, batch.batch_size).logits
 
-        trace.model_forward = model_forward(adapter, batch, read)
+        with evaluation_mode(adapter.model):
+            trace.model_forward = model_forward(adapter, batch, read)
     return trace
 
 
