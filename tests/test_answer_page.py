@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 from attnx import report
 from attnx.errors import AttnxValueError

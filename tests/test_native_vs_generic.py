@@ -18,7 +18,7 @@ import torch
 
 import attnx
 from attnx.layout import Readout
-from conftest import ALL, CASES, ids, max_abs_diff
+from conftest import ALL, CASES, max_abs_diff
 
 TOL = 1e-5
 
