@@ -58,7 +58,9 @@ def wrapped_input_embeddings(model: nn.Module) -> nn.Module | None:
                 found = get()
             except (NotImplementedError, AttributeError):
                 continue
-            if isinstance(found, nn.Module):
+            # token embeddings only: a vision model's "input embeddings" are its patch embedding,
+            # whose output has no prefix tokens; image relevance is taken at the pixels
+            if isinstance(found, nn.Embedding):
                 return found
     return None
 

@@ -211,3 +211,26 @@ def test_gradient_x_input_on_clip_towers_gives_no_false_warning():
     expected = (leaf * grad).detach().sum(1)[0]
     got = e.image.pixel_relevance[0]
     assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_vision_backbone_through_intercept_explains_every_patch():
+    """A Hugging Face vision backbone (no classifier) through the fallback: the relevance methods
+    read the pixels, one score per patch of the grid (its patch embedding is no token embedding)."""
+    import transformers as T
+
+    from attnx import similarity
+
+    cfg = T.Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)
+    model = T.Dinov2Model(cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for method in ("lrp", "gradient_x_input", "generic"):
+        e = attnx.explain(model, x, method=method, target=similarity.embedding_norm)
+        assert e.layout.grid == (4, 4) and e.scores.shape == (2, 16), method
+    e = attnx.explain(model, x, method="gradient_x_input", target=similarity.embedding_norm)
+    xx = x.clone().requires_grad_(True)
+    y = similarity.embedding_norm(model(pixel_values=xx))
+    (g,) = torch.autograd.grad(y.sum(), xx)
+    pixels = (g * x).sum(1)  # the 16 patches of 8x8 pixels, summed
+    expected = pixels.reshape(2, 4, 8, 4, 8).sum((2, 4)).flatten(1)
+    assert torch.allclose(e.scores, expected, rtol=1e-4, atol=1e-6)
