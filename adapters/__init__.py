@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from .base import Adapter
+from .loaded import loaded_class
 from .dual_encoder import DualEncoderAdapter, HFDualEncoderAdapter, OpenCLIPAdapter
 from .hf import HFAdapter
 from .hf_decoder import HFDecoderAdapter
@@ -120,11 +121,8 @@ def refuse_out_of_scope(model: nn.Module) -> None:
 
 
 def _is_hf(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except Exception:  # pragma: no cover
-        return False
-    return isinstance(model, PreTrainedModel)
+    pretrained = loaded_class("transformers.modeling_utils", "PreTrainedModel")  # no import: see .loaded
+    return pretrained is not None and isinstance(model, pretrained)
 
 
 def get_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> Adapter:

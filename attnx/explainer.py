@@ -226,6 +226,12 @@ class Explainer:
         if not (needs.attentions or needs.gradients or needs.attention_relevance):
             return Readout(trace.layout, trace.logits.shape[0], trace.logits.device), None
         last = Needs(attentions=True, gradients=True, first_layer=lambda layout, n: n - 1)
+        if target is None and trace.targets is None:
+            # an embedding model explained without a target: the rows its norm depends on are the
+            # rows its output reads
+            from .similarity import embedding_norm
+
+            target = embedding_norm
         return settle_readout(trace, self.adapter, lambda: self.trace(inputs, target, last), self._readouts)
 
     @staticmethod

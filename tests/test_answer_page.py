@@ -151,4 +151,4 @@ def test_command_writes_the_page_and_the_picture(tmp_path, capsys):
     assert "one --text" in capsys.readouterr().err
     assert main(["explain", "--model", "default-lm", "--text", "a", "--generate", "2", "--out", str(tmp_path / "a.txt")]) == 2
     err = capsys.readouterr().err
-    assert "an HTML page" in err and len(err.strip().splitlines()) == 1
+    assert "HTML" in err and "not as .txt" in err and len(err.strip().splitlines()) == 1

@@ -24,13 +24,13 @@ import torch
 from ..data.facts import FactPrompt
 from ..errors import AttnxValueError
 
-__all__ = ["FRACTIONS", "answered", "chance_rank", "encode", "removal_curves", "subject_rank"]
+__all__ = ["FRACTIONS", "answered", "chance_rank", "encode", "pad_id", "removal_curves", "subject_rank"]
 
 #: fractions of the removable tokens removed at each point of a curve
 FRACTIONS = tuple(i / 10 for i in range(11))
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise AttnxValueError("the tokenizer has neither a pad nor an end-of-sequence token to pad prompts with")
@@ -69,7 +69,7 @@ def encode(tokenizer: Any, prompts: Sequence[FactPrompt]) -> dict[str, torch.Ten
             raise AttnxValueError(f"no token of {p.text!r} covers its subject {p.subject!r}")
         rows.append(ids)
         subject_rows.append(subject)
-    ids, mask = left_pad(rows, _pad_id(tokenizer))
+    ids, mask = left_pad(rows, pad_id(tokenizer))
     T = ids.shape[1]
     subject = torch.zeros_like(mask, dtype=torch.bool)
     for b, s in enumerate(subject_rows):

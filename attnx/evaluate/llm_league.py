@@ -37,7 +37,7 @@ from .. import zoo
 from ..data.facts import FactPrompt, fact_prompts
 from ..errors import AttnxValueError
 from ..trace import evaluation_mode
-from .facts import FRACTIONS, _pad_id, answered, chance_rank, encode, removal_curves, subject_rank
+from .facts import FRACTIONS, answered, chance_rank, encode, pad_id, removal_curves, subject_rank
 
 __all__ = ["COLUMNS", "FactLeague", "METHODS", "evaluate_facts", "select_prompts"]
 
@@ -272,7 +272,7 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
     prompts = list(fact_prompts() if prompts is None else prompts)
     order = np.random.default_rng(seed).permutation(len(prompts))
     prompts = [prompts[i] for i in order]
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     explainer = attnx.Explainer(lm, tokenizer=tok)
     items: dict[str, list] = {k: [] for k in ("text", "subject", "relation", "template", "candidates", "subject_tokens")}
     samples: dict[str, dict[str, list]] = {m: {"rank": [], "rank_first": [], "most": [], "least": [], "seconds": []}
