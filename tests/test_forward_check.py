@@ -24,18 +24,20 @@ def falcon() -> torch.nn.Module:
 
 
 def test_falcon_is_explained_causally_with_its_own_logits():
-    """Falcon's eager path with attention outputs attends to future tokens (its logits differ from
-    the model's); attnx explains its SDPA path with the model's own causal mask instead."""
+    """Falcon's eager path with attention outputs attends to future tokens in transformers up to
+    5.24 (its logits differ from the model's); attnx then explains its SDPA path with the model's
+    own causal mask instead. Where transformers computes both paths alike, the family adapter
+    stays; either way the explained logits are the model's and the attention is causal."""
     model = falcon()
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         own = model(input_ids=ids).logits[:, -1]
         eager = model(input_ids=ids, output_attentions=True).logits[:, -1]
-    assert (eager - own).abs().max() > 1e-2  # the eager path is another function
+    eager_differs = bool((eager - own).abs().max() > 1e-2)
     explainer = attnx.Explainer(model)
     e = explainer({"input_ids": ids}, method="generic")
     assert (e.logits - own).abs().max() <= ATOL * (1 + own.abs().max())
-    assert explainer.adapter.name == "intercept"
+    assert explainer.adapter.name == ("intercept" if eager_differs else "hf_decoder")
     trace = explainer.capture({"input_ids": ids})
     for a in trace.attentions:  # causal: no query attends to a later key
         assert torch.equal(a.triu(1), torch.zeros_like(a))
@@ -210,3 +212,38 @@ def test_embedded_zoo_models_pass_the_check_silently(name):
     assert trace.model_forward is not None
     assert trace.model_forward.difference(trace.logits) <= tolerance(trace.model_forward.logits)
     assert explainer.adapter.name == family
+
+
+def test_a_mismatching_forward_moves_to_the_fallback(monkeypatch):
+    """Whatever the library version: when observing through the family adapter changes the
+    logits, the check sees it and the model is explained through ``intercept`` (its own kernels,
+    intercepted), whose logits are the model's."""
+    import contextlib
+
+    from attnx.adapters.hf import HFAdapter
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    model = T.LlamaForCausalLM(cfg).eval()
+    observe = HFAdapter.observe
+
+    @contextlib.contextmanager
+    def altered(self, recorder):  # an observation path that changes what the model computes
+        handle = self.model.lm_head.register_forward_hook(lambda m, args, out: out + 1.0)
+        try:
+            with observe(self, recorder):
+                yield
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(HFAdapter, "observe", altered)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        own = model(input_ids=ids).logits[:, -1]
+    explainer = attnx.Explainer(model)
+    e = explainer({"input_ids": ids}, method="generic")
+    assert explainer.adapter.name == "intercept"
+    assert (e.logits - own).abs().max() <= ATOL * (1 + own.abs().max())
+    with pytest.raises(ForwardMismatchError):  # a forced family adapter is refused instead
+        attnx.Explainer(model, adapter="hf_decoder")({"input_ids": ids}, method="generic")
