@@ -44,21 +44,20 @@ def class_targets(values: Sequence[str] | None, class_names: Sequence[str] | Non
     return out
 
 
-def positive_int(v: str) -> int:
+def _int_at_least(v: str, least: int, expected: str) -> int:
+    """``v`` as an integer ``>= least``, else the argparse error naming what was ``expected``."""
     try:
         n = int(v)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {v!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {v!r}")
     return n
+
+
+def positive_int(v: str) -> int:
+    return _int_at_least(v, 1, "a positive integer")
 
 
 def non_negative_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v!r}")
-    return n
+    return _int_at_least(v, 0, "an integer >= 0")
