@@ -17,39 +17,42 @@ from typing import TYPE_CHECKING, Any
 from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and editors
-    from . import adapters, image_text, methods, metrics, similarity
+    from . import adapters, methods, metrics
     from .adapters import register_adapter
-    from .allocator import reuse_freed_memory
-    from .explainer import Explainer, explain
-    from .explanation import Explanation
-    from .generation import GenerationExplanation, explain_generation
-    from .image_text import ImageText, ImageTextExplanation
+    from .core import image_text, similarity
+    from .core.allocator import reuse_freed_memory
+    from .core.explainer import Explainer, explain
+    from .core.explanation import Explanation
+    from .core.generation import GenerationExplanation, explain_generation
+    from .core.image_text import ImageText, ImageTextExplanation
+    from .core.targets import Continuation
+    from .core.trace import Needs, Trace
     from .methods import Option, Relevance, get_method, list_methods, register_method
-    from .targets import Continuation
-    from .trace import Needs, Trace
 
 __version__ = "0.1.0"
 
 #: public name -> the submodule that defines it, imported when the name is first read
 _LAZY_NAMES = {
     "register_adapter": "adapters",
-    "reuse_freed_memory": "allocator",
-    "Explainer": "explainer",
-    "explain": "explainer",
-    "Explanation": "explanation",
-    "GenerationExplanation": "generation",
-    "explain_generation": "generation",
-    "ImageText": "image_text",
-    "ImageTextExplanation": "image_text",
+    "reuse_freed_memory": "core.allocator",
+    "Explainer": "core.explainer",
+    "explain": "core.explainer",
+    "Explanation": "core.explanation",
+    "GenerationExplanation": "core.generation",
+    "explain_generation": "core.generation",
+    "ImageText": "core.image_text",
+    "ImageTextExplanation": "core.image_text",
     "Option": "methods",
     "Relevance": "methods",
     "get_method": "methods",
     "list_methods": "methods",
     "register_method": "methods",
-    "Continuation": "targets",
-    "Needs": "trace",
-    "Trace": "trace",
+    "Continuation": "core.targets",
+    "Needs": "core.trace",
+    "Trace": "core.trace",
 }
+#: public submodule name -> where it lives (``attnx.core.similarity`` reads ``attnx.core.similarity``)
+_SUBMODULES = {"image_text": "core.image_text", "similarity": "core.similarity"}
 
 __all__ = [
     "DegenerateMapWarning",
@@ -86,7 +89,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     elif not name.startswith("_"):
         try:
-            value = importlib.import_module(f".{name}", __name__)
+            value = importlib.import_module(f".{_SUBMODULES.get(name, name)}", __name__)
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{name}":  # a submodule that exists but fails to import
                 raise
@@ -100,5 +103,5 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     import pkgutil
 
-    submodules = {m.name for m in pkgutil.iter_modules(__path__)} | {"adapters"}  # adapters/ ships as attnx.adapters
-    return sorted({*globals(), *__all__, *_LAZY_NAMES, *submodules})
+    submodules = {m.name for m in pkgutil.iter_modules(__path__)}
+    return sorted({*globals(), *__all__, *_LAZY_NAMES, *_SUBMODULES, *submodules})

@@ -38,7 +38,7 @@ class UnsupportedModelError(AttnxError, TypeError):
 class ForwardMismatchError(UnsupportedModelError):
     """Raised when the forward attnx explains (attention made observable) does not compute the
     model's own logits, and no path that keeps the model's computation does (see
-    :mod:`attnx.forward_check`)."""
+    :mod:`attnx.core.forward_check`)."""
 
 
 class DegenerateMapWarning(UserWarning):
@@ -52,4 +52,4 @@ class NonFiniteMapError(AttnxError, ValueError):
 
 class ReadoutMismatchError(UnsupportedModelError):
     """The rows an adapter declares the head reads are not those the target's gradient reaches
-    (see :mod:`attnx.readout`)."""
+    (see :mod:`attnx.core.readout`)."""

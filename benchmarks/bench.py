@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16: every call under torch.autocast (opt-in; weights stay float32)")
     p.add_argument("--allocator", default="default", choices=("default", "reuse"),
                    help="reuse: attnx.reuse_freed_memory() first (glibc keeps freed memory for reuse; see "
-                        "attnx/allocator.py); default: the C library's own setting")
+                        "attnx/core/allocator.py); default: the C library's own setting")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     return p
 

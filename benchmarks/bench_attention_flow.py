@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import attnx  # noqa: E402
-from attnx.layout import Readout  # noqa: E402
+from attnx.core.layout import Readout  # noqa: E402
 from attnx.methods.attention_flow import max_flows  # noqa: E402
 from attnx.methods.propagation import fuse_heads  # noqa: E402
 from attnx.methods.rollout import rollout_matrix  # noqa: E402

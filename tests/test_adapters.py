@@ -7,8 +7,8 @@ import torch
 
 import attnx
 from attnx.adapters import TimmViTAdapter
-from attnx.layout import Layout
-from attnx.explanation import Explanation
+from attnx.core.layout import Layout
+from attnx.core.explanation import Explanation
 from conftest import CASES, ids, max_abs_diff, run_model, timm_vit
 from test_capture import attention_layers, grab_layer_inputs
 
@@ -148,7 +148,7 @@ def test_register_adapter_first_takes_priority():
         explainer = attnx.Explainer(model)
         assert explainer.adapter.name == "my_timm"
         e = explainer.explain(x, method="rollout")
-        # the explanation, and once per Explainer the readout check's pass (attnx.readout)
+        # the explanation, and once per Explainer the readout check's pass (attnx.core.readout)
         assert calls == [x.shape, x.shape]
         assert torch.equal(e.scores, attnx.Explainer(model, adapter="timm_vit").explain(x).scores)
         with pytest.raises(TypeError, match="expected an Adapter subclass"):

@@ -11,7 +11,7 @@ import pytest
 
 from attnx import report
 from attnx.errors import AttnxValueError
-from attnx.generation import explain_generation
+from attnx.core.generation import explain_generation
 from decoder_models import DecoderCase
 from html_pages import page_data
 from test_report_browser import assert_clean, browser, open_page  # noqa: F401 (the browser fixture)
@@ -106,7 +106,7 @@ def test_the_page_in_a_browser(tmp_path, browser, answers):  # noqa: F811
 
 
 def test_png_view(tmp_path, answers):
-    from attnx.generation_plot import generation_figure, sink_caption
+    from attnx.viz.generation import generation_figure, sink_caption
 
     fig = generation_figure(answers)
     axes = [ax for ax in fig.axes if ax.get_title(loc="left")]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import attnx
-from attnx.layout import Layout
-from attnx.trace import Trace
-from attnx.layout import Readout
+from attnx.core.layout import Layout
+from attnx.core.trace import Trace
+from attnx.core.layout import Readout
 from attnx.methods.attention_flow import RESOLUTION, max_flows
 from conftest import CASES, max_abs_diff, with_batch
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import attnx
-from attnx import image_text
+from attnx.core import image_text
 from attnx.errors import AttnxError
 from clip_models import FAMILIES, IMAGE, PATCH, WordTokenizer, hf_clip, hf_siglip, images, model_logits, open_clip_model, tokenizer_for
 from test_state import assert_unchanged, snapshot

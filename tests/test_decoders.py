@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import attnx
-from attnx.targets import Continuation
+from attnx.core.targets import Continuation
 from conftest import max_abs_diff
 from decoder_models import CASES, CLASSIFIERS, EAGER, LM, PAD, params, real_tokens, word_tokenizer
 from test_state import assert_unchanged, mixed_mode, snapshot

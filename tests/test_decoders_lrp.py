@@ -98,7 +98,7 @@ def test_gradient_x_input_continuation(case, dtype):
     x = case.inputs([9, 9] if dtype == torch.float64 else [9, 6], side="right")
     tol = 1e-9 if dtype == torch.float64 else 1e-5
     cont = [[5, 9], [30]]
-    e = attnx.explain(model, x, method="gradient_x_input", target=attnx.targets.Continuation(cont))
+    e = attnx.explain(model, x, method="gradient_x_input", target=attnx.core.targets.Continuation(cont))
     assert e.scores.shape == (2, 9)
     for b in range(2):
         prompt = x["input_ids"][b][x["attention_mask"][b].bool()].tolist()

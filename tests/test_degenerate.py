@@ -1,4 +1,4 @@
-"""Never a silent degenerate map (attnx.degenerate).
+"""Never a silent degenerate map (attnx.core.degenerate).
 
 * A sample whose map is constant or all zero over its real content tokens gets a
   :class:`attnx.DegenerateMapWarning` naming the method, the sample and the likely cause: an
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnx
-from attnx.degenerate import check_map, constant_samples
-from attnx.layout import Layout
+from attnx.core.degenerate import check_map, constant_samples
+from attnx.core.layout import Layout
 from attnx.methods import unregister_method
 from conftest import CASES
 

@@ -1,4 +1,4 @@
-"""Attention written out by hand is observed by the intercept adapter (adapters/kernels.py).
+"""Attention written out by hand is observed by the intercept adapter (attnx/adapters/kernels.py).
 
 The models below are written here in the styles research code uses -- DINO/DeiT
 (``attn.softmax(dim=-1)``, ``attn_drop``, ``attn @ v``), ``nn.MultiheadAttention``, einsum,
@@ -30,7 +30,7 @@ from attnx.errors import DegenerateMapWarning
 from attnx.lrp import UncoveredOpError
 from attnx.adapters.kernels import AttentionInterceptor, TokenWatcher
 from attnx.errors import UnsupportedModelError
-from attnx.recorder import AttentionRecorder
+from attnx.core.recorder import AttentionRecorder
 from conftest import max_abs_diff, randomize_, with_batch
 
 DT = torch.float64

@@ -1,4 +1,4 @@
-"""The explained forward is the model's own (attnx.forward_check): Falcon's eager path, a kernel a
+"""The explained forward is the model's own (attnx.core.forward_check): Falcon's eager path, a kernel a
 user registered, a forced adapter that changes the computation, the check's cost and switch, and
 real models on which it must pass silently."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from transformers import AttentionInterface
 
 import attnx
 from attnx.errors import ForwardMismatchError, UnsupportedModelError
-from attnx.forward_check import tolerance
+from attnx.core.forward_check import tolerance
 
 ATOL = 1e-5
 

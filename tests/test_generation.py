@@ -1,4 +1,4 @@
-"""Explaining generation: every generated token against the context before it (attnx.generation).
+"""Explaining generation: every generated token against the context before it (attnx.core.generation).
 
 The reference for a row is attnx explaining that token alone: the prompt and the earlier generated
 tokens as one unpadded sample, the generated token as the next-token target. The answer's span is
@@ -12,7 +12,7 @@ import torch
 
 import attnx
 from attnx.errors import AttnxTypeError, AttnxValueError
-from attnx.generation import explain_generation, share
+from attnx.core.generation import explain_generation, share
 from decoder_models import DecoderCase, word_tokenizer
 
 METHODS = ["rollout", "grad_rollout", "generic", "attn_gradcam", "transformer_attribution", "lrp",
@@ -88,7 +88,7 @@ def test_text_prompt_tokens_and_sinks(llama):
 
 
 def test_scaled_leaves_the_sinks_out_of_the_scale():
-    from attnx.generation import GenerationExplanation
+    from attnx.core.generation import GenerationExplanation
 
     nan = float("nan")
     matrix = torch.tensor([[8.0, -1.0, 2.0, nan], [4.0, 1.0, -0.5, 2.0]], dtype=torch.float64)

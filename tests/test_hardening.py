@@ -269,11 +269,11 @@ def test_timm_imagenet_names():
     import timm
 
     model = timm.create_model("test_vit", pretrained=False, num_classes=1000).eval()
-    from attnx.labels import class_names
+    from attnx.core.labels import class_names
 
     names = class_names(model)
     assert len(names) == 1000 and names[281] == "tabby, tabby cat"
-    assert attnx.labels.class_index("Tabby cat", names) == 281
+    assert attnx.core.labels.class_index("Tabby cat", names) == 281
 
 
 def test_meta_device_inputs():

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: source folder -> package name (adapters/ ships as attnx.adapters)
-PACKAGES = {ROOT / "attnx": "attnx", ROOT / "adapters": "attnx.adapters"}
+#: source folder -> package name
+PACKAGES = {ROOT / "attnx": "attnx"}
 MAX_LINES = 650
 
 
@@ -124,6 +124,47 @@ def test_no_private_names_across_modules():
     assert not bad, "\n".join(bad)
 
 
+#: the layers, bottom up: the library (what ``attnx.explain`` needs, and its views) never imports the
+#: application (the command, the demo, the embedded models and data, the leagues)
+LIBRARY = ("errors", "lrp", "core", "adapters", "methods", "metrics", "viz", "report")
+APPLICATION = ("data", "zoo", "evaluate", "demo", "cli")
+#: package -> the packages its modules may import (``attnx`` is the package's lazy front door)
+ALLOWED = {
+    "attnx": {"errors"},
+    "errors": set(),
+    "lrp": {"errors"},
+    "core": {"errors", "lrp", "adapters", "methods", "viz", "report"},
+    "adapters": {"errors", "core"},
+    "methods": {"errors", "lrp", "core"},
+    "metrics": {"errors", "core"},
+    "viz": {"errors"},
+    "report": {"errors", "core", "viz"},
+    "data": {"errors"},
+    "zoo": {"errors", "core", "data"},
+    "evaluate": {"attnx", "errors", "core", "metrics", "report", "data", "zoo"},
+    "demo": {"attnx", "errors", "core", "viz", "report", "data", "zoo", "cli"},
+    "cli": {"attnx", "errors", "core", "adapters", "viz", "report", "zoo", "evaluate", "demo"},
+}
+
+
+def package_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "attnx"
+
+
+def test_every_package_has_a_layer():
+    packages = {package_of(m) for m in MODULES}
+    assert packages == set(ALLOWED) and set(LIBRARY) | set(APPLICATION) == packages - {"attnx"}
+
+
+def test_imports_follow_the_layers():
+    """Each package imports only what the matrix allows; the library imports no application package."""
+    assert not any(ALLOWED[lib] & set(APPLICATION) for lib in LIBRARY)
+    bad = sorted(f"{m} -> {e}" for m in MODULES for e in edges(m)
+                 if package_of(e) != package_of(m) and package_of(e) not in ALLOWED[package_of(m)])
+    assert not bad, "imports across layers the matrix does not allow:\n" + "\n".join(bad)
+
+
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_module_size(name):
     lines = MODULES[name].read_text().count("\n")
@@ -132,7 +173,7 @@ def test_module_size(name):
 
 def test_the_graph_is_read():
     """The checks above see the real imports (guards against a reader that finds nothing)."""
-    assert "attnx.trace" in edges("attnx.explainer") and "attnx.layout" in edges("attnx.adapters.base")
+    assert "attnx.core.trace" in edges("attnx.core.explainer") and "attnx.core.layout" in edges("attnx.adapters.base")
     assert len(MODULES) > 30
 
 
@@ -175,7 +216,7 @@ def test_public_api_resolves_lazily():
         "import attnx, importlib, sys\n"
         "assert 'torch' not in sys.modules and set(attnx.__all__) <= set(dir(attnx)), dir(attnx)\n"
         "from attnx import explain, Explainer, list_methods, register_method, zoo\n"
-        "assert 'torch' in sys.modules and explain is importlib.import_module('attnx.explainer').explain\n"
+        "assert 'torch' in sys.modules and explain is importlib.import_module('attnx.core.explainer').explain\n"
         "for name in attnx.__all__:\n"
         "    obj = getattr(attnx, name)\n"
         "    home = getattr(obj, '__module__', None) or obj.__name__\n"
@@ -195,4 +236,5 @@ def test_lazy_names_match_the_type_checking_imports():
              for a in node.names}
     import attnx
 
-    assert shown == attnx._LAZY_NAMES
+    parents = {name: module.rsplit(".", 1)[0] for name, module in attnx._SUBMODULES.items()}
+    assert shown == {**attnx._LAZY_NAMES, **parents}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnx
-from attnx.layout import Readout
+from attnx.core.layout import Readout
 from attnx.methods import get_method
 
 from conftest import CASES, max_abs_diff

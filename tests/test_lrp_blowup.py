@@ -116,8 +116,8 @@ def test_non_finite_input_relevance_raises():
         y = model(xt)
     (g,) = torch.autograd.grad(y, xt, torch.ones_like(y))
     assert torch.isfinite(g).all(), "LRP-0 at an output of exactly 0 passes no relevance (0 / 0 -> 0)"
-    from attnx.degenerate import check_relevance
-    from attnx.trace import Trace
+    from attnx.core.degenerate import check_relevance
+    from attnx.core.trace import Trace
 
     relevance = xt.detach() * g
     relevance[1, 2, 3] = float("nan")  # what an overflowing half-precision pass would leave

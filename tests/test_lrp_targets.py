@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attnx
-from attnx.trace import Needs
+from attnx.core.trace import Needs
 from conftest import ALL, CASES, ids, max_abs_diff
 
 LRP_RUNS = [

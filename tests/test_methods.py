@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnx
-from attnx.layout import Readout
+from attnx.core.layout import Readout
 from conftest import ALL, CASES, GRADIENT_METHODS, IMAGE, ids, max_abs_diff, run_model
 
 

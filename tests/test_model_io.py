@@ -218,7 +218,7 @@ def test_vision_backbone_through_intercept_explains_every_patch():
     read the pixels, one score per patch of the grid (its patch embedding is no token embedding)."""
     import transformers as T
 
-    from attnx import similarity
+    from attnx.core import similarity
 
     cfg = T.Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import attnx
-from attnx.layout import Readout
+from attnx.core.layout import Readout
 from conftest import ALL, CASES, max_abs_diff
 
 TOL = 1e-5

@@ -19,7 +19,7 @@ from torch import nn
 import attnx
 from attnx.adapters import TimmViTAdapter
 from attnx.errors import ReadoutMismatchError, UnsupportedModelError
-from attnx.layout import Layout
+from attnx.core.layout import Layout
 
 SMALL = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5)
 TARGET = [1, 3]
@@ -301,7 +301,7 @@ def test_the_fallback_measures_what_an_unknown_head_reads():
 def test_methods_without_a_readout_say_so_and_descriptions():
     model = timm_model("vit_tiny_patch16_224")
     assert attnx.explain(model, images(), method="lrp").readout is None  # starts at the logits
-    from attnx.readout import describe
+    from attnx.core.readout import describe
 
     assert describe(Layout(17, 1, 0, (4, 4))) == "class token"
     assert describe(Layout(16, 0, None, (4, 4))) == "mean of 16 patch tokens"

@@ -8,6 +8,7 @@ import configparser
 import fnmatch
 import math
 import re
+import setuptools
 from pathlib import Path
 
 import numpy as np
@@ -151,10 +152,12 @@ def test_page_is_self_contained_and_escapes_its_data(scenes, tmp_path):
 def test_templates_ship_as_package_data():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
-    patterns = [p.strip() for p in cfg["options.package_data"]["attnx"].split(",")]
-    files = [p.relative_to(ROOT / "attnx").as_posix() for p in (ROOT / "attnx" / "templates").iterdir()]
+    patterns = [p.strip() for p in cfg["options.package_data"]["attnx.report"].split(",")]
+    report = ROOT / "attnx" / "report"
+    files = [p.relative_to(report).as_posix() for p in (report / "templates").iterdir()]
     assert files and all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in files)
-    assert "attnx.report" in cfg["options"]["packages"]
+    include = [p.strip() for p in cfg["options.packages.find"]["include"].split(",")]
+    assert "attnx.report" in setuptools.find_packages(ROOT, include=include)
 
 
 def test_cli_image_report_holds_every_method_and_class(capsys, tmp_path):

@@ -1,4 +1,4 @@
-"""Similarity targets and patch matching (attnx.similarity), and callable targets that state their LRP
+"""Similarity targets and patch matching (attnx.core.similarity), and callable targets that state their LRP
 rule (``relevance_seed``), on the tiny models of the matrix: no pretrained weights needed."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import attnx
-from attnx import similarity
+from attnx.core import similarity
 from attnx.errors import AttnxTypeError, AttnxValueError
 
 from conftest import CASES, max_abs_diff

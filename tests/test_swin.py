@@ -1,5 +1,5 @@
 """Swin Transformers: timm ``SwinTransformer`` / ``SwinTransformerV2`` and Hugging Face
-``SwinForImageClassification`` / ``Swinv2ForImageClassification`` (adapters/swin.py).
+``SwinForImageClassification`` / ``Swinv2ForImageClassification`` (attnx/adapters/swin.py).
 
 Tiny float64 models: 32x32 images, 4x4 patches, window 4, two stages of two blocks. Stage 0 is an
 8x8 map in four 4x4 windows (its second block shifted: ``torch.roll`` and the shift mask), patch

@@ -1,4 +1,4 @@
-"""Text shown in a terminal is escaped (attnx.terminal): class names, token strings and file names
+"""Text shown in a terminal is escaped (attnx.viz.terminal): class names, token strings and file names
 from a model or the user's disk never act on the terminal."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest
 import torch
 
-from attnx.terminal import escape
+from attnx.viz.terminal import escape
 from cli_runner import run
 
 HOSTILE = "coat\x1b]0;owned\x07\x1b[2J\u202egnp.exe\r\n"

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from attnx import viz
-from attnx.explanation import Explanation
-from attnx.layout import Layout
+from attnx.core.explanation import Explanation
+from attnx.core.layout import Layout
 
 VOCAB = ["[PAD]", "[CLS]", "[SEP]", "a", "grip", "##ping", "film", "dull", "and", "long"]
 

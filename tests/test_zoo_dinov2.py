@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnx
-from attnx import similarity
+from attnx.core import similarity
 from attnx.errors import AttnxValueError
 from attnx.zoo import dinov2
 

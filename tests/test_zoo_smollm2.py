@@ -62,7 +62,7 @@ def test_load_by_name_and_describe():
 def test_generation_rows_equal_each_token_explained_alone(lm):
     """The answer's rows on the real model: " Paris" and "." after "The capital of France is"."""
     import attnx
-    from attnx.generation import explain_generation
+    from attnx.core.generation import explain_generation
 
     tok = lm.tokenizer
     prompt = tok("The capital of France is")["input_ids"]
@@ -79,7 +79,7 @@ def test_generation_rows_equal_each_token_explained_alone(lm):
 
 
 def test_chat_prompt_goes_through_the_template_and_its_markers_are_sinks(lm):
-    from attnx.generation import explain_generation
+    from attnx.core.generation import explain_generation
 
     tok = lm.tokenizer
     g = explain_generation(lm.model, tok, "What is the capital of France?", chat=True, max_new_tokens=1, method="rollout",

@@ -1,6 +1,6 @@
 """The embedded default vision model and the scene generator it was trained on.
 
-The loader must work offline from the files in ``attnx/assets``, give a stock timm
+The loader must work offline from the files in ``attnx/zoo/assets``, give a stock timm
 ``VisionTransformer`` that every attnx method explains, and reproduce the accuracy its sidecar
 reports on the committed held-out scenes. The scene generator must be deterministic and its masks
 must agree with its labels.

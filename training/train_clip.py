@@ -19,7 +19,7 @@ trained on the same scenes; see :func:`init_from_vit`), frozen for the first 100
 trained at a quarter of the learning rate, as in LiT (Zhai et al. 2022); ``--init-vision none``
 trains it from random weights.
 
-Writes to ``--out`` (default ``attnx/assets``):
+Writes to ``--out`` (default ``attnx/zoo/assets``):
 
 * ``clip_fashion_scenes.safetensors``   float16 weights (the ``CLIPModel`` state dict)
 * ``clip_fashion_scenes.json``          the ``CLIPConfig``, normalisation, class names and words,
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-scenes", type=int, default=1000, help="held-out scenes per garment count")
     p.add_argument("--eval-every", type=int, default=0, help="monitor on 200 scenes of train-split garments (not the training scenes) every N steps (0: never)")
-    p.add_argument("--out", type=Path, default=ROOT / "attnx" / "assets")
+    p.add_argument("--out", type=Path, default=ROOT / "attnx" / "zoo" / "assets")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
             "scenes_seen": args.steps * args.batch_size,
-            "vision_init": ("the embedded ViT (attnx/assets/vit_fashion_scenes.safetensors), converted; "
+            "vision_init": ("the embedded ViT (attnx/zoo/assets/vit_fashion_scenes.safetensors), converted; "
                             f"its head on the converted tower agrees with it on {init_check['agreement_top1']:.1%} "
                             "of 512 training scenes before training") if init_check else "random",
             "wall_seconds": round(train_seconds),

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from attnx.data import rotten_tomatoes as rt
 
-ASSETS = Path(__file__).resolve().parents[1] / "attnx" / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "attnx" / "zoo" / "assets"
 NAME = "lm_llama_rotten_tomatoes"
 SPECIALS = ("[PAD]", "[UNK]", "[BOS]", "[EOS]")
 PROMPTS = ["this movie is", "the acting was", "a beautifully shot but", "it 's a film that"]

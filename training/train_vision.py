@@ -6,7 +6,7 @@ garments of different classes composed by :func:`attnx.data.make_scenes` from th
 split; every batch is a fresh set of scenes (seeded by the step), so the scene generator is the
 augmentation. Held-out metrics are measured on scenes composed from the *t10k* split.
 
-Writes to ``--out`` (default ``attnx/assets``):
+Writes to ``--out`` (default ``attnx/zoo/assets``):
 
 * ``vit_fashion_scenes.safetensors``   float16 weights (the state dict of the stock timm model)
 * ``vit_fashion_scenes.json``          model kwargs, image size, normalisation, class names,
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-scenes", type=int, default=1000, help="held-out scenes per object count")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--asset-scenes", type=int, default=48, help="committed held-out scenes per object count")
-    p.add_argument("--out", type=Path, default=ROOT / "attnx" / "assets")
+    p.add_argument("--out", type=Path, default=ROOT / "attnx" / "zoo" / "assets")
     p.add_argument("--checkpoint", type=Path, default=None, help="resume from / save to this training checkpoint")
     args = p.parse_args(argv)
     args.stages = [Stage.parse(t) for t in args.stages.split(",")]

@@ -25,10 +25,10 @@ import torch
 import attnx
 
 from .. import metrics, zoo
+from ..core.trace import evaluation_mode
 from ..data import Scenes
 from ..data.captions import class_prompt
 from ..errors import AttnxValueError
-from ..trace import evaluation_mode
 
 __all__ = ["MODELS", "METHODS", "PROMPT", "class_discrimination", "main", "to_markdown", "two_garment_maps"]
 

@@ -34,9 +34,9 @@ import torch
 import attnx
 
 from .. import zoo
+from ..core.trace import evaluation_mode
 from ..data.facts import FactPrompt, fact_prompts
 from ..errors import AttnxValueError
-from ..trace import evaluation_mode
 from .facts import FRACTIONS, answered, chance_rank, encode, pad_id, removal_curves, subject_rank
 
 __all__ = ["COLUMNS", "FactLeague", "METHODS", "evaluate_facts", "select_prompts"]

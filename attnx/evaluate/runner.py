@@ -9,9 +9,9 @@ from tqdm.auto import tqdm
 
 import attnx
 
+from ..core.trace import evaluation_mode
 from ..errors import AttnxValueError
 from ..metrics import parameter_randomisation, randomisation_steps
-from ..trace import evaluation_mode
 from . import sharding
 from .columns import BASELINES, RANDOMISATION_SEED
 from .datasets import IndexDataset

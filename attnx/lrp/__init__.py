@@ -6,7 +6,7 @@ types, module kinds and torch functions -> rules, the presets ``chefer2021``, ``
 predicate: RMSNorm, written-out activations, GPT-2's Conv1D, MoE routers),
 :mod:`attnx.lrp.decompositions` (attention kernels written out), :mod:`attnx.lrp.engine`
 (applying a registry during a forward, strict by default) and :mod:`attnx.lrp.coverage` (what a
-pass did with every op). The pass itself runs in :mod:`attnx.trace`.
+pass did with every op). The pass itself runs in :mod:`attnx.core.trace`.
 """
 from . import kinds, rules
 from .coverage import Coverage

@@ -113,7 +113,7 @@ class Registry:
     ) -> None:
         self.name = name
         #: whether the rules (about) conserve relevance, so that the input relevance of a sample
-        #: must sum to about the relevance put on the logits (checked by attnx.degenerate)
+        #: must sum to about the relevance put on the logits (checked by attnx.core.degenerate)
         self.conserving = conserving
         self.entries: list[Entry] = list(entries)
         #: relevance put on the target logit: ``"logit"`` (R = y_t) or ``"one_hot"`` (R = 1)

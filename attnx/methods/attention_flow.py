@@ -43,8 +43,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..core.trace import Needs
 from ..errors import AttnxValueError
-from ..trace import Needs
 from .options import DISCARD_RATIO, HEAD_FUSION, START_LAYER
 from .propagation import check_start_layer, fuse_heads
 from .registry import Option, register_method

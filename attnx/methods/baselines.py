@@ -15,10 +15,10 @@ import hashlib
 import numpy as np
 import torch
 
+from ..core.trace import Needs
 from ..errors import AttnxTypeError
 from ..lrp.registry import Registry
 from ..lrp.rules import Passthrough
-from ..trace import Needs
 from .lrp import input_relevance_scores
 from .options import PATCH_SIZE
 from .registry import Option, Relevance, register_method

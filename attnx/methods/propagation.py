@@ -5,8 +5,8 @@ from typing import Iterable
 
 import torch
 
+from ..core.layout import Readout
 from ..errors import AttnxTypeError, AttnxValueError
-from ..layout import Readout
 
 HEAD_FUSIONS = ("mean", "max", "min")
 

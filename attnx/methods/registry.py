@@ -1,6 +1,6 @@
 """The method registry: every method declared once, with what it reads and its typed options.
 
-A method is a pure function of a :class:`~attnx.trace.Trace` and a :class:`~attnx.layout.Readout`::
+A method is a pure function of a :class:`~attnx.core.trace.Trace` and a :class:`~attnx.core.layout.Readout`::
 
     fn(trace, readout, **options) -> torch.Tensor | Relevance
 
@@ -8,7 +8,7 @@ returning the ``(B, N)`` relevance of every token for the readout row (or a :cla
 with pixel-level results). Its declaration says what the trace must record (:class:`Needs`) and
 its options (:class:`Option`: type, choices, bounds, default, one-line doc); ``attnx methods``,
 the README's methods table and every option error come from that declaration. The explainer
-alone runs the trace and builds the :class:`~attnx.explanation.Explanation`.
+alone runs the trace and builds the :class:`~attnx.core.explanation.Explanation`.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..core.trace import Needs
 from ..errors import AttnxTypeError, AttnxValueError
-from ..trace import Needs
 
 __all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "register_method", "unregister_method"]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import Readout
-from ..trace import Needs
+from ..core.layout import Readout
+from ..core.trace import Needs
 from .options import LAYER, PRESET, STRICT
 from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import Option, Relevance, register_method

@@ -6,8 +6,8 @@ from typing import Any, Union
 
 import torch
 
+from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
-from ..explanation import Explanation
 
 __all__ = ["Relevance", "bool_mask", "check_finite", "infer_grid", "ranks_descending"]
 

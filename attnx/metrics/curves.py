@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
-from ..explanation import Explanation
 from .common import Relevance, check_finite, infer_grid, ranks_descending
 from .measures import (
     Measure,

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..core.explanation import Explanation
+from ..core.layout import normalize_per_sample
 from ..errors import AttnxTypeError, AttnxValueError
-from ..explanation import Explanation
-from ..layout import normalize_per_sample
 from .common import Relevance, bool_mask, check_finite, infer_grid
 
 __all__ = [

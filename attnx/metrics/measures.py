@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
+from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
-from ..explanation import Explanation
 
 __all__ = [
     "MEASURES",

@@ -17,9 +17,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..core.explainer import Explainer
+from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
-from ..explainer import Explainer
-from ..explanation import Explanation
 from .common import Relevance, bool_mask
 
 __all__ = ["parameter_randomisation", "Randomisation", "randomisation_steps", "spearman", "pearson"]

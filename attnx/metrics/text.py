@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
-from ..explanation import Explanation
 from .common import Relevance, bool_mask, check_finite, ranks_descending
 from .curves import Curve
 from .measures import (

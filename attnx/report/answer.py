@@ -1,4 +1,4 @@
-"""The interactive page of an explained answer (:mod:`attnx.generation`).
+"""The interactive page of an explained answer (:mod:`attnx.core.generation`).
 
 The prompt and the answer as tokens; pointing at an answer token colours the context before it by
 its relevance for that token (clicking keeps it), per method, with the sinks' share read out and
@@ -15,11 +15,11 @@ from ..errors import AttnxValueError
 from .page import colormap_tables, document, fragment
 
 if TYPE_CHECKING:
-    from attnx.generation import GenerationExplanation
+    from attnx.core.generation import GenerationExplanation
 
 __all__ = ["answer_html", "write_answer_page"]
 
-#: the diverging colour map of the PNG view (:mod:`attnx.generation_plot`)
+#: the diverging colour map of the PNG view (:mod:`attnx.viz.generation`)
 COLORMAP = "RdBu_r"
 
 
@@ -74,7 +74,7 @@ def answer_html(explanations: Sequence["GenerationExplanation"], include_sinks: 
     Parameters
     ----------
     explanations:
-        One :class:`~attnx.generation.GenerationExplanation` per method, of the same prompt and
+        One :class:`~attnx.core.generation.GenerationExplanation` per method, of the same prompt and
         answer.
     include_sinks:
         Start with the first and special tokens in the colour scale (a box on the page toggles it).

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from .. import viz
+from ..core.layout import Readout
 from ..errors import AttnxTypeError, AttnxValueError
-from ..layout import Readout
 from .page import COLORMAPS, colormap_tables, data_uri, document, fragment, uint8_text
 
 __all__ = ["explanation_html", "report_page", "write_report", "target_name"]

@@ -30,11 +30,11 @@ _ids = itertools.count()
 
 @functools.lru_cache(maxsize=None)
 def template(name: str) -> str:
-    """The text of ``attnx/templates/<name>`` (shipped as package data)."""
-    text = resources.files("attnx").joinpath("templates", name).read_text(encoding="utf-8")
+    """The text of ``attnx/report/templates/<name>`` (shipped as package data)."""
+    text = resources.files("attnx.report").joinpath("templates", name).read_text(encoding="utf-8")
     if name.endswith((".js", ".css")) and "</" in text.replace("<\\/", ""):
         # inlined into <script> / <style>: a closing tag inside would end the element early
-        raise RuntimeError(f"attnx/templates/{name} contains '</', which cannot be inlined")
+        raise RuntimeError(f"attnx/report/templates/{name} contains '</', which cannot be inlined")
     return text
 
 

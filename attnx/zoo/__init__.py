@@ -25,6 +25,7 @@ Every loader returns a :class:`ZooModel`: ``model``, ``kind`` (``"image"`` or ``
 """
 from __future__ import annotations
 
+from . import clip, dinov2, lm, smollm2, text, vision
 from .bundle import ZooModel
 from .clip import clip_model
 from .dinov2 import dinov2_model
@@ -33,7 +34,6 @@ from .lm import example_prompts, language_model
 from .smollm2 import smollm2_model
 from .text import example_texts, text_model
 from .vision import scenes, vision_model
-from . import clip, dinov2, files, lm, smollm2, text, vision
 
 __all__ = [
     "MODEL_KINDS", "ZooModel", "clip_model", "describe", "dinov2_model", "example_prompts", "example_texts", "language_model", "load",

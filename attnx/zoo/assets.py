@@ -1,11 +1,11 @@
-"""The files the embedded models ship with (``attnx/assets``)."""
+"""The files the embedded models ship with (``attnx/zoo/assets``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 __all__ = ["ASSETS", "asset"]
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def asset(name: str) -> Path:
@@ -14,6 +14,6 @@ def asset(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(
             f"attnx asset {name} is missing from {ASSETS}: the installation is incomplete (reinstall attnx; "
-            "a source checkout has it under attnx/assets, and the scripts in training/ rebuild it)"
+            "a source checkout has it under attnx/zoo/assets, and the scripts in training/ rebuild it)"
         )
     return path

@@ -13,13 +13,15 @@ What it is and is not:
   the backbone for their saliency task (or kept the public DINOv2 weights) is not documented;
 * it is a backbone: there is no classifier and there are no class names. The model's output is the
   class-token embedding ``(B, 384)`` after the final LayerNorm, so explanations take a callable
-  target (:mod:`attnx.similarity`: cosine similarity to a reference embedding, the embedding norm)
+  target (:mod:`attnx.core.similarity`: cosine similarity to a reference embedding, the embedding norm)
   or need none (raw attention, rollout).
 
 The conversion is exact: the last hidden state equals the ONNX graph's to about 3e-5 (float32, on
 scikit-image's chelsea photo at 224 px; ``tests/test_zoo_dinov2.py`` checks it with onnxruntime)::
 
-    from attnx import similarity, zoo
+    from attnx import zoo
+
+    from attnx.core import similarity
 
     dino = zoo.dinov2_model()                      # backend="hf" or "timm"
     x = dino.preprocess([photo_a, photo_b])        # (2, 3, 224, 224), ImageNet mean / std
@@ -33,7 +35,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

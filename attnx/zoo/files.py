@@ -319,7 +319,7 @@ def load_model_file(
 
 
 def class_names_of(model: nn.Module) -> list[str] | None:
-    """The class names a loaded model carries (see :func:`attnx.labels.class_names`)."""
-    from ..labels import class_names
+    """The class names a loaded model carries (see :func:`attnx.core.labels.class_names`)."""
+    from ..core.labels import class_names
 
     return class_names(model)

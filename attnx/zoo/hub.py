@@ -10,16 +10,16 @@ without a network a Hugging Face id is read from the cache or refused within sec
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Sequence
 
 from ..errors import AttnxValueError
 from .bundle import ZooModel
 from .clip import clip_model
 from .files import is_model_file, load_model_file, pil_transform
+from .lm import language_model
 from .network import cached_file, hub_files_only_locally, hub_offline
 from .preprocess import ImagePreprocess
 from .safety import refusing_remote_code
-from .lm import language_model
 from .text import text_model
 from .vision import vision_model
 

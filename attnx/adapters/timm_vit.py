@@ -1,0 +1,108 @@
+"""timm ``VisionTransformer`` family: ViT, DeiT (distilled too), register tokens, pooled heads.
+
+timm's ``Attention`` uses ``F.scaled_dot_product_attention`` by default (``fused_attn=True``), so
+the probabilities never exist as a tensor. While observing, every attention module runs its
+explicit path (``fused_attn=False``), where the probabilities pass through ``attn_drop`` (an
+``nn.Dropout``, the identity in eval mode); a forward hook on ``attn_drop`` records them.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..core.batch import Batch, check_image_batch
+from ..core.layout import Layout
+from ..core.recorder import AttentionRecorder
+from ..errors import AttnxValueError
+from .base import Adapter
+from .loaded import loaded_class
+from .pooling import TimmPooling
+from .switches import attribute_switch
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of the blocks, in forward order."""
+    mods = []
+    for block in model.blocks:
+        attn = getattr(block, "attn", None)
+        if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
+            raise AttnxValueError(
+                f"timm block {type(block).__name__} has no 'attn.attn_drop'; this timm attention "
+                "layout is not supported by the timm adapter (try adapter='intercept')"
+            )
+        mods.append(attn)
+    return mods
+
+
+class TimmViTAdapter(Adapter):
+    """Adapter for ``timm.models.vision_transformer.VisionTransformer`` and its subclasses."""
+
+    name = "timm_vit"
+    expects = "an image batch tensor (B, C, H, W)"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        timm_vit = loaded_class("timm.models.vision_transformer", "VisionTransformer")
+        return timm_vit is not None and isinstance(model, timm_vit)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.attentions = _attention_modules(model)
+        #: what the head reads (class token, patch mean, distillation pair, max, MAP probe)
+        self.pooling = TimmPooling(model)
+
+    # layout -------------------------------------------------------------------------------
+    def prefix_tokens(self) -> int:
+        return int(getattr(self.model, "num_prefix_tokens", 1 if self.model.cls_token is not None else 0))
+
+    def grid(self, x: torch.Tensor) -> tuple[int, int]:
+        pe = self.model.patch_embed
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        dynamic = getattr(self.model, "dynamic_img_size", False)
+        if not dynamic:
+            expected = tuple(int(s) for s in pe.img_size)
+            if (H, W) != expected and not getattr(pe, "dynamic_img_pad", False):
+                raise AttnxValueError(
+                    f"the model expects {expected[0]}x{expected[1]} images, got {H}x{W}; create it "
+                    "with dynamic_img_size=True to explain other sizes"
+                )
+            return tuple(int(g) for g in pe.grid_size)
+        if hasattr(pe, "dynamic_feat_size"):
+            return tuple(int(g) for g in pe.dynamic_feat_size((H, W)))
+        ph, pw = pe.patch_size
+        return (H // ph, W // pw)
+
+    def prepare(self, inputs: Any) -> Batch:
+        embed = self.model.patch_embed  # a hybrid model's patch embedding runs a CNN backbone first
+        channels = None if hasattr(embed, "backbone") else getattr(getattr(embed, "proj", None), "in_channels", None)
+        x = check_image_batch(inputs, channels)
+        layout = self.pooling.apply(Layout.for_image(x, self.grid(x), self.prefix_tokens(), None))
+        return Batch(args=(x,), kwargs={}, batch_size=x.shape[0], layout=layout, device=x.device)
+
+    # capture ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            recorder.record(output)
+
+        handles = []
+        try:
+            with attribute_switch([(a, "fused_attn", False) for a in self.attentions]), self.pooling.capture():
+                for a in self.attentions:
+                    handles.append(a.attn_drop.register_forward_hook(hook))
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def resolve_layout(self, batch: Batch, num_tokens: int) -> Layout:
+        return self.pooling.complete(super().resolve_layout(batch, num_tokens))
+
+    def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
+        out = self.model(*batch.args, **batch.kwargs)
+        if isinstance(out, (tuple, list)):  # distilled models in training mode
+            out = (out[0] + out[1]) / 2
+        return out, out

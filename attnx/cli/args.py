@@ -1,0 +1,63 @@
+"""The values of the ``attnx`` command's arguments: option pairs, class targets, counts."""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from ..errors import AttnxValueError
+
+__all__ = ["class_targets", "non_negative_int", "parse_options", "positive_int"]
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, str]:
+    """``--option key=value`` pairs as text; each method parses its own (typed) options."""
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise AttnxValueError(f"--option expects key=value, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def class_targets(values: Sequence[str] | None, class_names: Sequence[str] | None) -> list[int] | None:
+    """``--target`` values as class indices: an index, a class name, or a part of exactly one name."""
+    if not values:
+        return None
+    out = []
+    for v in values:
+        if v.lstrip("-").isdigit():
+            out.append(int(v))
+            continue
+        if class_names is None:
+            raise AttnxValueError(f"target {v!r} is not a class index and the model has no class names")
+        lowered = [c.lower() for c in class_names]
+        if v.lower() in lowered:
+            out.append(lowered.index(v.lower()))
+            continue
+        hits = [i for i, c in enumerate(lowered) if v.lower() in c]
+        if len(hits) != 1:
+            shown = ", ".join(f"{i}={c}" for i, c in enumerate(class_names[:20])) + (", ..." if len(class_names) > 20 else "")
+            what = "no class name" if not hits else f"{len(hits)} class names ({', '.join(class_names[i] for i in hits[:5])})"
+            raise AttnxValueError(f"target {v!r} matches {what}; give an index or a name among: {shown}")
+        out.append(hits[0])
+    return out
+
+
+def _int_at_least(v: str, least: int, expected: str) -> int:
+    """``v`` as an integer ``>= least``, else the argparse error naming what was ``expected``."""
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {v!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {v!r}")
+    return n
+
+
+def positive_int(v: str) -> int:
+    return _int_at_least(v, 1, "a positive integer")
+
+
+def non_negative_int(v: str) -> int:
+    return _int_at_least(v, 0, "an integer >= 0")

