@@ -624,6 +624,3 @@ def command() -> int:
     attnx.reuse_freed_memory()
     return main()
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(command())

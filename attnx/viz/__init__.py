@@ -2,28 +2,35 @@
 
 ``maps`` draws explanations (matplotlib is imported on first use), ``generation`` draws a generated
 answer's relevance matrix, ``terminal`` writes text safely to a terminal.
+The names of ``maps`` load on first use, so the command's terminal output imports no torch.
 """
-from .maps import (
-    class_maps,
-    explained_strings,
-    heat,
-    image_text_maps,
-    method_grid,
-    overlay,
-    pyplot,
-    real_columns,
-    real_scores,
-    save_stacked,
-    show,
-    target_label,
-    text_figure,
-    text_grid,
-    text_html,
-    text_terminal,
-    to_rgb,
-    token_strings,
-    word_pieces,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .maps import (
+        class_maps,
+        explained_strings,
+        heat,
+        image_text_maps,
+        method_grid,
+        overlay,
+        pyplot,
+        real_columns,
+        real_scores,
+        save_stacked,
+        show,
+        target_label,
+        text_figure,
+        text_grid,
+        text_html,
+        text_terminal,
+        to_rgb,
+        token_strings,
+        word_pieces,
+    )
 
 __all__ = [
     "class_maps",
@@ -46,3 +53,15 @@ __all__ = [
     "token_strings",
     "word_pieces",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """A drawing function of :mod:`attnx.viz.maps`, imported on first use (PEP 562)."""
+    if name in __all__:
+        value = getattr(importlib.import_module(".maps", __name__), name)
+    elif name in ("maps", "generation", "terminal"):
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
