@@ -1,0 +1,114 @@
+"""LeGrad against its formula (Bousselham et al. 2024, Eq. 4-6) written out on a hand-run forward.
+
+The reference re-runs a tiny timm ViT block by block in float64 from its weights (attention
+written out as softmax(q kᵀ / √d) so that ``A^l`` is a tensor of the graph), takes the gradient
+of the target logit at every ``A^l`` with autograd and applies the paper's formula; attnx must
+match it to 1e-8. Decoders and text classifiers are checked for the masks (padding rows, causal
+pairs) and for batched == alone.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnx
+from attnx.errors import AttnxValueError
+from conftest import CASES, max_abs_diff
+from decoder_models import CASES as DECODERS, params, real_tokens
+
+
+def hand_run_vit(model, x: torch.Tensor):
+    """The logits of a timm ViT and its attention maps ``A^l`` ``(B, H, N, N)``, kept in the graph."""
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    maps = []
+    for blk in model.blocks:
+        B, N, D = tokens.shape
+        heads = blk.attn.num_heads
+        q, k, v = blk.attn.qkv(blk.norm1(tokens)).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) / (D // heads) ** 0.5, dim=-1)
+        maps.append(a)
+        out = blk.attn.proj((a @ v).transpose(1, 2).reshape(B, N, D))
+        tokens = tokens + blk.ls1(out)
+        tokens = tokens + blk.ls2(blk.mlp(blk.norm2(tokens)))
+    return model.forward_head(model.norm(tokens)), maps
+
+
+def legrad_formula(gradients, start: int) -> torch.Tensor:
+    """Eq. 4-6 without masks: ``mean_l mean_h mean_i ReLU(∂y/∂A^l)[h, i, j]``."""
+    return torch.stack([g.clamp(min=0).mean(dim=(1, 2)) for g in gradients[start:]]).mean(0)
+
+
+@pytest.mark.parametrize("start_layer", [0, 1, -1])
+def test_equals_the_formula_on_a_hand_run_vit_in_float64(start_layer):
+    model = CASES["timm_vit"].model(torch.float64)
+    x = CASES["timm_vit"].inputs(3, dtype=torch.float64)
+    logits, maps = hand_run_vit(model, x)
+    assert max_abs_diff(logits, model(x)) < 1e-10  # the hand-run forward is the model's
+    targets = torch.tensor([1, 4, 6])
+    grads = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), maps)
+    e = attnx.Explainer(model).explain(x, "legrad", target=targets, start_layer=start_layer)
+    expected = legrad_formula(grads, start_layer % len(maps))
+    assert e.token_relevance.dtype == torch.float64
+    assert max_abs_diff(e.token_relevance, expected) < 1e-8
+    assert (expected[:, 1:].abs().sum(1) > 0).all()  # a map worth comparing
+
+
+def test_last_layer_is_the_authors_per_layer_readout():
+    """The authors read layer l through the final norm and head; at the last layer that readout is
+    the model's logit, so ``start_layer=-1`` is their last-layer map (their code's min-max aside)."""
+    model = CASES["timm_vit"].model(torch.float64)
+    x = CASES["timm_vit"].inputs(2, dtype=torch.float64)
+    _, maps = hand_run_vit(model, x)
+    # the authors' per-layer score of the last layer, built from the hand-run tokens
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    for blk in model.blocks[:-1]:
+        tokens = blk(tokens)
+    last = model.blocks[-1]
+    B, N, D = tokens.shape
+    heads = last.attn.num_heads
+    q, k, v = last.attn.qkv(last.norm1(tokens)).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(q @ k.transpose(-2, -1) / (D // heads) ** 0.5, dim=-1)
+    layer_out = tokens + last.ls1(last.attn.proj((a @ v).transpose(1, 2).reshape(B, N, D)))
+    layer_out = layer_out + last.ls2(last.mlp(last.norm2(layer_out)))
+    score = model.head(model.norm(layer_out)[:, 0])[:, 2].sum()
+    (g,) = torch.autograd.grad(score, a)
+    e = attnx.Explainer(model).explain(x, "legrad", target=2, start_layer=-1)
+    assert max_abs_diff(e.token_relevance, g.clamp(min=0).mean(dim=(1, 2))) < 1e-8
+
+
+@pytest.mark.parametrize("case", params([c for c in DECODERS if c.impl == "eager"][:2]))
+def test_decoder_masks_causal_pairs_and_padding(case):
+    """In a causal model only pairs key <= query of real tokens count, and the query mean runs
+    over the real rows; a padded batch equals each sample alone."""
+    model = case.model(torch.float64)
+    x = case.inputs(lengths=[7, 4])
+    explainer = attnx.Explainer(model)
+    trace = explainer.capture(x, gradients=True)
+    valid = x["attention_mask"].bool()
+    N = valid.shape[1]
+    pairs = valid[:, :, None] & valid[:, None, :] & torch.ones(N, N, dtype=torch.bool).tril()
+    expected = torch.stack([
+        (g.clamp(min=0).mean(1) * pairs).sum(1) / valid.sum(1, keepdim=True) for g in trace.gradients
+    ]).mean(0)
+    e = explainer.explain(x, "legrad")
+    assert max_abs_diff(e.token_relevance, expected) < 1e-8
+    for b in range(2):
+        alone = explainer.explain(real_tokens(x, b), "legrad").scores[0]
+        assert max_abs_diff(e.scores[b][valid[b]], alone) < 1e-8
+
+
+def test_text_classifier_batched_equals_alone():
+    case = CASES["hf_bert_eager"]
+    model = case.model(torch.float64)
+    x = case.inputs(3, lengths=[9, 6, 4])
+    e = attnx.explain(model, x, "legrad")
+    for b, n in enumerate([9, 6, 4]):
+        alone = attnx.explain(model, {k: v[b : b + 1, :n] for k, v in x.items()}, "legrad")
+        assert max_abs_diff(e.scores[b, :n], alone.scores[0]) < 1e-8
+        assert (e.scores[b, n:] == 0).all()
+
+
+def test_an_out_of_range_start_layer_is_refused():
+    model = CASES["timm_vit"].model()
+    with pytest.raises(AttnxValueError, match="start_layer 3 is out of range"):
+        attnx.explain(model, CASES["timm_vit"].inputs(1), "legrad", start_layer=3)
