@@ -1,4 +1,4 @@
-"""LeGrad against its formula (Bousselham et al. 2024, Eq. 4-6) written out on a hand-run forward.
+"""LeGrad against its formula (Bousselham et al. 2024, Eq. 4-5) written out on a hand-run forward.
 
 The reference re-runs a tiny timm ViT block by block in float64 from its weights (attention
 written out as softmax(q kᵀ / √d) so that ``A^l`` is a tensor of the graph), takes the gradient
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import attnx
-from attnx.errors import AttnxValueError
+from attnx.errors import AttnxTypeError
 from conftest import CASES, max_abs_diff
 from decoder_models import CASES as DECODERS, params, real_tokens
 
@@ -33,47 +33,26 @@ def hand_run_vit(model, x: torch.Tensor):
     return model.forward_head(model.norm(tokens)), maps
 
 
-def legrad_formula(gradients, start: int) -> torch.Tensor:
-    """Eq. 4-6 without masks: ``mean_l mean_h mean_i ReLU(∂y/∂A^l)[h, i, j]``."""
-    return torch.stack([g.clamp(min=0).mean(dim=(1, 2)) for g in gradients[start:]]).mean(0)
+def legrad_formula(gradient: torch.Tensor) -> torch.Tensor:
+    """Eq. 4-5 without masks: ``mean_h mean_i ReLU(∂s/∂A)[h, i, j]``."""
+    return gradient.clamp(min=0).mean(dim=(1, 2))
 
 
-@pytest.mark.parametrize("start_layer", [0, 1, -1])
-def test_equals_the_formula_on_a_hand_run_vit_in_float64(start_layer):
-    model = CASES["timm_vit"].model(torch.float64)
-    x = CASES["timm_vit"].inputs(3, dtype=torch.float64)
+@pytest.mark.parametrize("name", ["timm_vit", "timm_avgpool", "timm_reg4"])
+def test_equals_the_papers_formula_on_a_hand_run_vit_in_float64(name):
+    """The paper's score of the last layer is its tokens through the final norm and head: the
+    hand-run forward's logits. Class-token, pooled and register-token heads."""
+    model = CASES[name].model(torch.float64)
+    x = CASES[name].inputs(3, dtype=torch.float64)
     logits, maps = hand_run_vit(model, x)
     assert max_abs_diff(logits, model(x)) < 1e-10  # the hand-run forward is the model's
     targets = torch.tensor([1, 4, 6])
-    grads = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), maps)
-    e = attnx.Explainer(model).explain(x, "legrad", target=targets, start_layer=start_layer)
-    expected = legrad_formula(grads, start_layer % len(maps))
+    (grad,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), maps[-1])
+    e = attnx.Explainer(model).explain(x, "legrad", target=targets)
+    expected = legrad_formula(grad)
     assert e.token_relevance.dtype == torch.float64
     assert max_abs_diff(e.token_relevance, expected) < 1e-8
-    assert (expected[:, 1:].abs().sum(1) > 0).all()  # a map worth comparing
-
-
-def test_last_layer_is_the_authors_per_layer_readout():
-    """The authors read layer l through the final norm and head; at the last layer that readout is
-    the model's logit, so ``start_layer=-1`` is their last-layer map (their code's min-max aside)."""
-    model = CASES["timm_vit"].model(torch.float64)
-    x = CASES["timm_vit"].inputs(2, dtype=torch.float64)
-    _, maps = hand_run_vit(model, x)
-    # the authors' per-layer score of the last layer, built from the hand-run tokens
-    tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
-    for blk in model.blocks[:-1]:
-        tokens = blk(tokens)
-    last = model.blocks[-1]
-    B, N, D = tokens.shape
-    heads = last.attn.num_heads
-    q, k, v = last.attn.qkv(last.norm1(tokens)).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-    a = torch.softmax(q @ k.transpose(-2, -1) / (D // heads) ** 0.5, dim=-1)
-    layer_out = tokens + last.ls1(last.attn.proj((a @ v).transpose(1, 2).reshape(B, N, D)))
-    layer_out = layer_out + last.ls2(last.mlp(last.norm2(layer_out)))
-    score = model.head(model.norm(layer_out)[:, 0])[:, 2].sum()
-    (g,) = torch.autograd.grad(score, a)
-    e = attnx.Explainer(model).explain(x, "legrad", target=2, start_layer=-1)
-    assert max_abs_diff(e.token_relevance, g.clamp(min=0).mean(dim=(1, 2))) < 1e-8
+    assert (expected[:, CASES[name].prefix_tokens :].abs().sum(1) > 0).all()  # a map worth comparing
 
 
 @pytest.mark.parametrize("case", params([c for c in DECODERS if c.impl == "eager"][:2]))
@@ -87,9 +66,8 @@ def test_decoder_masks_causal_pairs_and_padding(case):
     valid = x["attention_mask"].bool()
     N = valid.shape[1]
     pairs = valid[:, :, None] & valid[:, None, :] & torch.ones(N, N, dtype=torch.bool).tril()
-    expected = torch.stack([
-        (g.clamp(min=0).mean(1) * pairs).sum(1) / valid.sum(1, keepdim=True) for g in trace.gradients
-    ]).mean(0)
+    g = trace.gradients[-1]
+    expected = (g.clamp(min=0).mean(1) * pairs).sum(1) / valid.sum(1, keepdim=True)
     e = explainer.explain(x, "legrad")
     assert max_abs_diff(e.token_relevance, expected) < 1e-8
     for b in range(2):
@@ -108,7 +86,8 @@ def test_text_classifier_batched_equals_alone():
         assert (e.scores[b, n:] == 0).all()
 
 
-def test_an_out_of_range_start_layer_is_refused():
+def test_lower_layers_are_not_offered():
+    """LeGrad's lower layers need per-layer readouts: no option pretends to give them."""
     model = CASES["timm_vit"].model()
-    with pytest.raises(AttnxValueError, match="start_layer 3 is out of range"):
-        attnx.explain(model, CASES["timm_vit"].inputs(1), "legrad", start_layer=3)
+    with pytest.raises(AttnxTypeError, match="unknown option"):
+        attnx.explain(model, CASES["timm_vit"].inputs(1), "legrad", start_layer=0)

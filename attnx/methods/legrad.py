@@ -1,8 +1,9 @@
-"""LeGrad (Bousselham et al. 2024): the positive gradients of the target at every attention map.
+"""LeGrad (Bousselham et al. 2024): the positive gradient of the target at the attention map.
 
-The paper (arXiv:2404.03214, Eq. 4-6): for layer ``l`` with attention ``A^l`` ``(H, N, N)``,
+The paper (arXiv:2404.03214, Eq. 4-6): for layer ``l`` with attention ``A^l`` ``(H, N, N)`` and
+``s^l`` the score read from layer ``l``'s tokens through the model's final norm and head,
 
-    E^l = (1 / (H N)) Σ_h Σ_i ReLU(∂s / ∂A^l_{h,i,:})        (heads and query rows averaged)
+    E^l = (1 / (H N)) Σ_h Σ_i ReLU(∂s^l / ∂A^l_{h,i,:})      (heads and query rows averaged)
     E   = (1 / |L|) Σ_{l ∈ L} E^l                           (layers averaged)
 
 the relevance of key token ``j`` being ``E_j``. The authors' code (WalBouss/LeGrad,
@@ -10,29 +11,29 @@ the relevance of key token ``j`` being ``E_j``. The authors' code (WalBouss/LeGr
 gradient, mean over heads, mean over every query row, class-token column dropped), sums the
 layers from ``layer_index`` (``-2`` by default: the last two) and min-max normalises the result.
 
-Where attnx differs from the authors' code (named, not hidden):
+What attnx computes, and why only the last layer:
 
-* **The scalar ``s``.** The paper reads each layer ``l`` through the model's final norm and head
-  and takes the gradient of that per-layer score at ``A^l`` only; the authors' OpenCLIP code reads
-  layer ``l`` as ``ln_post(mean of all its tokens, class token included) @ proj``, which is not
-  the model's own image embedding (it reads the class token) even at the last layer. attnx's
-  trace holds ``∂y_t/∂A^l`` of the model's own target ``y_t``, so every layer's gradient here
-  flows through the layers above it. For a head that reads the last layer's class token, the
-  paper's last-layer score is ``y_t`` itself: ``start_layer=-1`` is the paper's last-layer map
-  (tested); below the last layer the two differ.
+* **The last layer only.** ``s^l`` reads layer ``l`` through the head, and its gradient is taken
+  at ``A^l`` alone. The trace records ``∂y_t/∂A^l`` of the model's own target, which for ``l``
+  below the last layer flows through every layer above ``l``: a different map (on the embedded
+  vision model the two differ by 170 % of the map's maximum, and the model-target version falls
+  to chance localisation), so it is not offered under LeGrad's name. At the last layer the head
+  reads the layer's own tokens, ``s^L = y_t`` and ``E^L`` is the paper's map exactly, for every
+  head (class token, pooled patches, distilled pairs, a decoder's last token, a dual encoder's
+  embedding). The layer average needs per-layer readouts that the trace does not record yet.
+* **The authors' CLIP readout.** Their OpenCLIP code reads a layer as ``ln_post(mean of all its
+  tokens, class token included) @ proj``, which is not the model's embedding (it reads the class
+  token); attnx reads the model's own output.
 * **Masks.** Query rows of padding tokens are left out of the mean and, in a causal model, the
   pairs ``key > query`` (attention the query cannot give) carry no gradient; the authors' vision
   models have neither.
-* **Normalisation.** Layers are averaged (the paper) rather than summed (the code), and the
-  result is not min-max normalised (attnx's heat maps normalise for display): both only rescale.
+* **Normalisation.** No min-max (attnx's heat maps normalise for display): it only rescales.
 """
 from __future__ import annotations
 
 import torch
 
 from ..core.trace import Needs
-from .options import START_LAYER
-from .propagation import check_start_layer, option_layer
 from .registry import register_method
 
 __all__ = ["legrad", "legrad_layer"]
@@ -54,22 +55,24 @@ def legrad_layer(gradient: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return positive.sum(dim=1) / queries
 
 
+def last_layer(options: dict, layout, num_layers: int) -> int:
+    """The only layer LeGrad reads: the backward passes stop there."""
+    return num_layers - 1
+
+
 @register_method(
     "legrad",
-    reference="Bousselham et al., arXiv:2404.03214, 2024 (exact: written-out formula)",
+    reference="Bousselham et al., arXiv:2404.03214, 2024 (last layer; exact: written-out formula)",
     needs=Needs(attentions=True, gradients=True),
-    options=(START_LAYER.with_default(0),),
-    first_layer=option_layer("start_layer"),
+    options=(),
+    first_layer=last_layer,
 )
-def legrad(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
-    """LeGrad: ``mean_l mean_{h,i} ReLU(∂y_t/∂A^l_{h,i,:})`` over the layers from ``start_layer``.
+def legrad(trace, readout) -> torch.Tensor:
+    """LeGrad at the last layer: ``mean_{h,i} ReLU(∂y_t/∂A^L_{h,i,:})``, heads and real query rows averaged.
 
-    The positive gradient of the target at each attention map, averaged over the heads and the
-    query rows, then over the layers (Bousselham et al. 2024, Eq. 4-6). The gradient is the
-    model target's at every layer (the authors read each layer through the head instead; the two
-    agree at the last layer, ``start_layer=-1``); see :mod:`attnx.methods.legrad`.
+    Bousselham et al. 2024, Eq. 4-5 at the last layer, where the paper's per-layer score is the
+    model's target ``y_t``; the average over lower layers (Eq. 6) needs per-layer readouts the
+    trace does not record (see :mod:`attnx.methods.legrad`).
     """
-    s = check_start_layer(start_layer, len(trace.attentions))
-    pairs = readout.pairs().to(trace.gradients[s].device)
-    maps = [legrad_layer(g, pairs) for g in trace.gradients[s:]]
-    return torch.stack(maps).mean(dim=0)
+    pairs = readout.pairs().to(trace.gradients[-1].device)
+    return legrad_layer(trace.gradients[-1], pairs)
