@@ -55,11 +55,15 @@ def test_equals_the_papers_formula_on_a_hand_run_vit_in_float64(name):
     assert (expected[:, CASES[name].prefix_tokens :].abs().sum(1) > 0).all()  # a map worth comparing
 
 
-@pytest.mark.parametrize("case", params([c for c in DECODERS if c.impl == "eager"][:2]))
+DECODER_NAMES = ("gpt2_lm_eager", "gpt2_cls_eager", "llama_lm_eager", "qwen2_cls_sdpa")
+
+
+@pytest.mark.parametrize("case", params([c for c in DECODERS if c.name in DECODER_NAMES]))
 def test_decoder_masks_causal_pairs_and_padding(case):
     """In a causal model only pairs key <= query of real tokens count, and the query mean runs
-    over the real rows; a padded batch equals each sample alone."""
-    model = case.model(torch.float64)
+    over the real rows; a padded batch equals each sample alone (float32: Llama-family models
+    give NaN for left-padded rows in float64 themselves)."""
+    model = case.model()
     x = case.inputs(lengths=[7, 4])
     explainer = attnx.Explainer(model)
     trace = explainer.capture(x, gradients=True)
@@ -69,10 +73,11 @@ def test_decoder_masks_causal_pairs_and_padding(case):
     g = trace.gradients[-1]
     expected = (g.clamp(min=0).mean(1) * pairs).sum(1) / valid.sum(1, keepdim=True)
     e = explainer.explain(x, "legrad")
-    assert max_abs_diff(e.token_relevance, expected) < 1e-8
+    assert max_abs_diff(e.token_relevance, expected) <= 1e-6 * expected.abs().max()
     for b in range(2):
         alone = explainer.explain(real_tokens(x, b), "legrad").scores[0]
-        assert max_abs_diff(e.scores[b][valid[b]], alone) < 1e-8
+        assert max_abs_diff(e.scores[b][valid[b]], alone) <= 1e-4 * alone.abs().max()
+        assert alone.abs().sum() > 0
 
 
 def test_text_classifier_batched_equals_alone():
