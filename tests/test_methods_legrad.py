@@ -2,7 +2,7 @@
 
 The reference re-runs a tiny timm ViT block by block in float64 from its weights (attention
 written out as softmax(q kᵀ / √d) so that ``A^l`` is a tensor of the graph), takes the gradient
-of the target logit at every ``A^l`` with autograd and applies the paper's formula; attnx must
+of the target logit at the last ``A^L`` with autograd and applies the paper's formula; attnx must
 match it to 1e-8. Decoders and text classifiers are checked for the masks (padding rows, causal
 pairs) and for batched == alone.
 """
