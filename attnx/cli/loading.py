@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import AttnxError, AttnxValueError
 from .args import positive_int
+from .paths import existing_files
 
 if TYPE_CHECKING:
     import torch
@@ -101,8 +102,6 @@ def open_images(paths: Sequence[str]) -> list[Any]:
     """The image files as PIL images, read before any model is loaded: the one place the command
     checks them (every missing file named in one line, then each file read as a picture)."""
     from PIL import Image, UnidentifiedImageError
-
-    from .paths import existing_files
 
     existing_files(paths)
     images = []
