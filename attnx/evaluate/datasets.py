@@ -19,7 +19,7 @@ from ..errors import AttnxValueError
 from ..zoo.hub import pil_transform
 from .columns import SCENE_SEEDS
 
-__all__ = ["IndexDataset", "evaluation_scenes", "folder_class_indices", "image_transform", "read_texts"]
+__all__ = ["IndexDataset", "check_data", "evaluation_scenes", "folder_class_indices", "image_transform", "read_texts"]
 
 
 class IndexDataset(torch.utils.data.Dataset):
@@ -133,6 +133,20 @@ def image_transform(loaded: zoo.ZooModel) -> tuple[Callable, Any, Any, str]:
     return pil_transform(size, (0.0,) * 3, (1.0,) * 3), None, None, f"RGB resized to {size[0]}x{size[1]}, [0, 1], not normalised"
 
 
+def check_data(kind: str, data: str | Path) -> None:
+    """Raise one line unless ``data`` is what an evaluation of ``kind`` reads: a folder with one
+    sub-folder of images per class (``"vision"``) or a CSV / TSV file (``"text"``). The one check
+    of a ``data`` path: the tasks call it, and ``attnx evaluate`` before it loads a model."""
+    path = Path(data)
+    table = path.suffix.lower() in (".csv", ".tsv", ".tab")
+    if not path.exists():
+        raise AttnxValueError(f"no such {'file' if table or kind == 'text' else 'folder'}: {data}")
+    if kind == "vision" and not path.is_dir():
+        raise AttnxValueError(f"the data for images (--data) is a folder with one sub-folder of images per class, not {data}")
+    if kind == "text" and not path.is_file():
+        raise AttnxValueError(f"the data for text (--data) is a CSV or TSV file with a text column, not {data}")
+
+
 def read_texts(data: Any, class_names: Sequence[str] | None) -> tuple[list[str], list[int], str]:
     """(texts, labels (-1 unknown), description) of ``None`` (the Rotten Tomatoes test split), a
     list of strings or ``(text, label)`` pairs, or a CSV / TSV file with ``text`` (and ``label``)."""
@@ -149,9 +163,8 @@ def read_texts(data: Any, class_names: Sequence[str] | None) -> tuple[list[str],
                 texts.append(str(d[0]))
                 labels.append(int(d[1]))
         return texts, labels, f"{len(texts)} given texts"
+    check_data("text", data)
     path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such text file: {path} (give a CSV or TSV file with a 'text' column)")
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delimiter)

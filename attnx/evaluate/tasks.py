@@ -18,7 +18,7 @@ from .. import metrics, zoo
 from ..data import Scenes
 from ..data import rotten_tomatoes as rt
 from ..errors import AttnxTypeError, AttnxValueError
-from .datasets import evaluation_scenes, folder_class_indices, image_transform, read_texts
+from .datasets import check_data, evaluation_scenes, folder_class_indices, image_transform, read_texts
 
 __all__ = ["FolderTask", "ImageTask", "SceneTask", "TextTask", "to_numpy", "vision_task"]
 
@@ -186,9 +186,8 @@ class FolderTask(ImageTask):
     def __init__(self, model: Any, data: str | Path, deletion_steps: int, forward_batch_size: int) -> None:
         from torchvision.datasets import ImageFolder
 
+        check_data("vision", data)
         root = Path(data)
-        if not root.is_dir():
-            raise FileNotFoundError(f"no such image folder: {root} (give a folder with one sub-folder of images per class)")
         loaded = _bundle(model, "image")
         if loaded.kind != "image":
             raise AttnxValueError(f"{model!r} is not an image classifier")

@@ -49,17 +49,19 @@ def escape(text: object, keep_newlines: bool = False) -> str:
     )
 
 
-def say(text: object, *, escaped: bool = False) -> None:
+def say(text: object, *, escaped: bool = False, stderr: bool = False) -> None:
     """Print a line (or lines) to stdout, escaped for the terminal (:func:`escape`, newlines kept).
 
     ``escaped=True`` prints ``text`` as it is: for output that carries the command's own colour
-    codes and has escaped its model-provided parts already. A reader that went away
-    (``| head -1``) silences the rest, and the command goes on writing its files.
+    codes and has escaped its model-provided parts already. ``stderr=True`` prints to stderr (the
+    command's error line). A reader that went away (``| head -1``) silences the rest, and the
+    command goes on writing its files.
     """
     try:
-        print(text if escaped else escape(text, keep_newlines=True), flush=True)
+        print(text if escaped else escape(text, keep_newlines=True), file=sys.stderr if stderr else sys.stdout, flush=True)
     except BrokenPipeError:
-        silence_stdout()
+        if not stderr:
+            silence_stdout()
 
 
 def silence_stdout() -> None:

@@ -1,0 +1,162 @@
+"""``attnx evaluate``: score the methods (faithfulness, localisation, speed), one table row per method.
+
+The tables, curves and per-sample results go to ``--out`` (checked once, before anything runs);
+``--shard I/N`` evaluates a part and ``--merge DIR`` combines the parts; ``--task llm`` is the
+factual-recall league of :mod:`attnx.evaluate.llm_league`. :mod:`attnx.evaluate` (torch) loads
+inside the functions: only ``attnx evaluate --help`` reads it, for its baselines and columns.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttnxValueError
+from ..viz.terminal import say
+from .args import chosen_methods, non_negative_int, positive_int
+from .help import EVALUATE_EXAMPLES
+from .loading import add_model_file_arguments, load_model
+from .paths import check_out
+
+__all__ = ["add_parser", "cmd_evaluate"]
+
+
+def evaluate_epilog() -> str:
+    """``attnx evaluate --help``: the examples, the baselines and the columns (from their declarations)."""
+    from .. import evaluate
+
+    baselines = textwrap.fill(f"The baselines {' and '.join(evaluate.BASELINES)} are always added (--no-baselines leaves "
+                              "them out unless named).", width=100)
+    return EVALUATE_EXAMPLES + baselines + "\n\n" + evaluate.columns_help()
+
+
+def evaluate_baselines() -> tuple[str, ...]:
+    from .. import evaluate
+
+    return tuple(evaluate.BASELINES)
+
+
+def _write_league(league: Any, out: Path, wall: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    task = league.task
+    table = league.to_markdown()
+    md = out / f"league_{task}.md"
+    md.write_text(table + f"\nWall time: {wall:.1f} s.\n")
+    league.to_csv(out / f"league_{task}.csv")
+    fig = league.plot_curves(out / f"curves_{task}.png")
+    del fig
+    league.to_html(out / f"league_{task}.html")
+    league.save(out / f"samples_{task}.npz")
+    say(table)
+    say(f"{task}: {len(league.methods)} methods, {len(league)} samples, wall time {wall:.1f} s")
+    for name in (md.name, f"league_{task}.html", f"league_{task}.csv", f"curves_{task}.png", f"samples_{task}.npz"):
+        say(f"wrote {out / name}")
+
+
+def _evaluate_merge(args: argparse.Namespace) -> int:
+    from .. import evaluate
+
+    folder = Path(args.merge)
+    if not folder.is_dir():
+        raise AttnxValueError(f"no such folder: {folder}")
+    groups: dict[str, list[Path]] = {}
+    for f in sorted(folder.glob("samples_*.shard-*-of-*.npz")):
+        m = re.fullmatch(r"samples_(\w+)\.shard-\d+-of-\d+\.npz", f.name)
+        if m and (args.task in (None, "all") or args.task == m.group(1)):
+            groups.setdefault(m.group(1), []).append(f)
+    if not groups:
+        raise AttnxValueError(f"no shard files (samples_<task>.shard-I-of-N.npz) in {folder}; "
+                              "write them with attnx evaluate --shard I/N --out FOLDER")
+    out = Path(args.out) if args.out else folder
+    for files in groups.values():
+        t0 = time.perf_counter()
+        league = evaluate.League.merge([evaluate.League.load(f) for f in files])
+        _write_league(league, out, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``attnx evaluate``: the league of each task, or the merge of shard files."""
+    if args.merge and args.shard:
+        raise AttnxValueError("give --shard (evaluate one shard) or --merge (combine shards), not both")
+    check_out(args.out, None)  # a folder, whatever its name: the one check of --out
+    if args.merge:
+        return _evaluate_merge(args)
+    if args.task == "llm":  # factual recall on a language model: its own protocol
+        from ..evaluate import llm_league
+
+        return llm_league.run_cli(args, say)
+    from .. import evaluate
+    from ..evaluate.datasets import check_data
+
+    data_is_table = bool(args.data) and Path(args.data).suffix.lower() in (".csv", ".tsv", ".tab")
+    task = args.task or ("text" if data_is_table else "vision")
+    if task == "all" and (args.data or args.model):
+        raise AttnxValueError("--task all evaluates the embedded models; give --task vision or --task text with --model/--data")
+    tasks = ["vision", "text"] if task == "all" else [task]
+    methods = None if args.methods == "all" else chosen_methods(args.methods)  # cheap checks first
+    if args.data:
+        check_data(task, args.data)
+    if args.model not in (None, "default") and not args.data and "vision" in tasks:
+        raise AttnxValueError("the shipped scenes are for the embedded model; give --data FOLDER to evaluate --model")
+    if args.num_scenes is not None and (args.data or task != "vision"):
+        raise AttnxValueError("--num-scenes composes scenes for the embedded vision model (no --data, --task vision)")
+    shard = evaluate.parse_shard(args.shard) if args.shard else None
+    if shard is not None and evaluate.launched_distributed():
+        raise AttnxValueError("under torchrun every process is a shard already; leave out --shard")
+    out = Path(args.out or "attnx_evaluate")
+    for t in tasks:
+        model = None
+        if args.model not in (None, "default"):
+            model = load_model(args, "text" if t == "text" else "image")
+            model.info.setdefault("name", args.model)
+        t0 = time.perf_counter()
+        try:
+            league = evaluate.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
+                                       num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
+                                       shard=shard, randomisation_samples=args.randomisation_samples)
+        except (FileNotFoundError, ModuleNotFoundError) as exc:  # data or packages missing: say how to get them
+            raise AttnxValueError(f"{exc}") from exc
+        wall = time.perf_counter() - t0
+        if evaluate.rank() != 0:  # under torchrun rank 0 writes the tables
+            continue
+        if shard is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            path = league.save(out / evaluate.shard_file(t, shard))
+            say(f"wrote {path} ({len(league)} of {league.meta['total']} samples, {wall:.1f} s); "
+                f"when every shard is done: attnx evaluate --merge {out}")
+            continue
+        _write_league(league, out, wall)
+    return 0
+
+
+def add_parser(sub: Any, full_help: bool = True) -> argparse.ArgumentParser:
+    """``attnx evaluate`` and its flags; ``full_help=False`` leaves out the epilog and the
+    baselines' names (read from :mod:`attnx.evaluate`, which imports torch)."""
+    ev = sub.add_parser("evaluate", help="score the methods: faithfulness, localisation and speed, one table row per method",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog=evaluate_epilog() if full_help else None)
+    ev.add_argument("--task", choices=["vision", "text", "llm", "all"], default=None,
+                    help="vision (default; text for a .csv/.tsv --data), text, llm (factual recall on --model, default "
+                    "smollm2; see docs/league_llm.md), or all (the embedded vision and text models)")
+    ev.add_argument("--methods", default="all", help="a comma list of methods, or 'all' (default)")
+    ev.add_argument("--model", default=None, help="see `attnx models`; default: the embedded model of the task")
+    add_model_file_arguments(ev)
+    ev.add_argument("--data", default=None, help="an image folder (one sub-folder per class) or a CSV/TSV file with text,label columns")
+    ev.add_argument("--num-scenes", type=positive_int, default=None, help="compose N new held-out scenes (needs Fashion-MNIST)")
+    ev.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N scenes / images / texts only")
+    ev.add_argument("--batch-size", type=positive_int, default=16, help="samples per batch (default 16)")
+    ev.add_argument("--randomisation-samples", metavar="N", type=non_negative_int, default=16,
+                    help="the model-parameter randomisation sanity check (columns rand. ρ and head ρ) runs on the "
+                    "first N samples (default 16; 0: leave it out)")
+    ev.add_argument("--out", default=None, help="output folder (default attnx_evaluate/; with --merge: the merged folder)")
+    ev.add_argument("--shard", metavar="I/N", default=None, help="evaluate shard I of N (batches I, I+N, ...) and save its samples")
+    ev.add_argument("--merge", metavar="DIR", default=None, help="merge the shard files in DIR into the tables")
+    ev.add_argument("--no-baselines", action="store_true", help="do not add the baselines" + (
+        f" {' and '.join(evaluate_baselines())}" if full_help else ""))
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_evaluate)
+    return ev
