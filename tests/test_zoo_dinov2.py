@@ -190,7 +190,8 @@ def test_real_photos_panel(bundles, tmp_path):
     """A small version of the demo's real_photos.png: every panel draws something."""
     from PIL import Image
 
-    from attnx import real_photos, viz
+    from attnx import viz
+    from attnx.demo import real_photos
 
     assert real_photos.available() is None
     figs = real_photos.figure(bundles["timm"], names=("chelsea",), pairs=(("astronaut", "chelsea"),),
