@@ -237,11 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=90.0, help="seconds of one call above which a mode stops growing")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement process")
     p.add_argument("--out", default=None, help="also write the markdown report here")
+    p.add_argument("--table-from", default=None, metavar="LOG",
+                   help="print the report of the points a sweep logged to stderr (e.g. one stopped early)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print("LONGCTX " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
+    if args.table_from:
+        return table_from(args)
     modes = [m for m in args.modes if m != "lxt" or _has_lxt()]
     if REFERENCE not in modes:
         modes.insert(0, REFERENCE)
@@ -259,6 +263,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
+    return 0
+
+
+def table_from(args: argparse.Namespace) -> int:
+    """The report of the ``# N tokens, mode: {...}`` lines of a sweep's stderr log."""
+    results: dict = {}
+    for line in open(args.table_from):
+        if line.startswith("# ") and " tokens, " in line:
+            head, _, data = line[2:].partition(": ")
+            n, _, mode = head.partition(" tokens, ")
+            results[(mode, int(n))] = json.loads(data)
+    modes = [m for m in MODES if any(k[0] == m for k in results)]
+    lengths = sorted({k[1] for k in results})
+    print(report(results, modes, lengths, args, ("see the log", "see the log")))
     return 0
 
 
