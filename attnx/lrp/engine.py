@@ -284,11 +284,13 @@ class LRPEngine(TorchFunctionMode):
         if not carrying:
             return func(*args, **kwargs)
         name = _name(func)
-        rule = self.registry.rule_for_function(func, list(self._stack))
-        where = self._stack[-1][0] if self._stack else ""
-        op = Op(func, args, kwargs, carrying, stack=list(self._stack), call=self.call, is_input=self.is_input, name=where)
-        if rule is not None and not rule.applies(op):
-            rule = None
+        stack = list(self._stack)
+        rule = self.registry.rule_for_function(func, stack)
+        where = stack[-1][0] if stack else ""
+        op = Op(func, args, kwargs, carrying, stack=stack, call=self.call, is_input=self.is_input, name=where,
+                rule_of=lambda f: self.registry.rule_for_function(f, stack))
+        while rule is not None and not rule.applies(op):
+            rule = rule.fallback
         if rule is not None:
             if any(isinstance(c, str) for c in carrying):
                 raise AttnxValueError(f"rule {rule.name!r} for {name}: relevance-carrying keyword arguments are not supported")

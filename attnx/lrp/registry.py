@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError
 from . import rules as R
+from .fused_attention import FusedAttention
 from .kinds import ACTIVATION, HF_CONV1D, MOE_ROUTER, RMS_NORM, ModuleKind
 
 __all__ = ["Registry", "FUNCTION_ALIASES", "presets", "in_mlp", "in_attention", "get_preset"]
@@ -175,6 +176,14 @@ def _base(name: str, seed: str) -> Registry:
     return reg
 
 
+def _fused_attention(reg: Registry) -> None:
+    """Run ``F.scaled_dot_product_attention`` by its own kernel where the preset's rules for the
+    softmax and the products only scale gradients (:class:`~attnx.lrp.fused_attention.FusedAttention`;
+    no ``(B, H, N, N)`` map is kept). The written-out kernel stays reachable:
+    ``reg.register(F.scaled_dot_product_attention, rules.Decompose(rules.sdpa_decomposition))``."""
+    reg.register(F.scaled_dot_product_attention, FusedAttention())
+
+
 def _linear_layers(reg: Registry, rule: R.Rule, within: Any = None) -> None:
     """``rule`` on every linear layer of the stock models: ``nn.Linear`` / ``F.linear``, GPT-2's
     ``Conv1D`` and the grouped products of mixture-of-experts layers."""
@@ -266,6 +275,7 @@ def attnlrp(gamma: float | None = None, epsilon: float = 1e-6) -> Registry:
         reg.register(key, bilinear)
     reg.register(torch.mul, R.Bilinear(0.5, products_only=True))  # gates; products with constants are linear
     _decoder_ops(reg, R.RMSNormConstantRMS(epsilon))
+    _fused_attention(reg)
     return reg
 
 
@@ -277,7 +287,8 @@ def cplrp() -> Registry:
     everything else is gradient × input (LRP-0), with the identity rule on pointwise activations
     (tanh-GELU and soft-capping included), the uniform rule on gates ``act(gate(x)) * up(x)``
     and MoE routing weights held constant. With zero biases the input relevance sums to the
-    target logit exactly. Seed: the target logit.
+    target logit exactly. ``F.scaled_dot_product_attention`` runs by its own kernel with no
+    gradient to ``q, k`` (the same rules, no attention map kept). Seed: the target logit.
     """
     reg = _base("cplrp", seed="logit")
     for key in (nn.Conv2d, F.conv2d):
@@ -296,6 +307,7 @@ def cplrp() -> Registry:
         reg.register(key, bilinear)
     reg.register(torch.mul, R.Bilinear(0.5, products_only=True))  # gates; products with constants are linear
     _decoder_ops(reg, R.RMSNormConstantRMS())
+    _fused_attention(reg)
     return reg
 
 

@@ -255,6 +255,9 @@ class Op:
         ``is_input(t)``: whether ``t`` is the explained input (pixels or token embeddings).
     name:
         The qualified name of the module (module rules) or of the innermost enclosing module.
+    rule_of:
+        ``rule_of(func)``: the rule the registry gives ``func`` called at the same place (a rule
+        for a kernel reads the rules of the ops it stands for), or ``None``.
     """
 
     func: Any
@@ -267,6 +270,7 @@ class Op:
     call: Callable[..., Any] | None = None
     is_input: Callable[[torch.Tensor], bool] | None = None
     name: str = ""
+    rule_of: Callable[[Any], Any] | None = None
 
     def compute(self, graph: bool = False) -> Any:
         """The op's output; with its autograd graph when ``graph`` or when the forward keeps
@@ -286,10 +290,14 @@ class Rule:
 
     #: short name shown in the coverage table
     name = "rule"
+    #: the rule the engine applies instead where :meth:`applies` is ``False`` (``None``: as if no
+    #: rule matched)
+    fallback: "Rule | None" = None
 
     def applies(self, op: Op) -> bool:
         """Whether the rule takes this call of a function it is registered for; when it does not,
-        the engine treats the call as if no rule matched (linear ops are then plain gradient)."""
+        the engine applies :attr:`fallback`, or treats the call as if no rule matched (linear ops
+        are then plain gradient)."""
         return True
 
     def __call__(self, op: Op) -> Any:  # pragma: no cover - abstract

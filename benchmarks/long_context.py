@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""Long contexts: time and peak memory of attnx's methods by prompt length, as ratios to the model's
+own forward + backward.
+
+The model: a random Hugging Face ``LlamaForCausalLM`` (hidden 256, 4 layers, 8 query heads
+sharing 2 key/value heads, intermediate 1024, vocabulary 32000, float32, the default ``sdpa``
+attention, ``eval()``), batch 1, random tokens; the explained output is the next-token logit of a
+fixed token at the last position. Modes:
+
+* ``fwd+bwd``: the model's forward (``logits_to_keep=1``, as attnx runs it) and one
+  ``torch.autograd.grad`` of that logit to the output of the input embeddings (the reference);
+* ``lrp:attnlrp``, ``lrp:cplrp``: ``attnx.explain(..., method="lrp", preset=...)``;
+* ``lrp:attnlrp-written-out``: the same with ``F.scaled_dot_product_attention`` written out
+  (``Decompose``), attnx's path before :class:`attnx.lrp.FusedAttention`;
+* ``generic``: ``attnx.explain(..., method="generic")`` (Chefer et al. ICCV'21: every layer's
+  attention and its gradient);
+* ``lxt``: lxt 2.1's efficient AttnLRP (its Llama patches, its attention wrapper around the
+  ``sdpa`` kernel: gradients of ``q, k`` / 4 and ``v`` / 2), and the same gradient as
+  ``fwd+bwd``, where lxt is installed.
+
+Every (mode, length) runs in a **fresh process**: build the model, run the mode once on 64 tokens
+(one-time initialisation), then on CPU ``malloc_trim``, read ``VmRSS``, reset the kernel's peak
+(``/proc/self/clear_refs``), run the mode once (timed) and read ``VmHWM``: the peak resident memory
+increase of one call, weights excluded (``ru_maxrss`` where ``clear_refs`` is missing, a lower
+bound). On CUDA (``--device cuda``) the peak is ``torch.cuda.max_memory_allocated`` above what
+was allocated before the call. A mode whose call takes longer than ``--budget`` seconds is not run
+at larger lengths. Growth exponents are least-squares slopes of log(value) on log(length) over the
+lengths ≥ 512 (all lengths when fewer than two are).
+
+    HF_HUB_OFFLINE=1 python benchmarks/long_context.py                        # 128 ... 4096
+    python benchmarks/long_context.py --lengths 128 256 --modes fwd+bwd lrp:attnlrp
+    python benchmarks/long_context.py --device cuda --lengths 1024 4096 16384
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REFERENCE = "fwd+bwd"
+MODES = (REFERENCE, "lrp:attnlrp", "lrp:cplrp", "lxt", "generic", "lrp:attnlrp-written-out")
+LENGTHS = (128, 256, 512, 1024, 2048, 4096)
+TOKEN = 7  # the explained next token
+CONFIG = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+              intermediate_size=1024, max_position_embeddings=65536)
+
+
+# --------------------------------------------------------------------------------------------
+# one measurement (in its own process)
+# --------------------------------------------------------------------------------------------
+def patch_lxt() -> None:
+    """lxt 2.1's efficient AttnLRP for Llama: its module patches, and its attention wrapper around
+    transformers' ``sdpa`` kernel (lxt's own dict swap does not work with transformers 5)."""
+    import importlib
+    import types
+
+    import lxt
+
+    base = os.path.join(os.path.dirname(lxt.__file__), "efficient")
+    for name, path in (("lxt.efficient", base), ("lxt.efficient.models", os.path.join(base, "models"))):
+        stub = types.ModuleType(name)  # its package __init__ imports patches for transformers 4
+        stub.__path__ = [path]
+        sys.modules[name] = stub
+    from lxt.efficient.patches import wrap_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    for target, patch in importlib.import_module("lxt.efficient.models.llama").attnLRP.items():
+        if isinstance(target, type):
+            patch(target)
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = wrap_attention_forward(ALL_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def make_op(mode: str, model, device: str):
+    """``op(ids) -> result``: one call of ``mode`` on token ids ``(1, N)``."""
+    import torch
+    import torch.nn.functional as F
+
+    import attnx
+
+    if mode in (REFERENCE, "lxt"):
+
+        def op(ids):
+            box = []
+
+            def hook(module, args, output):
+                box.append(output.detach().requires_grad_(True))
+                return box[-1]
+
+            handle = model.get_input_embeddings().register_forward_hook(hook)
+            try:
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1).logits
+            finally:
+                handle.remove()
+            (g,) = torch.autograd.grad(logits[:, -1, TOKEN].sum(), box[0])
+            return box[0] * g
+
+        return op
+    method, _, preset = mode.partition(":")
+    options = {}
+    if preset == "attnlrp-written-out":
+        reg = attnx.lrp.get_preset("attnlrp").copy("attnlrp-written-out")
+        options["preset"] = reg.register(F.scaled_dot_product_attention, attnx.lrp.rules.Decompose(attnx.lrp.rules.sdpa_decomposition))
+    elif preset:
+        options["preset"] = preset
+
+    def op(ids):
+        return attnx.explain(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, method=method,
+                             target=TOKEN, **options).scores
+
+    return op
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench import _malloc_trim, _reset_peak, _status_kb
+
+    torch.set_num_threads(spec["threads"])
+    if spec["mode"] == "lxt":
+        patch_lxt()
+    import transformers as tr
+
+    import attnx  # noqa: F401  (imported before the memory baseline, whatever the mode)
+
+    device = spec["device"]
+    torch.manual_seed(0)
+    model = tr.LlamaForCausalLM._from_config(tr.LlamaConfig(**CONFIG), attn_implementation="sdpa").to(device).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, CONFIG["vocab_size"], (1, spec["length"]), generator=g).to(device)
+    op = make_op(spec["mode"], model, device)
+    op(ids[:, :64])  # one-time initialisation, not charged to the call
+    gc.collect()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _malloc_trim()
+        before = _status_kb("VmRSS") * 1024
+        exact = _reset_peak()
+    t0 = time.perf_counter()
+    out = op(ids)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    if cuda:
+        peak, exact = torch.cuda.max_memory_allocated(), True
+    else:
+        hwm = _status_kb("VmHWM") if exact else None
+        if hwm is None:
+            import resource
+
+            exact, hwm = False, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = hwm * 1024
+    del out
+    return {"seconds": seconds, "peak_mb": max(peak - before, 0) / 2**20, "exact": exact}
+
+
+def measure(mode: str, length: int, args: argparse.Namespace) -> dict:
+    spec = {"mode": mode, "length": length, "threads": args.threads, "device": args.device}
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {args.timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("LONGCTX "):
+            return json.loads(line[len("LONGCTX "):])
+    return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:160]}
+
+
+# --------------------------------------------------------------------------------------------
+# the sweep and its report
+# --------------------------------------------------------------------------------------------
+def exponent(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of log(value) on log(length) over lengths >= 512 (or all)."""
+    big = [(n, v) for n, v in points if n >= 512 and v > 0]
+    pts = big if len(big) >= 2 else [(n, v) for n, v in points if v > 0]
+    if len(pts) < 2:
+        return None
+    xs, ys = [math.log(n) for n, _ in pts], [math.log(v) for _, v in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def load() -> str:
+    try:
+        return open("/proc/loadavg").read().split()[:3].__str__()
+    except OSError:
+        return "unknown"
+
+
+def report(results: dict, modes: list[str], lengths: list[int], args: argparse.Namespace, loads: tuple[str, str]) -> str:
+    lines = [f"device {args.device}, {args.threads} thread(s), batch 1; load average (1, 5, 15 min) at start "
+             f"{loads[0]}, at end {loads[1]}", ""]
+    head = "| tokens | " + " | ".join(f"{m} s (x) | {m} MB (x)" if m != REFERENCE else f"{m} s | {m} MB" for m in modes) + " |"
+    lines += [head, "|---:|" + "---:|---:|" * len(modes)]
+    for n in lengths:
+        base = results.get((REFERENCE, n), {})
+        cells = []
+        for m in modes:
+            r = results.get((m, n))
+            if r is None or "error" in r:
+                cells += ["—" if r is None else "error", "—" if r is None else r["error"][:40]]
+                continue
+            if m == REFERENCE or "seconds" not in base:
+                cells += [f"{r['seconds']:.2f}", f"{r['peak_mb']:.0f}"]
+            else:
+                cells += [f"{r['seconds']:.2f} ({r['seconds'] / base['seconds']:.2f}x)",
+                          f"{r['peak_mb']:.0f} ({r['peak_mb'] / base['peak_mb']:.2f}x)"]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "| growth exponent (lengths >= 512) | time | peak memory |", "|---|---:|---:|"]
+    for m in modes:
+        ok = [(n, results[(m, n)]) for n in lengths if "error" not in results.get((m, n), {"error": 1})]
+        et, em = exponent([(n, r["seconds"]) for n, r in ok]), exponent([(n, r["peak_mb"]) for n, r in ok])
+        lines.append(f"| {m} | {'—' if et is None else f'{et:.2f}'} | {'—' if em is None else f'{em:.2f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--budget", type=float, default=90.0, help="seconds of one call above which a mode stops growing")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement process")
+    p.add_argument("--out", default=None, help="also write the markdown report here")
+    p.add_argument("--table-from", default=None, metavar="LOG",
+                   help="print the report of the points a sweep logged to stderr (e.g. one stopped early)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("LONGCTX " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.table_from:
+        return table_from(args)
+    modes = [m for m in args.modes if m != "lxt" or _has_lxt()]
+    if REFERENCE not in modes:
+        modes.insert(0, REFERENCE)
+    loads0, results, stopped = load(), {}, set()
+    for n in args.lengths:
+        for m in modes:
+            if m in stopped:
+                continue
+            results[(m, n)] = r = measure(m, n, args)
+            print(f"# {n} tokens, {m}: {json.dumps(r)}", file=sys.stderr, flush=True)
+            if "error" in r or r["seconds"] > args.budget:
+                stopped.add(m)
+    text = report(results, modes, args.lengths, args, (loads0, load()))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def table_from(args: argparse.Namespace) -> int:
+    """The report of the ``# N tokens, mode: {...}`` lines of a sweep's stderr log."""
+    results: dict = {}
+    for line in open(args.table_from):
+        if line.startswith("# ") and " tokens, " in line:
+            head, _, data = line[2:].partition(": ")
+            n, _, mode = head.partition(" tokens, ")
+            results[(mode, int(n))] = json.loads(data)
+    modes = [m for m in MODES if any(k[0] == m for k in results)]
+    lengths = sorted({k[1] for k in results})
+    print(report(results, modes, lengths, args, ("see the log", "see the log")))
+    return 0
+
+
+def _has_lxt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("lxt") is not None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
