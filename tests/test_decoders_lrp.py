@@ -1,7 +1,7 @@
 """The LRP methods on decoders: every op covered (strict), every contract that does not depend on
 the rules kept with ``strict=False`` too (finite, padding 0, batched = alone, callable = id, the
 readout position); the rules themselves are checked in ``test_lrp_decoder_rules.py`` and
-``test_lrp_decoders.py``.
+``test_lrp_registry.py``.
 """
 from __future__ import annotations
 
