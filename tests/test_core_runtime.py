@@ -24,7 +24,7 @@ from attnx import zoo
 from attnx.errors import AttnxError
 from conftest import CASES
 from decoder_models import CASES as DECODER_CASES, DecoderCase
-from test_contract_state import assert_unchanged, snapshot
+from contracts import assert_unchanged, snapshot
 
 VISION_METHODS = [m for m in attnx.list_methods() if m not in ("random", "attention_flow")]
 DECODERS = {c.name: c for c in DECODER_CASES}

@@ -22,7 +22,7 @@ import attnx
 from attnx.core import image_text
 from attnx.errors import AttnxError
 from clip_models import FAMILIES, IMAGE, PATCH, WordTokenizer, hf_clip, hf_siglip, images, model_logits, open_clip_model, tokenizer_for
-from test_contract_state import assert_unchanged, snapshot
+from contracts import assert_unchanged, snapshot
 
 DT = torch.float64
 PROMPTS = ["a cat", "a big brown dog"]

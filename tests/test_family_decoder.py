@@ -18,7 +18,7 @@ import attnx
 from attnx.core.targets import Continuation
 from conftest import max_abs_diff
 from decoder_models import CASES, CLASSIFIERS, EAGER, LM, PAD, params, real_tokens, word_tokenizer
-from test_contract_state import assert_unchanged, mixed_mode, snapshot
+from contracts import assert_unchanged, mixed_mode, snapshot
 
 ATTENTION_METHODS = ["raw_attention", "rollout", "grad_rollout", "generic", "attn_gradcam", "attention_flow", "random"]
 GRADIENT = ["grad_rollout", "generic", "attn_gradcam"]

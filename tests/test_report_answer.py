@@ -13,8 +13,7 @@ from attnx import report
 from attnx.errors import AttnxValueError
 from attnx.core.generation import explain_generation
 from decoder_models import DecoderCase
-from html_pages import page_data
-from test_report_page import assert_clean, browser, open_page  # noqa: F401 (the browser fixture)
+from html_pages import assert_clean, open_page, page_data
 
 PROMPT = [1, 7, 23, 41, 9, 15]
 ANSWER = [33, 4, 18]
