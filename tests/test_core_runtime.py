@@ -22,7 +22,7 @@ from torch import nn
 import attnx
 from attnx import zoo
 from attnx.errors import AttnxError
-from conftest import CASES
+from conftest import CASES, max_abs_diff
 from decoder_models import CASES as DECODER_CASES, DecoderCase
 from contracts import assert_unchanged, snapshot
 
@@ -381,3 +381,27 @@ def test_evaluate_restores_every_training_flag(tmp_path):
     evaluate("vision", ["rollout"], model=model, data=str(tmp_path), limit=2, batch_size=2, progress=False,
              randomisation_samples=0)
     assert [m.training for m in model.modules()] == flags
+
+
+# --------------------------------------------------------------------------------------------
+# under torch.inference_mode()
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lrp", "generic", "transformer_attribution", "grad_rollout"])
+def test_gradient_methods_under_inference_mode(method):
+    """Under ``torch.inference_mode()`` (and on inputs created under it) the explanation is the
+    one of a plain call; the user's inference tensor is left as it is."""
+    model, x = CASES["timm_vit"].model(), CASES["timm_vit"].inputs()
+    plain = attnx.explain(model, x, method=method)
+    with torch.inference_mode():
+        inside = attnx.explain(model, x, method=method)
+        x_inf = x.clone()
+    on_inference_tensor = attnx.explain(model, x_inf, method=method)
+    assert max_abs_diff(inside.scores, plain.scores) == 0
+    assert max_abs_diff(on_inference_tensor.scores, plain.scores) == 0
+    assert x_inf.is_inference() and not x_inf.requires_grad
+    text = CASES["hf_bert_sdpa"]
+    tmodel = text.model()
+    with torch.inference_mode():
+        ids = {k: v.clone() for k, v in text.inputs().items()}
+        e = attnx.explain(tmodel, ids, method=method)
+    assert max_abs_diff(e.scores, attnx.explain(tmodel, text.inputs(), method=method).scores) == 0
