@@ -332,11 +332,33 @@ def run_model(case: Case, model: nn.Module, inputs) -> torch.Tensor:
 SLOW_KINDS = ("demo", "notebooks", "browser", "distributed", "subprocess")
 
 
+#: the fast tier's model of each architecture of the matrix (the first of each in ``CASES``); tests
+#: marked ``matrix`` run the other cases in the slow tier
+FAST_CASES = ("timm_vit", "timm_deit_distilled", "torchvision_vit", "hf_vit_sdpa", "hf_deit_teacher_sdpa",
+              "hf_bert_sdpa", "hf_roberta_sdpa", "hf_distilbert_sdpa")
+assert set(FAST_CASES) <= set(CASES)
+
+
+def in_fast_tier(value) -> bool:
+    """Whether a parameter of a ``matrix`` test is a model of the fast tier: a case of ``FAST_CASES``,
+    a decoder of ``decoder_models.FAST``; every other parameter (a method, a preset, an adapter) is."""
+    if isinstance(value, Case):
+        return value.name in FAST_CASES
+    from decoder_models import FAST, DecoderCase  # decoder_models imports this module
+
+    if isinstance(value, DecoderCase):
+        return value in FAST
+    return True
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
             item.add_marker(pytest.mark.slow)
+        elif item.get_closest_marker("matrix") and hasattr(item, "callspec"):
+            if not all(in_fast_tier(v) for v in item.callspec.params.values()):
+                item.add_marker(pytest.mark.slow)
 
 
 # --------------------------------------------------------------------------------------------

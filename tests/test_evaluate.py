@@ -290,6 +290,7 @@ def test_image_folder_with_a_pickled_timm_model(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # text
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the text league on the embedded text model, twice (~2 min)
 @needs_text
 def test_text_league_and_shards(tmp_path):
     kw = dict(limit=6, batch_size=2, progress=False)

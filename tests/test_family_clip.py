@@ -324,6 +324,7 @@ def test_towers_with_projection_match_the_full_model():
         attnx.explain(vision, ids, method="rollout")
 
 
+@pytest.mark.slow  # a full-size ViT-B/32 built and explained at 224 px
 def test_open_clip_vit_b_32_without_weights():
     import open_clip
 

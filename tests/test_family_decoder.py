@@ -25,6 +25,8 @@ from conftest import max_abs_diff
 from decoder_models import CASES, CLASSIFIERS, EAGER, LM, PAD, params, real_tokens, word_tokenizer
 from contracts import assert_unchanged, mixed_mode, snapshot
 
+pytestmark = pytest.mark.matrix  # the decoder matrix: one decoder per family in the fast tier (decoder_models.FAST)
+
 ATTENTION_METHODS = ["raw_attention", "rollout", "grad_rollout", "generic", "attn_gradcam", "attention_flow", "random"]
 GRADIENT = ["grad_rollout", "generic", "attn_gradcam"]
 TOL = 1e-5
