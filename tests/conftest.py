@@ -340,10 +340,13 @@ assert set(FAST_CASES) <= set(CASES)
 
 
 def in_fast_tier(value) -> bool:
-    """Whether a parameter of a ``matrix`` test is a model of the fast tier: a case of ``FAST_CASES``,
-    a decoder of ``decoder_models.FAST``; every other parameter (a method, a preset, an adapter) is."""
+    """Whether a parameter of a ``matrix`` test is a model of the fast tier: a case of ``FAST_CASES``
+    (or its name), a decoder of ``decoder_models.FAST``; every other parameter (a method, a preset,
+    an adapter) is."""
     if isinstance(value, Case):
         return value.name in FAST_CASES
+    if isinstance(value, str) and value in CASES:
+        return value in FAST_CASES
     from decoder_models import FAST, DecoderCase  # decoder_models imports this module
 
     if isinstance(value, DecoderCase):

@@ -20,6 +20,8 @@ import attnx
 from conftest import ALL, CASES, GENERIC_OK, GRADIENT_METHODS, Case, ids, max_abs_diff, run_model, timm_vit, with_adapters
 from contracts import KINDS, assert_inputs_unchanged, assert_unchanged, freeze_some_, input_snapshot, mixed_mode, snapshot
 
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
+
 def inputs_of(case, batch=2):
     return case.inputs(batch, lengths=[9, 5][:batch] if case.is_text else None)
 
