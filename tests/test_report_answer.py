@@ -56,7 +56,8 @@ def test_page_data_and_escaping(tmp_path, answers):
         report.answer_html([answers[0], dataclasses.replace(answers[1], prompt_length=5)])
 
 
-def test_the_page_in_a_browser(tmp_path, browser, answers):  # noqa: F811
+@pytest.mark.browser
+def test_the_page_in_a_browser(tmp_path, browser, answers):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
