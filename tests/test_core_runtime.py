@@ -126,6 +126,7 @@ def _compiled_variants(model: nn.Module, backend: str) -> dict[str, nn.Module]:
     }
 
 
+@pytest.mark.slow  # torch.compile (~30 s a model)
 @pytest.mark.parametrize("name", ["timm_vit", "hf_bert_sdpa"])
 def test_compiled_and_wrapped_models_give_the_eager_maps(name):
     case = CASES[name]
@@ -227,7 +228,8 @@ def _per_scene(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[floa
 HALF_BOUNDS = {torch.float16: (0.997, 0.1), torch.bfloat16: (0.997, 0.2)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.slow)],
+                         ids=["float16", "bfloat16"])  # bfloat16 in the slow tier (~12 s)
 def test_half_precision_models_give_finite_maps_close_to_float32(vision_fp32, dtype):
     vit, x, ref = vision_fp32
     model = zoo.vision_model(dtype=dtype).model
