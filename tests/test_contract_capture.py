@@ -20,6 +20,8 @@ import attnx
 from conftest import ALL, CASES, max_abs_diff, run_model, with_adapters
 from contracts import attention_layers, grab_layer_inputs, split_heads
 
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
+
 DT = torch.float64
 LENGTHS = [9, 6, 4]  # padded text batch of three
 
