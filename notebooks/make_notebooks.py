@@ -4,7 +4,7 @@
 
 The notebooks are generated from the cells below so that they stay reviewable as code; the
 committed ``.ipynb`` files carry their outputs (figures inline). They need no network: they use the
-embedded default models (:mod:`attnx.zoo`). ``tests/test_notebooks.py`` executes them.
+embedded default models (:mod:`attnx.zoo`). ``tests/test_contract_notebooks.py`` executes them.
 """
 from __future__ import annotations
 

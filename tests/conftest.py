@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Callable
 
@@ -330,8 +332,69 @@ def run_model(case: Case, model: nn.Module, inputs) -> torch.Tensor:
 SLOW_KINDS = ("demo", "notebooks", "browser", "distributed", "subprocess")
 
 
+#: the fast tier's model of each architecture of the matrix (the first of each in ``CASES``); tests
+#: marked ``matrix`` run the other cases in the slow tier
+FAST_CASES = ("timm_vit", "timm_deit_distilled", "torchvision_vit", "hf_vit_sdpa", "hf_deit_teacher_sdpa",
+              "hf_bert_sdpa", "hf_roberta_sdpa", "hf_distilbert_sdpa")
+assert set(FAST_CASES) <= set(CASES)
+
+
+def in_fast_tier(value) -> bool:
+    """Whether a parameter of a ``matrix`` test is a model of the fast tier: a case of ``FAST_CASES``
+    (or its name), a decoder of ``decoder_models.FAST``; every other parameter (a method, a preset,
+    an adapter) is."""
+    if isinstance(value, Case):
+        return value.name in FAST_CASES
+    if isinstance(value, str) and value in CASES:
+        return value in FAST_CASES
+    from decoder_models import FAST, DecoderCase  # decoder_models imports this module
+
+    if isinstance(value, DecoderCase):
+        return value in FAST
+    return True
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
             item.add_marker(pytest.mark.slow)
+        elif item.get_closest_marker("matrix") and hasattr(item, "callspec"):
+            if not all(in_fast_tier(v) for v in item.callspec.params.values()):
+                item.add_marker(pytest.mark.slow)
+
+
+# --------------------------------------------------------------------------------------------
+# a headless browser for the tests of the HTML pages
+# --------------------------------------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--window-size=1400,1000", "--force-device-scale-factor=1"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by selenium; skipped, with the reason, where one of them is missing."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed: pip install selenium")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not os.access(path, os.X_OK):
+            pytest.skip(f"{path} is missing: apt-get install chromium chromium-driver")
+    profile = tempfile.mkdtemp(prefix="attnx-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    # the driver is given: selenium-manager (which would download one) is not asked
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

@@ -125,6 +125,10 @@ CASES = [DecoderCase(f, h, i) for f in HEADS for h in ("lm", "cls") for i in IMP
 LM = [c for c in CASES if c.is_lm]
 CLASSIFIERS = [c for c in CASES if not c.is_lm]
 EAGER = [c for c in CASES if c.impl == "eager"]
+#: the fast tier's decoders in tests marked ``matrix``: the first of each family (its eager language
+#: model), and the classifier head and the sdpa kernel of the first family; the slow tier runs the others
+FAST = [next(c for c in CASES if c.family == f) for f in HEADS] + [DecoderCase("gpt2", "cls", "eager"),
+                                                                   DecoderCase("gpt2", "lm", "sdpa")]
 
 
 def params(cases) -> list:

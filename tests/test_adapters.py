@@ -10,7 +10,7 @@ from attnx.adapters import TimmViTAdapter
 from attnx.core.layout import Layout
 from attnx.core.explanation import Explanation
 from conftest import CASES, ids, max_abs_diff, run_model, timm_vit
-from test_capture import attention_layers, grab_layer_inputs
+from contracts import attention_layers, grab_layer_inputs
 
 GRID_CASES = [CASES[n] for n in ("timm_vit", "timm_reg4", "timm_deit_distilled", "timm_avgpool",
                                  "timm_dynamic_40x56", "torchvision_vit", "hf_vit_sdpa_40x56",

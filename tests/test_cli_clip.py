@@ -61,6 +61,7 @@ def test_explain_writes_one_map_per_prompt(capsys, tmp_path, build):
     assert f"'a cat' {probs[0]:.2f}, 'a dog' {probs[1]:.2f}" in stdout
 
 
+@pytest.mark.slow  # a full-size OpenCLIP architecture built by name
 def test_explain_open_clip_architecture_and_errors(capsys, tmp_path):
     img = photo(tmp_path / "photo.png")
     out = tmp_path / "oc.png"

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import attnx
-from attnx.errors import UnsupportedModelError
+from attnx.errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
+from cli_runner import run
 from conftest import CASES, ids
 
 IMAGE_ADAPTERS = [CASES[n] for n in ("timm_vit", "torchvision_vit", "hf_vit_sdpa")]
@@ -259,3 +260,67 @@ def test_valid_edge_options_are_accepted(timm):
     explainer, x = timm
     for kw in ({"start_layer": 2}, {"start_layer": -3}, {"discard_ratio": 0.0}, {"discard_ratio": 0.99}):
         assert torch.isfinite(explainer.explain(x, method="rollout", **kw).scores).all()
+
+
+# --------------------------------------------------------------------------------------------
+# bad inputs of every kind: meta tensors, token ids, lengths, misspelt names
+# --------------------------------------------------------------------------------------------
+def test_meta_device_inputs():
+    model = CASES["timm_vit"].model()
+    with pytest.raises(AttnxValueError, match=r"^the inputs are on the meta device \(shapes without values\)"):
+        attnx.explain(model, torch.empty(2, 3, 32, 32, device="meta"))
+    text = CASES["hf_bert_sdpa"]
+    meta_ids = {k: v.to("meta") for k, v in text.inputs().items()}
+    with pytest.raises(AttnxValueError, match="meta device"):
+        attnx.explain(text.model(), meta_ids)
+    with pytest.raises(AttnxValueError, match=r"model's weights are on the meta device \(not loaded\)"):
+        attnx.explain(CASES["timm_vit"].model().to("meta"), CASES["timm_vit"].inputs())
+
+def test_discard_ratio_as_a_string(capsys):
+    model, x = CASES["timm_vit"].model(), CASES["timm_vit"].inputs()
+    with pytest.raises(AttnxTypeError) as info:
+        attnx.explain(model, x, method="rollout", discard_ratio="0.5")
+    assert str(info.value) == "discard_ratio: expected a number in [0, 1), got '0.5' (a str)"
+    status, _, err = run(capsys, "explain", "--num-scenes", "1", "--method", "rollout", "--option", "discard_ratio=abc")
+    assert status == 2 and err.strip() == "attnx: error: discard_ratio: expected a number in [0, 1), got 'abc'"
+
+def decoder(name: str = "gpt2"):
+    from decoder_models import DecoderCase
+
+    case = DecoderCase(name, "lm", "eager")
+    return case.model(), case.inputs()
+
+@pytest.mark.parametrize("bad", [60, 1000, -1])
+@pytest.mark.parametrize("case", ["hf_bert_sdpa", "hf_distilbert_eager", "gpt2"])
+def test_token_ids_outside_the_vocabulary(case, bad):
+    model, inputs = decoder() if case == "gpt2" else (CASES[case].model(), CASES[case].inputs())
+    inputs = dict(inputs)
+    inputs["input_ids"] = inputs["input_ids"].clone()
+    inputs["input_ids"][1, 2] = bad
+    with pytest.raises(AttnxValueError) as info:
+        attnx.explain(model, inputs, method="rollout")
+    assert str(info.value).startswith(f"token id {bad} (sample 1, position 2) is outside the model's vocabulary of "
+                                      "60 tokens (0..59)")
+
+@pytest.mark.parametrize("case, limit", [("hf_bert_sdpa", 32), ("hf_roberta_eager", 32), ("hf_distilbert_eager", 32),
+                                         ("gpt2", 64)])
+def test_text_longer_than_the_position_embeddings(case, limit):
+    model = decoder()[0] if case == "gpt2" else CASES[case].model()
+    n = limit + 3
+    ids = torch.randint(3, 60, (1, n))
+    with pytest.raises(AttnxValueError) as info:
+        attnx.explain(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, method="rollout")
+    assert str(info.value) == (f"{n} tokens, the model takes at most {limit}; truncate with "
+                               f"tokenizer(..., truncation=True, max_length={limit})")
+    ids = ids[:, :limit]  # the longest text it takes is explained
+    e = attnx.explain(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, method="rollout")
+    assert e.scores.shape == (1, limit)
+
+def test_misspelt_method_names_the_closest(capsys):
+    model, x = CASES["timm_vit"].model(), CASES["timm_vit"].inputs()
+    with pytest.raises(AttnxValueError, match=r"unknown method 'gradrollout'.*\(did you mean 'grad_rollout'\?\)"):
+        attnx.explain(model, x, method="gradrollout")
+    status, _, err = run(capsys, "explain", "--num-scenes", "1", "--method", "transformer_atribution")
+    assert status == 2 and "(did you mean 'transformer_attribution'?)" in err and "\n" not in err.strip()
+    with pytest.raises(AttnxTypeError, match=r"unknown option\(s\) \['head_fushion'\].*did you mean 'head_fusion'"):
+        attnx.explain(model, x, method="rollout", head_fushion="max")

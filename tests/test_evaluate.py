@@ -101,6 +101,7 @@ def test_files(league, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # shards
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the league three times (~30 s); test_cli_shard_jobs_and_merge stays fast
 def test_shards_merge_into_the_single_process_league(league, tmp_path):
     parts = [evaluate("vision", ["rollout"], shard=f"{i}/3", **FAST) for i in range(3)]
     assert [len(p) for p in parts] == [6, 5, 4]  # batches of 3 scenes, round-robin
@@ -169,6 +170,7 @@ def test_torchrun_two_processes_give_the_single_process_table(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # a sanity check that can fail
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # two leagues on 48 scenes (~40 s)
 def test_random_does_not_discriminate_garments_transformer_attribution_does():
     from attnx import zoo
 
@@ -201,6 +203,7 @@ def test_parameter_randomisation_columns(league):
     assert league.row("gradient_x_input")["rand_spearman"] < 0.5
 
 
+@pytest.mark.slow  # randomised models in shards (~30 s)
 def test_parameter_randomisation_subset_by_global_index_and_shards():
     kw = dict(limit=8, batch_size=3, deletion_steps=2, progress=False, randomisation_samples=5)
     lg = evaluate("vision", ["generic"], **kw)
@@ -290,6 +293,7 @@ def test_image_folder_with_a_pickled_timm_model(capsys, tmp_path):
 # ------------------------------------------------------------------------------------------------
 # text
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # the text league on the embedded text model, twice (~2 min)
 @needs_text
 def test_text_league_and_shards(tmp_path):
     kw = dict(limit=6, batch_size=2, progress=False)

@@ -8,6 +8,8 @@ import attnx
 from attnx.core.layout import Readout
 from conftest import ALL, CASES, GRADIENT_METHODS, IMAGE, ids, max_abs_diff, run_model
 
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
+
 
 def test_the_matrix_covers_every_adapter():
     assert {c.adapter for c in ALL} == {"timm_vit", "torchvision_vit", "hf"}

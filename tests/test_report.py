@@ -1,6 +1,6 @@
 """``attnx.report``: what the interactive pages embed (checked against the explanations and the
 league computed independently), clear errors, notebooks' ``_repr_html_``, and self-containment.
-How the pages behave in a browser is tested in ``test_report_browser.py``."""
+How the pages behave in a browser is tested in ``test_report_page.py``."""
 from __future__ import annotations
 
 import base64

@@ -202,6 +202,7 @@ def test_real_photos_panel(bundles, tmp_path):
     assert a.shape[0] > 300 and a.shape[1] > 300 and a.std() > 10
 
 
+@pytest.mark.slow  # LRP on the real DINOv2 backbone (~12 s)
 def test_attnlrp_gamma_does_not_blow_up_on_dinov2(bundles, chelsea):
     """attnlrp-gamma used to put ~1e11 relevance on the pixels of the real backbone (the bias out
     of the γ denominator, which DINOv2's large biases made vanish); now the input relevance is

@@ -17,6 +17,7 @@ from attnx.zoo import network
 UNREACHABLE = "https://attnx-test-hub.invalid"
 
 
+@pytest.mark.subprocess
 def test_unreachable_hub_fails_within_seconds(tmp_path):
     """No HF_HUB_OFFLINE, no network (the endpoint does not answer), an empty cache."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
@@ -62,6 +63,7 @@ def test_local_folders_never_ask_the_network(monkeypatch, tmp_path):
     assert zoo.load(str(tmp_path / "vit")).kind == "image"
 
 
+@pytest.mark.subprocess
 def test_timm_names_fail_fast_too(tmp_path):
     """A timm name's pretrained weights come from the Hub as well: the same check, the same line
     (timm imported before the clock starts: its import alone takes seconds on a loaded machine)."""

@@ -53,6 +53,7 @@ def png(path: Path) -> Path:
     return path
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="a pseudo-terminal (POSIX)")
 @pytest.mark.parametrize("how", ["model", "arch"])
 def test_custom_code_is_refused_without_a_prompt(tmp_path, how):

@@ -30,6 +30,7 @@ def test_is_a_stock_llama_with_tied_embeddings(lm):
     assert "Q4_1" in lm.info["quantisation"] and lm.info["chat"]
 
 
+@pytest.mark.slow  # dequantises the whole GGUF file again (~30 s)
 def test_cached_weights_equal_the_gguf_file(lm):
     """The cached safetensors hold exactly what transformers dequantises from the GGUF file."""
     from transformers import AutoModelForCausalLM

@@ -14,6 +14,7 @@ import attnx
 from attnx import zoo
 from attnx.zoo.vision import multilabel_metrics
 from attnx.data import CLASS_NAMES
+from attnx.errors import AttnxValueError
 from attnx.data.fashion import FashionMNISTNotFound, find_fashion_mnist
 
 
@@ -244,3 +245,10 @@ def test_fashion_mnist_env_var_is_honoured(monkeypatch, tmp_path):
         assert images.shape == (3, 28, 28) and labels.tolist() == [0, 1, 2]
     finally:
         fashion.load_fashion_mnist.cache_clear()
+
+
+def test_scenes_count_in_python():
+    assert zoo.vision.num_scenes() == 96 and len(zoo.scenes(96)) == 96
+    for n in (0, -3, 97):
+        with pytest.raises(AttnxValueError, match=rf"between 1 and 96 \(the shipped held-out scenes\), got {n}"):
+            zoo.scenes(n)

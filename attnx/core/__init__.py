@@ -2,5 +2,5 @@
 tokens, targets, readouts, the forward check and the explanations they produce.
 
 Nothing here imports the application packages (``cli``, ``demo``, ``report``, ``zoo``, ``data``,
-``evaluate``); ``tests/test_import_graph.py`` holds the layer rules.
+``evaluate``); ``tests/test_contract_import_graph.py`` holds the layer rules.
 """

@@ -197,6 +197,7 @@ def test_adapters_import_no_model_library():
     assert [m for m in loaded_after("import attnx.adapters") if m not in ("torch", "tqdm")] == []
 
 
+@pytest.mark.subprocess
 def test_explaining_a_timm_model_imports_no_other_model_library():
     code = (
         "import torch, timm, attnx\n"

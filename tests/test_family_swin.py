@@ -31,7 +31,7 @@ from attnx.errors import UnsupportedModelError
 from attnx.lrp import presets
 from attnx.methods.registry import get_method
 from conftest import max_abs_diff, randomize_
-from test_state import assert_unchanged, mixed_mode, snapshot
+from contracts import assert_unchanged, mixed_mode, snapshot
 
 DT = torch.float64
 CLASSES = 5

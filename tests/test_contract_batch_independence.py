@@ -7,6 +7,8 @@ import torch
 import attnx
 from conftest import CASES, max_abs_diff, with_batch
 
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
+
 DT = torch.float64  # float64 so that the comparison is not blurred by float32 reduction order
 LENGTHS = [9, 6, 4]
 

@@ -22,9 +22,9 @@ from torch import nn
 import attnx
 from attnx import zoo
 from attnx.errors import AttnxError
-from conftest import CASES
+from conftest import CASES, max_abs_diff
 from decoder_models import CASES as DECODER_CASES, DecoderCase
-from test_state import assert_unchanged, snapshot
+from contracts import assert_unchanged, snapshot
 
 VISION_METHODS = [m for m in attnx.list_methods() if m not in ("random", "attention_flow")]
 DECODERS = {c.name: c for c in DECODER_CASES}
@@ -126,6 +126,7 @@ def _compiled_variants(model: nn.Module, backend: str) -> dict[str, nn.Module]:
     }
 
 
+@pytest.mark.slow  # torch.compile (~30 s a model)
 @pytest.mark.parametrize("name", ["timm_vit", "hf_bert_sdpa"])
 def test_compiled_and_wrapped_models_give_the_eager_maps(name):
     case = CASES[name]
@@ -227,7 +228,8 @@ def _per_scene(a: torch.Tensor, b: torch.Tensor) -> tuple[list[float], list[floa
 HALF_BOUNDS = {torch.float16: (0.997, 0.1), torch.bfloat16: (0.997, 0.2)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.slow)],
+                         ids=["float16", "bfloat16"])  # bfloat16 in the slow tier (~12 s)
 def test_half_precision_models_give_finite_maps_close_to_float32(vision_fp32, dtype):
     vit, x, ref = vision_fp32
     model = zoo.vision_model(dtype=dtype).model
@@ -381,3 +383,27 @@ def test_evaluate_restores_every_training_flag(tmp_path):
     evaluate("vision", ["rollout"], model=model, data=str(tmp_path), limit=2, batch_size=2, progress=False,
              randomisation_samples=0)
     assert [m.training for m in model.modules()] == flags
+
+
+# --------------------------------------------------------------------------------------------
+# under torch.inference_mode()
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lrp", "generic", "transformer_attribution", "grad_rollout"])
+def test_gradient_methods_under_inference_mode(method):
+    """Under ``torch.inference_mode()`` (and on inputs created under it) the explanation is the
+    one of a plain call; the user's inference tensor is left as it is."""
+    model, x = CASES["timm_vit"].model(), CASES["timm_vit"].inputs()
+    plain = attnx.explain(model, x, method=method)
+    with torch.inference_mode():
+        inside = attnx.explain(model, x, method=method)
+        x_inf = x.clone()
+    on_inference_tensor = attnx.explain(model, x_inf, method=method)
+    assert max_abs_diff(inside.scores, plain.scores) == 0
+    assert max_abs_diff(on_inference_tensor.scores, plain.scores) == 0
+    assert x_inf.is_inference() and not x_inf.requires_grad
+    text = CASES["hf_bert_sdpa"]
+    tmodel = text.model()
+    with torch.inference_mode():
+        ids = {k: v.clone() for k, v in text.inputs().items()}
+        e = attnx.explain(tmodel, ids, method=method)
+    assert max_abs_diff(e.scores, attnx.explain(tmodel, text.inputs(), method=method).scores) == 0

@@ -7,6 +7,8 @@ import torch
 import attnx
 from conftest import TEXT, ids, max_abs_diff, with_adapters
 
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
+
 DT = torch.float64
 LENGTHS = [9, 6, 3]
 

@@ -1,4 +1,6 @@
-"""The model is left exactly as it was found (DESIGN.md §6), also after an error mid-way.
+"""The model is left exactly as it was found (DESIGN.md §6), also after an error mid-way, on every
+kind of model (``contracts.KINDS``: ViT, BERT, GPT-2, Llama, Swin, CLIP and OpenCLIP through the
+dual-encoder path) and every model of the matrix (``conftest.CASES``); the inputs are left as found.
 
 Checked on every module: parameter and buffer values, ``training`` flags (on a model in mixed
 train/eval mode), timm ``fused_attn``, Hugging Face ``config._attn_implementation``, every hook
@@ -13,76 +15,12 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.nn.modules import module as module_globals
 
 import attnx
 from conftest import ALL, CASES, GENERIC_OK, GRADIENT_METHODS, Case, ids, max_abs_diff, run_model, timm_vit, with_adapters
+from contracts import KINDS, assert_inputs_unchanged, assert_unchanged, freeze_some_, input_snapshot, mixed_mode, snapshot
 
-HOOK_DICTS = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-)
-GLOBAL_HOOKS = sorted(k for k in dir(module_globals) if k.startswith("_global_") and k.endswith("hooks"))
-PLAIN = (bool, int, float, str, type(None))
-
-
-def snapshot(model: nn.Module) -> dict:
-    s = {
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "params": {n: (id(p), p.requires_grad, p.grad, p._backward_hooks) for n, p in model.named_parameters()},
-        "modules": {},
-        "globals": {k: dict(getattr(module_globals, k)) for k in GLOBAL_HOOKS},
-        "function_modes": torch._C._len_torch_function_stack(),
-        "grad_enabled": torch.is_grad_enabled(),
-    }
-    for name, m in model.named_modules():
-        s["modules"][name] = {
-            "type": type(m),
-            "hooks": {h: dict(getattr(m, h, None) or {}) for h in HOOK_DICTS},
-            "attributes": {k: v for k, v in m.__dict__.items() if isinstance(v, PLAIN)},
-            "keys": set(m.__dict__),
-            "attn_implementation": getattr(getattr(m, "config", None), "_attn_implementation", None),
-        }
-    return s
-
-
-def assert_unchanged(before: dict, model: nn.Module) -> None:
-    after = snapshot(model)
-    assert after["function_modes"] == before["function_modes"] == 0, "a torch function mode is still active"
-    assert after["grad_enabled"] == before["grad_enabled"]
-    assert after["globals"] == before["globals"], "global module hooks were left"
-    assert before["state"].keys() == after["state"].keys()
-    for k in before["state"]:
-        assert torch.equal(before["state"][k], after["state"][k]), f"{k} changed"
-    assert after["params"].keys() == before["params"].keys()
-    for n, (pid, req, grad, hooks) in after["params"].items():
-        assert pid == before["params"][n][0], f"parameter {n} was replaced"
-        assert req == before["params"][n][1], f"requires_grad of {n} changed"
-        assert grad is None, f"{n}.grad was left"
-        assert not hooks, f"a tensor hook is left on {n}"
-    assert after["modules"].keys() == before["modules"].keys()
-    for name, m in after["modules"].items():
-        b = before["modules"][name]
-        assert m["type"] is b["type"]
-        for h in HOOK_DICTS:
-            assert m["hooks"][h] == b["hooks"][h], f"{name or 'model'}.{h} changed: {m['hooks'][h]}"
-        assert m["keys"] == b["keys"], f"{name or 'model'} attributes added/removed: {m['keys'] ^ b['keys']}"
-        assert m["attributes"] == b["attributes"], f"{name or 'model'} attributes changed"
-        assert m["attn_implementation"] == b["attn_implementation"]
-
-
-def mixed_mode(model: nn.Module) -> nn.Module:
-    """model.train() with every third module (and the head-side last one) back in eval mode."""
-    model.train()
-    mods = list(model.modules())
-    for i, m in enumerate(mods):
-        if i % 3 == 1:
-            m.eval()
-    mods[-1].eval()
-    assert any(m.training for m in mods) and not all(m.training for m in mods)
-    return model
-
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
 
 def inputs_of(case, batch=2):
     return case.inputs(batch, lengths=[9, 5][:batch] if case.is_text else None)
@@ -99,6 +37,25 @@ def test_model_left_as_found(case, method):
     e = attnx.Explainer(model).explain(x, method=method)
     assert torch.isfinite(e.scores).all()
     assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("method", ["rollout", "generic", "lrp"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_of_model_left_as_found(kind, method):
+    """A model in mixed train/eval mode, partly frozen, with a hook of its user's, explained by an
+    attention method, a gradient method and the relevance pass: everything restored, the inputs
+    untouched."""
+    k = KINDS[kind]
+    model = freeze_some_(mixed_mode(k.build()))
+    user_hook = model.register_forward_hook(lambda m, args, out: None)  # kept, and nothing added beside it
+    x = k.inputs()
+    before, inputs_before = snapshot(model), input_snapshot(x)
+    e = attnx.explain(model, x, method=method, **k.call())
+    assert_unchanged(before, model)
+    assert_inputs_unchanged(inputs_before, x)
+    parts = (e.image, e.text) if isinstance(e, attnx.ImageTextExplanation) else (e,)
+    assert all(torch.isfinite(part.scores).all() for part in parts)
+    assert model._forward_hooks.keys() == {user_hook.id}
 
 
 @pytest.mark.parametrize("case", GENERIC_OK, ids=ids(GENERIC_OK))

@@ -13,8 +13,7 @@ from attnx import report
 from attnx.errors import AttnxValueError
 from attnx.core.generation import explain_generation
 from decoder_models import DecoderCase
-from html_pages import page_data
-from test_report_browser import assert_clean, browser, open_page  # noqa: F401 (the browser fixture)
+from html_pages import assert_clean, open_page, page_data
 
 PROMPT = [1, 7, 23, 41, 9, 15]
 ANSWER = [33, 4, 18]
@@ -57,7 +56,8 @@ def test_page_data_and_escaping(tmp_path, answers):
         report.answer_html([answers[0], dataclasses.replace(answers[1], prompt_length=5)])
 
 
-def test_the_page_in_a_browser(tmp_path, browser, answers):  # noqa: F811
+@pytest.mark.browser
+def test_the_page_in_a_browser(tmp_path, browser, answers):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 

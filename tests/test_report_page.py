@@ -10,12 +10,8 @@ them: ``apt-get install chromium chromium-driver``, ``pip install selenium``).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -23,63 +19,9 @@ import pytest
 import attnx
 from attnx import report, viz, zoo
 from conftest import TEXT
+from html_pages import assert_clean, open_page
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1400,1000", "--force-device-scale-factor=1"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.skip("selenium is not installed: pip install selenium")
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not os.access(path, os.X_OK):
-            pytest.skip(f"{path} is missing: apt-get install chromium chromium-driver")
-    profile = tempfile.mkdtemp(prefix="attnx-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
-    # the driver is given: selenium-manager (which would download one) is not asked
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def open_page(driver, path) -> None:
-    """Load ``path`` from disk and wait until every view has drawn."""
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.get_log("browser"), driver.get_log("performance")  # forget earlier pages
-    driver.get(path.resolve().as_uri())
-    WebDriverWait(driver, 20).until(lambda d: d.execute_script(
-        "const v = document.querySelectorAll('.attnx'); return v.length > 0 && [...v].every(r => r.dataset.ready === 'true')"))
-
-
-def assert_clean(driver) -> None:
-    """No console error, and no request but the page's own file (data URIs are inline)."""
-    errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
-    assert not errors, errors
-    urls = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    # chrome:// pages are the browser's own (Chromium 150 loads its new-tab page at start), never the network
-    assert urls and all(u.startswith(("file://", "data:", "chrome://", "chrome-untrusted://")) for u in urls), urls
-
 
 def canvas(driver, element) -> np.ndarray:
     """The ``(H, W, 3)`` pixels of a canvas."""

@@ -15,6 +15,8 @@ import attnx
 from attnx.core.trace import Needs
 from conftest import ALL, CASES, ids, max_abs_diff
 
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
+
 LRP_RUNS = [
     ("transformer_attribution", {}),
     ("partial_lrp", {}),

@@ -17,6 +17,8 @@ import torch
 import attnx
 from conftest import ALL, CASES, ids
 
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
+
 DT = torch.float64
 LENGTHS = [9, 6, 4]
 TARGETS = [1, 4, 2]

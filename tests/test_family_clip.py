@@ -22,7 +22,7 @@ import attnx
 from attnx.core import image_text
 from attnx.errors import AttnxError
 from clip_models import FAMILIES, IMAGE, PATCH, WordTokenizer, hf_clip, hf_siglip, images, model_logits, open_clip_model, tokenizer_for
-from test_state import assert_unchanged, snapshot
+from contracts import assert_unchanged, snapshot
 
 DT = torch.float64
 PROMPTS = ["a cat", "a big brown dog"]
@@ -324,6 +324,7 @@ def test_towers_with_projection_match_the_full_model():
         attnx.explain(vision, ids, method="rollout")
 
 
+@pytest.mark.slow  # a full-size ViT-B/32 built and explained at 224 px
 def test_open_clip_vit_b_32_without_weights():
     import open_clip
 

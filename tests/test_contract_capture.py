@@ -18,6 +18,9 @@ from torch.overrides import TorchFunctionMode
 
 import attnx
 from conftest import ALL, CASES, max_abs_diff, run_model, with_adapters
+from contracts import attention_layers, grab_layer_inputs, split_heads
+
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
 
 DT = torch.float64
 LENGTHS = [9, 6, 4]  # padded text batch of three
@@ -25,77 +28,6 @@ LENGTHS = [9, 6, 4]  # padded text batch of three
 
 def inputs_of(case, batch=3, dtype=DT):
     return case.inputs(batch, dtype=dtype, lengths=LENGTHS[:batch] if case.is_text else None)
-
-
-# --------------------------------------------------------------------------------------------
-# attention modules and their q, k projections, written from each library's layer definition
-# --------------------------------------------------------------------------------------------
-def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
-    B, N, D = t.shape
-    return t.view(B, N, heads, D // heads).transpose(1, 2)
-
-
-def attention_layers(case, model):
-    """``[(module, qk(x) -> (q, k) as (B, H, N, d), scale)]`` per layer, in forward order."""
-    if case.family == "timm":
-        layers = []
-        for block in model.blocks:
-            attn = block.attn
-            assert isinstance(attn.q_norm, torch.nn.Identity) and isinstance(attn.k_norm, torch.nn.Identity)
-
-            def qk(x, attn=attn):
-                B, N, _ = x.shape
-                qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-                return qkv[0], qkv[1]
-
-            layers.append((attn, qk, attn.head_dim ** -0.5))
-        return layers
-    if case.family == "torchvision":
-        layers = []
-        for layer in model.encoder.layers:
-            mha = layer.self_attention
-            D, H = mha.embed_dim, mha.num_heads
-
-            def qk(x, mha=mha, D=D, H=H):
-                w, b = mha.in_proj_weight, mha.in_proj_bias
-                q = F.linear(x, w[:D], b[:D])
-                k = F.linear(x, w[D : 2 * D], b[D : 2 * D])
-                return split_heads(q, H), split_heads(k, H)
-
-            layers.append((mha, qk, (D // H) ** -0.5))
-        return layers
-    base = getattr(model, model.base_model_prefix)
-    heads = model.config.num_attention_heads if hasattr(model.config, "num_attention_heads") else model.config.n_heads
-    if case.family == "hf_vision":
-        mods = [(l.attention, "q_proj", "k_proj") for l in base.layers]
-    elif "distilbert" in case.name:
-        mods = [(l.attention, "q_lin", "k_lin") for l in base.transformer.layer]
-    else:
-        mods = [(l.attention.self, "query", "key") for l in base.encoder.layer]
-    layers = []
-    for mod, qn, kn in mods:
-        def qk(x, mod=mod, qn=qn, kn=kn):
-            return split_heads(getattr(mod, qn)(x), heads), split_heads(getattr(mod, kn)(x), heads)
-
-        d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.dim
-        layers.append((mod, qk, (d // heads) ** -0.5))
-    return layers
-
-
-@contextlib.contextmanager
-def grab_layer_inputs(layers):
-    """Record the first positional input (the hidden states) of every attention module."""
-    seen = []
-    handles = [
-        mod.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]),
-                                      with_kwargs=True)
-        for mod, _, _ in layers
-    ]
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def runs_float32_softmax(case, adapter):

@@ -20,6 +20,8 @@ import attnx
 from attnx.core.layout import Readout
 from conftest import ALL, CASES, max_abs_diff
 
+pytestmark = pytest.mark.matrix  # the model matrix: one model per architecture in the fast tier (conftest.FAST_CASES)
+
 TOL = 1e-5
 
 

@@ -2,7 +2,7 @@
 
 lxt runs in a subprocess: its patches replace transformers' Llama modules and torch functions for
 good, and its package ``__init__`` imports BERT patches written for transformers 4, so only its
-Llama patch map is loaded (as in ``tests/test_lrp_decoders.py``).
+Llama patch map is loaded (as in ``tests/test_lrp_registry.py``).
 """
 from __future__ import annotations
 

@@ -591,7 +591,7 @@ def test_timm_swin_windows_are_refused_clearly(fused):
     """timm Swin's window attention (nn.Softmax over (B*windows, H, N, N)) is seen by the
     intercept adapter, and refused as not one stack of global self-attentions, rather than
     explained wrongly; the Swin adapter refuses a size whose last stage has several windows,
-    naming the methods that work (tests/test_swin.py covers the sizes it explains)."""
+    naming the methods that work (tests/test_family_swin.py covers the sizes it explains)."""
     from timm.models.swin_transformer import SwinTransformer
 
     torch.manual_seed(0)

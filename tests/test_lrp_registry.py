@@ -178,7 +178,7 @@ LXT_SCRIPT = textwrap.dedent(
     import importlib, json, os, sys, types
     import torch
     sys.path[:0] = [{tests!r}]
-    from test_lrp_decoders import build, inputs
+    from test_lrp_registry import build, inputs
     import lxt
 
     # lxt 2.1's package __init__ imports its BERT patches, written for transformers 4: load the
