@@ -27,7 +27,7 @@ from attnx.lrp.fused_attention import FusedAttention
 from attnx.lrp.registry import attnlrp, chefer2021, cplrp
 from conftest import CASES as MODEL_CASES
 from decoder_models import DecoderCase
-from test_lrp_decoders import build, inputs
+from test_lrp_registry import build, inputs
 
 tr = pytest.importorskip("transformers")
 

@@ -11,8 +11,8 @@ pass did with every op). The pass itself runs in :mod:`attnx.core.trace`.
 """
 from . import kinds, rules
 from .coverage import Coverage
-from .fused_attention import FusedAttention
 from .engine import LINEAR_OPS, LRPEngine, UncoveredOpError
+from .fused_attention import FusedAttention
 from .kinds import ModuleKind
 from .registry import FUNCTION_ALIASES, Registry, get_preset, in_attention, in_mlp, presets
 
