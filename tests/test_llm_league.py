@@ -70,9 +70,10 @@ def test_the_table_gives_enough_prompts_with_the_subject_never_first():
     table = facts()
     assert len(table) >= 150 and len({s for s, _ in table}) == len(table)
     prompts = fact_prompts()
-    assert len(prompts) == len(table) * sum(len(t) for t in RELATIONS.values())
+    assert len(prompts) == sum(len(RELATIONS[r]) for _, answers in table for r in answers)
     for p in prompts:
         assert p.text[p.subject_start:p.subject_end] == p.subject and p.subject_start > 0 and p.answers
+    assert len(prompts) >= 1500 and len({p.relation for p in prompts}) >= 7
 
 
 # ------------------------------------------------------------------ encoding

@@ -2,7 +2,8 @@
 
 Protocol (:func:`evaluate_facts`; ``attnx evaluate --task llm``):
 
-1. The prompts of :func:`attnx.data.facts.fact_prompts` (161 countries × 4 relations × 2 templates)
+1. The prompts of :func:`attnx.data.facts.fact_prompts` (countries, cities and landmarks; 7 relations, 1–3
+   templates each)
    are given to the model; those it answers correctly (greedy, :func:`attnx.evaluate.facts.answered`)
    are kept, in a fixed shuffled order (seed 0; ``limit`` takes the first ones).
 2. Each method explains the answer's first token (its logit at the prompt's last position), the
@@ -37,7 +38,17 @@ from .. import zoo
 from ..data.facts import FactPrompt, fact_prompts
 from ..errors import AttnxValueError
 from ..trace import evaluation_mode
-from .facts import FRACTIONS, answered, chance_rank, encode, pad_id, removal_curves, subject_rank
+from .facts import (
+    FRACTIONS,
+    answered,
+    chance_rank,
+    curves_from,
+    encode,
+    measure_rows,
+    pad_id,
+    removal_rows,
+    subject_rank,
+)
 
 __all__ = ["COLUMNS", "FactLeague", "METHODS", "evaluate_facts", "select_prompts"]
 
@@ -223,8 +234,20 @@ def select_prompts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Fac
     tried = 0
     if needed is not None:  # small runs: try prompts in small batches
         batch_size = min(batch_size, max(8, 2 * needed))
-    for start in range(0, len(prompts), batch_size):
-        if needed is not None and len(kept) >= needed:
+    if needed is None:  # all prompts: batches of (nearly) equal length, so that padding costs little
+        length = [len(tokenizer(p.text)["input_ids"]) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: length[i])
+        found: dict[int, int] = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            sub = [prompts[i] for i in chunk]
+            correct, target = answered(model, tokenizer, sub, encode(tokenizer, sub))
+            found.update((i, int(t)) for i, c, t in zip(chunk, correct.tolist(), target.tolist()) if c)
+        tried = len(prompts)
+        kept = [prompts[i] for i in sorted(found)]  # back in the given order
+        targets = [found[i] for i in sorted(found)]
+    for start in range(0, len(prompts) if needed is not None else 0, batch_size):
+        if len(kept) >= needed:
             break
         chunk = list(prompts[start:start + batch_size])
         correct, target = answered(model, tokenizer, chunk, encode(tokenizer, chunk))
@@ -300,7 +323,7 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
                                  ("template", p.template), ("candidates", nf), ("subject_tokens", s)):
                         items[k].append(v)
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                cache: dict = {}  # shortened prompts shared by the methods (the ends of every curve, ...)
+                wheres = {}
                 for m in rows:
                     bar.set_postfix_str(m, refresh=False)
                     method, opts = METHODS[m]
@@ -311,10 +334,16 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
                     out = samples[m]
                     out["rank"].append(subject_rank(scores, subject, not_first).numpy())
                     out["rank_first"].append(subject_rank(scores, batch["subject"], real).numpy())
-                    curves = removal_curves(lm, batch, scores, target, pad, FRACTIONS, replacement, forward_batch_size, cache)
-                    out["most"].append(curves["most"])
-                    out["least"].append(curves["least"])
                     out["seconds"].append(np.full(len(chunk), dt / len(chunk)))
+                    wheres[m] = removal_rows(batch, scores, target, FRACTIONS, replacement)
+                # every method's shortened prompts in one pass: rows shared by methods run once
+                bar.set_postfix_str("removal curves", refresh=False)
+                keys = [key for where in wheres.values() for w in where.values() for _, _, key in w]
+                cache = measure_rows(lm, keys, pad, forward_batch_size)
+                for m, where in wheres.items():
+                    curves = curves_from(where, cache, len(chunk), len(FRACTIONS))
+                    samples[m]["most"].append(curves["most"])
+                    samples[m]["least"].append(curves["least"])
                 bar.update(len(chunk))
     name = loaded.info.get("name") or (model if isinstance(model, str) else type(lm).__name__)
     meta = dict(counts, model=str(name), fractions=list(FRACTIONS), batch_size=batch_size,
