@@ -259,8 +259,15 @@ def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
     assert len(prompts) >= 30
     decoy = [prompt(TEMPLATES[0], "film", ("zzzznotaword",))]  # never answered: filtered out
     bundle = zoo.ZooModel(model, "text", None, tokenizer=tok, info={"name": "tiny llama"})
+    partial = []
     league = llm_league.evaluate_facts(bundle, ["random", "rollout", "lrp-attnlrp"], prompts=prompts + decoy,
-                                       batch_size=8, progress=False)
+                                       batch_size=8, progress=False, on_chunk=partial.append)
+    # after every batch, the league of the prompts so far: a prefix of the final one
+    assert [len(x) for x in partial] == [min(8 * (i + 1), len(prompts)) for i in range(len(partial))]
+    assert len(partial[-1]) == len(prompts) and "the first 8 (shuffled order)" in partial[0].describe()
+    for m in league.methods:
+        assert np.array_equal(partial[0].samples[m]["rank"], league.samples[m]["rank"][:8])
+        assert np.array_equal(partial[0].samples[m]["most"], league.samples[m]["most"][:8])
     assert len(league) == len(prompts) and league.meta["answered"] == len(prompts) and league.meta["tried"] == len(prompts) + 1
     # the curves start at the unperturbed prompt's log-probability, the same for every method
     by_text = {p.text: p for p in prompts}
@@ -292,7 +299,10 @@ def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
     assert llm_league.run_cli(args, lines.append) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"}
     assert len((tmp_path / "league_llm.csv").read_text().splitlines()) == 3
-    assert "10 factual prompts" in (tmp_path / "league_llm.md").read_text()
+    md = (tmp_path / "league_llm.md").read_text()
+    assert "the first 10 (shuffled order)" in md and "Wall time" in md and "so far" not in md
+    back = llm_league.FactLeague.load(tmp_path / "samples_llm.json")
+    assert back.to_csv() == (tmp_path / "league_llm.csv").read_text()
     from attnx.errors import AttnxValueError
 
     with pytest.raises(AttnxValueError, match="--data"):  # options of the other tasks are refused, not ignored

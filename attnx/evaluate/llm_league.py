@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -133,9 +133,15 @@ class FactLeague:
 
     def describe(self) -> str:
         m = self.meta
-        return (f"llm: {m.get('model', '?')} on {len(self)} factual prompts answered correctly "
-                f"({m.get('answered', '?')} of {m.get('tried', '?')} answered; relations: "
-                + ", ".join(f"{r} {c}" for r, c in m.get("per_relation", {}).items()) + ")")
+        n, answered = len(self), m.get("answered", "?")
+        which = (f"the first {n} (shuffled order) of its {answered} correctly answered factual prompts"
+                 if isinstance(answered, int) and n < answered else f"{n} factual prompts answered correctly")
+        evaluated: dict[str, int] = {}
+        for r in self.items.get("relation", []):
+            evaluated[r] = evaluated.get(r, 0) + 1
+        return (f"llm: {m.get('model', '?')} on {which} ({answered} of {m.get('tried', '?')} answered; relations "
+                "evaluated / answered: "
+                + ", ".join(f"{r} {evaluated.get(r, 0)}/{c}" for r, c in m.get("per_relation", {}).items()) + ")")
 
     def to_markdown(self) -> str:
         """The table (mean ± standard error; the best mean of each column in bold), the chance level
@@ -207,6 +213,13 @@ class FactLeague:
             fig.savefig(path, dpi=110)
         return fig
 
+    @classmethod
+    def load(cls, path: str | Path) -> "FactLeague":
+        """The league :meth:`save` wrote."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        samples = {m: {k: np.asarray(v) for k, v in s.items()} for m, s in data["samples"].items()}
+        return cls(data["methods"], data["items"], samples, data["meta"])
+
     def save(self, path: str | Path) -> Path:
         """The per-prompt results as JSON (lists), from which every number of the table follows."""
         data = {"methods": self.methods, "items": self.items, "meta": self.meta,
@@ -265,7 +278,7 @@ def select_prompts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Fac
 def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None = None, *,
                    prompts: Sequence[FactPrompt] | None = None, limit: int | None = None, batch_size: int = 16,
                    replacement: str | int = "delete", forward_batch_size: int = 64, progress: bool = True,
-                   seed: int = 0) -> FactLeague:
+                   seed: int = 0, on_chunk: Callable[[FactLeague], None] | None = None) -> FactLeague:
     """Run the ``llm`` league (the protocol is in the module docstring).
 
     Parameters
@@ -282,6 +295,9 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
         tried until that many are answered; the table says how many were tried).
     replacement:
         ``"delete"`` (default) or a token id that replaces the removed tokens.
+    on_chunk:
+        Called with the league of the prompts evaluated so far after every batch (a long run can
+        save its results as it goes: a prefix of the prompts is a complete league of its own).
     """
     if replacement != "delete" and not isinstance(replacement, int):
         raise AttnxValueError(f"replacement must be 'delete' or a token id, got {replacement!r}")
@@ -308,6 +324,16 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
         n = len(kept) if limit is None else min(limit, len(kept))
         seconds_filter = time.perf_counter() - t_start
         from tqdm.auto import tqdm
+
+        def league() -> FactLeague:  # the prompts evaluated so far
+            name = loaded.info.get("name") or (model if isinstance(model, str) else type(lm).__name__)
+            meta = dict(counts, model=str(name), fractions=list(FRACTIONS), batch_size=batch_size,
+                        replacement="deleted, the rest closing up" if replacement == "delete"
+                        else f"replaced by token id {replacement}",
+                        seed=seed, limit=limit, methods_options={m: METHODS[m][1] for m in rows},
+                        seconds_filter=seconds_filter, seconds_total=time.perf_counter() - t_start)
+            merged = {m: {k: np.concatenate(v) for k, v in s.items()} for m, s in samples.items()}
+            return FactLeague(rows, {k: list(v) for k, v in items.items()}, merged, meta)
 
         with tqdm(total=n, desc="evaluate llm", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, n, batch_size):
@@ -345,34 +371,37 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
                     samples[m]["most"].append(curves["most"])
                     samples[m]["least"].append(curves["least"])
                 bar.update(len(chunk))
-    name = loaded.info.get("name") or (model if isinstance(model, str) else type(lm).__name__)
-    meta = dict(counts, model=str(name), fractions=list(FRACTIONS), batch_size=batch_size,
-                replacement="deleted, the rest closing up" if replacement == "delete" else f"replaced by token id {replacement}",
-                seed=seed, limit=limit, methods_options={m: METHODS[m][1] for m in rows},
-                seconds_filter=seconds_filter, seconds_total=time.perf_counter() - t_start)
-    merged = {m: {k: np.concatenate(v) for k, v in s.items()} for m, s in samples.items()}
-    return FactLeague(rows, items, merged, meta)
+                if on_chunk is not None:
+                    on_chunk(league())
+    return league()
 
 
 def run_cli(args: Any, say: Any) -> int:
     """``attnx evaluate --task llm``: the league on ``--model`` (default smollm2); writes
-    ``league_llm.md`` / ``.csv``, ``curves_llm.png`` and ``samples_llm.json`` to ``--out``."""
+    ``league_llm.md`` / ``.csv``, ``curves_llm.png`` and ``samples_llm.json`` to ``--out`` (the table,
+    csv and samples after every batch, so that a stopped run leaves the league of its prompts so far)."""
     given = [flag for flag, attr in (("--data", "data"), ("--shard", "shard"), ("--num-scenes", "num_scenes"),
                                      ("--no-baselines", "no_baselines")) if getattr(args, attr, None)]
     if given:  # the llm task has its own prompts and always ranks random and gradient_x_input
         raise AttnxValueError(f"{', '.join(given)} do(es) not apply to --task llm (its prompts are attnx.data.facts)")
     out = Path(args.out or "attnx_evaluate")
-    t0 = time.perf_counter()
-    model = args.model if args.model not in (None, "default") else "smollm2"
-    league = evaluate_facts(model, args.methods, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
-    wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    table = league.to_markdown()
-    (out / "league_llm.md").write_text(table + f"\nWall time: {wall:.1f} s.\n", encoding="utf-8")
-    league.to_csv(out / "league_llm.csv")
-    league.plot_curves(out / "curves_llm.png")
-    league.save(out / "samples_llm.json")
-    say(table)
+    t0 = time.perf_counter()
+
+    def write(league: FactLeague, final: bool) -> str:
+        table = league.to_markdown()
+        wall = f"\nWall time: {time.perf_counter() - t0:.1f} s" + ("." if final else " so far (the run goes on).")
+        (out / "league_llm.md").write_text(table + wall + "\n", encoding="utf-8")
+        league.to_csv(out / "league_llm.csv")
+        league.save(out / "samples_llm.json")
+        if final:
+            league.plot_curves(out / "curves_llm.png")
+        return table
+
+    model = args.model if args.model not in (None, "default") else "smollm2"
+    league = evaluate_facts(model, args.methods, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet,
+                            on_chunk=lambda partial: write(partial, final=False))
+    say(write(league, final=True))
     for name in ("league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"):
         say(f"wrote {out / name}")
     return 0
