@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 __all__ = ["CITIES", "COLUMNS", "FactPrompt", "LANDMARKS", "RELATIONS", "TABLE", "TABLES", "fact_prompts", "facts"]
 
-#: the relations and their templates (``{subject}`` is replaced by the country)
+#: the relations and their templates (``{subject}`` is replaced by the country, city or landmark)
 RELATIONS: dict[str, tuple[str, ...]] = {
     "capital": ("The capital of {subject} is", "The capital city of {subject} is",
                 "The capital of {subject} is the city of"),
