@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,7 +208,7 @@ class FactLeague:
             ax.set_ylabel("log-probability of the answer")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7, ncol=2)
-        fig.suptitle(self.describe(), fontsize=8)
+        fig.suptitle(textwrap.fill(self.describe(), 190), fontsize=8)  # the description is long: wrapped
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=110)
