@@ -24,26 +24,19 @@ import sys
 import textwrap
 
 MODES = ("fwd+bwd", "attnx", "lxt")
+#: lxt is loaded by the tests' helper (tests/lxt_reference.py)
+TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 WORKER = textwrap.dedent(
     """
-    import importlib, json, os, resource, statistics, sys, time, types
+    import json, resource, statistics, sys, time
     import torch
     mode, length, repeats = {mode!r}, {length}, {repeats}
     torch.manual_seed(0)
-    if mode == "lxt":  # only lxt's Llama patch map (its package __init__ targets transformers 4)
-        import lxt
-        base = os.path.join(os.path.dirname(lxt.__file__), "efficient")
-        for name, path in (("lxt.efficient", base), ("lxt.efficient.models", os.path.join(base, "models"))):
-            stub = types.ModuleType(name)
-            stub.__path__ = [path]
-            sys.modules[name] = stub
-        from lxt.efficient.patches import wrap_attention_forward
-        for target, patch in importlib.import_module("lxt.efficient.models.llama").attnLRP.items():
-            if isinstance(target, type):
-                patch(target)
-            else:
-                target.eager_attention_forward = wrap_attention_forward(target.eager_attention_forward)
+    sys.path[:0] = [{tests!r}]
+    from lxt_reference import input_relevance, patch_attnlrp
+    if mode == "lxt":  # lxt's Llama patch map, loaded as the parity tests load it
+        patch_attnlrp("llama")
     from transformers import AutoModelForCausalLM
     from attnx.zoo import smollm2
     folder = str(smollm2.cached_folder())
@@ -58,20 +51,8 @@ WORKER = textwrap.dedent(
     def run():
         if mode == "attnx":
             return attnx.explain(model, batch, method="lrp", preset="attnlrp").input_relevance
-        store = []
-
-        def hook(module, args, output):
-            store.append(output.detach().requires_grad_(True))
-            return store[-1]
-
-        h = model.get_input_embeddings().register_forward_hook(hook)
-        try:
-            logits = model(**batch, logits_to_keep=1).logits[:, -1]
-            y = logits.max(-1).values
-            (g,) = torch.autograd.grad(y.sum(), store[0])
-            return store[0] * g
-        finally:
-            h.remove()
+        # fwd+bwd: a plain gradient × input of the unpatched model; lxt: the same on lxt's patched one
+        return input_relevance(model, {{**batch, "logits_to_keep": 1}}, lambda logits: logits[:, -1].max(-1).values)
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
@@ -89,7 +70,7 @@ WORKER = textwrap.dedent(
 def measure(mode: str, length: int, repeats: int) -> dict:
     """Time and peak memory of one mode at one length, in a fresh process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    script = WORKER.format(mode=mode, length=length, repeats=repeats)
+    script = WORKER.format(mode=mode, length=length, repeats=repeats, tests=TESTS)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} at {length} tokens failed:\n{out.stderr[-2000:]}")

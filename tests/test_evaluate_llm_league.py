@@ -70,9 +70,33 @@ def test_the_table_gives_enough_prompts_with_the_subject_never_first():
     table = facts()
     assert len(table) >= 150 and len({s for s, _ in table}) == len(table)
     prompts = fact_prompts()
-    assert len(prompts) == len(table) * sum(len(t) for t in RELATIONS.values())
+    assert len(prompts) == sum(len(RELATIONS[r]) for _, answers in table for r in answers)
     for p in prompts:
         assert p.text[p.subject_start:p.subject_end] == p.subject and p.subject_start > 0 and p.answers
+    assert len(prompts) >= 1500 and len({p.relation for p in prompts}) >= 7
+
+
+def test_the_table_has_no_duplicate_prompts_and_clean_answers():
+    prompts = fact_prompts()
+    assert len({p.text for p in prompts}) == len(prompts)
+    for subject, answers in facts():
+        assert subject == subject.strip() and subject and "|" not in subject
+        assert answers and set(answers) <= set(RELATIONS)
+        for relation, accepted in answers.items():
+            # each accepted answer: one non-empty string, no separator left in it, no repeat
+            assert accepted and len(set(accepted)) == len(accepted), (subject, relation)
+            assert all(a and a == a.strip() and "/" not in a and "|" not in a for a in accepted), (subject, relation)
+    for relation, templates in RELATIONS.items():
+        assert len(set(templates)) == len(templates)
+        assert all(t.count("{subject}") == 1 and not t.startswith("{subject}") for t in templates), relation
+        assert any(relation in a for _, a in facts()), relation  # every relation is asked of some subject
+    by_relation = {r: sum(p.relation == r for p in prompts) for r in RELATIONS}
+    assert min(by_relation.values()) >= 40, by_relation
+    # spot checks of the facts themselves
+    table = dict(facts())
+    assert table["France"]["capital"] == ("Paris",) and table["Japan"]["currency"] == ("yen",)
+    assert table["Lyon"] == {"city_country": ("France",)} and table["Taj Mahal"]["landmark_city"] == ("Agra",)
+    assert "landmark_city" not in table["Great Wall"]  # an empty cell: not asked
 
 
 # ------------------------------------------------------------------ encoding
@@ -163,6 +187,70 @@ def test_answered_keeps_exactly_the_prompts_the_model_completes(model, tok):
     assert target.tolist() == [x for f in first for x in (f, -1, f, -1, f)]
 
 
+def test_the_batched_answer_check_equals_one_prompt_at_a_time(model, tok):
+    texts = [t.format(subject=s) for s in SUBJECTS for t in TEMPLATES]  # 3 to 6 tokens: left padding
+    prompts = []
+    for t in texts:
+        s = next(s for s in sorted(SUBJECTS, key=len, reverse=True) if f" {s} " in f" {t} ")
+        w1, w2 = greedy_word(model, tok, t, 2)
+        prompts.append(prompt(t.replace(s, "{subject}", 1), s, (f"{w1} {w2}" if len(prompts) % 2 else "film",)))
+    batched, target = F.answered(model, tok, prompts, F.encode(tok, prompts))
+    alone = [F.answered(model, tok, [p], F.encode(tok, [p])) for p in prompts]
+    assert batched.tolist() == [bool(c[0]) for c, _ in alone]
+    assert target.tolist() == [int(t[0]) for _, t in alone]
+    assert 0 < int(batched.sum()) < len(prompts)
+
+    class NoGenerate(torch.nn.Module):  # the same model without generate(): the plain greedy loop
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    plain, plain_target = F.answered(NoGenerate(model), tok, prompts, F.encode(tok, prompts))
+    assert plain.tolist() == batched.tolist() and plain_target.tolist() == target.tolist()
+
+
+def test_select_prompts_keeps_the_given_order_whatever_the_batching(model, tok):
+    prompts = answered_prompts(model, tok)[:12]
+    wrong = [prompt(TEMPLATES[1], s, ("zzzznotaword",)) for s in SUBJECTS[:4]]
+    mixed = [x for pair in zip(prompts[:4], wrong) for x in pair] + prompts[4:]
+    kept, targets, counts = llm_league.select_prompts(model, tok, mixed, batch_size=5)  # length-sorted batches
+    assert kept == prompts and counts["tried"] == len(mixed) and counts["answered"] == len(prompts)
+    kept2, targets2, _ = llm_league.select_prompts(model, tok, mixed, batch_size=3, needed=len(prompts))
+    assert kept2 == kept and targets2 == targets
+    assert targets == [tok(" " + p.answers[0], add_special_tokens=False)["input_ids"][0] for p in prompts]
+
+
+def test_one_pass_for_every_methods_rows_equals_each_curve_alone(model, tok):
+    prompts = [prompt("i think the {subject} was", "funny movie"), prompt("the {subject} is", "plot"),
+               prompt("and the {subject} of this", "bad script")]
+    batch = F.encode(tok, prompts)
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.rand(batch["input_ids"].shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    targets = torch.tensor([11, 12, 13])
+    wheres = [F.removal_rows(batch, s, targets) for s in maps]
+    keys = [key for w in wheres for rows in w.values() for _, _, key in rows]
+    calls = []
+
+    def forward(**kw):
+        calls.append(kw["input_ids"].shape)
+        return model(**kw)
+
+    counting = torch.nn.Module()
+    counting.forward = forward
+    cache = F.measure_rows(counting, keys, tok.pad_token_id, batch_size=1000)
+    assert len(calls) == 1 and calls[0][0] == len(set(keys)) < len(keys)  # distinct rows, one forward
+    for s, w in zip(maps, wheres):
+        together = F.curves_from(w, cache, 3, len(F.FRACTIONS))
+        alone = F.removal_curves(model, batch, s, targets, tok.pad_token_id, batch_size=4)
+        for name in ("most", "least"):
+            assert np.allclose(together[name], alone[name], atol=1e-9)
+        for b, j, (row, t) in w["most"][::7]:  # and a forward of the shortened prompt alone
+            assert together["most"][b, j] == pytest.approx(independent_log_prob(model, list(row), t), abs=1e-9)
+
+
 # ------------------------------------------------------------------ the league
 def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
     # float32: transformers' float64 Llama attention turns the fully masked rows of left padding into NaN
@@ -171,8 +259,15 @@ def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
     assert len(prompts) >= 30
     decoy = [prompt(TEMPLATES[0], "film", ("zzzznotaword",))]  # never answered: filtered out
     bundle = zoo.ZooModel(model, "text", None, tokenizer=tok, info={"name": "tiny llama"})
+    partial = []
     league = llm_league.evaluate_facts(bundle, ["random", "rollout", "lrp-attnlrp"], prompts=prompts + decoy,
-                                       batch_size=8, progress=False)
+                                       batch_size=8, progress=False, on_chunk=partial.append)
+    # after every batch, the league of the prompts so far: a prefix of the final one
+    assert [len(x) for x in partial] == [min(8 * (i + 1), len(prompts)) for i in range(len(partial))]
+    assert len(partial[-1]) == len(prompts) and "the first 8 (shuffled order)" in partial[0].describe()
+    for m in league.methods:
+        assert np.array_equal(partial[0].samples[m]["rank"], league.samples[m]["rank"][:8])
+        assert np.array_equal(partial[0].samples[m]["most"], league.samples[m]["most"][:8])
     assert len(league) == len(prompts) and league.meta["answered"] == len(prompts) and league.meta["tried"] == len(prompts) + 1
     # the curves start at the unperturbed prompt's log-probability, the same for every method
     by_text = {p.text: p for p in prompts}
@@ -204,7 +299,10 @@ def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
     assert llm_league.run_cli(args, lines.append) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"}
     assert len((tmp_path / "league_llm.csv").read_text().splitlines()) == 3
-    assert "10 factual prompts" in (tmp_path / "league_llm.md").read_text()
+    md = (tmp_path / "league_llm.md").read_text()
+    assert "the first 10 (shuffled order)" in md and "Wall time" in md and "so far" not in md
+    back = llm_league.FactLeague.load(tmp_path / "samples_llm.json")
+    assert back.to_csv() == (tmp_path / "league_llm.csv").read_text()
     from attnx.errors import AttnxValueError
 
     with pytest.raises(AttnxValueError, match="--data"):  # options of the other tasks are refused, not ignored

@@ -175,40 +175,18 @@ def test_each_sample_gets_what_it_gets_alone(family, impl, preset):
 # --------------------------------------------------------------------------------------------
 LXT_SCRIPT = textwrap.dedent(
     """
-    import importlib, json, os, sys, types
+    import json, sys
     import torch
     sys.path[:0] = [{tests!r}]
+    from lxt_reference import input_relevance, patch_attnlrp
     from test_lrp_registry import build, inputs
-    import lxt
-
-    # lxt 2.1's package __init__ imports its BERT patches, written for transformers 4: load the
-    # model patch maps without it
-    base = os.path.join(os.path.dirname(lxt.__file__), "efficient")
-    for name, path in (("lxt.efficient", base), ("lxt.efficient.models", os.path.join(base, "models"))):
-        stub = types.ModuleType(name)
-        stub.__path__ = [path]
-        sys.modules[name] = stub
-    from lxt.efficient.patches import wrap_attention_forward
 
     out = {{}}
     for family in {families!r}:
         model = build(family, "eager", torch.float64)
-        for target, patch in importlib.import_module("lxt.efficient.models." + family).attnLRP.items():
-            if isinstance(target, type):  # torch's Dropout / LayerNorm are patched once for all families
-                assert patch(target) or target.__module__.startswith("torch"), target
-            else:  # lxt 2.1 swaps ALL_ATTENTION_FUNCTIONS for a dict transformers 5 cannot use: eager only
-                target.eager_attention_forward = wrap_attention_forward(target.eager_attention_forward)
-        store = []
-
-        def hook(module, args, output):
-            store.append(output.detach().requires_grad_(True))
-            return store[-1]
-
-        model.get_input_embeddings().register_forward_hook(hook)
-        logits = model(**inputs(2, (9, 6))).logits
-        y = logits.gather(1, torch.tensor([[1], [2]]))[:, 0]
-        (g,) = torch.autograd.grad(y, store[0], torch.ones_like(y))
-        out[family] = (store[0] * g).tolist()
+        patch_attnlrp(family)
+        r = input_relevance(model, inputs(2, (9, 6)), lambda logits: logits.gather(1, torch.tensor([[1], [2]]))[:, 0])
+        out[family] = r.tolist()
     print(json.dumps(out))
     """
 )

@@ -1,8 +1,9 @@
-"""Facts the project writes itself: countries with their capital, official language, currency and continent.
+"""Facts the project writes itself: countries with their capital, official language, currency and
+continent; well-known cities with their country; landmarks with their country and city.
 
 Written from general knowledge for :mod:`attnx.evaluate.facts` (the factual-recall league of language
-models): each fact is a subject (a country), a relation and the accepted answers; each relation has
-a few prompt templates whose next word is the answer. Where a fact has several common answers
+models): each fact is a subject (a country, a city or a landmark), a relation and the accepted
+answers; each relation has a few prompt templates whose next word is the answer. Where a fact has several common answers
 (Bolivia: ``Sucre`` and ``La Paz``), they are separated by
 ``/``; a prompt counts as answered when the model's greedy continuation starts with one of them.
 The subject never starts a prompt, so that it is never the first token (which language models use
@@ -16,14 +17,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["COLUMNS", "FactPrompt", "RELATIONS", "TABLE", "fact_prompts", "facts"]
+__all__ = ["CITIES", "COLUMNS", "FactPrompt", "LANDMARKS", "RELATIONS", "TABLE", "TABLES", "fact_prompts", "facts"]
 
-#: the relations and their templates (``{subject}`` is replaced by the country)
+#: the relations and their templates (``{subject}`` is replaced by the country, city or landmark)
 RELATIONS: dict[str, tuple[str, ...]] = {
-    "capital": ("The capital of {subject} is", "The capital city of {subject} is"),
+    "capital": ("The capital of {subject} is", "The capital city of {subject} is",
+                "The capital of {subject} is the city of"),
     "language": ("The official language of {subject} is", "In {subject}, most people speak"),
     "currency": ("The currency of {subject} is the", "In {subject}, people pay with the"),
     "continent": ("The country of {subject} is located in", "The country {subject} is part of the continent of"),
+    "city_country": ("The city of {subject} is located in the country of", "The city of {subject} is in"),
+    "landmark_country": ("The {subject} can be found in the country of", "You can visit the {subject} in"),
+    "landmark_city": ("The {subject} can be found in the city of",),
 }
 #: the columns of :data:`TABLE` after the subject
 COLUMNS = ("capital", "language", "currency", "continent")
@@ -193,6 +198,160 @@ Zambia|Lusaka|English|kwacha|Africa
 Zimbabwe|Harare|English/Shona|dollar|Africa
 """
 
+#: ``city|country`` (well-known cities other than capitals; names shared with a place elsewhere left out)
+CITIES = """Lyon|France
+Marseille|France
+Nice|France
+Toulouse|France
+Bordeaux|France
+Munich|Germany
+Hamburg|Germany
+Frankfurt|Germany
+Cologne|Germany
+Stuttgart|Germany
+Milan|Italy
+Naples|Italy
+Florence|Italy
+Venice|Italy
+Turin|Italy
+Barcelona|Spain
+Seville|Spain
+Bilbao|Spain
+Porto|Portugal
+Manchester|England/the United Kingdom/United Kingdom/the UK/UK/Britain/Great Britain
+Liverpool|England/the United Kingdom/United Kingdom/the UK/UK/Britain/Great Britain
+Glasgow|Scotland/the United Kingdom/United Kingdom/the UK/UK/Britain/Great Britain
+Edinburgh|Scotland/the United Kingdom/United Kingdom/the UK/UK/Britain/Great Britain
+Rotterdam|the Netherlands/Netherlands/Holland
+Antwerp|Belgium
+Geneva|Switzerland
+Zurich|Switzerland
+Salzburg|Austria
+Krakow|Poland
+Gdansk|Poland
+Novosibirsk|Russia
+Istanbul|Turkey/Türkiye
+Izmir|Turkey/Türkiye
+Osaka|Japan
+Kyoto|Japan
+Yokohama|Japan
+Hiroshima|Japan
+Shanghai|China
+Guangzhou|China
+Shenzhen|China
+Busan|South Korea/Korea
+Mumbai|India
+Kolkata|India
+Bangalore|India
+Chennai|India
+Karachi|Pakistan
+Lahore|Pakistan
+Dubai|the United Arab Emirates/United Arab Emirates/the UAE/UAE
+Jeddah|Saudi Arabia
+Casablanca|Morocco
+Marrakesh|Morocco
+Lagos|Nigeria
+Johannesburg|South Africa
+Cape Town|South Africa
+Durban|South Africa
+Mombasa|Kenya
+Toronto|Canada
+Montreal|Canada
+Vancouver|Canada
+Sydney|Australia
+Melbourne|Australia
+Brisbane|Australia
+Auckland|New Zealand
+Chicago|the United States/United States/the USA/USA/the US/America
+Los Angeles|the United States/United States/the USA/USA/the US/America
+Houston|the United States/United States/the USA/USA/the US/America
+San Francisco|the United States/United States/the USA/USA/the US/America
+Boston|the United States/United States/the USA/USA/the US/America
+Seattle|the United States/United States/the USA/USA/the US/America
+Miami|the United States/United States/the USA/USA/the US/America
+Rio de Janeiro|Brazil
+São Paulo|Brazil
+Monterrey|Mexico
+Cancún|Mexico
+Medellín|Colombia
+Valparaíso|Chile
+Cusco|Peru
+Ho Chi Minh City|Vietnam
+Chiang Mai|Thailand
+Phuket|Thailand
+Surabaya|Indonesia
+Cebu|the Philippines/Philippines
+Tel Aviv|Israel
+Haifa|Israel
+Aleppo|Syria
+Basra|Iraq
+Isfahan|Iran
+Kharkiv|Ukraine
+Gothenburg|Sweden
+Bergen|Norway
+Aarhus|Denmark
+Thessaloniki|Greece
+Dubrovnik|Croatia
+Plovdiv|Bulgaria
+Brno|the Czech Republic/Czech Republic/Czechia
+Debrecen|Hungary
+"""
+
+#: ``landmark|country|city`` (as named after "the"); an empty cell: no city asked
+LANDMARKS = """Eiffel Tower|France|Paris
+Arc de Triomphe|France|Paris
+Louvre|France|Paris
+Colosseum|Italy|Rome
+Trevi Fountain|Italy|Rome
+Leaning Tower of Pisa|Italy|Pisa
+Uffizi Gallery|Italy|Florence
+Statue of Liberty|the United States/United States/the USA/USA/the US/America|New York
+Empire State Building|the United States/United States/the USA/USA/the US/America|New York
+Golden Gate Bridge|the United States/United States/the USA/USA/the US/America|San Francisco
+Space Needle|the United States/United States/the USA/USA/the US/America|Seattle
+White House|the United States/United States/the USA/USA/the US/America|Washington
+Hollywood Sign|the United States/United States/the USA/USA/the US/America|Los Angeles/Hollywood
+Grand Canyon|the United States/United States/the USA/USA/the US/America|
+Taj Mahal|India|Agra
+Gateway of India|India|Mumbai/Bombay
+Great Wall|China|
+Forbidden City|China|Beijing
+Tiananmen Square|China|Beijing
+Terracotta Army|China|Xi'an/Xian
+Oriental Pearl Tower|China|Shanghai
+Sydney Opera House|Australia|Sydney
+Sydney Harbour Bridge|Australia|Sydney
+Big Ben|England/the United Kingdom/United Kingdom/the UK/UK/Britain/Great Britain|London
+Buckingham Palace|England/the United Kingdom/United Kingdom/the UK/UK/Britain/Great Britain|London
+Tower Bridge|England/the United Kingdom/United Kingdom/the UK/UK/Britain/Great Britain|London
+Brandenburg Gate|Germany|Berlin
+Reichstag building|Germany|Berlin
+Neuschwanstein Castle|Germany|
+Acropolis|Greece|Athens
+Parthenon|Greece|Athens
+Kremlin|Russia|Moscow
+Red Square|Russia|Moscow
+Hermitage Museum|Russia|Saint Petersburg/St. Petersburg/St Petersburg
+Sagrada Familia|Spain|Barcelona
+Alhambra|Spain|Granada
+Prado Museum|Spain|Madrid
+Rijksmuseum|the Netherlands/Netherlands/Holland|Amsterdam
+Charles Bridge|the Czech Republic/Czech Republic/Czechia|Prague
+Atomium|Belgium|Brussels
+Little Mermaid statue|Denmark|Copenhagen
+Petronas Towers|Malaysia|Kuala Lumpur
+Burj Khalifa|the United Arab Emirates/United Arab Emirates/the UAE/UAE|Dubai
+Pyramids of Giza|Egypt|Giza/Cairo
+Hagia Sophia|Turkey/Türkiye|Istanbul
+CN Tower|Canada|Toronto
+Table Mountain|South Africa|Cape Town
+Marina Bay Sands|Singapore|Singapore
+Shwedagon Pagoda|Myanmar/Burma|Yangon/Rangoon
+"""
+
+#: each table: its text, and the relation of each column after the subject
+TABLES = ((TABLE, COLUMNS), (CITIES, ("city_country",)), (LANDMARKS, ("landmark_country", "landmark_city")))
+
 
 @dataclass(frozen=True)
 class FactPrompt:
@@ -212,11 +371,13 @@ class FactPrompt:
 
 
 def facts() -> list[tuple[str, dict[str, tuple[str, ...]]]]:
-    """``(subject, {relation: answers})`` for every row of :data:`TABLE`, in table order."""
+    """``(subject, {relation: answers})`` for every row of :data:`TABLES`, in table order (an empty
+    cell: the relation is not asked of that subject)."""
     out = []
-    for line in TABLE.strip().splitlines():
-        subject, *cells = line.split("|")
-        out.append((subject, {r: tuple(a.strip() for a in c.split("/")) for r, c in zip(COLUMNS, cells)}))
+    for text, columns in TABLES:
+        for line in text.strip().splitlines():
+            subject, *cells = line.split("|")
+            out.append((subject, {r: tuple(a.strip() for a in c.split("/")) for r, c in zip(columns, cells) if c.strip()}))
     return out
 
 
@@ -232,6 +393,8 @@ def fact_prompts(relations: dict[str, tuple[str, ...]] | None = None) -> list[Fa
     out = []
     for subject, answers in facts():
         for relation, templates in relations.items():
+            if relation not in answers:
+                continue
             for i, template in enumerate(templates):
                 before = template.split("{subject}")[0]
                 out.append(FactPrompt(template.format(subject=subject), subject, relation, i,

@@ -24,7 +24,8 @@ import torch
 from ..data.facts import FactPrompt
 from ..errors import AttnxValueError
 
-__all__ = ["FRACTIONS", "answered", "chance_rank", "encode", "pad_id", "removal_curves", "subject_rank"]
+__all__ = ["FRACTIONS", "answered", "chance_rank", "curves_from", "encode", "measure_rows", "pad_id", "removal_curves",
+           "removal_rows", "subject_rank"]
 
 #: fractions of the removable tokens removed at each point of a curve
 FRACTIONS = tuple(i / 10 for i in range(11))
@@ -102,16 +103,21 @@ def answered(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[FactPromp
         where the prompt is not answered).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    generated = ids.new_zeros((ids.shape[0], 0))
-    past_ids, past_mask = ids, mask
-    extra = _keeps_last_logits(model)
-    for _ in range(max_new_tokens):  # plain greedy decoding, the prompt re-read each step (prompts are short)
-        position = (past_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=past_ids, attention_mask=past_mask, position_ids=position, **extra).logits[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)
-        generated = torch.cat([generated, nxt], 1)
-        past_ids = torch.cat([past_ids, nxt], 1)
-        past_mask = torch.cat([past_mask, torch.ones_like(nxt)], 1)
+    if hasattr(model, "generate"):  # greedy with the key/value cache: each prompt is read once
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, pad_token_id=pad_id(tokenizer), use_cache=True)
+        generated = out[:, ids.shape[1]:]
+    else:  # plain greedy decoding, the prompt re-read each step
+        generated = ids.new_zeros((ids.shape[0], 0))
+        past_ids, past_mask = ids, mask
+        extra = _keeps_last_logits(model)
+        for _ in range(max_new_tokens):
+            position = (past_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=past_ids, attention_mask=past_mask, position_ids=position, **extra).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            generated = torch.cat([generated, nxt], 1)
+            past_ids = torch.cat([past_ids, nxt], 1)
+            past_mask = torch.cat([past_mask, torch.ones_like(nxt)], 1)
     correct = torch.zeros(len(prompts), dtype=torch.bool)
     for b, p in enumerate(prompts):
         for answer in p.answers:
@@ -190,11 +196,62 @@ def removal_order(scores: torch.Tensor, removable: torch.Tensor, most_relevant_f
     return orders
 
 
+def removal_rows(batch: dict[str, torch.Tensor], scores: torch.Tensor, targets: torch.Tensor,
+                 fractions: Sequence[float] = FRACTIONS, replacement: str | int = "delete") -> dict[str, list]:
+    """The shortened prompts of :func:`removal_curves`, not yet run: ``{"most" | "least": [(b, j, key)]}``
+    with ``key = (token ids, target)``, the prompt ``b`` at fraction ``fractions[j]``."""
+    ids, mask, first = batch["input_ids"], batch["attention_mask"].bool(), batch["first"]
+    removable = mask.clone()
+    removable[torch.arange(len(ids)), first] = False
+    t = targets.tolist()
+    where: dict[str, list] = {}
+    for name, most in (("most", True), ("least", False)):
+        where[name] = []
+        for b, order in enumerate(removal_order(scores, removable, most)):
+            real = torch.nonzero(mask[b]).flatten().tolist()
+            for j, f in enumerate(fractions):
+                gone = set(order[:int(round(f * len(order)))])
+                if replacement == "delete":
+                    row = tuple(int(ids[b, i]) for i in real if i not in gone)
+                else:
+                    row = tuple(int(replacement) if i in gone else int(ids[b, i]) for i in real)
+                where[name].append((b, j, (row, t[b])))
+    return where
+
+
+def measure_rows(model: torch.nn.Module, keys: Sequence[tuple], pad_id: int, batch_size: int = 64,
+                 cache: dict | None = None) -> dict:
+    """``{(token ids, target): log-probability}`` for every key not yet in ``cache`` (which is updated
+    and returned): the distinct rows run once, sorted by length so that a batch holds rows of
+    (nearly) the same length and padding costs little."""
+    cache = {} if cache is None else cache
+    todo = sorted(dict.fromkeys(k for k in keys if k not in cache), key=lambda k: len(k[0]))
+    if todo:
+        lp = answer_log_probs(model, [r for r, _ in todo], [tg for _, tg in todo], pad_id, batch_size)
+        cache.update(zip(todo, lp.tolist()))
+    return cache
+
+
+def curves_from(where: dict[str, list], cache: dict, num_prompts: int, num_fractions: int) -> dict[str, np.ndarray]:
+    """The ``(B, K)`` curves of :func:`removal_rows`' rows, read from measured log-probabilities."""
+    out = {}
+    for name, w in where.items():
+        curve = np.zeros((num_prompts, num_fractions))
+        for b, j, key in w:
+            curve[b, j] = cache[key]
+        out[name] = curve
+    return out
+
+
 def removal_curves(model: torch.nn.Module, batch: dict[str, torch.Tensor], scores: torch.Tensor, targets: torch.Tensor,
                    pad_id: int, fractions: Sequence[float] = FRACTIONS, replacement: str | int = "delete",
                    batch_size: int = 64, cache: dict | None = None) -> dict[str, np.ndarray]:
     """The answer's log-probability as the most (``"most"``) / least (``"least"``) relevant tokens are
     removed, at each fraction of the removable tokens (every real token but the first).
+
+    Every shortened prompt of both curves runs in one batched forward pass (left-padded with an
+    attention mask, in batches of ``batch_size``): :func:`removal_rows`, :func:`measure_rows`,
+    :func:`curves_from`.
 
     Parameters
     ----------
@@ -211,31 +268,6 @@ def removal_curves(model: torch.nn.Module, batch: dict[str, torch.Tensor], score
         ``"most"``, ``"least"``: ``(B, len(fractions))`` log-probabilities of ``targets``; ``k`` =
         ``round(f · n)`` of the ``n`` removable tokens are removed at fraction ``f``.
     """
-    ids, mask, first = batch["input_ids"], batch["attention_mask"].bool(), batch["first"]
-    removable = mask.clone()
-    removable[torch.arange(len(ids)), first] = False
-    cache = {} if cache is None else cache
-    t = targets.tolist()
-    out, where = {}, {}
-    for name, most in (("most", True), ("least", False)):
-        orders = removal_order(scores, removable, most)
-        where[name] = []
-        for b, order in enumerate(orders):
-            real = torch.nonzero(mask[b]).flatten().tolist()
-            for j, f in enumerate(fractions):
-                gone = set(order[:int(round(f * len(order)))])
-                if replacement == "delete":
-                    row = tuple(int(ids[b, i]) for i in real if i not in gone)
-                else:
-                    row = tuple(int(replacement) if i in gone else int(ids[b, i]) for i in real)
-                where[name].append((b, j, (row, t[b])))
-    todo = list(dict.fromkeys(key for w in where.values() for _, _, key in w if key not in cache))
-    if todo:
-        lp = answer_log_probs(model, [r for r, _ in todo], [tg for _, tg in todo], pad_id, batch_size)
-        cache.update(zip(todo, lp.tolist()))
-    for name, w in where.items():
-        curve = np.zeros((len(ids), len(fractions)))
-        for b, j, key in w:
-            curve[b, j] = cache[key]
-        out[name] = curve
-    return out
+    where = removal_rows(batch, scores, targets, fractions, replacement)
+    cache = measure_rows(model, [key for w in where.values() for _, _, key in w], pad_id, batch_size, cache)
+    return curves_from(where, cache, len(batch["input_ids"]), len(fractions))

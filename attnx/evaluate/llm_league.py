@@ -2,7 +2,8 @@
 
 Protocol (:func:`evaluate_facts`; ``attnx evaluate --task llm``):
 
-1. The prompts of :func:`attnx.data.facts.fact_prompts` (161 countries × 4 relations × 2 templates)
+1. The prompts of :func:`attnx.data.facts.fact_prompts` (countries, cities and landmarks; 7 relations, 1–3
+   templates each)
    are given to the model; those it answers correctly (greedy, :func:`attnx.evaluate.facts.answered`)
    are kept, in a fixed shuffled order (seed 0; ``limit`` takes the first ones).
 2. Each method explains the answer's first token (its logit at the prompt's last position), the
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +39,17 @@ from .. import zoo
 from ..core.trace import evaluation_mode
 from ..data.facts import FactPrompt, fact_prompts
 from ..errors import AttnxValueError
-from .facts import FRACTIONS, answered, chance_rank, encode, pad_id, removal_curves, subject_rank
+from .facts import (
+    FRACTIONS,
+    answered,
+    chance_rank,
+    curves_from,
+    encode,
+    measure_rows,
+    pad_id,
+    removal_rows,
+    subject_rank,
+)
 
 __all__ = ["COLUMNS", "FactLeague", "METHODS", "evaluate_facts", "select_prompts"]
 
@@ -122,9 +134,15 @@ class FactLeague:
 
     def describe(self) -> str:
         m = self.meta
-        return (f"llm: {m.get('model', '?')} on {len(self)} factual prompts answered correctly "
-                f"({m.get('answered', '?')} of {m.get('tried', '?')} answered; relations: "
-                + ", ".join(f"{r} {c}" for r, c in m.get("per_relation", {}).items()) + ")")
+        n, answered = len(self), m.get("answered", "?")
+        which = (f"the first {n} (shuffled order) of its {answered} correctly answered factual prompts"
+                 if isinstance(answered, int) and n < answered else f"{n} factual prompts answered correctly")
+        evaluated: dict[str, int] = {}
+        for r in self.items.get("relation", []):
+            evaluated[r] = evaluated.get(r, 0) + 1
+        return (f"llm: {m.get('model', '?')} on {which} ({answered} of {m.get('tried', '?')} answered; relations "
+                "evaluated / answered: "
+                + ", ".join(f"{r} {evaluated.get(r, 0)}/{c}" for r, c in m.get("per_relation", {}).items()) + ")")
 
     def to_markdown(self) -> str:
         """The table (mean ± standard error; the best mean of each column in bold), the chance level
@@ -190,11 +208,18 @@ class FactLeague:
             ax.set_ylabel("log-probability of the answer")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7, ncol=2)
-        fig.suptitle(self.describe(), fontsize=8)
+        fig.suptitle(textwrap.fill(self.describe(), 190), fontsize=8)  # the description is long: wrapped
         fig.tight_layout()
         if path is not None:
             fig.savefig(path, dpi=110)
         return fig
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FactLeague":
+        """The league :meth:`save` wrote."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        samples = {m: {k: np.asarray(v) for k, v in s.items()} for m, s in data["samples"].items()}
+        return cls(data["methods"], data["items"], samples, data["meta"])
 
     def save(self, path: str | Path) -> Path:
         """The per-prompt results as JSON (lists), from which every number of the table follows."""
@@ -223,8 +248,20 @@ def select_prompts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Fac
     tried = 0
     if needed is not None:  # small runs: try prompts in small batches
         batch_size = min(batch_size, max(8, 2 * needed))
-    for start in range(0, len(prompts), batch_size):
-        if needed is not None and len(kept) >= needed:
+    if needed is None:  # all prompts: batches of (nearly) equal length, so that padding costs little
+        length = [len(tokenizer(p.text)["input_ids"]) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: length[i])
+        found: dict[int, int] = {}
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            sub = [prompts[i] for i in chunk]
+            correct, target = answered(model, tokenizer, sub, encode(tokenizer, sub))
+            found.update((i, int(t)) for i, c, t in zip(chunk, correct.tolist(), target.tolist()) if c)
+        tried = len(prompts)
+        kept = [prompts[i] for i in sorted(found)]  # back in the given order
+        targets = [found[i] for i in sorted(found)]
+    for start in range(0, len(prompts) if needed is not None else 0, batch_size):
+        if len(kept) >= needed:
             break
         chunk = list(prompts[start:start + batch_size])
         correct, target = answered(model, tokenizer, chunk, encode(tokenizer, chunk))
@@ -242,7 +279,7 @@ def select_prompts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Fac
 def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None = None, *,
                    prompts: Sequence[FactPrompt] | None = None, limit: int | None = None, batch_size: int = 16,
                    replacement: str | int = "delete", forward_batch_size: int = 64, progress: bool = True,
-                   seed: int = 0) -> FactLeague:
+                   seed: int = 0, on_chunk: Callable[[FactLeague], None] | None = None) -> FactLeague:
     """Run the ``llm`` league (the protocol is in the module docstring).
 
     Parameters
@@ -259,6 +296,9 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
         tried until that many are answered; the table says how many were tried).
     replacement:
         ``"delete"`` (default) or a token id that replaces the removed tokens.
+    on_chunk:
+        Called with the league of the prompts evaluated so far after every batch (a long run can
+        save its results as it goes: a prefix of the prompts is a complete league of its own).
     """
     if replacement != "delete" and not isinstance(replacement, int):
         raise AttnxValueError(f"replacement must be 'delete' or a token id, got {replacement!r}")
@@ -286,6 +326,16 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
         seconds_filter = time.perf_counter() - t_start
         from tqdm.auto import tqdm
 
+        def league() -> FactLeague:  # the prompts evaluated so far
+            name = loaded.info.get("name") or (model if isinstance(model, str) else type(lm).__name__)
+            meta = dict(counts, model=str(name), fractions=list(FRACTIONS), batch_size=batch_size,
+                        replacement="deleted, the rest closing up" if replacement == "delete"
+                        else f"replaced by token id {replacement}",
+                        seed=seed, limit=limit, methods_options={m: METHODS[m][1] for m in rows},
+                        seconds_filter=seconds_filter, seconds_total=time.perf_counter() - t_start)
+            merged = {m: {k: np.concatenate(v) for k, v in s.items()} for m, s in samples.items()}
+            return FactLeague(rows, {k: list(v) for k, v in items.items()}, merged, meta)
+
         with tqdm(total=n, desc="evaluate llm", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, n, batch_size):
                 chunk = kept[start:min(start + batch_size, n)]
@@ -300,7 +350,7 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
                                  ("template", p.template), ("candidates", nf), ("subject_tokens", s)):
                         items[k].append(v)
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-                cache: dict = {}  # shortened prompts shared by the methods (the ends of every curve, ...)
+                wheres = {}
                 for m in rows:
                     bar.set_postfix_str(m, refresh=False)
                     method, opts = METHODS[m]
@@ -311,39 +361,48 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
                     out = samples[m]
                     out["rank"].append(subject_rank(scores, subject, not_first).numpy())
                     out["rank_first"].append(subject_rank(scores, batch["subject"], real).numpy())
-                    curves = removal_curves(lm, batch, scores, target, pad, FRACTIONS, replacement, forward_batch_size, cache)
-                    out["most"].append(curves["most"])
-                    out["least"].append(curves["least"])
                     out["seconds"].append(np.full(len(chunk), dt / len(chunk)))
+                    wheres[m] = removal_rows(batch, scores, target, FRACTIONS, replacement)
+                # every method's shortened prompts in one pass: rows shared by methods run once
+                bar.set_postfix_str("removal curves", refresh=False)
+                keys = [key for where in wheres.values() for w in where.values() for _, _, key in w]
+                cache = measure_rows(lm, keys, pad, forward_batch_size)
+                for m, where in wheres.items():
+                    curves = curves_from(where, cache, len(chunk), len(FRACTIONS))
+                    samples[m]["most"].append(curves["most"])
+                    samples[m]["least"].append(curves["least"])
                 bar.update(len(chunk))
-    name = loaded.info.get("name") or (model if isinstance(model, str) else type(lm).__name__)
-    meta = dict(counts, model=str(name), fractions=list(FRACTIONS), batch_size=batch_size,
-                replacement="deleted, the rest closing up" if replacement == "delete" else f"replaced by token id {replacement}",
-                seed=seed, limit=limit, methods_options={m: METHODS[m][1] for m in rows},
-                seconds_filter=seconds_filter, seconds_total=time.perf_counter() - t_start)
-    merged = {m: {k: np.concatenate(v) for k, v in s.items()} for m, s in samples.items()}
-    return FactLeague(rows, items, merged, meta)
+                if on_chunk is not None:
+                    on_chunk(league())
+    return league()
 
 
 def run_cli(args: Any, say: Any) -> int:
     """``attnx evaluate --task llm``: the league on ``--model`` (default smollm2); writes
-    ``league_llm.md`` / ``.csv``, ``curves_llm.png`` and ``samples_llm.json`` to ``--out``."""
+    ``league_llm.md`` / ``.csv``, ``curves_llm.png`` and ``samples_llm.json`` to ``--out`` (the table,
+    csv and samples after every batch, so that a stopped run leaves the league of its prompts so far)."""
     given = [flag for flag, attr in (("--data", "data"), ("--shard", "shard"), ("--num-scenes", "num_scenes"),
                                      ("--no-baselines", "no_baselines")) if getattr(args, attr, None)]
     if given:  # the llm task has its own prompts and always ranks random and gradient_x_input
         raise AttnxValueError(f"{', '.join(given)} do(es) not apply to --task llm (its prompts are attnx.data.facts)")
     out = Path(args.out or "attnx_evaluate")
-    t0 = time.perf_counter()
-    model = args.model if args.model not in (None, "default") else "smollm2"
-    league = evaluate_facts(model, args.methods, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet)
-    wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    table = league.to_markdown()
-    (out / "league_llm.md").write_text(table + f"\nWall time: {wall:.1f} s.\n", encoding="utf-8")
-    league.to_csv(out / "league_llm.csv")
-    league.plot_curves(out / "curves_llm.png")
-    league.save(out / "samples_llm.json")
-    say(table)
+    t0 = time.perf_counter()
+
+    def write(league: FactLeague, final: bool) -> str:
+        table = league.to_markdown()
+        wall = f"\nWall time: {time.perf_counter() - t0:.1f} s" + ("." if final else " so far (the run goes on).")
+        (out / "league_llm.md").write_text(table + wall + "\n", encoding="utf-8")
+        league.to_csv(out / "league_llm.csv")
+        league.save(out / "samples_llm.json")
+        if final:
+            league.plot_curves(out / "curves_llm.png")
+        return table
+
+    model = args.model if args.model not in (None, "default") else "smollm2"
+    league = evaluate_facts(model, args.methods, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet,
+                            on_chunk=lambda partial: write(partial, final=False))
+    say(write(league, final=True))
     for name in ("league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"):
         say(f"wrote {out / name}")
     return 0
