@@ -25,7 +25,7 @@ import torch
 import attnx
 
 from .. import metrics, zoo
-from ..core.trace import evaluation_mode
+from ..core.runtime import evaluation_mode
 from ..data import Scenes
 from ..data.captions import class_prompt
 from ..errors import AttnxValueError

@@ -103,6 +103,10 @@ class Entry:
 class Registry:
     """Ordered map from module types and torch functions to rules (later entries win)."""
 
+    #: whether every rule is plain autograd (gradient x input): the pass then seeds the target's
+    #: exact gradient, and a target's own ``relevance_seed`` is not used
+    plain_gradient: bool = False
+
     def __init__(
         self,
         name: str = "custom",
