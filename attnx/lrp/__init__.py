@@ -2,7 +2,7 @@
 
 See :mod:`attnx.lrp.rules` (the convention and the rules), :mod:`attnx.lrp.registry` (module
 types, module kinds and torch functions -> rules, the presets ``chefer2021``, ``attnlrp``,
-``attnlrp-gamma``, ``cplrp``), :mod:`attnx.lrp.kinds` (families of modules recognised by a
+``attnlrp-gamma``, ``cplrp``; users add theirs with :func:`register_preset`), :mod:`attnx.lrp.kinds` (families of modules recognised by a
 predicate: RMSNorm, written-out activations, GPT-2's Conv1D, MoE routers),
 :mod:`attnx.lrp.decompositions` (attention kernels written out), :mod:`attnx.lrp.engine`
 (applying a registry during a forward, strict by default) and :mod:`attnx.lrp.coverage` (what a
@@ -12,7 +12,16 @@ from . import kinds, rules
 from .coverage import Coverage
 from .engine import LINEAR_OPS, LRPEngine, UncoveredOpError
 from .kinds import ModuleKind
-from .registry import FUNCTION_ALIASES, Registry, get_preset, in_attention, in_mlp, presets
+from .registry import (
+    FUNCTION_ALIASES,
+    Registry,
+    get_preset,
+    in_attention,
+    in_mlp,
+    presets,
+    register_preset,
+    unregister_preset,
+)
 
 __all__ = [
     "Coverage",
@@ -27,5 +36,7 @@ __all__ = [
     "in_mlp",
     "kinds",
     "presets",
+    "register_preset",
     "rules",
+    "unregister_preset",
 ]
