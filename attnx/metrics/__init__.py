@@ -82,3 +82,13 @@ __all__ = [
     "MEASURES",
 ]
 
+
+
+def __getattr__(name: str):
+    # the former name of RelevanceLike (attnx.Relevance is a method's result, another thing)
+    if name == "Relevance":
+        import warnings
+
+        warnings.warn("attnx.metrics.Relevance is now attnx.metrics.RelevanceLike", DeprecationWarning, stacklevel=2)
+        return RelevanceLike
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
