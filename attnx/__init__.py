@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and edito
     from .core.generation import GenerationExplanation, explain_generation
     from .core.image_text import ImageText, ImageTextExplanation
     from .core.targets import Continuation
-    from .core.trace import Needs, Trace
+    from .core.trace_types import Needs, Trace
     from .methods import Option, Relevance, get_method, list_methods, register_method
 
 __version__ = "0.1.0"
@@ -48,8 +48,8 @@ _LAZY_NAMES = {
     "list_methods": "methods",
     "register_method": "methods",
     "Continuation": "core.targets",
-    "Needs": "core.trace",
-    "Trace": "core.trace",
+    "Needs": "core.trace_types",
+    "Trace": "core.trace_types",
 }
 #: public submodule name -> where it lives (``attnx.core.similarity`` reads ``attnx.core.similarity``)
 _SUBMODULES = {"image_text": "core.image_text", "similarity": "core.similarity"}

@@ -134,7 +134,7 @@ ALLOWED = {
     "errors": set(),
     "lrp": {"errors"},
     "core": {"errors", "lrp", "adapters", "methods", "viz", "report"},
-    "adapters": {"errors", "core"},
+    "adapters": {"errors", "lrp", "core"},
     "methods": {"errors", "lrp", "core"},
     "metrics": {"errors", "core"},
     "viz": {"errors"},

@@ -1,4 +1,4 @@
-"""Backward passes that stop at the lowest layer a method reads (``Needs.first_layer``).
+"""Backward passes that stop at the lowest layer a method reads (``attnx.core.trace_types.FirstLayer``).
 
 The maps must equal those computed from a trace of every layer (the method function applied to
 a full trace), the layers below must be ``None`` in the trace, and the backward must really not
@@ -67,8 +67,8 @@ def test_maps_equal_a_full_trace_and_lower_layers_are_not_reached(case_name, nam
     try:
         spec = get_method(name)
         method_options, trace_options = spec.resolve(options)
-        needs = spec.needs_for(method_options)
-        trace = explainer.trace(inputs, None, needs, explainer.registry_for(spec, trace_options))
+        trace = explainer.trace(inputs, None, spec.needs, explainer.registry_for(spec, trace_options),
+                                first_layer=spec.first_layer_for(method_options))
         e = explainer.explain(inputs, method=name, **options)
     finally:
         handle.remove()

@@ -15,7 +15,7 @@ from attnx.evaluate import image_text as it
 
 @pytest.fixture(scope="module")
 def clip_results():
-    return it.class_discrimination(["generic", "random"], models=("clip",), limit=8, batch_size=8)
+    return it.class_discrimination_column(["generic", "random"], models=("clip",), limit=8, batch_size=8)
 
 
 def test_two_garment_maps_pair_each_garment_with_the_other():
@@ -67,6 +67,6 @@ def test_markdown_and_errors(clip_results):
     assert table.splitlines()[0] == "| method | CLIP discrim. ↑ | CLIP mass ratio ↑ |"
     assert "| `random` | 0.500 | 1.00 |" in table
     with pytest.raises(AttnxValueError, match="models must be among"):
-        it.class_discrimination(["generic"], models=("siglip",))
+        it.class_discrimination_column(["generic"], models=("siglip",))
     with pytest.raises(AttnxValueError):
-        it.class_discrimination(["no_such_method"], models=("clip",))
+        it.class_discrimination_column(["no_such_method"], models=("clip",))

@@ -12,7 +12,7 @@ import warnings
 from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, missing_methods
 from .dual_encoder import DualEncoderAdapter, HFDualEncoderAdapter, OpenCLIPAdapter
 from .hf import HFAdapter
 from .hf_decoder import HFDecoderAdapter
@@ -50,6 +50,12 @@ def register_adapter(cls: type[Adapter], *, first: bool = False) -> type[Adapter
     """Register an adapter class (usable as a decorator). ``first=True`` gives it priority."""
     if not (isinstance(cls, type) and issubclass(cls, Adapter)):
         raise AttnxTypeError(f"expected an Adapter subclass, got {cls!r}")
+    missing = missing_methods(cls)
+    if missing:
+        raise AttnxTypeError(
+            f"adapter {cls.__name__} does not implement {', '.join(missing)} of the adapter protocol "
+            "(attnx.adapters.Adapter: matches, prepare, observe and call)"
+        )
     global _REGISTRY
     _REGISTRY.pop(cls.name, None)
     _REGISTRY = {cls.name: cls, **_REGISTRY} if first else {**_REGISTRY, cls.name: cls}

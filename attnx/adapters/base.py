@@ -1,19 +1,27 @@
-"""The adapter protocol: what attnx needs to know about one architecture family.
+"""The adapter protocol: everything attnx's core asks of one architecture family.
 
-An adapter answers four questions about a model (see ``Adapter``):
+An adapter must answer four questions about a model (the abstract methods of ``Adapter``):
 
 1. ``matches(model)`` -- is this model mine?
-2. ``observe(recorder)`` -- the reversible switches that make the post-softmax attention
+2. ``prepare(inputs)`` -- the validated :class:`~attnx.core.batch.Batch` with its token layout
+   (prefix tokens, patch grid, padding).
+3. ``observe(recorder)`` -- the reversible switches that make the post-softmax attention
    probabilities of every layer observable during a forward, as tensors inside the autograd
    graph (undone on exit, also on exceptions); see :mod:`attnx.adapters.switches`.
-3. ``prepare(inputs)`` -- the token layout for these inputs (prefix tokens, patch grid, padding).
-4. ``call(batch)`` -- run the model and return the classification logits ``(B, C)``.
+4. ``call(batch)`` -- run the model and return its raw output and the logits ``(B, C)`` (or
+   ``(B, T, V)`` of a language model).
+
+Everything else the core reads has a default here, which an adapter overrides where its family
+differs: ``name``, ``expects``, ``is_lm``, ``outputs_embedding``, ``input_embeddings``,
+``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout`` and
+``append_continuation``. The core reads nothing else of an adapter.
 
 Adapters hold architecture knowledge only; the core types they fill (``Layout``, ``Batch``,
 ``AttentionRecorder``) live in the attnx core, and they never do explanation math.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 from typing import Any, ClassVar, Iterator
 
@@ -23,39 +31,77 @@ from torch import nn
 from ..core.batch import Batch
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
-from ..errors import AttnxTypeError
+from ..errors import AttnxTypeError, UnsupportedModelError
 
-__all__ = ["Adapter"]
+__all__ = ["Adapter", "missing_methods"]
+
+
+def missing_methods(cls: type) -> list[str]:
+    """The abstract methods of the protocol that ``cls`` does not implement."""
+    return sorted(
+        name for name in dir(cls) if getattr(getattr(cls, name, None), "__isabstractmethod__", False)
+    )
 
 
 class Adapter:
     """Base class of the architecture adapters.
 
-    Subclasses set ``name`` and implement ``matches``, ``prepare``, ``observe`` and ``call``.
+    Subclasses set ``name`` and implement ``matches``, ``prepare``, ``observe`` and ``call``;
+    an adapter made without one of them is refused with :class:`attnx.errors.AttnxTypeError`.
     Register new ones with :func:`attnx.adapters.register_adapter`.
+
+    Attributes
+    ----------
+    name:
+        The adapter's name (``attnx.Explainer(model, adapter=name)``).
+    expects:
+        What users can pass as ``inputs``, in words, for error messages.
+    is_lm:
+        Whether the model is a causal language model: targets are tokens (no class names) and
+        its logits ``(B, T, V)`` are read at the explained position.
+    outputs_embedding:
+        Whether the output is an embedding rather than class logits (a dual encoder's tower): with
+        no target, attention-only methods read its norm and the others are refused.
+    model:
+        The explained module.
     """
 
     name: ClassVar[str] = "base"
-    #: what users can pass as ``inputs``, used in error messages
     expects: ClassVar[str] = "inputs"
+    is_lm: bool = False
+    outputs_embedding: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
+        missing = missing_methods(type(self))
+        if missing:
+            raise AttnxTypeError(
+                f"adapter {type(self).__name__} does not implement {', '.join(missing)} of the adapter protocol "
+                "(attnx.adapters.Adapter: matches, prepare, observe and call)"
+            )
         self.model = model
 
+    # the four questions -------------------------------------------------------------------
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this adapter's family (automatic choice)."""
 
-    def prepare(self, inputs: Any) -> Batch:  # pragma: no cover - abstract
-        """Validate ``inputs`` and describe their token layout."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def prepare(self, inputs: Any) -> Batch:
+        """Validate ``inputs`` (raising :class:`attnx.errors.AttnxValueError` /
+        :class:`~attnx.errors.AttnxTypeError` naming what was expected) and describe their token layout."""
 
-    @contextlib.contextmanager
-    def observe(self, recorder: AttentionRecorder) -> Iterator[None]:  # pragma: no cover - abstract
-        """Make the attention probabilities observable while the context is active."""
-        raise NotImplementedError
-        yield
+    @abc.abstractmethod
+    def observe(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager:
+        """A context manager making the attention probabilities observable while it is active:
+        each layer's ``(B, H, N, N)`` probabilities recorded with ``recorder.record``, in the
+        autograd graph; every switch undone on exit."""
 
+    @abc.abstractmethod
+    def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
+        """Run the model on ``batch``; return its raw output and the logits."""
+
+    # defaults -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def watch_tokens(self, recorder: AttentionRecorder, images: torch.Tensor | None = None) -> Iterator[None]:
         """Note the token count of every attention call (and the grid of a patch embedding
@@ -70,21 +116,23 @@ class Adapter:
         """The layout of ``batch`` from the grid of a patch embedding seen by ``watch_tokens``."""
         return batch.layout
 
-    def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:  # pragma: no cover - abstract
-        """Run the model; return its raw output and the logits ``(B, C)``."""
-        raise NotImplementedError
-
     def resolve_layout(self, batch: Batch, num_tokens: int) -> Layout:
         """The layout of ``batch``, checked against the token count the attention layers saw."""
         if batch.layout.num_tokens != num_tokens:
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 f"adapter {self.name!r} expected {batch.layout.num_tokens} tokens but the attention "
-                f"layers saw {num_tokens}"
+                f"layers of {type(self.model).__name__} saw {num_tokens}"
             )
         return batch.layout
 
+    def target_readout(self, layout: Layout, targets: torch.Tensor) -> Layout:
+        """``layout`` with the readout for the explained classes ``targets`` ``(B,)``, for heads
+        whose pooling weighs the token rows differently per class; by default ``layout`` itself."""
+        return layout
+
     def input_embeddings(self) -> nn.Module | None:
-        """The module whose output is the first relevance-carrying activation for integer inputs."""
+        """The module whose output is the first relevance-carrying activation for integer inputs
+        (token ids); ``None`` for models whose input is floating point (images)."""
         return None
 
     def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:

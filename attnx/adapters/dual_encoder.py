@@ -76,6 +76,7 @@ class DualEncoderAdapter(Adapter):
     """
 
     name = "dual_encoder"
+    outputs_embedding = True
     expects = (
         "an image batch (B, C, H, W) for the image tower, or the token ids of the text tower (the dict a "
         "Hugging Face tokenizer returns, or OpenCLIP's (B, T) id tensor); attnx.ImageText(images, prompts) "
@@ -261,7 +262,7 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
                 embedding = getattr(out, self.field)
         if self.recorder is not None:
             if not out.attentions:
-                raise RuntimeError(f"{type(self.model).__name__} returned no attentions with the eager kernel")
+                raise UnsupportedModelError(f"{type(self.model).__name__} returned no attentions with the eager kernel")
             for a in out.attentions:
                 self.recorder.record(a)
         return embedding, embedding

@@ -22,30 +22,11 @@ from torch import nn
 
 from ..core.batch import Batch, check_image_batch, check_text_inputs
 from ..core.layout import Layout, infer_image_layout
+from ..core.model_output import logits_of
 from ..core.recorder import AttentionRecorder
-from ..errors import AttnxTypeError
 from .base import Adapter
 from .kernels import AttentionInterceptor, TokenWatcher
 from .pooling import TimmPooling, probe_weights
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits tensor of a model output: the tensor itself, ``.logits`` or a ``"logits"`` entry,
-    the first element of a tuple; for a backbone without logits its ``pooler_output`` (an embedding)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    for name in ("logits", "pooler_output"):
-        if isinstance(getattr(output, name, None), torch.Tensor):
-            return getattr(output, name)
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    keys = f" with keys {sorted(map(str, output))}" if isinstance(output, Mapping) else ""
-    raise AttnxTypeError(
-        f"cannot find the logits in a model output of type {type(output).__name__}{keys}; expected a tensor, "
-        "a .logits attribute, a 'logits' entry or a tuple whose first element is the logits"
-    )
 
 
 def wrapped_input_embeddings(model: nn.Module) -> nn.Module | None:

@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError
+from ..lrp.relay import is_exact_alias
 from .switches import record_mha_weights
 
 __all__ = ["AttentionInterceptor", "SoftmaxFlow", "TokenWatcher", "explicit_attention", "record_probabilities"]
@@ -58,18 +59,6 @@ RESHAPES = frozenset({
 })
 #: of ``PASS_THROUGH``, the ones that may only return an exact alias (dropout that drops is not)
 ALIAS_ONLY = frozenset({F.dropout, torch.dropout})
-
-
-def is_exact_alias(out: Any, t: torch.Tensor) -> bool:
-    """``out`` is ``t`` or views exactly the same elements the same way."""
-    if out is t:
-        return True
-    if not isinstance(out, torch.Tensor) or (out.shape, out.dtype, out.device) != (t.shape, t.dtype, t.device):
-        return False
-    try:
-        return out.data_ptr() == t.data_ptr() and out.stride() == t.stride()
-    except RuntimeError:  # tensors without storage (functorch wrappers, fake tensors)
-        return False
 
 
 def einsum_contracts_last_axis(equation: str, num_operands: int, index: int) -> bool:

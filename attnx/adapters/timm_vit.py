@@ -16,7 +16,7 @@ from torch import nn
 from ..core.batch import Batch, check_image_batch
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
-from ..errors import AttnxValueError
+from ..errors import AttnxValueError, UnsupportedModelError
 from .base import Adapter
 from .loaded import loaded_class
 from .pooling import TimmPooling
@@ -29,7 +29,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     for block in model.blocks:
         attn = getattr(block, "attn", None)
         if attn is None or not isinstance(getattr(attn, "attn_drop", None), nn.Module):
-            raise AttnxValueError(
+            raise UnsupportedModelError(
                 f"timm block {type(block).__name__} has no 'attn.attn_drop'; this timm attention "
                 "layout is not supported by the timm adapter (try adapter='intercept')"
             )

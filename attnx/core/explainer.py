@@ -22,10 +22,13 @@ from .readout import ReadoutUsed, settle_readout
 from .runtime import no_autocast, unwrap_model
 from .structure import ModelStructure
 from .targets import Target, prepare_target
-from .trace import Needs, Trace, run_trace
+from .trace import run_trace
+from .trace_types import FirstLayer, Needs, Trace
 
 #: what a plain call records: the attention probabilities (a frozen value, shared safely)
 ATTENTIONS = Needs(attentions=True)
+#: the last layer only (the readout is measured there)
+LAST_LAYER = FirstLayer(lambda options, layout, num_layers: num_layers - 1)
 
 __all__ = ["Explainer", "explain"]
 
@@ -92,7 +95,7 @@ class Explainer:
             )
         self.adapter = get_adapter(self.model, self.adapter_choice)
         #: the labels of a classifier's outputs (string targets are class names); None for language models
-        self.class_names = None if getattr(self.adapter, "is_lm", False) else class_names(self.model)
+        self.class_names = None if self.adapter.is_lm else class_names(self.model)
         self._readouts: dict = {}  # token layouts whose readout was measured (attnx.core.readout)
         #: input signatures whose explained forward was checked, and whether the output is an embedding
         self.checked: dict[tuple, bool] = {}
@@ -106,10 +109,13 @@ class Explainer:
         preset: str | Registry | None = None,
         strict: bool = True,
         patch_size: int | None = None,
+        first_layer: FirstLayer | None = None,
     ) -> Trace:
         """One pass recording what ``needs`` asks for (attentions, ``dy_t/dA``, relevance), for
-        users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass,
-        ``strict`` raises :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules."""
+        users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass (a
+        preset name or an :class:`attnx.lrp.Registry`, resolved here once), ``strict`` raises
+        :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules, ``first_layer``
+        the lowest layer the backward passes must reach (default: every layer)."""
         check_on_real_device(inputs, self.model)
         self.follow_model()
         # autograd is off under torch.inference_mode(): the pass runs outside it, on clones of
@@ -117,9 +123,10 @@ class Explainer:
         with torch.inference_mode(False):
             inputs = outside_inference_mode(inputs)
             registry = None if preset is None else get_preset(preset)
-            target = prepare_target(target, self.tokenizer, self.class_names, not getattr(self.adapter, "is_lm", False),
-                                    self.model)
-            run = (inputs, target, needs, registry, strict, patch_size)
+            target = prepare_target(target, self.tokenizer, self.class_names, not self.adapter.is_lm, self.model)
+            if target is None and self.adapter.outputs_embedding:
+                target = tower_target(self.adapter, needs)
+            run = (inputs, target, needs, registry, strict, patch_size, first_layer)
             trace, key = self.run(self.adapter, *run)
             if trace.model_forward is not None and not trace.model_forward.agrees(trace.logits):
                 trace, key = self.keep_model_forward(trace, run)
@@ -128,7 +135,7 @@ class Explainer:
             return self.embedding_target(trace, key, target, needs)
 
     def run(self, adapter: Adapter, inputs: Any, target: Target, needs: Needs, registry: Registry | None,
-            strict: bool, patch_size: int | None) -> tuple[Trace, tuple]:
+            strict: bool, patch_size: int | None, first_layer: FirstLayer | None) -> tuple[Trace, tuple]:
         """One pass with ``adapter``, checked against the model's forward when due; the trace and
         the input signature it was checked under."""
         batch = adapter.prepare(inputs)
@@ -136,8 +143,8 @@ class Explainer:
         check_input_dtype(batch, self.model)
         key = (adapter.name, input_signature(batch))
         due = self.check_forward == "always" or (self.check_forward == "once" and key not in self.checked)
-        target = tower_target(adapter, needs, target)
-        return run_trace(adapter, batch, target, needs, registry, strict, patch_size, check_forward=due), key
+        trace = run_trace(adapter, batch, target, needs, registry, strict, patch_size, due, first_layer)
+        return trace, key
 
     def keep_model_forward(self, trace: Trace, run: tuple) -> tuple[Trace, tuple]:
         """The explained forward differs from the model's: explain through ``intercept`` (the
@@ -210,9 +217,10 @@ class Explainer:
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
         trace = self.trace(
-            inputs, target, spec.needs_for(method_options), registry, trace_options.get("strict", True), trace_options.get("patch_size")
+            inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size"),
+            spec.first_layer_for(method_options),
         )
-        readout, used = self.readout_for(trace, spec.needs_for(method_options), inputs, target)
+        readout, used = self.readout_for(trace, spec.needs, inputs, target)
         with no_autocast((trace.logits.device.type,)):  # the method's math in the trace's dtype
             result = spec.fn(trace, readout, **method_options)
         recorded = {k: v for k, v in options.items() if k != "preset"}
@@ -228,14 +236,14 @@ class Explainer:
         readout for methods that read no attention row (they start at the logits)."""
         if not (needs.attentions or needs.gradients or needs.attention_relevance):
             return Readout(trace.layout, trace.logits.shape[0], trace.logits.device), None
-        last = Needs(attentions=True, gradients=True, first_layer=lambda layout, n: n - 1)
+        last = Needs(attentions=True, gradients=True)
         if target is None and trace.targets is None:
             # an embedding model explained without a target: the rows its norm depends on are the
             # rows its output reads
             from .similarity import embedding_norm
 
             target = embedding_norm
-        return settle_readout(trace, self.adapter, lambda: self.trace(inputs, target, last), self._readouts)
+        return settle_readout(trace, self.adapter, lambda: self.trace(inputs, target, last, first_layer=LAST_LAYER), self._readouts)
 
     @staticmethod
     def registry_for(spec: Method, trace_options: dict) -> Registry | None:

@@ -270,7 +270,7 @@ def explain_generation(
     >>> g.top(5)                  # the context tokens most relevant for ' Paris'
     """
     explainer = Explainer(model, tokenizer=tokenizer)
-    if not getattr(explainer.adapter, "is_lm", False):
+    if not explainer.adapter.is_lm:
         raise AttnxTypeError(f"explaining generation needs a causal language model; {type(model).__name__} is not one")
     if batch_size < 1:
         raise AttnxValueError(f"batch_size must be at least 1, got {batch_size}")

@@ -31,11 +31,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..adapters.base import Adapter
 from ..adapters.dual_encoder import DualEncoderAdapter
 from ..errors import AttnxTypeError, AttnxValueError
 from .explanation import Explanation
 from .similarity import CosineSimilarity, embedding_norm
-from .trace import evaluation_mode
+from .trace import run_trace
+from .trace_types import Needs
 
 __all__ = [
     "ImageText",
@@ -117,13 +119,15 @@ def tokenize(adapter: DualEncoderAdapter, text: Any, tokenizer: Any) -> Any:
     return tokenizer(list(text), **adapter.tokenizer_options(tokenizer))
 
 
+#: what a tower's embedding needs of the pass: nothing beyond its output
+EMBEDDING_ONLY = Needs()
+
+
 def embeddings(adapter: DualEncoderAdapter, inputs: Any) -> torch.Tensor:
-    """The projected, unnormalised embeddings ``(N, D)`` of one tower's inputs, without gradients
-    (eval mode, every ``training`` flag restored)."""
-    batch = adapter.prepare(inputs)
-    with evaluation_mode(adapter.model), torch.no_grad():
-        _, embedding = adapter.call(batch)
-    return embedding.detach()
+    """The projected, unnormalised embeddings ``(N, D)`` of one tower's inputs, without gradients,
+    from the one pass (:func:`attnx.core.trace.run_trace`: the model held for the call, in eval
+    mode, eager, in float32 when it is half precision; every flag restored)."""
+    return run_trace(adapter, adapter.prepare(inputs), None, EMBEDDING_ONLY).logits
 
 
 def repeat_rows(inputs: Any, index: torch.Tensor) -> Any:
@@ -252,12 +256,10 @@ def explain_pairs(
     )
 
 
-def tower_target(adapter: Any, needs: Any, target: Any) -> Any:
-    """The target of one dual-encoder tower: a callable on the embedding. Without one, methods that
-    read only the attention run (the target does not change them); the others raise, since an
-    embedding has no predicted class."""
-    if not isinstance(adapter, DualEncoderAdapter) or target is not None:
-        return target
+def tower_target(adapter: Adapter, needs: Needs) -> Any:
+    """The target of a tower whose output is an embedding (``adapter.outputs_embedding``), when none
+    was given: methods that read only the attention run (the target does not change them) on the
+    embedding's norm; the others raise, since an embedding has no predicted class."""
     if needs.gradients or needs.relevance:
         raise AttnxValueError(
             f"{type(adapter.model).__name__} is a dual encoder: its output is an embedding, not class logits. "

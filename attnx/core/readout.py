@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..adapters.base import Adapter
 from ..errors import ReadoutMismatchError, UnsupportedModelError
 from .layout import Layout, Readout
 
@@ -137,7 +138,7 @@ def _layout_key(layout: Layout, adapter_name: str) -> tuple:
     return (adapter_name, layout.num_tokens, layout.prefix_tokens, layout.grid, describe(layout))
 
 
-def settle_readout(trace: Any, adapter: Any, measure: Callable[[], Any], known: dict) -> tuple[Readout, ReadoutUsed]:
+def settle_readout(trace: Any, adapter: Adapter, measure: Callable[[], Any], known: dict) -> tuple[Readout, ReadoutUsed]:
     """The :class:`~attnx.core.layout.Readout` a method reads on ``trace``, declared and checked, or derived.
 
     Parameters
@@ -145,8 +146,8 @@ def settle_readout(trace: Any, adapter: Any, measure: Callable[[], Any], known: 
     trace:
         The method's :class:`~attnx.core.trace.Trace`.
     adapter:
-        The model's adapter; ``adapter.target_readout(layout, targets)``, where it exists,
-        refines the readout for the explained classes.
+        The model's adapter; ``adapter.target_readout(layout, targets)`` refines the readout for
+        the explained classes.
     measure:
         Runs a pass with ``dy_t/dA`` of the last layer on the same inputs and target (used when
         ``trace`` has no gradient and a measurement is due).
@@ -156,9 +157,8 @@ def settle_readout(trace: Any, adapter: Any, measure: Callable[[], Any], known: 
     """
     layout = trace.layout
     B, device = trace.logits.shape[0], trace.logits.device
-    refine = getattr(adapter, "target_readout", None)
-    if callable(refine) and trace.targets is not None:
-        layout = refine(layout, trace.targets)
+    if trace.targets is not None:
+        layout = adapter.target_readout(layout, trace.targets)
     key = _layout_key(layout, adapter.name)
     gradient = trace.gradients[-1] if trace.gradients and trace.gradients[-1] is not None else None
     if gradient is None and not layout.readout_declared and key in known:

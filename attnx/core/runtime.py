@@ -10,6 +10,8 @@
 * :func:`eager_compiled` -- modules compiled in place (``module.compile()``) run their eager
   forward for the call (``torch.compiler.set_stance("force_eager")``): a compiled graph skips the
   hooks and switches that make attention observable;
+* :func:`evaluation_mode` -- every submodule in eval mode, each module's own ``training`` flag
+  restored on exit;
 * :func:`float32_execution` -- float16 / bfloat16 parameters, buffers and inputs computed in
   float32 and autocast off for the call: relevance and attention gradients overflow or lose all
   precision in half precision. The parameters' own storage is put back on exit (bit-exact).
@@ -28,7 +30,7 @@ from torch import nn
 from ..errors import AttnxError, AttnxValueError
 from .batch import Batch
 
-__all__ = ["HALF_DTYPES", "eager_compiled", "exclusive", "float32_execution", "is_compiled", "no_autocast", "unwrap_model"]
+__all__ = ["HALF_DTYPES", "eager_compiled", "evaluation_mode", "exclusive", "float32_execution", "is_compiled", "no_autocast", "unwrap_model"]
 
 #: dtypes too narrow for relevance and gradient products (computed in float32 instead)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -161,3 +163,15 @@ def float32_execution(model: nn.Module, batch: Batch) -> Iterator[Batch]:
         finally:
             for t, data in reversed(saved):
                 t.data = data
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode, restoring each module's own ``training`` flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -25,12 +25,12 @@ import torch
 import attnx
 
 from .. import metrics, zoo
-from ..core.trace import evaluation_mode
+from ..core.runtime import evaluation_mode
 from ..data import Scenes
 from ..data.captions import class_prompt
 from ..errors import AttnxValueError
 
-__all__ = ["MODELS", "METHODS", "PROMPT", "class_discrimination", "main", "to_markdown", "two_garment_maps"]
+__all__ = ["MODELS", "METHODS", "PROMPT", "class_discrimination_column", "main", "to_markdown", "two_garment_maps"]
 
 #: the zero-shot prompt template of the CLIP's targets
 PROMPT = "a photo of {a}"
@@ -66,7 +66,7 @@ def _explain(name: str, loaded: zoo.ZooModel, explainer: Any, x: torch.Tensor, t
     return explainer(x, method=method, target=target, **options)
 
 
-def class_discrimination(
+def class_discrimination_column(
     methods: Sequence[str] = METHODS,
     *,
     models: Sequence[str] = MODELS,
@@ -151,10 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     torch.manual_seed(0)
-    results = class_discrimination(methods, limit=args.limit or None, batch_size=args.batch_size)
+    results = class_discrimination_column(methods, limit=args.limit or None, batch_size=args.batch_size)
     # Chefer et al.'s CLIP setting as an extra row: the last layer only
     if "generic" in methods:
-        last = class_discrimination(["generic"], limit=args.limit or None, batch_size=args.batch_size,
+        last = class_discrimination_column(["generic"], limit=args.limit or None, batch_size=args.batch_size,
                                     options={"generic": {"start_layer": -1}})
         for m in results:
             results[m]["generic_last"] = last[m]["generic"]

@@ -36,7 +36,7 @@ import torch
 import attnx
 
 from .. import zoo
-from ..core.trace import evaluation_mode
+from ..core.runtime import evaluation_mode
 from ..data.facts import FactPrompt, fact_prompts
 from ..errors import AttnxValueError
 from .facts import (

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 import attnx
 
-from ..core.trace import evaluation_mode
+from ..core.runtime import evaluation_mode
 from ..errors import AttnxValueError
 from ..metrics import parameter_randomisation, randomisation_steps
 from . import sharding

@@ -2,7 +2,7 @@
 
 See :mod:`attnx.lrp.rules` (the convention and the rules), :mod:`attnx.lrp.registry` (module
 types, module kinds and torch functions -> rules, the presets ``chefer2021``, ``attnlrp``,
-``attnlrp-gamma``, ``cplrp``), :mod:`attnx.lrp.kinds` (families of modules recognised by a
+``attnlrp-gamma``, ``cplrp``; users add theirs with :func:`register_preset`), :mod:`attnx.lrp.kinds` (families of modules recognised by a
 predicate: RMSNorm, written-out activations, GPT-2's Conv1D, MoE routers),
 :mod:`attnx.lrp.decompositions` (attention kernels written out), :mod:`attnx.lrp.fused_attention`
 (LRP through the model's own attention kernel), :mod:`attnx.lrp.engine`
@@ -14,7 +14,16 @@ from .coverage import Coverage
 from .engine import LINEAR_OPS, LRPEngine, UncoveredOpError
 from .fused_attention import FusedAttention
 from .kinds import ModuleKind
-from .registry import FUNCTION_ALIASES, Registry, get_preset, in_attention, in_mlp, presets
+from .registry import (
+    FUNCTION_ALIASES,
+    Registry,
+    get_preset,
+    in_attention,
+    in_mlp,
+    presets,
+    register_preset,
+    unregister_preset,
+)
 
 __all__ = [
     "Coverage",
@@ -30,5 +39,7 @@ __all__ = [
     "in_mlp",
     "kinds",
     "presets",
+    "register_preset",
     "rules",
+    "unregister_preset",
 ]

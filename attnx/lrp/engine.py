@@ -20,15 +20,22 @@ from torch.overrides import TorchFunctionMode
 from ..errors import AttnxError, AttnxValueError
 from .coverage import Coverage
 from .registry import Registry, get_preset
-from .relay import Propagation, propagation, relative_share
+from .relay import (
+    Propagation,
+    carries_relevance,
+    is_exact_alias,
+    mark_input,
+    mark_relevance,
+    mark_scale,
+    propagation,
+    relative_share,
+    scale_of,
+    share_uses,
+    uses_of,
+)
 from .rules import Constant, Op, Rule, relay
 
 __all__ = ["LRPEngine", "UncoveredOpError", "LINEAR_OPS"]
-
-_TRACK = "_attnx_relevance"
-_USES = "_attnx_uses"
-#: attribute holding the Python-number factor a tensor was scaled by (see ``_record_scale``)
-SCALE = "_attnx_scale"
 
 #: ops that are linear in each relevance-carrying argument (plain autograd is LRP-0 on them)
 LINEAR_OPS = frozenset(
@@ -51,23 +58,10 @@ class UncoveredOpError(AttnxError, RuntimeError):
     """Raised in strict mode (the default) when a relevance-carrying op matches no rule."""
 
 
-def is_tracked(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and getattr(t, _TRACK, False)
-
-
-def _mark(t: Any) -> None:
-    if isinstance(t, torch.Tensor):
-        if t.is_floating_point() and t.requires_grad:
-            setattr(t, _TRACK, True)
-    elif isinstance(t, (list, tuple)):
-        for x in t:
-            _mark(x)
-
-
 def _carrying(args: tuple) -> list[int]:
     out = []
     for i, a in enumerate(args):
-        if is_tracked(a) or (isinstance(a, (list, tuple)) and any(is_tracked(x) for x in a)):
+        if carries_relevance(a) or (isinstance(a, (list, tuple)) and any(carries_relevance(x) for x in a)):
             out.append(i)
     return out
 
@@ -131,7 +125,7 @@ class LRPEngine(TorchFunctionMode):
         """Mark ``t`` as the explained input; returns the marked tensor, a new leaf that requires
         grad (``t`` may be the user's input: nothing is attached to it)."""
         t = t.detach().requires_grad_(True)
-        setattr(t, _TRACK, True)
+        mark_input(t)
         self._inputs.add(id(t))
         return t
 
@@ -225,7 +219,7 @@ class LRPEngine(TorchFunctionMode):
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         rule = None
         name = self._names.get(module, type(module).__name__)
-        if not self._suspended and args and is_tracked(args[0]):
+        if not self._suspended and args and carries_relevance(args[0]):
             rule = self.registry.rule_for_module(module, list(self._stack), name)
             if rule is not None:
                 _count_use(args[0])
@@ -250,7 +244,7 @@ class LRPEngine(TorchFunctionMode):
             self.coverage[(type(module).__name__, rule.name)] += 1
             if not isinstance(rule, Constant):
                 out = self._fanout(out)
-                _mark(out)
+                mark_relevance(out)
         finally:
             self._suspended -= 1
         return out
@@ -268,7 +262,7 @@ class LRPEngine(TorchFunctionMode):
             return (relative_share(zd, g, eps) if uses[0] >= 2 else g,)
 
         wrapped = relay(out, [out], backward)
-        setattr(wrapped, _USES, uses)
+        share_uses(wrapped, uses)
         return wrapped
 
     # functions ------------------------------------------------------------------------------
@@ -280,7 +274,7 @@ class LRPEngine(TorchFunctionMode):
         kwargs = kwargs or {}
         if self._suspended:
             return func(*args, **kwargs)
-        carrying = _carrying(args) + [k for k, v in kwargs.items() if is_tracked(v)]
+        carrying = _carrying(args) + [k for k, v in kwargs.items() if carries_relevance(v)]
         if not carrying:
             return func(*args, **kwargs)
         name = _name(func)
@@ -299,7 +293,7 @@ class LRPEngine(TorchFunctionMode):
             _count_uses(args, kwargs, out)
             if not isinstance(rule, Constant):
                 out = self._fanout(out)
-                _mark(out)
+                mark_relevance(out)
             return out
         out = func(*args, **kwargs)
         if getattr(func, "__name__", "") != "__get__":  # property reads are not uses
@@ -308,7 +302,7 @@ class LRPEngine(TorchFunctionMode):
         if not _has_float_grad(out):
             return out
         n_carrying = sum(
-            1 for a in list(args) + list(kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a]) if is_tracked(t)
+            1 for a in list(args) + list(kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a]) if carries_relevance(t)
         )
         if name in LINEAR_OPS or (name in _LINEAR_IF_ONE and n_carrying == 1):
             self.coverage[(name, "gradient (linear)")] += 1
@@ -316,22 +310,14 @@ class LRPEngine(TorchFunctionMode):
             self.uncovered[name] += 1
             inner = self._stack[-1] if self._stack else None
             self.uncovered_at[name][f"{inner[0] or 'model'} ({type(inner[1]).__name__})" if inner else "model"] += 1
-        _mark(out)
+        mark_relevance(out)
         return out
 
 
 def _count_use(t: Any) -> None:
-    uses = getattr(t, _USES, None) if isinstance(t, torch.Tensor) else None
+    uses = uses_of(t)
     if uses is not None:
         uses[0] += 1
-
-
-def _is_alias(out: Any, t: torch.Tensor) -> bool:
-    """``out`` is ``t`` itself or an exact alias of it (dropout in eval mode, a no-op ``.to``)."""
-    return isinstance(out, torch.Tensor) and (
-        out is t
-        or (out.data_ptr() == t.data_ptr() and out.shape == t.shape and out.stride() == t.stride() and out.dtype == t.dtype)
-    )
 
 
 def _count_uses(args: tuple, kwargs: dict, out: Any) -> None:
@@ -342,12 +328,12 @@ def _count_uses(args: tuple, kwargs: dict, out: Any) -> None:
         return
     for a in list(args) + list(kwargs.values()):
         for t in a if isinstance(a, (list, tuple)) else (a,):
-            uses = getattr(t, _USES, None) if isinstance(t, torch.Tensor) else None
+            uses = uses_of(t)
             if uses is None:
                 continue
-            if _is_alias(out, t):
+            if is_exact_alias(out, t):
                 if out is not t:
-                    setattr(out, _USES, uses)
+                    share_uses(out, uses)
             else:
                 uses[0] += 1
 
@@ -362,7 +348,7 @@ def _record_scale(func: Any, args: tuple, out: Any) -> None:
     if not isinstance(t, torch.Tensor) or not isinstance(c, (int, float)) or c == 0:
         return
     factor = (1.0 / c) if name in ("div", "__truediv__") else float(c)
-    setattr(out, SCALE, getattr(t, SCALE, 1.0) * factor)
+    mark_scale(out, scale_of(t) * factor)
 
 
 def _has_float_grad(out: Any) -> bool:

@@ -30,7 +30,9 @@ from . import rules as R
 from .fused_attention import FusedAttention
 from .kinds import ACTIVATION, HF_CONV1D, MOE_ROUTER, RMS_NORM, ModuleKind
 
-__all__ = ["Registry", "FUNCTION_ALIASES", "presets", "in_mlp", "in_attention", "get_preset"]
+__all__ = [
+    "Registry", "FUNCTION_ALIASES", "presets", "in_mlp", "in_attention", "get_preset", "register_preset", "unregister_preset",
+]
 
 T = torch.Tensor
 
@@ -103,6 +105,10 @@ class Entry:
 
 class Registry:
     """Ordered map from module types and torch functions to rules (later entries win)."""
+
+    #: whether every rule is plain autograd (gradient x input): the pass then seeds the target's
+    #: exact gradient, and a target's own ``relevance_seed`` is not used
+    plain_gradient: bool = False
 
     def __init__(
         self,
@@ -319,10 +325,51 @@ presets: dict[str, Callable[[], Registry]] = {
 }
 
 
+def register_preset(name: str, builder: Callable[[], Registry]) -> Callable[[], Registry]:
+    """Register ``builder`` as the LRP preset ``name`` (a later registration of a name wins).
+
+    Parameters
+    ----------
+    name:
+        The preset's name, as the ``preset`` option of the LRP methods takes it.
+    builder:
+        A function of no arguments returning a new :class:`Registry` (each pass gets its own).
+
+    Returns
+    -------
+    ``builder``, so that the function can be used as ``register_preset("mine", mine)`` after its
+    definition.
+
+    Examples
+    --------
+    >>> def mine():
+    ...     return attnx.lrp.get_preset("attnlrp").copy("mine").register(nn.GELU, attnx.lrp.rules.Passthrough())
+    >>> attnx.lrp.register_preset("mine", mine)
+    >>> attnx.explain(model, x, method="lrp", preset="mine")
+    """
+    if not isinstance(name, str) or not name:
+        raise AttnxTypeError(f"a preset name must be a non-empty string, got {name!r}")
+    if not callable(builder) or isinstance(builder, Registry):
+        raise AttnxTypeError(
+            f"preset {name!r}: expected a function returning an attnx.lrp.Registry, got {type(builder).__name__} "
+            "(pass the registry's builder, e.g. lambda: registry.copy())"
+        )
+    presets[name] = builder
+    return builder
+
+
+def unregister_preset(name: str) -> None:
+    """Remove the preset ``name`` (a no-op when there is none)."""
+    presets.pop(name, None)
+
+
 def get_preset(preset: "str | Registry") -> Registry:
     """A registry from a preset name or a registry itself."""
     if isinstance(preset, Registry):
         return preset
     if preset not in presets:
         raise AttnxValueError(f"unknown LRP preset {preset!r}; available: {sorted(presets)} or an attnx.lrp.Registry")
-    return presets[preset]()
+    registry = presets[preset]()
+    if not isinstance(registry, Registry):
+        raise AttnxTypeError(f"the builder of LRP preset {preset!r} returned {type(registry).__name__}, not an attnx.lrp.Registry")
+    return registry

@@ -29,16 +29,28 @@ __all__ = [
     "Propagation",
     "Rule",
     "CONSTANT",
+    "RELEVANCE_MARK",
+    "SCALE_MARK",
+    "USES_MARK",
+    "carries_relevance",
     "divide_or_zero",
     "divide_or_zero_",
     "indicator",
     "relative_share",
     "epsilon_share",
     "held_constant",
+    "hold_constant",
+    "is_exact_alias",
+    "mark_input",
+    "mark_relevance",
+    "mark_scale",
     "propagation",
     "relay",
     "safe_divide",
+    "scale_of",
+    "share_uses",
     "stabilize",
+    "uses_of",
 ]
 
 
@@ -216,13 +228,82 @@ def relay(
     return _Relay.apply(backward, state, through_output, output if keep else output.detach(), *inputs)
 
 
+# tensor marks ---------------------------------------------------------------------------------
+# The engine and the rules speak about the tensors of one forward through attributes set on them;
+# the relay owns those attributes: they are read and written only through the names below.
+
+#: attribute marking a tensor that carries relevance (the explained input and what follows from it)
+RELEVANCE_MARK = "_attnx_relevance"
+#: attribute holding a shared ``[count]`` of the uses of a rule's output (Chefer et al.'s ``Clone``)
+USES_MARK = "_attnx_uses"
+#: attribute holding the Python-number factor a tensor was scaled by (``q * scale``)
+SCALE_MARK = "_attnx_scale"
 #: attribute marking a tensor that a rule holds constant (relevance stops there, gradients do not)
 CONSTANT = "_attnx_constant"
+
+
+def mark_relevance(t: Any) -> None:
+    """Mark ``t`` (or each tensor of a list / tuple) as carrying relevance, when it can (a floating
+    point tensor in the autograd graph)."""
+    if isinstance(t, torch.Tensor):
+        if t.is_floating_point() and t.requires_grad:
+            setattr(t, RELEVANCE_MARK, True)
+    elif isinstance(t, (list, tuple)):
+        for x in t:
+            mark_relevance(x)
+
+
+def mark_input(t: torch.Tensor) -> None:
+    """Mark the explained input ``t`` as carrying relevance (whatever its dtype)."""
+    setattr(t, RELEVANCE_MARK, True)
+
+
+def carries_relevance(t: Any) -> bool:
+    """Whether ``t`` is a tensor marked as carrying relevance."""
+    return isinstance(t, torch.Tensor) and getattr(t, RELEVANCE_MARK, False)
+
+
+def uses_of(t: Any) -> list[int] | None:
+    """The shared use counter of a rule's output ``t`` (``None``: its uses are not counted)."""
+    return getattr(t, USES_MARK, None) if isinstance(t, torch.Tensor) else None
+
+
+def share_uses(t: torch.Tensor, uses: list[int]) -> None:
+    """Count the uses of ``t`` on ``uses`` (an alias of a counted tensor shares its counter)."""
+    setattr(t, USES_MARK, uses)
+
+
+def scale_of(t: Any) -> float:
+    """The Python-number factor ``t`` was scaled by since it left a rule (1.0 when none)."""
+    return getattr(t, SCALE_MARK, 1.0)
+
+
+def mark_scale(t: torch.Tensor, factor: float) -> None:
+    """Note that ``t`` is a relevance-carrying tensor times the Python number ``factor``."""
+    setattr(t, SCALE_MARK, factor)
+
+
+def hold_constant(t: torch.Tensor) -> None:
+    """Mark ``t`` as held constant by a rule."""
+    setattr(t, CONSTANT, True)
 
 
 def held_constant(t: torch.Tensor) -> bool:
     """Whether ``t`` (or the tensor it is a view of) was held constant by a rule."""
     return bool(getattr(t, CONSTANT, False) or (t._base is not None and getattr(t._base, CONSTANT, False)))
+
+
+def is_exact_alias(out: Any, t: torch.Tensor) -> bool:
+    """``out`` is ``t`` or views exactly the same elements the same way (dropout in eval mode, a
+    no-op ``.to``): the same storage, shape, strides, dtype and device."""
+    if out is t:
+        return True
+    if not isinstance(out, torch.Tensor) or (out.shape, out.dtype, out.device) != (t.shape, t.dtype, t.device):
+        return False
+    try:
+        return out.data_ptr() == t.data_ptr() and out.stride() == t.stride()
+    except RuntimeError:  # tensors without storage (functorch wrappers, fake tensors)
+        return False
 
 
 def plain_edges() -> bool:

@@ -22,18 +22,19 @@ from .decompositions import mha_decomposition, sdpa_decomposition
 from .kinds import rms_epsilon, rms_norm_spread
 from .linear import GROUPED_MM, AlphaBeta, Epsilon, Gamma, LinearRule, ZBox, grouped_linear, linear_parts
 from .relay import (
-    CONSTANT,
     Op,
     Propagation,
     Rule,
     divide_or_zero,
     divide_or_zero_,
     epsilon_share,
+    hold_constant,
     plain_edges,
     propagation,
     relative_share,
     relay,
     safe_divide,
+    scale_of,
     stabilize,
 )
 
@@ -116,7 +117,7 @@ class Constant(Rule):
 
 def _constant_edge(t: torch.Tensor) -> torch.Tensor:
     out = relay(t, [], lambda g: ())
-    setattr(out, CONSTANT, True)
+    hold_constant(out)
     return out
 
 
@@ -189,7 +190,7 @@ class Bilinear(Rule):
         zd = z.detach() if chefer else None  # only Chefer's division reads the output
         # the stabiliser is stated for the product of the unscaled operands: timm scales q before
         # Q Kᵀ, Chefer et al.'s reference after it
-        eps = self.eps * getattr(a, "_attnx_scale", 1.0) * getattr(b, "_attnx_scale", 1.0)
+        eps = self.eps * scale_of(a) * scale_of(b)
 
         def backward(g):
             return (relative_share(zd, g, eps, share) if chefer else g * share,)

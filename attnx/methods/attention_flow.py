@@ -43,7 +43,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..core.trace import Needs
+from ..core.trace_types import Needs
 from ..errors import AttnxValueError
 from .options import DISCARD_RATIO, HEAD_FUSION, START_LAYER
 from .propagation import check_start_layer, fuse_heads

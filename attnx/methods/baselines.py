@@ -15,7 +15,7 @@ import hashlib
 import numpy as np
 import torch
 
-from ..core.trace import Needs
+from ..core.trace_types import Needs
 from ..errors import AttnxTypeError
 from ..lrp.registry import Registry
 from ..lrp.rules import Passthrough

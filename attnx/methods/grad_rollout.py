@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.trace import Needs
+from ..core.trace_types import Needs
 from .options import DISCARD_RATIO, START_LAYER
 from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import register_method

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.trace import Needs
+from ..core.trace_types import Needs
 from .options import PATCH_SIZE, PRESET, STRICT
 from .registry import Relevance, register_method
 

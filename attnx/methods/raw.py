@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.trace import Needs
+from ..core.trace_types import Needs
 from .options import HEAD_FUSION, LAYER
 from .propagation import check_start_layer, fuse_heads
 from .registry import register_method

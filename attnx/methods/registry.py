@@ -13,14 +13,13 @@ alone runs the trace and builds the :class:`~attnx.core.explanation.Explanation`
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..core.trace import Needs
+from ..core.trace_types import FirstLayer, Needs
 from ..errors import AttnxTypeError, AttnxValueError
 
 __all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "register_method", "unregister_method"]
@@ -152,11 +151,10 @@ class Method:
     #: ``first_layer(options, layout, num_layers)``: the lowest layer the method reads
     first_layer: Callable[[dict, Any, int], int] | None = None
 
-    def needs_for(self, options: dict) -> Needs:
-        """``needs`` for one call: with the lowest layer the method reads under ``options``."""
-        if self.first_layer is None:
-            return self.needs
-        return replace(self.needs, first_layer=functools.partial(self.first_layer, options))
+    def first_layer_for(self, options: dict) -> FirstLayer | None:
+        """The lowest layer the method reads under ``options``, given to the pass beside ``needs``
+        (``None``: every layer)."""
+        return None if self.first_layer is None else FirstLayer(self.first_layer, dict(options))
 
     @property
     def gradients(self) -> bool:

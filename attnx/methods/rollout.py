@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..core.layout import Readout
-from ..core.trace import Needs
+from ..core.trace_types import Needs
 from .options import DISCARD_RATIO, HEAD_FUSION, START_LAYER
 from .propagation import check_start_layer, discard_lowest, fuse_heads, rollout_row
 from .registry import register_method

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..core.layout import Readout
-from ..core.trace import Needs
+from ..core.trace_types import Needs
 from .options import LAYER, PRESET, STRICT
 from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import Option, Relevance, register_method

@@ -29,7 +29,7 @@ Every public name below is importable from ``attnx.metrics`` itself; the modules
 :mod:`~attnx.metrics.measures`
     How the curves call the model and the measures they record (:data:`MEASURES`).
 :mod:`~attnx.metrics.common`
-    The :data:`Relevance` type and the checks the metrics share.
+    The :data:`RelevanceLike` type and the checks the metrics share.
 
 Example
 -------
@@ -39,8 +39,8 @@ Example
 """
 from __future__ import annotations
 
-# Relevance and Measure, the type aliases of the signatures, stay importable from here (outside __all__)
-from .common import Relevance as Relevance
+# RelevanceLike and Measure, the type aliases of the signatures, stay importable from here (outside __all__)
+from .common import RelevanceLike as RelevanceLike
 from .curves import Curve, deletion_curve, gaussian_blur, insertion_curve, perturbation_curve
 from .localisation import (
     ClassDiscrimination,
@@ -82,3 +82,13 @@ __all__ = [
     "MEASURES",
 ]
 
+
+
+def __getattr__(name: str):
+    # the former name of RelevanceLike (attnx.Relevance is a method's result, another thing)
+    if name == "Relevance":
+        import warnings
+
+        warnings.warn("attnx.metrics.Relevance is now attnx.metrics.RelevanceLike", DeprecationWarning, stacklevel=2)
+        return RelevanceLike
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

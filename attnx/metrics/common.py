@@ -9,10 +9,10 @@ import torch
 from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
 
-__all__ = ["Relevance", "bool_mask", "check_finite", "infer_grid", "ranks_descending"]
+__all__ = ["RelevanceLike", "bool_mask", "check_finite", "infer_grid", "ranks_descending"]
 
 #: the relevance a metric scores: an explanation of any method, or a plain tensor
-Relevance = Union[Explanation, torch.Tensor]
+RelevanceLike = Union[Explanation, torch.Tensor]
 
 
 def ranks_descending(key: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
-from .common import Relevance, check_finite, infer_grid, ranks_descending
+from .common import RelevanceLike, check_finite, infer_grid, ranks_descending
 from .measures import (
     Measure,
     apply_measure,
@@ -131,7 +131,7 @@ def _check_images(inputs: Any) -> torch.Tensor:
     return inputs
 
 
-def _image_relevance(relevance: Relevance, B: int, H: int, W: int, granularity: str, grid: tuple[int, int] | None):
+def _image_relevance(relevance: RelevanceLike, B: int, H: int, W: int, granularity: str, grid: tuple[int, int] | None):
     """The relevance as ``(B, n)`` with its grid: ``None`` for pixels (n = H*W), ``(h, w)`` for patches."""
     if granularity not in ("pixel", "patch"):
         raise AttnxValueError(f"granularity must be 'pixel' or 'patch', got {granularity!r}")
@@ -286,7 +286,7 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
 def perturbation_curve(
     model: Callable,
     inputs: torch.Tensor,
-    relevance: Relevance,
+    relevance: RelevanceLike,
     target: Any = None,
     *,
     mode: str = "positive",
@@ -419,7 +419,7 @@ def _causal_curve(model, inputs, relevance, target, *, insert, steps, step_size,
 def deletion_curve(
     model: Callable,
     inputs: torch.Tensor,
-    relevance: Relevance,
+    relevance: RelevanceLike,
     target: Any = None,
     *,
     steps: int | None = None,
@@ -455,7 +455,7 @@ def deletion_curve(
 def insertion_curve(
     model: Callable,
     inputs: torch.Tensor,
-    relevance: Relevance,
+    relevance: RelevanceLike,
     target: Any = None,
     *,
     steps: int | None = None,

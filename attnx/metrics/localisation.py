@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..core.explanation import Explanation
 from ..core.layout import normalize_per_sample
 from ..errors import AttnxTypeError, AttnxValueError
-from .common import Relevance, bool_mask, check_finite, infer_grid
+from .common import RelevanceLike, bool_mask, check_finite, infer_grid
 
 __all__ = [
     "SegmentationScores",
@@ -49,7 +49,7 @@ def _masks(masks: Any, name: str = "masks") -> torch.Tensor:
     return bool_mask(masks, tuple(masks.shape), name)
 
 
-def _maps(maps: Relevance, B: int, size: tuple[int, int], *, normalise: bool) -> torch.Tensor:
+def _maps(maps: RelevanceLike, B: int, size: tuple[int, int], *, normalise: bool) -> torch.Tensor:
     """``(B, H, W)`` maps at the mask size: min-max normalised heat maps, or raw relevance."""
     H, W = size
     if isinstance(maps, Explanation):
@@ -142,7 +142,7 @@ class SegmentationScores:
         return self.iou.mean(dim=1)
 
 
-def segmentation_scores(maps: Relevance, masks: torch.Tensor) -> SegmentationScores:
+def segmentation_scores(maps: RelevanceLike, masks: torch.Tensor) -> SegmentationScores:
     """The ImageNet-segmentation protocol of Chefer et al. (``baselines/ViT/imagenet_seg_eval.py``
     with ``utils/metrices.py``), per image.
 
@@ -207,7 +207,7 @@ class SegmentationMeter:
         self.ap_sum = 0.0
         self.images = 0
 
-    def update(self, maps: Relevance, masks: torch.Tensor) -> SegmentationScores:
+    def update(self, maps: RelevanceLike, masks: torch.Tensor) -> SegmentationScores:
         """Add a batch; returns its per-sample scores."""
         s = segmentation_scores(maps, masks)
         self.correct += int(s.pixel_correct.sum())
@@ -229,7 +229,7 @@ class SegmentationMeter:
         }
 
 
-def pointing_game(maps: Relevance, masks: torch.Tensor, tolerance: float = 0) -> torch.Tensor:
+def pointing_game(maps: RelevanceLike, masks: torch.Tensor, tolerance: float = 0) -> torch.Tensor:
     """``(B,)`` bool: is the map's maximum on the object (Zhang et al., ECCV 2016)?
 
     The maximum is the first maximal pixel in row-major order of the map at mask size (patch
@@ -251,7 +251,7 @@ def pointing_game(maps: Relevance, masks: torch.Tensor, tolerance: float = 0) ->
     return (near & m).flatten(1).any(dim=1)
 
 
-def relevance_mass(relevance: Relevance, masks: torch.Tensor) -> torch.Tensor:
+def relevance_mass(relevance: RelevanceLike, masks: torch.Tensor) -> torch.Tensor:
     """``(B,)`` share of the positive relevance that falls inside the mask (Arras et al., 2022).
 
     ``Σ_{p ∈ mask} max(R_p, 0) / Σ_p max(R_p, 0)`` (0 when there is no positive relevance).
@@ -284,7 +284,7 @@ class ClassDiscrimination:
 
 
 def class_discrimination(
-    relevance: Relevance, mask_target: torch.Tensor, mask_other: torch.Tensor, *, area_normalized: bool = False
+    relevance: RelevanceLike, mask_target: torch.Tensor, mask_other: torch.Tensor, *, area_normalized: bool = False
 ) -> ClassDiscrimination:
     """Class discrimination on scenes with two objects: ``relevance`` explains the class of the
     object in ``mask_target``; a class-specific method should put its relevance there and not

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Union
 import torch
 
 from ..core.explanation import Explanation
+from ..core.model_output import logits_of
 from ..errors import AttnxTypeError, AttnxValueError
 
 __all__ = [
@@ -37,24 +38,11 @@ Measure = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 MEASURES = ("accuracy", "probability", "sigmoid", "present", "logit")
 
 
-def _logits_of(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise AttnxTypeError(f"cannot find the logits in a model output of type {type(output).__name__}")
-
-
 def _forward(model: Callable, inputs: Any) -> torch.Tensor:
     """``(B, C)`` logits of ``model`` on ``inputs``, without gradients; the model is not touched."""
     with torch.no_grad():
         out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
-    logits = _logits_of(out).detach()
+    logits = logits_of(out, embeddings=False).detach()
     if logits.dim() != 2:
         raise AttnxValueError(f"expected the model to return logits of shape (B, C), got {tuple(logits.shape)}")
     return logits

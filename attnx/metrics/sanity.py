@@ -20,7 +20,7 @@ from torch import nn
 from ..core.explainer import Explainer
 from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
-from .common import Relevance, bool_mask
+from .common import RelevanceLike, bool_mask
 
 __all__ = ["parameter_randomisation", "Randomisation", "randomisation_steps", "spearman", "pearson"]
 
@@ -50,7 +50,7 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(avg).scatter_(1, order, avg)
 
 
-def _pair(a: Relevance, b: Relevance, mask: torch.Tensor | None):
+def _pair(a: RelevanceLike, b: RelevanceLike, mask: torch.Tensor | None):
     x, y = _rows(a, "a"), _rows(b, "b")
     if x.shape != y.shape:
         raise AttnxValueError(f"cannot correlate maps of shapes {tuple(x.shape)} and {tuple(y.shape)}")
@@ -73,7 +73,7 @@ def _per_sample(fn: Callable, x: torch.Tensor, y: torch.Tensor, mask: torch.Tens
     return torch.cat([fn(x[i : i + 1, mask[i]], y[i : i + 1, mask[i]]) for i in range(x.shape[0])])
 
 
-def pearson(a: Relevance, b: Relevance, mask: torch.Tensor | None = None) -> torch.Tensor:
+def pearson(a: RelevanceLike, b: RelevanceLike, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``(B,)`` Pearson correlation of each sample's flattened maps (NaN when one is constant).
 
     ``mask`` (same shape, bool) restricts each sample to its ``True`` entries, e.g. the real
@@ -83,7 +83,7 @@ def pearson(a: Relevance, b: Relevance, mask: torch.Tensor | None = None) -> tor
     return _per_sample(_pearson_rows, x, y, mask)
 
 
-def spearman(a: Relevance, b: Relevance, mask: torch.Tensor | None = None) -> torch.Tensor:
+def spearman(a: RelevanceLike, b: RelevanceLike, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``(B,)`` Spearman rank correlation: Pearson correlation of the average ranks (ties share
     their mean rank, as in ``scipy.stats.spearmanr``); NaN when a map is constant. ``mask`` as
     in :func:`pearson`."""

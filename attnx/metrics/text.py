@@ -18,7 +18,7 @@ import torch
 
 from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
-from .common import Relevance, bool_mask, check_finite, ranks_descending
+from .common import RelevanceLike, bool_mask, check_finite, ranks_descending
 from .curves import Curve
 from .measures import (
     Measure,
@@ -64,7 +64,7 @@ def _special_mask(batch: dict, tokenizer: Any) -> torch.Tensor:
     )
 
 
-def _text_scores(relevance: Relevance, ids: torch.Tensor) -> torch.Tensor:
+def _text_scores(relevance: RelevanceLike, ids: torch.Tensor) -> torch.Tensor:
     if isinstance(relevance, Explanation):
         if relevance.grid is not None:
             raise AttnxValueError("this explanation is of an image; use perturbation_curve / deletion_curve")
@@ -85,7 +85,7 @@ def _text_scores(relevance: Relevance, ids: torch.Tensor) -> torch.Tensor:
 def token_deletion_curve(
     model: Callable,
     batch: Mapping[str, torch.Tensor],
-    relevance: Relevance,
+    relevance: RelevanceLike,
     target: Any = None,
     *,
     most_relevant_first: bool = True,
@@ -196,7 +196,7 @@ class RationaleScores:
 
 
 def rationale_f1(
-    relevance: Relevance,
+    relevance: RelevanceLike,
     rationale_mask: torch.Tensor,
     k: int | Sequence[int] | torch.Tensor,
     attention_mask: torch.Tensor | None = None,

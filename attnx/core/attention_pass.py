@@ -1,0 +1,93 @@
+"""The attention pass: a plain forward observing the attention probabilities, then ``dy_t/dA`` by
+``torch.autograd.grad`` (no ``.grad`` is left anywhere). Methods that need no relevance run on it;
+:func:`attnx.core.trace.run_trace` decides which pass runs."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..adapters.base import Adapter
+from ..adapters.switches import plain_execution
+from ..errors import AttnxValueError
+from .batch import Batch
+from .devices import maybe_on_device, on_device
+from .pass_reading import resolve, resolved_layout
+from .recorder import AttentionRecorder
+from .runtime import evaluation_mode
+from .targets import Target
+from .trace_types import FirstLayer, Trace, lowest_layer
+
+__all__ = ["attention_pass"]
+
+
+def attention_pass(
+    adapter: Adapter, batch: Batch, target: Target, attentions: bool, gradients: bool,
+    first_layer: FirstLayer | None = None,
+) -> Trace:
+    """A forward observing the attentions (``attentions``), then ``dy_t/dA`` (``gradients``) for the
+    layers from ``first_layer`` on (every layer without one)."""
+    recorder = AttentionRecorder(batch.batch_size)
+    model = adapter.model
+    grad_mode = torch.enable_grad() if gradients else torch.no_grad()
+    if gradients:
+        batch = with_tracked_inputs(batch)
+    observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
+    with evaluation_mode(model), grad_mode:
+        with tracked_embeddings(adapter.input_embeddings() if gradients else None), observe:
+            with plain_execution(model):
+                output, logits = adapter.call(batch)
+        layout = resolved_layout(adapter, batch, recorder, attentions)
+        resolved = resolve(target, output, logits, layout, batch.batch_size)
+        first = lowest_layer(first_layer, layout, len(recorder.probs))
+        if gradients and not resolved.scores.requires_grad:
+            raise AttnxValueError(
+                "the target's scalars do not depend on the model output (a callable target returning a constant?); "
+                "expected a function of the output, e.g. lambda out: out.logits[:, 3]"
+            )
+        grads = recorder.gradients(resolved.scores.sum(), first=first) if gradients else None
+    detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
+    return Trace(
+        logits=resolved.logits.detach(),
+        targets=resolved.classes,
+        layout=layout,
+        batch=batch,
+        attentions=[on_device(a, batch.device) for a in recorder.probs] if attentions else None,
+        gradients=None if grads is None else [maybe_on_device(g, batch.device) for g in grads],
+        output=detached,
+        target_scores=resolved.scores.detach(),
+        explained_tokens=resolved.explained_tokens,
+    )
+
+
+@contextlib.contextmanager
+def tracked_embeddings(module: nn.Module | None) -> Iterator[None]:
+    """Make the output of ``module`` require grad (so a frozen model still has a graph)."""
+    if module is None:
+        yield
+        return
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, torch.Tensor) and output.is_floating_point() and not output.requires_grad:
+            return output.detach().requires_grad_(True)
+        return None
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def with_tracked_inputs(batch: Batch) -> Batch:
+    """A copy of ``batch`` whose floating point inputs are leaves that require grad."""
+
+    def track(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.detach().requires_grad_(True)
+        return v
+
+    return replace(batch, args=tuple(track(a) for a in batch.args), kwargs={k: track(v) for k, v in batch.kwargs.items()})
