@@ -2,7 +2,7 @@
 
 ``attnx demo --out DIR`` (or ``python -m attnx.demo DIR``) needs no network. It writes
 
-* ``vision_methods.png``: held-out scenes, the predicted class explained by every method;
+* ``vision_methods.png``: held-out scenes, the predicted class explained by every registered method;
 * ``vision_classes_<method>.png``: two-garment scenes, one map per garment class side by side;
 * ``vision_rollout_options.png``: rollout with several head fusions and discard ratios;
 * ``text_methods.png`` (methods as columns, snippets as rows) and ``text.html``: review snippets
@@ -31,10 +31,11 @@ import torch
 import attnx
 
 from .. import report, viz, zoo
+from ..methods import method_names
 
-VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", "attn_gradcam", "generic",
-                  "transformer_attribution", "partial_lrp", "lrp"]
-TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
+#: "every method": every registered method (the random baseline included, as the reference for noise)
+VISION_METHODS = method_names()
+TEXT_METHODS = method_names()
 LM_METHODS = ["generic", "grad_rollout", "lrp"]
 #: SmolLM2's answers: (prompt, through the chat template, at most this many tokens); a few tokens keep it fast
 ANSWER_PROMPTS = [("The capital of France is", False, 2),
@@ -91,10 +92,10 @@ def _rollout_options(explainer, image, class_names=None, mean=None, std=None, mu
     axes[0].imshow(viz.to_rgb(image, mean, std))
     axes[0].set_axis_off()
     axes[0].set_title("input", fontsize=9)
-    for ax, (fusion, ratio) in zip(axes[1:], settings):
+    for k, (ax, (fusion, ratio)) in enumerate(zip(axes[1:], settings)):
         e = explainer(image[None], method="rollout", head_fusion=fusion, discard_ratio=ratio)
-        viz.overlay(image, e.heatmap(tuple(image.shape[-2:]))[0], ax, colorbar=False, mean=mean, std=std,
-                    title=f"rollout {fusion}, discard {ratio}")
+        viz.overlay_maps(e, image[None], [ax], colorbar=k == len(settings) - 1, mean=mean, std=std,
+                         titles=[f"rollout {fusion}, discard {ratio}"])
     fig.tight_layout()
     return fig
 
@@ -115,12 +116,13 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     return [out / "text_methods.png", out / "text.html"]
 
 
-#: classes explained in the report: the scenes' top-3 (two-garment scenes: both garments, then the runner-up)
-REPORT_RANKS = ("top-1 (predicted)", "top-2", "top-3")
+#: classes explained in the report: the model's three likeliest classes of each scene, by rank (on a
+#: two-garment scene the second garment is not always among them: the titles name each class)
+REPORT_RANKS = ("likeliest class (predicted)", "2nd likeliest class", "3rd likeliest class")
 
 
 def interactive(out: Path, quiet: bool = False) -> list[Path]:
-    """``report.html``: the vision model on one- and two-garment scenes (the top-3 classes of each),
+    """``report.html``: the vision model on one- and two-garment scenes (the three likeliest classes of each),
     and the text model on the example snippets (the predicted class, then each class)."""
     loaded = zoo.vision_model()
     scenes = zoo.scenes()

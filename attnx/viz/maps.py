@@ -130,7 +130,7 @@ def overlay(
     if colorbar:
         bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         bar.ax.tick_params(labelsize=7)
-        bar.set_label("relevance / max |relevance|" if signed else "relevance / max", fontsize=7)
+        bar.set_label("relevance / 99th pct |relevance|", fontsize=7)
     if label:
         ax.text(0.5, 0.5, label, transform=ax.transAxes, ha="center", va="center", fontsize=11, weight="bold",
                 color="black", bbox=dict(boxstyle="round", fc="white", ec="0.3", alpha=0.9))
@@ -166,7 +166,7 @@ def target_label(explanation: Any, i: int, class_names: Sequence[str] | None = N
     names = class_names if class_names is not None else getattr(explanation, "class_names", None)
     t = int(explanation.targets[i])
     name = names[t] if names is not None and t < len(names) else str(t)
-    return f"{name} (p={probability(explanation, i, t, multi):.2f})"
+    return f"{name} (p={probability(explanation, i, t, multi_label):.2f})"
 
 
 def probability(explanation: Any, i: int, t: int, multi_label: bool | None = None) -> float:

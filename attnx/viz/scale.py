@@ -1,7 +1,8 @@
 """The colour-scale rules every picture follows.
 
-Image maps: relevance is divided by the largest ``|relevance|`` of the sample, never min-max
-normalised, so that zero relevance is the same tint in every panel. A method whose relevance can be
+Image maps: relevance is divided by the 99th percentile of the sample's ``|relevance|`` (a few
+extreme pixels of a pixel-level method do not wash the rest out) and clipped to the scale, never
+min-max normalised, so that zero relevance is the same tint in every panel. A method whose relevance can be
 negative (``lrp``, ``gradient_x_input``, ...) is drawn on a diverging colour map centred at zero
 (blue against the class, red for it); a non-negative one on the upper (red) half of the same map,
 so zero is the same near-white in both. A map that shows nothing (all zero, constant, non-finite)
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "PERCENTILE",
     "SIGNED_CMAP",
     "colormap",
     "image_maps",
@@ -31,6 +33,9 @@ __all__ = [
 
 #: the diverging colour map of every image map: zero in the middle (near-white), red for the class
 SIGNED_CMAP = "RdBu_r"
+
+#: image maps are divided by this percentile of their |relevance|
+PERCENTILE = 99.0
 
 #: constant when max - min <= this many float32 epsilons times max |value|
 _TINY = 8 * float(np.finfo(np.float32).eps)
@@ -76,8 +81,9 @@ def image_maps(explanation: Any, size: tuple[int, int]) -> tuple[torch.Tensor, b
 
     The source is the pixel relevance of pixel-level methods (LRP to the input), else the patch
     scores upsampled bilinearly. The maps are signed when any sample has a negative value (all
-    panels of one method share a colour map); each sample is divided by its largest ``|value|``
-    (in [-1, 1], or [0, 1] when not signed). A degenerate sample is returned as zeros.
+    panels of one method share a colour map); each sample is divided by the :data:`PERCENTILE`
+    of its ``|value|`` and clipped (to [-1, 1], or [0, 1] when not signed). A degenerate sample is
+    returned as zeros.
     """
     pixels = getattr(explanation, "pixel_relevance", None)
     if pixels is not None:
@@ -95,7 +101,9 @@ def image_maps(explanation: Any, size: tuple[int, int]) -> tuple[torch.Tensor, b
     signed = any(bool((source[k] < 0).any()) for k in good)
     out = torch.zeros_like(maps)
     for k in good:
-        out[k] = maps[k] / maps[k].abs().max().clamp_min(1e-300)
+        a = maps[k].abs().flatten()
+        top = torch.quantile(a, PERCENTILE / 100) if a.numel() <= 16_000_000 else a.max()
+        out[k] = (maps[k] / (top if top > 0 else a.max())).clamp(-1.0, 1.0)
     return out.float(), signed, status
 
 
