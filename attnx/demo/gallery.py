@@ -88,15 +88,17 @@ def vision(out: Path, quiet: bool = False) -> list[Path]:
 def _rollout_options(explainer, image, class_names=None, mean=None, std=None, multi_label=False):
     plt = viz.pyplot()
     settings = [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.9), ("max", 0.9)]
-    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(2.8 * (len(settings) + 1), 3.0))
+    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(2.8 * (len(settings) + 1) + 0.6, 3.0), layout="constrained")
     axes[0].imshow(viz.to_rgb(image, mean, std))
     axes[0].set_axis_off()
     axes[0].set_title("input", fontsize=9)
     for k, (ax, (fusion, ratio)) in enumerate(zip(axes[1:], settings)):
         e = explainer(image[None], method="rollout", head_fusion=fusion, discard_ratio=ratio)
-        viz.overlay_maps(e, image[None], [ax], colorbar=k == len(settings) - 1, mean=mean, std=std,
+        viz.overlay_maps(e, image[None], [ax], colorbar=False, mean=mean, std=std,
                          titles=[f"rollout {fusion}, discard {ratio}"])
-    fig.tight_layout()
+    bar = fig.colorbar(axes[1].images[-1], ax=list(axes), fraction=0.03, pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("relevance / 99th pct |relevance|", fontsize=7)
     return fig
 
 

@@ -111,7 +111,7 @@ def overlay(
     signed: bool = False,
     label: str | None = None,
 ):
-    """Draw ``heatmap`` (H, W) over ``image``; returns the axes.
+    """Draw ``heatmap`` (H, W) over ``image`` (shown in grey); returns the axes.
 
     ``signed``: the map is in [-1, 1] and drawn on a diverging colour map centred at zero; else it
     is in [0, 1] (see :mod:`attnx.viz.scale`: zero is the same tint either way). ``label``: a word
@@ -124,7 +124,9 @@ def overlay(
         _, ax = plt.subplots(figsize=(4, 4))
     rgb = to_rgb(image, mean, std)
     h = heatmap.detach().cpu().float().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
-    ax.imshow(rgb, interpolation="nearest")
+    # the image in grey under the map (as captum's blended heat map): its own colours do not mix with the map's
+    grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=rgb.dtype)
+    ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     im = ax.imshow(h, cmap=cmap or scale.colormap(signed), norm=scale.norm(signed), alpha=alpha,
                    extent=(-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5))
     if colorbar:
@@ -138,6 +140,16 @@ def overlay(
         ax.set_title(title, fontsize=9)
     ax.set_axis_off()
     return ax
+
+
+def column_colorbar(axes: Sequence[Any]) -> Any:
+    """One horizontal colour bar under a column of overlays, for the map drawn in its first panel."""
+    fig = axes[0].figure
+    im = axes[0].images[-1]
+    bar = fig.colorbar(im, ax=list(axes), location="bottom", fraction=0.025, pad=0.02, aspect=25)
+    bar.set_ticks([im.norm.vmin, 0.5 * (im.norm.vmin + im.norm.vmax), im.norm.vmax])
+    bar.ax.tick_params(labelsize=7)
+    return bar
 
 
 def overlay_maps(explanation: Any, images: Any, axes: Sequence[Any], *, alpha: float = 0.5,
@@ -217,7 +229,8 @@ def method_grid(
     plt = pyplot()
     options = options or {}
     B = images.shape[0]
-    fig, axes = plt.subplots(B, len(methods) + 1, figsize=(2.6 * (len(methods) + 1), 2.6 * B), squeeze=False)
+    fig, axes = plt.subplots(B, len(methods) + 1, figsize=(2.6 * (len(methods) + 1), 2.6 * B + 0.5), squeeze=False,
+                             layout="constrained")
     it = methods
     if progress:
         from tqdm.auto import tqdm
@@ -225,14 +238,13 @@ def method_grid(
         it = tqdm(methods, desc="methods")
     for j, m in enumerate(it, start=1):
         e = explainer(images, method=m, target=target, **options.get(m, {}))
-        overlay_maps(e, images, axes[:, j], colorbar=[i == B - 1 for i in range(B)], mean=mean, std=std,
-                     titles=[m] + [None] * (B - 1))
+        overlay_maps(e, images, axes[:, j], colorbar=False, mean=mean, std=std, titles=[m] + [None] * (B - 1))
+        column_colorbar(axes[:, j])
         if j == 1:
             for i in range(B):
                 axes[i, 0].imshow(to_rgb(images[i], mean, std))
                 axes[i, 0].set_axis_off()
                 axes[i, 0].set_title(target_label(e, i, class_names, multi_label), fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -256,13 +268,16 @@ def class_maps(
         image = image.unsqueeze(0)
     batch = image.expand(len(targets), *image.shape[1:])
     e = explainer(batch, method=method, target=list(targets), **options)
-    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(3.4 * (len(targets) + 1), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(3.4 * (len(targets) + 1) + 0.6, 3.4), squeeze=False,
+                             layout="constrained")
     axes[0, 0].imshow(to_rgb(image[0], mean, std))
     axes[0, 0].set_axis_off()
     axes[0, 0].set_title("input", fontsize=9)
-    overlay_maps(e, batch, axes[0, 1:], mean=mean, std=std, colorbar=[k == len(targets) - 1 for k in range(len(targets))],
+    overlay_maps(e, batch, axes[0, 1:], mean=mean, std=std, colorbar=False,
                  titles=[f"{method}: {target_label(e, k, class_names, multi_label)}" for k in range(len(targets))])
-    fig.tight_layout()
+    bar = fig.colorbar(axes[0, 1].images[-1], ax=list(axes[0]), fraction=0.03, pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("relevance / 99th pct |relevance|", fontsize=7)
     return fig
 
 
@@ -614,7 +629,7 @@ def image_text_maps(
 
     plt = pyplot()
     B, P = pair.logits_per_image.shape
-    fig, axes = plt.subplots(B, P + 1, figsize=(3.0 * (P + 1), 2.8 * B), squeeze=False)
+    fig, axes = plt.subplots(B, P + 1, figsize=(2.8 * (P + 1) + 0.6, 2.8 * B), squeeze=False, layout="constrained")
     flat, signed, status = image_maps(pair.tower("image"), tuple(images.shape[-2:]))
     maps = pair.per_pair(flat)
     probs = pair.logits_per_image.float().softmax(-1)
@@ -623,9 +638,11 @@ def image_text_maps(
         axes[b, 0].imshow(to_rgb(images[b], mean, std))
         axes[b, 0].set_axis_off()
         for p in range(P):
-            overlay(images[b], maps[b, p], axes[b, p + 1], alpha=alpha, colorbar=p == P - 1, mean=mean, std=std,
+            overlay(images[b], maps[b, p], axes[b, p + 1], alpha=alpha, colorbar=False, mean=mean, std=std,
                     signed=signed, label=status[b * P + p],
                     title=f"{prompts[p]!r} {probs[b, p]:.2f}" if b == 0 else f"{probs[b, p]:.2f}")
     axes[0, 0].set_title(pair.tower("image").method, fontsize=9)
-    fig.tight_layout()
+    bar = fig.colorbar(axes[0, 1].images[-1], ax=list(axes.flatten()), fraction=0.03, pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("relevance / 99th pct |relevance|", fontsize=7)
     return fig
