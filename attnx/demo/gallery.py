@@ -31,11 +31,10 @@ import torch
 import attnx
 
 from .. import report, viz, zoo
-from ..methods import method_names
 
 #: "every method": every registered method (the random baseline included, as the reference for noise)
-VISION_METHODS = method_names()
-TEXT_METHODS = method_names()
+VISION_METHODS = attnx.list_methods()
+TEXT_METHODS = attnx.list_methods()
 LM_METHODS = ["generic", "grad_rollout", "lrp"]
 #: SmolLM2's answers: (prompt, through the chat template, at most this many tokens); a few tokens keep it fast
 ANSWER_PROMPTS = [("The capital of France is", False, 2),
