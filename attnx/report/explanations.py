@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .. import viz
-from ..core.layout import Readout
+from ..viz import scale
+from ..core.layout import Readout, scores_to_map
 from ..errors import AttnxTypeError, AttnxValueError
 from .page import COLORMAPS, colormap_tables, data_uri, document, fragment, uint8_text
 
@@ -104,20 +105,21 @@ def _image_data(methods, table, images, class_names, mean, std, multi_label, nam
     entries: dict[str, dict[str, list]] = {}
     for method in methods:
         for label, e in table[method].items():
+            # the pictures' colour rule (attnx.viz.scale): relevance over the 99th percentile of its |value|,
+            # in [-1, 1], zero mid-scale whatever the sign; colour-table index floor((v + 1) * 128)
             pixel_level = getattr(e, "pixel_relevance", None) is not None
-            maps = viz.heat(e, size).detach().cpu().double().numpy() if pixel_level else None
+            drawn, _, status = scale.image_maps(e, size)
+            upsampled = None if pixel_level else scores_to_map(e.scores.detach().double(), e.grid, size)
             rows = []
             for i in range(n):
                 scores, note = _checked(e, i, e.scores[i])
-                if not note and float(scores.max() - scores.min()) == 0 and not pixel_level:
-                    note = "constant map: no patch stands out"
+                if not note and status[i] is not None:
+                    note = f"{status[i]} map: nothing to draw"
                 row = {"label": viz.target_label(e, i, class_names, multi_label), "scores": _values(scores), "note": note}
                 if pixel_level:
-                    m = np.nan_to_num(maps[i], nan=0.0, posinf=0.0, neginf=0.0)
-                    if not note and m.max() <= 0:
-                        row["note"] = "no positive relevance: nothing to draw"
-                    # colour-table index, as matplotlib's colormap(v) picks it
-                    row["pixels"] = uint8_text(np.clip(np.floor(m * 256), 0, 255))
+                    row["pixels"] = uint8_text(np.clip(np.floor((drawn[i].double().numpy() + 1) * 128), 0, 255))
+                else:
+                    row["scale"] = scale.peak(upsampled[i]) if status[i] is None else 0.0
                 rows.append(row)
             entries.setdefault(method, {})[label] = rows
     return {"kind": "image", "size": list(size), "grid": list(first.grid), "samples": samples, "entries": entries,

@@ -26,6 +26,7 @@ __all__ = [
     "image_maps",
     "map_status",
     "norm",
+    "peak",
     "special_tokens",
     "text_scale",
     "token_colour",
@@ -101,10 +102,16 @@ def image_maps(explanation: Any, size: tuple[int, int]) -> tuple[torch.Tensor, b
     signed = any(bool((source[k] < 0).any()) for k in good)
     out = torch.zeros_like(maps)
     for k in good:
-        a = maps[k].abs().flatten()
-        top = torch.quantile(a, PERCENTILE / 100) if a.numel() <= 16_000_000 else a.max()
-        out[k] = (maps[k] / (top if top > 0 else a.max())).clamp(-1.0, 1.0)
+        out[k] = (maps[k] / peak(maps[k])).clamp(-1.0, 1.0)
     return out.float(), signed, status
+
+
+def peak(values: torch.Tensor) -> float:
+    """The value an image map is divided by: the :data:`PERCENTILE` of its ``|values|`` (their
+    maximum when that percentile is zero); 0 for an all-zero map."""
+    a = values.detach().abs().flatten().double()
+    top = float(torch.quantile(a, PERCENTILE / 100)) if a.numel() <= 16_000_000 else float(a.max())
+    return top if top > 0 else float(a.max()) if a.numel() else 0.0
 
 
 def text_scale(scores: Any, special: Sequence[bool]) -> np.ndarray:
