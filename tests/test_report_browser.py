@@ -22,6 +22,7 @@ import pytest
 
 import attnx
 from attnx import report, viz, zoo
+from attnx.viz.scale import image_maps
 from conftest import TEXT
 
 pytestmark = pytest.mark.browser
