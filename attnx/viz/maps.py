@@ -81,20 +81,12 @@ def to_rgb(image: Any, mean: Sequence[float] | None = None, std: Sequence[float]
 
 
 def heat(explanation: Any, size: tuple[int, int]) -> torch.Tensor:
-    """The ``(B, H, W)`` maps the pictures draw, in [0, 1].
+    """The ``(B, H, W)`` maps the pictures draw: relevance over the 99th percentile of its
+    ``|value|``, in [-1, 1] for a signed method, [0, 1] otherwise, zero at zero
+    (:func:`attnx.viz.scale.image_maps`; degenerate maps are zeros)."""
+    from .scale import image_maps
 
-    ``explanation.heatmap(size)`` (min-max per sample), except for signed pixel-level relevance
-    (``lrp``): there min-max would put zero relevance mid-scale and tint the whole image, so the
-    pictures show the positive relevance (evidence for the class) divided by its maximum.
-    """
-    pixels = getattr(explanation, "pixel_relevance", None)
-    if pixels is None or float(pixels.min()) >= 0:
-        return explanation.heatmap(size)
-    maps = pixels[:, None].detach().float().clamp_min(0)
-    if tuple(size) != tuple(maps.shape[-2:]):
-        maps = torch.nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-    peak = maps.flatten(1).amax(1).clamp_min(1e-30)[:, None, None, None]
-    return (maps / peak)[:, 0]
+    return image_maps(explanation, size)[0]
 
 
 def overlay(
