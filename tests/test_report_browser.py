@@ -98,7 +98,8 @@ def drawn(e, i: int, rgb: np.ndarray, alpha: float, cmap: str = "RdBu_r") -> np.
 
     table = (matplotlib.colormaps[cmap](np.arange(256))[:, :3] * 255).round()
     heat = image_maps(e, rgb.shape[:2])[0][i].double().numpy()
-    return np.round((1 - alpha) * rgb + alpha * table[np.clip(np.floor((heat + 1) * 128), 0, 255).astype(int)])
+    grey = (rgb @ np.array([0.299, 0.587, 0.114]))[..., None]  # the image in grey under the map
+    return np.round((1 - alpha) * grey + alpha * table[np.clip(np.floor((heat + 1) * 128), 0, 255).astype(int)])
 
 
 def assert_shows(shown: np.ndarray, expected: np.ndarray) -> None:

@@ -125,14 +125,16 @@ function imageView(root, D) {
     return (cache[key] = {idx: idx, v: v});
   }
 
-  // image (or white) blended with the colour-mapped heat map, pixel by pixel
+  // image (grey under a map, or white) blended with the colour-mapped heat map, pixel by pixel
   function paint(canvas, map, image) {
     const ctx = canvas.getContext("2d"), out = ctx.createImageData(W, H), o = out.data, lut = luts[state.cmap];
     const a = map ? state.opacity : 0;
     for (let p = 0, n = W * H; p < n; p++) {
       const q = 4 * p, k = map ? 3 * map.idx[p] : 0;
+      // under a map the image is grey (as in the PNGs): its own colours do not mix with the map's
+      const grey = image && map ? 0.299 * image[q] + 0.587 * image[q + 1] + 0.114 * image[q + 2] : null;
       for (let c = 0; c < 3; c++) {
-        const base = image ? image[q + c] : 255;
+        const base = grey !== null ? grey : image ? image[q + c] : 255;
         o[q + c] = (1 - a) * base + a * (map ? lut[k + c] : 0);
       }
       o[q + 3] = 255;
