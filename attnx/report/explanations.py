@@ -166,7 +166,7 @@ def explanation_html(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    multi_label: bool = False,
+    multi_label: bool | None = None,
     names: Sequence[str] | None = None,
     title: str | None = None,
     subtitle: str | None = None,
@@ -187,7 +187,8 @@ def explanation_html(
     tokenizer:
         For text: shows the word pieces (without it, the token ids).
     class_names, multi_label:
-        Name the classes; ``multi_label`` gives the class's sigmoid instead of the softmax.
+        Name the classes (default: the names the model carries); ``multi_label`` gives the class's
+        sigmoid instead of the softmax (default: what the model's head does).
     names:
         One name per image, for the image list.
     title, subtitle:
