@@ -216,8 +216,8 @@ def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tupl
                  "(red: raises it, blue: lowers it; generic and grad_rollout are non-negative by construction).\n"
                  "Check: occlusion greys out one 28-pixel square at a time; r = correlation of each map with it "
                  f"(maps summed over the same squares). {occlusion_verdict(agreements)}", fontsize=10)
-    _scale_bar(fig, axes[:, 2:], SIGNED, -1.0, 1.0, "occlusion, lrp (each map)", ["-max |value|", "0", "+max |value|"])
-    _scale_bar(fig, axes[:, 3:5], CMAP, 0.0, 1.0, "generic, grad_rollout (each map)", ["0", "max"])
+    _scale_bar(fig, axes, SIGNED, -1.0, 1.0, "occlusion, lrp (each map)", ["-max |value|", "0", "+max |value|"])
+    _scale_bar(fig, axes, CMAP, 0.0, 1.0, "generic, grad_rollout (each map)", ["0", "max"])
     return fig
 
 
