@@ -209,10 +209,9 @@ garments = masks[show].any(1)                                   # (n, H, W): any
 fig, axes = plt.subplots(len(settings), len(show), figsize=(1.9 * len(show), 1.9 * len(settings)))
 for r, (fusion, ratio) in enumerate(settings):
     e = explainer(images[show], method="rollout", head_fusion=fusion, discard_ratio=ratio)
-    maps, share = e.heatmap(), mass_inside(e, garments)
-    for c in range(len(show)):
-        viz.overlay(images[show[c]], maps[c], axes[r, c], colorbar=False, mean=loaded.mean, std=loaded.std,
-                    title=f"{share[c]:.0%} on garments")
+    share = mass_inside(e, garments)
+    viz.overlay_maps(e, images[show], axes[r], colorbar=False, mean=loaded.mean, std=loaded.std,
+                     titles=[f"{share[c]:.0%} on garments" for c in range(len(show))])
     axes[r, 0].text(-0.08, 0.5, f"{fusion}\\ndiscard {ratio}", transform=axes[r, 0].transAxes,
                     ha="right", va="center", fontsize=9)
 fig.suptitle("rollout: head_fusion / discard_ratio (rows) on four scenes (columns)", fontsize=10)
@@ -303,9 +302,9 @@ print("\\nbatch:", tuple(batch["input_ids"].shape), "tokens per snippet:", batch
 **BERT form** automatically (`form="auto"`): like Chefer et al.'s BERT code it normalises every
 `Ā + I` and rolls out from the last layer. `e.scores` is `(B, T)`: one relevance per word piece,
 special tokens included, padding 0. `viz.text_html` colours tokens green (for the explained class)
-or red (against it), each row scaled by its largest absolute value among the tokens shown
-(`skip_special=True` hides `[CLS]`/`[SEP]`: the `[CLS]` readout keeps much of the attention-based
-relevance for itself).
+or red (against it), each row scaled by its largest absolute value among the tokens that are not
+special: the `[CLS]` readout keeps much of the attention-based relevance for itself, so special
+tokens never set the scale (`skip_special=True` hides `[CLS]`/`[SEP]`).
 """),
     ("code", """\
 explainer = attnx.Explainer(model)

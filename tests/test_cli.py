@@ -39,9 +39,9 @@ def assert_nontrivial(a: np.ndarray) -> None:
     h, w, _ = a.shape
     assert h > 100 and w > 100, f"picture too small: {w}x{h}"
     assert a.std() > 10, "picture is (nearly) constant"
-    # a heat map (jet) is there: strongly coloured pixels, not only the grey-ish scenes and white margins
+    # a heat map is there: coloured pixels (the maps are drawn over the image in grey), not only white margins
     saturation = a.max(-1) - a.min(-1)
-    assert (saturation > 120).mean() > 0.05
+    assert (saturation > 40).mean() > 0.05
 
 
 # ------------------------------------------------------------------------------------------------

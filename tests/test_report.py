@@ -57,10 +57,13 @@ def test_image_view_embeds_every_method_and_target(scenes):
     for i, row in enumerate(d["entries"]["rollout"]["Coat"]):
         assert row["label"].startswith("Coat (p=")
         assert_values(row["scores"], coat["rollout"].scores[i])
-    # pixel-level maps: the colour-table index matplotlib's colormap gives the drawn map
+    # pixel-level maps: relevance over the 99th percentile of its |value|, on [-1, 1], as the colour-table
+    # index of the diverging map (zero mid-scale)
     q = np.frombuffer(base64.b64decode(d["entries"]["lrp"]["predicted"][1]["pixels"]), dtype=np.uint8).reshape(64, 64)
-    expected = np.clip(np.floor(viz.heat(es["lrp"], (64, 64))[1].double().numpy() * 256), 0, 255)
-    np.testing.assert_array_equal(q, expected)
+    px = es["lrp"].pixel_relevance[1].double().numpy()
+    v = np.clip(px / np.quantile(np.abs(px), 0.99), -1, 1)
+    np.testing.assert_array_equal(q, np.clip(np.floor((v + 1) * 128), 0, 255))
+    assert d["cmap"] == "RdBu_r"
     assert "pixels" not in d["entries"]["rollout"]["predicted"][0]  # patch maps are drawn from the scores
     # the images, as the pictures show them
     png = base64.b64decode(d["samples"][2]["image"].split(",", 1)[1])

@@ -18,6 +18,7 @@ import pytest
 
 import attnx
 from attnx import report, viz, zoo
+from attnx.viz.scale import image_maps
 from conftest import TEXT
 from html_pages import assert_clean, open_page
 
@@ -32,13 +33,15 @@ def canvas(driver, element) -> np.ndarray:
     return np.asarray(rgba, dtype=np.float64).reshape(h, w, 4)[..., :3]
 
 
-def drawn(e, i: int, rgb: np.ndarray, alpha: float, cmap: str = "jet") -> np.ndarray:
-    """What a page must show: the image blended with matplotlib's ``cmap`` of the drawn heat map."""
+def drawn(e, i: int, rgb: np.ndarray, alpha: float, cmap: str = "RdBu_r") -> np.ndarray:
+    """What a page must show: the image blended with matplotlib's ``cmap`` of the drawn heat map
+    (the pictures' rule: in [-1, 1], zero mid-scale)."""
     import matplotlib
 
     table = (matplotlib.colormaps[cmap](np.arange(256))[:, :3] * 255).round()
-    heat = viz.heat(e, rgb.shape[:2])[i].double().numpy()
-    return np.round((1 - alpha) * rgb + alpha * table[np.clip(np.floor(heat * 256), 0, 255).astype(int)])
+    heat = image_maps(e, rgb.shape[:2])[0][i].double().numpy()
+    grey = (rgb @ np.array([0.299, 0.587, 0.114]))[..., None]  # the image in grey under the map
+    return np.round((1 - alpha) * grey + alpha * table[np.clip(np.floor((heat + 1) * 128), 0, 255).astype(int)])
 
 
 def assert_shows(shown: np.ndarray, expected: np.ndarray) -> None:
@@ -160,7 +163,7 @@ def test_hover_reads_out_the_patch_score(browser, vision, sample, row, col):
         assert f"patch ({row}, {col})" in text, text
         expected = float(es[method, "predicted"].scores[sample, row * 8 + col])
         assert number(text, "score") == pytest.approx(expected, rel=6e-4), text  # 4 significant digits
-        heat = viz.heat(es[method, "predicted"], (64, 64))[sample]
+        heat = image_maps(es[method, "predicted"], (64, 64))[0][sample]
         assert number(text, "map") == pytest.approx(float(heat[py, px]), abs=0.006), text
     assert_clean_console(browser)
 

@@ -16,7 +16,7 @@ from .degenerate import check_map
 from .explanation import Explanation
 from .forward_check import check_mode, input_signature, tolerance
 from .image_text import ImageText, ImageTextExplanation, explain_pairs, tower_target
-from .labels import class_names
+from .labels import class_names, multi_label
 from .layout import Readout, to_scores
 from .readout import ReadoutUsed, settle_readout
 from .runtime import no_autocast, unwrap_model
@@ -96,6 +96,7 @@ class Explainer:
         self.adapter = get_adapter(self.model, self.adapter_choice)
         #: the labels of a classifier's outputs (string targets are class names); None for language models
         self.class_names = None if self.adapter.is_lm else class_names(self.model)
+        self.multi_label = not self.adapter.is_lm and multi_label(self.model)
         self._readouts: dict = {}  # token layouts whose readout was measured (attnx.core.readout)
         #: input signatures whose explained forward was checked, and whether the output is an embedding
         self.checked: dict[tuple, bool] = {}
@@ -226,7 +227,9 @@ class Explainer:
         recorded = {k: v for k, v in options.items() if k != "preset"}
         if "preset" in trace_options:
             recorded["preset"] = registry.name
-        return self.package(result, trace, method, recorded, used)
+        explanation = self.package(result, trace, method, recorded, used)
+        explanation.class_names, explanation.multi_label = self.class_names, self.multi_label
+        return explanation
 
     __call__ = explain
 

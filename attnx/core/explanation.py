@@ -59,6 +59,9 @@ class Explanation:
         ``readout.description`` ("class token", "mean of 196 patch tokens", "probe attention (MAP
         head)", ...) and ``readout.weights`` ``(B, N)``; ``None`` for methods that read no
         attention row (LRP to the input starts at the logits). See :mod:`attnx.core.readout`.
+    class_names, multi_label:
+        The class names the model carries and whether its head is multi-label (one sigmoid per
+        class); the pictures title with them (:func:`attnx.viz.target_label`).
     """
 
     scores: torch.Tensor
@@ -76,6 +79,8 @@ class Explanation:
     target_scores: torch.Tensor | None = None
     explained_tokens: torch.Tensor | None = None
     readout: Any = None
+    class_names: list[str] | None = None
+    multi_label: bool = False
 
     def __len__(self) -> int:
         return self.scores.shape[0]

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AttnxValueError
 
-__all__ = ["class_index", "class_names"]
+__all__ = ["class_index", "class_names", "multi_label"]
 
 
 def output_classes(model: nn.Module) -> int | None:
@@ -50,6 +50,17 @@ def class_names(model: nn.Module) -> list[str] | None:
     except Exception:  # no timm, or a config timm does not know: no names
         return None
     return None
+
+
+def multi_label(model: nn.Module) -> bool:
+    """Whether the model's head is multi-label (one sigmoid per class, not a softmax): a Hugging Face
+    ``config.problem_type`` of ``"multi_label_classification"``, or ``multi_label`` in a timm
+    ``pretrained_cfg``."""
+    config = getattr(model, "config", None)
+    if getattr(config, "problem_type", None) == "multi_label_classification":
+        return True
+    cfg = getattr(model, "pretrained_cfg", None)
+    return isinstance(cfg, dict) and bool(cfg.get("multi_label", False))
 
 
 def normalised(name: str) -> str:

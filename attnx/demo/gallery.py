@@ -2,7 +2,7 @@
 
 ``attnx demo --out DIR`` (or ``python -m attnx.demo DIR``) needs no network. It writes
 
-* ``vision_methods.png``: held-out scenes, the predicted class explained by every method;
+* ``vision_methods.png``: held-out scenes, the predicted class explained by every registered method;
 * ``vision_classes_<method>.png``: two-garment scenes, one map per garment class side by side;
 * ``vision_rollout_options.png``: rollout with several head fusions and discard ratios;
 * ``text_methods.png`` (methods as columns, snippets as rows) and ``text.html``: review snippets
@@ -33,9 +33,9 @@ import attnx
 from .. import report, viz, zoo
 from ..viz.terminal import say
 
-VISION_METHODS = ["raw_attention", "rollout", "attention_flow", "grad_rollout", "attn_gradcam", "generic",
-                  "transformer_attribution", "partial_lrp", "lrp"]
-TEXT_METHODS = ["rollout", "grad_rollout", "generic", "transformer_attribution", "lrp"]
+#: "every method": every registered method (the random baseline included, as the reference for noise)
+VISION_METHODS = attnx.list_methods()
+TEXT_METHODS = attnx.list_methods()
 LM_METHODS = ["generic", "grad_rollout", "lrp"]
 #: SmolLM2's answers: (prompt, through the chat template, at most this many tokens); a few tokens keep it fast
 ANSWER_PROMPTS = [("The capital of France is", False, 2),
@@ -88,15 +88,17 @@ def vision(out: Path, quiet: bool = False) -> list[Path]:
 def _rollout_options(explainer, image, class_names=None, mean=None, std=None, multi_label=False):
     plt = viz.pyplot()
     settings = [("mean", 0.0), ("max", 0.0), ("min", 0.0), ("mean", 0.9), ("max", 0.9)]
-    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(2.8 * (len(settings) + 1), 3.0))
+    fig, axes = plt.subplots(1, len(settings) + 1, figsize=(2.8 * (len(settings) + 1) + 0.6, 3.0), layout="constrained")
     axes[0].imshow(viz.to_rgb(image, mean, std))
     axes[0].set_axis_off()
     axes[0].set_title("input", fontsize=9)
     for ax, (fusion, ratio) in zip(axes[1:], settings):
         e = explainer(image[None], method="rollout", head_fusion=fusion, discard_ratio=ratio)
-        viz.overlay(image, e.heatmap(tuple(image.shape[-2:]))[0], ax, colorbar=False, mean=mean, std=std,
-                    title=f"rollout {fusion}, discard {ratio}")
-    fig.tight_layout()
+        viz.overlay_maps(e, image[None], [ax], colorbar=False, mean=mean, std=std,
+                         titles=[f"rollout {fusion}, discard {ratio}"])
+    bar = fig.colorbar(axes[1].images[-1], ax=list(axes), fraction=0.03, pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("relevance / 99th pct |relevance|", fontsize=7)
     return fig
 
 
@@ -117,12 +119,13 @@ def text(out: Path, quiet: bool = False) -> list[Path]:
     return [out / "text_methods.png", out / "text.html"]
 
 
-#: classes explained in the report: the scenes' top-3 (two-garment scenes: both garments, then the runner-up)
-REPORT_RANKS = ("top-1 (predicted)", "top-2", "top-3")
+#: classes explained in the report: the model's three likeliest classes of each scene, by rank (on a
+#: two-garment scene the second garment is not always among them: the titles name each class)
+REPORT_RANKS = ("likeliest class (predicted)", "2nd likeliest class", "3rd likeliest class")
 
 
 def interactive(out: Path, quiet: bool = False) -> list[Path]:
-    """``report.html``: the vision model on one- and two-garment scenes (the top-3 classes of each),
+    """``report.html``: the vision model on one- and two-garment scenes (the three likeliest classes of each),
     and the text model on the example snippets (the predicted class, then each class)."""
     loaded = zoo.vision_model()
     scenes = zoo.scenes()

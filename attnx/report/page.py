@@ -23,8 +23,9 @@ import numpy as np
 __all__ = ["COLORMAPS", "colormap_tables", "data_uri", "document", "fill", "fragment", "json_text", "template",
            "uint8_text"]
 
-#: colour maps offered for image heat maps (the first is the default, as in :mod:`attnx.viz`)
-COLORMAPS = ("jet", "turbo", "viridis", "inferno", "magma", "gray")
+#: colour maps offered for image heat maps; the first is the default, the diverging map of
+#: :mod:`attnx.viz.scale` (maps in [-1, 1], zero in the middle)
+COLORMAPS = ("RdBu_r", "jet", "turbo", "viridis", "inferno", "magma", "gray")
 _ids = itertools.count()
 
 

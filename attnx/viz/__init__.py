@@ -8,7 +8,32 @@ loads no torch.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .maps import (
+        class_maps,
+        explained_strings,
+        heat,
+        image_text_maps,
+        method_grid,
+        overlay,
+        overlay_maps,
+        probability,
+        pyplot,
+        real_columns,
+        real_scores,
+        save_stacked,
+        show,
+        target_label,
+        text_figure,
+        text_grid,
+        text_html,
+        text_terminal,
+        to_rgb,
+        token_strings,
+        word_pieces,
+    )
 
 __all__ = [
     "class_maps",
@@ -17,6 +42,8 @@ __all__ = [
     "image_text_maps",
     "method_grid",
     "overlay",
+    "overlay_maps",
+    "probability",
     "pyplot",
     "real_columns",
     "real_scores",
@@ -32,7 +59,7 @@ __all__ = [
     "word_pieces",
 ]
 
-_SUBMODULES = ("generation", "maps", "terminal")
+_SUBMODULES = ("generation", "maps", "scale", "terminal")
 
 
 def __getattr__(name: str) -> Any:

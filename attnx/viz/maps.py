@@ -28,6 +28,8 @@ __all__ = [
     "text_figure",
     "text_grid",
     "target_label",
+    "probability",
+    "overlay_maps",
     "save_stacked",
     "pyplot",
     "real_columns",
@@ -79,20 +81,12 @@ def to_rgb(image: Any, mean: Sequence[float] | None = None, std: Sequence[float]
 
 
 def heat(explanation: Any, size: tuple[int, int]) -> torch.Tensor:
-    """The ``(B, H, W)`` maps the pictures draw, in [0, 1].
+    """The ``(B, H, W)`` maps the pictures draw: relevance over the 99th percentile of its
+    ``|value|``, in [-1, 1] for a signed method, [0, 1] otherwise, zero at zero
+    (:func:`attnx.viz.scale.image_maps`; degenerate maps are zeros)."""
+    from .scale import image_maps
 
-    ``explanation.heatmap(size)`` (min-max per sample), except for signed pixel-level relevance
-    (``lrp``): there min-max would put zero relevance mid-scale and tint the whole image, so the
-    pictures show the positive relevance (evidence for the class) divided by its maximum.
-    """
-    pixels = getattr(explanation, "pixel_relevance", None)
-    if pixels is None or float(pixels.min()) >= 0:
-        return explanation.heatmap(size)
-    maps = pixels[:, None].detach().float().clamp_min(0)
-    if tuple(size) != tuple(maps.shape[-2:]):
-        maps = torch.nn.functional.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-    peak = maps.flatten(1).amax(1).clamp_min(1e-30)[:, None, None, None]
-    return (maps / peak)[:, 0]
+    return image_maps(explanation, size)[0]
 
 
 def overlay(
@@ -101,37 +95,89 @@ def overlay(
     ax: Any = None,
     *,
     alpha: float = 0.5,
-    cmap: str = "jet",
+    cmap: str | None = None,
     title: str | None = None,
     colorbar: bool = True,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    signed: bool = False,
+    label: str | None = None,
 ):
-    """Draw ``heatmap`` (H, W) in [0, 1] over ``image``; returns the axes."""
+    """Draw ``heatmap`` (H, W) over ``image`` (shown in grey); returns the axes.
+
+    ``signed``: the map is in [-1, 1] and drawn on a diverging colour map centred at zero; else it
+    is in [0, 1] (see :mod:`attnx.viz.scale`: zero is the same tint either way). ``label``: a word
+    written in the panel, e.g. ``"all zero"`` for a map that shows nothing.
+    """
+    from . import scale
+
     plt = pyplot()
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 4))
     rgb = to_rgb(image, mean, std)
     h = heatmap.detach().cpu().float().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
-    ax.imshow(rgb, interpolation="nearest")
-    im = ax.imshow(h, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0, extent=(-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5))
+    # the image in grey under the map (as captum's blended heat map): its own colours do not mix with the map's
+    grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=rgb.dtype)
+    ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    im = ax.imshow(h, cmap=cmap or scale.colormap(signed), norm=scale.norm(signed), alpha=alpha,
+                   extent=(-0.5, rgb.shape[1] - 0.5, rgb.shape[0] - 0.5, -0.5))
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label("relevance / 99th pct |relevance|", fontsize=7)
+    if label:
+        ax.text(0.5, 0.5, label, transform=ax.transAxes, ha="center", va="center", fontsize=11, weight="bold",
+                color="black", bbox=dict(boxstyle="round", fc="white", ec="0.3", alpha=0.9))
     if title:
         ax.set_title(title, fontsize=9)
     ax.set_axis_off()
     return ax
 
 
-def target_label(explanation: Any, i: int, class_names: Sequence[str] | None = None, multi_label: bool = False) -> str:
-    """The explained class of sample ``i`` and its probability, e.g. ``"Coat (p=0.91)"`` (the softmax,
-    or with ``multi_label`` the class's sigmoid); the method's name for a callable target."""
+def column_colorbar(axes: Sequence[Any]) -> Any:
+    """One horizontal colour bar under a column of overlays, for the map drawn in its first panel."""
+    fig = axes[0].figure
+    im = axes[0].images[-1]
+    bar = fig.colorbar(im, ax=list(axes), location="bottom", fraction=0.025, pad=0.02, aspect=25)
+    bar.set_ticks([im.norm.vmin, 0.5 * (im.norm.vmin + im.norm.vmax), im.norm.vmax])
+    bar.ax.tick_params(labelsize=7)
+    return bar
+
+
+def overlay_maps(explanation: Any, images: Any, axes: Sequence[Any], *, alpha: float = 0.5,
+                 colorbar: bool | Sequence[bool] = True, titles: Sequence[str | None] | None = None,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> None:
+    """Overlay every sample's map on its image in ``axes`` by the rules of :mod:`attnx.viz.scale`
+    (signed maps on a diverging colour map, degenerate maps named in the panel)."""
+    from .scale import image_maps
+
+    maps, signed, status = image_maps(explanation, tuple(images.shape[-2:]))
+    bars = [colorbar] * len(axes) if isinstance(colorbar, bool) else list(colorbar)
+    for i, ax in enumerate(axes):
+        overlay(images[i], maps[i], ax, alpha=alpha, mean=mean, std=std, signed=signed, label=status[i],
+                colorbar=bars[i], title=titles[i] if titles is not None else None)
+
+
+def target_label(explanation: Any, i: int, class_names: Sequence[str] | None = None,
+                 multi_label: bool | None = None) -> str:
+    """The explained class of sample ``i`` and the model's probability of it, e.g. ``"Coat (p=0.91)"``.
+
+    The probability is the model's own: the class's sigmoid for a multi-label head, else the softmax
+    (``multi_label`` overrides; default what the explanation records of the model). The class names
+    default to those the model carries (``config.id2label``, timm ``label_names``)."""
     if explanation.targets is None:
         return explanation.method
+    names = class_names if class_names is not None else getattr(explanation, "class_names", None)
     t = int(explanation.targets[i])
-    name = class_names[t] if class_names is not None and t < len(class_names) else str(t)
-    p = float(explanation.logits[i, t].float().sigmoid()) if multi_label else float(explanation.probabilities[i, t])
-    return f"{name} (p={p:.2f})"
+    name = names[t] if names is not None and t < len(names) else str(t)
+    return f"{name} (p={probability(explanation, i, t, multi_label):.2f})"
+
+
+def probability(explanation: Any, i: int, t: int, multi_label: bool | None = None) -> float:
+    """The model's probability of class ``t`` for sample ``i``: the class's sigmoid for a
+    multi-label head (``multi_label``, default what the explanation records), else the softmax."""
+    multi = bool(getattr(explanation, "multi_label", False)) if multi_label is None else multi_label
+    return float(explanation.logits[i, t].float().sigmoid()) if multi else float(explanation.probabilities[i, t])
 
 
 def show(
@@ -141,19 +187,17 @@ def show(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    multi_label: bool = False,
+    multi_label: bool | None = None,
     max_images: int = 8,
     alpha: float = 0.5,
 ):
-    """One overlay per sample, titled with the explained class and its probability (the softmax, or
-    with ``multi_label`` the class's sigmoid)."""
+    """One overlay per sample with a colour bar, titled with the explained class and the model's
+    probability of it (see :func:`target_label`)."""
     plt = pyplot()
     n = min(len(explanation), max_images)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
-    maps = heat(explanation, tuple(images.shape[-2:]))
-    for i in range(n):
-        overlay(images[i], maps[i], axes[0, i], alpha=alpha, mean=mean, std=std,
-                title=f"{explanation.method}: {target_label(explanation, i, class_names, multi_label)}")
+    fig, axes = plt.subplots(1, n, figsize=(3.9 * n, 3.4), squeeze=False)
+    titles = [f"{explanation.method}: {target_label(explanation, i, class_names, multi_label)}" for i in range(n)]
+    overlay_maps(explanation, images, axes[0], alpha=alpha, mean=mean, std=std, titles=titles)
     fig.tight_layout()
     return fig
 
@@ -167,16 +211,18 @@ def method_grid(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    multi_label: bool = False,
+    multi_label: bool | None = None,
     options: dict[str, dict] | None = None,
     progress: bool = False,
 ):
-    """Rows: samples; columns: the image, then one heat map per method (same target).
-    ``multi_label``: the titles give the sigmoid of the class instead of the softmax."""
+    """Rows: samples; columns: the image, then one heat map per method (same target), each column
+    with its colour bar (signed methods on a diverging one). ``multi_label``: the titles give the
+    sigmoid of the class instead of the softmax (default: what the model's head does)."""
     plt = pyplot()
     options = options or {}
     B = images.shape[0]
-    fig, axes = plt.subplots(B, len(methods) + 1, figsize=(2.6 * (len(methods) + 1), 2.6 * B), squeeze=False)
+    fig, axes = plt.subplots(B, len(methods) + 1, figsize=(2.6 * (len(methods) + 1), 2.6 * B + 0.5), squeeze=False,
+                             layout="constrained")
     it = methods
     if progress:
         from tqdm.auto import tqdm
@@ -184,16 +230,13 @@ def method_grid(
         it = tqdm(methods, desc="methods")
     for j, m in enumerate(it, start=1):
         e = explainer(images, method=m, target=target, **options.get(m, {}))
-        maps = heat(e, tuple(images.shape[-2:]))
-        for i in range(B):
-            overlay(images[i], maps[i], axes[i, j], colorbar=False, mean=mean, std=std,
-                    title=m if i == 0 else None)
+        overlay_maps(e, images, axes[:, j], colorbar=False, mean=mean, std=std, titles=[m] + [None] * (B - 1))
+        column_colorbar(axes[:, j])
         if j == 1:
             for i in range(B):
                 axes[i, 0].imshow(to_rgb(images[i], mean, std))
                 axes[i, 0].set_axis_off()
                 axes[i, 0].set_title(target_label(e, i, class_names, multi_label), fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -206,25 +249,27 @@ def class_maps(
     class_names: Sequence[str] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-    multi_label: bool = False,
+    multi_label: bool | None = None,
     **options: Any,
 ):
     """Class-specific maps of one image side by side: "where does the model see A, and B?".
-    ``multi_label``: the titles give the sigmoid of each class instead of the softmax."""
+    ``multi_label``: the titles give the sigmoid of each class instead of the softmax (default: what
+    the model's head does)."""
     plt = pyplot()
     if image.dim() == 3:
         image = image.unsqueeze(0)
     batch = image.expand(len(targets), *image.shape[1:])
     e = explainer(batch, method=method, target=list(targets), **options)
-    maps = heat(e, tuple(image.shape[-2:]))
-    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(3.4 * (len(targets) + 1), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(3.4 * (len(targets) + 1) + 0.6, 3.4), squeeze=False,
+                             layout="constrained")
     axes[0, 0].imshow(to_rgb(image[0], mean, std))
     axes[0, 0].set_axis_off()
     axes[0, 0].set_title("input", fontsize=9)
-    for k in range(len(targets)):
-        overlay(image[0], maps[k], axes[0, k + 1], mean=mean, std=std, colorbar=k == len(targets) - 1,
-                title=f"{method}: {target_label(e, k, class_names, multi_label)}")
-    fig.tight_layout()
+    overlay_maps(e, batch, axes[0, 1:], mean=mean, std=std, colorbar=False,
+                 titles=[f"{method}: {target_label(e, k, class_names, multi_label)}" for k in range(len(targets))])
+    bar = fig.colorbar(axes[0, 1].images[-1], ax=list(axes[0]), fraction=0.03, pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("relevance / 99th pct |relevance|", fontsize=7)
     return fig
 
 
@@ -271,13 +316,28 @@ def _text_label(explanation: Any, tokenizer: Any, i: int, class_names: Sequence[
     return f"continuation {tokenizer.convert_tokens_to_string(explained)!r}{score}"
 
 
-def _signed(scores: torch.Tensor, keep: Sequence[bool] | None = None) -> np.ndarray:
-    """Scores divided by the largest absolute score among the ``keep`` tokens (default all): the
-    tokens shown set the scale, not a hidden ``[CLS]`` that takes most of the attention mass."""
-    s = scores.detach().cpu().double().numpy()
-    shown = s[np.asarray(keep, dtype=bool)] if keep is not None else s
-    m = np.abs(shown).max() if shown.size else 0.0
-    return s / m if m > 0 else s
+def _scaled_tokens(explanation: Any, tokenizer: Any, index: int) -> tuple[list[str], np.ndarray, list[bool]]:
+    """Sample ``index``'s word pieces, their relevance on the one text colour scale of
+    :func:`attnx.viz.scale.text_scale`, and which are special: the tokenizer's special tokens and,
+    for a language model, the first token (an attention sink) never set the scale."""
+    from .scale import special_tokens, text_scale
+
+    toks = token_strings(explanation, tokenizer, index)
+    special = special_tokens(toks, tokenizer)
+    if explained_strings(explanation, tokenizer, index) and special:
+        special[0] = True
+    return toks, text_scale(real_scores(explanation, index), special), special
+
+
+def _css(v: float) -> str:
+    from .scale import token_colour
+
+    r, g, b, a = token_colour(v)
+    return f"rgba({round(r * 255)},{round(g * 255)},{round(b * 255)},{a:.3f})"
+
+
+def _names(explanation: Any, class_names: Sequence[str] | None) -> Sequence[str] | None:
+    return class_names if class_names is not None else getattr(explanation, "class_names", None)
 
 
 def text_html(
@@ -293,23 +353,21 @@ def text_html(
     (e.g. one per method) gives one page with a section per explanation, separated by rules."""
     explanations = explanation if isinstance(explanation, (list, tuple)) else [explanation]
     sections = ["\n".join(_text_html_rows(e, tokenizer, class_names, skip_special)) for e in explanations]
-    return "<html><head><meta charset='utf-8'></head><body>\n" + "\n<hr>\n".join(sections) + "\n</body></html>\n"
+    title = "attnx: " + ", ".join(dict.fromkeys(e.method for e in explanations))
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>\n"
+            + "\n<hr>\n".join(sections) + "\n</body></html>\n")
 
 
 def _text_html_rows(explanation: Any, tokenizer: Any, class_names, skip_special: bool) -> list[str]:
     rows = []
     for i in range(len(explanation)):
-        toks = token_strings(explanation, tokenizer, i)
-        special = set(getattr(tokenizer, "all_special_tokens", ()))
-        keep = [not (skip_special and t in special) for t in toks]
-        s = _signed(real_scores(explanation, i), keep)
+        toks, s, special = _scaled_tokens(explanation, tokenizer, i)
         spans = []
-        for tok, v, k in zip(toks, s, keep):
-            if not k:
+        for tok, v, sp in zip(toks, s, special):
+            if skip_special and sp:
                 continue
-            color = f"rgba(0,160,0,{abs(v):.3f})" if v >= 0 else f"rgba(220,0,0,{abs(v):.3f})"
-            spans.append(f'<span style="background:{color};padding:1px 2px;margin:1px;border-radius:3px" '
-                         f'title="{v:+.3f}">{html.escape(tok)}</span>')
+            spans.append(f'<span style="background:{_css(v)};padding:1px 2px;margin:1px;border-radius:3px" '
+                         f'title="{v:+.3f}{" (special: not in the scale)" if sp else ""}">{html.escape(tok)}</span>')
         explained = explained_strings(explanation, tokenizer, i)
         if explained:
             spans.append('&rarr; <span class="explained" style="border:2px solid #333;padding:1px 3px;margin:1px;'
@@ -318,11 +376,12 @@ def _text_html_rows(explanation: Any, tokenizer: Any, class_names, skip_special:
         if explained:
             name = tokenizer.convert_ids_to_tokens([pred])[0]
         else:
-            name = class_names[pred] if class_names else str(pred)
+            names = _names(explanation, class_names)
+            name = names[pred] if names is not None and pred < len(names) else str(pred)
         rows.append(
             f'<div style="margin:6px 0;font-family:sans-serif"><b>{html.escape(_text_label(explanation, tokenizer, i, class_names))}</b> '
             f'<small>(predicted{" next token" if explained else ""}: {html.escape(name)}, '
-            f'p={float(explanation.probabilities[i, pred]):.2f}; method: '
+            f'p={probability(explanation, i, pred) if not explained else float(explanation.probabilities[i, pred]):.2f}; method: '
             f'{html.escape(explanation.method)})</small><br>{" ".join(spans)}</div>'
         )
     return rows
@@ -332,17 +391,18 @@ def text_terminal(explanation: Any, tokenizer: Any, *, class_names: Sequence[str
     """A terminal rendering: tokens on 24-bit colour backgrounds (or ``token[+0.42]`` without
     colour); for a language model the explained token(s) follow ``->`` in bold underline (or
     ``[[token]]`` without colour). Tokens and class names are escaped (:func:`attnx.viz.terminal.escape`)."""
+    from .scale import token_colour
     from .terminal import escape
 
     lines = []
     for i in range(len(explanation)):
-        toks = [escape(t) for t in token_strings(explanation, tokenizer, i)]
-        s = _signed(real_scores(explanation, i))
+        toks, s, _ = _scaled_tokens(explanation, tokenizer, i)
+        toks = [escape(t) for t in toks]
         parts = []
         for tok, v in zip(toks, s):
-            if color:
-                g = int(255 - 155 * abs(v))
-                bg = (g, 255, g) if v >= 0 else (255, g, g)
+            if color:  # the token's colour of the pictures, over a white background
+                *rgb, a = token_colour(v)
+                bg = [round(255 * (1 - a * (1 - c))) for c in rgb]
                 parts.append(f"\x1b[48;2;{bg[0]};{bg[1]};{bg[2]}m\x1b[38;2;0;0;0m{tok}\x1b[0m")
             else:
                 parts.append(f"{tok}[{v:+.2f}]")
@@ -365,15 +425,14 @@ def text_figure(
 ):
     """A matplotlib picture of text explanations: for each explanation (e.g. one per method) and
     each sample, the word pieces on green (for the class) / red (against) backgrounds."""
+    from .scale import token_colour
+
     plt = pyplot()
     lines: list[tuple[str, list[tuple[str, float]]]] = []
     for e in explanations:
         for i in range(len(e)):
-            toks = token_strings(e, tokenizer, i)
-            special = set(getattr(tokenizer, "all_special_tokens", ()))
-            keep = [not (skip_special and t in special) for t in toks]
-            s = _signed(real_scores(e, i), keep)
-            pairs = [(t, float(v)) for t, v, k in zip(toks, s, keep) if k]
+            toks, s, special = _scaled_tokens(e, tokenizer, i)
+            pairs = [(t, float(v)) for t, v, sp in zip(toks, s, special) if not (skip_special and sp)]
             explained = explained_strings(e, tokenizer, i)
             if explained:  # a language model's explained token(s): an arrow, then a framed box
                 pairs += [("→", None), (" ".join(explained), None)]
@@ -393,8 +452,7 @@ def text_figure(
             if v is None:
                 box = dict(boxstyle="round,pad=0.15", fc="white", ec="black" if tok != "→" else "none")
             else:
-                color = (0.0, 0.63, 0.0, min(abs(v), 1.0) * 0.85) if v >= 0 else (0.86, 0.0, 0.0, min(abs(v), 1.0) * 0.85)
-                box = dict(boxstyle="round,pad=0.15", fc=color, ec="none")
+                box = dict(boxstyle="round,pad=0.15", fc=token_colour(v), ec="none")
             t = fig.text(x, y, tok.replace("##", ""), fontsize=10, va="top", family="monospace", bbox=box)
             bb = t.get_window_extent(renderer=renderer)
             x += bb.width / fig.bbox.width + 0.006
@@ -447,20 +505,20 @@ def text_grid(
     from matplotlib.lines import Line2D
     from matplotlib.patches import Rectangle
 
+    from .scale import token_colour
+
     plt = pyplot()
     if not explanations:
         raise AttnxValueError("text_grid needs at least one explanation")
     n = len(explanations[0])
-    special = set(getattr(tokenizer, "all_special_tokens", ()))
     cells: list[list[list[tuple[str, bool, float]]]] = []  # [row][column] -> (text, joined, signed value)
     for i in range(n):
         row = []
         for e in explanations:
-            toks = token_strings(e, tokenizer, i)
-            keep = [not (skip_special and t in special) for t in toks]
-            s = _signed(e.scores[i, : len(toks)], keep)
+            toks, s, special = _scaled_tokens(e, tokenizer, i)
             pieces = word_pieces(toks)
-            row.append([(text, joined, float(v)) for (text, joined), v, k in zip(pieces, s, keep) if k])
+            row.append([(text, joined, float(v)) for (text, joined), v, sp in zip(pieces, s, special)
+                        if not (skip_special and sp)])
         cells.append(row)
 
     fig = plt.figure(figsize=(1, 1), dpi=100)
@@ -509,8 +567,7 @@ def text_grid(
         for j, placed in enumerate(placed_row):
             x0 = label_width + j * column_width + pad
             for x, k, text, v in placed:
-                a = min(abs(v), 1.0) * 0.85
-                colour = (0.0, 0.63, 0.0, a) if v >= 0 else (0.86, 0.0, 0.0, a)
+                colour = token_colour(v)
                 put(x0 + x + pad, y + 0.08 + k * line + pad, text, fontsize=fontsize, va="top",
                     bbox=dict(boxstyle=f"round,pad={pad / (fontsize * pt):.2f}", fc=colour, ec="none"))
         y += h
@@ -520,12 +577,11 @@ def text_grid(
     steps = 41
     for s in range(steps):
         v = -1 + 2 * s / (steps - 1)
-        a = abs(v) * 0.85
         fig.add_artist(Rectangle((bar_x + s * bar_w / steps, H - bar_y - 0.12), bar_w / steps, 0.12, transform=inch,
-                                 fc=(0.0, 0.63, 0.0, a) if v >= 0 else (0.86, 0.0, 0.0, a), ec="none"))
+                                 fc=token_colour(v), ec="none"))
     put(bar_x - 0.08, bar_y + 0.06, "against the class", fontsize=fontsize - 1.5, ha="right", va="center", color="0.3")
     put(bar_x + bar_w + 0.08, bar_y + 0.06, "for the class", fontsize=fontsize - 1.5, va="center", color="0.3")
-    put(bar_x + bar_w / 2, bar_y + 0.16, "relevance / largest |relevance| of the sentence",
+    put(bar_x + bar_w / 2, bar_y + 0.16, "relevance / largest |relevance| of the sentence's non-special tokens",
         fontsize=fontsize - 2, ha="center", va="top", color="0.4")
     return fig
 
@@ -561,10 +617,13 @@ def image_text_maps(
     """An :class:`attnx.core.image_text.ImageTextExplanation` of every pair: rows are images, columns
     the image and then one map per prompt, titled with the prompt and its probability among the
     prompts (the softmax of the image's logits)."""
+    from .scale import image_maps
+
     plt = pyplot()
     B, P = pair.logits_per_image.shape
-    fig, axes = plt.subplots(B, P + 1, figsize=(2.8 * (P + 1), 2.8 * B), squeeze=False)
-    maps = pair.image_maps(tuple(images.shape[-2:]))
+    fig, axes = plt.subplots(B, P + 1, figsize=(2.8 * (P + 1) + 0.6, 2.8 * B), squeeze=False, layout="constrained")
+    flat, signed, status = image_maps(pair.tower("image"), tuple(images.shape[-2:]))
+    maps = pair.per_pair(flat)
     probs = pair.logits_per_image.float().softmax(-1)
     prompts = pair.prompts or [f"prompt {p}" for p in range(P)]
     for b in range(B):
@@ -572,7 +631,10 @@ def image_text_maps(
         axes[b, 0].set_axis_off()
         for p in range(P):
             overlay(images[b], maps[b, p], axes[b, p + 1], alpha=alpha, colorbar=False, mean=mean, std=std,
+                    signed=signed, label=status[b * P + p],
                     title=f"{prompts[p]!r} {probs[b, p]:.2f}" if b == 0 else f"{probs[b, p]:.2f}")
     axes[0, 0].set_title(pair.tower("image").method, fontsize=9)
-    fig.tight_layout()
+    bar = fig.colorbar(axes[0, 1].images[-1], ax=list(axes.flatten()), fraction=0.03, pad=0.02)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label("relevance / 99th pct |relevance|", fontsize=7)
     return fig

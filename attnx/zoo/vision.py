@@ -120,7 +120,8 @@ def vision_model(dtype: torch.dtype = torch.float32) -> ZooModel:
     # timm's own record of the model: its class names (string targets) and preprocessing
     model.pretrained_cfg = {"architecture": "vit_fashion_scenes", "num_classes": len(config["class_names"]),
                             "label_names": list(config["class_names"]), "input_size": (3, *size),
-                            "mean": tuple(config["mean"]), "std": tuple(config["std"]), "classifier": "head"}
+                            "mean": tuple(config["mean"]), "std": tuple(config["std"]), "classifier": "head",
+                            "multi_label": True}
     info = {
         "name": "attnx-vit-fashion-scenes",
         "image_size": size,

@@ -104,37 +104,37 @@ function imageView(root, D) {
                  opacity: D.opacity, cmap: D.cmap, hover: null};
   const entry = (method, target) => (D.entries[method] || {})[target === undefined ? state.target : target];
 
-  // the drawn map of (method, target, sample): colour-table indices, and values in [0, 1]
+  // the drawn map of (method, target, sample): colour-table indices, and values in [-1, 1]: relevance
+  // over the 99th percentile of its |value| (s.scale), zero mid-scale whatever the sign, as in the PNGs
   function heat(method, target, sample) {
     const key = method + "\u0000" + target + "\u0000" + sample;
     if (cache[key]) return cache[key];
     const s = entry(method, target)[sample], n = H * W, idx = new Uint8Array(n);
     let v;
-    if (s.pixels) {  // pixel-level methods: quantised in Python, index = floor(value * 256)
+    if (s.pixels) {  // pixel-level methods: quantised in Python, index = floor((value + 1) * 128)
       const q = bytes(s.pixels);
       v = new Float64Array(n);
-      for (let p = 0; p < n; p++) { idx[p] = q[p]; v[p] = q[p] / 255; }
+      for (let p = 0; p < n; p++) { idx[p] = q[p]; v[p] = (q[p] + 0.5) / 128 - 1; }
     } else {
       v = upsample(s.scores, h, w, H, W);
-      let lo = Infinity, hi = -Infinity;
-      for (let p = 0; p < n; p++) { if (v[p] < lo) lo = v[p]; if (v[p] > hi) hi = v[p]; }
-      const span = hi - lo;
       for (let p = 0; p < n; p++) {
-        v[p] = span > 0 ? (v[p] - lo) / span : 0;
-        idx[p] = Math.min(255, Math.floor(v[p] * 256));
+        v[p] = s.scale > 0 ? Math.min(1, Math.max(-1, v[p] / s.scale)) : 0;
+        idx[p] = Math.min(255, Math.floor((v[p] + 1) * 128));
       }
     }
     return (cache[key] = {idx: idx, v: v});
   }
 
-  // image (or white) blended with the colour-mapped heat map, pixel by pixel
+  // image (grey under a map, or white) blended with the colour-mapped heat map, pixel by pixel
   function paint(canvas, map, image) {
     const ctx = canvas.getContext("2d"), out = ctx.createImageData(W, H), o = out.data, lut = luts[state.cmap];
     const a = map ? state.opacity : 0;
     for (let p = 0, n = W * H; p < n; p++) {
       const q = 4 * p, k = map ? 3 * map.idx[p] : 0;
+      // under a map the image is grey (as in the PNGs): its own colours do not mix with the map's
+      const grey = image && map ? 0.299 * image[q] + 0.587 * image[q + 1] + 0.114 * image[q + 2] : null;
       for (let c = 0; c < 3; c++) {
-        const base = image ? image[q + c] : 255;
+        const base = grey !== null ? grey : image ? image[q + c] : 255;
         o[q + c] = (1 - a) * base + a * (map ? lut[k + c] : 0);
       }
       o[q + 3] = 255;
@@ -191,8 +191,8 @@ function imageView(root, D) {
 
   // the colour scale
   const bar = el("canvas", {width: "256", height: "1"});
-  const scale = el("div", {class: "ax-scale"}, ["0", bar, "1", el("span", {
-    text: "each map min-max normalised (signed pixel relevance: its positive part over its maximum); " +
+  const scale = el("div", {class: "ax-scale"}, ["\u22121", bar, "1", el("span", {
+    text: "relevance over the 99th percentile of its |value|: zero mid-scale in every map, negative below; " +
           "the read-out gives the patch's score as the method returns it"})]);
 
   // every method at a glance: click for A, shift-click for B
