@@ -4,6 +4,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+import torch
+
 import attnx
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -60,3 +63,80 @@ def test_ci_runs_the_readme_install_and_test_commands_verbatim():
     for section in ("Install", "Test"):
         commands = readme_commands(section)
         assert commands and all(c in ci_lines for c in commands), (section, commands)
+
+
+# ------------------------------------------------------------------------------------------------
+# what the README says a command does, and its examples, against the code
+# ------------------------------------------------------------------------------------------------
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_the_readme_names_the_file_and_method_that_attnx_explain_writes(capsys, tmp_path, monkeypatch):
+    """``attnx explain`` without arguments: the method and the file the README and docs/cli.md name."""
+    from cli_runner import run
+
+    line = re.search(r"^attnx explain +# .*written to (\S+\.png)", README, re.M)
+    assert line, "README.md has no line `attnx explain   # ... written to FILE.png`"
+    documented_file = line.group(1)
+    documented_method = re.search(r"The command's default method is `(\w+)`", README).group(1)
+    cli_doc_method = re.search(r"`attnx explain` uses `(\w+)` unless", (DOCS / "cli.md").read_text()).group(1)
+    assert documented_method == cli_doc_method == attnx.cli.DEFAULT_METHOD
+    assert attnx.cli.build_parser().parse_args(["explain"]).method == attnx.cli.DEFAULT_METHOD
+
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(capsys, "explain")
+    assert status == 0, err
+    written = re.findall(r"^wrote (\S+)$", out, re.M)
+    assert written == [documented_file], (written, documented_file)
+    assert (tmp_path / documented_file).stat().st_size > 0
+
+
+def test_the_bundle_kinds_in_the_docs_are_the_bundles_own():
+    """Every ``name = zoo.loader()   # ... .kind == "K"`` of the README and docs/ is what the loader returns."""
+    from attnx import zoo
+
+    pattern = re.compile(r"^\w+ = zoo\.(\w+)\(\) .*# .*\.kind == \"([^\"]+)\"", re.M)
+    texts = [README] + [p.read_text() for p in sorted(DOCS.glob("*.md"))]
+    claims = {(loader, kind) for text in texts for loader, kind in pattern.findall(text)}
+    assert {loader for loader, _ in claims} >= {"vision_model", "text_model", "clip_model"}, claims
+    for loader, kind in sorted(claims):
+        assert getattr(zoo, loader)().kind == kind, f"zoo.{loader}().kind is not {kind!r}"
+
+
+def readme_example(name: str) -> str:
+    """The ``python`` block that follows ``<!-- readme-example:NAME ... -->`` in the README."""
+    m = re.search(rf"<!-- readme-example:{name}\b[^>]*-->\n```python\n(.*?)```", README, re.S)
+    assert m, f"README.md has no <!-- readme-example:{name} --> before a python block"
+    return m.group(1)
+
+
+def run_example(name: str, folder: Path, monkeypatch) -> dict:
+    monkeypatch.chdir(folder)
+    namespace: dict = {"__name__": f"readme_{name}"}
+    exec(compile(readme_example(name), f"README.md ({name})", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_readme_own_model_example_runs_as_written(tmp_path, monkeypatch):
+    ns = run_example("own-model", tmp_path, monkeypatch)
+    assert {"my_model.pt", "whole_model.pt", "weights.safetensors", "cat.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert (tmp_path / "my_hf_vit" / "config.json").is_file()
+    assert ns["e"].heatmap().shape == (1, 224, 224)
+    x = ns["hf"].preprocess("cat.png")[None]
+    # the folder, the weights file with arch= and the model saved are one model
+    with torch.no_grad():
+        saved = ns["hf_net"].eval()(x).logits
+        assert torch.allclose(ns["hf"].model(x).logits, saved, atol=1e-5)
+        assert torch.allclose(ns["hf_weights"].model(x).logits, saved, atol=1e-5)
+
+
+def test_the_readme_metrics_example_runs_as_written(tmp_path, monkeypatch):
+    ns = run_example("metrics", tmp_path, monkeypatch)
+    images, masks, labels = ns["images"], ns["masks"], ns["labels"]
+    assert masks.shape == (images.shape[0], *images.shape[2:]) and masks.dtype == torch.bool
+    assert all(ns["scenes"].labels[i, c] > 0 for i, c in enumerate(labels.tolist()))  # a garment of the scene
+    assert masks.flatten(1).any(dim=1).all()
+    vit = ns["vit"]
+    assert ns["px0"]["mean"] == vit.mean and ns["px0"]["std"] == vit.std
+    assert torch.isfinite(ns["pos"].auc()).all() and torch.isfinite(ns["neg"].auc()).all()
