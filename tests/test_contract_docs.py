@@ -1,4 +1,5 @@
-"""The README's generated sections are the ones the code writes today."""
+"""The README's generated sections are the ones the code writes today; what it says a command writes
+is what the command writes; its marked examples run as written."""
 from __future__ import annotations
 
 import re
