@@ -172,13 +172,18 @@ class HFAdapter(Adapter):
         if self._recorder is not None:
             kwargs["output_attentions"] = True
         out = self.model(**kwargs, return_dict=True)
-        if self._recorder is not None:
-            attentions = getattr(out, "attentions", None)
-            if not attentions or any(a is None for a in attentions):
-                raise UnsupportedModelError(
-                    f"{type(self.model).__name__} returned no attention probabilities with the eager kernel; "
-                    "adapter='intercept' sees its attention kernels instead"
-                )
-            for a in attentions:
-                self._recorder.record(a)
+        self.record_attentions(out)
         return out, out.logits
+
+    def record_attentions(self, out: Any) -> None:
+        """Record the attention probabilities the model returned (``output_attentions``), when observed."""
+        if self._recorder is None:
+            return
+        attentions = getattr(out, "attentions", None)
+        if not attentions or any(a is None for a in attentions):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} returned no attention probabilities with the eager kernel; "
+                "adapter='intercept' sees its attention kernels instead"
+            )
+        for a in attentions:
+            self._recorder.record(a)

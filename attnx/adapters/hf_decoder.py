@@ -33,7 +33,7 @@ from torch import nn
 from ..core.batch import READOUT_LOGITS_ONLY, Batch, check_text_inputs
 from ..core.layout import Layout
 from ..core.targets import BoundContinuation
-from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
+from ..errors import AttnxTypeError, AttnxValueError
 from .hf import HFAdapter
 from .loaded import loaded_class
 
@@ -229,13 +229,5 @@ class HFDecoderAdapter(HFAdapter):
         if self._recorder is not None:
             kwargs["output_attentions"] = True
         out = self.model(**kwargs, return_dict=True)
-        if self._recorder is not None:
-            attentions = getattr(out, "attentions", None)
-            if not attentions or any(a is None for a in attentions):
-                raise UnsupportedModelError(
-                    f"{type(self.model).__name__} returned no attention probabilities with the eager kernel; "
-                    "adapter='intercept' sees its attention kernels instead"
-                )
-            for a in attentions:
-                self._recorder.record(a)
+        self.record_attentions(out)
         return out, out.logits
