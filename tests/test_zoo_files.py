@@ -110,6 +110,42 @@ def test_hugging_face_folder_as_arch(tmp_path):
     assert given.mean == MEAN and given.preprocess(Image.new("RGB", (9, 9))).shape == (3, 32, 32)
 
 
+def test_save_pretrained_folder_and_its_weights_file(tmp_path):
+    """A folder written by ``save_pretrained`` (keys in the file's layout, renamed by transformers
+    when loaded) read as a folder and as ``model.safetensors`` with ``arch=`` the folder: the same
+    weights, the given preprocessing used although the folder has no image processor."""
+    model = CASES["hf_vit_sdpa"].model()
+    folder = tmp_path / "my_hf_vit"
+    model.save_pretrained(folder)
+    assert not (folder / "preprocessor_config.json").exists()
+    x = CASES["hf_vit_sdpa"].inputs()
+    for loaded in (zoo.load(folder / "model.safetensors", arch=f"{folder}/", mean=MEAN, std=STD),
+                   zoo.load(str(folder), mean=MEAN, std=STD)):
+        assert torch.equal(loaded.model(pixel_values=x).logits, model(pixel_values=x).logits)
+        assert loaded.mean == MEAN and loaded.std == STD
+        assert loaded.preprocess(Image.new("RGB", (40, 40))).shape == (3, 32, 32)  # config.image_size
+    # without mean / std: no traceback from the missing image processor, one line naming the options
+    bare = zoo.load(str(folder))
+    with pytest.raises(AttnxValueError, match=r"\(mean, std missing\): give --mean --std"):
+        zoo.files.require_preprocessing(bare)
+
+
+def test_weights_file_that_does_not_fit_a_hugging_face_folder(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = CASES["hf_vit_sdpa"].model()
+    folder = tmp_path / "vit"
+    model.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("classifier")}, tmp_path / "partial.safetensors")
+    with pytest.raises(AttnxValueError, match=r"does not fit --arch .*: keys 2 missing \(classifier.bias, classifier.weight\)$"):
+        zoo.load(tmp_path / "partial.safetensors", arch=str(folder))
+    state["classifier.bias"] = torch.zeros(state["classifier.bias"].numel() + 2)
+    save_file(state, tmp_path / "shape.safetensors")
+    with pytest.raises(AttnxValueError, match=r"does not fit --arch .*: keys 1 of another shape \(classifier.bias\)$"):
+        zoo.load(tmp_path / "shape.safetensors", arch=str(folder))
+
+
 def test_whole_pickled_model_needs_trust_pickle(capsys, tmp_path):
     model = CASES["timm_vit"].model()  # built directly: no pretrained_cfg, so no preprocessing of its own
     path = tmp_path / "whole.pt"

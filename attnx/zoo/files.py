@@ -168,9 +168,33 @@ def hf_model(arch: str, state: Mapping[str, torch.Tensor] | None, trust_remote_c
     with refusing_remote_code(folder):
         if state is None:
             return auto.from_pretrained(folder, trust_remote_code=trust_remote_code).eval(), folder
-        model = auto.from_config(config, trust_remote_code=trust_remote_code)
-    load_strict(model, state, arch)
+        model_class = auto._model_mapping.get(type(config), None)  # noqa: SLF001 (the class from_config builds)
+        if model_class is None:  # the folder's own code (trusted): build it once to learn its class
+            model_class = type(auto.from_config(config, trust_remote_code=trust_remote_code))
+        # transformers' own loading renames the keys of checkpoints saved by other versions; its
+        # report of misfits is replaced by one line below
+        verbosity = tr.logging.get_verbosity()
+        tr.logging.set_verbosity_error()
+        try:
+            model, loading = model_class.from_pretrained(
+                None, config=config, state_dict=dict(state), output_loading_info=True, ignore_mismatched_sizes=True
+            )
+        finally:
+            tr.logging.set_verbosity(verbosity)
+    refuse_misfit(loading, arch)
     return model, folder
+
+
+def refuse_misfit(loading: Mapping[str, Any], arch: str) -> None:
+    """One line naming the keys of a state dict that do not fit a Hugging Face model (from
+    ``from_pretrained(..., output_loading_info=True)``): the model would run with random weights."""
+    parts = []
+    for what, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("of another shape", "mismatched_keys")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in loading.get(key) or ())
+        if keys:
+            parts.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    if parts:
+        raise AttnxValueError(f"the state dict does not fit --arch {arch!r}: keys {'; '.join(parts)}")
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:
@@ -302,7 +326,21 @@ def load_model_file(
         names = " ".join(getattr(model.config, "architectures", None) or [type(model).__name__])
         info["language_model"] = "ForCausalLM" in names or "LMHeadModel" in names
         return ZooModel(model, "text", None if info["language_model"] else labels, tokenizer=tokenizer, info=info)
-    given = {k: v for k, v in (("mean", mean), ("std", std), ("size", size)) if v is not None}
+    return image_bundle(model, labels, folder, dict(mean=mean, std=std, size=size), info, trust_remote_code)
+
+
+def image_bundle(
+    model: nn.Module,
+    labels: list[str] | None,
+    folder: str | None,
+    given: Mapping[str, Any],
+    info: dict[str, Any],
+    trust_remote_code: bool = False,
+) -> ZooModel:
+    """An image classifier's bundle: its preprocessing from the ``mean`` / ``std`` / ``size`` given
+    (``None`` values ignored), which win over the model's own (:func:`own_preprocessing`); without
+    a complete set, ``preprocess`` is ``None`` and ``info["missing_preprocessing"]`` names the gaps."""
+    given = {k: v for k, v in given.items() if v is not None}
     if "size" in given:
         s = given["size"]
         given["size"] = (int(s), int(s)) if isinstance(s, int) else tuple(int(v) for v in s)

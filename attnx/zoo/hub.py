@@ -15,7 +15,7 @@ from typing import Sequence
 from ..errors import AttnxValueError
 from .bundle import ZooModel
 from .clip import clip_model
-from .files import is_model_file, load_model_file, pil_transform
+from .files import image_bundle, is_model_file, load_model_file, pil_transform
 from .lm import language_model
 from .network import cached_file, hub_files_only_locally, hub_offline
 from .preprocess import ImagePreprocess
@@ -76,14 +76,15 @@ def _torchvision(name: str) -> ZooModel:
                     mean=transform.mean, std=transform.std)
 
 
-def _hugging_face(name: str, trust_remote_code: bool = False) -> ZooModel:
-    """A Hugging Face id or folder: its config says what it is; custom code only when trusted."""
+def _hugging_face(name: str, trust_remote_code: bool = False, preprocessing: dict | None = None) -> ZooModel:
+    """A Hugging Face id or folder: its config says what it is; custom code only when trusted.
+    ``preprocessing``: the ``mean`` / ``std`` / ``size`` given for an image classifier."""
     local = not os.path.isdir(name) and hub_files_only_locally(name)
     with refusing_remote_code(name):
-        return _hugging_face_model(name, dict(trust_remote_code=trust_remote_code, local_files_only=local))
+        return _hugging_face_model(name, dict(trust_remote_code=trust_remote_code, local_files_only=local), preprocessing or {})
 
 
-def _hugging_face_model(name: str, kw: dict) -> ZooModel:
+def _hugging_face_model(name: str, kw: dict, preprocessing: dict) -> ZooModel:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name, **kw)
@@ -104,9 +105,19 @@ def _hugging_face_model(name: str, kw: dict) -> ZooModel:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(name, **kw).eval()
-    proc = AutoImageProcessor.from_pretrained(name, **kw)
-    return ZooModel(model, "image", labels, ImagePreprocess(lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0]),
-                    mean=getattr(proc, "image_mean", None), std=getattr(proc, "image_std", None))
+    folder = name if os.path.isdir(name) else None
+    has_processor = os.path.isfile(os.path.join(name, "preprocessor_config.json")) if folder else True
+    if has_processor and not any(v is not None for v in preprocessing.values()):
+        try:
+            proc = AutoImageProcessor.from_pretrained(name, **kw)
+        except OSError:  # an id whose repository has no image processor: the config's size, or the options
+            proc = None
+        if proc is not None:
+            return ZooModel(model, "image", labels,
+                            ImagePreprocess(lambda img: proc(img.convert("RGB"), return_tensors="pt")["pixel_values"][0]),
+                            mean=getattr(proc, "image_mean", None), std=getattr(proc, "image_std", None))
+    # the mean / std / size given win; the rest from the folder's processor or the config
+    return image_bundle(model, labels, folder, preprocessing, {"name": name}, kw.get("trust_remote_code", False))
 
 
 #: Hugging Face ``model_type`` of the dual encoders attnx explains
@@ -166,8 +177,12 @@ def load(
         ``kind == "image_text"``.
     kind:
         ``"image"`` or ``"text"``: which embedded model ``None`` / ``"default"`` means.
-    arch, trust_pickle, mean, std, size, max_expansion:
+    arch, trust_pickle, max_expansion:
         For model files: see :func:`attnx.zoo.files.load_model_file`.
+    mean, std, size:
+        Image preprocessing for model files and Hugging Face image classifiers (they win over the
+        model's own; a folder without ``preprocessor_config.json`` needs them, or its config's
+        ``image_size`` for ``size``).
     trust_remote_code:
         Run the Python code a Hugging Face folder or id ships for its model (``auto_map`` in its
         ``config.json``). Off by default: such a model is refused in one line, never run and
@@ -190,13 +205,14 @@ def load(
         return _torchvision(spec[12:])
     if spec.startswith("open_clip:"):
         return _open_clip(spec[len("open_clip:"):])
+    preprocessing = dict(mean=mean, std=std, size=size)
     if spec.startswith("hf:"):
-        return _hugging_face(spec[3:], trust_remote_code)
+        return _hugging_face(spec[3:], trust_remote_code, preprocessing)
     if is_model_file(spec) or (os.path.isfile(spec) and not spec.endswith(".json")):
         return load_model_file(spec, arch=arch, trust_pickle=trust_pickle, mean=mean, std=std, size=size,
                                trust_remote_code=trust_remote_code, max_expansion=max_expansion)
     if spec.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec)):
         raise AttnxValueError(f"no such model folder or file: {spec}")
     if os.path.isdir(spec) or "/" in spec:
-        return _hugging_face(spec, trust_remote_code)
+        return _hugging_face(spec, trust_remote_code, preprocessing)
     return _timm(spec)
