@@ -1,5 +1,6 @@
-"""The README's generated sections are the ones the code writes today; what it says a command writes
-is what the command writes; its marked examples run as written."""
+"""The README's generated sections are the ones the code writes today; what the README and docs/ say
+a command writes is what the command writes; the marked examples of docs/ run as written and make what
+they say. (tests/test_contract_docs_blocks.py runs every block of every page.)"""
 from __future__ import annotations
 
 import re
@@ -28,6 +29,29 @@ def test_every_method_is_in_the_table():
     assert all(f"| `{m}` |" in table for m in attnx.list_methods())
 
 
+def test_supported_models_table_is_written_from_the_adapters():
+    from attnx.adapters.catalogue import adapters_markdown
+
+    assert generated("models") == adapters_markdown(), "run `attnx models --markdown` and paste it"
+
+
+def test_every_adapter_has_its_row_in_the_table():
+    """Each adapter that ships is described (a new adapter without a row fails here), in lookup order."""
+    from attnx.adapters import adapter_names
+    from attnx.adapters.catalogue import SUPPORT
+
+    assert set(adapter_names()) == set(SUPPORT), set(adapter_names()) ^ set(SUPPORT)
+    table = generated("models")
+    positions = [table.index(f"| `{name}` |") for name in adapter_names()]
+    assert positions == sorted(positions) and len(table.splitlines()) == len(adapter_names()) + 2
+
+
+def test_the_readme_keeps_the_verdict_block():
+    """The block the league's verdict generator fills, under its heading."""
+    section = README.split("\n## Which method to trust\n", 1)[1].split("\n## ", 1)[0]
+    assert section.count("<!-- verdict:start -->") == 1 and section.count("<!-- verdict:end -->") == 1
+
+
 ARCHITECTURE = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
 
 
@@ -54,14 +78,14 @@ CI = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
 
 
 def readme_commands(section: str) -> list[str]:
-    """The lines of the first ``bash`` block of a README section."""
+    """The lines of the ``bash`` blocks of a README section."""
     body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```bash\n(.*?)```", body, re.S).group(1).strip().splitlines()
+    return [line for block in re.findall(r"```bash\n(.*?)```", body, re.S) for line in block.strip().splitlines()]
 
 
 def test_ci_runs_the_readme_install_and_test_commands_verbatim():
     ci_lines = CI.splitlines()
-    for section in ("Install", "Test"):
+    for section in ("Install and try", "Test"):
         commands = readme_commands(section)
         assert commands and all(c in ci_lines for c in commands), (section, commands)
 
@@ -104,22 +128,27 @@ def test_the_bundle_kinds_in_the_docs_are_the_bundles_own():
         assert getattr(zoo, loader)().kind == kind, f"zoo.{loader}().kind is not {kind!r}"
 
 
-def readme_example(name: str) -> str:
-    """The ``python`` block that follows ``<!-- readme-example:NAME ... -->`` in the README."""
-    m = re.search(rf"<!-- readme-example:{name}\b[^>]*-->\n```python\n(.*?)```", README, re.S)
-    assert m, f"README.md has no <!-- readme-example:{name} --> before a python block"
+#: the page of each marked example
+EXAMPLES = {"own-model": "own_models.md", "metrics": "evaluation.md"}
+
+
+def doc_example(name: str) -> str:
+    """The ``python`` block that follows ``<!-- example:NAME ... -->`` on its page of docs/."""
+    text = (DOCS / EXAMPLES[name]).read_text()
+    m = re.search(rf"<!-- example:{name}\b[^>]*-->\n```python\n(.*?)```", text, re.S)
+    assert m, f"docs/{EXAMPLES[name]} has no <!-- example:{name} --> before a python block"
     return m.group(1)
 
 
 def run_example(name: str, folder: Path, monkeypatch) -> dict:
     monkeypatch.chdir(folder)
-    namespace: dict = {"__name__": f"readme_{name}"}
-    exec(compile(readme_example(name), f"README.md ({name})", "exec"), namespace)
+    namespace: dict = {"__name__": f"docs_{name}"}
+    exec(compile(doc_example(name), f"docs/{EXAMPLES[name]} ({name})", "exec"), namespace)
     return namespace
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_the_readme_own_model_example_runs_as_written(tmp_path, monkeypatch):
+def test_the_own_model_example_runs_as_written(tmp_path, monkeypatch):
     ns = run_example("own-model", tmp_path, monkeypatch)
     assert {"my_model.pt", "whole_model.pt", "weights.safetensors", "cat.png"} <= {p.name for p in tmp_path.iterdir()}
     assert (tmp_path / "my_hf_vit" / "config.json").is_file()
@@ -132,7 +161,7 @@ def test_the_readme_own_model_example_runs_as_written(tmp_path, monkeypatch):
         assert torch.allclose(ns["hf_weights"].model(x).logits, saved, atol=1e-5)
 
 
-def test_the_readme_metrics_example_runs_as_written(tmp_path, monkeypatch):
+def test_the_metrics_example_runs_as_written(tmp_path, monkeypatch):
     ns = run_example("metrics", tmp_path, monkeypatch)
     images, masks, labels = ns["images"], ns["masks"], ns["labels"]
     assert masks.shape == (images.shape[0], *images.shape[2:]) and masks.dtype == torch.bool

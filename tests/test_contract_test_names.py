@@ -23,6 +23,7 @@ CONTRACTS = {
     "batch_independence": "a batch explained at once equals each of its samples explained alone",
     "capture": "the recorded attention and its gradient equal the model's own (softmax recomputed, finite differences)",
     "docs": "the README's generated sections and the documented examples are what the code does",
+    "docs_blocks": "every code block of README.md and docs/*.md runs as written",
     "import_graph": "the package layers, no import cycles, no private names across modules, a fast import",
     "lowest_layer": "a backward stops at the lowest layer a method reads, with the maps of a full trace",
     "lxt": "AttnLRP equals the authors' implementation (lxt) on real weights",

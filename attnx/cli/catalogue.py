@@ -26,7 +26,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """What ``--model`` accepts, and the embedded models."""
+    """What ``--model`` accepts, and the embedded models (``--markdown``: the README's supported-models table)."""
+    if args.markdown:
+        from ..adapters.catalogue import adapters_markdown
+
+        say(adapters_markdown())
+        return 0
     from .. import zoo
 
     for k, v in zoo.MODEL_KINDS.items():
@@ -46,4 +51,5 @@ def add_parsers(sub: Any) -> None:
     m.add_argument("--markdown", action="store_true", help="the README's methods table")
     m.set_defaults(func=cmd_methods)
     mo = sub.add_parser("models", help="list what --model accepts and the embedded models")
+    mo.add_argument("--markdown", action="store_true", help="the README's supported-models table")
     mo.set_defaults(func=cmd_models)

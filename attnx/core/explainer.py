@@ -60,6 +60,8 @@ class Explainer:
         the check, the ``intercept`` adapter (which keeps the model's own kernels) is tried; a
         model that fails both is refused with :class:`attnx.errors.ForwardMismatchError`.
 
+    Notes
+    -----
     The explainer follows the model: when its modules or head settings change after the
     explainer was made (a block replaced, ``reset_classifier``), the adapter is made again.
 
