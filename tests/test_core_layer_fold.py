@@ -94,7 +94,7 @@ def test_folded_map_equals_the_formula_on_a_full_trace(case_name, model, inputs,
     readout = Readout(full.layout, full.logits.shape[0], full.logits.device)
     expected = WRITTEN[name](full.attentions, full.gradients, readout, **options)
     assert max_abs_diff(e.token_relevance, expected) < 1e-12
-    assert (e.token_relevance.abs().amax(1) > 0).all()
+    assert e.token_relevance.abs().max() > 0
 
 
 @pytest.mark.parametrize("name, options", OPTIONS)
@@ -151,7 +151,7 @@ def test_an_undeclared_readout_keeps_the_read_layer_whole():
     full = explainer.trace(x, 0, FULL)
     readout = Readout(e.layout, 2, full.logits.device)
     assert max_abs_diff(e.token_relevance, written_attn_gradcam(full.attentions, full.gradients, readout)) < 1e-12
-    assert e.token_relevance.abs().max() > 0
+    assert (e.token_relevance.abs().amax(1) > 0).all()
 
 
 def test_layers_on_separate_branches_get_their_own_gradient():
