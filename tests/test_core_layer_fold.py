@@ -178,7 +178,7 @@ def test_layers_on_separate_branches_get_their_own_gradient():
     for i, (got, want) in enumerate(zip(folded, expected)):
         assert max_abs_diff(got, want) == 0, f"layer {i}"
     assert all(p is None for p in recorder.probs)  # released
-    assert max_abs_diff(last_rows, expected[-1].abs().sum(dim=(1, 3))) == 0
+    assert max_abs_diff(last_rows, expected[-1].abs().sum(dim=(1, 3))) < 1e-14
 
 
 def test_a_layer_the_score_does_not_depend_on_gets_zeros():

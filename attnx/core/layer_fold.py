@@ -69,8 +69,10 @@ def layer_index(option: Any, num_layers: int) -> int | None:
 
 def row_norms(gradient: torch.Tensor) -> torch.Tensor:
     """``(B, N)`` float64: the size of each row of ``dy_t/dA_L`` summed over heads and keys, from
-    which :mod:`attnx.core.readout` tells the rows the head reads."""
-    return gradient.detach().to(torch.float64).abs().sum(dim=(1, 3))
+    which :mod:`attnx.core.readout` tells the rows the head reads. One head at a time: the
+    float64 temporaries are ``(B, N, N)``, not the whole ``(B, H, N, N)`` gradient."""
+    g = gradient.detach()
+    return sum(g[:, h].abs().to(torch.float64).sum(dim=-1) for h in range(g.shape[1]))
 
 
 def kept_layers(trace: Any, fold: LayerFold, readout: Readout) -> list[Any]:
