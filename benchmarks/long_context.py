@@ -201,9 +201,11 @@ def worker(spec: dict) -> dict:
 def measure(mode: str, length: int, args: argparse.Namespace) -> dict:
     spec = {"mode": mode, "length": length, "threads": args.threads, "device": args.device}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.live_memory:  # glibc maps every block >= 64 KiB on its own and unmaps it when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"no result within {args.timeout} s"}
     for line in proc.stdout.splitlines():
@@ -234,7 +236,8 @@ def load() -> str:
 
 
 def report(results: dict, modes: list[str], lengths: list[int], args: argparse.Namespace, loads: tuple[str, str]) -> str:
-    lines = [f"device {args.device}, {args.threads} thread(s), batch 1; load average (1, 5, 15 min) at start "
+    allocator = ", live memory (MALLOC_MMAP_THRESHOLD_=65536)" if getattr(args, "live_memory", False) else ""
+    lines = [f"device {args.device}, {args.threads} thread(s), batch 1{allocator}; load average (1, 5, 15 min) at start "
              f"{loads[0]}, at end {loads[1]}", ""]
     head = "| tokens | " + " | ".join(f"{m} s (x) | {m} MB (x)" if m != REFERENCE else f"{m} s | {m} MB" for m in modes) + " |"
     lines += [head, "|---:|" + "---:|---:|" * len(modes)]
@@ -292,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--budget", type=float, default=90.0, help="seconds of one call above which a mode stops growing")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement process")
+    p.add_argument("--live-memory", action="store_true",
+                   help="glibc returns every freed block of 64 KiB or more at once, so the peak resident memory is the "
+                        "peak of live tensors (to check memory formulas; without it, the default allocator's reuse)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--table-from", default=None, metavar="LOG",
                    help="print the report of the points a sweep logged to stderr (e.g. one stopped early)")
