@@ -12,8 +12,13 @@ fixed token at the last position. Modes:
 * ``lrp:attnlrp``, ``lrp:cplrp``: ``attnx.explain(..., method="lrp", preset=...)``;
 * ``lrp:attnlrp-written-out``: the same with ``F.scaled_dot_product_attention`` written out
   (``Decompose``), attnx's path before :class:`attnx.lrp.FusedAttention`;
-* ``generic``: ``attnx.explain(..., method="generic")`` (Chefer et al. ICCV'21: every layer's
-  attention and its gradient);
+* ``fwd+bwd:eager``: the same as ``fwd+bwd`` with the model's ``eager`` attention kernel (the one
+  that returns the probabilities, which the attention-graph methods switch to); the reference of
+  their memory target;
+* ``generic``, ``grad_rollout``, ``attn_gradcam``: ``attnx.explain(..., method=...)``, each layer
+  folded as the backward reaches it (:mod:`attnx.core.layer_fold`);
+* ``generic:full-trace`` (and the others): the same method on a trace of every layer's attention
+  and gradient (``Explainer.trace`` without a fold, then the method): attnx before layer folds;
 * ``lxt``: lxt 2.1's efficient AttnLRP (its Llama patches, its attention wrapper around the
   ``sdpa`` kernel: gradients of ``q, k`` / 4 and ``v`` / 2), and the same gradient as
   ``fwd+bwd``, where lxt is installed.
@@ -46,7 +51,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REFERENCE = "fwd+bwd"
-MODES = (REFERENCE, "lrp:attnlrp", "lrp:cplrp", "lxt", "generic", "lrp:attnlrp-written-out")
+EAGER = "fwd+bwd:eager"
+GRAPH_METHODS = ("generic", "grad_rollout", "attn_gradcam")
+MODES = (REFERENCE, "lrp:attnlrp", "lrp:cplrp", "lxt", *GRAPH_METHODS, "lrp:attnlrp-written-out", EAGER,
+         *(f"{m}:full-trace" for m in GRAPH_METHODS))
 LENGTHS = (128, 256, 512, 1024, 2048, 4096)
 TOKEN = 7  # the explained next token
 CONFIG = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -85,7 +93,9 @@ def make_op(mode: str, model, device: str):
 
     import attnx
 
-    if mode in (REFERENCE, "lxt"):
+    if mode in (REFERENCE, "lxt", EAGER):
+        if mode == EAGER:
+            model.set_attn_implementation("eager")
 
         def op(ids):
             box = []
@@ -104,6 +114,8 @@ def make_op(mode: str, model, device: str):
 
         return op
     method, _, preset = mode.partition(":")
+    if preset == "full-trace":
+        return full_trace_op(method, model)
     options = {}
     if preset == "attnlrp-written-out":
         reg = attnx.lrp.get_preset("attnlrp").copy("attnlrp-written-out")
@@ -114,6 +126,26 @@ def make_op(mode: str, model, device: str):
     def op(ids):
         return attnx.explain(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, method=method,
                              target=TOKEN, **options).scores
+
+    return op
+
+
+def full_trace_op(method: str, model):
+    """``op(ids)``: ``method`` on a trace of every layer's attention and gradient (no fold)."""
+    import torch
+
+    import attnx
+    from attnx.methods import get_method
+
+    spec = get_method(method)
+    method_options, _ = spec.resolve({})
+
+    def op(ids):
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        explainer = attnx.Explainer(model)
+        trace = explainer.trace(inputs, TOKEN, spec.needs, first_layer=spec.first_layer_for(method_options))
+        readout, _ = explainer.readout_for(trace, spec.needs, inputs, TOKEN)
+        return spec.fn(trace, readout, **method_options)
 
     return op
 
@@ -169,9 +201,11 @@ def worker(spec: dict) -> dict:
 def measure(mode: str, length: int, args: argparse.Namespace) -> dict:
     spec = {"mode": mode, "length": length, "threads": args.threads, "device": args.device}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if args.live_memory:  # glibc maps every block >= 64 KiB on its own and unmaps it when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"no result within {args.timeout} s"}
     for line in proc.stdout.splitlines():
@@ -202,7 +236,8 @@ def load() -> str:
 
 
 def report(results: dict, modes: list[str], lengths: list[int], args: argparse.Namespace, loads: tuple[str, str]) -> str:
-    lines = [f"device {args.device}, {args.threads} thread(s), batch 1; load average (1, 5, 15 min) at start "
+    allocator = ", live memory (MALLOC_MMAP_THRESHOLD_=65536)" if getattr(args, "live_memory", False) else ""
+    lines = [f"device {args.device}, {args.threads} thread(s), batch 1{allocator}; load average (1, 5, 15 min) at start "
              f"{loads[0]}, at end {loads[1]}", ""]
     head = "| tokens | " + " | ".join(f"{m} s (x) | {m} MB (x)" if m != REFERENCE else f"{m} s | {m} MB" for m in modes) + " |"
     lines += [head, "|---:|" + "---:|---:|" * len(modes)]
@@ -225,7 +260,31 @@ def report(results: dict, modes: list[str], lengths: list[int], args: argparse.N
         ok = [(n, results[(m, n)]) for n in lengths if "error" not in results.get((m, n), {"error": 1})]
         et, em = exponent([(n, r["seconds"]) for n, r in ok]), exponent([(n, r["peak_mb"]) for n, r in ok])
         lines.append(f"| {m} | {'—' if et is None else f'{et:.2f}'} | {'—' if em is None else f'{em:.2f}'} |")
+    if any(m != EAGER and m.partition(":")[0] in GRAPH_METHODS for m in modes) and EAGER in modes:
+        lines += eager_report(results, modes, lengths)
     return "\n".join(lines)
+
+
+def eager_report(results: dict, modes: list[str], lengths: list[int]) -> list[str]:
+    """The attention-graph methods against forward + backward with the eager kernel: time and
+    peak ratios, and the peak above it in units of one ``(N, N)`` float32 map per layer
+    (``4·L·N²`` bytes: the target allows 1)."""
+    L = CONFIG["num_hidden_layers"]
+    graph = [m for m in modes if m != EAGER and m.partition(":")[0] in GRAPH_METHODS]
+    lines = ["", f"Against {EAGER} (time x, peak x, peak above it in units of 4·L·N² bytes):", "",
+             "| tokens | " + " | ".join(graph) + " |", "|---:|" + "---:|" * len(graph)]
+    for n in lengths:
+        base = results.get((EAGER, n), {})
+        cells = []
+        for m in graph:
+            r = results.get((m, n), {})
+            if "seconds" not in r or "seconds" not in base:
+                cells.append("—")
+                continue
+            extra = (r["peak_mb"] - base["peak_mb"]) * 2**20 / (4 * L * n * n)
+            cells.append(f"{r['seconds'] / base['seconds']:.2f}x / {r['peak_mb'] / base['peak_mb']:.2f}x / {extra:+.2f}")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--budget", type=float, default=90.0, help="seconds of one call above which a mode stops growing")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement process")
+    p.add_argument("--live-memory", action="store_true",
+                   help="glibc returns every freed block of 64 KiB or more at once, so the peak resident memory is the "
+                        "peak of live tensors (to check memory formulas; without it, the default allocator's reuse)")
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--table-from", default=None, metavar="LOG",
                    help="print the report of the points a sweep logged to stderr (e.g. one stopped early)")

@@ -15,6 +15,8 @@ from ..adapters.switches import plain_execution
 from ..errors import AttnxValueError
 from .batch import Batch
 from .devices import maybe_on_device, on_device
+from .layer_fold import LayerFold, fold_backward
+from .layout import Layout, Readout
 from .pass_reading import resolve, resolved_layout
 from .recorder import AttentionRecorder
 from .runtime import evaluation_mode
@@ -26,10 +28,14 @@ __all__ = ["attention_pass"]
 
 def attention_pass(
     adapter: Adapter, batch: Batch, target: Target, attentions: bool, gradients: bool,
-    first_layer: FirstLayer | None = None,
+    first_layer: FirstLayer | None = None, fold: LayerFold | None = None,
 ) -> Trace:
     """A forward observing the attentions (``attentions``), then ``dy_t/dA`` (``gradients``) for the
-    layers from ``first_layer`` on (every layer without one)."""
+    layers from ``first_layer`` on (every layer without one).
+
+    With a ``fold`` (and ``gradients``), each layer is folded as the backward reaches it and its
+    attention and gradient released: the trace holds ``folded`` and ``last_rows`` instead of
+    ``attentions`` and ``gradients`` (:mod:`attnx.core.layer_fold`)."""
     recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
     grad_mode = torch.enable_grad() if gradients else torch.no_grad()
@@ -48,19 +54,36 @@ def attention_pass(
                 "the target's scalars do not depend on the model output (a callable target returning a constant?); "
                 "expected a function of the output, e.g. lambda out: out.logits[:, 3]"
             )
-        grads = recorder.gradients(resolved.scores.sum(), first=first) if gradients else None
+        grads = folded = last_rows = None
+        if gradients and fold is not None:
+            readout = declared_readout(adapter, layout, resolved.classes, batch.batch_size, resolved.logits.device)
+            folded, last_rows = fold_backward(recorder, resolved.scores.sum(), fold, readout, first)
+        elif gradients:
+            grads = recorder.gradients(resolved.scores.sum(), first=first)
+    keep_attentions = attentions and folded is None
     detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
     return Trace(
         logits=resolved.logits.detach(),
         targets=resolved.classes,
         layout=layout,
         batch=batch,
-        attentions=[on_device(a, batch.device) for a in recorder.probs] if attentions else None,
+        attentions=[on_device(a, batch.device) for a in recorder.probs] if keep_attentions else None,
         gradients=None if grads is None else [maybe_on_device(g, batch.device) for g in grads],
         output=detached,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,
+        folded=None if folded is None else [kept_on_device(k, batch.device) for k in folded],
+        last_rows=last_rows,
     )
+
+
+def declared_readout(adapter: Adapter, layout: Layout, classes: torch.Tensor | None, batch_size: int,
+                     device: torch.device) -> Readout | None:
+    """The readout the explainer will settle on, when the model declares it (for the explained
+    classes); ``None`` when it is measured after the pass (:mod:`attnx.core.readout`)."""
+    if classes is not None:
+        layout = adapter.target_readout(layout, classes)
+    return Readout(layout, batch_size, device) if layout.readout_declared else None
 
 
 @contextlib.contextmanager
@@ -91,3 +114,12 @@ def with_tracked_inputs(batch: Batch) -> Batch:
         return v
 
     return replace(batch, args=tuple(track(a) for a in batch.args), kwargs={k: track(v) for k, v in batch.kwargs.items()})
+
+
+def kept_on_device(kept: Any, device: torch.device | None) -> Any:
+    """What a fold kept of a layer, its tensors on the batch's ``device`` (as the attentions are)."""
+    if isinstance(kept, torch.Tensor):
+        return on_device(kept, device)
+    if isinstance(kept, tuple):
+        return tuple(kept_on_device(k, device) for k in kept)
+    return kept

@@ -17,6 +17,7 @@ from .explanation import Explanation
 from .forward_check import check_mode, input_signature, tolerance
 from .image_text import ImageText, ImageTextExplanation, explain_pairs, tower_target
 from .labels import class_names, multi_label
+from .layer_fold import LayerFold
 from .layout import Readout, to_scores
 from .readout import ReadoutUsed, settle_readout
 from .runtime import no_autocast, unwrap_model
@@ -113,12 +114,14 @@ class Explainer:
         strict: bool = True,
         patch_size: int | None = None,
         first_layer: FirstLayer | None = None,
+        fold: LayerFold | None = None,
     ) -> Trace:
         """One pass recording what ``needs`` asks for (attentions, ``dy_t/dA``, relevance), for
         users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass (a
         preset name or an :class:`attnx.lrp.Registry`, resolved here once), ``strict`` raises
         :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules, ``first_layer``
-        the lowest layer the backward passes must reach (default: every layer)."""
+        the lowest layer the backward passes must reach (default: every layer), ``fold`` what a method keeps
+        of each layer (:mod:`attnx.core.layer_fold`; default: the full attentions and gradients)."""
         check_on_real_device(inputs, self.model)
         self.follow_model()
         # autograd is off under torch.inference_mode(): the pass runs outside it, on clones of
@@ -129,7 +132,7 @@ class Explainer:
             target = prepare_target(target, self.tokenizer, self.class_names, not self.adapter.is_lm, self.model)
             if target is None and self.adapter.outputs_embedding:
                 target = tower_target(self.adapter, needs)
-            run = (inputs, target, needs, registry, strict, patch_size, first_layer)
+            run = (inputs, target, needs, registry, strict, patch_size, first_layer, fold)
             trace, key = self.run(self.adapter, *run)
             if trace.model_forward is not None and not trace.model_forward.agrees(trace.logits):
                 trace, key = self.keep_model_forward(trace, run)
@@ -138,7 +141,8 @@ class Explainer:
             return self.embedding_target(trace, key, target, needs)
 
     def run(self, adapter: Adapter, inputs: Any, target: Target, needs: Needs, registry: Registry | None,
-            strict: bool, patch_size: int | None, first_layer: FirstLayer | None) -> tuple[Trace, tuple]:
+            strict: bool, patch_size: int | None, first_layer: FirstLayer | None,
+            fold: LayerFold | None = None) -> tuple[Trace, tuple]:
         """One pass with ``adapter``, checked against the model's forward when due; the trace and
         the input signature it was checked under."""
         batch = adapter.prepare(inputs)
@@ -146,7 +150,7 @@ class Explainer:
         check_input_dtype(batch, self.model)
         key = (adapter.name, input_signature(batch))
         due = self.check_forward == "always" or (self.check_forward == "once" and key not in self.checked)
-        trace = run_trace(adapter, batch, target, needs, registry, strict, patch_size, due, first_layer)
+        trace = run_trace(adapter, batch, target, needs, registry, strict, patch_size, due, first_layer, fold)
         return trace, key
 
     def keep_model_forward(self, trace: Trace, run: tuple) -> tuple[Trace, tuple]:
@@ -221,7 +225,7 @@ class Explainer:
         registry = self.registry_for(spec, trace_options)
         trace = self.trace(
             inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size"),
-            spec.first_layer_for(method_options),
+            spec.first_layer_for(method_options), spec.fold_for(method_options),
         )
         readout, used = self.readout_for(trace, spec.needs, inputs, target)
         with no_autocast((trace.logits.device.type,)):  # the method's math in the trace's dtype

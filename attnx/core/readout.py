@@ -31,6 +31,7 @@ import torch
 
 from ..adapters.base import Adapter
 from ..errors import ReadoutMismatchError, UnsupportedModelError
+from .layer_fold import row_norms
 from .layout import Layout, Readout
 
 __all__ = ["ReadoutUsed", "describe", "rows_read", "check_rows", "derive_readout", "settle_readout"]
@@ -73,7 +74,11 @@ class ReadoutUsed:
 def rows_read(gradient: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``(B, N)`` bool: the rows of the last layer's attention ``A_L`` that the head reads, from
     ``gradient = dy_t/dA_L`` ``(B, H, N, N)``: the real rows with a non-zero gradient."""
-    norms = gradient.detach().to(torch.float64).abs().sum(dim=(1, 3))  # (B, N)
+    return rows_of_norms(row_norms(gradient), valid)
+
+
+def rows_of_norms(norms: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """:func:`rows_read` from the ``(B, N)`` :func:`~attnx.core.layer_fold.row_norms` of the gradient."""
     norms = norms * valid.to(norms.device)
     top = norms.amax(dim=1, keepdim=True)
     return (norms > RELATIVE_TOLERANCE * top) & (top > 0)
@@ -161,14 +166,17 @@ def settle_readout(trace: Any, adapter: Adapter, measure: Callable[[], Any], kno
         layout = adapter.target_readout(layout, trace.targets)
     key = _layout_key(layout, adapter.name)
     gradient = trace.gradients[-1] if trace.gradients and trace.gradients[-1] is not None else None
-    if gradient is None and not layout.readout_declared and key in known:
+    norms = None if gradient is None else row_norms(gradient)
+    if norms is None and getattr(trace, "last_rows", None) is not None:  # a folding pass kept the norms only
+        norms = trace.last_rows
+    if norms is None and not layout.readout_declared and key in known:
         layout.readout, layout.readout_name = known[key]
         layout.readout_declared = True
     due = not layout.readout_declared or (layout.grid is not None and key not in known)
-    if gradient is None and due:
-        gradient = measure().gradients[-1]
-    if gradient is not None:
-        read = rows_read(gradient.to(device), layout.valid_mask(B, device))
+    if norms is None and due:
+        norms = row_norms(measure().gradients[-1])
+    if norms is not None:
+        read = rows_of_norms(norms.to(device), layout.valid_mask(B, device))
         if not layout.readout_declared:
             layout = derive_readout(read, layout)
             if layout.readout is None or isinstance(layout.readout, int):

@@ -27,6 +27,7 @@ from ..lrp.registry import Registry
 from .attention_pass import attention_pass
 from .batch import READOUT_LOGITS_ONLY, Batch
 from .forward_check import model_forward
+from .layer_fold import LayerFold
 from .pass_reading import patch_layout, resolve
 from .relevance_pass import RelevanceRequest, relevance_pass
 from .runtime import eager_compiled, evaluation_mode, exclusive, float32_execution
@@ -46,6 +47,7 @@ def run_trace(
     patch_size: int | None = None,
     check_forward: bool = False,
     first_layer: FirstLayer | None = None,
+    fold: LayerFold | None = None,
 ) -> Trace:
     """Run ``adapter.model`` on ``batch`` and record what ``needs`` asks for.
 
@@ -71,6 +73,9 @@ def run_trace(
     first_layer:
         The lowest layer whose gradients / attention relevance the method reads (the backward
         passes stop there); ``None``: every layer.
+    fold:
+        What the method keeps of each layer (:mod:`attnx.core.layer_fold`): the attention pass
+        folds each layer as the backward reaches it and releases it; ignored by a relevance pass.
 
     The model is explained by one call at a time (other threads wait), eagerly if it was
     compiled in place, and in float32 if it or the inputs are float16 / bfloat16
@@ -80,7 +85,7 @@ def run_trace(
     # no_new_forward_hooks: transformers installs output-capturing hooks for good on a model
     # whose config asks for attentions; the model is left as it was found
     with exclusive(model), eager_compiled(model), no_new_forward_hooks(model), float32_execution(model, batch) as batch:
-        return one_pass(adapter, batch, target, needs, registry, strict, patch_size, check_forward, first_layer)
+        return one_pass(adapter, batch, target, needs, registry, strict, patch_size, check_forward, first_layer, fold)
 
 
 def one_pass(
@@ -93,6 +98,7 @@ def one_pass(
     patch_size: int | None,
     check_forward: bool,
     first_layer: FirstLayer | None,
+    fold: LayerFold | None = None,
 ) -> Trace:
     """:func:`run_trace`'s passes, with the model held for the call."""
     if patch_size is not None:
@@ -105,7 +111,7 @@ def one_pass(
         batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
     if not needs.relevance:
         trace = attention_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients,
-                               gradients=needs.gradients, first_layer=first_layer)
+                               gradients=needs.gradients, first_layer=first_layer, fold=fold)
     elif registry is None:
         raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
     else:

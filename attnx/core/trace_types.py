@@ -132,6 +132,13 @@ class Trace:
     model_forward:
         The model's own forward on the same batch (:mod:`attnx.core.forward_check`), when the pass
         was asked to check that the explained forward is the model's.
+    folded:
+        What a method's :class:`~attnx.core.layer_fold.LayerFold` kept of each layer, when the pass
+        folded the layers as the backward reached them (``attentions`` and ``gradients`` are then
+        ``None``: released layer by layer).
+    last_rows:
+        ``(B, N)`` float64 row norms of ``∂y_t/∂A`` at the last layer
+        (:func:`~attnx.core.layer_fold.row_norms`), kept by a folding pass for the readout check.
     """
 
     logits: torch.Tensor
@@ -150,3 +157,5 @@ class Trace:
     relevance_scale: torch.Tensor | None = None
     conserving: bool = False
     model_forward: ModelForward | None = None
+    folded: list[Any] | None = None
+    last_rows: torch.Tensor | None = None

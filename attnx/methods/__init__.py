@@ -8,7 +8,10 @@ Every method is a pure function of the trace of one pass and the readout row, de
 
 ``trace.attentions`` holds the post-softmax attention ``A`` of every layer as ``(B, H, N, N)``;
 ``trace.gradients`` holds ``dy_t/dA``, ``trace.attention_relevance`` the LRP relevance at ``A``
-and ``trace.input_relevance`` the relevance at the input, each when declared. One module per
+and ``trace.input_relevance`` the relevance at the input, each when declared. A method that
+reads a small function of each layer (its head-fused map, one readout row) declares it as a
+``fold`` and reads it with :func:`attnx.core.layer_fold.kept_layers`: the pass then keeps that
+instead of every layer's ``A`` and ``dy_t/dA`` (:mod:`attnx.core.layer_fold`). One module per
 method (or family), named after it; the rollout family shares :mod:`.propagation`.
 """
 from __future__ import annotations

@@ -3,15 +3,24 @@ from __future__ import annotations
 
 import torch
 
+from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers
 from ..core.trace_types import Needs
 from .options import START_LAYER
 from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import register_method
 
 
+def generic_layer(at: AttentionLayer, *, start_layer: int = 0) -> torch.Tensor | None:
+    """What generic keeps of a layer: ``Ā = E_h[(∇A ⊙ A)⁺]`` ``(B, N, N)`` (``None`` below ``start_layer``)."""
+    s = layer_index(start_layer, at.num_layers)
+    if at.gradient is None or s is None or at.index < s:
+        return None
+    return (at.gradient * at.attention).clamp_(min=0).mean(dim=1)
+
+
 @register_method(
     "generic", reference="Chefer, Gur & Wolf, ICCV 2021", needs=Needs(attentions=True, gradients=True), options=(START_LAYER,),
-    first_layer=option_layer("start_layer"),
+    first_layer=option_layer("start_layer"), fold=generic_layer,
 )
 def generic(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
     """Chefer et al. ICCV'21, Eq. 5-6: ``R ← R + E_h[(∇A ⊙ A)⁺] R`` from ``R = I``, readout row.
@@ -19,8 +28,17 @@ def generic(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
     Equivalent to the readout row of ``(I + Ā_L) ... (I + Ā_s)``; no normalisation. The layers
     before ``start_layer`` are skipped, as the authors' CLIP notebook does (its ``start_layer = 11``
     of 12, the last layer only, is ``start_layer=-1``); the default uses every layer.
+
+    Memory: each layer is folded to its ``(B, N, N)`` map ``Ā`` as the backward reaches it
+    (:func:`generic_layer`), then released. Peak, float32 bytes, ``B`` samples, ``H`` heads,
+    ``N`` tokens, ``L`` layers read (from ``start_layer``)::
+
+        F_eager + 4·B·N²·L
+
+    with ``F_eager`` the model's own forward + backward (to layer ``start_layer``) under the
+    attention kernel that returns the probabilities (it keeps them: ``4·B·H·N²`` per layer).
     """
-    A, G = trace.attentions, trace.gradients
-    s = check_start_layer(start_layer, len(A))
-    eye = torch.eye(A[0].shape[-1], dtype=A[0].dtype, device=A[0].device)
-    return rollout_row(((g * a).clamp(min=0).mean(dim=1) + eye for a, g in list(zip(A, G))[s:]), readout)
+    s = check_start_layer(start_layer, num_layers(trace))
+    fused = kept_layers(trace, LayerFold(generic_layer, {"start_layer": start_layer}), readout)[s:]
+    eye = torch.eye(fused[0].shape[-1], dtype=fused[0].dtype, device=fused[0].device)
+    return rollout_row((m + eye for m in fused), readout)

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import torch
 
+from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers
 from ..core.trace import Needs
 from .registry import register_method
 
-__all__ = ["legrad", "legrad_layer"]
+__all__ = ["legrad", "legrad_layer", "legrad_of_positive", "positive_gradient"]
 
 
 def legrad_layer(gradient: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -50,9 +51,21 @@ def legrad_layer(gradient: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         ``(B, N, N)`` bool mask of the (query, key) pairs that may attend (real tokens; ``key <=
         query`` in a causal model); the others are left out.
     """
-    positive = gradient.clamp(min=0).mean(dim=1) * pairs.to(gradient.dtype)  # (B, N, N)
-    queries = pairs.any(dim=-1).sum(dim=-1, keepdim=True).clamp(min=1).to(gradient.dtype)  # (B, 1)
+    return legrad_of_positive(gradient.clamp(min=0).mean(dim=1), pairs)
+
+
+def legrad_of_positive(positive: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """:func:`legrad_layer` from ``mean_h ReLU(∂s/∂A^l)`` ``(B, N, N)`` (what :func:`positive_gradient` keeps)."""
+    positive = positive * pairs.to(positive.dtype)  # (B, N, N)
+    queries = pairs.any(dim=-1).sum(dim=-1, keepdim=True).clamp(min=1).to(positive.dtype)  # (B, 1)
     return positive.sum(dim=1) / queries
+
+
+def positive_gradient(at: AttentionLayer, **options) -> torch.Tensor | None:
+    """What LeGrad keeps of the last layer: ``mean_h ReLU(∂y_t/∂A^L)`` ``(B, N, N)``; ``None`` elsewhere."""
+    if at.gradient is None or at.index != at.num_layers - 1:
+        return None
+    return at.gradient.clamp(min=0).mean(dim=1)
 
 
 def last_layer(options: dict, layout, num_layers: int) -> int:
@@ -66,6 +79,7 @@ def last_layer(options: dict, layout, num_layers: int) -> int:
     needs=Needs(attentions=True, gradients=True),
     options=(),
     first_layer=last_layer,
+    fold=positive_gradient,
 )
 def legrad(trace, readout) -> torch.Tensor:
     """LeGrad at the last layer: ``mean_{h,i} ReLU(∂y_t/∂A^L_{h,i,:})``, heads and real query rows averaged.
@@ -73,6 +87,14 @@ def legrad(trace, readout) -> torch.Tensor:
     Bousselham et al. 2024, Eq. 4-5 at the last layer, where the paper's per-layer score is the
     model's target ``y_t``; the average over lower layers (Eq. 6) needs per-layer readouts the
     trace does not record (see :mod:`attnx.methods.legrad`).
+
+    Memory: the last layer is folded to ``mean_h ReLU(∂y_t/∂A^L)`` ``(B, N, N)`` as the backward
+    reaches it (:func:`positive_gradient`). Peak, float32 bytes, ``B`` samples, ``N`` tokens::
+
+        F_eager + 4·B·N²
+
+    with ``F_eager`` the model's own forward + backward to the last layer's attention under the
+    attention kernel that returns the probabilities (``4·B·H·N²`` per layer kept by it).
     """
-    pairs = readout.pairs().to(trace.gradients[-1].device)
-    return legrad_layer(trace.gradients[-1], pairs)
+    positive = kept_layers(trace, LayerFold(positive_gradient), readout)[-1]
+    return legrad_of_positive(positive, readout.pairs().to(positive.device))

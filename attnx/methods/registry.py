@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..core.layer_fold import LayerFold
 from ..core.trace_types import FirstLayer, Needs
 from ..errors import AttnxTypeError, AttnxValueError
 
@@ -150,6 +151,13 @@ class Method:
     reference: str = ""
     #: ``first_layer(options, layout, num_layers)``: the lowest layer the method reads
     first_layer: Callable[[dict, Any, int], int] | None = None
+    #: ``fold(layer, **options)``: what the method keeps of each layer (:mod:`attnx.core.layer_fold`)
+    fold: Callable[..., Any] | None = None
+
+    def fold_for(self, options: dict) -> LayerFold | None:
+        """The method's per-layer fold under ``options``, given to the pass (``None``: the pass
+        keeps every layer's attention and gradient)."""
+        return None if self.fold is None else LayerFold(self.fold, dict(options))
 
     def first_layer_for(self, options: dict) -> FirstLayer | None:
         """The lowest layer the method reads under ``options``, given to the pass beside ``needs``
@@ -230,6 +238,7 @@ def register_method(
     reference: str = "",
     gradients: bool = False,
     first_layer: Callable[[dict, Any, int], int] | None = None,
+    fold: Callable[..., Any] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(trace, readout, **options)`` as the method ``name``.
 
@@ -248,6 +257,13 @@ def register_method(
         ``first_layer(options, layout, num_layers)``: the lowest layer whose gradients or
         attention relevance the method reads with these options (default: every layer); the
         backward passes stop there.
+    fold:
+        ``fold(layer, **options)``: what the method keeps of each
+        :class:`~attnx.core.layer_fold.AttentionLayer` (e.g. its head-fused map), for a method that
+        reads no more than that of the attentions and gradients; the attention pass then applies it
+        as the backward reaches each layer and releases the layer. The method reads the kept
+        values with :func:`attnx.core.layer_fold.kept_layers`, which applies the fold itself to a
+        full trace.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -255,7 +271,7 @@ def register_method(
         check_declaration(name, fn, specs)
         doc = summary if summary is not None else " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
         declared = needs if needs is not None else Needs(attentions=True, gradients=gradients)
-        _METHODS[name] = Method(name, fn, declared, doc, specs, reference, first_layer)
+        _METHODS[name] = Method(name, fn, declared, doc, specs, reference, first_layer, fold)
         return fn
 
     return deco
