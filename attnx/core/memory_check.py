@@ -15,9 +15,16 @@ from torch import nn
 
 from ..errors import InsufficientMemoryError, UnsupportedModelError
 
-__all__ = ["check_memory", "free_memory"]
+__all__ = ["check_memory", "free_memory", "human"]
 
-GiB = 2**30
+
+
+def human(n: float) -> str:
+    """``n`` bytes in words: ``"3.20 GiB"``, ``"512.0 MiB"``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def _meminfo_available() -> int | None:
@@ -60,7 +67,7 @@ def check_memory(model: nn.Module, inputs: Any, method: str, options: dict) -> N
         return
     fits = ", ".join(plan.fits) if plan.fits else "none"
     raise InsufficientMemoryError(
-        f"method {method!r} needs about {plan.pass_bytes / GiB:.2f} GiB beyond the weights (peak "
-        f"{plan.peak / GiB:.2f} GiB) but {plan.available / GiB:.2f} GiB are free on {plan.device}; methods that "
+        f"method {method!r} needs about {human(plan.pass_bytes)} beyond the weights ({plan.pass_bytes:,} bytes; peak "
+        f"{human(plan.peak)}) but {human(plan.available)} ({plan.available:,} bytes) are free on {plan.device}; methods that "
         f"fit: {fits} (shorter inputs or a smaller batch fit too; check_memory=False skips this check)"
     )
