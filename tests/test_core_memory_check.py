@@ -51,7 +51,7 @@ def test_a_call_that_does_not_fit_is_refused_before_the_pass(free_between, monke
         raise AssertionError("the pass ran")
 
     monkeypatch.setattr(explainer_module, "run_trace", no_pass)
-    need = attnx.estimate(model, x, method="generic").pass_bytes
+    need = attnx.estimate(model, x, method="generic").needed
     with pytest.raises(InsufficientMemoryError) as info:
         attnx.explain(model, x, method="generic")
     message = str(info.value)

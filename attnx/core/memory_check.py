@@ -67,7 +67,7 @@ def check_memory(model: nn.Module, inputs: Any, method: str, options: dict) -> N
         return
     fits = ", ".join(plan.fits) if plan.fits else "none"
     raise InsufficientMemoryError(
-        f"method {method!r} needs about {human(plan.pass_bytes)} beyond the weights ({plan.pass_bytes:,} bytes; peak "
+        f"method {method!r} needs about {human(plan.needed)} beyond the weights in memory ({plan.needed:,} bytes; peak "
         f"{human(plan.peak)}) but {human(plan.available)} ({plan.available:,} bytes) are free on {plan.device}; methods that "
         f"fit: {fits} (shorter inputs or a smaller batch fit too; check_memory=False skips this check)"
     )

@@ -84,8 +84,10 @@ TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
                      lambda s: s.shape.layers * (s.map_bytes + s.layer_activations) if s.shape.patch_size else 0),
     "written_out_attention": ("an attention kernel written out under LRP rules: probabilities and scores kept per layer: 1.5·L·M",
                               lambda s: 1.5 * s.shape.layers * s.map_bytes),
-    "stabilized_rules": ("Chefer et al.'s rules (stabilised products, normalised adds, identity softmax) keep "
-                         "about 4 maps per layer for their backward: 4·L·M", lambda s: 4 * s.shape.layers * s.map_bytes),
+    "stabilized_rules": ("Chefer et al.'s stabilised attention products keep about 2 maps per layer for their "
+                         "backward: 2·L·M", lambda s: 2 * s.shape.layers * s.map_bytes),
+    "signed_weights": ("α-β / γ rules build |W| and W± of one linear layer at a time in the backward: 2 copies "
+                       "of the largest weight", lambda s: 2 * s.shape.largest_linear * s.shape.compute_bytes),
     "rule_state": ("LRP rules' saved outputs (ε-rule, normalisations): 0.15 of the activations",
                    lambda s: 0.15 * s.shape.layers * s.layer_activations),
 }
@@ -130,6 +132,14 @@ def stabilized_products(registry: Any) -> bool:
     return isinstance(rule, Bilinear) and bool(getattr(rule, "chefer", False))
 
 
+def signed_linear_rules(registry: Any) -> bool:
+    """Whether ``registry``'s rule for ``nn.Linear`` splits the weights by sign (α-β, γ)."""
+    from ..lrp.linear import AlphaBeta, Gamma
+
+    rules = [] if registry is None else [e.rule for e in registry.entries if e.key is nn.Linear]
+    return any(isinstance(r, (AlphaBeta, Gamma)) for r in rules)
+
+
 def method_terms(method: Any, registry: Any, shape: ModelShape) -> tuple[str, ...]:
     """The :data:`TERMS` a call of ``method`` (a :class:`~attnx.methods.registry.Method`) keeps,
     with the LRP ``registry`` of its relevance pass (``None`` without one)."""
@@ -148,6 +158,8 @@ def method_terms(method: Any, registry: Any, shape: ModelShape) -> tuple[str, ..
         terms.append("written_out_attention")
     if needs.relevance and stabilized_products(registry):
         terms.append("stabilized_rules")
+    if needs.relevance and signed_linear_rules(registry):
+        terms.append("signed_weights")
     return tuple(terms)
 
 
@@ -186,8 +198,14 @@ class MemoryEstimate:
 
     @property
     def pass_bytes(self) -> int:
-        """Bytes the call allocates above the weights already in memory."""
+        """Bytes the call allocates above the weights."""
         return self.float32_weights + sum(self.terms.values())
+
+    @property
+    def needed(self) -> int:
+        """Bytes that must be free: the call's allocations, and the weights too for a model on
+        the meta device (planned, not loaded)."""
+        return self.pass_bytes + (self.weights if self.device == "meta" else 0)
 
     @property
     def peak(self) -> int:
@@ -197,7 +215,7 @@ class MemoryEstimate:
     @property
     def fits_available(self) -> bool | None:
         """Whether the call's own allocations fit the free memory (``None``: unknown)."""
-        return None if self.available is None else self.pass_bytes <= self.available
+        return None if self.available is None else self.needed <= self.available
 
     def __str__(self) -> str:
         rows = [f"{self.method}: peak {self.peak / GiB:.2f} GiB (weights {self.weights / GiB:.2f} GiB"
@@ -280,5 +298,6 @@ def estimate(model: nn.Module, inputs: Any, method: str = "rollout", available: 
     terms, copies = one(method, options)
     fits = None
     if available is not None:
-        fits = tuple(m for m in list_methods() if sum(one(m, {})[0].values()) + copies <= available)
+        loaded = 0 if device == "meta" else shape.weight_bytes  # already in memory
+        fits = tuple(m for m in list_methods() if shape.weight_bytes - loaded + sum(one(m, {})[0].values()) + copies <= available)
     return MemoryEstimate(method, shape.weight_bytes, copies, terms, fits, available, device, shape, sizes)

@@ -8,7 +8,7 @@ way, so a plan for a model too large for the machine needs no weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import torch
@@ -40,6 +40,8 @@ class ModelShape:
         Bytes per element of the computation (4 for float32 and half-precision models, 8 for float64).
     patch_size, prefix_tokens:
         For image models: pixels per patch side and class / register tokens (``None`` for text).
+    largest_linear:
+        Elements of the largest ``nn.Linear`` weight (a language model's output layer, an MLP's).
     fused_kernel:
         The model's attention runs through ``F.scaled_dot_product_attention`` (Hugging Face
         ``sdpa`` / flash kernels, timm's ``fused_attn``), so an LRP preset can keep it fused.
@@ -58,6 +60,7 @@ class ModelShape:
     patch_size: int | None = None
     prefix_tokens: int = 0
     fused_kernel: bool = True
+    largest_linear: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,9 @@ def model_shape(model: nn.Module) -> ModelShape:
     config = getattr(model, "config", None)
     shape = _hf_shape(model, config) if config is not None else None
     shape = shape or _timm_shape(model) or _torchvision_shape(model)
+    if shape is not None:
+        largest = max((m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), default=0)
+        shape = replace(shape, largest_linear=largest)
     if shape is None:
         raise UnsupportedModelError(
             f"no memory estimate for {type(model).__name__}: expected a Hugging Face model with a config "
