@@ -128,6 +128,8 @@ def test_the_terms_follow_what_each_method_keeps():
     assert "written_out_attention" in method_terms(lrp, get_preset("attnlrp"), eager)
     assert {"written_out_attention", "stabilized_rules"} <= set(method_terms(lrp, get_preset("chefer2021"), shape))
     assert "attention_gradients" in method_terms(get_method("generic"), None, shape)
+    assert "signed_weights" in method_terms(get_method("transformer_attribution"), get_preset("chefer2021"), shape)
+    assert shape.largest_linear == 500 * 64  # the output layer, vocabulary x hidden
     x = tokens(64, batch=1)
     every = attnx.estimate(llama(), x, method="generic", available=None)
     last = attnx.estimate(llama(), x, method="generic", start_layer=-1)
@@ -147,6 +149,9 @@ def test_a_meta_device_model_is_estimated_without_weights():
     assert plan.weights == 8_030_261_248 * 2 + buffers  # Llama-3-8B's parameter count, bfloat16
     assert plan.terms["attention_maps"] == 64 * 2**30
     assert plan.device == "meta" and "generic" not in plan.fits
+    # not loaded: the weights must fit too (gradient_x_input: 76 GiB of its own + 15 GiB of weights)
+    assert plan.needed == plan.peak and "gradient_x_input" not in plan.fits
+    assert "gradient_x_input" in attnx.estimate(model, ids, method="lrp", available=100 * 2**30).fits
 
 
 @pytest.mark.slow
