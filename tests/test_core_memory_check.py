@@ -1,10 +1,6 @@
 """The memory check before a pass: a call whose estimate exceeds the free memory is refused in
-one line, before anything runs; ``check_memory=False`` skips it; the free memory is read."""
+one line, before anything runs; ``check_memory=False`` skips it."""
 from __future__ import annotations
-
-import builtins
-import sys
-import types
 
 import pytest
 import torch
@@ -12,7 +8,7 @@ import transformers as tr
 
 import attnx
 from attnx.core import explainer as explainer_module
-from attnx.core import memory_check
+from attnx.core import free_memory, memory_check
 from attnx.errors import InsufficientMemoryError
 
 from contracts import assert_unchanged, snapshot
@@ -39,7 +35,7 @@ def free_between(monkeypatch):
     high = attnx.estimate(model, x, method="generic", available=0).pass_bytes
     assert low < high
     free = (low + high) // 2
-    monkeypatch.setattr(memory_check, "free_memory", lambda device: free)
+    monkeypatch.setattr(free_memory, "free_memory", lambda device: free)
     return model, x, free
 
 
@@ -78,32 +74,5 @@ def test_a_call_that_fits_runs(free_between):
 
 
 def test_a_model_without_an_estimate_is_not_checked(monkeypatch):
-    monkeypatch.setattr(memory_check, "free_memory", lambda device: 0)
+    monkeypatch.setattr(free_memory, "free_memory", lambda device: 0)
     memory_check.check_memory(torch.nn.Sequential(torch.nn.Linear(3, 3)), torch.zeros(1, 3), "rollout", {})
-
-
-def test_free_cpu_memory_is_meminfo_available():
-    with open("/proc/meminfo") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    assert abs(memory_check.free_memory("cpu") - kb * 1024) < 256 * 2**20  # read a moment apart
-
-
-def test_free_cpu_memory_falls_back_to_psutil(monkeypatch):
-    real_open = builtins.open
-
-    def no_proc(path, *args, **kwargs):
-        if str(path) == "/proc/meminfo":
-            raise OSError("no /proc")
-        return real_open(path, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", no_proc)
-    fake = types.SimpleNamespace(virtual_memory=lambda: types.SimpleNamespace(available=12345))
-    monkeypatch.setitem(sys.modules, "psutil", fake)
-    assert memory_check.free_memory("cpu") == 12345
-    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed
-    assert memory_check.free_memory("cpu") is None
-
-
-def test_human_sizes():
-    assert memory_check.human(3 * 2**30) == "3.00 GiB" and memory_check.human(1536 * 2**10) == "1.50 MiB"
-    assert memory_check.human(12) == "12 bytes"

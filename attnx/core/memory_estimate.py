@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from . import free_memory
 from .model_shape import InputShape, ModelShape, input_shape, model_shape
 
 __all__ = ["METHOD_TERMS", "TERMS", "MemoryEstimate", "estimate", "method_terms"]
@@ -279,13 +279,11 @@ def estimate(model: nn.Module, inputs: Any, method: str = "rollout", available: 
     """
     from ..lrp.registry import get_preset
     from ..methods.registry import get_method, list_methods
-    from .memory_check import free_memory
-
     shape = model_shape(model)
     sizes = input_shape(inputs, shape)
     device = _device_of(model)
     if available is None and device != "meta":
-        available = free_memory(device)
+        available = free_memory.free_memory(device)
 
     def one(name: str, opts: dict) -> tuple[dict[str, int], int]:
         spec = get_method(name)
