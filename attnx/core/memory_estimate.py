@@ -16,10 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lrp.fused_attention import FusedAttention
+from ..lrp.linear import AlphaBeta, Gamma
+from ..lrp.registry import get_preset
+from ..lrp.rules import Bilinear, Passthrough
+from ..methods.registry import get_method, list_methods
 from . import free_memory
+from .layout import Layout
 from .model_shape import InputShape, ModelShape, input_shape, model_shape
 
 __all__ = ["METHOD_TERMS", "TERMS", "MemoryEstimate", "estimate", "method_terms"]
@@ -59,6 +66,11 @@ class Sizes:
         return self.token_bytes * width
 
     @property
+    def logits_bytes(self) -> int:
+        """The logits of one position per sample."""
+        return self.inputs.batch * self.shape.vocab * self.shape.compute_bytes
+
+    @property
     def read_layers(self) -> int:
         """Layers from the first one the method reads to the last."""
         return self.shape.layers - self.first
@@ -67,10 +79,10 @@ class Sizes:
 # What one call keeps, by kind: bytes at the peak. Each entry is one kind of tensor the trace or
 # the pass keeps; the methods' entries below list the kinds they keep.
 TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
-    "forward": ("the forward's working set without gradients (one block's activations)",
-                lambda s: s.layer_activations + s.inputs.batch * s.shape.vocab * s.shape.compute_bytes),
-    "forward_backward": ("the model's own forward + backward: every block's activations, and one block's gradients",
-                         lambda s: (s.shape.layers + 1) * s.layer_activations + s.inputs.batch * s.shape.vocab * s.shape.compute_bytes),
+    "forward": ("the forward's working set without gradients: one block's activations, the logits",
+                lambda s: s.layer_activations + s.logits_bytes),
+    "forward_backward": ("the model's own forward + backward: every block's activations, one block's gradients",
+                         lambda s: (s.shape.layers + 1) * s.layer_activations + s.logits_bytes),
     "attention_maps": ("the attention probabilities of every layer, kept by the trace (eager kernel): L·M",
                        lambda s: s.shape.layers * s.map_bytes),
     "attention_scores": ("the eager kernel's scores and their gradient, one layer at a time: 2·M",
@@ -82,8 +94,8 @@ TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
     "readout_pass": ("a second pass measuring the readout rows of an image model (attentions kept, a backward "
                      "to the last layer): L·M + the activations; none for text, whose readout is declared",
                      lambda s: s.shape.layers * (s.map_bytes + s.layer_activations) if s.shape.patch_size else 0),
-    "written_out_attention": ("an attention kernel written out under LRP rules: probabilities and scores kept per layer: 1.5·L·M",
-                              lambda s: 1.5 * s.shape.layers * s.map_bytes),
+    "written_out_attention": ("an attention kernel written out under LRP rules: probabilities and scores kept "
+                              "per layer: 1.5·L·M", lambda s: 1.5 * s.shape.layers * s.map_bytes),
     "stabilized_rules": ("Chefer et al.'s stabilised attention products keep about 2 maps per layer for their "
                          "backward: 2·L·M", lambda s: 2 * s.shape.layers * s.map_bytes),
     "signed_weights": ("α-β / γ rules build |W| and W± of one linear layer at a time in the backward: 2 copies "
@@ -114,9 +126,6 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
 def attention_stays_fused(registry: Any, shape: ModelShape) -> bool:
     """Whether an LRP pass under ``registry`` runs the model's attention by its own kernel
     (:class:`attnx.lrp.FusedAttention` or plain gradients on an SDPA model): no map is kept."""
-    from ..lrp.fused_attention import FusedAttention
-    from ..lrp.rules import Passthrough
-
     if registry is None or not shape.fused_kernel:
         return False
     return isinstance(registry.rule_for_function(F.scaled_dot_product_attention, []), (FusedAttention, Passthrough))
@@ -124,18 +133,12 @@ def attention_stays_fused(registry: Any, shape: ModelShape) -> bool:
 
 def stabilized_products(registry: Any) -> bool:
     """Whether ``registry``'s attention products keep Chefer et al.'s stabilised state per layer."""
-    import torch
-
-    from ..lrp.rules import Bilinear
-
     rule = None if registry is None else registry.rule_for_function(torch.matmul, [])
     return isinstance(rule, Bilinear) and bool(getattr(rule, "chefer", False))
 
 
 def signed_linear_rules(registry: Any) -> bool:
     """Whether ``registry``'s rule for ``nn.Linear`` splits the weights by sign (α-β, γ)."""
-    from ..lrp.linear import AlphaBeta, Gamma
-
     rules = [] if registry is None else [e.rule for e in registry.entries if e.key is nn.Linear]
     return any(isinstance(r, (AlphaBeta, Gamma)) for r in rules)
 
@@ -222,7 +225,8 @@ class MemoryEstimate:
                 + (f", float32 copies {self.float32_weights / GiB:.2f} GiB" if self.float32_weights else "") + ")"]
         rows += [f"  {k}: {v / GiB:.3f} GiB" for k, v in self.terms.items()]
         if self.available is not None:
-            rows.append(f"  available on {self.device}: {self.available / GiB:.2f} GiB; fits: {', '.join(self.fits or ()) or 'none'}")
+            fits = ", ".join(self.fits or ()) or "none"
+            rows.append(f"  available on {self.device}: {self.available / GiB:.2f} GiB; fits: {fits}")
         return "\n".join(rows)
 
 
@@ -231,7 +235,9 @@ def _device_of(model: nn.Module) -> str:
     return "cpu" if p is None else str(p.device)
 
 
-def predict(method: Any, registry: Any, shape: ModelShape, inputs: InputShape, first: int = 0) -> tuple[dict[str, int], int]:
+def predict(
+    method: Any, registry: Any, shape: ModelShape, inputs: InputShape, first: int = 0
+) -> tuple[dict[str, int], int]:
     """``({kind: bytes}, float32 weight bytes)`` of one call of ``method``."""
     sizes = Sizes(shape, inputs, max(0, min(first, shape.layers - 1)))
     terms = {name: int(TERMS[name][1](sizes)) for name in method_terms(method, registry, shape)}
@@ -243,17 +249,17 @@ def _first_layer(method: Any, options: dict, shape: ModelShape, inputs: InputSha
     first = method.first_layer_for(options)
     if first is None:
         return 0
-    from .layout import Layout
-
     try:
         layout = Layout(num_tokens=inputs.tokens, prefix_tokens=shape.prefix_tokens, readout=None,
                         grid=(1, inputs.tokens - shape.prefix_tokens) if shape.patch_size else None)
         return first.index(layout, shape.layers)
-    except Exception:  # a rule reading more of the layout than the sizes give: every layer
+    except (AttributeError, TypeError, ValueError):  # a rule reading more of the layout than the sizes give
         return 0
 
 
-def estimate(model: nn.Module, inputs: Any, method: str = "rollout", available: int | None = None, **options: Any) -> MemoryEstimate:
+def estimate(
+    model: nn.Module, inputs: Any, method: str = "rollout", available: int | None = None, **options: Any
+) -> MemoryEstimate:
     """The predicted peak memory of ``attnx.explain(model, inputs, method=method, **options)``.
 
     Computed from the model's sizes and what the method keeps, without running the model (a model
@@ -277,8 +283,6 @@ def estimate(model: nn.Module, inputs: Any, method: str = "rollout", available: 
     -------
     :class:`MemoryEstimate`: ``peak`` bytes, the breakdown and the methods that fit ``available``.
     """
-    from ..lrp.registry import get_preset
-    from ..methods.registry import get_method, list_methods
     shape = model_shape(model)
     sizes = input_shape(inputs, shape)
     device = _device_of(model)
@@ -296,6 +300,6 @@ def estimate(model: nn.Module, inputs: Any, method: str = "rollout", available: 
     terms, copies = one(method, options)
     fits = None
     if available is not None:
-        loaded = 0 if device == "meta" else shape.weight_bytes  # already in memory
-        fits = tuple(m for m in list_methods() if shape.weight_bytes - loaded + sum(one(m, {})[0].values()) + copies <= available)
+        unloaded = shape.weight_bytes if device == "meta" else 0  # weights to bring in too
+        fits = tuple(m for m in list_methods() if unloaded + copies + sum(one(m, {})[0].values()) <= available)
     return MemoryEstimate(method, shape.weight_bytes, copies, terms, fits, available, device, shape, sizes)
