@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and edito
     from .core.explainer import Explainer, explain
     from .core.explanation import Explanation
     from .core.generation import GenerationExplanation, explain_generation
+    from .core.memory_estimate import MemoryEstimate, estimate
     from .core.image_text import ImageText, ImageTextExplanation
     from .core.targets import Continuation
     from .core.trace_types import Needs, Trace
@@ -38,6 +39,8 @@ _LAZY_NAMES = {
     "Explainer": "core.explainer",
     "explain": "core.explainer",
     "Explanation": "core.explanation",
+    "estimate": "core.memory_estimate",
+    "MemoryEstimate": "core.memory_estimate",
     "GenerationExplanation": "core.generation",
     "explain_generation": "core.generation",
     "ImageText": "core.image_text",
@@ -62,6 +65,7 @@ __all__ = [
     "GenerationExplanation",
     "ImageText",
     "ImageTextExplanation",
+    "MemoryEstimate",
     "Needs",
     "NonFiniteMapError",
     "Option",
@@ -69,6 +73,7 @@ __all__ = [
     "Trace",
     "UnsupportedModelError",
     "adapters",
+    "estimate",
     "explain",
     "explain_generation",
     "get_method",

@@ -13,6 +13,7 @@ __all__ = [
     "AttnxValueError",
     "DegenerateMapWarning",
     "ForwardMismatchError",
+    "InsufficientMemoryError",
     "NonFiniteMapError",
     "ReadoutMismatchError",
     "UnsupportedModelError",
@@ -39,6 +40,11 @@ class ForwardMismatchError(UnsupportedModelError):
     """Raised when the forward attnx explains (attention made observable) does not compute the
     model's own logits, and no path that keeps the model's computation does (see
     :mod:`attnx.core.forward_check`)."""
+
+
+class InsufficientMemoryError(AttnxError, MemoryError):
+    """A call's estimated peak memory exceeds what the device has free (see
+    :func:`attnx.estimate`); raised before the pass allocates anything."""
 
 
 class DegenerateMapWarning(UserWarning):

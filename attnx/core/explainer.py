@@ -16,6 +16,7 @@ from .degenerate import check_map
 from .explanation import Explanation
 from .forward_check import check_mode, input_signature, tolerance
 from .image_text import ImageText, ImageTextExplanation, explain_pairs, tower_target
+from . import memory_check
 from .labels import class_names, multi_label
 from .layer_fold import LayerFold
 from .layout import Readout, to_scores
@@ -193,7 +194,7 @@ class Explainer:
         return self.trace(inputs, target, Needs(attentions=True, gradients=gradients))
 
     def explain(
-        self, inputs: Any, method: str = "rollout", target: Target = None, **options: Any
+        self, inputs: Any, method: str = "rollout", target: Target = None, check_memory: bool = True, **options: Any
     ) -> Explanation | ImageTextExplanation:
         """Explain a batch.
 
@@ -214,6 +215,10 @@ class Explainer:
             ``text=`` prompts (with the ``tokenizer`` of the explainer or ``attnx.explain``) and
             ``towers=("image", "text")``: the image-text pairs are explained and an
             :class:`attnx.core.image_text.ImageTextExplanation` returned (see :mod:`attnx.core.image_text`).
+        check_memory:
+            Refuse the call with :class:`attnx.errors.InsufficientMemoryError` before the pass when
+            its estimated peak (:func:`attnx.estimate`) exceeds the free memory of the device;
+            ``False`` skips the check.
         """
         self.follow_model()
         if "text" in options:
@@ -223,6 +228,8 @@ class Explainer:
         spec = get_method(method)
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
+        if check_memory:
+            memory_check.check_memory(self.model, inputs, method, options)
         trace = self.trace(
             inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size"),
             spec.first_layer_for(method_options), spec.fold_for(method_options),
@@ -304,10 +311,10 @@ class Explainer:
 
 def explain(
     model: nn.Module, inputs: Any, method: str = "rollout", target: Target = None, tokenizer: Any = None,
-    check_forward: str | bool = "once", **options: Any
+    check_forward: str | bool = "once", check_memory: bool = True, **options: Any
 ) -> Explanation | ImageTextExplanation:
     """Explain ``model`` on ``inputs`` with ``method``; see :meth:`Explainer.explain` (and
     :class:`Explainer` for ``check_forward``)."""
     return Explainer(model, tokenizer=tokenizer, check_forward=check_forward).explain(
-        inputs, method=method, target=target, **options
+        inputs, method=method, target=target, check_memory=check_memory, **options
     )

@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Measured peak memory of ``attnx.explain`` against ``attnx.estimate``, on small random models.
+
+Every (model, method, size) runs in a **fresh process**: build the model, run the method once on a
+small input (one-time initialisation), then ``malloc_trim``, read ``VmRSS``, reset the kernel's peak
+(``/proc/self/clear_refs``), run the call and read ``VmHWM``: the peak resident memory increase of
+one call, weights excluded. It is compared with the estimate's bytes beyond the weights
+(``MemoryEstimate.pass_bytes``). Models (random weights, float32):
+
+* ``llama``: the ``LlamaForCausalLM`` of ``benchmarks/long_context.py`` (hidden 256, 4 layers, 8
+  query heads sharing 2 key/value heads, intermediate 1024, vocabulary 32000, ``sdpa``), batch 1;
+* ``vit``: timm ``vit_tiny_patch16_224`` (12 layers, 3 heads, hidden 192) at the size given, batch 2;
+* ``bert``: a Hugging Face ``BertForSequenceClassification`` (hidden 128, 4 layers, 4 heads,
+  intermediate 512, ``sdpa``), batch 2.
+
+    HF_HUB_OFFLINE=1 python benchmarks/memory_estimate.py                 # the default grid
+    python benchmarks/memory_estimate.py --points llama:generic:512 vit:lrp:384
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+METHODS = ("gradient_x_input", "lrp", "generic", "transformer_attribution", "rollout")
+POINTS = tuple(f"{m}:{meth}:{n}" for m, sizes in (("llama", (512, 1024)), ("vit", (224, 384)), ("bert", (256, 512)))
+               for n in sizes for meth in METHODS)
+LLAMA = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=1024, max_position_embeddings=65536)
+BERT = dict(vocab_size=30522, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
+            max_position_embeddings=4096)
+
+
+def build(kind: str, size: int):
+    """``(model, inputs(size), target)`` for one of the three models."""
+    import torch
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "vit":
+        import timm
+
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=size, dynamic_img_size=True).eval()
+        return model, lambda n: torch.randn(2, 3, n, n, generator=g), 3
+    import transformers as tr
+
+    if kind == "llama":
+        model = tr.LlamaForCausalLM._from_config(tr.LlamaConfig(**LLAMA), attn_implementation="sdpa").eval()
+        batch = 1
+    else:
+        model = tr.BertForSequenceClassification._from_config(tr.BertConfig(**BERT), attn_implementation="sdpa").eval()
+        batch = 2
+
+    def inputs(n: int) -> dict:
+        ids = torch.randint(3, 30000, (batch, n), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return model, inputs, 7 if kind == "llama" else 1
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)\s+kB", f.read(), re.M).group(1))
+
+
+def worker(point: str) -> dict:
+    import torch
+
+    import attnx
+
+    torch.set_num_threads(1)
+    kind, method, size = point.split(":")
+    model, inputs, target = build(kind, int(size))
+    small = 64 if kind == "vit" else 32
+    attnx.explain(model, inputs(small), method=method, target=target)  # one-time initialisation
+    x = inputs(int(size))
+    plan = attnx.estimate(model, x, method=method)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    out = attnx.explain(model, x, method=method, target=target, check_memory=False)
+    peak = _status_kb("VmHWM")
+    del out
+    measured = max(peak - before, 0) * 1024
+    return {"point": point, "measured_mb": measured / 2**20, "estimated_mb": plan.pass_bytes / 2**20,
+            "error": plan.pass_bytes / measured - 1 if measured else None,
+            "terms_mb": {k: round(v / 2**20, 1) for k, v in plan.terms.items()}}
+
+
+def measure(point: str, timeout: float = 600.0) -> dict:
+    """Run :func:`worker` for ``point`` in a fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", point]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEMEST "):
+            return json.loads(line[len("MEMEST "):])
+    raise RuntimeError(f"{point}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--points", nargs="+", default=list(POINTS), help="model:method:size")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("MEMEST " + json.dumps(worker(args.worker)), flush=True)
+        return 0
+    print("| model | method | size | measured MiB | estimated MiB | error |\n|---|---|---:|---:|---:|---:|")
+    for point in args.points:
+        r = measure(point)
+        kind, method, size = point.split(":")
+        print(f"| {kind} | {method} | {size} | {r['measured_mb']:.0f} | {r['estimated_mb']:.0f} | {r['error']:+.0%} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""attnx.estimate: the formulas against independent counts, the half-precision copies, the meta
+device, and (slow) against measured peaks in fresh processes (benchmarks/memory_estimate.py)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import transformers as tr
+
+import attnx
+from attnx.core.memory_estimate import TERMS, Sizes, method_terms
+from attnx.core.model_shape import InputShape, input_shape, model_shape
+from attnx.errors import UnsupportedModelError
+
+LLAMA = dict(vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=160, max_position_embeddings=1024)
+BERT = dict(vocab_size=500, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=512)
+BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
+
+
+def llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tr.LlamaForCausalLM._from_config(tr.LlamaConfig(**LLAMA), attn_implementation="sdpa").eval()
+
+
+def bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tr.BertForSequenceClassification._from_config(tr.BertConfig(**BERT), attn_implementation="sdpa").eval()
+
+
+def vit() -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
+
+
+def tokens(n: int, batch: int = 2) -> dict:
+    ids = torch.randint(3, 400, (batch, n), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def saved_activation_bytes(model, call) -> int:
+    """Bytes of the tensors the model's forward saves for its backward (weights excluded), counted
+    by autograd's saved-tensor hooks, each storage once."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        call()
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    return sum(v for k, v in storages.items() if k not in weights)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "vit"])
+def test_block_activations_match_the_tensors_autograd_saves(kind):
+    """L · layer_activations is what the forward keeps for the backward (counted independently
+    by autograd's saved-tensor hooks), within 15 %."""
+    if kind == "vit":
+        model, x = vit(), torch.randn(2, 3, 64, 64, requires_grad=True)
+        call = lambda: model(x)  # noqa: E731
+    else:
+        model, x = (llama(), tokens(96)) if kind == "llama" else (bert(), tokens(96))
+        emb = model.get_input_embeddings()
+        handle = emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+        call = lambda: model(**x)  # noqa: E731
+    saved = saved_activation_bytes(model, call)
+    if kind != "vit":
+        handle.remove()
+    shape = model_shape(model)
+    predicted = shape.layers * Sizes(shape, input_shape(x, shape)).layer_activations
+    assert abs(predicted / saved - 1) < 0.15, (predicted, saved)
+
+
+def test_attention_terms_are_the_bytes_the_trace_keeps():
+    """attention_maps / attention_gradients are the bytes of Trace.attentions / Trace.gradients."""
+    model, x = bert(), tokens(40)
+    trace = attnx.Explainer(model).trace(x, needs=attnx.Needs(attentions=True, gradients=True))
+    kept = lambda ts: sum(t.numel() * t.element_size() for t in ts if t is not None)  # noqa: E731
+    shape = model_shape(model)
+    sizes = Sizes(shape, input_shape(x, shape))
+    assert TERMS["attention_maps"][1](sizes) == kept(trace.attentions)
+    assert TERMS["attention_gradients"][1](sizes) == kept(trace.gradients)
+    last = Sizes(shape, input_shape(x, shape), first=shape.layers - 1)
+    assert TERMS["attention_gradients"][1](last) == kept(trace.gradients[-1:])
+
+
+def test_shape_is_read_from_the_config_and_the_inputs():
+    shape = model_shape(llama())
+    assert (shape.layers, shape.hidden, shape.heads, shape.kv_heads, shape.intermediate) == (3, 64, 4, 2, 160)
+    assert shape.gated_mlp and shape.fused_kernel and shape.compute_bytes == 4
+    assert input_shape(tokens(17, batch=3), shape) == InputShape(3, 17)
+    v = model_shape(vit())
+    assert (v.layers, v.hidden, v.heads, v.patch_size, v.prefix_tokens, v.gated_mlp) == (3, 192, 3, 16, 1, False)
+    assert input_shape(torch.zeros(2, 3, 64, 48), v) == InputShape(2, 4 * 3 + 1)
+
+
+def test_unknown_models_are_refused_by_name():
+    with pytest.raises(UnsupportedModelError, match="no memory estimate for Sequential"):
+        attnx.estimate(torch.nn.Sequential(torch.nn.Linear(3, 3)), torch.zeros(1, 3))
+
+
+def test_half_precision_adds_float32_copies_of_the_weights():
+    model = llama().to(torch.bfloat16)
+    plan = attnx.estimate(model, tokens(32), method="lrp")
+    fp32 = sum(p.numel() * 4 for p in [*model.parameters(), *model.buffers()] if p.dtype == torch.bfloat16)
+    assert plan.float32_weights == fp32
+    assert plan.weights == sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
+    assert plan.peak == plan.weights + plan.float32_weights + sum(plan.terms.values())
+
+
+def test_the_terms_follow_what_each_method_keeps():
+    """LRP presets that keep SDPA fused keep no map; written out (an eager model, or Chefer's
+    rules) they do; attention-graph methods keep maps and gradients; the first layer counts."""
+    from attnx.lrp import get_preset
+    from attnx.methods import get_method
+
+    shape = model_shape(llama())
+    eager = model_shape(tr.LlamaForCausalLM._from_config(tr.LlamaConfig(**LLAMA), attn_implementation="eager"))
+    lrp = get_method("lrp")
+    assert method_terms(lrp, get_preset("attnlrp"), shape) == ("forward_backward", "rule_state")
+    assert "written_out_attention" in method_terms(lrp, get_preset("attnlrp"), eager)
+    assert {"written_out_attention", "stabilized_rules"} <= set(method_terms(lrp, get_preset("chefer2021"), shape))
+    assert "attention_gradients" in method_terms(get_method("generic"), None, shape)
+    assert "signed_weights" in method_terms(get_method("transformer_attribution"), get_preset("chefer2021"), shape)
+    assert shape.largest_linear == 500 * 64  # the output layer, vocabulary x hidden
+    x = tokens(64, batch=1)
+    every = attnx.estimate(llama(), x, method="generic", available=None)
+    last = attnx.estimate(llama(), x, method="generic", start_layer=-1)
+    assert every.terms["attention_gradients"] == 3 * last.terms["attention_gradients"] == 3 * 4 * 64 * 64 * 4
+
+
+def test_a_meta_device_model_is_estimated_without_weights():
+    """A Llama-3-8B-shaped model built on the meta device: the weights, and the attention maps of
+    the attention-graph methods (32 layers x 32 heads x 4096² float32 = 64 GiB)."""
+    cfg = tr.LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = tr.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    ids = torch.zeros(1, 4096, dtype=torch.long)
+    plan = attnx.estimate(model, ids, method="generic", available=80 * 2**30)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # the rotary frequencies
+    assert plan.weights == 8_030_261_248 * 2 + buffers  # Llama-3-8B's parameter count, bfloat16
+    assert plan.terms["attention_maps"] == 64 * 2**30
+    assert plan.device == "meta" and "generic" not in plan.fits
+    # not loaded: the weights must fit too (gradient_x_input: 76 GiB of its own + 15 GiB of weights)
+    assert plan.needed == plan.peak and "gradient_x_input" not in plan.fits
+    assert "gradient_x_input" in attnx.estimate(model, ids, method="lrp", available=100 * 2**30).fits
+
+
+@pytest.mark.slow
+def test_estimates_are_within_25_percent_of_measured_peaks():
+    """Measured in fresh processes (peak resident memory of one call above the memory before it)."""
+    sys.path.insert(0, BENCH)
+    from memory_estimate import measure
+
+    for point in ("llama:generic:512", "llama:lrp:512", "bert:transformer_attribution:256", "vit:rollout:224"):
+        r = measure(point)
+        assert abs(r["error"]) <= 0.25, r
