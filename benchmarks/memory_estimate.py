@@ -13,7 +13,7 @@ one call, weights excluded. It is compared with the estimate's bytes beyond the 
 * ``bert``: a Hugging Face ``BertForSequenceClassification`` (hidden 128, 4 layers, 4 heads,
   intermediate 512, ``sdpa``), batch 2.
 
-    HF_HUB_OFFLINE=1 python benchmarks/memory_estimate.py                 # the default grid
+    HF_HUB_OFFLINE=1 python benchmarks/memory_estimate.py                 # the points of docs/memory.md
     python benchmarks/memory_estimate.py --points llama:generic:512 vit:lrp:384
 """
 from __future__ import annotations
@@ -30,9 +30,13 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-METHODS = ("gradient_x_input", "lrp", "generic", "transformer_attribution", "rollout")
-POINTS = tuple(f"{m}:{meth}:{n}" for m, sizes in (("llama", (512, 1024)), ("vit", (224, 384)), ("bert", (256, 512)))
-               for n in sizes for meth in METHODS)
+METHODS = ("gradient_x_input", "lrp", "generic", "rollout", "transformer_attribution")
+#: the points of docs/memory.md's table: model:method:size (tokens; the image side for vit)
+POINTS = (
+    *(f"llama:{m}:512" for m in METHODS), "llama:lrp:1024", "llama:generic:1024", "llama:transformer_attribution:1024",
+    *(f"bert:{m}:512" for m in METHODS),
+    *(f"vit:{m}:224" for m in METHODS), "vit:generic:384", "vit:transformer_attribution:384",
+)
 LLAMA = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
              intermediate_size=1024, max_position_embeddings=65536)
 BERT = dict(vocab_size=30522, hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
