@@ -98,9 +98,11 @@ def test_layers_recompute_and_attentions_are_recorded_once(build, use_reentrant,
     assert len(trace.attentions) == len(trace.gradients) == len(layers)
 
 
-@pytest.mark.slow  # four fresh processes at 1,024 tokens (~2 min on a loaded machine)
-@pytest.mark.parametrize("method", ["fwd+bwd", "gradient_x_input"])
-def test_checkpointing_lowers_the_peak_memory(method):
+@pytest.mark.slow  # two fresh processes at 1,024 tokens (~1 min on a loaded machine)
+def test_checkpointing_lowers_the_peak_memory():
+    """gradient_x_input keeps no attention maps: the layers' activations are what checkpointing drops
+    (measured 243 MB -> 76 MB; the model's own forward + backward 245 MB -> 93 MB)."""
+    method = "gradient_x_input"
     script = ROOT / "benchmarks" / "checkpointing_memory.py"
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to read one call's peak")
