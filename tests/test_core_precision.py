@@ -104,7 +104,7 @@ def test_float32_precision_is_the_float32_computation_of_the_rounded_weights(vis
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("method, preset", [("generic", None), ("transformer_attribution", None), ("lrp", "attnlrp"),
-                                            ("lrp", "chefer2021")])
+                                            ("lrp", "chefer2021"), ("gradient_x_input", None), ("legrad", None)])
 def test_auto_precision_follows_the_measured_table(dtype, method, preset):
     case = CASES["hf_bert_sdpa"]
     model = case.model().to(dtype)
@@ -146,3 +146,23 @@ def test_a_bad_precision_is_refused():
     model = CASES["timm_vit"].model()
     with pytest.raises(AttnxValueError, match="precision must be one of 'auto', 'float32', 'model'"):
         attnx.Explainer(model, precision="half")
+
+
+def test_auto_warns_when_it_copies_a_large_model_to_float32(monkeypatch):
+    from attnx.core import precision
+
+    case = CASES["hf_bert_sdpa"]
+    model = case.model().to(torch.bfloat16)
+    x = case.inputs(2, lengths=[9, 5])
+    monkeypatch.setattr(precision, "FLOAT32_COPY_WARNING_BYTES", 1)  # the tiny model counts as large
+    with pytest.warns(attnx.errors.PrecisionWarning, match=r"transformer_attribution:chefer2021 is computed in float32 for this "
+                      r"bfloat16 model .* precision='model' computes it in bfloat16 without the copy"):
+        attnx.explain(model, x, method="transformer_attribution")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnx.errors.PrecisionWarning)  # asked for, or not copied: no warning
+        attnx.explain(model, x, method="transformer_attribution", precision="float32")
+        attnx.explain(model, x, method="generic")
+    monkeypatch.setattr(precision, "FLOAT32_COPY_WARNING_BYTES", 2**30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnx.errors.PrecisionWarning)  # small models copy quietly
+        attnx.explain(model, x, method="transformer_attribution")

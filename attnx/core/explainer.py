@@ -230,7 +230,8 @@ class Explainer:
         registry = self.registry_for(spec, trace_options)
         trace = self.trace(
             inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size"),
-            spec.first_layer_for(method_options), method if registry is None else f"{method}:{registry.name}",
+            spec.first_layer_for(method_options),
+            f"{method}:{registry.name}" if "preset" in trace_options else method,  # its precision: the measured table
         )
         readout, used = self.readout_for(trace, spec.needs, inputs, target)
         with no_autocast((trace.logits.device.type,)):  # the method's math in the trace's dtype

@@ -19,29 +19,38 @@ deviations are in ``docs/large_models.md`` (``benchmarks/precision_deviation.py`
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import fields, replace
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ..errors import AttnxValueError
+from ..errors import AttnxValueError, PrecisionWarning
 from .batch import Batch
 from .runtime import HALF_DTYPES, float32_execution, no_autocast
 from .trace_types import Trace
 
-__all__ = ["OWN_PRECISION", "PRECISIONS", "TOLERANCE", "check_precision", "compute_dtype", "explained_in"]
+__all__ = [
+    "FLOAT32_COPY_WARNING_BYTES", "OWN_PRECISION", "PRECISIONS", "TOLERANCE", "check_precision", "compute_dtype",
+    "explained_in", "in_float32",
+]
 
 PRECISIONS = ("auto", "float32", "model")
+
+#: ``"auto"`` warns (:class:`attnx.errors.PrecisionWarning`) when it makes a float32 copy of at
+#: least this many bytes of a half-precision model's weights
+FLOAT32_COPY_WARNING_BYTES = 2**30
 
 #: what "within tolerance" means, per sample against the float32 map of the same (rounded) weights:
 #: Spearman rank correlation at least 0.99 and relative L2 distance at most 0.1
 TOLERANCE = {"spearman": 0.99, "relative_l2": 0.1}
 
-#: the methods (``"lrp:<preset>"`` for LRP) a model of each dtype computes in its own precision
-#: under ``"auto"``: those whose maps stayed within :data:`TOLERANCE` on every measured model
-#: (docs/large_models.md). A pass without a method (``Explainer.trace``, the readout check) runs
-#: in the model's own precision when it records no relevance (as the attention methods), else in float32.
+#: the methods (``"<method>:<preset>"`` for those with a preset option) a model of each dtype
+#: computes in its own precision under ``"auto"``: those whose maps stayed within :data:`TOLERANCE`
+#: on every measured model (docs/large_models.md). A pass without a method (``Explainer.trace``, the
+#: readout check) runs in the model's own precision when it records no relevance (as the attention
+#: methods do), else in float32.
 _WITHIN = ("raw_attention", "rollout", "grad_rollout", "generic", "attn_gradcam", "gradient_x_input", "lrp:attnlrp",
            "lrp:cplrp")
 OWN_PRECISION: dict[torch.dtype, frozenset[str]] = {
@@ -69,7 +78,9 @@ def half_dtype(model: nn.Module, batch: Batch) -> torch.dtype | None:
     return next((v.dtype for v in inputs if isinstance(v, torch.Tensor) and v.dtype in HALF_DTYPES), None)
 
 
-def compute_dtype(model: nn.Module, batch: Batch, precision: str, relevance: bool, method: str | None = None) -> torch.dtype | None:
+def compute_dtype(
+    model: nn.Module, batch: Batch, precision: str, relevance: bool, method: str | None = None
+) -> torch.dtype | None:
     """The half-precision dtype to compute ``model`` in for ``method`` (a pass recording relevance
     when ``relevance``), or ``None`` for float32 (or a model without half precision)."""
     dtype = half_dtype(model, batch)
@@ -93,6 +104,8 @@ def explained_in(
     """
     dtype = compute_dtype(model, batch, check_precision(precision), relevance, method)
     if dtype is None:
+        if precision == "auto":
+            warn_of_float32_copy(model, method)
         with float32_execution(model, batch) as batch:
             yield batch
         return
@@ -101,7 +114,23 @@ def explained_in(
         return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
     with no_autocast(tuple({t.device.type for t in model.parameters()})):
-        yield replace(batch, args=tuple(cast(a) for a in batch.args), kwargs={k: cast(v) for k, v in batch.kwargs.items()})
+        kwargs = {k: cast(v) for k, v in batch.kwargs.items()}
+        yield replace(batch, args=tuple(cast(a) for a in batch.args), kwargs=kwargs)
+
+
+def warn_of_float32_copy(model: nn.Module, method: str | None) -> None:
+    """Warn when ``"auto"`` computes a large half-precision model in float32 (a float32 copy of at
+    least :data:`FLOAT32_COPY_WARNING_BYTES` of weights)."""
+    half = [t for t in [*model.parameters(), *model.buffers()] if t.dtype in HALF_DTYPES]
+    size = sum(t.numel() for t in half) * 4
+    if size < FLOAT32_COPY_WARNING_BYTES:
+        return
+    dtype = str(half[0].dtype).removeprefix("torch.")
+    warnings.warn(PrecisionWarning(
+        f"{method or 'this pass'} is computed in float32 for this {dtype} model (its maps leave the measured "
+        f"tolerance in {dtype}): the call holds a float32 copy of the weights ({size / 2**30:.1f} GiB); "
+        f"precision='model' computes it in {dtype} without the copy (docs/large_models.md)"
+    ), stacklevel=2)
 
 
 def in_float32(trace: Trace) -> Trace:

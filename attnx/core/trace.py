@@ -79,7 +79,7 @@ def run_trace(
         ``"auto"``, ``"model"`` or ``"float32"``: the precision a float16 / bfloat16 model (or
         input) is computed in (:mod:`attnx.core.precision`); the trace's tensors are float32.
     method:
-        The method the pass serves (``"lrp:<preset>"`` for LRP), for ``precision="auto"``.
+        The method the pass serves (``"<method>:<preset>"`` with a preset), for ``precision="auto"``.
 
     The model is explained by one call at a time (other threads wait), eagerly if it was
     compiled in place (:mod:`attnx.core.runtime`).
