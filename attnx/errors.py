@@ -52,6 +52,11 @@ class DegenerateMapWarning(UserWarning):
     method, the samples and the likely cause)."""
 
 
+class PrecisionWarning(UserWarning):
+    """A half-precision model is computed in float32 for a method, at the cost of a float32 copy
+    of its weights (see :mod:`attnx.core.precision`)."""
+
+
 class NonFiniteMapError(AttnxError, ValueError):
     """A method gave a sample NaN or infinite relevance."""
 

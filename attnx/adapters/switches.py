@@ -7,7 +7,9 @@
 * ``lifted_offload_hooks`` -- ``accelerate``'s offload hooks run as module hooks around every other
   hook, so that rules reading a module's weights after its forward see them loaded;
 * ``no_gradient_checkpointing`` -- Hugging Face / timm gradient checkpointing off for the call;
-* ``plain_execution`` -- the last two together: the model computes once, as the plain model does.
+* ``checkpointed_layers`` -- the layers the user's gradient checkpointing recomputes;
+* ``plain_execution`` -- the model computes as the plain model does: offload hooks lifted, and
+  gradient checkpointing either off or kept on through attnx's own (:mod:`attnx.core.checkpointing`).
 """
 from __future__ import annotations
 
@@ -17,11 +19,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from ..core.checkpointing import checkpointed
 from ..core.recorder import AttentionRecorder
 
 __all__ = [
     "attn_implementation",
     "attribute_switch",
+    "checkpointed_layers",
     "lifted_offload_hooks",
     "no_gradient_checkpointing",
     "no_new_forward_hooks",
@@ -213,10 +217,36 @@ def lifted_offload_hooks(model: nn.Module) -> Iterator[None]:
             m.forward = forward
 
 
+def checkpoint_flag_on(m: nn.Module) -> bool:
+    return any(
+        getattr(m, flag, None) is True and not isinstance(getattr(type(m), flag, None), property)
+        for flag in CHECKPOINT_FLAGS
+    )
+
+
+def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules the user's gradient checkpointing recomputes one at a time.
+
+    The innermost modules whose flag is on (a Hugging Face decoder or encoder layer, not the
+    encoder around it); where such a module holds its layers in ``blocks`` (timm's
+    ``VisionTransformer``, a Swin stage: the flag is the container's), each of those blocks.
+    """
+    flagged = [m for m in model.modules() if checkpoint_flag_on(m)]
+    inner = [m for m in flagged if not any(checkpoint_flag_on(d) for d in list(m.modules())[1:])]
+    layers: list[nn.Module] = []
+    for m in inner:
+        blocks = getattr(m, "blocks", None)
+        layers.extend(blocks.children() if isinstance(blocks, nn.Module) else [m])
+    return layers
+
+
 @contextlib.contextmanager
-def plain_execution(model: nn.Module) -> Iterator[None]:
-    """One forward that computes as the plain model does: gradient checkpointing off and
-    ``accelerate``'s offload hooks lifted (see :func:`no_gradient_checkpointing`,
-    :func:`lifted_offload_hooks`)."""
-    with no_gradient_checkpointing(model), lifted_offload_hooks(model):
+def plain_execution(model: nn.Module, keep_checkpointing: bool = False) -> Iterator[None]:
+    """A forward that computes as the plain model does, ``accelerate``'s offload hooks lifted
+    (:func:`lifted_offload_hooks`). Gradient checkpointing is switched off
+    (:func:`no_gradient_checkpointing`); with ``keep_checkpointing`` the layers the user checkpoints
+    are recomputed instead by :func:`attnx.core.checkpointing.checkpointed` (the backward must then
+    run inside this context, under the same hooks and switches as the forward)."""
+    layers = checkpointed_layers(model) if keep_checkpointing else []
+    with no_gradient_checkpointing(model), lifted_offload_hooks(model), checkpointed(layers):
         yield

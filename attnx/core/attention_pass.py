@@ -42,24 +42,25 @@ def attention_pass(
     if gradients:
         batch = with_tracked_inputs(batch)
     observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
+    # the backward runs inside the switches: checkpointed layers recompute under them
     with evaluation_mode(model), grad_mode:
         with tracked_embeddings(adapter.input_embeddings() if gradients else None), observe:
-            with plain_execution(model):
+            with plain_execution(model, keep_checkpointing=gradients):
                 output, logits = adapter.call(batch)
-        layout = resolved_layout(adapter, batch, recorder, attentions)
-        resolved = resolve(target, output, logits, layout, batch.batch_size)
-        first = lowest_layer(first_layer, layout, len(recorder.probs))
-        if gradients and not resolved.scores.requires_grad:
-            raise AttnxValueError(
-                "the target's scalars do not depend on the model output (a callable target returning a constant?); "
-                "expected a function of the output, e.g. lambda out: out.logits[:, 3]"
-            )
-        grads = folded = last_rows = None
-        if gradients and fold is not None:
-            readout = declared_readout(adapter, layout, resolved.classes, batch.batch_size, resolved.logits.device)
-            folded, last_rows = fold_backward(recorder, resolved.scores.sum(), fold, readout, first)
-        elif gradients:
-            grads = recorder.gradients(resolved.scores.sum(), first=first)
+                layout = resolved_layout(adapter, batch, recorder, attentions)
+                resolved = resolve(target, output, logits, layout, batch.batch_size)
+                first = lowest_layer(first_layer, layout, len(recorder.probs))
+                if gradients and not resolved.scores.requires_grad:
+                    raise AttnxValueError(
+                        "the target's scalars do not depend on the model output (a callable target returning a "
+                        "constant?); expected a function of the output, e.g. lambda out: out.logits[:, 3]"
+                    )
+                grads = folded = last_rows = None
+                if gradients and fold is not None:
+                    readout = declared_readout(adapter, layout, resolved.classes, batch.batch_size, resolved.logits.device)
+                    folded, last_rows = fold_backward(recorder, resolved.scores.sum(), fold, readout, first)
+                elif gradients:
+                    grads = recorder.gradients(resolved.scores.sum(), first=first)
     keep_attentions = attentions and folded is None
     detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
     return Trace(

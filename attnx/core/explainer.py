@@ -20,6 +20,7 @@ from . import memory_check
 from .labels import class_names, multi_label
 from .layer_fold import LayerFold
 from .layout import Readout, to_scores
+from .precision import check_precision
 from .readout import ReadoutUsed, settle_readout
 from .runtime import no_autocast, unwrap_model
 from .structure import ModelStructure
@@ -61,6 +62,11 @@ class Explainer:
         gradients; ``"always"``; ``"never"``. When an automatically chosen family adapter fails
         the check, the ``intercept`` adapter (which keeps the model's own kernels) is tried; a
         model that fails both is refused with :class:`attnx.errors.ForwardMismatchError`.
+    precision:
+        What a float16 / bfloat16 model computes in (:mod:`attnx.core.precision`): ``"auto"``
+        (default: its own dtype where the maps stay within the measured tolerance of float32,
+        else float32), ``"model"`` (its own dtype, no second copy of the weights) or ``"float32"``.
+        The maps are float32 either way and the model is left as found.
 
     Notes
     -----
@@ -78,9 +84,10 @@ class Explainer:
 
     def __init__(
         self, model: nn.Module, adapter: str | Adapter | None = None, tokenizer: Any = None,
-        check_forward: str | bool = "once",
+        check_forward: str | bool = "once", precision: str = "auto",
     ) -> None:
-        self.model = unwrap_model(model)  # torch.compile / DataParallel wrappers: the user's module
+        self.model = unwrap_model(model)
+        self.precision = check_precision(precision)  # torch.compile / DataParallel wrappers: the user's module
         self.adapter_choice = adapter
         self.tokenizer = tokenizer
         self.check_forward = check_mode(check_forward)
@@ -116,13 +123,15 @@ class Explainer:
         patch_size: int | None = None,
         first_layer: FirstLayer | None = None,
         fold: LayerFold | None = None,
+        method: str | None = None,
     ) -> Trace:
         """One pass recording what ``needs`` asks for (attentions, ``dy_t/dA``, relevance), for
         users' own methods and checks; ``preset`` is the LRP rule registry of a relevance pass (a
         preset name or an :class:`attnx.lrp.Registry`, resolved here once), ``strict`` raises
         :class:`attnx.lrp.UncoveredOpError` when an op matches none of its rules, ``first_layer``
         the lowest layer the backward passes must reach (default: every layer), ``fold`` what a method keeps
-        of each layer (:mod:`attnx.core.layer_fold`; default: the full attentions and gradients)."""
+        of each layer (:mod:`attnx.core.layer_fold`; default: the full attentions and gradients), ``method``
+        the method the pass serves (its precision under ``precision="auto"``, :mod:`attnx.core.precision`)."""
         check_on_real_device(inputs, self.model)
         self.follow_model()
         # autograd is off under torch.inference_mode(): the pass runs outside it, on clones of
@@ -133,7 +142,7 @@ class Explainer:
             target = prepare_target(target, self.tokenizer, self.class_names, not self.adapter.is_lm, self.model)
             if target is None and self.adapter.outputs_embedding:
                 target = tower_target(self.adapter, needs)
-            run = (inputs, target, needs, registry, strict, patch_size, first_layer, fold)
+            run = (inputs, target, needs, registry, strict, patch_size, first_layer, fold, method)
             trace, key = self.run(self.adapter, *run)
             if trace.model_forward is not None and not trace.model_forward.agrees(trace.logits):
                 trace, key = self.keep_model_forward(trace, run)
@@ -143,7 +152,7 @@ class Explainer:
 
     def run(self, adapter: Adapter, inputs: Any, target: Target, needs: Needs, registry: Registry | None,
             strict: bool, patch_size: int | None, first_layer: FirstLayer | None,
-            fold: LayerFold | None = None) -> tuple[Trace, tuple]:
+            fold: LayerFold | None = None, method: str | None = None) -> tuple[Trace, tuple]:
         """One pass with ``adapter``, checked against the model's forward when due; the trace and
         the input signature it was checked under."""
         batch = adapter.prepare(inputs)
@@ -151,7 +160,8 @@ class Explainer:
         check_input_dtype(batch, self.model)
         key = (adapter.name, input_signature(batch))
         due = self.check_forward == "always" or (self.check_forward == "once" and key not in self.checked)
-        trace = run_trace(adapter, batch, target, needs, registry, strict, patch_size, due, first_layer, fold)
+        trace = run_trace(adapter, batch, target, needs, registry, strict, patch_size, due, first_layer, fold,
+                          self.precision, method)
         return trace, key
 
     def keep_model_forward(self, trace: Trace, run: tuple) -> tuple[Trace, tuple]:
@@ -233,6 +243,7 @@ class Explainer:
         trace = self.trace(
             inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size"),
             spec.first_layer_for(method_options), spec.fold_for(method_options),
+            f"{method}:{registry.name}" if "preset" in trace_options else method,  # its precision: the measured table
         )
         readout, used = self.readout_for(trace, spec.needs, inputs, target)
         with no_autocast((trace.logits.device.type,)):  # the method's math in the trace's dtype
@@ -311,10 +322,10 @@ class Explainer:
 
 def explain(
     model: nn.Module, inputs: Any, method: str = "rollout", target: Target = None, tokenizer: Any = None,
-    check_forward: str | bool = "once", check_memory: bool = True, **options: Any
+    check_forward: str | bool = "once", check_memory: bool = True, precision: str = "auto", **options: Any
 ) -> Explanation | ImageTextExplanation:
     """Explain ``model`` on ``inputs`` with ``method``; see :meth:`Explainer.explain` (and
-    :class:`Explainer` for ``check_forward``)."""
-    return Explainer(model, tokenizer=tokenizer, check_forward=check_forward).explain(
+    :class:`Explainer` for ``check_forward`` and ``precision``)."""
+    return Explainer(model, tokenizer=tokenizer, check_forward=check_forward, precision=precision).explain(
         inputs, method=method, target=target, check_memory=check_memory, **options
     )

@@ -127,7 +127,7 @@ def embeddings(adapter: DualEncoderAdapter, inputs: Any) -> torch.Tensor:
     """The projected, unnormalised embeddings ``(N, D)`` of one tower's inputs, without gradients,
     from the one pass (:func:`attnx.core.trace.run_trace`: the model held for the call, in eval
     mode, eager, in float32 when it is half precision; every flag restored)."""
-    return run_trace(adapter, adapter.prepare(inputs), None, EMBEDDING_ONLY).logits
+    return run_trace(adapter, adapter.prepare(inputs), None, EMBEDDING_ONLY, precision="float32").logits
 
 
 def repeat_rows(inputs: Any, index: torch.Tensor) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import AttnxValueError
+from .checkpointing import outside_function_modes, recomputing
 
 __all__ = ["AttentionRecorder"]
 
@@ -33,6 +34,8 @@ class AttentionRecorder:
         self.patch_grids: list[tuple[int, int]] = []
 
     def record(self, probs: torch.Tensor, grad_wrt: torch.Tensor | None = None) -> None:
+        if recomputing():  # a checkpointed layer recomputed by the backward: recorded in the forward
+            return
         if probs.dim() != 4:
             raise AttnxValueError(f"attention probabilities must be (B, H, N, N), got shape {tuple(probs.shape)}")
         self.probs.append(probs)
@@ -41,6 +44,8 @@ class AttentionRecorder:
 
     def saw_tokens(self, num_tokens: int) -> None:
         """Note an attention call over ``num_tokens`` tokens whose probabilities stay hidden."""
+        if recomputing():
+            return
         self.token_counts.append(int(num_tokens))
 
     def saw_patch_grid(self, grid: tuple[int, int]) -> None:
@@ -61,7 +66,8 @@ class AttentionRecorder:
                 "was the forward run under torch.no_grad() or torch.inference_mode()?"
             )
         wrt = [t for t, n in zip(self.grad_wrt, needs) if n]
-        grads = iter(torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=retain_graph))
+        with outside_function_modes():  # the backward's own ops are not the forward's
+            grads = iter(torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=retain_graph))
         out = []
         for i, (probs, n) in enumerate(zip(self.probs, needs)):
             g = next(grads) if n else None

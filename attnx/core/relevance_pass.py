@@ -8,8 +8,9 @@ for is one :class:`RelevanceRequest`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -20,6 +21,7 @@ from ..lrp.engine import LRPEngine
 from ..lrp.registry import Registry
 from ..lrp.relay import carries_relevance, held_constant
 from .batch import Batch
+from .checkpointing import outside_function_modes
 from .devices import maybe_on_device, on_device
 from .lrp_seed import relevance_scale, seed_for
 from .pass_reading import resolve, resolved_layout
@@ -90,9 +92,10 @@ def relevance_pass(adapter: Adapter, batch: Batch, target: Target, request: Rele
     """
     registry = request.registry
     recorder = AttentionRecorder(batch.batch_size)
-    with evaluation_mode(adapter.model), torch.enable_grad():
-        engine = LRPEngine(adapter.model, registry, strict=request.strict, plain_edges=request.gradients)
-        batch, output, logits, root = forward_under_rules(adapter, batch, engine, recorder, request.observes)
+    engine = LRPEngine(adapter.model, registry, strict=request.strict, plain_edges=request.gradients)
+    # the backwards run inside the forward's rules and switches: checkpointed layers recompute under them
+    with evaluation_mode(adapter.model), torch.enable_grad(), \
+            forward_under_rules(adapter, batch, engine, recorder, request.observes) as (batch, output, logits, root):
         engine.check_coverage()
         layout = resolved_layout(adapter, batch, recorder, request.observes)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
@@ -107,7 +110,8 @@ def relevance_pass(adapter: Adapter, batch: Batch, target: Target, request: Rele
         layers = list(recorder.grad_wrt[first:]) if request.attention_relevance else []
         wrt = ([root] if request.input_relevance else []) + layers
         try:
-            grads = list(torch.autograd.grad(logits, wrt, seed, allow_unused=True))
+            with outside_function_modes():  # the rules' backward ops are not the forward's
+                grads = list(torch.autograd.grad(logits, wrt, seed, allow_unused=True))
         finally:
             engine.release()
     g_root = grads.pop(0) if request.input_relevance else None
@@ -140,12 +144,13 @@ def relevance_pass(adapter: Adapter, batch: Batch, target: Target, request: Rele
     )
 
 
+@contextlib.contextmanager
 def forward_under_rules(
     adapter: Adapter, batch: Batch, engine: LRPEngine, recorder: AttentionRecorder, observe: bool
-) -> tuple[Batch, Any, torch.Tensor, torch.Tensor]:
-    """Run the model under ``engine`` with its input tracked; ``(batch, output, logits, root)``,
-    ``root`` the tensor the input relevance is measured at (the input, or the output of the
-    input embeddings for integer inputs)."""
+) -> Iterator[tuple[Batch, Any, torch.Tensor, torch.Tensor]]:
+    """Run the model under ``engine`` with its input tracked, yielding ``(batch, output, logits, root)``
+    (``root`` the tensor the input relevance is measured at: the input, or the output of the
+    input embeddings for integer inputs) while the rules and switches are still on."""
     embeddings = adapter.input_embeddings()
     model = adapter.model
     with engine:
@@ -156,17 +161,17 @@ def forward_under_rules(
             root = engine.track(batch.args[0] if batch.args else batch.kwargs["pixel_values"])
             batch = batch.with_input(root)
         watch = adapter.observe(recorder) if observe else adapter.watch_tokens(recorder, root)
-        with watch, plain_execution(model):  # inside the engine: its hooks see loaded weights
+        with watch, plain_execution(model, keep_checkpointing=True):  # inside the engine: its hooks see loaded weights
             output, logits = adapter.call(batch)
-    if root is None:
-        if len(engine.roots) != 1:
-            raise UnsupportedModelError(
-                f"{type(model).__name__} called its input embeddings ({type(embeddings).__name__}) "
-                f"{len(engine.roots)} times in one forward; the relevance at the input needs exactly one call "
-                "(a model that embeds its inputs more than once has no single input to explain)"
-            )
-        root = engine.roots[0]
-    return batch, output, logits, root
+            if root is None:
+                if len(engine.roots) != 1:
+                    raise UnsupportedModelError(
+                        f"{type(model).__name__} called its input embeddings ({type(embeddings).__name__}) "
+                        f"{len(engine.roots)} times in one forward; the relevance at the input needs exactly one "
+                        "call (a model that embeds its inputs more than once has no single input to explain)"
+                    )
+                root = engine.roots[0]
+            yield batch, output, logits, root
 
 
 def check_attentions_carry_relevance(recorder: AttentionRecorder, registry: Registry, first: int, plain_edges: bool) -> None:

@@ -13,8 +13,9 @@
 * :func:`evaluation_mode` -- every submodule in eval mode, each module's own ``training`` flag
   restored on exit;
 * :func:`float32_execution` -- float16 / bfloat16 parameters, buffers and inputs computed in
-  float32 and autocast off for the call: relevance and attention gradients overflow or lose all
-  precision in half precision. The parameters' own storage is put back on exit (bit-exact).
+  float32 and autocast off for the call, for the methods whose maps leave the tolerance in half
+  precision (:mod:`attnx.core.precision` chooses). The parameters' own storage is put back on
+  exit (bit-exact).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from .batch import Batch
 
 __all__ = ["HALF_DTYPES", "eager_compiled", "evaluation_mode", "exclusive", "float32_execution", "is_compiled", "no_autocast", "unwrap_model"]
 
-#: dtypes too narrow for relevance and gradient products (computed in float32 instead)
+#: half-precision dtypes (computed in float32 where attnx.core.precision chooses it)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -143,9 +144,10 @@ def float32_execution(model: nn.Module, batch: Batch) -> Iterator[Batch]:
     if offloaded:
         raise AttnxValueError(
             f"{type(model).__name__} is offloaded (accelerate) with {', '.join(sorted(offloaded))} weights, which "
-            "its hooks load in that dtype at every call; attnx computes half-precision models in float32 "
-            "(relevance overflows in half precision) and cannot cast offloaded weights: offload the model "
-            "in float32 (model.float() before accelerate) to explain it"
+            "its hooks load in that dtype at every call; this method is computed in float32 (its maps leave the "
+            "tolerance in half precision, or precision='float32' was asked) and offloaded weights cannot be "
+            "cast: offload the model in float32 (model.float() before accelerate), or use a method computed in "
+            "the model's own precision (docs/large_models.md)"
         )
     tensors = [t for t in everything if t.dtype in HALF_DTYPES]
     saved = []

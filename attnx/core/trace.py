@@ -2,7 +2,8 @@
 
 ``run_trace`` is the only place that runs a model for an explanation (the dual encoders' embeddings
 of :mod:`attnx.core.image_text` included). It holds the model for the call (one call at a time,
-eager, in float32 when it is half precision: :mod:`attnx.core.runtime`), puts it in eval mode, and
+eager: :mod:`attnx.core.runtime`; in float32 or a half-precision model's own dtype:
+:mod:`attnx.core.precision`), puts it in eval mode, and
 runs one of two passes:
 
 * :func:`attnx.core.attention_pass.attention_pass` -- a plain forward observing the attention
@@ -30,7 +31,8 @@ from .forward_check import model_forward
 from .layer_fold import LayerFold
 from .pass_reading import patch_layout, resolve
 from .relevance_pass import RelevanceRequest, relevance_pass
-from .runtime import eager_compiled, evaluation_mode, exclusive, float32_execution
+from .precision import explained_in, in_float32
+from .runtime import eager_compiled, evaluation_mode, exclusive
 from .targets import Continuation, Target, is_callable_target
 from .trace_types import FirstLayer, Needs, Trace
 
@@ -48,6 +50,8 @@ def run_trace(
     check_forward: bool = False,
     first_layer: FirstLayer | None = None,
     fold: LayerFold | None = None,
+    precision: str = "auto",
+    method: str | None = None,
 ) -> Trace:
     """Run ``adapter.model`` on ``batch`` and record what ``needs`` asks for.
 
@@ -76,16 +80,22 @@ def run_trace(
     fold:
         What the method keeps of each layer (:mod:`attnx.core.layer_fold`): the attention pass
         folds each layer as the backward reaches it and releases it; ignored by a relevance pass.
+    precision:
+        ``"auto"``, ``"model"`` or ``"float32"``: the precision a float16 / bfloat16 model (or
+        input) is computed in (:mod:`attnx.core.precision`); the trace's tensors are float32.
+    method:
+        The method the pass serves (``"<method>:<preset>"`` with a preset), for ``precision="auto"``.
 
     The model is explained by one call at a time (other threads wait), eagerly if it was
-    compiled in place, and in float32 if it or the inputs are float16 / bfloat16
-    (:mod:`attnx.core.runtime`).
+    compiled in place (:mod:`attnx.core.runtime`).
     """
     model = adapter.model
     # no_new_forward_hooks: transformers installs output-capturing hooks for good on a model
     # whose config asks for attentions; the model is left as it was found
-    with exclusive(model), eager_compiled(model), no_new_forward_hooks(model), float32_execution(model, batch) as batch:
-        return one_pass(adapter, batch, target, needs, registry, strict, patch_size, check_forward, first_layer, fold)
+    with exclusive(model), eager_compiled(model), no_new_forward_hooks(model), \
+            explained_in(model, batch, precision, needs.relevance, method) as batch:
+        trace = one_pass(adapter, batch, target, needs, registry, strict, patch_size, check_forward, first_layer, fold)
+    return in_float32(trace)
 
 
 def one_pass(
