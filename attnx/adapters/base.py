@@ -13,7 +13,7 @@ An adapter must answer four questions about a model (the abstract methods of ``A
 
 Everything else the core reads has a default here, which an adapter overrides where its family
 differs: ``name``, ``expects``, ``is_lm``, ``outputs_embedding``, ``input_embeddings``,
-``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout`` and
+``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout``, ``block_inputs`` and
 ``append_continuation``. The core reads nothing else of an adapter.
 
 Adapters hold architecture knowledge only; the core types they fill (``Layout``, ``Batch``,
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -33,7 +33,12 @@ from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, UnsupportedModelError
 
-__all__ = ["Adapter", "missing_methods"]
+__all__ = ["Adapter", "hidden_states_argument", "missing_methods"]
+
+
+def hidden_states_argument(args: tuple, kwargs: dict) -> Any:
+    """A block's input tokens: its first positional argument, else its ``hidden_states`` keyword."""
+    return args[0] if args else kwargs.get("hidden_states")
 
 
 def missing_methods(cls: type) -> list[str]:
@@ -134,6 +139,16 @@ class Adapter:
         """The module whose output is the first relevance-carrying activation for integer inputs
         (token ids); ``None`` for models whose input is floating point (images)."""
         return None
+
+    def block_inputs(self, batch: Batch) -> list[tuple[nn.Module, Callable[[tuple, dict], Any]]]:
+        """The blocks whose attention ``observe`` records for ``batch``, in forward order, each with
+        a reader of its input tokens ``(B, N, D)`` from the ``(args, kwargs)`` of its call
+        (:func:`hidden_states_argument` for most); methods reading the token representations
+        (``Needs.hidden_states``) need it."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} does not name the blocks of {type(self.model).__name__}, so their token "
+            "representations cannot be recorded; methods reading them (attcat) do not apply"
+        )
 
     def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:
         """``batch`` with each sample's continuation tokens appended after its prompt, and the

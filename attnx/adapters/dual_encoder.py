@@ -32,7 +32,8 @@ from ..core.batch import Batch, check_image_batch, check_text_inputs
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, hidden_states_argument
+from .hf import layer_stack
 from .kernels import AttentionInterceptor, TokenWatcher
 from .pooling import probe_attention
 from .switches import attn_implementation, no_new_forward_hooks
@@ -246,6 +247,10 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
             finally:
                 self.recorder = None
 
+    def block_inputs(self, batch: Batch) -> list:
+        tower = batch.extra.get("tower", self.tower)
+        return layer_stack(self.tower_module(tower), self.tower_config(tower))
+
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)
         tower = batch.extra.get("tower", self.tower)
@@ -339,6 +344,16 @@ class OpenCLIPAdapter(DualEncoderAdapter):
     def watch_tokens(self, recorder: AttentionRecorder, images: torch.Tensor | None = None) -> Iterator[None]:
         with TokenWatcher(recorder, None):
             yield
+
+    def block_inputs(self, batch: Batch) -> list:
+        tower = batch.extra.get("tower", self.tower)
+        transformer = self.model.visual.transformer if tower == "image" else self.model.transformer
+
+        def tokens(args: tuple, kwargs: dict) -> Any:  # (N, B, D) when the tower is not batch-first
+            x = hidden_states_argument(args, kwargs)
+            return x if getattr(transformer, "batch_first", True) or x is None else x.transpose(0, 1)
+
+        return [(block, tokens) for block in transformer.resblocks]
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         encode = self.model.encode_image if batch.extra.get("tower", self.tower) == "image" else self.model.encode_text

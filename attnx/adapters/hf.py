@@ -19,11 +19,24 @@ from ..core.batch import Batch, check_image_batch, check_text_inputs
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, hidden_states_argument
 from .loaded import loaded_class
 from .switches import attn_implementation, no_new_forward_hooks
 
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForImageClassificationWithTeacher")
+
+
+def layer_stack(module: nn.Module, config: Any) -> list:
+    """The blocks of a Hugging Face encoder or decoder (``encoder.layer``, ``layers``, ``h``): the one
+    ``nn.ModuleList`` of ``config.num_hidden_layers`` modules, each read at its ``hidden_states``."""
+    depth = getattr(config, "num_hidden_layers", None)
+    stacks = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if len(stacks) != 1:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: found {len(stacks)} module lists of its {depth} layers, expected one; "
+            "its blocks' token representations cannot be recorded"
+        )
+    return [(block, hidden_states_argument) for block in stacks[0]]
 
 
 class HFAdapter(Adapter):
@@ -166,6 +179,11 @@ class HFAdapter(Adapter):
                 yield
             finally:
                 self._calls.recorder = None
+
+    def block_inputs(self, batch: Batch) -> list:
+        config = self.model.config
+        config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
+        return layer_stack(self.model, config)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)

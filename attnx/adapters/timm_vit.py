@@ -17,7 +17,7 @@ from ..core.batch import Batch, check_image_batch
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, hidden_states_argument
 from .loaded import loaded_class
 from .pooling import TimmPooling
 from .switches import attribute_switch
@@ -100,6 +100,9 @@ class TimmViTAdapter(Adapter):
 
     def resolve_layout(self, batch: Batch, num_tokens: int) -> Layout:
         return self.pooling.complete(super().resolve_layout(batch, num_tokens))
+
+    def block_inputs(self, batch: Batch) -> list:
+        return [(block, hidden_states_argument) for block in self.model.blocks]
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         out = self.model(*batch.args, **batch.kwargs)

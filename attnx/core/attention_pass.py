@@ -1,5 +1,6 @@
-"""The attention pass: a plain forward observing the attention probabilities, then ``dy_t/dA`` by
-``torch.autograd.grad`` (no ``.grad`` is left anywhere). Methods that need no relevance run on it;
+"""The attention pass: a plain forward observing the attention probabilities (and, when asked, the
+tokens every block reads), then ``dy_t/dA`` (and ``dy_t/dh``) by one ``torch.autograd.grad`` (no
+``.grad`` is left anywhere). Methods that need no relevance run on it;
 :func:`attnx.core.trace.run_trace` decides which pass runs."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..adapters.base import Adapter
 from ..adapters.switches import plain_execution
 from ..errors import AttnxValueError
 from .batch import Batch
+from .block_tokens import check_block_tokens, recorded_block_tokens
 from .devices import maybe_on_device, on_device
 from .pass_reading import resolve, resolved_layout
 from .recorder import AttentionRecorder
@@ -27,36 +29,48 @@ __all__ = ["attention_pass"]
 def attention_pass(
     adapter: Adapter, batch: Batch, target: Target, attentions: bool, gradients: bool,
     first_layer: FirstLayer | None = None,
+    tokens: bool = False,
 ) -> Trace:
-    """A forward observing the attentions (``attentions``), then ``dy_t/dA`` (``gradients``) for the
-    layers from ``first_layer`` on (every layer without one)."""
+    """A forward observing the attentions (``attentions``) and the tokens every block reads
+    (``tokens``), then ``dy_t/dA`` (``gradients``) and ``dy_t/dh`` (``tokens``) for the layers from
+    ``first_layer`` on (every layer without one)."""
     recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
-    grad_mode = torch.enable_grad() if gradients else torch.no_grad()
-    if gradients:
+    backward = gradients or tokens
+    grad_mode = torch.enable_grad() if backward else torch.no_grad()
+    if backward:
         batch = with_tracked_inputs(batch)
     observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
+    blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
     with evaluation_mode(model), grad_mode:
-        with tracked_embeddings(adapter.input_embeddings() if gradients else None), observe:
+        with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks:
             with plain_execution(model):
                 output, logits = adapter.call(batch)
         layout = resolved_layout(adapter, batch, recorder, attentions)
+        if tokens:
+            check_block_tokens(recorder, layout, batch.batch_size, model)
         resolved = resolve(target, output, logits, layout, batch.batch_size)
-        first = lowest_layer(first_layer, layout, len(recorder.probs))
-        if gradients and not resolved.scores.requires_grad:
+        first = lowest_layer(first_layer, layout, len(recorder.probs) or len(recorder.tokens))
+        if backward and not resolved.scores.requires_grad:
             raise AttnxValueError(
                 "the target's scalars do not depend on the model output (a callable target returning a constant?); "
                 "expected a function of the output, e.g. lambda out: out.logits[:, 3]"
             )
-        grads = recorder.gradients(resolved.scores.sum(), first=first) if gradients else None
+        grads, token_grads = recorder.all_gradients(
+            resolved.scores.sum(), first=first, attentions=gradients, tokens=tokens
+        ) if backward else (None, None)
     detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
+    # the layers below the first one read are not kept
+    hidden = [None if i < first else maybe_on_device(t.detach(), batch.device) for i, t in enumerate(recorder.tokens)]
     return Trace(
         logits=resolved.logits.detach(),
         targets=resolved.classes,
         layout=layout,
         batch=batch,
         attentions=[on_device(a, batch.device) for a in recorder.probs] if attentions else None,
-        gradients=None if grads is None else [maybe_on_device(g, batch.device) for g in grads],
+        gradients=[maybe_on_device(g, batch.device) for g in grads] if gradients else None,
+        hidden_states=hidden if tokens else None,
+        hidden_gradients=[maybe_on_device(g, batch.device) for g in token_grads] if tokens else None,
         output=detached,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,

@@ -105,7 +105,9 @@ def one_pass(
         batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
     if not needs.relevance:
         trace = attention_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients,
-                               gradients=needs.gradients, first_layer=first_layer)
+                               gradients=needs.gradients, first_layer=first_layer, tokens=needs.hidden_states)
+    elif needs.hidden_states:
+        raise AttnxValueError("the relevance pass does not record the blocks' tokens; a method reads one or the other")
     elif registry is None:
         raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
     else:

@@ -8,7 +8,8 @@ Every method is a pure function of the trace of one pass and the readout row, de
 
 ``trace.attentions`` holds the post-softmax attention ``A`` of every layer as ``(B, H, N, N)``;
 ``trace.gradients`` holds ``dy_t/dA``, ``trace.attention_relevance`` the LRP relevance at ``A``
-and ``trace.input_relevance`` the relevance at the input, each when declared. One module per
+, ``trace.input_relevance`` the relevance at the input and ``trace.hidden_states`` /
+``trace.hidden_gradients`` the tokens each block reads and ``dy_t/dh``, each when declared. One module per
 method (or family), named after it; the rollout family shares :mod:`.propagation`.
 """
 from __future__ import annotations
@@ -27,6 +28,6 @@ from .registry import (
 
 # isort: split
 # the built-in methods register themselves on import, in this order
-from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp, attention_flow, baselines, legrad  # noqa: E402,F401,I001
+from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp, attention_flow, baselines, legrad, attcat  # noqa: E402,F401,I001
 
 __all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "register_method", "unregister_method"]
