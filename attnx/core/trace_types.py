@@ -37,6 +37,9 @@ class Needs:
     hidden_states:
         The tokens each block reads (its input ``h^l``, ``(B, N, D)``) and ``∂y_t/∂h^l`` (a plain
         backward, beside ``dy_t/dA`` when ``gradients``); the model's adapter names its blocks.
+    path_steps:
+        When positive: ``dy_t/dA`` of the last layer averaged over that many extra passes on the
+        input scaled by ``α ∈ linspace(0, 1, path_steps)`` (pixels, or the token embeddings).
     rules:
         For methods whose LRP rules are fixed: a factory of their
         :class:`~attnx.lrp.registry.Registry` (the others take a ``preset`` option).
@@ -47,6 +50,7 @@ class Needs:
     attention_relevance: bool = False
     input_relevance: bool = False
     hidden_states: bool = False
+    path_steps: int = 0
     rules: Callable[[], Registry] | None = None
 
     @property
@@ -57,7 +61,7 @@ class Needs:
     @property
     def backward(self) -> bool:
         """Whether the pass differentiates the target (so a target must exist)."""
-        return self.gradients or self.relevance or self.hidden_states
+        return self.gradients or self.relevance or self.hidden_states or self.path_steps > 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ class Trace:
         ``Needs.hidden_states`` (``None`` below the :class:`FirstLayer`).
     hidden_gradients:
         ``∂y_t/∂h^l`` for each block (same shapes; ``None`` below the :class:`FirstLayer`).
+    path_gradient:
+        ``(B, H, N, N)``: ``dy_t/dA`` of the last layer averaged along the scaled inputs, when
+        ``Needs.path_steps``.
     input_relevance:
         Relevance at the input, ``(B, C, H, W)`` pixels or ``(B, T, D)`` token embeddings, when
         ``Needs.input_relevance``.
@@ -157,6 +164,7 @@ class Trace:
     attention_relevance: list[torch.Tensor] | None = None
     hidden_states: list[torch.Tensor | None] | None = None
     hidden_gradients: list[torch.Tensor | None] | None = None
+    path_gradient: torch.Tensor | None = None
     input_relevance: torch.Tensor | None = None
     coverage: Coverage | None = None
     output: Any = None
