@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attnx
+from attnx.adapters import InterceptAdapter
 from attnx.core.trace_types import FirstLayer, Needs
 from attnx.errors import AttnxValueError, UnsupportedModelError
 from conftest import CASES, max_abs_diff
@@ -101,6 +102,8 @@ def test_the_relevance_pass_does_not_record_them():
 
 
 def test_an_adapter_that_does_not_name_its_blocks_is_refused():
+    """``intercept`` without a family adapter (a model attnx does not know) names no blocks."""
     case = CASES["timm_vit"]
     with pytest.raises(UnsupportedModelError, match="blocks"):
-        attnx.Explainer(case.model(), adapter="intercept").trace(case.inputs(1), None, TOKENS)
+        model = case.model()
+        attnx.Explainer(model, adapter=InterceptAdapter(model)).trace(case.inputs(1), None, TOKENS)

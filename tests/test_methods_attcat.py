@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import attnx
+from attnx.adapters import InterceptAdapter
 from attnx.errors import UnsupportedModelError
 from conftest import CASES, max_abs_diff
 from contracts import KINDS, assert_unchanged, snapshot
@@ -117,7 +118,8 @@ def test_swin_is_refused(kind):
         attnx.explain(spec.build(), spec.inputs(), method="attcat")
 
 
-def test_intercept_is_refused():
+def test_intercept_without_a_family_is_refused():
+    """``intercept`` uses the blocks of the model's family adapter; a model of no family has none."""
     model = CASES["timm_vit"].model()
     with pytest.raises(UnsupportedModelError, match="token representations"):
-        attnx.Explainer(model, adapter="intercept").explain(CASES["timm_vit"].inputs(1), "attcat")
+        attnx.Explainer(model, adapter=InterceptAdapter(model)).explain(CASES["timm_vit"].inputs(1), "attcat")
