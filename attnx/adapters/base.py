@@ -13,8 +13,8 @@ An adapter must answer four questions about a model (the abstract methods of ``A
 
 Everything else the core reads has a default here, which an adapter overrides where its family
 differs: ``name``, ``expects``, ``is_lm``, ``outputs_embedding``, ``input_embeddings``,
-``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout``, ``block_inputs`` and
-``append_continuation``. The core reads nothing else of an adapter.
+``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout``, ``block_inputs``,
+``value_projections`` and ``append_continuation``. The core reads nothing else of an adapter.
 
 Adapters hold architecture knowledge only; the core types they fill (``Layout``, ``Batch``,
 ``AttentionRecorder``) live in the attnx core, and they never do explanation math.
@@ -148,6 +148,15 @@ class Adapter:
         raise UnsupportedModelError(
             f"adapter {self.name!r} does not name the blocks of {type(self.model).__name__}, so their token "
             "representations cannot be recorded; methods reading them (attcat) do not apply"
+        )
+
+    def value_projections(self, batch: Batch) -> list[tuple[nn.Module, Callable[[Any], torch.Tensor], torch.Tensor]]:
+        """Per block of ``block_inputs``: the module whose output holds the attention's values, a
+        reader of the values ``(B, N, H·d)`` of every head from that output, and the weight ``W_O``
+        ``(D, H·d)`` of the attention's output projection (methods reading ``W_O v_j``, bt_t, need it)."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} does not name the value and output projections of {type(self.model).__name__}'s "
+            "attention; methods reading them (bt_t) do not apply"
         )
 
     def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:

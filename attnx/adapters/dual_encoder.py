@@ -33,7 +33,7 @@ from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from .base import Adapter, hidden_states_argument
-from .hf import layer_stack
+from .hf import layer_stack, value_projections
 from .kernels import AttentionInterceptor, TokenWatcher
 from .pooling import probe_attention
 from .switches import attn_implementation, no_new_forward_hooks
@@ -250,6 +250,10 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
     def block_inputs(self, batch: Batch) -> list:
         tower = batch.extra.get("tower", self.tower)
         return layer_stack(self.tower_module(tower), self.tower_config(tower))
+
+    def value_projections(self, batch: Batch) -> list:
+        tower = batch.extra.get("tower", self.tower)
+        return value_projections(self.block_inputs(batch), self.tower_config(tower)) or super().value_projections(batch)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)

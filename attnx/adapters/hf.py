@@ -39,6 +39,38 @@ def layer_stack(module: nn.Module, config: Any) -> list:
     return [(block, hidden_states_argument) for block in stacks[0]]
 
 
+#: the value and output projections of a Hugging Face attention, by their names inside a block
+VALUE_NAMES = ("attention.self.value", "attention.value", "v_proj", "v_lin")
+OUTPUT_NAMES = ("attention.output.dense", "o_proj", "out_proj", "out_lin")
+
+
+def value_projections(blocks: list, config: Any) -> list:
+    """Per block: its value projection (a ``nn.Linear``; grouped key/value heads repeated to every
+    head), and the weight of its output projection; ``[]`` when a block has no such pair."""
+    heads = getattr(config, "num_attention_heads", None)
+    out = []
+    for block, _ in blocks:
+        modules = dict(block.named_modules())
+
+        def find(names: tuple) -> nn.Module | None:
+            found = [m for n, m in modules.items() for s in names if n == s or n.endswith("." + s)]
+            return found[0] if len(found) == 1 and isinstance(found[0], nn.Linear) else None
+
+        value, output = find(VALUE_NAMES), find(OUTPUT_NAMES)
+        if value is None or output is None or not heads:
+            return []
+        groups, head_dim = output.in_features // value.out_features, output.in_features // heads
+
+        def read(v: torch.Tensor, groups: int = groups, head_dim: int = head_dim) -> torch.Tensor:
+            if groups == 1:
+                return v
+            B, N, _ = v.shape
+            return v.reshape(B, N, -1, head_dim).repeat_interleave(groups, dim=2).reshape(B, N, -1)
+
+        out.append((value, read, output.weight))
+    return out
+
+
 class HFAdapter(Adapter):
     """Adapter for Hugging Face ``*ForImageClassification`` and ``*ForSequenceClassification`` models."""
 
@@ -184,6 +216,11 @@ class HFAdapter(Adapter):
         config = self.model.config
         config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
         return layer_stack(self.model, config)
+
+    def value_projections(self, batch: Batch) -> list:
+        config = self.model.config
+        config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
+        return value_projections(self.block_inputs(batch), config) or super().value_projections(batch)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)

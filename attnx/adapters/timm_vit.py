@@ -104,6 +104,15 @@ class TimmViTAdapter(Adapter):
     def block_inputs(self, batch: Batch) -> list:
         return [(block, hidden_states_argument) for block in self.model.blocks]
 
+    def value_projections(self, batch: Batch) -> list:
+        """The last third of the fused ``qkv`` output, and ``proj``."""
+        out = []
+        for a in self.attentions:
+            if not isinstance(getattr(a, "qkv", None), nn.Linear) or not isinstance(getattr(a, "proj", None), nn.Linear):
+                return super().value_projections(batch)
+            out.append((a.qkv, lambda qkv: qkv.chunk(3, dim=-1)[2], a.proj.weight))
+        return out
+
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         out = self.model(*batch.args, **batch.kwargs)
         if isinstance(out, (tuple, list)):  # distilled models in training mode

@@ -15,7 +15,7 @@ from ..adapters.base import Adapter
 from ..adapters.switches import plain_execution
 from ..errors import AttnxValueError
 from .batch import Batch
-from .block_tokens import check_block_tokens, recorded_block_tokens
+from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_value_outputs
 from .devices import maybe_on_device, on_device
 from .pass_reading import resolve, resolved_layout
 from .recorder import AttentionRecorder
@@ -30,10 +30,11 @@ def attention_pass(
     adapter: Adapter, batch: Batch, target: Target, attentions: bool, gradients: bool,
     first_layer: FirstLayer | None = None,
     tokens: bool = False,
+    value_outputs: bool = False,
 ) -> Trace:
     """A forward observing the attentions (``attentions``) and the tokens every block reads
     (``tokens``), then ``dy_t/dA`` (``gradients``) and ``dy_t/dh`` (``tokens``) for the layers from
-    ``first_layer`` on (every layer without one)."""
+    ``first_layer`` on (every layer without one); ``value_outputs`` (with ``tokens``): ``W_O v_j`` of every block."""
     recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
     backward = gradients or tokens
@@ -42,8 +43,9 @@ def attention_pass(
         batch = with_tracked_inputs(batch)
     observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
     blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
+    values = recorded_value_outputs(adapter.value_projections(batch), recorder) if value_outputs else contextlib.nullcontext()
     with evaluation_mode(model), grad_mode:
-        with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks:
+        with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values:
             with plain_execution(model):
                 output, logits = adapter.call(batch)
         layout = resolved_layout(adapter, batch, recorder, attentions)
@@ -71,6 +73,8 @@ def attention_pass(
         gradients=[maybe_on_device(g, batch.device) for g in grads] if gradients else None,
         hidden_states=hidden if tokens else None,
         hidden_gradients=[maybe_on_device(g, batch.device) for g in token_grads] if tokens else None,
+        value_outputs=[None if i < first else maybe_on_device(v, batch.device) for i, v in enumerate(recorder.value_outputs)]
+        if value_outputs else None,
         output=detached,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,

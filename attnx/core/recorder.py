@@ -33,6 +33,8 @@ class AttentionRecorder:
         self.patch_grids: list[tuple[int, int]] = []
         #: the input tokens ``h^l`` ``(B, N, D)`` of every block, when the pass records them
         self.tokens: list[torch.Tensor] = []
+        #: ``W_O v_j`` ``(B, N, D)`` of every block (values through the output projection), when recorded
+        self.value_outputs: list[torch.Tensor] = []
 
     def record(self, probs: torch.Tensor, grad_wrt: torch.Tensor | None = None) -> None:
         if probs.dim() != 4:

@@ -109,7 +109,8 @@ def one_pass(
         batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
     if not needs.relevance:
         trace = attention_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients,
-                               gradients=needs.gradients, first_layer=first_layer, tokens=needs.hidden_states)
+                               gradients=needs.gradients, first_layer=first_layer, tokens=needs.hidden_states,
+                               value_outputs=needs.value_outputs)
     elif needs.hidden_states:
         raise AttnxValueError("the relevance pass does not record the blocks' tokens; a method reads one or the other")
     elif registry is None:

@@ -37,6 +37,9 @@ class Needs:
     hidden_states:
         The tokens each block reads (its input ``h^l``, ``(B, N, D)``) and ``∂y_t/∂h^l`` (a plain
         backward, beside ``dy_t/dA`` when ``gradients``); the model's adapter names its blocks.
+    value_outputs:
+        With ``hidden_states``: each block's values through its attention's output projection,
+        ``W_O v_j`` ``(B, N, D)`` (no bias).
     path_steps:
         When positive: ``dy_t/dA`` of the last layer averaged over that many extra passes on the
         input scaled by ``α ∈ linspace(0, 1, path_steps)`` (pixels, or the token embeddings).
@@ -50,6 +53,7 @@ class Needs:
     attention_relevance: bool = False
     input_relevance: bool = False
     hidden_states: bool = False
+    value_outputs: bool = False
     path_steps: int = 0
     rules: Callable[[], Registry] | None = None
 
@@ -125,6 +129,9 @@ class Trace:
         ``Needs.hidden_states`` (``None`` below the :class:`FirstLayer`).
     hidden_gradients:
         ``∂y_t/∂h^l`` for each block (same shapes; ``None`` below the :class:`FirstLayer`).
+    value_outputs:
+        ``W_O v_j`` ``(B, N, D)`` of every block, when ``Needs.value_outputs`` (``None`` below the
+        :class:`FirstLayer`).
     path_gradient:
         ``(B, H, N, N)``: ``dy_t/dA`` of the last layer averaged along the scaled inputs, when
         ``Needs.path_steps``.
@@ -164,6 +171,7 @@ class Trace:
     attention_relevance: list[torch.Tensor] | None = None
     hidden_states: list[torch.Tensor | None] | None = None
     hidden_gradients: list[torch.Tensor | None] | None = None
+    value_outputs: list[torch.Tensor | None] | None = None
     path_gradient: torch.Tensor | None = None
     input_relevance: torch.Tensor | None = None
     coverage: Coverage | None = None

@@ -18,10 +18,25 @@ the last block only of a BERT, the input scaled by ``α`` over 20 steps for ``W`
 then clamped, then averaged over heads), and the class-token row; for BERT the class token's own
 entry set to 0.
 
+BT-T (token-wise) replaces the head weights by each token's value norm relative to its input,
+for the block input ``z^l_j`` and the values through the output projection ``W_O v^l_j``:
+
+    m^l_j = ‖W_O v^l_j‖ / ‖z^l_j‖,   R^l = R^{l-1} + (mean_h A^l_h) diag(m^l) R^{l-1}
+    BT-T  = (W ⊙ R^L)[readout row]
+
+as the authors' ``generate_ours_c`` (their ViT: from block ``start_layer - 1 = 5``; their BERT: the
+last four blocks; ``W`` as for BT-H; ``vproj = v @ proj.weightᵀ``, no bias).
+
 What attnx does, and where it differs:
 
-* **Defaults.** ``start_layer=None`` is the authors': block 3 for images (their ViT-B's default;
-  the last block of a shallower model), the last block for text.
+* **Defaults.** ``start_layer=None`` is the authors': BT-H from block 3 for images (their ViT-B's
+  default; the last block of a shallower model) and the last block for text; BT-T from block 5 for
+  images and the last four blocks for text.
+* **Model kinds.** BT-H reads attentions and gradients: every model kind. BT-T needs each block's
+  value and output projections, which the adapters name for timm ViTs with a fused ``qkv`` and the
+  Hugging Face encoders, decoders and CLIP towers with separate value projections (``value`` /
+  ``v_proj`` / ``v_lin``); torchvision's and OpenCLIP's ``nn.MultiheadAttention``, GPT-2's fused
+  ``c_attn`` and Swin are refused.
 * **Scaling a text model's input.** The authors' BERT takes an ``alpha`` argument whose code is not
   public in their repository; attnx scales the output of the token embedding (the position
   embeddings are not scaled). Images: the pixels, as the authors.
@@ -44,7 +59,7 @@ from ..core.trace_types import Needs
 from .propagation import check_start_layer
 from .registry import Option, Relevance, register_method
 
-__all__ = ["bt_h", "head_weights", "integrated_weight"]
+__all__ = ["bt_h", "bt_t", "head_weights", "integrated_weight", "token_weights"]
 
 #: the steps of the integrated gradient of the last attention map (the authors' ``steps=20``)
 PATH_STEPS = 20
@@ -55,6 +70,12 @@ def head_weights(attention: torch.Tensor, gradient: torch.Tensor, pairs: torch.T
     mask = pairs[:, None].to(attention.dtype)
     importance = ((attention * mask).transpose(-1, -2) @ (gradient * mask)).abs().sum(dim=(-1, -2))
     return importance / importance.sum(dim=1, keepdim=True).clamp_min(torch.finfo(importance.dtype).tiny)
+
+
+def token_weights(value_outputs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``m_j = ‖W_O v_j‖ / ‖z_j‖`` ``(B, N)``."""
+    norm = tokens.norm(dim=-1)
+    return value_outputs.norm(dim=-1) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
 def integrated_weight(path_gradient: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -111,4 +132,30 @@ def bt_h(trace, readout, *, start_layer: int | None = None) -> Relevance:
         for a, g in zip(trace.attentions[start:], trace.gradients[start:])
     )
     R = propagate(fused, trace.attentions[-1])
+    return Relevance(tokens=finish(R, trace, readout, pairs), options={"start_layer": start})
+
+
+def bt_t_start(options: dict, layout, num_layers: int) -> int:
+    start = options["start_layer"]
+    if start is not None:
+        return start
+    return min(5, num_layers - 1) if layout.grid is not None else max(num_layers - 4, 0)
+
+
+@register_method(
+    "bt_t",
+    reference="Chen et al., CVPR 2023 (Beyond Intuition, token-wise; exact: written-out formula)",
+    needs=Needs(attentions=True, hidden_states=True, value_outputs=True, path_steps=PATH_STEPS),
+    options=(START_LAYER,),
+    first_layer=bt_t_start,
+)
+def bt_t(trace, readout, *, start_layer: int | None = None) -> Relevance:
+    """Beyond Intuition, token-wise (BT-T): head-averaged attention with each key token weighed by
+    ``‖W_O v_j‖ / ‖z_j‖``, propagated with the residual, times the last layer's integrated attention gradient."""
+    num_layers = len(trace.attentions)
+    start = check_start_layer(bt_t_start({"start_layer": start_layer}, readout.layout, num_layers), num_layers)
+    pairs = readout.pairs().to(trace.attentions[0].device)
+    layers = zip(trace.attentions[start:], trace.value_outputs[start:], trace.hidden_states[start:])
+    weighted = (a.mean(dim=1) * token_weights(v, z)[:, None, :] for a, v, z in layers)
+    R = propagate(weighted, trace.attentions[-1])
     return Relevance(tokens=finish(R, trace, readout, pairs), options={"start_layer": start})
