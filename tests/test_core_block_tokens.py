@@ -57,6 +57,17 @@ def test_torchvision_tokens_equal_its_blocks_run_by_hand():
     assert_equal_lists(trace.hidden_states, [t.detach() for t in expected], 1e-10)
 
 
+def test_torchvision_value_outputs_are_its_values_through_out_proj():
+    """``W_O v_j``: ``ln_1(z)`` through the value third of ``in_proj`` then ``out_proj``'s weight."""
+    model = CASES["torchvision_vit"].model(torch.float64)
+    x = CASES["torchvision_vit"].inputs(2, dtype=torch.float64)
+    trace = attnx.Explainer(model).trace(x, torch.tensor([0, 3]), Needs(attentions=True, hidden_states=True, value_outputs=True))
+    for layer, z, got in zip(model.encoder.layers, trace.hidden_states, trace.value_outputs):
+        mha, D = layer.self_attention, layer.self_attention.embed_dim
+        v = torch.nn.functional.linear(layer.ln_1(z), mha.in_proj_weight[2 * D:], mha.in_proj_bias[2 * D:])
+        assert max_abs_diff(got, v @ mha.out_proj.weight.T) < 1e-10
+
+
 def test_open_clip_tokens_are_batch_first():
     from clip_models import open_clip_model
 

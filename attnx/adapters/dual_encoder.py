@@ -32,7 +32,7 @@ from ..core.batch import Batch, check_image_batch, check_text_inputs
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
-from .base import Adapter, hidden_states_argument
+from .base import Adapter, hidden_states_argument, mha_value_projection
 from .hf import layer_stack, value_projections
 from .kernels import AttentionInterceptor, TokenWatcher
 from .pooling import probe_attention
@@ -358,6 +358,11 @@ class OpenCLIPAdapter(DualEncoderAdapter):
             return x if getattr(transformer, "batch_first", True) or x is None else x.transpose(0, 1)
 
         return [(block, tokens) for block in transformer.resblocks]
+
+    def value_projections(self, batch: Batch) -> list:
+        """``nn.MultiheadAttention`` blocks (OpenCLIP's own ``Attention`` class is refused)."""
+        found = [mha_value_projection(getattr(block, "attn", None)) for block, _ in self.block_inputs(batch)]
+        return found if all(found) else super().value_projections(batch)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         encode = self.model.encode_image if batch.extra.get("tower", self.tower) == "image" else self.model.encode_text

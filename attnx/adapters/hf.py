@@ -61,7 +61,7 @@ def value_projections(blocks: list, config: Any) -> list:
             return []
         groups, head_dim = output.in_features // value.out_features, output.in_features // heads
 
-        def read(v: torch.Tensor, groups: int = groups, head_dim: int = head_dim) -> torch.Tensor:
+        def read(args: tuple, kwargs: dict, v: torch.Tensor, groups: int = groups, head_dim: int = head_dim) -> torch.Tensor:
             if groups == 1:
                 return v
             B, N, _ = v.shape

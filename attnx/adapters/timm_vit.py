@@ -110,7 +110,7 @@ class TimmViTAdapter(Adapter):
         for a in self.attentions:
             if not isinstance(getattr(a, "qkv", None), nn.Linear) or not isinstance(getattr(a, "proj", None), nn.Linear):
                 return super().value_projections(batch)
-            out.append((a.qkv, lambda qkv: qkv.chunk(3, dim=-1)[2], a.proj.weight))
+            out.append((a.qkv, lambda args, kwargs, qkv: qkv.chunk(3, dim=-1)[2], a.proj.weight))
         return out
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:

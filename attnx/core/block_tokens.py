@@ -56,15 +56,15 @@ def recorded_value_outputs(projections: Sequence[tuple[nn.Module, Callable, torc
     """Record ``W_O v_j`` ``(B, N, D)`` (no bias) of every block, from the output of its value module."""
 
     def hook(read: Callable, weight: torch.Tensor) -> Callable:
-        def forward_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            values = read(output).detach()
+        def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            values = read(args, kwargs, output).detach()
             recorder.value_outputs.append(values @ weight.detach().to(values.dtype).T)
         return forward_hook
 
     handles = []
     try:
         for module, read, weight in projections:
-            handles.append(module.register_forward_hook(hook(read, weight)))
+            handles.append(module.register_forward_hook(hook(read, weight), with_kwargs=True))
         yield
     finally:
         for h in handles:
