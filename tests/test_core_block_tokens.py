@@ -68,6 +68,24 @@ def test_torchvision_value_outputs_are_its_values_through_out_proj():
         assert max_abs_diff(got, v @ mha.out_proj.weight.T) < 1e-10
 
 
+@pytest.mark.parametrize("block", [{}, {"block_type": "custom"}], ids=["mha", "custom"])
+def test_open_clip_value_outputs_are_its_values_through_out_proj(block):
+    """``nn.MultiheadAttention`` and OpenCLIP's own ``Attention``: ``ln_1(z)`` through the value
+    third of ``in_proj`` then ``out_proj``'s weight."""
+    from clip_models import open_clip_model
+
+    model = open_clip_model(dtype=torch.float64, **block)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    needs = Needs(attentions=True, hidden_states=True, value_outputs=True)
+    trace = attnx.Explainer(model).trace(x, attnx.similarity.embedding_norm, needs)
+    blocks = model.visual.transformer.resblocks
+    assert len(trace.value_outputs) == len(blocks) > 0
+    for blk, z, got in zip(blocks, trace.hidden_states, trace.value_outputs):
+        D = blk.attn.in_proj_weight.shape[1]
+        v = torch.nn.functional.linear(blk.ln_1(z), blk.attn.in_proj_weight[2 * D:], blk.attn.in_proj_bias[2 * D:])
+        assert max_abs_diff(got, v @ blk.attn.out_proj.weight.T) < 1e-10
+
+
 def test_open_clip_tokens_are_batch_first():
     from clip_models import open_clip_model
 

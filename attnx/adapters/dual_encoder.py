@@ -360,11 +360,32 @@ class OpenCLIPAdapter(DualEncoderAdapter):
         return [(block, tokens) for block in transformer.resblocks]
 
     def value_projections(self, batch: Batch) -> list:
-        """``nn.MultiheadAttention`` blocks (OpenCLIP's own ``Attention`` class is refused)."""
-        found = [mha_value_projection(getattr(block, "attn", None)) for block, _ in self.block_inputs(batch)]
+        """``nn.MultiheadAttention`` blocks, and OpenCLIP's own ``Attention`` (``in_proj_weight``,
+        ``out_proj``) without head scaling or an inner norm between the values and ``out_proj``."""
+        found = [mha_value_projection(getattr(block, "attn", None)) or open_clip_values(getattr(block, "attn", None))
+                 for block, _ in self.block_inputs(batch)]
         return found if all(found) else super().value_projections(batch)
+
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         encode = self.model.encode_image if batch.extra.get("tower", self.tower) == "image" else self.model.encode_text
         embedding = encode(*batch.args)
         return embedding, embedding
+
+
+def open_clip_values(attn: nn.Module | None) -> tuple | None:
+    """OpenCLIP's ``Attention``: the value third of ``F.linear(x, in_proj_weight, in_proj_bias)`` on
+    its input ``x`` (batch first) and ``out_proj``'s weight; ``None`` for another module or when
+    ``head_scale`` / ``ln_inner`` act between the values and ``out_proj``."""
+    weight = getattr(attn, "in_proj_weight", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(getattr(attn, "out_proj", None), nn.Linear):
+        return None
+    if getattr(attn, "head_scale", None) is not None or not isinstance(getattr(attn, "ln_inner", nn.Identity()), nn.Identity):
+        return None
+    D = weight.shape[1]
+
+    def read(args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * D:]
+        return torch.nn.functional.linear(hidden_states_argument(args, kwargs), weight[2 * D:], bias)
+
+    return attn, read, attn.out_proj.weight

@@ -35,9 +35,9 @@ What attnx does, and where it differs:
 * **Model kinds.** BT-H reads attentions and gradients: every model kind. BT-T needs each block's
   value and output projections, which the adapters name for timm ViTs with a fused ``qkv`` and the
   Hugging Face encoders, decoders and CLIP towers with separate value projections (``value`` /
-  ``v_proj`` / ``v_lin``) and ``nn.MultiheadAttention`` (torchvision, OpenCLIP); OpenCLIP's own
-  ``Attention`` class, GPT-2's fused
-  ``c_attn`` and Swin are refused.
+  ``v_proj`` / ``v_lin``), ``nn.MultiheadAttention`` (torchvision, OpenCLIP) and OpenCLIP's own
+  ``Attention``; GPT-2's fused ``c_attn``, OpenCLIP attention with head scaling or an inner norm,
+  and Swin are refused.
 * **Scaling a text model's input.** The authors' BERT takes an ``alpha`` argument whose code is not
   public in their repository; attnx scales the output of the token embedding (the position
   embeddings are not scaled). Images: the pixels, as the authors.
