@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and edito
     from .core.explainer import Explainer, explain
     from .core.explanation import Explanation
     from .core.generation import GenerationExplanation, explain_generation
-    from .core.memory_estimate import MemoryEstimate, estimate
     from .core.image_text import ImageText, ImageTextExplanation
+    from .core.memory_estimate import MemoryEstimate, estimate
     from .core.targets import Continuation
     from .core.trace_types import Needs, Trace
     from .methods import Option, Relevance, get_method, list_methods, register_method

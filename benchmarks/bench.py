@@ -23,7 +23,9 @@ Baselines (the same ones for every method of a kind):
   ``torch.autograd.grad(sum_b logits[b, t_b], input)`` where the input is the image tensor (vit)
   or the output of ``get_input_embeddings()`` (bert, llama; a forward hook makes it require grad;
   for llama the logits of the last position, run with ``use_cache=False`` as attnx runs it); the
-  baseline of gradient methods and of every method that needs an LRP pass.
+  baseline of gradient methods and of every method that needs an LRP pass or reads the gradients at
+  the block tokens (attcat); bt_h and bt_t run 20 more forward+backward passes (the integrated gradient of
+  the last attention map), so expect about 21x this baseline.
 
 Every method is called as a user would: ``attnx.Explainer(model)(inputs, method=name,
 target=targets)``, with the targets ``t_b`` (the predicted classes, fixed once) given explicitly
@@ -290,7 +292,7 @@ def split_method(name: str) -> tuple[str, dict]:
 
 def baseline_of(method: str) -> str:
     spec = attnx.get_method(split_method(method)[0])
-    return FORWARD_BACKWARD if (spec.needs.gradients or spec.needs.relevance) else FORWARD
+    return FORWARD_BACKWARD if spec.needs.backward else FORWARD  # gradients, relevance, block tokens, path
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ An adapter must answer four questions about a model (the abstract methods of ``A
 
 Everything else the core reads has a default here, which an adapter overrides where its family
 differs: ``name``, ``expects``, ``is_lm``, ``outputs_embedding``, ``input_embeddings``,
-``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout`` and
-``append_continuation``. The core reads nothing else of an adapter.
+``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout``, ``block_inputs``,
+``value_projections`` and ``append_continuation``. The core reads nothing else of an adapter.
 
 Adapters hold architecture knowledge only; the core types they fill (``Layout``, ``Batch``,
 ``AttentionRecorder``) live in the attnx core, and they never do explanation math.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -33,7 +33,29 @@ from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, UnsupportedModelError
 
-__all__ = ["Adapter", "missing_methods"]
+__all__ = ["Adapter", "hidden_states_argument", "mha_value_projection", "missing_methods"]
+
+
+def hidden_states_argument(args: tuple, kwargs: dict) -> Any:
+    """A block's input tokens: its first positional argument, else its ``hidden_states`` keyword."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+def mha_value_projection(mha: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict, Any], torch.Tensor], torch.Tensor] | None:
+    """An ``nn.MultiheadAttention``'s values (its ``value`` input through the value third of
+    ``in_proj``) and its ``out_proj`` weight; ``None`` when its projections are not packed."""
+    if not isinstance(mha, nn.MultiheadAttention) or not mha._qkv_same_embed_dim:
+        return None
+    D = mha.embed_dim
+
+    def read(args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        value = args[2] if len(args) > 2 else kwargs["value"]
+        if not mha.batch_first:
+            value = value.transpose(0, 1)
+        bias = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * D:]
+        return torch.nn.functional.linear(value, mha.in_proj_weight[2 * D:], bias)
+
+    return mha, read, mha.out_proj.weight
 
 
 def missing_methods(cls: type) -> list[str]:
@@ -134,6 +156,26 @@ class Adapter:
         """The module whose output is the first relevance-carrying activation for integer inputs
         (token ids); ``None`` for models whose input is floating point (images)."""
         return None
+
+    def block_inputs(self, batch: Batch) -> list[tuple[nn.Module, Callable[[tuple, dict], Any]]]:
+        """The blocks whose attention ``observe`` records for ``batch``, in forward order, each with
+        a reader of its input tokens ``(B, N, D)`` from the ``(args, kwargs)`` of its call
+        (:func:`hidden_states_argument` for most); methods reading the token representations
+        (``Needs.hidden_states``) need it."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} does not name the blocks of {type(self.model).__name__}, so their token "
+            "representations cannot be recorded; methods reading them (attcat) do not apply"
+        )
+
+    def value_projections(self, batch: Batch) -> list[tuple[nn.Module, Callable[[tuple, dict, Any], torch.Tensor], torch.Tensor]]:
+        """Per block of ``block_inputs``: a module whose call shows the attention's values, a reader
+        of the values ``(B, N, H·d)`` of every head from that call's ``(args, kwargs, output)``, and
+        the weight ``W_O`` ``(D, H·d)`` of the attention's output projection (methods reading
+        ``W_O v_j``, bt_t, need it)."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} does not name the value and output projections of {type(self.model).__name__}'s "
+            "attention; methods reading them (bt_t) do not apply"
+        )
 
     def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:
         """``batch`` with each sample's continuation tokens appended after its prompt, and the

@@ -32,7 +32,8 @@ from ..core.batch import Batch, check_image_batch, check_text_inputs
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, hidden_states_argument, mha_value_projection
+from .hf import layer_stack, value_projections
 from .kernels import AttentionInterceptor, TokenWatcher
 from .pooling import probe_attention
 from .switches import attn_implementation, no_new_forward_hooks
@@ -246,6 +247,14 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
             finally:
                 self.recorder = None
 
+    def block_inputs(self, batch: Batch) -> list:
+        tower = batch.extra.get("tower", self.tower)
+        return layer_stack(self.tower_module(tower), self.tower_config(tower))
+
+    def value_projections(self, batch: Batch) -> list:
+        tower = batch.extra.get("tower", self.tower)
+        return value_projections(self.block_inputs(batch), self.tower_config(tower)) or super().value_projections(batch)
+
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)
         tower = batch.extra.get("tower", self.tower)
@@ -340,7 +349,43 @@ class OpenCLIPAdapter(DualEncoderAdapter):
         with TokenWatcher(recorder, None):
             yield
 
+    def block_inputs(self, batch: Batch) -> list:
+        tower = batch.extra.get("tower", self.tower)
+        transformer = self.model.visual.transformer if tower == "image" else self.model.transformer
+
+        def tokens(args: tuple, kwargs: dict) -> Any:  # (N, B, D) when the tower is not batch-first
+            x = hidden_states_argument(args, kwargs)
+            return x if getattr(transformer, "batch_first", True) or x is None else x.transpose(0, 1)
+
+        return [(block, tokens) for block in transformer.resblocks]
+
+    def value_projections(self, batch: Batch) -> list:
+        """``nn.MultiheadAttention`` blocks, and OpenCLIP's own ``Attention`` (``in_proj_weight``,
+        ``out_proj``) without head scaling or an inner norm between the values and ``out_proj``."""
+        found = [mha_value_projection(getattr(block, "attn", None)) or open_clip_values(getattr(block, "attn", None))
+                 for block, _ in self.block_inputs(batch)]
+        return found if all(found) else super().value_projections(batch)
+
+
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         encode = self.model.encode_image if batch.extra.get("tower", self.tower) == "image" else self.model.encode_text
         embedding = encode(*batch.args)
         return embedding, embedding
+
+
+def open_clip_values(attn: nn.Module | None) -> tuple | None:
+    """OpenCLIP's ``Attention``: the value third of ``F.linear(x, in_proj_weight, in_proj_bias)`` on
+    its input ``x`` (batch first) and ``out_proj``'s weight; ``None`` for another module or when
+    ``head_scale`` / ``ln_inner`` act between the values and ``out_proj``."""
+    weight = getattr(attn, "in_proj_weight", None)
+    if not isinstance(weight, torch.Tensor) or not isinstance(getattr(attn, "out_proj", None), nn.Linear):
+        return None
+    if getattr(attn, "head_scale", None) is not None or not isinstance(getattr(attn, "ln_inner", nn.Identity()), nn.Identity):
+        return None
+    D = weight.shape[1]
+
+    def read(args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+        bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * D:]
+        return torch.nn.functional.linear(hidden_states_argument(args, kwargs), weight[2 * D:], bias)
+
+    return attn, read, attn.out_proj.weight

@@ -19,11 +19,57 @@ from ..core.batch import Batch, check_image_batch, check_text_inputs
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, hidden_states_argument
 from .loaded import loaded_class
 from .switches import attn_implementation, no_new_forward_hooks
 
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForImageClassificationWithTeacher")
+
+
+def layer_stack(module: nn.Module, config: Any) -> list:
+    """The blocks of a Hugging Face encoder or decoder (``encoder.layer``, ``layers``, ``h``): the one
+    ``nn.ModuleList`` of ``config.num_hidden_layers`` modules, each read at its ``hidden_states``."""
+    depth = getattr(config, "num_hidden_layers", None)
+    stacks = [m for m in module.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if len(stacks) != 1:
+        raise UnsupportedModelError(
+            f"{type(module).__name__}: found {len(stacks)} module lists of its {depth} layers, expected one; "
+            "its blocks' token representations cannot be recorded"
+        )
+    return [(block, hidden_states_argument) for block in stacks[0]]
+
+
+#: the value and output projections of a Hugging Face attention, by their names inside a block
+VALUE_NAMES = ("attention.self.value", "attention.value", "v_proj", "v_lin")
+OUTPUT_NAMES = ("attention.output.dense", "o_proj", "out_proj", "out_lin")
+
+
+def only_linear(modules: dict, names: tuple) -> nn.Module | None:
+    """The one ``nn.Linear`` among ``modules`` named (or ending in) one of ``names``, else ``None``."""
+    found = [m for n, m in modules.items() for s in names if n == s or n.endswith("." + s)]
+    return found[0] if len(found) == 1 and isinstance(found[0], nn.Linear) else None
+
+
+def value_projections(blocks: list, config: Any) -> list:
+    """Per block: its value projection (a ``nn.Linear``; grouped key/value heads repeated to every
+    head), and the weight of its output projection; ``[]`` when a block has no such pair."""
+    heads = getattr(config, "num_attention_heads", None)
+    out = []
+    for block, _ in blocks:
+        modules = dict(block.named_modules())
+        value, output = only_linear(modules, VALUE_NAMES), only_linear(modules, OUTPUT_NAMES)
+        if value is None or output is None or not heads:
+            return []
+        groups, head_dim = output.in_features // value.out_features, output.in_features // heads
+
+        def read(args: tuple, kwargs: dict, v: torch.Tensor, groups: int = groups, head_dim: int = head_dim) -> torch.Tensor:
+            if groups == 1:
+                return v
+            B, N, _ = v.shape
+            return v.reshape(B, N, -1, head_dim).repeat_interleave(groups, dim=2).reshape(B, N, -1)
+
+        out.append((value, read, output.weight))
+    return out
 
 
 class HFAdapter(Adapter):
@@ -166,6 +212,16 @@ class HFAdapter(Adapter):
                 yield
             finally:
                 self._calls.recorder = None
+
+    def block_inputs(self, batch: Batch) -> list:
+        config = self.model.config
+        config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
+        return layer_stack(self.model, config)
+
+    def value_projections(self, batch: Batch) -> list:
+        config = self.model.config
+        config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
+        return value_projections(self.block_inputs(batch), config) or super().value_projections(batch)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)

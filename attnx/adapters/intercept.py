@@ -115,6 +115,17 @@ class InterceptAdapter(Adapter):
             return self.family.append_continuation(batch, continuation)
         return super().append_continuation(batch, continuation)
 
+    def block_inputs(self, batch: Batch) -> list:
+        """The family adapter's blocks (the same modules, whichever kernels are intercepted)."""
+        if self.family is not None:
+            return self.family.block_inputs(batch)
+        return super().block_inputs(batch)
+
+    def value_projections(self, batch: Batch) -> list:
+        if self.family is not None:
+            return self.family.value_projections(batch)
+        return super().value_projections(batch)
+
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
         capture = contextlib.nullcontext() if self.pooling is None else self.pooling.capture()

@@ -17,7 +17,7 @@ from ..core.batch import Batch, check_image_batch
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, hidden_states_argument
 from .loaded import loaded_class
 from .pooling import TimmPooling
 from .switches import attribute_switch
@@ -100,6 +100,18 @@ class TimmViTAdapter(Adapter):
 
     def resolve_layout(self, batch: Batch, num_tokens: int) -> Layout:
         return self.pooling.complete(super().resolve_layout(batch, num_tokens))
+
+    def block_inputs(self, batch: Batch) -> list:
+        return [(block, hidden_states_argument) for block in self.model.blocks]
+
+    def value_projections(self, batch: Batch) -> list:
+        """The last third of the fused ``qkv`` output, and ``proj``."""
+        out = []
+        for a in self.attentions:
+            if not isinstance(getattr(a, "qkv", None), nn.Linear) or not isinstance(getattr(a, "proj", None), nn.Linear):
+                return super().value_projections(batch)
+            out.append((a.qkv, lambda args, kwargs, qkv: qkv.chunk(3, dim=-1)[2], a.proj.weight))
+        return out
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         out = self.model(*batch.args, **batch.kwargs)

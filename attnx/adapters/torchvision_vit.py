@@ -17,7 +17,7 @@ from ..core.batch import Batch, check_image_batch
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError
-from .base import Adapter
+from .base import Adapter, hidden_states_argument, mha_value_projection
 from .loaded import loaded_class
 from .switches import per_head_weights
 
@@ -49,6 +49,13 @@ class TorchvisionViTAdapter(Adapter):
 
     def observe(self, recorder: AttentionRecorder):
         return per_head_weights(self.attentions, recorder)
+
+    def block_inputs(self, batch: Batch) -> list:
+        return [(layer, hidden_states_argument) for layer in self.model.encoder.layers]
+
+    def value_projections(self, batch: Batch) -> list:
+        found = [mha_value_projection(a) for a in self.attentions]
+        return found if all(found) else super().value_projections(batch)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         out = self.model(*batch.args, **batch.kwargs)

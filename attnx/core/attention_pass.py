@@ -1,5 +1,6 @@
-"""The attention pass: a plain forward observing the attention probabilities, then ``dy_t/dA`` by
-``torch.autograd.grad`` (no ``.grad`` is left anywhere). Methods that need no relevance run on it;
+"""The attention pass: a plain forward observing the attention probabilities (and, when asked, the
+tokens every block reads), then ``dy_t/dA`` (and ``dy_t/dh``) by one ``torch.autograd.grad`` (no
+``.grad`` is left anywhere). Methods that need no relevance run on it;
 :func:`attnx.core.trace.run_trace` decides which pass runs."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..adapters.base import Adapter
 from ..adapters.switches import plain_execution
 from ..errors import AttnxValueError
 from .batch import Batch
+from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_value_outputs
 from .devices import maybe_on_device, on_device
 from .layer_fold import LayerFold, fold_backward
 from .layout import Layout, Readout
@@ -29,47 +31,63 @@ __all__ = ["attention_pass"]
 def attention_pass(
     adapter: Adapter, batch: Batch, target: Target, attentions: bool, gradients: bool,
     first_layer: FirstLayer | None = None, fold: LayerFold | None = None,
+    tokens: bool = False,
+    value_outputs: bool = False,
 ) -> Trace:
-    """A forward observing the attentions (``attentions``), then ``dy_t/dA`` (``gradients``) for the
-    layers from ``first_layer`` on (every layer without one).
+    """A forward observing the attentions (``attentions``) and the tokens every block reads
+    (``tokens``), then ``dy_t/dA`` (``gradients``) and ``dy_t/dh`` (``tokens``) for the layers from
+    ``first_layer`` on (every layer without one); ``value_outputs`` (with ``tokens``): ``W_O v_j`` of every block.
 
     With a ``fold`` (and ``gradients``), each layer is folded as the backward reaches it and its
     attention and gradient released: the trace holds ``folded`` and ``last_rows`` instead of
     ``attentions`` and ``gradients`` (:mod:`attnx.core.layer_fold`)."""
     recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
-    grad_mode = torch.enable_grad() if gradients else torch.no_grad()
-    if gradients:
+    backward = gradients or tokens
+    grad_mode = torch.enable_grad() if backward else torch.no_grad()
+    if backward:
         batch = with_tracked_inputs(batch)
     observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
+    blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
+    values = recorded_value_outputs(adapter.value_projections(batch), recorder) if value_outputs else contextlib.nullcontext()
     # the backward runs inside the switches: checkpointed layers recompute under them
     with evaluation_mode(model), grad_mode:
-        with tracked_embeddings(adapter.input_embeddings() if gradients else None), observe:
-            with plain_execution(model, keep_checkpointing=gradients):
+        with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values:
+            with plain_execution(model, keep_checkpointing=backward):
                 output, logits = adapter.call(batch)
                 layout = resolved_layout(adapter, batch, recorder, attentions)
+                if tokens:
+                    check_block_tokens(recorder, layout, batch.batch_size, model)
                 resolved = resolve(target, output, logits, layout, batch.batch_size)
-                first = lowest_layer(first_layer, layout, len(recorder.probs))
-                if gradients and not resolved.scores.requires_grad:
+                first = lowest_layer(first_layer, layout, len(recorder.probs) or len(recorder.tokens))
+                if backward and not resolved.scores.requires_grad:
                     raise AttnxValueError(
                         "the target's scalars do not depend on the model output (a callable target returning a "
                         "constant?); expected a function of the output, e.g. lambda out: out.logits[:, 3]"
                     )
-                grads = folded = last_rows = None
-                if gradients and fold is not None:
+                grads = token_grads = folded = last_rows = None
+                if gradients and fold is not None and not tokens:
                     readout = declared_readout(adapter, layout, resolved.classes, batch.batch_size, resolved.logits.device)
                     folded, last_rows = fold_backward(recorder, resolved.scores.sum(), fold, readout, first)
-                elif gradients:
-                    grads = recorder.gradients(resolved.scores.sum(), first=first)
+                elif backward:
+                    grads, token_grads = recorder.all_gradients(
+                        resolved.scores.sum(), first=first, attentions=gradients, tokens=tokens
+                    )
     keep_attentions = attentions and folded is None
     detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
+    # the layers below the first one read are not kept
+    hidden = [None if i < first else maybe_on_device(t.detach(), batch.device) for i, t in enumerate(recorder.tokens)]
     return Trace(
         logits=resolved.logits.detach(),
         targets=resolved.classes,
         layout=layout,
         batch=batch,
         attentions=[on_device(a, batch.device) for a in recorder.probs] if keep_attentions else None,
-        gradients=None if grads is None else [maybe_on_device(g, batch.device) for g in grads],
+        gradients=[maybe_on_device(g, batch.device) for g in grads] if gradients and grads is not None else None,
+        hidden_states=hidden if tokens else None,
+        hidden_gradients=[maybe_on_device(g, batch.device) for g in token_grads] if tokens else None,
+        value_outputs=[None if i < first else maybe_on_device(v, batch.device) for i, v in enumerate(recorder.value_outputs)]
+        if value_outputs else None,
         output=detached,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,

@@ -11,12 +11,12 @@ from ..adapters import Adapter, DualEncoderAdapter, InterceptAdapter, get_adapte
 from ..errors import AttnxTypeError, AttnxValueError, ForwardMismatchError
 from ..lrp.registry import Registry, get_preset
 from ..methods.registry import Method, Relevance, get_method
+from . import memory_check
 from .batch import check_input_dtype, check_on_real_device, check_token_ids, outside_inference_mode
 from .degenerate import check_map
 from .explanation import Explanation
 from .forward_check import check_mode, input_signature, tolerance
 from .image_text import ImageText, ImageTextExplanation, explain_pairs, tower_target
-from . import memory_check
 from .labels import class_names, multi_label
 from .layer_fold import LayerFold
 from .layout import Readout, to_scores
@@ -190,7 +190,7 @@ class Explainer:
         that read one are refused (naming the similarity targets), the others report no target."""
         if target is not None or not self.checked.get(key, False):
             return trace
-        if needs.gradients or needs.relevance:
+        if needs.backward:
             raise AttnxValueError(
                 f"{type(self.model).__name__} outputs an embedding, not class logits, so there is no predicted class "
                 "to explain; pass a target on the embedding: attnx.similarity.cosine_to(reference_embedding) or "

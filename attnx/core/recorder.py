@@ -32,6 +32,10 @@ class AttentionRecorder:
         self.grad_wrt: list[torch.Tensor] = []
         self.token_counts: list[int] = []
         self.patch_grids: list[tuple[int, int]] = []
+        #: the input tokens ``h^l`` ``(B, N, D)`` of every block, when the pass records them
+        self.tokens: list[torch.Tensor] = []
+        #: ``W_O v_j`` ``(B, N, D)`` of every block (values through the output projection), when recorded
+        self.value_outputs: list[torch.Tensor] = []
 
     def record(self, probs: torch.Tensor, grad_wrt: torch.Tensor | None = None) -> None:
         if recomputing():  # a checkpointed layer recomputed by the backward: recorded in the forward
@@ -41,6 +45,14 @@ class AttentionRecorder:
         self.probs.append(probs)
         self.grad_wrt.append(probs if grad_wrt is None else grad_wrt)
         self.token_counts.append(int(probs.shape[-1]))
+
+    def record_tokens(self, tokens: torch.Tensor) -> None:
+        """Record the ``(B, N, D)`` tokens a block reads (its input ``h^l``)."""
+        if recomputing():  # a checkpointed layer recomputed by the backward: recorded in the forward
+            return
+        if tokens.dim() != 3:
+            raise AttnxValueError(f"a block's tokens must be (B, N, D), got shape {tuple(tokens.shape)}")
+        self.tokens.append(tokens)
 
     def saw_tokens(self, num_tokens: int) -> None:
         """Note an attention call over ``num_tokens`` tokens whose probabilities stay hidden."""
@@ -59,17 +71,27 @@ class AttentionRecorder:
         """``d score / d A`` for every recorded layer from ``first`` on, shaped like the probabilities
         (``None`` below ``first``: the backward stops there); ``retain_graph``: keep the graph for
         another backward on the same forward."""
-        needs = [i >= first and t.requires_grad for i, t in enumerate(self.grad_wrt)]
-        if not any(needs):
+        return self.all_gradients(score, retain_graph, first, tokens=False)[0]
+
+    def all_gradients(
+        self, score: torch.Tensor, retain_graph: bool = False, first: int = 0, attentions: bool = True, tokens: bool = True,
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """``(d score / d A, d score / d h)`` from one backward: of the attention probabilities
+        (``attentions``) and of the recorded block tokens (``tokens``), each a list over the layers
+        (empty when not asked for; ``None`` below ``first``)."""
+        groups = [(self.probs, self.grad_wrt) if attentions else ([], []), (self.tokens, self.tokens) if tokens else ([], [])]
+        needs = [[i >= first and t.requires_grad for i, t in enumerate(wrt)] for _, wrt in groups]
+        if not any(any(n) for n in needs):
             raise RuntimeError(
-                "the recorded attention probabilities are not part of an autograd graph; "
+                "the recorded attention probabilities and tokens are not part of an autograd graph; "
                 "was the forward run under torch.no_grad() or torch.inference_mode()?"
             )
-        wrt = [t for t, n in zip(self.grad_wrt, needs) if n]
+        wrt = [t for (_, w), n in zip(groups, needs) for t, k in zip(w, n) if k]
         with outside_function_modes():  # the backward's own ops are not the forward's
             grads = iter(torch.autograd.grad(score, wrt, allow_unused=True, retain_graph=retain_graph))
-        out = []
-        for i, (probs, n) in enumerate(zip(self.probs, needs)):
-            g = next(grads) if n else None
-            out.append(None if i < first else torch.zeros_like(probs) if g is None else g.reshape(probs.shape))
+        out: tuple[list, list] = ([], [])
+        for (shaped, _), n, result in zip(groups, needs, out):
+            for i, (like, k) in enumerate(zip(shaped, n)):
+                g = next(grads) if k else None
+                result.append(None if i < first else torch.zeros_like(like) if g is None else g.reshape(like.shape))
         return out

@@ -11,6 +11,9 @@ runs one of two passes:
 * :func:`attnx.core.relevance_pass.relevance_pass` -- a forward under an LRP rule registry and one
   modified backward to the attention probabilities and the input (``dy_t/dA`` from the same forward).
 
+A method may also ask for the last layer's ``dy_t/dA`` integrated along scaled inputs
+(:mod:`attnx.core.path_gradients`): more attention passes after the main one.
+
 The types are in :mod:`attnx.core.trace_types`, the relevance seed in :mod:`attnx.core.lrp_seed`,
 what both passes read of their forward in :mod:`attnx.core.pass_reading`.
 """
@@ -30,8 +33,9 @@ from .batch import READOUT_LOGITS_ONLY, Batch
 from .forward_check import model_forward
 from .layer_fold import LayerFold
 from .pass_reading import patch_layout, resolve
-from .relevance_pass import RelevanceRequest, relevance_pass
+from .path_gradients import path_gradient
 from .precision import explained_in, in_float32
+from .relevance_pass import RelevanceRequest, relevance_pass
 from .runtime import eager_compiled, evaluation_mode, exclusive
 from .targets import Continuation, Target, is_callable_target
 from .trace_types import FirstLayer, Needs, Trace
@@ -121,13 +125,18 @@ def one_pass(
         batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
     if not needs.relevance:
         trace = attention_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients,
-                               gradients=needs.gradients, first_layer=first_layer, fold=fold)
+                               gradients=needs.gradients, first_layer=first_layer, fold=fold, tokens=needs.hidden_states,
+                               value_outputs=needs.value_outputs)
+    elif needs.hidden_states:
+        raise AttnxValueError("the relevance pass does not record the blocks' tokens; a method reads one or the other")
     elif registry is None:
         raise AttnxValueError("a relevance pass needs an LRP rule registry (preset)")
     else:
         # one forward serves everything: the attentions, dy_t/dA (a plain backward through the
         # model's own graph, kept beside the rules) and the relevance backward
         trace = relevance_pass(adapter, batch, target, RelevanceRequest.from_needs(needs, registry, strict, first_layer))
+    if needs.path_steps > 0:
+        trace.path_gradient = path_gradient(adapter, batch, target, trace.targets, needs.path_steps)
     if check_forward:
         read_as = None if is_callable_target(target) else target  # a callable is not called twice
 

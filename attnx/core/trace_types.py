@@ -34,6 +34,15 @@ class Needs:
         ``R^A = A ⊙ g̃(A)`` of every layer from an LRP pass; implies ``attentions``.
     input_relevance:
         Relevance at the input (pixels or token embeddings) from an LRP pass.
+    hidden_states:
+        The tokens each block reads (its input ``h^l``, ``(B, N, D)``) and ``∂y_t/∂h^l`` (a plain
+        backward, beside ``dy_t/dA`` when ``gradients``); the model's adapter names its blocks.
+    value_outputs:
+        With ``hidden_states``: each block's values through its attention's output projection,
+        ``W_O v_j`` ``(B, N, D)`` (no bias).
+    path_steps:
+        When positive: ``dy_t/dA`` of the last layer averaged over that many extra passes on the
+        input scaled by ``α ∈ linspace(0, 1, path_steps)`` (pixels, or the token embeddings).
     rules:
         For methods whose LRP rules are fixed: a factory of their
         :class:`~attnx.lrp.registry.Registry` (the others take a ``preset`` option).
@@ -43,12 +52,20 @@ class Needs:
     gradients: bool = False
     attention_relevance: bool = False
     input_relevance: bool = False
+    hidden_states: bool = False
+    value_outputs: bool = False
+    path_steps: int = 0
     rules: Callable[[], Registry] | None = None
 
     @property
     def relevance(self) -> bool:
         """Whether an LRP pass runs."""
         return self.attention_relevance or self.input_relevance
+
+    @property
+    def backward(self) -> bool:
+        """Whether the pass differentiates the target (so a target must exist)."""
+        return self.gradients or self.relevance or self.hidden_states or self.path_steps > 0
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,17 @@ class Trace:
         ``∂y_t/∂A`` for each layer (same shapes), when needed (``None`` below the :class:`FirstLayer`).
     attention_relevance:
         ``R^A`` for each layer (same shapes), when needed (``None`` below the :class:`FirstLayer`).
+    hidden_states:
+        The input tokens ``h^l`` ``(B, N, D)`` of every block, in forward order, when
+        ``Needs.hidden_states`` (``None`` below the :class:`FirstLayer`).
+    hidden_gradients:
+        ``∂y_t/∂h^l`` for each block (same shapes; ``None`` below the :class:`FirstLayer`).
+    value_outputs:
+        ``W_O v_j`` ``(B, N, D)`` of every block, when ``Needs.value_outputs`` (``None`` below the
+        :class:`FirstLayer`).
+    path_gradient:
+        ``(B, H, N, N)``: ``dy_t/dA`` of the last layer averaged along the scaled inputs, when
+        ``Needs.path_steps``.
     input_relevance:
         Relevance at the input, ``(B, C, H, W)`` pixels or ``(B, T, D)`` token embeddings, when
         ``Needs.input_relevance``.
@@ -148,6 +176,10 @@ class Trace:
     attentions: list[torch.Tensor] | None = None
     gradients: list[torch.Tensor] | None = None
     attention_relevance: list[torch.Tensor] | None = None
+    hidden_states: list[torch.Tensor | None] | None = None
+    hidden_gradients: list[torch.Tensor | None] | None = None
+    value_outputs: list[torch.Tensor | None] | None = None
+    path_gradient: torch.Tensor | None = None
     input_relevance: torch.Tensor | None = None
     coverage: Coverage | None = None
     output: Any = None

@@ -7,8 +7,9 @@ Every method is a pure function of the trace of one pass and the readout row, de
     def my_method(trace, readout, *, option=default) -> torch.Tensor:  # (B, N) token relevance
 
 ``trace.attentions`` holds the post-softmax attention ``A`` of every layer as ``(B, H, N, N)``;
-``trace.gradients`` holds ``dy_t/dA``, ``trace.attention_relevance`` the LRP relevance at ``A``
-and ``trace.input_relevance`` the relevance at the input, each when declared. A method that
+``trace.gradients`` holds ``dy_t/dA``, ``trace.attention_relevance`` the LRP relevance at ``A``,
+``trace.input_relevance`` the relevance at the input and ``trace.hidden_states`` /
+``trace.hidden_gradients`` the tokens each block reads and ``dy_t/dh``, each when declared. A method that
 reads a small function of each layer (its head-fused map, one readout row) declares it as a
 ``fold`` and reads it with :func:`attnx.core.layer_fold.kept_layers`: the pass then keeps that
 instead of every layer's ``A`` and ``dy_t/dA`` (:mod:`attnx.core.layer_fold`). One module per
@@ -30,6 +31,6 @@ from .registry import (
 
 # isort: split
 # the built-in methods register themselves on import, in this order
-from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp, attention_flow, baselines, legrad  # noqa: E402,F401,I001
+from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp, attention_flow, baselines, legrad, attcat, beyond_intuition  # noqa: E402,F401,I001
 
 __all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "register_method", "unregister_method"]

@@ -1,0 +1,93 @@
+"""The tokens every block reads: forward pre-hooks on the blocks an adapter names.
+
+A method that reads the token representations (``Needs.hidden_states``) gets each block's input
+``h^l`` ``(B, N, D)`` -- the residual stream before the block's first norm, the output of the block
+below (of the embeddings for the first) -- and ``∂y_t/∂h^l`` from the same backward as ``dy_t/dA``.
+The adapter says which modules are the blocks and how to read their tokens
+(:meth:`attnx.adapters.base.Adapter.block_inputs`); the hooks are removed on exit, also on errors.
+A method may also read each block's values through the attention's output projection, ``W_O v_j``
+(:meth:`attnx.adapters.base.Adapter.value_projections`), recorded detached.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .checkpointing import recomputing
+from .layout import Layout
+from .recorder import AttentionRecorder
+
+__all__ = ["check_block_tokens", "recorded_block_tokens", "recorded_value_outputs"]
+
+#: reads a block's ``(B, N, D)`` input tokens from the ``(args, kwargs)`` of its call
+TokenReader = Callable[[tuple, dict], Any]
+
+
+@contextlib.contextmanager
+def recorded_block_tokens(blocks: Sequence[tuple[nn.Module, TokenReader]], recorder: AttentionRecorder) -> Iterator[None]:
+    """Record the input tokens of every block in ``blocks`` with ``recorder.record_tokens``."""
+
+    def hook(read: TokenReader) -> Callable:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            tokens = read(args, kwargs)
+            if not isinstance(tokens, torch.Tensor):
+                raise UnsupportedModelError(
+                    f"block {type(module).__name__} was called without its tokens as a tensor; its token "
+                    "representations cannot be recorded"
+                )
+            recorder.record_tokens(tokens)
+        return pre_hook
+
+    handles = []
+    try:
+        for block, read in blocks:
+            handles.append(block.register_forward_pre_hook(hook(read), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def recorded_value_outputs(projections: Sequence[tuple[nn.Module, Callable, torch.Tensor]], recorder: AttentionRecorder) -> Iterator[None]:
+    """Record ``W_O v_j`` ``(B, N, D)`` (no bias) of every block, from the output of its value module."""
+
+    def hook(read: Callable, weight: torch.Tensor) -> Callable:
+        def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if recomputing():  # a checkpointed layer recomputed by the backward: recorded in the forward
+                return
+            values = read(args, kwargs, output).detach()
+            recorder.value_outputs.append(values @ weight.detach().to(values.dtype).T)
+        return forward_hook
+
+    handles = []
+    try:
+        for module, read, weight in projections:
+            handles.append(module.register_forward_hook(hook(read, weight), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_block_tokens(recorder: AttentionRecorder, layout: Layout, batch_size: int, model: nn.Module) -> None:
+    """The recorded tokens must be one ``(B, N, D)`` tensor per attention layer, over the layout's tokens."""
+    name = type(model).__name__
+    if recorder.probs and len(recorder.tokens) != len(recorder.probs):
+        raise UnsupportedModelError(
+            f"{name}: {len(recorder.tokens)} blocks were seen for {len(recorder.probs)} attention layers; "
+            "its token representations cannot be paired with its attentions"
+        )
+    if recorder.value_outputs and len(recorder.value_outputs) != len(recorder.tokens):
+        raise UnsupportedModelError(
+            f"{name}: {len(recorder.value_outputs)} value projections were seen for {len(recorder.tokens)} blocks"
+        )
+    for t in [*recorder.tokens, *recorder.value_outputs]:
+        if tuple(t.shape[:2]) != (batch_size, layout.num_tokens):
+            raise UnsupportedModelError(
+                f"{name}: a block read tokens of shape {tuple(t.shape)}, expected ({batch_size}, {layout.num_tokens}, D)"
+            )
