@@ -10,6 +10,9 @@ runs one of two passes:
 * :func:`attnx.core.relevance_pass.relevance_pass` -- a forward under an LRP rule registry and one
   modified backward to the attention probabilities and the input (``dy_t/dA`` from the same forward).
 
+Methods that perturb the inputs get the explained target's score for perturbed copies of the
+batch (:class:`attnx.core.target_forward.TargetForward` on ``Trace.forward``).
+
 The types are in :mod:`attnx.core.trace_types`, the relevance seed in :mod:`attnx.core.lrp_seed`,
 what both passes read of their forward in :mod:`attnx.core.pass_reading`.
 """
@@ -30,6 +33,7 @@ from .forward_check import model_forward
 from .pass_reading import patch_layout, resolve
 from .relevance_pass import RelevanceRequest, relevance_pass
 from .runtime import eager_compiled, evaluation_mode, exclusive, float32_execution
+from .target_forward import TargetForward
 from .targets import Continuation, Target, is_callable_target
 from .trace_types import FirstLayer, Needs, Trace
 
@@ -112,6 +116,8 @@ def one_pass(
         # one forward serves everything: the attentions, dy_t/dA (a plain backward through the
         # model's own graph, kept beside the rules) and the relevance backward
         trace = relevance_pass(adapter, batch, target, RelevanceRequest.from_needs(needs, registry, strict, first_layer))
+    if needs.forward:
+        trace.forward = TargetForward(adapter, batch, target, trace.layout, trace.target_scores, trace.targets)
     if check_forward:
         read_as = None if is_callable_target(target) else target  # a callable is not called twice
 

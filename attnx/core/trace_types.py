@@ -37,6 +37,10 @@ class Needs:
     rules:
         For methods whose LRP rules are fixed: a factory of their
         :class:`~attnx.lrp.registry.Registry` (the others take a ``preset`` option).
+    forward:
+        A :class:`~attnx.core.target_forward.TargetForward` on ``Trace.forward``: the explained
+        target's score for perturbed inputs (pixels or token embeddings) or under manipulated
+        attention, computed with the model's own forward on the same batch.
     """
 
     attentions: bool = False
@@ -44,6 +48,7 @@ class Needs:
     attention_relevance: bool = False
     input_relevance: bool = False
     rules: Callable[[], Registry] | None = None
+    forward: bool = False
 
     @property
     def relevance(self) -> bool:
@@ -132,6 +137,9 @@ class Trace:
     model_forward:
         The model's own forward on the same batch (:mod:`attnx.core.forward_check`), when the pass
         was asked to check that the explained forward is the model's.
+    forward:
+        The explained target's score for perturbed inputs (:class:`~attnx.core.target_forward.TargetForward`),
+        when ``Needs.forward``.
     """
 
     logits: torch.Tensor
@@ -150,3 +158,4 @@ class Trace:
     relevance_scale: torch.Tensor | None = None
     conserving: bool = False
     model_forward: ModelForward | None = None
+    forward: Any = None
