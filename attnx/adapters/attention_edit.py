@@ -38,12 +38,16 @@ class AttentionEditor(TorchFunctionMode):
         ``probs (..., N, N) -> probs``, the leading axes batch-major (``(B, H)`` or ``B*H``).
     num_tokens:
         ``N``, the token count of the explained layout.
+    samples:
+        The batch size of the forward: a ``(B', H, N, N)`` attention with ``B'`` other than it
+        attends within windows (Swin), not over the explained tokens, and is refused.
     """
 
-    def __init__(self, edit: Callable[[torch.Tensor], torch.Tensor], num_tokens: int) -> None:
+    def __init__(self, edit: Callable[[torch.Tensor], torch.Tensor], num_tokens: int, samples: int) -> None:
         super().__init__()
         self.edit = edit
         self.num_tokens = num_tokens
+        self.samples = samples
         self.edited = 0
         self.flow = SoftmaxFlow()
         self.recorder = AttentionRecorder()  # explicit_attention records; nothing reads it
@@ -54,6 +58,11 @@ class AttentionEditor(TorchFunctionMode):
     def edited_probabilities(self, probs: torch.Tensor) -> torch.Tensor:
         if not self.over_tokens(probs):
             return probs
+        if probs.dim() == 4 and probs.shape[0] != self.samples:
+            raise UnsupportedModelError(
+                f"attention over windows of {self.num_tokens} tokens ({probs.shape[0]} windows for {self.samples} samples): "
+                "attention manipulation needs global self-attention over the explained tokens, not a windowed model"
+            )
         self.edited += 1
         self.recorder = AttentionRecorder()  # keep no graph alive between layers
         return self.edit(probs)

@@ -201,7 +201,7 @@ class TargetForward:
         batch = self.tiled(copies)
         if inputs is not None and self.kind == "pixels":
             batch = batch.with_input(inputs.to(batch.explained_input.dtype))
-        editor = None if factors is None else AttentionEditor(lambda p: edit(p, factors), self.layout.num_tokens)
+        editor = None if factors is None else AttentionEditor(lambda p: edit(p, factors), self.layout.num_tokens, batch.batch_size)
         with contextlib.ExitStack() as stack:
             if self.embeddings is not None and (inputs is not None or seen is not None):
                 stack.enter_context(embeddings_output(self.embeddings, inputs, seen))
