@@ -5,7 +5,7 @@ authors' code do (``H - min_k H``, column ``j`` times ``1 - f``, masked keys lef
 a timm ViT re-run block by block from its weights, or in a Hugging Face model running a reference
 attention function registered with ``transformers.AttentionInterface``. attnx reaches the same
 forward from the probabilities (``log A - min log A``), through SDPA made explicit or the eager
-kernels' written-out softmax. The authors' code (Aleph-Alpha/AtMan) runs only on its own copies
+kernels' written-out softmax, or ``nn.MultiheadAttention`` written out. The authors' code (Aleph-Alpha/AtMan) runs only on its own copies
 of GPT-Neo / MAGMA with their weights, so it is not run here.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 import attnx
-from attnx.errors import UnsupportedModelError
 from clip_models import hf_clip
 from conftest import CASES
 from contracts import assert_unchanged, snapshot
@@ -200,10 +199,35 @@ def test_clip_image_tower_explains_a_similarity():
     assert torch.isfinite(e.scores).all() and e.scores.abs().amax() > 0
 
 
-def test_multihead_attention_kernel_is_refused():
+def torchvision_logits(model, x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """A torchvision ViT's forward written out (``nn.MultiheadAttention`` by its packed weights)."""
+    h = model._process_input(x)
+    h = torch.cat([model.class_token.expand(h.shape[0], -1, -1), h], dim=1) + model.encoder.pos_embedding
+    for layer in model.encoder.layers:
+        mha = layer.self_attention
+        y = layer.ln_1(h)
+        B, N, C = y.shape
+        q, k, v = (F.linear(y, w, b).reshape(B, N, mha.num_heads, -1).transpose(1, 2)
+                   for w, b in zip(mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)))
+        scores = (q @ k.transpose(-2, -1)) / (C // mha.num_heads) ** 0.5
+        probs = suppressed_scores(scores, torch.ones_like(scores, dtype=torch.bool), factors)
+        h = h + mha.out_proj((probs @ v).transpose(1, 2).reshape(B, N, C))
+        h = h + layer.mlp(layer.ln_2(h))
+    return model.heads(model.encoder.ln(h)[:, 0])
+
+
+def test_torchvision_multihead_attention_equals_the_scores_formula():
     case = CASES["torchvision_vit"]
-    with pytest.raises(UnsupportedModelError, match="MultiheadAttention"):
-        attnx.explain(case.model(), case.inputs(1), method="atman")
+    model, x = case.model(torch.float64), case.inputs(1, dtype=torch.float64)
+    e = attnx.explain(model, x, method="atman")
+    t = int(e.targets[0])
+    with torch.no_grad():
+        clean = torchvision_logits(model, x, one_hot_factors(17, None, x.dtype)).log_softmax(-1)[0, t]
+        assert abs(float(clean) - float(e.logits[0].log_softmax(-1)[t])) < 1e-10
+        expected = torch.stack([
+            clean - torchvision_logits(model, x, one_hot_factors(17, j, x.dtype)).log_softmax(-1)[0, t] for j in range(17)
+        ])
+    assert (e.token_relevance[0] - expected).abs().max() < 1e-8
 
 
 def test_suppression_bounds_are_checked():

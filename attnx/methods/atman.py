@@ -17,7 +17,8 @@ target's cross-entropy)::
     R_j = y_t(x) − y_t(x; j suppressed)                (score="target": the explained scalar itself)
 
 The probabilities are all that the model's attention exposes (written-out attention, the
-explicit form of ``F.scaled_dot_product_attention``, :mod:`attnx.adapters.attention_edit`), and
+explicit form of ``F.scaled_dot_product_attention`` or of ``nn.MultiheadAttention``,
+:mod:`attnx.adapters.attention_edit`), and
 they determine the shifted scores exactly: ``Ĥ_ik = log A_ik − min_k' log A_ik'``, the minimum
 taken over the keys the query may attend to (``A > 0``). The authors' GPT-Neo code takes the row
 minimum of the raw scores before the causal mask, future keys included; for bidirectional models
