@@ -32,6 +32,20 @@ def test_timm_vit_patches_equal_captum_and_the_drop_by_hand():
     assert e.scores.abs().amax() > 1e-2
 
 
+def test_float64_model_keeps_float64_and_the_drop():
+    case = CASES["hf_vit_eager"]
+    model, x = case.model(torch.float64), case.inputs(1, dtype=torch.float64)
+    e = attnx.explain(model, x, method="occlusion")
+    assert e.scores.dtype == e.input_relevance.dtype == torch.float64
+    t = int(e.targets[0])
+    with torch.no_grad():
+        clean = model(pixel_values=x).logits[0, t]
+        occluded = x.clone()
+        occluded[:, :, 8:16, 16:24] = 0  # patch (1, 2)
+        assert abs(float(e.scores[0, 6]) - float(clean - model(pixel_values=occluded).logits[0, t])) < 1e-10
+    assert (e.pixel_relevance[0, 8:16, 16:24].sum() - e.scores[0, 6]).abs() < 1e-10  # pixels sum to the drop
+
+
 def test_bert_tokens_equal_captum_with_zero_and_pad_embeddings():
     case = CASES["hf_bert_eager"]
     model = case.model()

@@ -65,7 +65,9 @@ def suppressed_probabilities(probs: torch.Tensor, factors: torch.Tensor) -> torc
 @register_method(
     "atman",
     reference="Deiseroth et al., NeurIPS 2023 (exact: written-out formula)",
-    needs=Needs(forward=True),
+    # the attentions: AtMan is an attention method (global self-attention over the explained tokens;
+    # windowed models are refused as for the other attention methods)
+    needs=Needs(attentions=True, forward=True),
     options=(
         Option("suppression", 0.9, "suppression factor f: the suppressed token's shifted scores are multiplied by 1 - f",
                kind=float, bounds=(0, 1)),
