@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnx.adapters.attention_edit import AttentionEditor, written_out_mha
+from attnx.adapters.attention_edit import AttentionEditor
 from attnx.errors import UnsupportedModelError
 
 

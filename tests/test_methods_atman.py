@@ -132,7 +132,7 @@ def test_bert_classifier_equals_the_scores_formula(impl):
     e = attnx.explain(model, inputs, method="atman")
     for b, n in ((0, 9), (1, 6)):
         one = real(inputs, b)
-        ref = reference_scores(model, lambda: model(**one).logits.log_softmax(-1)[0, e.targets[b]], n, torch.float64)
+        ref = reference_scores(model, lambda one=one, t=int(e.targets[b]): model(**one).logits.log_softmax(-1)[0, t], n, torch.float64)
         expected = ref[0] - ref[1:]
         assert (e.token_relevance[b, :n] - expected).abs().max() < 1e-8
         assert (e.token_relevance[b, n:] == 0).all()  # padding
@@ -153,7 +153,7 @@ def test_decoder_next_token_equals_the_scores_formula(family, impl, dtype, tol):
     for b, n in ((0, 9), (1, 5)):
         one = real(inputs, b)
         token = e.targets[b]
-        ref = reference_scores(model, lambda: model(**one).logits[0, -1].log_softmax(-1)[token], n, dtype)
+        ref = reference_scores(model, lambda one=one, token=token: model(**one).logits[0, -1].log_softmax(-1)[token], n, dtype)
         expected = ref[0] - ref[1:]
         assert (e.token_relevance[b, T - n:] - expected).abs().max() < tol  # left padding
         assert (e.token_relevance[b, : T - n] == 0).all()

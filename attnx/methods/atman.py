@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import torch
 
+from ..core.forward_check import tolerance
 from ..core.trace_types import Needs
 from ..errors import ForwardMismatchError
-from ..core.forward_check import tolerance
 from .registry import Option, Relevance, register_method
 
 __all__ = ["atman", "suppressed_probabilities"]
