@@ -174,6 +174,43 @@ def test_score_target_is_the_drop_of_the_logit():
     assert e.options["score"] == "target" and e.options["suppression"] == 0.5
 
 
+def test_cosine_neighbourhood_suppresses_similar_tokens_with_the_authors_factor():
+    case = CASES["hf_bert_sdpa"]
+    model = case.model(torch.float64)
+    inputs = case.inputs(1)
+    kappa, f = 0.15, SUPPRESSION
+    e = attnx.explain(model, inputs, method="atman", neighbourhood=kappa)
+    embeddings = model.get_input_embeddings()(inputs["input_ids"])[0].detach()
+    unit = embeddings / embeddings.norm(dim=-1, keepdim=True)
+    cosine = unit @ unit.T
+    assert ((cosine >= kappa).sum() - 9) > 0  # some tokens have neighbours
+    t = int(e.targets[0])
+    old = model.config._attn_implementation
+    model.set_attn_implementation("atman_reference")
+    try:
+        with torch.no_grad():
+            REFERENCE["factors"] = torch.ones(1, 9, dtype=torch.float64)
+            clean = model(**inputs).logits.log_softmax(-1)[0, t]
+            expected = []
+            for j in range(9):
+                factors = torch.where(cosine[j] >= kappa, f * (1 - cosine[j]) + (1 - f), torch.ones(9, dtype=torch.float64))
+                factors[j] = 1 - f
+                REFERENCE["factors"] = factors[None]
+                expected.append(clean - model(**inputs).logits.log_softmax(-1)[0, t])
+    finally:
+        model.set_attn_implementation(old)
+    assert (e.token_relevance[0] - torch.stack(expected)).abs().max() < 1e-8
+    alone = attnx.explain(model, inputs, method="atman")
+    assert (alone.token_relevance - e.token_relevance).abs().max() > 1e-4  # the neighbourhood changes the map
+    assert e.options["neighbourhood"] == kappa
+
+
+def test_cosine_neighbourhood_needs_token_embeddings():
+    case = CASES["timm_vit"]
+    with pytest.raises(attnx.errors.AttnxValueError, match="token embeddings"):
+        attnx.explain(case.model(), case.inputs(1), method="atman", neighbourhood=0.7)
+
+
 # --------------------------------------------------------------------------------------------
 # contracts
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,17 @@ minimum of the raw scores before the causal mask, future keys included; for bidi
 without padding the two are the same, for causal ones attnx's minimum is over the visible keys.
 
 Every token of the layout is suppressed in turn (prefix tokens included; padding tokens get 0).
-The cosine-similarity neighbourhood of the paper ("conceptual suppression") is not offered.
+
+**The cosine neighbourhood** (the paper's "conceptual suppression", Sec. 3.3; ``neighbourhood=κ``):
+the tokens ``k`` whose input embedding has cosine similarity ``c_jk >= κ`` with token ``j``'s are
+suppressed with it, less the less similar they are (the authors' code)::
+
+    factor_k = 1 − f                       k = j
+    factor_k = f · (1 − c_jk) + (1 − f)    k ≠ j, c_jk >= κ       (1 at c_jk = 0, 1 − f at c_jk = 1)
+
+The similarity is taken between the token embeddings (the output of the model's token
+embeddings), so the neighbourhood is offered for text models; the paper's images are the image
+tokens fed to a language model, which a ViT's pixels are not.
 Cost: one forward of the batch per token plus two (the unsuppressed forward under the
 manipulation, checked against the model's own), no backward; memory of one forward per chunk.
 """
@@ -35,7 +45,7 @@ import torch
 
 from ..core.forward_check import tolerance
 from ..core.trace_types import Needs
-from ..errors import ForwardMismatchError
+from ..errors import AttnxValueError, ForwardMismatchError
 from .registry import Option, Relevance, register_method
 
 __all__ = ["atman", "suppressed_probabilities"]
@@ -71,17 +81,21 @@ def suppressed_probabilities(probs: torch.Tensor, factors: torch.Tensor) -> torc
     options=(
         Option("suppression", 0.9, "suppression factor f: the suppressed token's shifted scores are multiplied by 1 - f",
                kind=float, bounds=(0, 1)),
+        Option("neighbourhood", None, "cosine similarity threshold of the tokens suppressed with each token "
+               "(text; None: the token alone)", kind=float, bounds=(0, 1), allow_none=True),
         Option("score", None, "log_probability (the paper's cross-entropy; classes and tokens) or target (y_t); "
                "default: log_probability where the target has one", kind=str, choices=("log_probability", "target"),
                allow_none=True),
     ),
 )
-def atman(trace, readout, *, suppression: float = 0.9, score: str | None = None) -> Relevance:
+def atman(trace, readout, *, suppression: float = 0.9, neighbourhood: float | None = None,
+          score: str | None = None) -> Relevance:
     """AtMan: the drop of the target when the attention to one token is suppressed in every layer and head.
 
     Deiseroth et al. 2023, Eq. 3-4: each token's shifted pre-softmax scores scaled by ``1 - f``
-    in every layer and head, relevance = log p_t(x) - log p_t(x; token suppressed) (or the drop of
-    ``y_t`` with ``score="target"``). One forward per token, no backward.
+    in every layer and head (with its cosine neighbourhood of token embeddings, ``neighbourhood=κ``),
+    relevance = log p_t(x) - log p_t(x; token suppressed) (or the drop of ``y_t`` with
+    ``score="target"``). One forward per token, no backward.
     """
     forward = trace.forward
     if score is None:
@@ -90,6 +104,8 @@ def atman(trace, readout, *, suppression: float = 0.9, score: str | None = None)
     B, N = forward.batch_size, trace.layout.num_tokens
     factors = torch.ones(N + 1, B, N, dtype=torch.float64)
     columns = torch.arange(N)
+    if neighbourhood is not None:
+        factors[1:] = neighbourhood_factors(forward, suppression, neighbourhood).permute(1, 0, 2)
     factors[columns + 1, :, columns] = 1.0 - suppression  # copy 0: nothing suppressed
     with forward.held(), torch.no_grad():
         plain = forward(copies=1, score=score)
@@ -103,4 +119,20 @@ def atman(trace, readout, *, suppression: float = 0.9, score: str | None = None)
     relevance = (scores[0][None] - scores[1:]).T  # (B, N)
     valid = trace.layout.valid_mask(B, relevance.device)
     tokens = relevance * valid.to(relevance.dtype)
-    return Relevance(tokens=tokens.to(trace.logits.dtype), options={"suppression": suppression, "score": score})
+    options = {"suppression": suppression, "neighbourhood": neighbourhood, "score": score}
+    return Relevance(tokens=tokens.to(trace.logits.dtype), options=options)
+
+
+def neighbourhood_factors(forward, suppression: float, threshold: float) -> torch.Tensor:
+    """``(B, N, N)`` the factor of key ``k`` when token ``j`` is suppressed (row ``j``), for the
+    tokens whose embeddings' cosine similarity with ``j``'s reaches ``threshold``."""
+    if forward.kind != "embeddings":
+        raise AttnxValueError(
+            "the cosine neighbourhood compares token embeddings (text models); an image model's tokens are "
+            "not its input: use neighbourhood=None"
+        )
+    e = forward.inputs().to(torch.float64)
+    unit = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    cosine = (unit @ unit.transpose(1, 2)).clamp(-1, 1)  # (B, N, N)
+    similar = cosine >= threshold
+    return torch.where(similar, suppression * (1 - cosine) + (1 - suppression), torch.ones_like(cosine)).cpu()
