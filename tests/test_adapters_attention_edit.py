@@ -66,8 +66,11 @@ def test_windows_of_as_many_tokens_as_the_layout_are_refused():
     from attnx.adapters.attention_edit import AttentionEditor
 
     editor = AttentionEditor(lambda p: p, num_tokens=4, samples=2)
-    with pytest.raises(UnsupportedModelError, match="windows"):
-        editor.edited_probabilities(torch.full((8, 3, 4, 4), 0.25))
     assert editor.edited_probabilities(torch.full((2, 3, 5, 5), 0.2)).shape == (2, 3, 5, 5) and editor.edited == 0
+    with pytest.raises(UnsupportedModelError, match="no self-attention"):
+        editor.check()
+    editor.edited_probabilities(torch.full((8, 3, 4, 4), 0.25))  # inside ``@`` an error would turn into TypeError
+    with pytest.raises(UnsupportedModelError, match="windows"):
+        editor.check()
 
 

@@ -85,7 +85,8 @@ def written_out_mha(
 
 class AttentionEditor(TorchFunctionMode):
     """While active, ``edit(probs)`` replaces the probabilities of every self-attention over
-    ``num_tokens`` tokens; ``edited`` counts the attentions it replaced.
+    ``num_tokens`` tokens; ``edited`` counts the attentions it replaced; :meth:`check` after the
+    forward raises what could not be manipulated.
 
     Parameters
     ----------
@@ -106,6 +107,18 @@ class AttentionEditor(TorchFunctionMode):
         self.edited = 0
         self.flow = SoftmaxFlow()
         self.recorder = AttentionRecorder()  # explicit_attention records; nothing reads it
+        self.refusal: UnsupportedModelError | None = None
+
+    def check(self) -> None:
+        """Raise what the forward could not manipulate (windows), or that it saw no attention at all."""
+        if self.refusal is not None:
+            raise self.refusal
+        if self.edited == 0:
+            raise UnsupportedModelError(
+                f"no self-attention over the {self.num_tokens} explained tokens was seen to manipulate (attention "
+                "through F.scaled_dot_product_attention, nn.MultiheadAttention or written out as a softmax "
+                "multiplied with the values)"
+            )
 
     def over_tokens(self, probs: torch.Tensor) -> bool:
         return probs.shape[-1] == self.num_tokens and probs.shape[-2] == self.num_tokens
@@ -114,10 +127,12 @@ class AttentionEditor(TorchFunctionMode):
         if not self.over_tokens(probs):
             return probs
         if probs.dim() == 4 and probs.shape[0] != self.samples:
-            raise UnsupportedModelError(
+            # raised after the forward (check): an error inside ``@`` would become Python's TypeError
+            self.refusal = UnsupportedModelError(
                 f"attention over windows of {self.num_tokens} tokens ({probs.shape[0]} windows for {self.samples} samples): "
                 "attention manipulation needs global self-attention over the explained tokens, not a windowed model"
             )
+            return probs
         self.edited += 1
         self.recorder = AttentionRecorder()  # keep no graph alive between layers
         return self.edit(probs)

@@ -208,12 +208,8 @@ class TargetForward:
             if editor is not None:
                 stack.enter_context(editor)
             output, logits = self.adapter.call(batch)
-        if editor is not None and editor.edited == 0:
-            raise UnsupportedModelError(
-                f"no self-attention over the {self.layout.num_tokens} explained tokens of {type(self.adapter.model).__name__} "
-                "was seen to manipulate (attention through F.scaled_dot_product_attention or written out as a softmax "
-                "multiplied with the values)"
-            )
+        if editor is not None:
+            editor.check()
         resolved = resolve(self.tiled_target(copies), output, logits, batch.layout, batch.batch_size)
         return self.score_of(resolved, score, copies)
 
