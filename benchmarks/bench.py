@@ -23,9 +23,10 @@ Baselines (the same ones for every method of a kind):
   ``torch.autograd.grad(sum_b logits[b, t_b], input)`` where the input is the image tensor (vit)
   or the output of ``get_input_embeddings()`` (bert, llama; a forward hook makes it require grad;
   for llama the logits of the last position, run with ``use_cache=False`` as attnx runs it); the
-  baseline of gradient methods and of every method that needs an LRP pass or reads the gradients at
-  the block tokens (attcat); bt_h and bt_t run 20 more forward+backward passes (the integrated gradient of
-  the last attention map), so expect about 21x this baseline.
+  baseline of gradient methods, of every method that needs an LRP pass or reads the gradients at
+  the block tokens (attcat), and of the perturbation methods (integrated_gradients, occlusion, atman:
+  many forwards of the batch); bt_h and bt_t run 20 more forward+backward passes (the integrated
+  gradient of the last attention map), so expect about 21x this baseline.
 
 Every method is called as a user would: ``attnx.Explainer(model)(inputs, method=name,
 target=targets)``, with the targets ``t_b`` (the predicted classes, fixed once) given explicitly
@@ -92,7 +93,11 @@ BASELINES = (FORWARD, FORWARD_BACKWARD)
 # targets from the brief (x of the own baseline; batch scaling for gradient methods)
 MAX_RATIO = {FORWARD: 1.3, FORWARD_BACKWARD: 1.5}
 # LRP methods have their own targets (x forward+backward); None: no target stated
-METHOD_MAX_RATIO = {"transformer_attribution": 2.7, "lrp": 1.4, "partial_lrp": 2.5}
+METHOD_MAX_RATIO = {"transformer_attribution": 2.7, "lrp": 1.4, "partial_lrp": 2.5,
+                    # perturbation methods: no target, their cost is stated per step / token / patch
+                    # (integrated_gradients ~ n_steps x forward+backward; occlusion ~ (patches or
+                    # tokens + 1) forwards; atman ~ (tokens + 2) forwards, no backward)
+                    "integrated_gradients": None, "occlusion": None, "atman": None}
 #: LRP to the input per preset (``lrp`` alone runs its default preset, attnlrp)
 PRESET_MAX_RATIO = {"lrp:attnlrp": 1.4, "lrp:cplrp": 1.2, "lrp:chefer2021": 2.7, "lrp:attnlrp-gamma": 2.7}
 #: peak memory, x that of forward + input-backward
@@ -292,7 +297,8 @@ def split_method(name: str) -> tuple[str, dict]:
 
 def baseline_of(method: str) -> str:
     spec = attnx.get_method(split_method(method)[0])
-    return FORWARD_BACKWARD if spec.needs.backward else FORWARD  # gradients, relevance, block tokens, path
+    # gradients, relevance, block tokens, path; perturbation methods (needs.forward) as the gradient methods
+    return FORWARD_BACKWARD if (spec.needs.backward or spec.needs.forward) else FORWARD
 
 
 # --------------------------------------------------------------------------------------------

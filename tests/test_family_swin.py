@@ -289,7 +289,8 @@ def test_batch_equals_samples_alone(family):
     model = build(family)
     x, targets = images(3, seed=6), [1, 4, 2]
     explainer = attnx.Explainer(model)
-    runs = [(m, {}) for m in attnx.list_methods() if m != "lrp"] + [("lrp", {"preset": p}) for p in presets]
+    # atman suppresses a token in every layer: Swin's windows below the last stage are refused
+    runs = [(m, {}) for m in attnx.list_methods() if m not in ("lrp", "atman")] + [("lrp", {"preset": p}) for p in presets]
     for method, options in runs:
         batch = explainer.explain(x, method=method, target=targets, **options)
         for i in range(3):

@@ -134,14 +134,29 @@ class SoftmaxFlow:
         elif func in RESHAPES and out.dim() >= 3 and out.shape[-2:] == source.shape[-2:]:
             self._track(out)
 
-    def call(self, func: Any, args: tuple, kwargs: dict, on_attention: Callable[[torch.Tensor], None]) -> Any:
-        """Run ``func(*args, **kwargs)``, calling ``on_attention`` first if it consumes attention."""
+    def call(self, func: Any, args: tuple, kwargs: dict, on_attention: Callable[[torch.Tensor], Any]) -> Any:
+        """Run ``func(*args, **kwargs)``, calling ``on_attention`` first if it consumes attention;
+        a tensor ``on_attention`` returns is multiplied with the values in place of the probabilities."""
         probs = self.consumed(func, args, kwargs)
         if probs is not None:
-            on_attention(probs)
+            replacement = on_attention(probs)
+            if isinstance(replacement, torch.Tensor) and replacement is not probs:
+                args = substituted(args, probs, replacement)
         out = func(*args, **kwargs)
         self.follow(func, args, kwargs, out)
         return out
+
+
+def substituted(args: tuple, old: torch.Tensor, new: torch.Tensor) -> tuple:
+    """``args`` with the tensor ``old`` replaced by ``new`` (also inside an einsum's operand list)."""
+    def swap(a: Any) -> Any:
+        if a is old:
+            return new
+        if isinstance(a, (list, tuple)) and any(x is old for x in a):
+            return type(a)(new if x is old else x for x in a)
+        return a
+
+    return tuple(swap(a) for a in args)
 
 
 def record_probabilities(recorder: AttentionRecorder, probs: torch.Tensor) -> None:
@@ -174,8 +189,10 @@ def explicit_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` written out, recording the probabilities."""
+    """``F.scaled_dot_product_attention`` written out, recording the probabilities (``edit``: a
+    function of the probabilities whose result the product with the values uses instead)."""
     L, S = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
@@ -206,6 +223,8 @@ def explicit_attention(
             probs = probs.masked_fill(no_key, 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
+    if edit is not None:
+        probs = edit(probs)
     record_probabilities(recorder, probs)
     return torch.matmul(probs, value)
 

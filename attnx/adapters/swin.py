@@ -38,7 +38,7 @@ from .switches import attn_implementation, attribute_switch
 __all__ = ["TimmSwinAdapter", "HFSwinAdapter", "INPUT_METHODS"]
 
 #: the methods that read no attention, hence explain any Swin at any input size
-INPUT_METHODS = ("lrp", "gradient_x_input")
+INPUT_METHODS = ("lrp", "gradient_x_input", "integrated_gradients", "occlusion")
 _HF_SWIN = ("SwinForImageClassification", "Swinv2ForImageClassification")
 
 

@@ -190,7 +190,7 @@ class Explainer:
         that read one are refused (naming the similarity targets), the others report no target."""
         if target is not None or not self.checked.get(key, False):
             return trace
-        if needs.backward:
+        if needs.backward or needs.forward:
             raise AttnxValueError(
                 f"{type(self.model).__name__} outputs an embedding, not class logits, so there is no predicted class "
                 "to explain; pass a target on the embedding: attnx.similarity.cosine_to(reference_embedding) or "

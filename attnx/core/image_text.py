@@ -260,7 +260,7 @@ def tower_target(adapter: Adapter, needs: Needs) -> Any:
     """The target of a tower whose output is an embedding (``adapter.outputs_embedding``), when none
     was given: methods that read only the attention run (the target does not change them) on the
     embedding's norm; the others raise, since an embedding has no predicted class."""
-    if needs.backward:
+    if needs.backward or needs.forward:
         raise AttnxValueError(
             f"{type(adapter.model).__name__} is a dual encoder: its output is an embedding, not class logits. "
             "Pass text prompts (attnx.explain(model, images, text=[...], tokenizer=tok)) or a target on the "

@@ -13,6 +13,8 @@ runs one of two passes:
 
 A method may also ask for the last layer's ``dy_t/dA`` integrated along scaled inputs
 (:mod:`attnx.core.path_gradients`): more attention passes after the main one.
+Methods that perturb the inputs get the explained target's score for perturbed copies of the
+batch (:class:`attnx.core.target_forward.TargetForward` on ``Trace.forward``).
 
 The types are in :mod:`attnx.core.trace_types`, the relevance seed in :mod:`attnx.core.lrp_seed`,
 what both passes read of their forward in :mod:`attnx.core.pass_reading`.
@@ -37,6 +39,7 @@ from .path_gradients import path_gradient
 from .precision import explained_in, in_float32
 from .relevance_pass import RelevanceRequest, relevance_pass
 from .runtime import eager_compiled, evaluation_mode, exclusive
+from .target_forward import TargetForward
 from .targets import Continuation, Target, is_callable_target
 from .trace_types import FirstLayer, Needs, Trace
 
@@ -137,6 +140,8 @@ def one_pass(
         trace = relevance_pass(adapter, batch, target, RelevanceRequest.from_needs(needs, registry, strict, first_layer))
     if needs.path_steps > 0:
         trace.path_gradient = path_gradient(adapter, batch, target, trace.targets, needs.path_steps)
+    if needs.forward:
+        trace.forward = TargetForward(adapter, batch, target, trace.layout, trace.target_scores, trace.targets)
     if check_forward:
         read_as = None if is_callable_target(target) else target  # a callable is not called twice
 

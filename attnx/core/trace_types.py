@@ -46,6 +46,10 @@ class Needs:
     rules:
         For methods whose LRP rules are fixed: a factory of their
         :class:`~attnx.lrp.registry.Registry` (the others take a ``preset`` option).
+    forward:
+        A :class:`~attnx.core.target_forward.TargetForward` on ``Trace.forward``: the explained
+        target's score for perturbed inputs (pixels or token embeddings) or under manipulated
+        attention, computed with the model's own forward on the same batch.
     """
 
     attentions: bool = False
@@ -56,6 +60,7 @@ class Needs:
     value_outputs: bool = False
     path_steps: int = 0
     rules: Callable[[], Registry] | None = None
+    forward: bool = False
 
     @property
     def relevance(self) -> bool:
@@ -167,6 +172,9 @@ class Trace:
     last_rows:
         ``(B, N)`` float64 row norms of ``∂y_t/∂A`` at the last layer
         (:func:`~attnx.core.layer_fold.row_norms`), kept by a folding pass for the readout check.
+    forward:
+        The explained target's score for perturbed inputs (:class:`~attnx.core.target_forward.TargetForward`),
+        when ``Needs.forward``.
     """
 
     logits: torch.Tensor
@@ -191,3 +199,4 @@ class Trace:
     model_forward: ModelForward | None = None
     folded: list[Any] | None = None
     last_rows: torch.Tensor | None = None
+    forward: Any = None

@@ -311,7 +311,7 @@ def methods_markdown() -> str:
     """The README's methods table, written from the declarations (``attnx methods --markdown``)."""
     rows = ["| name | what it computes | reads | options | reference |", "|---|---|---|---|---|"]
     for m in _METHODS.values():
-        reads = [k for k in ("attentions", "gradients", "attention_relevance", "input_relevance", "hidden_states") if getattr(m.needs, k)]
+        reads = [k for k in ("attentions", "gradients", "attention_relevance", "input_relevance", "hidden_states", "forward") if getattr(m.needs, k)]
         options = ", ".join(describe_option(o) for o in m.option_specs) or "—"
         summary = m.summary.replace("``", "`").replace("|", "\\|")
         rows.append(f"| `{m.name}` | {summary} | {', '.join(reads)} | {options} | {m.reference or '—'} |")
