@@ -33,7 +33,7 @@ def generic(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
     (:func:`generic_layer`), then released. Peak, float32 bytes, ``B`` samples, ``H`` heads,
     ``N`` tokens, ``L`` layers read (from ``start_layer``)::
 
-        F_eager + 4·B·N²·L  (+ 12·B·N² transient at the last layer: the readout check's row norms)
+        F_eager + 4·B·N²·L
 
     with ``F_eager`` the model's own forward + backward (to layer ``start_layer``) under the
     attention kernel that returns the probabilities (it keeps them: ``4·B·H·N²`` per layer).

@@ -32,7 +32,7 @@ def grad_rollout(trace, readout, *, discard_ratio: float = 0.0, start_layer: int
     (:func:`gradient_weighted`), then released; ``discard_ratio`` and the rollout run on those
     maps. Peak, float32 bytes, ``B`` samples, ``N`` tokens, ``L`` layers read::
 
-        F_eager + 4·B·N²·L  (+ 12·B·N² transient at the last layer: the readout check's row norms)
+        F_eager + 4·B·N²·L
 
     with ``F_eager`` the model's own forward + backward (to layer ``start_layer``) under the
     attention kernel that returns the probabilities (``4·B·H·N²`` per layer kept by it).

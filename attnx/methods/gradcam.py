@@ -37,9 +37,6 @@ def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
         F_eager + 8·B·H·N          (a readout the model declares)
         F_eager + 8·B·H·N²         (a readout measured after the pass: that layer's A and ∂y_t/∂A)
 
-    plus, at the last layer, a transient ``12·B·N²`` (the readout check's float64 row norms,
-    one head at a time).
-
     with ``F_eager`` the model's own forward + backward (to the layer read) under the attention
     kernel that returns the probabilities (``4·B·H·N²`` per layer kept by it).
     """

@@ -91,7 +91,7 @@ def legrad(trace, readout) -> torch.Tensor:
     Memory: the last layer is folded to ``mean_h ReLU(∂y_t/∂A^L)`` ``(B, N, N)`` as the backward
     reaches it (:func:`positive_gradient`). Peak, float32 bytes, ``B`` samples, ``N`` tokens::
 
-        F_eager + 4·B·N²  (+ 12·B·N² transient: the readout check's row norms)
+        F_eager + 4·B·N²
 
     with ``F_eager`` the model's own forward + backward to the last layer's attention under the
     attention kernel that returns the probabilities (``4·B·H·N²`` per layer kept by it).
