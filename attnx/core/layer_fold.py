@@ -67,12 +67,17 @@ def layer_index(option: Any, num_layers: int) -> int | None:
     return option % num_layers
 
 
-def row_norms(gradient: torch.Tensor) -> torch.Tensor:
+def row_norms(gradient: torch.Tensor, rows: int = 256) -> torch.Tensor:
     """``(B, N)`` float64: the size of each row of ``dy_t/dA_L`` summed over heads and keys, from
-    which :mod:`attnx.core.readout` tells the rows the head reads. One head at a time: the
-    float64 temporaries are ``(B, N, N)``, not the whole ``(B, H, N, N)`` gradient."""
+    which :mod:`attnx.core.readout` tells the rows the head reads. One head and ``rows`` query
+    rows at a time: the float64 temporaries are ``(B, rows, N)``, not a copy of the gradient."""
     g = gradient.detach()
-    return sum(g[:, h].abs().to(torch.float64).sum(dim=-1) for h in range(g.shape[1]))
+    B, H, N = g.shape[0], g.shape[1], g.shape[2]
+    norms = torch.zeros(B, N, dtype=torch.float64, device=g.device)
+    for h in range(H):
+        for start in range(0, N, rows):
+            norms[:, start:start + rows] += g[:, h, start:start + rows].abs().to(torch.float64).sum(dim=-1)
+    return norms
 
 
 def kept_layers(trace: Any, fold: LayerFold, readout: Readout) -> list[Any]:
