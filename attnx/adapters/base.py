@@ -134,6 +134,11 @@ class Adapter:
         """
         yield
 
+    def forward_done(self, recorder: AttentionRecorder) -> None:
+        """Called after the explained forward, before its layout is read and before any backward
+        (which may run while ``observe`` is still active): the adapter settles what it recorded
+        (e.g. takes an attention-pool probe off the layers). Nothing by default."""
+
     def patch_layout(self, batch: Batch, grid: tuple[int, int]) -> Layout:
         """The layout of ``batch`` from the grid of a patch embedding seen by ``watch_tokens``."""
         return batch.layout

@@ -132,6 +132,9 @@ class InterceptAdapter(Adapter):
         self.probe = None
         with AttentionInterceptor(recorder), capture:
             yield
+
+    def forward_done(self, recorder: AttentionRecorder) -> None:
+        # a pooling probe is the head's, not a layer: off the layers before the layout and the backward
         self.probe = take_probe(recorder)
 
     @contextlib.contextmanager

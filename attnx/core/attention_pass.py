@@ -55,6 +55,7 @@ def attention_pass(
         with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values:
             with plain_execution(model, keep_checkpointing=backward):
                 output, logits = adapter.call(batch)
+                adapter.forward_done(recorder)
                 layout = resolved_layout(adapter, batch, recorder, attentions)
                 if tokens:
                     check_block_tokens(recorder, layout, batch.batch_size, model)

@@ -163,6 +163,7 @@ def forward_under_rules(
         watch = adapter.observe(recorder) if observe else adapter.watch_tokens(recorder, root)
         with watch, plain_execution(model, keep_checkpointing=True):  # inside the engine: its hooks see loaded weights
             output, logits = adapter.call(batch)
+            adapter.forward_done(recorder)
             if root is None:
                 if len(engine.roots) != 1:
                     raise UnsupportedModelError(
