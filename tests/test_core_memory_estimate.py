@@ -89,6 +89,13 @@ def test_attention_terms_are_the_bytes_the_trace_keeps():
     assert TERMS["attention_gradients"][1](sizes) == kept(trace.gradients)
     last = Sizes(shape, input_shape(x, shape), first=shape.layers - 1)
     assert TERMS["attention_gradients"][1](last) == kept(trace.gradients[-1:])
+    # a folding method keeps one head-fused map per layer instead (attnx.core.layer_fold)
+    from attnx.methods import get_method
+
+    generic = get_method("generic")
+    folded = attnx.Explainer(model).trace(x, needs=generic.needs, fold=generic.fold_for({}))
+    assert folded.gradients is None and folded.attentions is None
+    assert TERMS["folded_maps"][1](sizes) == kept(folded.folded)
 
 
 def test_shape_is_read_from_the_config_and_the_inputs():
@@ -106,13 +113,19 @@ def test_unknown_models_are_refused_by_name():
         attnx.estimate(torch.nn.Sequential(torch.nn.Linear(3, 3)), torch.zeros(1, 3))
 
 
-def test_half_precision_adds_float32_copies_of_the_weights():
+def test_half_precision_adds_float32_copies_of_the_weights_only_where_computed_in_float32():
+    """precision="auto" computes transformer_attribution in float32 (copies of the bfloat16 weights)
+    and attnlrp in bfloat16 (no copies, 2-byte activations); precision="float32" copies for both."""
     model = llama().to(torch.bfloat16)
-    plan = attnx.estimate(model, tokens(32), method="lrp")
     fp32 = sum(p.numel() * 4 for p in [*model.parameters(), *model.buffers()] if p.dtype == torch.bfloat16)
-    assert plan.float32_weights == fp32
-    assert plan.weights == sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
-    assert plan.peak == plan.weights + plan.float32_weights + sum(plan.terms.values())
+    copied = attnx.estimate(model, tokens(32), method="transformer_attribution")
+    assert copied.float32_weights == fp32
+    assert copied.weights == sum(p.numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
+    assert copied.peak == copied.weights + copied.float32_weights + sum(copied.terms.values())
+    own = attnx.estimate(model, tokens(32), method="lrp")
+    forced = attnx.estimate(model, tokens(32), method="lrp", precision="float32")
+    assert own.float32_weights == 0 and forced.float32_weights == fp32
+    assert own.terms["forward_backward"] * 2 == forced.terms["forward_backward"]
 
 
 def test_the_terms_follow_what_each_method_keeps():
@@ -127,13 +140,14 @@ def test_the_terms_follow_what_each_method_keeps():
     assert method_terms(lrp, get_preset("attnlrp"), shape) == ("forward_backward", "rule_state")
     assert "written_out_attention" in method_terms(lrp, get_preset("attnlrp"), eager)
     assert {"written_out_attention", "stabilized_rules"} <= set(method_terms(lrp, get_preset("chefer2021"), shape))
-    assert "attention_gradients" in method_terms(get_method("generic"), None, shape)
+    assert "folded_maps" in method_terms(get_method("generic"), None, shape)
+    assert "attention_gradients" in method_terms(get_method("transformer_attribution"), get_preset("chefer2021"), shape)
     assert "signed_weights" in method_terms(get_method("transformer_attribution"), get_preset("chefer2021"), shape)
     assert shape.largest_linear == 500 * 64  # the output layer, vocabulary x hidden
     x = tokens(64, batch=1)
     every = attnx.estimate(llama(), x, method="generic", available=None)
     last = attnx.estimate(llama(), x, method="generic", start_layer=-1)
-    assert every.terms["attention_gradients"] == 3 * last.terms["attention_gradients"] == 3 * 4 * 64 * 64 * 4
+    assert every.terms["folded_maps"] == 3 * last.terms["folded_maps"] == 3 * 64 * 64 * 4  # B=1, heads fused
 
 
 def test_a_meta_device_model_is_estimated_without_weights():
@@ -147,11 +161,14 @@ def test_a_meta_device_model_is_estimated_without_weights():
     plan = attnx.estimate(model, ids, method="generic", available=80 * 2**30)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # the rotary frequencies
     assert plan.weights == 8_030_261_248 * 2 + buffers  # Llama-3-8B's parameter count, bfloat16
-    assert plan.terms["attention_maps"] == 64 * 2**30
-    assert plan.device == "meta" and "generic" not in plan.fits
-    # not loaded: the weights must fit too (gradient_x_input: 76 GiB of its own + 15 GiB of weights)
-    assert plan.needed == plan.peak and "gradient_x_input" not in plan.fits
-    assert "gradient_x_input" in attnx.estimate(model, ids, method="lrp", available=100 * 2**30).fits
+    # generic is computed in bfloat16 (attnx.core.precision): 32 x 32 x 4096² x 2 bytes = 32 GiB of maps
+    assert plan.terms["attention_maps"] == 32 * 2**30 and plan.float32_weights == 0
+    assert plan.device == "meta" and {"generic", "lrp"} <= set(plan.fits)
+    assert "transformer_attribution" not in plan.fits  # float32 (outside the bfloat16 tolerance), Chefer's rules
+    forced = attnx.estimate(model, ids, method="generic", available=80 * 2**30, precision="float32")
+    assert forced.terms["attention_maps"] == 64 * 2**30 and forced.float32_weights == 2 * plan.weights
+    # not loaded: the weights must fit too (gradient_x_input in float32: 76 GiB of its own + 15 GiB of weights)
+    assert forced.needed == forced.peak and "gradient_x_input" not in forced.fits
 
 
 @pytest.mark.slow

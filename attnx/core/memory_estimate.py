@@ -6,14 +6,14 @@ the model. :func:`check_memory` refuses a call whose estimate exceeds the free m
 device, before anything is allocated (:class:`attnx.errors.InsufficientMemoryError`).
 
 Units: ``B`` samples, ``N`` tokens, ``L`` layers, ``H`` query heads, ``e`` bytes per computed
-element (4: half-precision models are computed in float32, :func:`attnx.core.runtime.float32_execution`);
+element (4; 2 for a half-precision model computed in its own dtype, :mod:`attnx.core.precision`);
 ``M = B·H·N²·e`` is one layer's attention map. What each method keeps is one entry of
 :data:`METHOD_TERMS`; the bytes of each kind of kept tensor are :data:`TERMS`. The formulas were
 checked against measured peaks on small models (``benchmarks/memory_estimate.py``, docs/memory.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -28,6 +28,8 @@ from ..methods.registry import get_method, list_methods
 from . import free_memory
 from .layout import Layout
 from .model_shape import InputShape, ModelShape, input_shape, model_shape
+from .precision import OWN_PRECISION, check_precision
+from .runtime import HALF_DTYPES
 
 __all__ = ["METHOD_TERMS", "TERMS", "MemoryEstimate", "estimate", "method_terms"]
 
@@ -88,6 +90,9 @@ TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
     "attention_scores": ("the eager kernel's scores and their gradient, one layer at a time: 2·M",
                          lambda s: 2 * s.map_bytes),
     "attention_gradients": ("dy/dA of every layer read: (L - first)·M", lambda s: s.read_layers * s.map_bytes),
+    "folded_maps": ("a layer fold's head-fused map of every layer read, kept as the backward reaches it "
+                    "(attnx.core.layer_fold): (L - first)·B·N²·4", lambda s: s.read_layers * s.inputs.batch * s.inputs.tokens**2 * 4),
+    "one_layer_gradient": ("dy/dA of the one layer the backward is folding: M", lambda s: s.map_bytes),
     "attention_relevance": ("R^A of every layer read: (L - first)·M", lambda s: s.read_layers * s.map_bytes),
     "method_math": ("the method's products over one layer (A ⊙ ∇A, its positive part): 2·M",
                     lambda s: 2 * s.map_bytes),
@@ -111,10 +116,11 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
     "rollout": ("forward", "attention_maps", "attention_scores", "readout_pass"),
     "attention_flow": ("forward", "attention_maps", "attention_scores", "readout_pass"),
     "random": ("forward", "attention_maps", "attention_scores", "readout_pass"),
-    "grad_rollout": ("forward_backward", "attention_maps", "attention_scores", "attention_gradients", "method_math"),
-    "generic": ("forward_backward", "attention_maps", "attention_scores", "attention_gradients", "method_math"),
-    "attn_gradcam": ("forward_backward", "attention_maps", "attention_scores", "attention_gradients", "method_math"),
-    "legrad": ("forward_backward", "attention_maps", "attention_scores", "attention_gradients", "method_math"),
+    # the folding methods: each layer folded as the backward reaches it, then released
+    "grad_rollout": ("forward_backward", "attention_maps", "attention_scores", "one_layer_gradient", "folded_maps"),
+    "generic": ("forward_backward", "attention_maps", "attention_scores", "one_layer_gradient", "folded_maps"),
+    "attn_gradcam": ("forward_backward", "attention_maps", "attention_scores", "one_layer_gradient"),
+    "legrad": ("forward_backward", "attention_maps", "attention_scores", "one_layer_gradient", "folded_maps"),
     "transformer_attribution": ("forward_backward", "attention_maps", "attention_scores", "attention_gradients",
                                 "attention_relevance", "rule_state", "method_math"),
     "partial_lrp": ("forward_backward", "attention_maps", "attention_scores", "attention_relevance", "rule_state"),
@@ -236,12 +242,15 @@ def _device_of(model: nn.Module) -> str:
 
 
 def predict(
-    method: Any, registry: Any, shape: ModelShape, inputs: InputShape, first: int = 0
+    method: Any, registry: Any, shape: ModelShape, inputs: InputShape, first: int = 0, own_precision: bool = False
 ) -> tuple[dict[str, int], int]:
-    """``({kind: bytes}, float32 weight bytes)`` of one call of ``method``."""
+    """``({kind: bytes}, float32 weight bytes)`` of one call of ``method``; ``own_precision``: a
+    half-precision model computed in its own dtype (:mod:`attnx.core.precision`)."""
+    if own_precision and shape.half_bytes:  # computed in the model's own half precision: no copies
+        shape = replace(shape, compute_bytes=2)
     sizes = Sizes(shape, inputs, max(0, min(first, shape.layers - 1)))
     terms = {name: int(TERMS[name][1](sizes)) for name in method_terms(method, registry, shape)}
-    return terms, 2 * shape.half_bytes  # float32 copies of float16 / bfloat16 storage
+    return terms, 0 if own_precision else 2 * shape.half_bytes  # float32 copies of float16 / bfloat16 storage
 
 
 def _first_layer(method: Any, options: dict, shape: ModelShape, inputs: InputShape) -> int:
@@ -258,7 +267,8 @@ def _first_layer(method: Any, options: dict, shape: ModelShape, inputs: InputSha
 
 
 def estimate(
-    model: nn.Module, inputs: Any, method: str = "rollout", available: int | None = None, **options: Any
+    model: nn.Module, inputs: Any, method: str = "rollout", available: int | None = None, precision: str = "auto",
+    **options: Any,
 ) -> MemoryEstimate:
     """The predicted peak memory of ``attnx.explain(model, inputs, method=method, **options)``.
 
@@ -276,6 +286,9 @@ def estimate(
     available:
         Free bytes to plan for; default the free memory of the model's device (``None`` for the
         meta device).
+    precision:
+        As for :func:`attnx.explain`: a half-precision model computed in its own dtype (no float32
+        copies of its weights, 2-byte activations) for the methods :mod:`attnx.core.precision` runs so.
     **options:
         The method's options (``preset``, ``start_layer``, ...).
 
@@ -283,8 +296,11 @@ def estimate(
     -------
     :class:`MemoryEstimate`: ``peak`` bytes, the breakdown and the methods that fit ``available``.
     """
+    check_precision(precision)
     shape = model_shape(model)
     sizes = input_shape(inputs, shape)
+    half = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    half = half if half in HALF_DTYPES else None
     device = _device_of(model)
     if available is None and device != "meta":
         available = free_memory.free_memory(device)
@@ -295,11 +311,17 @@ def estimate(
         registry = None
         if spec.needs.relevance:
             registry = get_preset(trace_opts["preset"]) if "preset" in trace_opts else spec.needs.rules()
-        return predict(spec, registry, shape, sizes, _first_layer(spec, method_opts, shape, sizes))
+        key = f"{name}:{registry.name}" if "preset" in trace_opts else name
+        own = precision == "model" or (precision == "auto" and key in OWN_PRECISION.get(half, ()))
+        return predict(spec, registry, shape, sizes, _first_layer(spec, method_opts, shape, sizes), own and half is not None)
 
     terms, copies = one(method, options)
     fits = None
     if available is not None:
         unloaded = shape.weight_bytes if device == "meta" else 0  # weights to bring in too
-        fits = tuple(m for m in list_methods() if unloaded + copies + sum(one(m, {})[0].values()) <= available)
+        def needed(m: str) -> int:
+            kept, float32_copies = one(m, {})
+            return unloaded + float32_copies + sum(kept.values())
+
+        fits = tuple(m for m in list_methods() if needed(m) <= available)
     return MemoryEstimate(method, shape.weight_bytes, copies, terms, fits, available, device, shape, sizes)
