@@ -59,7 +59,7 @@ from .localisation import (
 from .measures import MEASURES
 from .measures import Measure as Measure
 from .saco import saco, saco_coefficient, salience_groups
-from .sanity import Randomisation, parameter_randomisation, pearson, randomisation_steps, spearman
+from .sanity import Randomisation, parameter_randomisation, pearson, randomisation_steps, randomised_copy, spearman
 from .text import RationaleScores, rationale_f1, token_deletion_curve
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "parameter_randomisation",
     "Randomisation",
     "randomisation_steps",
+    "randomised_copy",
     "spearman",
     "pearson",
     "MEASURES",
