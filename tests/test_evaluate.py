@@ -377,17 +377,17 @@ def test_evaluate_help(capsys):
 # ------------------------------------------------------------------------------------------------
 # the protocol, declared once in attnx.evaluate.columns
 # ------------------------------------------------------------------------------------------------
-def test_readme_protocol_is_the_rendered_column_declarations():
+def test_league_page_protocol_is_the_rendered_column_declarations():
     from pathlib import Path
 
     from attnx.evaluate import protocol_markdown
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    page = (Path(__file__).resolve().parents[1] / "docs" / "league.md").read_text(encoding="utf-8")
     start, end = "<!-- league-columns:start -->\n", "<!-- league-columns:end -->"
-    assert readme.count(start) == 1 and readme.count(end) == 1
-    between = readme[readme.index(start) + len(start):readme.index(end)]
+    assert page.count(start) == 1 and page.count(end) == 1
+    between = page[page.index(start) + len(start):page.index(end)]
     assert between == protocol_markdown(), (
-        "README.md's protocol section is out of date: replace the text between the league-columns markers with "
+        "docs/league.md's protocol section is out of date: replace the text between the league-columns markers with "
         "python -c 'from attnx.evaluate import protocol_markdown; print(protocol_markdown(), end=\"\")'"
     )
 
