@@ -349,6 +349,8 @@ def test_text_without_the_corpus_package(capsys, monkeypatch, tmp_path):
     (["--model", "vit_base_patch16_224"], "give --data FOLDER"),
     (["--limit", "0"], "expected a positive integer"),
     (["--randomisation-samples", "-1"], "expected an integer >= 0"),
+    (["--task", "clip", "--data", "photos"], "--data do(es) not apply to --task clip"),
+    (["--task", "dinov2", "--readme", "/no/such/README.md"], "--readme /no/such/README.md: no such file"),
 ])
 def test_cli_errors_are_clear(capsys, tmp_path, argv, message):
     status, _, err = run(capsys, "evaluate", *argv, "--out", str(tmp_path / "o"))
