@@ -32,8 +32,8 @@ RANDOMISATION = ["rand_spearman", "rand_head_spearman"]
 FAST = dict(limit=10, batch_size=3, deletion_steps=4, progress=False)
 
 
-def table(text: str, drop: tuple[str, ...] = ("ms_per_image", "ms_per_text")) -> list[dict]:
-    """CSV rows without the timing column (the one number that differs between runs)."""
+def table(text: str, drop: tuple[str, ...] = ("ms_per_image", "ms_per_text", "ms_per_image_se", "ms_per_text_se")) -> list[dict]:
+    """CSV rows without the timing columns (the numbers that differ between runs)."""
     return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(io.StringIO(text))]
 
 
