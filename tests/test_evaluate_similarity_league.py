@@ -46,3 +46,14 @@ def test_one_pair_with_a_failing_method():
     assert math.isnan(r["saco_se"])  # one pair: no standard error
     assert "Failed on this model: always_fails" in t.to_markdown()
     assert "always_fails" not in attnx.list_methods()
+
+
+def test_ordered_pairs_cover_every_photo_first():
+    import itertools
+
+    from attnx.evaluate.similarity_league import ordered_pairs
+
+    names = ["a", "b", "c", "d", "e", "f"]
+    pairs = ordered_pairs(names)
+    assert sorted(pairs) == sorted(itertools.permutations(names, 2))
+    assert sorted(a for a, _ in pairs[:6]) == names
