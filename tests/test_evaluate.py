@@ -234,7 +234,7 @@ def test_randomisation_samples_0_drops_the_columns(capsys, tmp_path):
     assert status == 0, err
     assert "rand. ρ" not in out and "head ρ" not in out
     rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
-    assert list(rows[0]) == ["method", *SCENE_COLUMNS[:-3], "ms_per_image"]
+    assert list(rows[0]) == ["method", *(k for c in [*SCENE_COLUMNS[:-3], "ms_per_image"] for k in (c, c + "_se"))]
     lg = League.load(tmp_path / "o" / "samples_vision.npz")
     assert lg.meta["randomisation"] is None and "rand_all" not in lg.samples["rollout"]
     with pytest.raises(ValueError, match="randomisation_samples"):
@@ -283,8 +283,9 @@ def test_image_folder_with_a_pickled_timm_model(capsys, tmp_path):
                                "--out", str(tmp_path / "o"))
     assert status == 0, err
     rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
-    assert [r["method"] for r in rows] == ["rollout", "random", "gradient_x_input"]
-    assert list(rows[0]) == ["method", "pos_auc", "neg_auc", "deletion_auc", "insertion_auc", *RANDOMISATION, "ms_per_image"]
+    assert [r["method"] for r in rows] == ["rollout", "random", "gradient_x_input", SANITY_ROW]
+    keys = ["pos_auc", "neg_auc", "deletion_auc", "insertion_auc", "saco", *RANDOMISATION, "ms_per_image"]
+    assert list(rows[0]) == ["method", *(k for c in keys for k in (c, c + "_se"))]
     assert float(rows[1]["rand_spearman"]) == pytest.approx(1.0)  # random: its map ignores the weights
     lg = League.load(tmp_path / "o" / "samples_vision.npz")
     assert lg.kind == "images" and len(lg) == 4
