@@ -22,7 +22,7 @@ from ..core.runtime import evaluation_mode
 from ..data.captions import class_prompt
 from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column, saco_column
 from .image_text import PROMPT, two_garment_maps
-from .runner import METHOD_FAILURES, _method_list, failure_reason
+from .runner import METHOD_FAILURES, method_list, failure_reason
 from .sample_table import SampleTable, stack
 
 __all__ = ["COLUMNS", "evaluate_clip"]
@@ -60,7 +60,7 @@ def evaluate_clip(methods: Any = None, *, limit: int | None = None, batch_size: 
                   sanity: bool = True, progress: bool = False) -> SampleTable:
     """The ``clip`` league on the first ``limit`` shipped two-garment scenes (two maps each;
     ``None``: all 48). ``methods`` as in :func:`attnx.evaluate.evaluate`."""
-    names = _method_list(methods, baselines)
+    names = method_list(methods, baselines)
     loaded = zoo.clip_model()
     scenes = zoo.scenes()
     maps = two_garment_maps(scenes, limit)

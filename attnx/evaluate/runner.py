@@ -19,10 +19,12 @@ from .datasets import IndexDataset
 from .league import League
 from .tasks import TextTask, to_numpy, vision_task
 
-__all__ = ["METHOD_FAILURES", "evaluate", "failure_reason"]
+__all__ = ["METHOD_FAILURES", "evaluate", "failure_reason", "method_list"]
 
 
-def _method_list(methods: Any, baselines: bool) -> list[str]:
+def method_list(methods: Any, baselines: bool) -> list[str]:
+    """The evaluated methods (each checked): ``methods`` (``None`` / ``"all"``: every registered
+    one, a list or a comma-separated string), then the baselines (``baselines``)."""
     if methods is None or methods == "all":
         names = attnx.list_methods()
     else:
@@ -117,7 +119,7 @@ def evaluate(
         raise AttnxValueError(f"limit must be a positive int, got {limit!r}")
     if not isinstance(randomisation_samples, int) or isinstance(randomisation_samples, bool) or randomisation_samples < 0:
         raise AttnxValueError(f"randomisation_samples must be an int >= 0, got {randomisation_samples!r}")
-    names = _method_list(methods, baselines)
+    names = method_list(methods, baselines)
     options = {k: dict(v) for k, v in (options or {}).items()}
     for m, opts in options.items():
         if m not in names:

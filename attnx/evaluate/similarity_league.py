@@ -26,7 +26,7 @@ from ..core import similarity
 from ..core.runtime import evaluation_mode
 from ..errors import AttnxValueError
 from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column
-from .runner import METHOD_FAILURES, _method_list, failure_reason
+from .runner import METHOD_FAILURES, method_list, failure_reason
 from .sample_table import SampleTable, stack
 
 __all__ = ["COLUMNS", "SQUARE", "evaluate_similarity", "occlusion_drops", "photos"]
@@ -105,7 +105,7 @@ def evaluate_similarity(methods: Any = None, *, limit: int | None = None, baseli
                         progress: bool = False) -> SampleTable:
     """The ``dinov2`` league on the first ``limit`` ordered photo pairs of :func:`ordered_pairs`
     (``None``: all 30)."""
-    names = _method_list(methods, baselines)
+    names = method_list(methods, baselines)
     bundle = zoo.dinov2_model()
     pics = photos()
     pairs = ordered_pairs(list(pics))[:limit]

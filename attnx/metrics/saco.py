@@ -24,7 +24,7 @@ import torch
 
 from ..errors import AttnxValueError
 from .common import RelevanceLike, ranks_descending
-from .curves import _check_images, _fill_values, _image_relevance
+from .curves import check_images, fill_values, image_relevance
 from .measures import Measure, apply_measure, forward_chunked, measure_name, resolve_target, run_points
 
 __all__ = ["saco", "saco_coefficient", "salience_groups"]
@@ -99,15 +99,15 @@ def saco(
     torch.Tensor
         ``(B,)`` float64 in ``[-1, 1]``; NaN for a map without any salience gap between groups.
     """
-    x = _check_images(inputs)
+    x = check_images(inputs)
     B, C, H, W = x.shape
     measure_name(measure)
-    key, g = _image_relevance(relevance, B, H, W, granularity, grid)
+    key, g = image_relevance(relevance, B, H, W, granularity, grid)
     key = key.to(x.device)
     group = salience_groups(key, groups)  # (B, n)
     one_hot = torch.nn.functional.one_hot(group, groups).to(key.dtype)  # (B, n, K)
     group_salience = torch.einsum("bn,bnk->bk", key, one_hot)
-    fill = _fill_values(baseline, x, mean, std)
+    fill = fill_values(baseline, x, mean, std)
     base_logits = forward_chunked(model, B, batch_size, lambda i: x[i.to(x.device)])
     tgt = resolve_target(target, relevance, base_logits)
     base = apply_measure(measure, base_logits, tgt, None)
