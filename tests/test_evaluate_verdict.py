@@ -51,6 +51,9 @@ def test_reference_wins_and_missing_standard_errors(tmp_path):
     v = verdict.judge_column(verdict.column_specs("text")["del_most_auc"], table)
     assert v.winner == "transformer_attribution" and v.versus_reference == "no method beats transformer_attribution"
     assert "no standard error" in verdict._lead_text(v) and v.top == ("transformer_attribution",)
+    _, rec = verdict.task_verdict("text", table)
+    assert rec.startswith("**transformer_attribution**: best on 1 of 1 columns; transformer_attribution: 1 of 1 (this table "
+                          "has no standard errors yet")
 
 
 def test_markdown_and_files(tmp_path):

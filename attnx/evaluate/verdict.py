@@ -192,8 +192,13 @@ def task_verdict(task: str, table: Mapping[str, Mapping[str, tuple[float, float]
     best = max(counts.values())
     leaders = sorted(m for m, c in counts.items() if c == best)
     ta = counts.get(REFERENCE, 0)
-    rec = (f"**{' or '.join(leaders)}**: in the top group (best, or within 2 SE of the best) on {best} of {n} columns; "
-           f"{REFERENCE}: {ta} of {n}.")
+    has_se = any(math.isfinite(se) for r in table.values() for _, se in r.values())
+    if has_se:
+        rec = (f"**{' or '.join(leaders)}**: in the top group (best, or within 2 SE of the best) on {best} of {n} columns; "
+               f"{REFERENCE}: {ta} of {n}.")
+    else:
+        rec = (f"**{' or '.join(leaders)}**: best on {best} of {n} columns; {REFERENCE}: {ta} of {n} (this table has no "
+               "standard errors yet: separability is not judged until it is regenerated).")
     if REFERENCE in leaders:
         rec += f" No method does better than {REFERENCE} overall here."
     failed = [m for m, r in table.items() if all(not math.isfinite(x[0]) for x in r.values())]
