@@ -29,6 +29,7 @@ CONTRACTS = {
     "lxt": "AttnLRP equals the authors' implementation (lxt) on real weights",
     "model_io": "what goes into and comes out of a model: typed errors, dict and embedding outputs, wrappers",
     "notebooks": "the example notebooks run and match their generator",
+    "readme_verdict": "the README's verdict block and docs/league/verdict.md are generated from the league tables",
     "padding": "padding changes nothing and gets zero relevance",
     "realistic_sizes": "the contracts at the sizes people use (224 px, 12 layers)",
     "reference": "every method against an independent reference written from its equations",

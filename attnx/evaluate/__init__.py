@@ -21,6 +21,13 @@ What is evaluated and what every column measures is declared once, in
   recall on a language model (subject rank, deletion curves; ``attnx evaluate --task llm``);
 * :mod:`~attnx.evaluate.image_text`: the class-discrimination column on the embedded CLIP, the
   classes given as text prompts, beside the embedded ViT.
+* :mod:`~attnx.evaluate.clip_league` and :mod:`~attnx.evaluate.similarity_league`: the ``clip``
+  (the embedded CLIP's image tower, zero-shot on the scenes) and ``dinov2`` (photo-pair similarity
+  against occlusion) leagues, tables of :mod:`~attnx.evaluate.sample_table`;
+* :mod:`~attnx.evaluate.verdict`: which method wins each column of each table, by how much, and
+  the recommendation per model kind (``verdict.md``, the README's verdict block).
+
+The protocol of every task: ``docs/league_protocol.md``.
 """
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ __all__ = [
     "DATA_KINDS",
     "DataKind",
     "RANDOMISATION_SEED",
+    "SACO_GROUPS",
+    "SANITY_METHOD",
+    "SANITY_ROW",
     "SCENE_SEEDS",
     "catalogue",
     "columns_help",
@@ -34,6 +37,13 @@ SCENE_SEEDS = (9200001, 9200002)
 #: ``seed`` of :func:`attnx.metrics.parameter_randomisation` in the league: every batch and shard
 #: randomises the model to the same weights
 RANDOMISATION_SEED = 0
+#: the sanity row of every league: this method on a copy of the model whose parameters are all
+#: re-drawn (``attnx.metrics.randomised_copy``, seed :data:`RANDOMISATION_SEED`), scored on the
+#: real model; a faithful method's scores fall to the level of ``random`` there
+SANITY_METHOD = "transformer_attribution"
+SANITY_ROW = "transformer_attribution@random_weights"
+#: salience groups of the SaCo column (the paper's K)
+SACO_GROUPS = 10
 
 
 # =============================================================================================
@@ -210,6 +220,22 @@ def causal_columns(measure: str | None) -> list[Column]:
     ]
 
 
+_SACO = (
+    "The salience-guided faithfulness coefficient of Wu et al. (CVPR 2024; `attnx.metrics.saco`): the map's "
+    f"patches sorted by relevance and split into {SACO_GROUPS} equal groups; each group alone set to 0 in the model's "
+    "input space; over every pair of groups, +gap in summed relevance when the more relevant group lowers the "
+    "class's probability more, −gap otherwise, divided by the sum of the gaps. 1: the effects are ordered as the "
+    "relevance; a map unrelated to the model scores about 0 (`random`); a constant map is undefined (left out of "
+    "the mean). Multi-label models: the sigmoid probability of the class; otherwise its softmax probability."
+)
+
+
+def saco_column(measure: str | None = None) -> Column:
+    """``SaCo``: the salience-guided faithfulness coefficient."""
+    return Column("saco", "SaCo", True, "salience-guided faithfulness (Wu et al. 2024): do more relevant patch groups "
+                  "change the prediction more? 1 = ordered as the relevance, about 0 = random", _SACO)
+
+
 LOCALISATION_COLUMNS = [
     Column("pixel_acc", "pixel acc", True, "segmentation (map above its mean vs. the explained garment's mask): pixel accuracy", _SEGMENTATION),
     Column("miou", "mIoU", True, "segmentation: mean IoU of garment and background, counts summed over the dataset", _SEGMENTATION),
@@ -251,7 +277,7 @@ def time_column(unit: str) -> Column:
 
 
 def league_columns(kind: str, measures: Mapping[str, str] | None = None, randomisation_samples: int | None = 0,
-                   item_name: str = "samples") -> list[Column]:
+                   item_name: str = "samples", saco: bool = True) -> list[Column]:
     """The columns of a league, in table order.
 
     Parameters
@@ -265,12 +291,16 @@ def league_columns(kind: str, measures: Mapping[str, str] | None = None, randomi
         Samples of the parameter randomisation check (``0``: not run, no columns; ``None``: N).
     item_name:
         What a sample is, in the randomisation column's description.
+    saco:
+        Images: the SaCo column (results saved before it existed have none).
     """
     if kind == "text":
         cols = list(TEXT_COLUMNS)
     else:
         m = measures or {}
         cols = perturbation_columns(m.get("perturbation")) + causal_columns(m.get("causal"))
+        if saco:
+            cols.append(saco_column(m.get("causal")))
         if kind == "scenes":
             cols += LOCALISATION_COLUMNS
     if randomisation_samples != 0:

@@ -13,7 +13,11 @@ from . import table
 from .columns import BASELINES, Column, league_columns
 from .storage import SampleResults
 
-__all__ = ["League"]
+__all__ = ["BOOTSTRAP", "BOOTSTRAP_SEED", "League"]
+
+#: resamples of the bootstrap standard errors, and the seed that draws them
+BOOTSTRAP = 200
+BOOTSTRAP_SEED = 0
 
 
 class League(SampleResults):
@@ -32,8 +36,9 @@ class League(SampleResults):
 
     @property
     def columns(self) -> list[Column]:
+        saco = any("saco" in f for f in self.samples.values())
         return league_columns(self.kind, self.meta.get("measures"), self.randomisation_samples,
-                              self.meta.get("item_name", "samples"))
+                              self.meta.get("item_name", "samples"), saco=saco)
 
     @property
     def randomisation_samples(self) -> int:
@@ -56,55 +61,104 @@ class League(SampleResults):
         fractions = torch.tensor(self.meta["fractions"][name], dtype=torch.float64)
         return Curve(fractions, values, "", name).auc().numpy()
 
-    def row(self, method: str) -> dict[str, float]:
-        """The table row of ``method``: column key -> value (NaN when there is nothing to average)."""
+    def _per_sample(self, method: str) -> dict[str, np.ndarray]:
+        """The per-sample quantities the row is computed from (cached): curve areas, SaCo,
+        localisation counts and hits, randomisation correlations, seconds."""
+        cache = self.__dict__.setdefault("_per_sample_cache", {})
+        if method in cache:
+            return cache[method]
         s = self.samples[method]
-        n = len(self)
+        out: dict[str, np.ndarray] = {}
+        if self.kind == "text":
+            out["del_most_auc"] = self._auc(method, "most")
+            out["del_least_auc"] = self._auc(method, "least")
+        else:
+            for name in ("pos", "neg"):
+                out[f"{name}_auc"] = self._auc(method, name)
+                if self.meta["measures"]["perturbation"] == "sigmoid":
+                    out[f"{name}_present"] = self._auc(method, name, present=True)
+            out["deletion_auc"] = self._auc(method, "deletion")
+            out["insertion_auc"] = self._auc(method, "insertion")
+        if "saco" in s:
+            out["saco"] = s["saco"].astype(np.float64)
+        if self.kind == "scenes":
+            for k in ("seg_correct", "seg_labeled", "seg_intersection", "seg_union", "seg_ap", "pointing", "mass", "mass_other"):
+                out[k] = s[k]
+            out["two"] = self.items["two"].astype(bool)
+        if self.randomisation_samples and "rand_all" in s:
+            out["rand_spearman"] = s["rand_all"].astype(np.float64)
+            out["rand_head_spearman"] = s["rand_head"].astype(np.float64)
+        out["seconds"] = s["seconds"].astype(np.float64)
+        cache[method] = out
+        return out
+
+    def _values(self, per: dict[str, np.ndarray], sel: np.ndarray) -> dict[str, float]:
+        """The table's numbers over the samples ``sel`` (indices, repeats allowed: the bootstrap)."""
 
         def mean(a: np.ndarray) -> float:
-            return float(np.mean(a.astype(np.float64))) if a.size else math.nan
+            a = a[sel].astype(np.float64)
+            a = a[np.isfinite(a)]  # undefined values (a constant map's SaCo or correlation): left out
+            return float(a.mean()) if a.size else math.nan
 
         out: dict[str, float] = {}
-        if self.kind == "text":
-            out["del_most_auc"] = mean(self._auc(method, "most"))
-            out["del_least_auc"] = mean(self._auc(method, "least"))
-        else:
-            out["pos_auc"] = mean(self._auc(method, "pos"))
-            out["neg_auc"] = mean(self._auc(method, "neg"))
-            if self.meta["measures"]["perturbation"] == "sigmoid":
-                out["pos_present"] = mean(self._auc(method, "pos", present=True))
-                out["neg_present"] = mean(self._auc(method, "neg", present=True))
-            out["deletion_auc"] = mean(self._auc(method, "deletion"))
-            out["insertion_auc"] = mean(self._auc(method, "insertion"))
+        for key in ("del_most_auc", "del_least_auc", "pos_auc", "neg_auc", "pos_present", "neg_present",
+                    "deletion_auc", "insertion_auc", "saco"):
+            if key in per:
+                out[key] = mean(per[key])
         if self.kind == "scenes":
+            n = sel.size
             meter = SegmentationMeter()
-            meter.correct = int(s["seg_correct"].astype(np.int64).sum())
-            meter.labeled = int(s["seg_labeled"].astype(np.int64).sum())
-            meter.intersection = torch.from_numpy(s["seg_intersection"].astype(np.int64).sum(axis=0))
-            meter.union = torch.from_numpy(s["seg_union"].astype(np.int64).sum(axis=0))
-            meter.ap_sum = float(s["seg_ap"].astype(np.float64).sum())
+            meter.correct = int(per["seg_correct"][sel].astype(np.int64).sum())
+            meter.labeled = int(per["seg_labeled"][sel].astype(np.int64).sum())
+            meter.intersection = torch.from_numpy(per["seg_intersection"][sel].astype(np.int64).sum(axis=0))
+            meter.union = torch.from_numpy(per["seg_union"][sel].astype(np.int64).sum(axis=0))
+            meter.ap_sum = float(per["seg_ap"][sel].astype(np.float64).sum())
             meter.images = n
             seg = meter.compute() if n else {"pixel_accuracy": math.nan, "miou": math.nan, "mean_ap": math.nan}
             out["pixel_acc"] = float(seg["pixel_accuracy"])
             out["miou"] = float(seg["miou"])
             out["map"] = float(seg["mean_ap"])
-            out["pointing"] = mean(s["pointing"])
-            out["mass"] = mean(s["mass"])
-            two = self.items["two"].astype(bool)
-            out["discrimination"] = mean(s["mass"][two] > s["mass_other"][two])
-            other = float(s["mass_other"][two].astype(np.float64).sum())
-            out["mass_ratio"] = float(s["mass"][two].astype(np.float64).sum()) / other if other > 0 else math.nan
-        if self.randomisation_samples:
-            for key, name in (("rand_head_spearman", "rand_head"), ("rand_spearman", "rand_all")):
-                v = s[name].astype(np.float64)
-                v = v[np.isfinite(v)]  # outside the subset (and undefined correlations): NaN
-                out[key] = float(v.mean()) if v.size else math.nan
-        out[f"ms_per_{self.unit}"] = 1000 * float(s["seconds"].astype(np.float64).sum()) / n if n else math.nan
+            out["pointing"] = mean(per["pointing"])
+            out["mass"] = mean(per["mass"])
+            two = sel[per["two"][sel]]
+            a, b = per["mass"][two].astype(np.float64), per["mass_other"][two].astype(np.float64)
+            out["discrimination"] = float(np.mean(a > b)) if two.size else math.nan
+            out["mass_ratio"] = float(a.sum()) / float(b.sum()) if b.sum() > 0 else math.nan
+        for key in ("rand_spearman", "rand_head_spearman"):
+            if key in per:
+                out[key] = mean(per[key])
+        out[f"ms_per_{self.unit}"] = 1000 * float(per["seconds"][sel].sum()) / sel.size if sel.size else math.nan
+        return out
+
+    def row(self, method: str) -> dict[str, float]:
+        """The table row of ``method``: column key -> value, and ``<key>_se`` -> its standard
+        error (NaN when there is nothing to average; a method that failed: NaN everywhere).
+
+        The standard error is the standard deviation of the value over :data:`BOOTSTRAP`
+        resamples of the samples (with replacement, seed :data:`BOOTSTRAP_SEED`, the same
+        resamples for every method); for a mean it agrees with the standard error of the mean.
+        """
+        if method not in self.samples:  # failed on this model (meta["failed"] says why)
+            return {k: math.nan for c in self.columns for k in (c.key, c.key + "_se")}
+        per = self._per_sample(method)
+        n = len(self)
+        out = self._values(per, np.arange(n))
+        if n > 1:
+            rng = np.random.default_rng(BOOTSTRAP_SEED)
+            reps = [self._values(per, rng.integers(0, n, n)) for _ in range(BOOTSTRAP)]
+            for key in list(out):
+                v = np.array([r[key] for r in reps], dtype=np.float64)
+                v = v[np.isfinite(v)]
+                out[key + "_se"] = float(v.std(ddof=1)) if v.size > 1 else math.nan
+        else:
+            out.update({key + "_se": math.nan for key in list(out)})
         return out
 
     def rows(self) -> list[dict[str, Any]]:
-        """One dict per method: ``{"method": name, <column key>: value, ...}``."""
-        return [{"method": m, **self.row(m)} for m in self.methods]
+        """One dict per method (those that failed last): ``{"method": name, <column key>: value,
+        <column key>_se: its standard error, ...}``."""
+        failed = self.meta.get("failed") or {}
+        return [{"method": m, **self.row(m)} for m in self.methods] + [{"method": m, **self.row(m)} for m in failed]
 
     def mean_curves(self) -> dict[str, dict[str, np.ndarray]]:
         """``[method][curve]``: the mean curve in the reported measure (empty without samples)."""
@@ -126,7 +180,12 @@ class League(SampleResults):
     def to_markdown(self) -> str:
         """The table as markdown, preceded by what was evaluated and the direction of every column
         (the best value of each column in bold), followed by the columns' definitions."""
-        return table.to_markdown(self.describe(), self.columns, self.rows(), self._randomisation_notes())
+        return table.to_markdown(self.describe(), self.columns, self.rows(), self._randomisation_notes() + self._failure_notes())
+
+    def _failure_notes(self) -> list[str]:
+        """Lines naming the methods that failed on this model, and why (their rows show –)."""
+        failed = self.meta.get("failed") or {}
+        return ["", *(f"Failed on this model: {m}: {why}" for m, why in failed.items())] if failed else []
 
     def _randomisation_notes(self) -> list[str]:
         """Lines naming the methods with maps left out of ``rand. ρ`` / ``head ρ`` (a constant map:
@@ -136,7 +195,8 @@ class League(SampleResults):
         inside = self.items["index"] < self.randomisation_samples
         notes = []
         n = int(inside.sum())
-        for m in self.methods:
+        sanity_row = (self.meta.get("sanity") or {}).get("row")
+        for m in [m for m in self.methods if m != sanity_row]:  # the sanity row is not randomised again
             parts = []
             for name, label in (("rand_all", "rand. ρ"), ("rand_head", "head ρ")):
                 undefined = int((~np.isfinite(self.samples[m][name].astype(np.float64)[inside])).sum())

@@ -10,18 +10,21 @@ from tqdm.auto import tqdm
 import attnx
 
 from ..core.runtime import evaluation_mode
-from ..errors import AttnxValueError
+from .. import metrics
+from ..errors import AttnxError, AttnxValueError
 from ..metrics import parameter_randomisation, randomisation_steps
 from . import sharding
-from .columns import BASELINES, RANDOMISATION_SEED
+from .columns import BASELINES, RANDOMISATION_SEED, SANITY_METHOD, SANITY_ROW
 from .datasets import IndexDataset
 from .league import League
 from .tasks import TextTask, to_numpy, vision_task
 
-__all__ = ["evaluate"]
+__all__ = ["METHOD_FAILURES", "evaluate", "failure_reason", "method_list"]
 
 
-def _method_list(methods: Any, baselines: bool) -> list[str]:
+def method_list(methods: Any, baselines: bool) -> list[str]:
+    """The evaluated methods (each checked): ``methods`` (``None`` / ``"all"``: every registered
+    one, a list or a comma-separated string), then the baselines (``baselines``)."""
     if methods is None or methods == "all":
         names = attnx.list_methods()
     else:
@@ -54,6 +57,7 @@ def evaluate(
     deletion_steps: int = 16,
     forward_batch_size: int = 256,
     randomisation_samples: int = 16,
+    sanity: bool = True,
 ) -> League:
     """Evaluate explanation methods; the protocol is declared in :mod:`attnx.evaluate.columns`.
 
@@ -99,6 +103,9 @@ def evaluate(
         The model-parameter randomisation check (``rand. ρ``, ``head ρ``) runs on the samples
         whose index in the evaluation order is below this ((scene, class) maps for scenes), each
         computed with its batch, so shards merge exactly; ``0`` leaves it out.
+    sanity:
+        Add the sanity row :data:`~attnx.evaluate.columns.SANITY_ROW`: transformer attribution
+        computed on a copy of the model with every parameter re-drawn, scored on the real model.
 
     Returns
     -------
@@ -112,7 +119,7 @@ def evaluate(
         raise AttnxValueError(f"limit must be a positive int, got {limit!r}")
     if not isinstance(randomisation_samples, int) or isinstance(randomisation_samples, bool) or randomisation_samples < 0:
         raise AttnxValueError(f"randomisation_samples must be an int >= 0, got {randomisation_samples!r}")
-    names = _method_list(methods, baselines)
+    names = method_list(methods, baselines)
     options = {k: dict(v) for k, v in (options or {}).items()}
     for m, opts in options.items():
         if m not in names:
@@ -138,6 +145,7 @@ def evaluate(
             shard = (dist.get_rank(), dist.get_world_size())
         meta = dict(job.meta, task=task, num_samples=n, total=job.count_items(n), batch_size=batch_size,
                     methods_options={m: options.get(m, {}) for m in names}, randomisation=randomisation,
+                    sanity={"row": SANITY_ROW, "method": SANITY_METHOD, "seed": RANDOMISATION_SEED} if sanity else None,
                     shard=list(shard) if shard else None)
         with evaluation_mode(job.model):  # the metrics call the model too; every module's own flag restored
             part = _run(job, names, options, n, batch_size, shard, progress and (dist is None or dist.get_rank() == 0), meta)
@@ -181,9 +189,33 @@ def _randomisation(job, method: str, opts: Mapping[str, Any], p: dict, fields: d
     return {"rand_head": head, "rand_all": full}
 
 
+#: what a method may raise on a model it does not apply to: its row then says why (not a crash)
+METHOD_FAILURES = (AttnxError, ValueError, TypeError, RuntimeError, NotImplementedError)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line: the exception's type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
+
+
 def _run(job, names, options, n, batch_size, shard, progress, meta) -> League:
-    """Every method on the batches of ``shard``: the (partial) league of their per-sample results."""
+    """Every method on the batches of ``shard``: the (partial) league of their per-sample results.
+    A method that raises is dropped from the rest of the run, with the reason in ``meta["failed"]``;
+    the sanity row (``meta["sanity"]``) is its method explained on a randomised copy of the model."""
     explainer = attnx.Explainer(job.model)
+    explainers = {m: explainer for m in names}
+    methods = {m: m for m in names}
+    sanity = meta.get("sanity")
+    failed: dict[str, str] = {}
+    if sanity:
+        row = sanity["row"]
+        methods[row] = sanity["method"]
+        names = [*names, row]
+        try:
+            explainers[row] = attnx.Explainer(metrics.randomised_copy(job.model, sanity["seed"]))
+        except METHOD_FAILURES as exc:  # no Transformer blocks found to re-draw
+            failed[row] = failure_reason(exc)
     batches = sharding.batch_indices(n, batch_size, shard)
     loader = torch.utils.data.DataLoader(IndexDataset(job.get, n), batch_sampler=batches,
                                          collate_fn=job.collate, num_workers=0)
@@ -196,26 +228,31 @@ def _run(job, names, options, n, batch_size, shard, progress, meta) -> League:
             prepared = job.prepare(batch)
             for k, v in prepared["items"].items():
                 items.setdefault(k, []).append(v)
-            for m in names:
+            for m in [m for m in names if m not in failed]:
                 bar.set_postfix_str(m, refresh=False)
+                opts = options.get(methods[m], {}) if m == methods[m] else {}
                 try:
-                    fields = job.run(explainer, m, options.get(m, {}), prepared)
-                    if rand_limit:
-                        fields.update(_randomisation(job, m, options.get(m, {}), prepared, fields, rand_limit))
-                except (ValueError, TypeError, RuntimeError) as exc:
-                    if type(exc) not in (ValueError, TypeError, RuntimeError):
-                        raise
-                    raise type(exc)(f"method {m!r}: {exc}") from exc
+                    fields = job.run(explainers[m], methods[m], opts, prepared)
+                    if rand_limit and m == methods[m]:
+                        fields.update(_randomisation(job, m, opts, prepared, fields, rand_limit))
+                    elif rand_limit:  # the sanity row: no randomisation of a randomised model
+                        nan = np.full(len(prepared["items"]["index"]), np.nan)
+                        fields.update(rand_head=nan, rand_all=nan)
+                except METHOD_FAILURES as exc:
+                    failed[m] = failure_reason(exc)
+                    samples.pop(m, None)
+                    continue
                 for k, v in fields.items():
                     samples[m].setdefault(k, []).append(v)
             bar.update(len(prepared["samples"]))
+    names = [m for m in names if m not in failed]
     if items:
         items_np = {k: np.concatenate(v) for k, v in items.items()}
-        samples_np = {m: {k: np.concatenate(v) for k, v in f.items()} for m, f in samples.items()}
+        samples_np = {m: {k: np.concatenate(v) for k, v in samples[m].items()} for m in names}
     else:
         items_np, samples_np = job.empty(names)
         if rand_limit:
             for f in samples_np.values():
                 f.update(rand_head=np.zeros(0), rand_all=np.zeros(0))
-    meta = dict(meta, fractions=job.fractions, measures=job.measures)
+    meta = dict(meta, fractions=job.fractions, measures=job.measures, failed=failed)
     return League(meta["task"], job.kind, list(names), items_np, samples_np, meta)

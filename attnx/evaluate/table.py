@@ -19,7 +19,8 @@ BASELINE_STYLE = {"random": dict(color="0.15", linestyle=":"), "gradient_x_input
 
 def to_markdown(title: str, columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> str:
     """The table as markdown: ``title`` in bold, the direction of every column, one row per method
-    (the best value of each column in bold), the columns' definitions and ``notes`` (lines)."""
+    (``value ± standard error`` where the row has ``<key>_se``; the best value of each column in
+    bold), the columns' definitions and ``notes`` (lines)."""
     best = best_values(columns, rows)
     higher = ", ".join(c.label for c in columns if c.higher_is_better)
     lower = ", ".join(c.label for c in columns if not c.higher_is_better)
@@ -36,6 +37,9 @@ def to_markdown(title: str, columns: Sequence[Column], rows: Sequence[Mapping[st
         for c in columns:
             v = r[c.key]
             text = "–" if math.isnan(v) else f"{v:.{c.digits}f}"
+            se = r.get(c.key + "_se", math.nan)
+            if not math.isnan(v) and not math.isnan(se):
+                text += f" ± {se:.{c.digits}f}"
             if is_best(c, v, best):
                 text = f"**{text}**"
             cells.append(text)
@@ -77,13 +81,15 @@ def curve_styles(methods: Sequence[str]) -> dict[str, dict[str, str]]:
 
 
 def to_csv(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], path: str | Path | None = None) -> str:
-    """The table as CSV (full precision; ``method`` then the column keys); written to ``path`` if
-    given. Returns the text."""
+    """The table as CSV (full precision; ``method`` then the column keys, each followed by
+    ``<key>_se``, its standard error, when the rows have it); written to ``path`` if given.
+    Returns the text."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["method", *(c.key for c in columns)])
+    keys = [k for c in columns for k in (c.key, c.key + "_se") if k == c.key or any(k in r for r in rows)]
+    w.writerow(["method", *keys])
     for r in rows:
-        w.writerow([r["method"], *(repr(float(r[c.key])) for c in columns)])
+        w.writerow([r["method"], *(repr(float(r.get(k, math.nan))) for k in keys)])
     text = buf.getvalue()
     if path is not None:
         Path(path).write_text(text)

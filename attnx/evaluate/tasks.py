@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from .. import metrics, zoo
+from ..core.model_output import logits_of
 from ..data import Scenes
 from ..data import rotten_tomatoes as rt
 from ..errors import AttnxTypeError, AttnxValueError
+from .columns import SACO_GROUPS
 from .datasets import check_data, evaluation_scenes, folder_class_indices, image_transform, read_texts
 
 __all__ = ["FolderTask", "ImageTask", "SceneTask", "TextTask", "to_numpy", "vision_task"]
@@ -90,6 +92,8 @@ class ImageTask:
                                                           batch_size=self.fbs).values)
         out["insertion"] = to_numpy(metrics.insertion_curve(self.model, x, e, targets, steps=self.steps, measure=cm,
                                                             batch_size=self.fbs).values)
+        out["saco"] = to_numpy(metrics.saco(self.model, x, e, targets, groups=SACO_GROUPS, measure=self.measures["causal"],
+                                            batch_size=self.fbs, **px))
         return out
 
     def empty(self, names: list[str]) -> tuple[dict, dict]:
@@ -98,7 +102,7 @@ class ImageTask:
         items = {k: np.zeros(0, dtype=np.int64) for k in self.item_fields}
         if "two" in items:
             items["two"] = np.zeros(0, dtype=bool)
-        fields = {"seconds": np.zeros(0), **{k: np.zeros((0, K[k]), dtype=np.float32) for k in K}}
+        fields = {"seconds": np.zeros(0), "saco": np.zeros(0), **{k: np.zeros((0, K[k]), dtype=np.float32) for k in K}}
         if self.kind == "scenes":
             fields.update(seg_correct=np.zeros(0, np.int64), seg_labeled=np.zeros(0, np.int64),
                           seg_intersection=np.zeros((0, 2), np.int64), seg_union=np.zeros((0, 2), np.int64),
@@ -278,14 +282,16 @@ class TextTask:
         idx, texts, labels = batch
         enc = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
         idx_t = torch.tensor(idx, dtype=torch.long)
+        with torch.no_grad():  # the predicted classes, explained by every method (and by the sanity row's model)
+            predicted = logits_of(self.model(**enc), embeddings=False).argmax(dim=-1)
         return {"samples": idx_t, "items": {"index": to_numpy(idx_t), "sample": to_numpy(idx_t),
                                             "label": np.asarray(labels, dtype=np.int64)},
-                "batch": enc}
+                "batch": enc, "targets": predicted}
 
     def run(self, explainer, method: str, opts: dict, p: dict) -> dict[str, np.ndarray]:
         batch = p["batch"]
         t0 = time.perf_counter()
-        e = explainer(batch, method=method, **opts)
+        e = explainer(batch, method=method, target=p["targets"], **opts)
         seconds = time.perf_counter() - t0
         B = batch["input_ids"].shape[0]
         out = {"seconds": np.full(B, seconds / B), "target": to_numpy(e.targets)}

@@ -26,6 +26,10 @@ Every public name below is importable from ``attnx.metrics`` itself; the modules
     Sanity check: :func:`parameter_randomisation` (Adebayo et al., NeurIPS 2018) over the
     :func:`randomisation_steps`, with :func:`spearman` and :func:`pearson` correlations computed
     in torch.
+:mod:`~attnx.metrics.saco`
+    :func:`saco`, the salience-guided faithfulness coefficient (Wu et al., CVPR 2024): do the
+    groups of the map that carry more salience change the prediction more
+    (:func:`saco_coefficient`, :func:`salience_groups`).
 :mod:`~attnx.metrics.measures`
     How the curves call the model and the measures they record (:data:`MEASURES`).
 :mod:`~attnx.metrics.common`
@@ -54,7 +58,8 @@ from .localisation import (
 )
 from .measures import MEASURES
 from .measures import Measure as Measure
-from .sanity import Randomisation, parameter_randomisation, pearson, randomisation_steps, spearman
+from .saco import saco, saco_coefficient, salience_groups
+from .sanity import Randomisation, parameter_randomisation, pearson, randomisation_steps, randomised_copy, spearman
 from .text import RationaleScores, rationale_f1, token_deletion_curve
 
 __all__ = [
@@ -77,9 +82,13 @@ __all__ = [
     "parameter_randomisation",
     "Randomisation",
     "randomisation_steps",
+    "randomised_copy",
     "spearman",
     "pearson",
     "MEASURES",
+    "saco",
+    "saco_coefficient",
+    "salience_groups",
 ]
 
 

@@ -120,7 +120,7 @@ class Curve:
         )
 
 
-def _check_images(inputs: Any) -> torch.Tensor:
+def check_images(inputs: Any) -> torch.Tensor:
     if not isinstance(inputs, torch.Tensor):
         raise AttnxTypeError(
             f"expected an image batch tensor (B, C, H, W), got {type(inputs).__name__}; for models that take "
@@ -131,7 +131,7 @@ def _check_images(inputs: Any) -> torch.Tensor:
     return inputs
 
 
-def _image_relevance(relevance: RelevanceLike, B: int, H: int, W: int, granularity: str, grid: tuple[int, int] | None):
+def image_relevance(relevance: RelevanceLike, B: int, H: int, W: int, granularity: str, grid: tuple[int, int] | None):
     """The relevance as ``(B, n)`` with its grid: ``None`` for pixels (n = H*W), ``(h, w)`` for patches."""
     if granularity not in ("pixel", "patch"):
         raise AttnxValueError(f"granularity must be 'pixel' or 'patch', got {granularity!r}")
@@ -198,7 +198,7 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) ->
     return F.conv2d(x, k, padding=kernel_size // 2, groups=C)
 
 
-def _fill_values(baseline: Any, x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
+def fill_values(baseline: Any, x: torch.Tensor, mean: Any, std: Any) -> torch.Tensor:
     """The value each removed pixel takes, broadcast to ``x``'s shape."""
     B, C, H, W = x.shape
     if (mean is None) != (std is None):
@@ -245,13 +245,13 @@ def _image_curve(
     model, inputs, relevance, target, labels, *, counts, fractions, insert, descending, granularity, baseline,
     mean, std, measure, grid, batch_size, protocol,
 ) -> Curve:
-    x = _check_images(inputs)
+    x = check_images(inputs)
     B, C, H, W = x.shape
     name = measure_name(measure)
-    key, g = _image_relevance(relevance, B, H, W, granularity, grid)
+    key, g = image_relevance(relevance, B, H, W, granularity, grid)
     key = key.to(x.device)
     rank = ranks_descending(key if descending else -key)  # (B, n): rank 0 goes first
-    fill = _fill_values(baseline, x, mean, std)
+    fill = fill_values(baseline, x, mean, std)
     base_logits = forward_chunked(model, B, batch_size, lambda i: x[i.to(x.device)])
     tgt = resolve_target(target, relevance, base_logits)
     lab = None if labels is None else class_vector(labels, B, base_logits.shape[1], base_logits.device, "labels")
@@ -371,10 +371,10 @@ def perturbation_curve(
     if mode not in ("positive", "negative"):
         raise AttnxValueError(f"mode must be 'positive' (most relevant removed first) or 'negative', got {mode!r}")
     fr = _check_fractions(fractions)
-    x = _check_images(inputs)
+    x = check_images(inputs)
     n = x.shape[-2] * x.shape[-1]
     if granularity == "patch":
-        _, g = _image_relevance(relevance, x.shape[0], x.shape[-2], x.shape[-1], "patch", grid)
+        _, g = image_relevance(relevance, x.shape[0], x.shape[-2], x.shape[-1], "patch", grid)
         n = g[0] * g[1]
     counts = [0] + [int(n * f) for f in fr]
     return _image_curve(
@@ -401,12 +401,12 @@ def _step_counts(n: int, steps: int | None, step_size: int | None, default_step:
 
 def _causal_curve(model, inputs, relevance, target, *, insert, steps, step_size, granularity, baseline, mean, std,
                   measure, labels, grid, batch_size) -> Curve:
-    x = _check_images(inputs)
+    x = check_images(inputs)
     B, C, H, W = x.shape
     if granularity == "pixel":
         n, default = H * W, W
     else:
-        _, g = _image_relevance(relevance, B, H, W, "patch", grid)
+        _, g = image_relevance(relevance, B, H, W, "patch", grid)
         n, default = g[0] * g[1], 1
     counts, fractions = _step_counts(n, steps, step_size, default)
     return _image_curve(

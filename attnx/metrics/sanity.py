@@ -22,7 +22,7 @@ from ..core.explanation import Explanation
 from ..errors import AttnxTypeError, AttnxValueError
 from .common import RelevanceLike, bool_mask
 
-__all__ = ["parameter_randomisation", "Randomisation", "randomisation_steps", "spearman", "pearson"]
+__all__ = ["parameter_randomisation", "Randomisation", "randomisation_steps", "randomised_copy", "spearman", "pearson"]
 
 
 def _rows(a: Any, name: str) -> torch.Tensor:
@@ -202,6 +202,21 @@ def _redraw_(p: torch.Tensor, generator: torch.Generator) -> None:
         sd = 0.02
     noise = torch.randn(p.shape, generator=generator, dtype=torch.float64)
     p.copy_((noise * sd + mu).to(device=p.device, dtype=p.dtype))
+
+
+def randomised_copy(model: nn.Module, seed: int = 0) -> nn.Module:
+    """A copy of ``model`` with every parameter of :func:`randomisation_steps` re-drawn, as the
+    last step of :func:`parameter_randomisation`'s cascade with the same ``seed`` (the model
+    itself is untouched). A map computed on it and scored on the real model is a sanity row: a
+    faithful method's scores should fall to the level of a random map."""
+    work = copy.deepcopy(model)
+    params = dict(work.named_parameters())
+    with torch.no_grad():
+        for s, (_, pnames) in enumerate(randomisation_steps(work)):
+            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + s)
+            for n in pnames:
+                _redraw_(params[n], gen)
+    return work
 
 
 def parameter_randomisation(
