@@ -11,14 +11,15 @@ import pytest
 from docs_blocks import ROOT, SKIP_REASONS, blocks, is_slow, pages, problems, run_in_subprocess
 
 PAGES = pages()
-FAST_TIMEOUT, SLOW_TIMEOUT = 280, 1500
+#: seconds per page (a page runs several processes: on a loaded two-core machine that takes minutes)
+FAST_TIMEOUT, SLOW_TIMEOUT = 840, 1500
 
 
 def page_param(path):
     name = path.relative_to(ROOT).as_posix()
     if is_slow(path):
         return pytest.param(path, id=name, marks=[pytest.mark.slow, pytest.mark.timeout(SLOW_TIMEOUT + 60)])
-    return pytest.param(path, id=name)
+    return pytest.param(path, id=name, marks=[pytest.mark.timeout(FAST_TIMEOUT + 60)])
 
 
 def skipped_blocks():
