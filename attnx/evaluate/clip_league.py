@@ -22,7 +22,7 @@ from ..core.runtime import evaluation_mode
 from ..data.captions import class_prompt
 from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column, saco_column
 from .image_text import PROMPT, two_garment_maps
-from .runner import METHOD_FAILURES, method_list, failure_reason
+from .runner import METHOD_FAILURES, failure_reason, method_list
 from .sample_table import SampleTable, stack
 
 __all__ = ["COLUMNS", "evaluate_clip"]

@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 import attnx
 
-from ..core.runtime import evaluation_mode
 from .. import metrics
+from ..core.runtime import evaluation_mode
 from ..errors import AttnxError, AttnxValueError
 from ..metrics import parameter_randomisation, randomisation_steps
 from . import sharding

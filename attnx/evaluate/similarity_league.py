@@ -26,7 +26,7 @@ from ..core import similarity
 from ..core.runtime import evaluation_mode
 from ..errors import AttnxValueError
 from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column
-from .runner import METHOD_FAILURES, method_list, failure_reason
+from .runner import METHOD_FAILURES, failure_reason, method_list
 from .sample_table import SampleTable, stack
 
 __all__ = ["COLUMNS", "SQUARE", "evaluate_similarity", "occlusion_drops", "photos"]
