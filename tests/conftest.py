@@ -354,10 +354,29 @@ def in_fast_tier(value) -> bool:
     return True
 
 
+#: methods that run the model many times per map (integrated gradients' steps, one forward per
+#: patch or token, 20 scaled passes): in tests over models x methods, the fast tier runs them on
+#: one vision and one text model of the matrix, the slow tier on the others
+MANY_PASSES = ("integrated_gradients", "occlusion", "atman", "bt_h", "bt_t")
+MANY_PASSES_FAST_CASES = ("timm_vit", "hf_bert_sdpa")
+
+
+def many_passes_elsewhere(params: dict) -> bool:
+    """Whether a test's parameters pair a :data:`MANY_PASSES` method with a model outside
+    :data:`MANY_PASSES_FAST_CASES`."""
+    values = list(params.values())
+    if not any(isinstance(v, str) and v in MANY_PASSES for v in values):
+        return False
+    models = [v.name if isinstance(v, Case) else v for v in values if isinstance(v, Case) or (isinstance(v, str) and v in CASES)]
+    return any(m not in MANY_PASSES_FAST_CASES for m in models)
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if any(item.get_closest_marker(kind) for kind in SLOW_KINDS):
+            item.add_marker(pytest.mark.slow)
+        elif hasattr(item, "callspec") and many_passes_elsewhere(item.callspec.params):
             item.add_marker(pytest.mark.slow)
         elif item.get_closest_marker("matrix") and hasattr(item, "callspec"):
             if not all(in_fast_tier(v) for v in item.callspec.params.values()):

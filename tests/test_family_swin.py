@@ -82,7 +82,10 @@ ADAPTER = {"timm_v1": "timm_swin", "timm_v2": "timm_swin", "hf_v1": "hf_swin", "
 #: Hugging Face's Swin V1 kernel rounds the scores to float32 for its softmax: the reference's
 #: float64 scores may round one float32 ulp apart
 TOL = {"timm_v1": 1e-10, "timm_v2": 1e-10, "hf_v1": 1e-6, "hf_v2": 1e-10}
-ATTENTION_METHODS = [m for m in attnx.list_methods() if m not in INPUT_METHODS]
+#: methods Swin refuses at every size: they read every block's tokens or values (attcat, bt_t),
+#: or suppress a token in every layer, windows included (atman)
+REFUSED = ("attcat", "bt_t", "atman")
+ATTENTION_METHODS = [m for m in attnx.list_methods() if m not in INPUT_METHODS and m not in REFUSED]
 
 
 def images(batch: int, size: int = 32, seed: int = 1) -> torch.Tensor:
@@ -289,8 +292,7 @@ def test_batch_equals_samples_alone(family):
     model = build(family)
     x, targets = images(3, seed=6), [1, 4, 2]
     explainer = attnx.Explainer(model)
-    # atman suppresses a token in every layer: Swin's windows below the last stage are refused
-    runs = [(m, {}) for m in attnx.list_methods() if m not in ("lrp", "atman")] + [("lrp", {"preset": p}) for p in presets]
+    runs = [(m, {}) for m in attnx.list_methods() if m != "lrp" and m not in REFUSED] + [("lrp", {"preset": p}) for p in presets]
     for method, options in runs:
         batch = explainer.explain(x, method=method, target=targets, **options)
         for i in range(3):
@@ -379,6 +381,9 @@ def test_windowed_last_stage_is_refused_with_the_methods_that_work(family):
             explainer.explain(x, method=method)
     e = explainer.explain(x, method="lrp", strict=True)
     assert e.grid == (16, 16) and e.pixel_relevance.shape == (2, 64, 64)
+    for method in REFUSED:  # at every size, in one line
+        with pytest.raises(UnsupportedModelError, match=r"^[^\n]+$"):
+            explainer.explain(x, method=method)
 
 
 def test_timm_size_mismatch_and_pooling_are_clear():

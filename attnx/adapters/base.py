@@ -169,7 +169,7 @@ class Adapter:
         (``Needs.hidden_states``) need it."""
         raise UnsupportedModelError(
             f"adapter {self.name!r} does not name the blocks of {type(self.model).__name__}, so their token "
-            "representations cannot be recorded; methods reading them (attcat) do not apply"
+            "representations cannot be recorded; methods reading them (attcat, bt_t) do not apply"
         )
 
     def value_projections(self, batch: Batch) -> list[tuple[nn.Module, Callable[[tuple, dict, Any], torch.Tensor], torch.Tensor]]:

@@ -16,6 +16,7 @@ from ..adapters.switches import plain_execution
 from ..errors import AttnxValueError
 from .batch import Batch
 from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_value_outputs
+from .checkpointing import outside_function_modes
 from .devices import maybe_on_device, on_device
 from .layer_fold import LayerFold, fold_backward
 from .layout import Layout, Readout
@@ -59,7 +60,8 @@ def attention_pass(
                 layout = resolved_layout(adapter, batch, recorder, attentions)
                 if tokens:
                     check_block_tokens(recorder, layout, batch.batch_size, model)
-                resolved = resolve(target, output, logits, layout, batch.batch_size)
+                with outside_function_modes():  # the target's own ops are not the model's
+                    resolved = resolve(target, output, logits, layout, batch.batch_size)
                 first = lowest_layer(first_layer, layout, len(recorder.probs) or len(recorder.tokens))
                 if backward and not resolved.scores.requires_grad:
                     raise AttnxValueError(

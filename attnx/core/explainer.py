@@ -239,7 +239,7 @@ class Explainer:
         method_options, trace_options = spec.resolve(options)
         registry = self.registry_for(spec, trace_options)
         if check_memory:
-            memory_check.check_memory(self.model, inputs, method, options, self.precision)
+            memory_check.check_memory(self.model, inputs, method, options, self.precision, registry)
         trace = self.trace(
             inputs, target, spec.needs, registry, trace_options.get("strict", True), trace_options.get("patch_size"),
             spec.first_layer_for(method_options), spec.fold_for(method_options),

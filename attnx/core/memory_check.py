@@ -18,13 +18,15 @@ from .memory_estimate import estimate
 __all__ = ["check_memory"]
 
 
-def check_memory(model: nn.Module, inputs: Any, method: str, options: dict, precision: str = "auto") -> None:
+def check_memory(
+    model: nn.Module, inputs: Any, method: str, options: dict, precision: str = "auto", registry: Any = None
+) -> None:
     """Refuse ``method`` on ``inputs`` when its estimated allocations exceed the free memory.
 
     Models or inputs the estimate cannot read (no config, no patch size) are not checked.
     """
     try:
-        plan = estimate(model, inputs, method, precision=precision, **options)
+        plan = estimate(model, inputs, method, precision=precision, registry=registry, **options)
     except UnsupportedModelError:
         return
     if plan.fits_available is not False:

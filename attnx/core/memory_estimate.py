@@ -268,7 +268,7 @@ def _first_layer(method: Any, options: dict, shape: ModelShape, inputs: InputSha
 
 def estimate(
     model: nn.Module, inputs: Any, method: str = "rollout", available: int | None = None, precision: str = "auto",
-    **options: Any,
+    registry: Any = None, **options: Any,
 ) -> MemoryEstimate:
     """The predicted peak memory of ``attnx.explain(model, inputs, method=method, **options)``.
 
@@ -289,6 +289,8 @@ def estimate(
     precision:
         As for :func:`attnx.explain`: a half-precision model computed in its own dtype (no float32
         copies of its weights, 2-byte activations) for the methods :mod:`attnx.core.precision` runs so.
+    registry:
+        The call's LRP rule registry when it is already resolved (else from ``preset``).
     **options:
         The method's options (``preset``, ``start_layer``, ...).
 
@@ -305,17 +307,17 @@ def estimate(
     if available is None and device != "meta":
         available = free_memory.free_memory(device)
 
-    def one(name: str, opts: dict) -> tuple[dict[str, int], int]:
+    def one(name: str, opts: dict, resolved: Any = None) -> tuple[dict[str, int], int]:
         spec = get_method(name)
         method_opts, trace_opts = spec.resolve(opts)
         registry = None
         if spec.needs.relevance:
-            registry = get_preset(trace_opts["preset"]) if "preset" in trace_opts else spec.needs.rules()
+            registry = resolved or (get_preset(trace_opts["preset"]) if "preset" in trace_opts else spec.needs.rules())
         key = f"{name}:{registry.name}" if "preset" in trace_opts else name
         own = precision == "model" or (precision == "auto" and key in OWN_PRECISION.get(half, ()))
         return predict(spec, registry, shape, sizes, _first_layer(spec, method_opts, shape, sizes), own and half is not None)
 
-    terms, copies = one(method, options)
+    terms, copies = one(method, options, registry)
     fits = None
     if available is not None:
         unloaded = shape.weight_bytes if device == "meta" else 0  # weights to bring in too

@@ -98,13 +98,15 @@ def relevance_pass(adapter: Adapter, batch: Batch, target: Target, request: Rele
             forward_under_rules(adapter, batch, engine, recorder, request.observes) as (batch, output, logits, root):
         engine.check_coverage()
         layout = resolved_layout(adapter, batch, recorder, request.observes)
-        resolved = resolve(target, output, logits, layout, batch.batch_size)
+        with outside_function_modes():  # the target's own ops (a difference, a cosine) are not the model's
+            resolved = resolve(target, output, logits, layout, batch.batch_size)
         first = lowest_layer(request.first_layer, layout, len(recorder.probs))
         plain_grads = None
         if request.gradients:
             with engine.propagation.plain():
                 plain_grads = recorder.gradients(resolved.scores.sum(), retain_graph=True, first=first)
-        seed = seed_for(target, resolved.scores, logits, registry)
+        with outside_function_modes():
+            seed = seed_for(target, resolved.scores, logits, registry)
         if request.attention_relevance:
             check_attentions_carry_relevance(recorder, registry, first, request.gradients)
         layers = list(recorder.grad_wrt[first:]) if request.attention_relevance else []
