@@ -16,10 +16,11 @@ FAST_TIMEOUT, SLOW_TIMEOUT = 840, 1500
 
 
 def page_param(path):
+    """Every page runs in the slow tier (one fresh process per page, several seconds each); pages
+    marked slow (demos, evaluations, real models) get the longer timeout."""
     name = path.relative_to(ROOT).as_posix()
-    if is_slow(path):
-        return pytest.param(path, id=name, marks=[pytest.mark.slow, pytest.mark.timeout(SLOW_TIMEOUT + 60)])
-    return pytest.param(path, id=name, marks=[pytest.mark.timeout(FAST_TIMEOUT + 60)])
+    timeout = SLOW_TIMEOUT if is_slow(path) else FAST_TIMEOUT
+    return pytest.param(path, id=name, marks=[pytest.mark.slow, pytest.mark.timeout(timeout + 60)])
 
 
 def skipped_blocks():
