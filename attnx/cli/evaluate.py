@@ -8,6 +8,7 @@ inside the functions: only ``attnx evaluate --help`` reads it, for its baselines
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import textwrap
 import time
@@ -106,7 +107,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rest = [t for t in tasks if t not in EMBEDDING_TASKS and t != "llm"]
     if rest:
         _classifier_leagues(args, rest[0] if len(rest) == 1 else "all", out)
-    if not args.shard:
+    # one verdict, by the process that wrote the tables (a shard, or a torchrun rank other than 0, wrote none)
+    if not args.shard and os.environ.get("RANK", "0") == "0":
         _write_verdict(out, args.readme)
     return 0
 
