@@ -31,14 +31,14 @@ patch token of the last layer to a query token, of the same photo or another one
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError
 
-__all__ = ["CosineSimilarity", "EmbeddingNorm", "cosine_to", "embed", "embedding_norm", "patch_similarity"]
+__all__ = ["CosineSimilarity", "EmbeddingNorm", "cosine_to", "embed", "embedding_norm", "occlusion_grid", "patch_similarity"]
 
 
 def output_embedding(output: Any) -> torch.Tensor:
@@ -147,3 +147,24 @@ def patch_similarity(tokens: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     if q is None or q.shape[-1] != tokens.shape[-1] or q.shape[0] not in (1, tokens.shape[0]):
         raise AttnxValueError(f"expected a query (D,) or (B, D) with D = {tokens.shape[-1]}, got {tuple(query.shape)}")
     return torch.nn.functional.cosine_similarity(tokens, q[:, None, :].to(tokens.dtype), dim=-1)
+
+
+def occlusion_grid(
+    score: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, square: int, chunk: int = 32
+) -> torch.Tensor:
+    """``score(image) - score(image with one square set to 0)`` for every square of a grid:
+    ``(H / square, W / square)``, without gradients. ``score`` maps a ``(K, C, H, W)`` batch to
+    ``(K,)`` scores; the occluded copies go through it ``chunk`` at a time. Zero is the mean colour
+    of normalised images; a positive drop: the square raises the score."""
+    H, W = image.shape[-2:]
+    if H % square or W % square:
+        raise AttnxValueError(f"square {square} does not tile a {H}x{W} image")
+    rows, cols = H // square, W // square
+    batch = image[None].repeat(rows * cols, 1, 1, 1)
+    for k in range(rows * cols):
+        r, c = divmod(k, cols)
+        batch[k, :, r * square:(r + 1) * square, c * square:(c + 1) * square] = 0
+    with torch.no_grad():
+        base = score(image[None])
+        occluded = torch.cat([score(part) for part in batch.split(chunk)])
+    return (base - occluded).reshape(rows, cols)

@@ -67,20 +67,9 @@ def load_photos() -> dict[str, np.ndarray]:
 
 def occlusion_map(model: torch.nn.Module, image: torch.Tensor, target: Any, square: int = 28) -> torch.Tensor:
     """``target(image) - target(image with one square set to 0)`` for every square of a grid:
-    ``(H / square, W / square)``. Zero is the mean colour after normalisation. Positive: the
+    ``(H / square, W / square)`` (:func:`attnx.core.similarity.occlusion_grid`). Positive: the
     square raises the target (evidence for it)."""
-    H, W = image.shape[-2:]
-    if H % square or W % square:
-        raise AttnxValueError(f"square {square} does not tile a {H}x{W} image")
-    rows, cols = H // square, W // square
-    batch = image[None].repeat(rows * cols, 1, 1, 1)
-    for k in range(rows * cols):
-        r, c = divmod(k, cols)
-        batch[k, :, r * square:(r + 1) * square, c * square:(c + 1) * square] = 0
-    with torch.no_grad():
-        base = target(model(image[None]))
-        occluded = torch.cat([target(model(chunk)) for chunk in batch.split(32)])
-    return (base - occluded).reshape(rows, cols)
+    return similarity.occlusion_grid(lambda x: target(model(x)), image, square, chunk=32)
 
 
 def agreement(scores: torch.Tensor, occlusion: torch.Tensor) -> float:

@@ -70,18 +70,7 @@ class CosineTo(torch.nn.Module):
 
 def occlusion_drops(scorer: torch.nn.Module, image: torch.Tensor, square: int = SQUARE) -> torch.Tensor:
     """``(H / square, W / square)``: ``scorer(image) - scorer(image with one square set to 0)``."""
-    H, W = image.shape[-2:]
-    if H % square or W % square:
-        raise AttnxValueError(f"square {square} does not tile a {H}x{W} image")
-    rows, cols = H // square, W // square
-    batch = image[None].repeat(rows * cols, 1, 1, 1)
-    for k in range(rows * cols):
-        r, c = divmod(k, cols)
-        batch[k, :, r * square:(r + 1) * square, c * square:(c + 1) * square] = 0
-    with torch.no_grad():
-        base = scorer(image[None])[:, 0]
-        occluded = torch.cat([scorer(chunk)[:, 0] for chunk in batch.split(16)])
-    return (base - occluded).reshape(rows, cols)
+    return similarity.occlusion_grid(lambda x: scorer(x)[:, 0], image, square, chunk=16)
 
 
 def pooled_correlation(grid_map: torch.Tensor, drops: torch.Tensor) -> float:
