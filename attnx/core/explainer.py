@@ -253,6 +253,8 @@ class Explainer:
             recorded["preset"] = registry.name
         explanation = self.package(result, trace, method, recorded, used)
         explanation.class_names, explanation.multi_label = self.class_names, self.multi_label
+        if spec.conserves is not None:  # what the method claims its relevance sums to
+            explanation.claimed_total = spec.claimed_total(trace, result if isinstance(result, Relevance) else Relevance(tokens=result))
         return explanation
 
     __call__ = explain

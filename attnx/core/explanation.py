@@ -62,6 +62,11 @@ class Explanation:
     class_names, multi_label:
         The class names the model carries and whether its head is multi-label (one sigmoid per
         class); the pictures title with them (:func:`attnx.viz.target_label`).
+    claimed_total:
+        ``(B,)`` float64: what the method claims the relevance of each sample sums to (its
+        ``conserves`` declaration, :func:`attnx.register_method`: LRP under a conserving preset,
+        the relevance put on the logits; integrated gradients, ``y_t(x) − y_t(x')``); ``None``
+        for a method that claims no conservation. See :meth:`completeness_error`.
     """
 
     scores: torch.Tensor
@@ -81,6 +86,7 @@ class Explanation:
     readout: Any = None
     class_names: list[str] | None = None
     multi_label: bool = False
+    claimed_total: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.scores.shape[0]
@@ -89,6 +95,26 @@ class Explanation:
     def probabilities(self) -> torch.Tensor:
         """``(B, C)`` softmax of the logits."""
         return self.logits.float().softmax(dim=-1)
+
+    @property
+    def relevance_total(self) -> torch.Tensor:
+        """``(B,)`` float64: the relevance of each sample summed: over ``input_relevance`` (every
+        pixel and channel, or every token embedding entry) when the method has it, else over the
+        token relevance (prefix tokens included), else over the scores."""
+        for r in (self.input_relevance, self.token_relevance, self.scores):
+            if r is not None:
+                return r.detach().to(torch.float64).reshape(r.shape[0], -1).sum(1)
+        raise AttnxValueError("this explanation holds no relevance")  # pragma: no cover - scores always exist
+
+    def completeness_error(self) -> torch.Tensor | None:
+        """``(B,)`` float64: the relative completeness error ``|Σ R − claimed| / |claimed|`` of each
+        sample against the total the method claims (:attr:`claimed_total`; NaN where the claim is
+        0), or ``None`` for a method that claims no conservation."""
+        if self.claimed_total is None:
+            return None
+        claimed = self.claimed_total.detach().to(torch.float64).cpu()
+        gap = (self.relevance_total.cpu() - claimed).abs()
+        return torch.where(claimed != 0, gap / claimed.abs(), torch.full_like(gap, float("nan")))
 
     @property
     def input_size(self) -> tuple[int, int] | None:

@@ -46,8 +46,16 @@ def baseline_inputs(forward, x: torch.Tensor, baseline: str) -> torch.Tensor:
     return forward.token_embeddings(forward.pad_token_id()).to(x)
 
 
+def completeness_total(trace, result: Relevance) -> torch.Tensor:
+    """What integrated gradients claims to sum to (completeness, Proposition 1 of the paper):
+    ``y_t(x) − y_t(x')``, read from captum's convergence delta ``Σ IG − (y_t(x) − y_t(x'))``."""
+    total = trace.input_relevance.detach().to(torch.float64).flatten(1).sum(1)
+    return total - torch.tensor(result.options["convergence_delta"], dtype=torch.float64, device=total.device)
+
+
 @register_method(
     "integrated_gradients",
+    conserves=completeness_total,
     reference="Sundararajan et al., ICML 2017 (captum IntegratedGradients; exact: captum on the same forward)",
     needs=Needs(forward=True),
     options=(

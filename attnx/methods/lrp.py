@@ -31,7 +31,15 @@ def input_relevance_scores(trace, readout) -> Relevance:
     return Relevance(tokens=rel.sum(dim=-1))
 
 
-@register_method("lrp", reference="Bach et al. 2015; Achtibat et al., ICML 2024; Ali et al., ICML 2022", needs=Needs(input_relevance=True), options=(PRESET, STRICT, PATCH_SIZE))
+def seeded_total(trace, result: Relevance) -> torch.Tensor | None:
+    """What LRP claims its input relevance sums to: the relevance put on the logits
+    (``trace.seeded_relevance``, ``y_t`` under a ``"logit"`` seed), when the preset's rules
+    conserve (``Registry.conserving``); ``None`` otherwise."""
+    return trace.seeded_relevance if getattr(trace, "conserving", False) else None
+
+
+@register_method("lrp", reference="Bach et al. 2015; Achtibat et al., ICML 2024; Ali et al., ICML 2022", needs=Needs(input_relevance=True),
+                 options=(PRESET, STRICT, PATCH_SIZE), conserves=seeded_total)
 def lrp(trace, readout) -> Relevance:
     """Layer-wise relevance propagation to the input with a rule registry (``preset``: a name from
     ``attnx.lrp.presets`` or an ``attnx.lrp.Registry``).
