@@ -25,6 +25,7 @@ __all__ = [
     "SCENE_SEEDS",
     "catalogue",
     "columns_help",
+    "completeness_column",
     "league_columns",
     "protocol_markdown",
 ]
@@ -270,6 +271,27 @@ def randomisation_columns(samples: int | None, item_name: str = "samples") -> li
     ]
 
 
+_COMPLETENESS = (
+    "Completeness (conservation): a method that claims its relevance sums to a known total declares it "
+    "(`conserves=` of `attnx.register_method`; `Explanation.claimed_total`): LRP under a conserving preset "
+    "claims the relevance put on the target logit (`y_t` under the logit seed), integrated gradients "
+    "`y_t(x) − y_t(x')` (its baseline `x'`). Per sample, the relative error `|Σ R − claimed| / |claimed|` "
+    "(`Explanation.completeness_error()`), `Σ R` summed over the input relevance (every pixel and channel, or "
+    "every token embedding entry) where the method has one, else over the token relevance; the mean over the "
+    "samples ± its bootstrap standard error. Methods that claim no conservation (attention maps, rollout, "
+    "gradient × input, occlusion, AtMan, ...) show –. 0 = exactly conserved; biases, normalisation "
+    "stabilisers and the quadrature of integrated gradients (it shrinks as `n_steps` grows) leave a "
+    "remainder. Not judged by the verdict: it checks a method's claim, not its faithfulness."
+)
+
+
+def completeness_column() -> Column:
+    """``complete. err.``: the relative completeness error of the methods that claim conservation."""
+    return Column("completeness", "complete. err.", False, "relative completeness error |Σ R − claimed| / |claimed| of the "
+                  "methods that claim conservation (LRP: the target logit; integrated gradients: y(x) − y(baseline)); "
+                  "– for the others", _COMPLETENESS)
+
+
 def time_column(unit: str) -> Column:
     """``ms/<unit>``: the explanation's wall time per image or text."""
     return Column(f"ms_per_{unit}", f"ms/{unit}", False, f"wall time of the explanation alone per {unit} (not of the metrics)",
@@ -277,7 +299,7 @@ def time_column(unit: str) -> Column:
 
 
 def league_columns(kind: str, measures: Mapping[str, str] | None = None, randomisation_samples: int | None = 0,
-                   item_name: str = "samples", saco: bool = True) -> list[Column]:
+                   item_name: str = "samples", saco: bool = True, completeness: bool = True) -> list[Column]:
     """The columns of a league, in table order.
 
     Parameters
@@ -293,6 +315,8 @@ def league_columns(kind: str, measures: Mapping[str, str] | None = None, randomi
         What a sample is, in the randomisation column's description.
     saco:
         Images: the SaCo column (results saved before it existed have none).
+    completeness:
+        The completeness column (results saved before it existed have none).
     """
     if kind == "text":
         cols = list(TEXT_COLUMNS)
@@ -305,6 +329,8 @@ def league_columns(kind: str, measures: Mapping[str, str] | None = None, randomi
             cols += LOCALISATION_COLUMNS
     if randomisation_samples != 0:
         cols += randomisation_columns(randomisation_samples, item_name)
+    if completeness:
+        cols.append(completeness_column())
     return cols + [time_column("text" if kind == "text" else "image")]
 
 
@@ -317,7 +343,7 @@ def catalogue() -> list[tuple[Column, list[str]]]:
             columns.setdefault(c.key, c)
             kinds.setdefault(c.key, []).append(kind.key)
     # the sanity check and the timings apply to every kind: listed last
-    last = [k for k in columns if k.startswith("rand_") or columns[k].timing]
+    last = [k for k in columns if k.startswith("rand_") or k == "completeness" or columns[k].timing]
     order = [k for k in columns if k not in last] + last
     return [(columns[k], kinds[k]) for k in order]
 

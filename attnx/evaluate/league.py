@@ -37,8 +37,9 @@ class League(SampleResults):
     @property
     def columns(self) -> list[Column]:
         saco = any("saco" in f for f in self.samples.values())
+        completeness = any("completeness" in f for f in self.samples.values())
         return league_columns(self.kind, self.meta.get("measures"), self.randomisation_samples,
-                              self.meta.get("item_name", "samples"), saco=saco)
+                              self.meta.get("item_name", "samples"), saco=saco, completeness=completeness)
 
     @property
     def randomisation_samples(self) -> int:
@@ -81,6 +82,8 @@ class League(SampleResults):
             out["insertion_auc"] = self._auc(method, "insertion")
         if "saco" in s:
             out["saco"] = s["saco"].astype(np.float64)
+        if "completeness" in s:
+            out["completeness"] = s["completeness"].astype(np.float64)
         if self.kind == "scenes":
             for k in ("seg_correct", "seg_labeled", "seg_intersection", "seg_union", "seg_ap", "pointing", "mass", "mass_other"):
                 out[k] = s[k]
@@ -102,7 +105,7 @@ class League(SampleResults):
 
         out: dict[str, float] = {}
         for key in ("del_most_auc", "del_least_auc", "pos_auc", "neg_auc", "pos_present", "neg_present",
-                    "deletion_auc", "insertion_auc", "saco"):
+                    "deletion_auc", "insertion_auc", "saco", "completeness"):
             if key in per:
                 out[key] = mean(per[key])
         if self.kind == "scenes":

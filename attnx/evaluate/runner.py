@@ -12,6 +12,7 @@ import attnx
 from .. import metrics
 from ..core.runtime import evaluation_mode
 from ..errors import AttnxError, AttnxValueError
+from ..methods.registry import parse_row, split_rows
 from ..metrics import parameter_randomisation, randomisation_steps
 from . import sharding
 from .columns import BASELINES, RANDOMISATION_SEED, SANITY_METHOD, SANITY_ROW
@@ -23,17 +24,19 @@ __all__ = ["METHOD_FAILURES", "evaluate", "failure_reason", "method_list"]
 
 
 def method_list(methods: Any, baselines: bool) -> list[str]:
-    """The evaluated methods (each checked): ``methods`` (``None`` / ``"all"``: every registered
-    one, a list or a comma-separated string), then the baselines (``baselines``)."""
+    """The evaluated rows (each checked): ``methods`` (``None`` / ``"all"``: every registered
+    method, a list or a comma-separated string), then the baselines (``baselines``). A row is a
+    method's name or ``method(option=value, ...)`` (:func:`attnx.methods.registry.parse_row`:
+    ``gradient_x_input(libragrad=true)``), its own row of the table."""
     if methods is None or methods == "all":
         names = attnx.list_methods()
     else:
-        names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+        names = split_rows(methods) if isinstance(methods, str) else [m.strip() for m in methods]
         names = [m for m in names if m]
         if not names:
             raise AttnxValueError("no method given")
     for m in names:
-        attnx.get_method(m)  # raises, naming the methods there are
+        parse_row(m)  # raises, naming the methods (or the method's options) there are
     out = list(dict.fromkeys(names))
     if baselines:
         out += [b for b in BASELINES if b in attnx.list_methods() and b not in out]
@@ -144,7 +147,7 @@ def evaluate(
         if dist is not None:
             shard = (dist.get_rank(), dist.get_world_size())
         meta = dict(job.meta, task=task, num_samples=n, total=job.count_items(n), batch_size=batch_size,
-                    methods_options={m: options.get(m, {}) for m in names}, randomisation=randomisation,
+                    methods_options={m: {**options.get(m, {}), **parse_row(m)[1]} for m in names}, randomisation=randomisation,
                     sanity={"row": SANITY_ROW, "method": SANITY_METHOD, "seed": RANDOMISATION_SEED} if sanity else None,
                     shard=list(shard) if shard else None)
         with evaluation_mode(job.model):  # the metrics call the model too; every module's own flag restored
@@ -205,7 +208,8 @@ def _run(job, names, options, n, batch_size, shard, progress, meta) -> League:
     the sanity row (``meta["sanity"]``) is its method explained on a randomised copy of the model."""
     explainer = attnx.Explainer(job.model)
     explainers = {m: explainer for m in names}
-    methods = {m: m for m in names}
+    rows = {m: parse_row(m) for m in names}  # row -> (method, its options)
+    methods = {m: rows[m][0] for m in names}
     sanity = meta.get("sanity")
     failed: dict[str, str] = {}
     if sanity:
@@ -230,11 +234,11 @@ def _run(job, names, options, n, batch_size, shard, progress, meta) -> League:
                 items.setdefault(k, []).append(v)
             for m in [m for m in names if m not in failed]:
                 bar.set_postfix_str(m, refresh=False)
-                opts = options.get(methods[m], {}) if m == methods[m] else {}
+                opts = {**options.get(m, {}), **rows[m][1]} if m in rows else {}
                 try:
                     fields = job.run(explainers[m], methods[m], opts, prepared)
-                    if rand_limit and m == methods[m]:
-                        fields.update(_randomisation(job, m, opts, prepared, fields, rand_limit))
+                    if rand_limit and m in rows:
+                        fields.update(_randomisation(job, methods[m], opts, prepared, fields, rand_limit))
                     elif rand_limit:  # the sanity row: no randomisation of a randomised model
                         nan = np.full(len(prepared["items"]["index"]), np.nan)
                         fields.update(rand_head=nan, rand_all=nan)

@@ -22,11 +22,18 @@ from ..errors import AttnxTypeError, AttnxValueError
 from .columns import SACO_GROUPS
 from .datasets import check_data, evaluation_scenes, folder_class_indices, image_transform, read_texts
 
-__all__ = ["FolderTask", "ImageTask", "SceneTask", "TextTask", "to_numpy", "vision_task"]
+__all__ = ["FolderTask", "ImageTask", "SceneTask", "TextTask", "completeness", "to_numpy", "vision_task"]
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
+
+
+def completeness(e) -> np.ndarray:
+    """``(B,)`` the relative completeness error of each sample (:meth:`attnx.Explanation.completeness_error`);
+    NaN for a method that claims no conservation."""
+    err = e.completeness_error()
+    return np.full(len(e), np.nan) if err is None else to_numpy(err).astype(np.float64)
 
 
 def _bundle(model: Any, kind: str) -> zoo.ZooModel:
@@ -102,7 +109,7 @@ class ImageTask:
         items = {k: np.zeros(0, dtype=np.int64) for k in self.item_fields}
         if "two" in items:
             items["two"] = np.zeros(0, dtype=bool)
-        fields = {"seconds": np.zeros(0), "saco": np.zeros(0), **{k: np.zeros((0, K[k]), dtype=np.float32) for k in K}}
+        fields = {"seconds": np.zeros(0), "saco": np.zeros(0), "completeness": np.zeros(0), **{k: np.zeros((0, K[k]), dtype=np.float32) for k in K}}
         if self.kind == "scenes":
             fields.update(seg_correct=np.zeros(0, np.int64), seg_labeled=np.zeros(0, np.int64),
                           seg_intersection=np.zeros((0, 2), np.int64), seg_union=np.zeros((0, 2), np.int64),
@@ -171,7 +178,7 @@ class SceneTask(ImageTask):
 
     def run(self, explainer, method: str, opts: dict, p: dict) -> dict[str, np.ndarray]:
         e, seconds = self.explain(explainer, method, opts, p["x"], p["targets"])
-        out = {"seconds": seconds, **self.curves(e, p["x"], p["targets"])}
+        out = {"seconds": seconds, "completeness": completeness(e), **self.curves(e, p["x"], p["targets"])}
         seg = metrics.segmentation_scores(e, p["mask"])
         out.update(seg_correct=to_numpy(seg.pixel_correct), seg_labeled=to_numpy(seg.pixel_labeled),
                    seg_intersection=to_numpy(seg.intersection), seg_union=to_numpy(seg.union), seg_ap=to_numpy(seg.ap))
@@ -236,7 +243,7 @@ class FolderTask(ImageTask):
 
     def run(self, explainer, method: str, opts: dict, p: dict) -> dict[str, np.ndarray]:
         e, seconds = self.explain(explainer, method, opts, p["x"], p["targets"])
-        return {"seconds": seconds, **self.curves(e, p["x"], p["targets"])}
+        return {"seconds": seconds, "completeness": completeness(e), **self.curves(e, p["x"], p["targets"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +301,7 @@ class TextTask:
         e = explainer(batch, method=method, target=p["targets"], **opts)
         seconds = time.perf_counter() - t0
         B = batch["input_ids"].shape[0]
-        out = {"seconds": np.full(B, seconds / B), "target": to_numpy(e.targets)}
+        out = {"seconds": np.full(B, seconds / B), "target": to_numpy(e.targets), "completeness": completeness(e)}
         for first, name in ((True, "most"), (False, "least")):
             c = metrics.token_deletion_curve(self.model, batch, e, e.targets, most_relevant_first=first, steps=self.steps,
                                              replacement="mask", tokenizer=self.tokenizer, batch_size=self.fbs)
@@ -309,6 +316,6 @@ class TextTask:
     def empty(self, names: list[str]) -> tuple[dict, dict]:
         """Items and per-method results of no samples (a shard without batches)."""
         items = {"index": np.zeros(0, np.int64), "sample": np.zeros(0, np.int64), "label": np.zeros(0, np.int64)}
-        fields = {"seconds": np.zeros(0), "target": np.zeros(0, np.int64),
+        fields = {"seconds": np.zeros(0), "target": np.zeros(0, np.int64), "completeness": np.zeros(0),
                   "most": np.zeros((0, self.steps + 1), np.float32), "least": np.zeros((0, self.steps + 1), np.float32)}
         return items, {m: dict(fields) for m in names}

@@ -7,7 +7,8 @@ rows (``method@...``), which are references. The winner's lead over the runner-u
 difference ``d`` with ``se = sqrt(se_winner² + se_runner-up²)`` (the tables give each method's
 standard error, not the paired one, so this is conservative); ``|d| < 2 se`` is "not separable".
 Each column also says whether any method beats ``transformer_attribution`` (by 2 se or more).
-Timing columns depend on the machine and are left out.
+Timing columns depend on the machine and are left out, and so is the completeness error (it checks
+a method's own claim of conservation, not its faithfulness).
 
 The recommendation per model kind follows from the tables: the method that is in the top group
 (the winner and the methods not separable from it) of the most columns, with the count for
@@ -35,6 +36,9 @@ END = "<!-- verdict:end -->"
 REFERENCE = "transformer_attribution"
 #: references, never winners
 NOT_CONTENDERS = ("random",)
+#: columns the verdict does not judge: the completeness error checks a method's own claim of
+#: conservation (only the methods that claim it have a value), not its faithfulness
+NOT_JUDGED = ("completeness",)
 #: the tasks, in the verdict's order, with the kind of model each one evaluates
 TASKS = {
     "vision": "ViT image classifiers",
@@ -172,7 +176,7 @@ def task_verdict(task: str, table: Mapping[str, Mapping[str, tuple[float, float]
     verdicts = []
     for key in next(iter(table.values()), {}):
         spec = specs.get(key)
-        if spec is None or spec.timing:
+        if spec is None or spec.timing or key in NOT_JUDGED:
             continue
         v = judge_column(spec, table)
         if v is not None:
