@@ -6,7 +6,7 @@ from typing import Sequence
 
 from ..errors import AttnxValueError
 
-__all__ = ["chosen_methods", "class_targets", "method_options", "non_negative_int", "parse_options", "positive_int"]
+__all__ = ["chosen_methods", "class_targets", "league_rows", "method_options", "non_negative_int", "parse_options", "positive_int"]
 
 
 def chosen_methods(arg: str) -> list[str]:
@@ -20,6 +20,24 @@ def chosen_methods(arg: str) -> list[str]:
     for n in names:
         attnx.get_method(n)  # raises with the list of methods
     return names
+
+
+def league_rows(arg: str) -> list[str]:
+    """``attnx evaluate --methods``: a comma list of league rows, each a registered method or
+    ``method(option=value, ...)`` (``gradient_x_input(libragrad=true)``: its own row); an unknown
+    method or option raises (before any model is loaded)."""
+    from ..methods.registry import parse_row, split_rows
+
+    rows = split_rows(arg)
+    if not rows:
+        raise AttnxValueError("--methods: no method given")
+    for r in rows:
+        method, options = parse_row(r)
+        if options:
+            import attnx
+
+            attnx.get_method(method).resolve(options)
+    return rows
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """``attnx evaluate``: score the methods (faithfulness, localisation, speed), one table row per method.
 
 The tables, curves and per-sample results go to ``--out`` (checked once, before anything runs);
-``--shard I/N`` evaluates a part and ``--merge DIR`` combines the parts; ``--task llm`` is the
-factual-recall league of :mod:`attnx.evaluate.llm_league`. :mod:`attnx.evaluate` (torch) loads
+``--shard I/N`` evaluates a part and ``--merge DIR`` combines the parts; ``--update`` runs only
+``--methods`` on the samples of the league already in ``--out`` and puts their rows into it;
+``--task llm`` is the factual-recall league of :mod:`attnx.evaluate.llm_league`. :mod:`attnx.evaluate` (torch) loads
 inside the functions: only ``attnx evaluate --help`` reads it, for its baselines and columns.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from ..errors import AttnxValueError
 from ..viz.terminal import say
-from .args import chosen_methods, non_negative_int, positive_int
+from .args import league_rows, non_negative_int, positive_int
 from .help import EVALUATE_EXAMPLES
 from .loading import add_model_file_arguments, load_model
 from .paths import check_out
@@ -96,6 +97,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise AttnxValueError(f"--readme {args.readme}: no such file")
     if args.task == "all" and (args.data or args.model):
         raise AttnxValueError("--task all evaluates the embedded models; give --task vision or --task text with --model/--data")
+    if args.update:
+        check_update(args)
     out = Path(args.out or "attnx_evaluate")
     tasks = list(ALL_TASKS) if args.task == "all" else [args.task]
     if "llm" in tasks:  # factual recall on a language model: its own protocol
@@ -113,6 +116,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_update(args: argparse.Namespace) -> None:
+    """``--update``: the cheap checks (before any model loads): a league folder, named methods, no shards."""
+    if args.shard or args.merge:
+        raise AttnxValueError("--update puts rows into a complete league; it does not combine with --shard or --merge")
+    if not args.out:
+        raise AttnxValueError("--update needs --out DIR, the folder of the league the rows go into")
+    if args.methods == "all":
+        raise AttnxValueError("--update runs the methods named by --methods (a comma list); to rerun every method, "
+                              "regenerate the league without --update")
+    if not Path(args.out).is_dir():
+        raise AttnxValueError(f"--update: no such folder {args.out}; run attnx evaluate --out {args.out} first")
+
+
+def _stored_setting(flag: str, given: Any, stored: Any, task: str) -> None:
+    if given is not None and given != stored:
+        raise AttnxValueError(f"--update: the {task} league was run with {flag} {stored}, not {given}; leave it out "
+                              "(the league's own is used) or regenerate the league")
+
+
 def _write_verdict(out: Path, readme: str | None) -> None:
     """``verdict.md`` from the league CSVs in ``out`` (and the verdict block of ``readme``)."""
     from ..evaluate import verdict
@@ -127,18 +149,35 @@ def _embedding_league(task: str, args: argparse.Namespace, out: Path) -> None:
                                      ("--num-scenes", "num_scenes")) if getattr(args, attr, None)]
     if given:
         raise AttnxValueError(f"{', '.join(given)} do(es) not apply to --task {task} (it evaluates an embedded model)")
-    methods = None if args.methods == "all" else chosen_methods(args.methods)
+    methods = None if args.methods == "all" else league_rows(args.methods)
+    limit, batch_size, baselines, old = args.limit, args.batch_size or 16, not args.no_baselines, None
+    if args.update:  # the named rows, on the samples of the league in --out
+        from ..evaluate.sample_table import SampleTable
+
+        path = out / f"samples_{task}.npz"
+        if not path.is_file():
+            raise AttnxValueError(f"--update: no {task} league with per-sample values in {out} (samples_{task}.npz); "
+                                  f"regenerate it once with attnx evaluate --task {task} --out {out}")
+        old = SampleTable.load(path)
+        _stored_setting("--limit", args.limit, old.meta.get("limit"), task)
+        limit, baselines = old.meta.get("limit"), False
+        if task == "clip":
+            _stored_setting("--batch-size", args.batch_size, old.meta.get("batch_size"), task)
+            batch_size = old.meta.get("batch_size", batch_size)
     t0 = time.perf_counter()
     if task == "clip":
         from ..evaluate.clip_league import evaluate_clip
 
-        league = evaluate_clip(methods, limit=args.limit, batch_size=args.batch_size, baselines=not args.no_baselines,
-                               sanity=not args.no_baselines, progress=not args.quiet)
+        league = evaluate_clip(methods, limit=limit, batch_size=batch_size, baselines=baselines,
+                               sanity=baselines, progress=not args.quiet)
     else:
         from ..evaluate.similarity_league import evaluate_similarity
 
-        league = evaluate_similarity(methods, limit=args.limit, baselines=not args.no_baselines, sanity=not args.no_baselines,
-                                     progress=not args.quiet)
+        league = evaluate_similarity(methods, limit=limit, baselines=baselines, sanity=baselines, progress=not args.quiet)
+    if old is not None:
+        from .. import evaluate
+
+        league = old.updated(league, evaluate.BASELINES)
     wall = time.perf_counter() - t0
     paths = league.write(out, wall)
     say(league.to_markdown())
@@ -154,7 +193,7 @@ def _classifier_leagues(args: argparse.Namespace, task_arg: str | None, out: Pat
     data_is_table = bool(args.data) and Path(args.data).suffix.lower() in (".csv", ".tsv", ".tab")
     task = task_arg or ("text" if data_is_table else "vision")
     tasks = ["vision", "text"] if task == "all" else [task]
-    methods = None if args.methods == "all" else chosen_methods(args.methods)  # cheap checks first
+    methods = None if args.methods == "all" else league_rows(args.methods)  # cheap checks first
     if args.data:
         check_data(task, args.data)
     if args.model not in (None, "default") and not args.data and "vision" in tasks:
@@ -169,14 +208,18 @@ def _classifier_leagues(args: argparse.Namespace, task_arg: str | None, out: Pat
         if args.model not in (None, "default"):
             model = load_model(args, "text" if t == "text" else "image")
             model.info.setdefault("name", args.model)
+        settings = dict(limit=args.limit, batch_size=args.batch_size or 16, baselines=not args.no_baselines,
+                        randomisation_samples=16 if args.randomisation_samples is None else args.randomisation_samples,
+                        sanity=not args.no_baselines)
+        old = _stored_league(t, out, args, settings) if args.update else None
         t0 = time.perf_counter()
         try:
-            league = evaluate.evaluate(t, methods, model=model, data=args.data, limit=args.limit, batch_size=args.batch_size,
-                                       num_scenes=args.num_scenes, progress=not args.quiet, baselines=not args.no_baselines,
-                                       shard=shard, randomisation_samples=args.randomisation_samples,
-                                       sanity=not args.no_baselines)
+            league = evaluate.evaluate(t, methods, model=model, data=args.data, num_scenes=args.num_scenes,
+                                       progress=not args.quiet, shard=shard, **settings)
         except (FileNotFoundError, ModuleNotFoundError) as exc:  # data or packages missing: say how to get them
             raise AttnxValueError(f"{exc}") from exc
+        if old is not None:
+            league = old.updated(league, evaluate.BASELINES)
         wall = time.perf_counter() - t0
         if evaluate.rank() != 0:  # under torchrun rank 0 writes the tables
             continue
@@ -188,6 +231,29 @@ def _classifier_leagues(args: argparse.Namespace, task_arg: str | None, out: Pat
             continue
         _write_league(league, out, wall)
     return 0
+
+
+def _stored_league(task: str, out: Path, args: argparse.Namespace, settings: dict) -> Any:
+    """``--update`` of a vision or text league: the league in ``out``, and ``settings`` set to those it
+    was run with (a flag given with another value is refused); its rows are then computed alone
+    (no baselines, no sanity row unless named)."""
+    from .. import evaluate
+
+    path = out / f"samples_{task}.npz"
+    if not path.is_file():
+        raise AttnxValueError(f"--update: no {task} league in {out} (samples_{task}.npz); "
+                              f"run attnx evaluate --task {task} --out {out} first")
+    old = evaluate.League.load(path)
+    meta = old.meta
+    stored_limit = meta.get("num_samples")
+    randomisation = int((meta.get("randomisation") or {}).get("samples", 0))
+    if args.limit is not None and args.limit != stored_limit:
+        _stored_setting("--limit", args.limit, stored_limit, task)
+    _stored_setting("--batch-size", args.batch_size, meta.get("batch_size"), task)
+    _stored_setting("--randomisation-samples", args.randomisation_samples, randomisation, task)
+    settings.update(limit=stored_limit, batch_size=int(meta["batch_size"]), randomisation_samples=randomisation,
+                    baselines=False, sanity=False)
+    return old
 
 
 def add_parser(sub: Any, full_help: bool = True) -> argparse.ArgumentParser:
@@ -207,13 +273,17 @@ def add_parser(sub: Any, full_help: bool = True) -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="an image folder (one sub-folder per class) or a CSV/TSV file with text,label columns")
     ev.add_argument("--num-scenes", type=positive_int, default=None, help="compose N new held-out scenes (needs Fashion-MNIST)")
     ev.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N scenes / images / texts only")
-    ev.add_argument("--batch-size", type=positive_int, default=16, help="samples per batch (default 16)")
-    ev.add_argument("--randomisation-samples", metavar="N", type=non_negative_int, default=16,
+    ev.add_argument("--batch-size", type=positive_int, default=None, help="samples per batch (default 16)")
+    ev.add_argument("--randomisation-samples", metavar="N", type=non_negative_int, default=None,
                     help="the model-parameter randomisation sanity check (columns rand. ρ and head ρ) runs on the "
                     "first N samples (default 16; 0: leave it out)")
     ev.add_argument("--out", default=None, help="output folder (default attnx_evaluate/; with --merge: the merged folder)")
     ev.add_argument("--shard", metavar="I/N", default=None, help="evaluate shard I of N (batches I, I+N, ...) and save its samples")
     ev.add_argument("--merge", metavar="DIR", default=None, help="merge the shard files in DIR into the tables")
+    ev.add_argument("--update", action="store_true", help="add or replace rows in the league already in --out: run only "
+                    "--methods (names, or method(option=value, ...)) on its samples with its settings (refused if they "
+                    "differ), replace the rows of methods already there, add the others, and rewrite the task's files "
+                    "and verdict.md")
     ev.add_argument("--no-baselines", action="store_true", help="do not add the baselines" + (
         f" {' and '.join(evaluate_baselines())}" if full_help else "") + " nor the sanity row")
     ev.add_argument("--readme", metavar="FILE", default=None, help="also replace the verdict block of FILE (the lines "

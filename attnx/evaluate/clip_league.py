@@ -20,10 +20,12 @@ import attnx
 from .. import metrics, zoo
 from ..core.runtime import evaluation_mode
 from ..data.captions import class_prompt
-from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column, saco_column
+from ..methods.registry import parse_row
+from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column, completeness_column, saco_column
 from .image_text import PROMPT, two_garment_maps
 from .runner import METHOD_FAILURES, failure_reason, method_list
 from .sample_table import SampleTable, stack
+from .tasks import completeness
 
 __all__ = ["COLUMNS", "evaluate_clip"]
 
@@ -34,6 +36,7 @@ COLUMNS = [
     saco_column(),
     Column("deletion_auc", "deletion", False, "RISE deletion, most relevant pixels first (16 steps): area under the zero-shot "
            "probability of the explained prompt"),
+    completeness_column(),
     Column("ms_per_map", "ms/map", False, "wall time of the explanation alone per (scene, garment) map", digits=1, timing=True),
 ]
 
@@ -52,8 +55,10 @@ class ZeroShotLogits(torch.nn.Module):
         return self.clip.logit_scale.exp() * torch.nn.functional.normalize(e, dim=-1) @ self.text.T
 
 
-def _maps_of(loaded: zoo.ZooModel, explainer: Any, x: torch.Tensor, target: torch.Tensor, method: str, prompts: list[str]):
-    return explainer(x, method=method, text=prompts, target=target, towers="image").image
+def _maps_of(loaded: zoo.ZooModel, explainer: Any, x: torch.Tensor, target: torch.Tensor, row: tuple[str, dict],
+             prompts: list[str]):
+    method, options = row
+    return explainer(x, method=method, text=prompts, target=target, towers="image", **options).image
 
 
 def evaluate_clip(methods: Any = None, *, limit: int | None = None, batch_size: int = 16, baselines: bool = True,
@@ -71,10 +76,10 @@ def evaluate_clip(methods: Any = None, *, limit: int | None = None, batch_size: 
         text = getattr(text, "pooler_output", text)
     scorer = ZeroShotLogits(loaded.model, text)
     explainers = {m: attnx.Explainer(loaded.model, tokenizer=loaded.tokenizer) for m in names}
-    run_as = {m: m for m in names}
+    run_as = {m: parse_row(m) for m in names}
     failed: dict[str, str] = {}
     if sanity:
-        run_as[SANITY_ROW] = SANITY_METHOD
+        run_as[SANITY_ROW] = (SANITY_METHOD, {})
         try:
             explainers[SANITY_ROW] = attnx.Explainer(metrics.randomised_copy(loaded.model, RANDOMISATION_SEED),
                                                      tokenizer=loaded.tokenizer)
@@ -97,6 +102,7 @@ def evaluate_clip(methods: Any = None, *, limit: int | None = None, batch_size: 
                         "mass": metrics.relevance_mass(e, mask).double().numpy(),
                         "saco": metrics.saco(scorer, x, e, target, groups=SACO_GROUPS, measure="probability").numpy(),
                         "deletion_auc": metrics.deletion_curve(scorer, x, e, target, steps=16, measure="probability").auc().numpy(),
+                        "completeness": completeness(e),
                         "ms_per_map": np.full(len(target), 1000 * seconds / len(target)),
                     }
                 except METHOD_FAILURES as exc:
@@ -112,5 +118,7 @@ def evaluate_clip(methods: Any = None, *, limit: int | None = None, batch_size: 
     notes = [f"- {SANITY_ROW}: {SANITY_METHOD} computed on a copy of the CLIP with every parameter re-drawn, scored on the real "
              "model (a sanity row: a faithful method falls to the level of random there)." if sanity else "",
              "- Every cell: mean over the maps ± its standard error."]
-    return SampleTable("clip", title, list(COLUMNS), values, failed, [n for n in notes if n])
+    items = {"scene": maps["scene"].numpy(), "target": maps["target"].numpy()}
+    meta = {"limit": limit, "batch_size": batch_size, "prompt": PROMPT, "sanity": sanity}
+    return SampleTable("clip", title, list(COLUMNS), values, failed, [n for n in notes if n], items, meta)
 

@@ -39,6 +39,9 @@ from .. import zoo
 from ..core.runtime import evaluation_mode
 from ..data.facts import FactPrompt, fact_prompts
 from ..errors import AttnxValueError
+from ..methods.registry import parse_row, split_rows
+from .columns import RANDOMISATION_SEED, SANITY_METHOD, SANITY_ROW
+from .storage import ROW_SETTINGS, check_same_samples, updated_order
 from .facts import (
     FRACTIONS,
     answered,
@@ -51,23 +54,34 @@ from .facts import (
     subject_rank,
 )
 
-__all__ = ["COLUMNS", "FactLeague", "METHODS", "evaluate_facts", "select_prompts"]
+__all__ = ["COLUMNS", "FactLeague", "LRP_PRESETS", "default_rows", "evaluate_facts", "row_method", "select_prompts"]
 
-#: table row -> (method, options): every method that explains a decoder's next token, and both
-#: LRP presets for language models (attention_flow is left out: its max-flow per token is slow)
-METHODS: dict[str, tuple[str, dict]] = {
-    "raw_attention": ("raw_attention", {}),
-    "rollout": ("rollout", {}),
-    "grad_rollout": ("grad_rollout", {}),
-    "attn_gradcam": ("attn_gradcam", {}),
-    "generic": ("generic", {}),
-    "transformer_attribution": ("transformer_attribution", {}),
-    "partial_lrp": ("partial_lrp", {}),
-    "lrp-attnlrp": ("lrp", {"preset": "attnlrp"}),
-    "lrp-cplrp": ("lrp", {"preset": "cplrp"}),
-    "gradient_x_input": ("gradient_x_input", {}),
-    "random": ("random", {}),
-}
+#: the LRP rows of the table: one per preset for language models (``lrp-<preset>``: lrp with that preset)
+LRP_PRESETS = ("attnlrp", "cplrp")
+#: registered methods that do not explain a decoder's next token, with why (left out of the default rows)
+NOT_FOR_DECODERS: dict[str, str] = {}
+
+
+def default_rows() -> list[str]:
+    """The table's rows by default: every registered method (:func:`attnx.list_methods`) that
+    explains a decoder's next token, ``lrp`` once per preset of :data:`LRP_PRESETS`; a method
+    that raises on the model gets a row saying why."""
+    rows: list[str] = []
+    for m in attnx.list_methods():
+        if m in NOT_FOR_DECODERS:
+            continue
+        rows += [f"lrp-{p}" for p in LRP_PRESETS] if m == "lrp" else [m]
+    return rows
+
+
+def row_method(row: str) -> tuple[str, dict]:
+    """A table row -> ``(method, options)``: ``lrp-<preset>`` (lrp with that preset), a method's name,
+    or ``method(option=value, ...)`` (:func:`attnx.methods.registry.parse_row`)."""
+    if row.startswith("lrp-") and "(" not in row:
+        return "lrp", {"preset": row[len("lrp-"):]}
+    return parse_row(row)
+
+
 #: ``(key, label, higher is better, description)`` of the table's columns
 COLUMNS = (
     ("top1", "top-1", True, "share of prompts whose subject is the most relevant token (first token excluded)"),
@@ -77,12 +91,16 @@ COLUMNS = (
     ("auc_most", "AUC most", False, "area under the answer's log-probability, most relevant tokens deleted first"),
     ("auc_least", "AUC least", True, "area under the answer's log-probability, least relevant tokens deleted first"),
     ("abc", "ABC", True, "area between the curves: AUC least − AUC most"),
+    ("completeness", "complete. err.", False, "relative completeness error |Σ R − claimed| / |claimed| of the methods that "
+     "claim conservation (LRP under a conserving preset: the answer's logit; integrated gradients: y(x) − y(baseline)); "
+     "– for the others"),
     ("ms", "ms/prompt", False, "wall time of the explanation alone per prompt"),
 )
 
 
 def _mean_se(values: np.ndarray) -> tuple[float, float]:
     v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]  # undefined values (a method that claims no conservation) are left out
     if v.size == 0:
         return math.nan, math.nan
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
@@ -113,13 +131,17 @@ class FactLeague:
         return len(self.items.get("text", []))
 
     def row(self, name: str) -> dict[str, tuple[float, float]]:
-        """``{column key: (mean, standard error)}`` of one method."""
+        """``{column key: (mean, standard error)}`` of one method (NaN for a method that failed, and for
+        a column the saved results lack)."""
+        if name not in self.samples:
+            return {key: (math.nan, math.nan) for key, _, _, _ in COLUMNS}
         s = self.samples[name]
         f = self.meta["fractions"]
         most, least = _auc(s["most"], f), _auc(s["least"], f)
         return {"top1": _mean_se(s["rank"] == 1), "mrr": _mean_se(1.0 / s["rank"]),
                 "top1_first": _mean_se(s["rank_first"] == 1), "mrr_first": _mean_se(1.0 / s["rank_first"]),
                 "auc_most": _mean_se(most), "auc_least": _mean_se(least), "abc": _mean_se(least - most),
+                "completeness": _mean_se(s["completeness"]) if "completeness" in s else (math.nan, math.nan),
                 "ms": _mean_se(1000 * s["seconds"])}
 
     def chance(self) -> dict[str, tuple[float, float]]:
@@ -147,7 +169,9 @@ class FactLeague:
     def to_markdown(self) -> str:
         """The table (mean ± standard error; the best mean of each column in bold), the chance level
         of the rank columns and the columns' definitions."""
-        rows = {m: self.row(m) for m in self.methods}
+        failed = self.meta.get("failed") or {}
+        shown = [*self.methods, *failed]
+        rows = {m: self.row(m) for m in shown}
         head = "| method | " + " | ".join(f"{label} {'↑' if hi else '↓'}" for _, label, hi, _ in COLUMNS) + " |"
         lines = [f"**{self.describe()}**", "", head, "|---|" + "---:|" * len(COLUMNS)]
         best = {}
@@ -155,12 +179,12 @@ class FactLeague:
             vals = [rows[m][key][0] for m in self.methods if math.isfinite(rows[m][key][0])]
             if vals and key != "ms":
                 best[key] = max(vals) if hi else min(vals)
-        for m in self.methods:
+        for m in shown:
             cells = []
             for key, _, _, _ in COLUMNS:
                 mean, se = rows[m][key]
                 digits = 0 if key == "ms" else 3
-                text = "–" if not math.isfinite(mean) else f"{mean:.{digits}f} ± {se:.{digits}f}"
+                text = "–" if not math.isfinite(mean) else f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if math.isfinite(se) else "")
                 if key in best and f"{mean:.3f}" == f"{best[key]:.3f}":
                     text = f"**{text}**"
                 cells.append(text)
@@ -173,13 +197,20 @@ class FactLeague:
                   "0, 0.1, ..., 1 of its tokens after the first; the measure is the log-probability (nats) of the "
                   "answer's first token; areas over [0, 1].",
                   "- Every cell: mean over prompts ± its standard error."]
+        sanity = self.meta.get("sanity")
+        if sanity:
+            lines.append(f"- {sanity['row']}: {sanity['method']} computed on a copy of the model with every parameter "
+                         f"re-drawn (seed {sanity['seed']}), scored on the real model (a sanity row: a faithful method "
+                         "falls to the level of random there).")
+        if failed:
+            lines += ["", *(f"Failed on this model: {m}: {why}" for m, why in failed.items())]
         return "\n".join(lines) + "\n"
 
     def to_csv(self, path: str | Path | None = None) -> str:
         """``method`` then, per column, the mean and its standard error (``<key>_se``)."""
         header = ["method"] + [x for key, _, _, _ in COLUMNS for x in (key, f"{key}_se")]
         lines = [",".join(header)]
-        for m in self.methods:
+        for m in [*self.methods, *(self.meta.get("failed") or {})]:
             r = self.row(m)
             lines.append(",".join([m] + [repr(float(x)) for key, _, _, _ in COLUMNS for x in r[key]]))
         text = "\n".join(lines) + "\n"
@@ -214,6 +245,21 @@ class FactLeague:
             fig.savefig(path, dpi=110)
         return fig
 
+    def updated(self, new: "FactLeague") -> "FactLeague":
+        """This league with the rows of ``new`` (the same model, prompts and protocol, checked) put
+        in: a row already here is replaced, a new one added before the baselines and the sanity row."""
+        check_same_samples("llm", self.meta, new.meta, {"text": self.items.get("text", [])},
+                           {"text": new.items.get("text", [])}, skip=ROW_SETTINGS)
+        failed_new = dict(new.meta.get("failed") or {})
+        added = [*new.methods, *failed_new]
+        order = [m for m in updated_order(self.methods, new.methods, ("random", "gradient_x_input")) if m not in failed_new]
+        samples = {m: (new.samples[m] if m in new.samples else self.samples[m]) for m in order}
+        failed = {m: why for m, why in (self.meta.get("failed") or {}).items() if m not in added}
+        failed.update(failed_new)
+        options = {m: o for m, o in (self.meta.get("methods_options") or {}).items() if m in order}
+        options.update(new.meta.get("methods_options") or {})
+        return FactLeague(order, self.items, samples, dict(self.meta, failed=failed, methods_options=options))
+
     @classmethod
     def load(cls, path: str | Path) -> "FactLeague":
         """The league :meth:`save` wrote."""
@@ -230,12 +276,16 @@ class FactLeague:
 
 
 def _method_rows(methods: str | Sequence[str] | None) -> list[str]:
+    """The rows to evaluate, each checked (:func:`row_method`); ``None`` / ``"all"``: :func:`default_rows`."""
     if methods is None or methods == "all":
-        return list(METHODS)
-    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise AttnxValueError(f"unknown llm league method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+        return default_rows()
+    names = split_rows(methods) if isinstance(methods, str) else [m.strip() for m in methods]
+    names = [m for m in names if m]
+    if not names:
+        raise AttnxValueError("no method given")
+    for m in names:
+        method, options = row_method(m)
+        attnx.get_method(method).resolve(options)  # an unknown method, option or preset raises here
     return list(dict.fromkeys(names))
 
 
@@ -279,7 +329,7 @@ def select_prompts(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[Fac
 def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None = None, *,
                    prompts: Sequence[FactPrompt] | None = None, limit: int | None = None, batch_size: int = 16,
                    replacement: str | int = "delete", forward_batch_size: int = 64, progress: bool = True,
-                   seed: int = 0, on_chunk: Callable[[FactLeague], None] | None = None) -> FactLeague:
+                   seed: int = 0, on_chunk: Callable[[FactLeague], None] | None = None, sanity: bool = True) -> FactLeague:
     """Run the ``llm`` league (the protocol is in the module docstring).
 
     Parameters
@@ -288,7 +338,9 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
         A name for :func:`attnx.zoo.load` (default ``"smollm2"``) or a :class:`attnx.zoo.ZooModel`
         with a causal language model and its tokenizer.
     methods:
-        Rows of :data:`METHODS` (a list or a comma-separated string); ``None`` / ``"all"``: every row.
+        Rows (a list or a comma-separated string): a method's name, ``lrp-<preset>`` or
+        ``method(option=value, ...)``; ``None`` / ``"all"``: :func:`default_rows`, every registered
+        method that explains a decoder.
     prompts:
         The candidate prompts (default :func:`attnx.data.facts.fact_prompts`).
     limit:
@@ -299,6 +351,9 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
     on_chunk:
         Called with the league of the prompts evaluated so far after every batch (a long run can
         save its results as it goes: a prefix of the prompts is a complete league of its own).
+    sanity:
+        Add the sanity row :data:`~attnx.evaluate.columns.SANITY_ROW`: transformer attribution
+        on a copy of the model with every parameter re-drawn, scored on the real model.
     """
     if replacement != "delete" and not isinstance(replacement, int):
         raise AttnxValueError(f"replacement must be 'delete' or a token id, got {replacement!r}")
@@ -314,9 +369,24 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
     prompts = [prompts[i] for i in order]
     pad = pad_id(tok)
     explainer = attnx.Explainer(lm, tokenizer=tok)
+    run_as = {m: row_method(m) for m in rows}
+    explainers = {m: explainer for m in rows}
+    failed: dict[str, str] = {}
+    if sanity:
+        from .. import metrics
+        from .runner import METHOD_FAILURES, failure_reason
+
+        run_as[SANITY_ROW] = (SANITY_METHOD, {})
+        rows = [*rows, SANITY_ROW]
+        try:
+            explainers[SANITY_ROW] = attnx.Explainer(metrics.randomised_copy(lm, RANDOMISATION_SEED), tokenizer=tok)
+        except METHOD_FAILURES as exc:
+            failed[SANITY_ROW] = failure_reason(exc)
+    else:
+        from .runner import METHOD_FAILURES, failure_reason
     items: dict[str, list] = {k: [] for k in ("text", "subject", "relation", "template", "candidates", "subject_tokens")}
-    samples: dict[str, dict[str, list]] = {m: {"rank": [], "rank_first": [], "most": [], "least": [], "seconds": []}
-                                            for m in rows}
+    samples: dict[str, dict[str, list]] = {m: {"rank": [], "rank_first": [], "most": [], "least": [], "seconds": [],
+                                               "completeness": []} for m in rows}
     t_start = time.perf_counter()
     with evaluation_mode(lm):
         kept, targets, counts = select_prompts(lm, tok, prompts, forward_batch_size, needed=limit)
@@ -331,10 +401,12 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
             meta = dict(counts, model=str(name), fractions=list(FRACTIONS), batch_size=batch_size,
                         replacement="deleted, the rest closing up" if replacement == "delete"
                         else f"replaced by token id {replacement}",
-                        seed=seed, limit=limit, methods_options={m: METHODS[m][1] for m in rows},
-                        seconds_filter=seconds_filter, seconds_total=time.perf_counter() - t_start)
-            merged = {m: {k: np.concatenate(v) for k, v in s.items()} for m, s in samples.items()}
-            return FactLeague(rows, {k: list(v) for k, v in items.items()}, merged, meta)
+                        seed=seed, limit=limit, methods_options={m: run_as[m][1] for m in rows if m not in failed},
+                        seconds_filter=seconds_filter, seconds_total=time.perf_counter() - t_start, failed=dict(failed),
+                        sanity={"row": SANITY_ROW, "method": SANITY_METHOD, "seed": RANDOMISATION_SEED} if sanity else None)
+            kept_rows = [m for m in rows if m not in failed]
+            merged = {m: {k: np.concatenate(v) if v else np.zeros(0) for k, v in samples[m].items()} for m in kept_rows}
+            return FactLeague(kept_rows, {k: list(v) for k, v in items.items()}, merged, meta)
 
         with tqdm(total=n, desc="evaluate llm", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
             for start in range(0, n, batch_size):
@@ -351,18 +423,24 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
                         items[k].append(v)
                 inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
                 wheres = {}
-                for m in rows:
+                for m in [m for m in rows if m not in failed]:
                     bar.set_postfix_str(m, refresh=False)
-                    method, opts = METHODS[m]
-                    t0 = time.perf_counter()
-                    e = explainer(inputs, method=method, target=target, **opts)
-                    dt = time.perf_counter() - t0
-                    scores = e.scores.detach()
+                    method, opts = run_as[m]
+                    try:
+                        t0 = time.perf_counter()
+                        e = explainers[m](inputs, method=method, target=target, **opts)
+                        dt = time.perf_counter() - t0
+                        scores = e.scores.detach()
+                        err = e.completeness_error()
+                        wheres[m] = removal_rows(batch, scores, target, FRACTIONS, replacement)
+                    except METHOD_FAILURES as exc:  # a method that does not apply to this model: its row says why
+                        failed[m] = failure_reason(exc)
+                        continue
                     out = samples[m]
                     out["rank"].append(subject_rank(scores, subject, not_first).numpy())
                     out["rank_first"].append(subject_rank(scores, batch["subject"], real).numpy())
                     out["seconds"].append(np.full(len(chunk), dt / len(chunk)))
-                    wheres[m] = removal_rows(batch, scores, target, FRACTIONS, replacement)
+                    out["completeness"].append(np.full(len(chunk), np.nan) if err is None else err.numpy())
                 # every method's shortened prompts in one pass: rows shared by methods run once
                 bar.set_postfix_str("removal curves", refresh=False)
                 keys = [key for where in wheres.values() for w in where.values() for _, _, key in w]
@@ -400,9 +478,31 @@ def run_cli(args: Any, say: Any) -> int:
         return table
 
     model = args.model if args.model not in (None, "default") else "smollm2"
-    league = evaluate_facts(model, args.methods, limit=args.limit, batch_size=args.batch_size, progress=not args.quiet,
-                            on_chunk=lambda partial: write(partial, final=False))
+    if getattr(args, "update", False):  # the named rows into the league already in --out
+        league = _update(out, model, args)
+    else:
+        league = evaluate_facts(model, args.methods, limit=args.limit, batch_size=args.batch_size or 16,
+                                progress=not args.quiet, on_chunk=lambda partial: write(partial, final=False))
     say(write(league, final=True))
     for name in ("league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"):
         say(f"wrote {out / name}")
     return 0
+
+
+def _update(out: Path, model: str, args: Any) -> FactLeague:
+    """``--update``: the rows of ``--methods`` computed on the prompts of the league in ``out``
+    (its limit, batch size, deletion and seed) and put into it."""
+    path = out / "samples_llm.json"
+    if not path.is_file():
+        raise AttnxValueError(f"--update: no llm league in {out} (samples_llm.json); run attnx evaluate --task llm --out {out} first")
+    old = FactLeague.load(path)
+    meta = old.meta
+    for flag, given, stored in (("--limit", args.limit, meta.get("limit")), ("--batch-size", args.batch_size, meta.get("batch_size"))):
+        if given is not None and given != stored:
+            raise AttnxValueError(f"--update: the llm league in {out} was run with {flag} {stored}, not {given}; "
+                                  "leave it out (the league's own is used) or regenerate the league")
+    text = str(meta.get("replacement", ""))
+    replacement: str | int = int(text.rsplit(" ", 1)[1]) if text.startswith("replaced by token id") else "delete"
+    new = evaluate_facts(model, args.methods, limit=meta.get("limit"), batch_size=int(meta["batch_size"]),
+                         replacement=replacement, seed=int(meta.get("seed", 0)), progress=not args.quiet, sanity=False)
+    return old.updated(new)

@@ -7,17 +7,23 @@ the model, saying why.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..errors import AttnxValueError
 from . import table
 from .columns import Column
+from .storage import check_same_samples, updated_order
 
-__all__ = ["SampleTable", "mean_and_se"]
+__all__ = ["FORMAT", "SampleTable", "mean_and_se"]
+
+#: the ``format`` entry of a saved table
+FORMAT = "attnx-sample-table-1"
 
 
 def mean_and_se(values: np.ndarray) -> tuple[float, float]:
@@ -49,6 +55,11 @@ class SampleTable:
         ``{method: reason}`` for the methods that raised on this model (their rows show –).
     notes:
         Lines printed under the columns' definitions.
+    items:
+        What each sample is, arrays aligned with the values (the (scene, garment) of a map, the
+        photos of a pair): a table updated with new rows must hold the same samples.
+    meta:
+        The protocol's settings (``limit``, ``batch_size``, ...): the same for the new rows.
     """
 
     task: str
@@ -57,6 +68,8 @@ class SampleTable:
     values: dict[str, dict[str, np.ndarray]]
     failed: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    items: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
@@ -84,13 +97,63 @@ class SampleTable:
         return table.to_csv(self.columns, self.rows(), path)
 
     def write(self, out: str | Path, wall: float | None = None) -> list[Path]:
-        """``league_<task>.md`` and ``league_<task>.csv`` in the folder ``out``; returns the paths."""
+        """``league_<task>.md``, ``league_<task>.csv`` and the per-sample values
+        ``samples_<task>.npz`` (:meth:`save`) in the folder ``out``; returns the paths."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         md, csv = out / f"league_{self.task}.md", out / f"league_{self.task}.csv"
         md.write_text(self.to_markdown() + (f"\nWall time: {wall:.1f} s.\n" if wall is not None else ""))
         self.to_csv(csv)
-        return [md, csv]
+        return [md, csv, self.save(out / f"samples_{self.task}.npz")]
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """The per-sample values, items and settings as ``.npz`` (no pickle), for :meth:`load`."""
+        head = {"task": self.task, "title": self.title, "columns": [asdict(c) for c in self.columns],
+                "methods": self.methods, "failed": self.failed, "notes": self.notes, "meta": self.meta}
+        arrays: dict[str, np.ndarray] = {"format": np.array(FORMAT), "table": np.array(json.dumps(head))}
+        for k, v in self.items.items():
+            arrays[f"items/{k}"] = np.asarray(v)
+        for m, cols in self.values.items():
+            for k, v in cols.items():
+                arrays[f"values/{m}/{k}"] = np.asarray(v, dtype=np.float64)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SampleTable":
+        """The table :meth:`save` wrote."""
+        with np.load(path, allow_pickle=False) as z:
+            if "format" not in z.files or str(z["format"]) != FORMAT:
+                raise AttnxValueError(f"{path} is not a file written by SampleTable.save")
+            head = json.loads(str(z["table"]))
+            items = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("items/")}
+            values: dict[str, dict[str, np.ndarray]] = {m: {} for m in head["methods"]}
+            for k in z.files:
+                if k.startswith("values/"):
+                    _, m, key = k.split("/", 2)
+                    values.setdefault(m, {})[key] = z[k]
+        return cls(head["task"], head["title"], [Column(**c) for c in head["columns"]], values, dict(head["failed"]),
+                   list(head["notes"]), items, dict(head["meta"]))
+
+    def updated(self, new: "SampleTable", references: Iterable[str] = ()) -> "SampleTable":
+        """This table with the rows of ``new`` (the same task, samples and settings, checked) put
+        in: a method already here is replaced, a new one added before the first reference row
+        (``references``, or a sanity row ``method@...``). The columns are those of ``new`` (a
+        column the old rows lack shows –)."""
+        if new.task != self.task:
+            raise AttnxValueError(f"cannot put {new.task} rows into the {self.task} league")
+        check_same_samples(self.task, self.meta, new.meta, self.items, new.items, skip=("sanity",))
+        added = [*new.methods, *new.failed]
+        order = [m for m in updated_order(self.methods, new.methods, references) if m not in new.failed]
+        values = {m: (new.values[m] if m in new.values else self.values[m]) for m in order}
+        failed = {m: why for m, why in self.failed.items() if m not in added}
+        failed.update(new.failed)
+        return SampleTable(self.task, self.title, list(new.columns), values, failed, list(self.notes), dict(self.items),
+                           dict(self.meta))
 
 
 def stack(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -25,9 +25,11 @@ from .. import metrics, zoo
 from ..core import similarity
 from ..core.runtime import evaluation_mode
 from ..errors import AttnxValueError
-from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column
+from ..methods.registry import parse_row
+from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column, completeness_column
 from .runner import METHOD_FAILURES, failure_reason, method_list
 from .sample_table import SampleTable, stack
+from .tasks import completeness
 
 __all__ = ["COLUMNS", "SQUARE", "evaluate_similarity", "occlusion_drops", "photos"]
 
@@ -39,6 +41,7 @@ COLUMNS = [
            "cos(A, B) when each square of A is set to 0 (occlusion, computed independently)"),
     Column("saco", "SaCo", True, "salience-guided faithfulness (Wu et al. 2024) on cos(A, B): do more relevant patch groups "
            "lower the similarity more? 1 = ordered as the relevance, about 0 = random"),
+    completeness_column(),
     Column("ms_per_pair", "ms/pair", False, "wall time of the explanation alone per pair", digits=1, timing=True),
 ]
 
@@ -104,10 +107,10 @@ def evaluate_similarity(methods: Any = None, *, limit: int | None = None, baseli
     b = bundle.preprocess([pics[q] for _, q in pairs])
     model = bundle.model
     explainers = {m: attnx.Explainer(model) for m in names}
-    run_as = {m: m for m in names}
+    run_as = {m: parse_row(m) for m in names}
     failed: dict[str, str] = {}
     if sanity:
-        run_as[SANITY_ROW] = SANITY_METHOD
+        run_as[SANITY_ROW] = (SANITY_METHOD, {})
         try:
             explainers[SANITY_ROW] = attnx.Explainer(metrics.randomised_copy(model, RANDOMISATION_SEED))
         except METHOD_FAILURES as exc:
@@ -123,11 +126,12 @@ def evaluate_similarity(methods: Any = None, *, limit: int | None = None, baseli
             for m in [m for m in parts if m not in failed]:
                 try:
                     t0 = time.perf_counter()
-                    e = explainers[m](x, method=run_as[m], target=target)
+                    e = explainers[m](x, method=run_as[m][0], target=target, **run_as[m][1])
                     seconds = time.perf_counter() - t0
                     part = {
                         "occlusion_r": np.array([pooled_correlation(e.patch_map()[0], drops)]),
                         "saco": metrics.saco(scorer, x, e, 0, groups=SACO_GROUPS, measure="logit").numpy(),
+                        "completeness": completeness(e),
                         "ms_per_pair": np.array([1000 * seconds]),
                     }
                 except METHOD_FAILURES as exc:
@@ -142,4 +146,6 @@ def evaluate_similarity(methods: Any = None, *, limit: int | None = None, baseli
     notes = [f"- {SANITY_ROW}: {SANITY_METHOD} computed on a copy of DINOv2 with every parameter re-drawn, scored on the real "
              "model (a sanity row)." if sanity else "",
              "- Every cell: mean over the pairs ± its standard error; a constant map has no correlation (left out)."]
-    return SampleTable("dinov2", title, list(COLUMNS), values, failed, [n for n in notes if n])
+    items = {"a": np.array([p for p, _ in pairs]), "b": np.array([q for _, q in pairs])}
+    meta = {"limit": limit, "square": SQUARE, "sanity": sanity}
+    return SampleTable("dinov2", title, list(COLUMNS), values, failed, [n for n in notes if n], items, meta)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import AttnxValueError
 
-__all__ = ["FORMAT", "SampleResults"]
+__all__ = ["FORMAT", "SampleResults", "check_same_samples", "updated_order"]
 
 #: the ``format`` entry of a saved file
 FORMAT = "attnx-league-1"
@@ -107,6 +107,28 @@ class SampleResults:
                     samples.setdefault(m, {})[name] = z[k]
         return cls(head["task"], head["kind"], list(head["methods"]), items, samples, head["meta"])
 
+    # ------------------------------------------------------------------ rows
+    def updated(self: _Results, new: SampleResults, references: Iterable[str] = ()) -> _Results:
+        """This league with the rows of ``new`` (the same task, samples and protocol, checked)
+        put in: a method already here is replaced, a new one added (before the first row of
+        ``references`` or the sanity row); ``meta["failed"]`` and ``meta["methods_options"]``
+        follow. Every table number is recomputed from the per-sample results, so the league is
+        the one a single run of all its methods gives (only the timings differ)."""
+        if (new.task, new.kind) != (self.task, self.kind):
+            raise AttnxValueError(f"cannot put {new.task}/{new.kind} rows into a {self.task}/{self.kind} league")
+        check_same_samples(self.task, self.meta, new.meta, self.items, new.items)
+        failed_new = dict(new.meta.get("failed") or {})
+        added = [*new.methods, *failed_new]
+        samples = {m: f for m, f in self.samples.items() if m not in added}
+        samples.update(new.samples)
+        failed = {m: why for m, why in (self.meta.get("failed") or {}).items() if m not in added}
+        failed.update(failed_new)
+        methods = [m for m in updated_order(self.methods, new.methods, references) if m not in failed_new]
+        options = {m: o for m, o in (self.meta.get("methods_options") or {}).items() if m not in failed_new}
+        options.update(new.meta.get("methods_options") or {})
+        meta = dict(self.meta, failed=failed, methods_options=options)
+        return type(self)(self.task, self.kind, methods, dict(self.items), samples, meta)
+
     # ------------------------------------------------------------------ shards
     @classmethod
     def merge(cls: type[_Results], parts: Iterable[SampleResults], *, allow_partial: bool = False) -> _Results:
@@ -158,3 +180,40 @@ class SampleResults:
 def _comparable(meta: Mapping) -> dict:
     """The settings that shards of one evaluation share (not which shard, not the thread count)."""
     return {k: v for k, v in meta.items() if k not in ("shard", "threads")}
+
+
+#: settings that differ between a league and the rows added to it (:meth:`SampleResults.updated`)
+ROW_SETTINGS = ("shard", "threads", "methods_options", "failed", "sanity", "seconds_total", "seconds_filter")
+
+
+def updated_order(methods: list[str], added: list[str], references: Iterable[str] = ()) -> list[str]:
+    """The rows of a league after ``added`` are put in: a row already there keeps its place, a new one
+    goes before the first reference row (a baseline or a sanity row ``method@...``), else last."""
+    refs = set(references)
+    out = list(methods)
+    for m in added:
+        if m in out:
+            continue
+        at = next((i for i, r in enumerate(out) if r in refs or "@" in r), len(out))
+        out.insert(at, m)
+    return out
+
+
+def check_same_samples(task: str, old_meta: Mapping, new_meta: Mapping, old_items: Mapping, new_items: Mapping,
+                       skip: Iterable[str] = ROW_SETTINGS) -> None:
+    """Raise (one line) unless the new rows were computed on the league's samples with its protocol:
+    the same settings (``meta`` but for ``skip``) and the same per-sample items (sample ids)."""
+    skip = set(skip)
+    a = {k: v for k, v in old_meta.items() if k not in skip}
+    b = {k: v for k, v in new_meta.items() if k not in skip}
+    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {a.get(k)!r} in the league, {b.get(k)!r} now" for k in diff[:3])
+        raise AttnxValueError(f"the {task} league was computed with other settings ({shown}); regenerate it, or update it "
+                              "with the settings it was made with")
+    for k in sorted(set(old_items) | set(new_items)):
+        x, y = old_items.get(k), new_items.get(k)
+        same = x is not None and y is not None and np.array_equal(np.asarray(x), np.asarray(y))
+        if not same:
+            raise AttnxValueError(f"the {task} league holds other samples than this run ({k!r} differs: "
+                                  f"{len(x) if x is not None else 0} vs {len(y) if y is not None else 0}); regenerate it")
