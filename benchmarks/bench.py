@@ -288,11 +288,39 @@ class Bench:
 
 
 def split_method(name: str) -> tuple[str, dict]:
-    """``"lrp:cplrp"`` -> ``("lrp", {"preset": "cplrp"})``: a method with its LRP preset."""
+    """``"lrp:cplrp"`` -> ``("lrp", {"preset": "cplrp"})``: a method with its LRP preset;
+    ``"method(option=value, ...)"`` -> the method and its parsed options (as a league row)."""
+    if "(" in name:
+        from attnx.methods.registry import parse_row
+
+        return parse_row(name)
     if ":" in name:
         method, preset = name.split(":", 1)
         return method, {"preset": preset}
     return name, {}
+
+
+def input_tokens(name: str, model: torch.nn.Module, inputs: Any) -> int:
+    """The units a perturbation method perturbs one by one: image patches (vit) or text tokens."""
+    if name == "vit":
+        return int(model.patch_embed.num_patches)
+    return int(inputs["input_ids"].shape[1])
+
+
+def rows_forwarded(model: torch.nn.Module, call: Callable[[], Any]) -> int:
+    """The samples (rows) the model's forward saw during one ``call`` (a pre-hook on the model)."""
+    count = [0]
+
+    def hook(module, args, kwargs):
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        count[0] += int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        call()
+    finally:
+        handle.remove()
+    return count[0]
 
 
 def baseline_of(method: str) -> str:
@@ -458,6 +486,10 @@ def allocator_note(choice: str) -> str:
 
 
 def parse_list(text: str, cast=str) -> list:
+    if cast is str:  # method rows may carry options with commas: name(a=1, b=2)
+        from attnx.methods.registry import split_rows
+
+        return split_rows(text)
     return [cast(t.strip()) for t in text.split(",") if t.strip()]
 
 
@@ -550,6 +582,14 @@ def main(argv: list[str] | None = None) -> int:
                         op()
                     pooled[b] = [timed(op) for _ in range(args.repeats)]
                 res[(name, bs, b)] = {"base": b, "per_sample": statistics.median(pooled[b]) / bs, "n": len(pooled[b])}
+            fb = res[(name, bs, FORWARD_BACKWARD)]["per_sample"]
+            for meth in methods:  # every method against forward + backward too (unpaired: the pooled median)
+                r = res[(name, bs, meth)]
+                if "error" not in r:
+                    r["ratio_fb"] = r["per_sample"] / fb
+                    if attnx.get_method(split_method(meth)[0]).needs.forward:  # perturbation methods: cost per token
+                        r["tokens"] = input_tokens(name, model, inputs)
+                        r["forwards"] = rows_forwarded(model, bench.method(meth)) / bs
             del bench, inputs
             gc.collect()
         del model
@@ -591,7 +631,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     lines.append(
         "s/sample = median seconds per call / batch size. × base = median over alternating rounds of "
-        "t(method) / t(baseline) on the same model, batch and inputs. Baselines: forward = no-grad "
+        "t(method) / t(baseline) on the same model, batch and inputs; × fwd+bwd = every method's s/sample over "
+        "the forward+backward baseline's (its pooled median), one scale for all methods. Baselines: forward = no-grad "
         "forward; forward+backward = forward + `autograd.grad(target logits, input)` (image / embedding "
         f"output; llama's logits computed at {'the last position only' if args.lm_logits == 'last' else 'every position'}). Targets: ≤ 1.3× forward (non-gradient methods), ≤ 1.5× forward+backward (gradient "
         "methods); at batch 16 transformer_attribution ≤ 2.7× (peak memory ≤ 2×), partial_lrp ≤ 2.5×, lrp "
@@ -605,11 +646,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     lines.append("")
-    header = ["model", "batch", "method", "baseline", "s/sample", "baseline s/sample", "× base", "time target"]
+    header = ["model", "batch", "method", "baseline", "s/sample", "baseline s/sample", "× base", "× fwd+bwd", "time target"]
     if args.memory:
         header += ["peak MB", "baseline peak MB", "mem × base", "memory target"]
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] * 3 + ["---"] + ["---:"] * 3 + ["---"] + (["---:"] * 3 + ["---"] if args.memory else [])) + "|")
+    lines.append("|" + "|".join(["---"] * 3 + ["---"] + ["---:"] * 4 + ["---"] + (["---:"] * 3 + ["---"] if args.memory else [])) + "|")
     for name in models:
         for bs in batch_sizes:
             for op in ops:
@@ -619,15 +660,17 @@ def main(argv: list[str] | None = None) -> int:
                 is_base = op in BASELINES
                 row = [labels[name], str(bs), f"*{op}*" if is_base else op, "–" if is_base else r["base"]]
                 if "error" in r:
-                    row += ["error", "–", "–", r["error"]]
+                    row += ["error", "–", "–", "–", r["error"]]
                 elif is_base:
-                    row += [fmt_s(r["per_sample"]), "–", "1.00×", "–"]
+                    fb = res[(name, bs, FORWARD_BACKWARD)]["per_sample"]
+                    row += [fmt_s(r["per_sample"]), "–", "1.00×", fmt_x(r["per_sample"] / fb), "–"]
                 else:
                     lim = max_ratio(op, r["base"], name)
                     row += [
                         fmt_s(r["per_sample"]),
                         fmt_s(r["base_per_sample"]),
                         fmt_x(r["ratio"]),
+                        fmt_x(r.get("ratio_fb")),
                         "–" if lim is None else f"≤ {lim}× {verdict(r['ratio'] <= lim)}",
                     ]
                 if args.memory:
@@ -644,6 +687,22 @@ def main(argv: list[str] | None = None) -> int:
                         target = "–" if mlim is None or ratio is None else f"≤ {mlim}× {verdict(ratio <= mlim)}"
                         row += [fmt_mb(inc), fmt_mb(binc), fmt_x(ratio), target]
                 lines.append("| " + " | ".join(row) + " |")
+    costs = [(name, bs, op, res[(name, bs, op)]) for name in models for bs in batch_sizes for op in methods
+             if "forwards" in res.get((name, bs, op), {})]
+    if costs:
+        lines.append("")
+        lines.append("## Perturbation methods: cost per input token (patch)")
+        lines.append("")
+        lines.append("Forwards / sample = the rows the model's forward saw in one call / batch size (counted by a pre-hook "
+                     "on the model); tokens = the units perturbed one by one (image patches, text tokens); ms / token = "
+                     "s/sample / tokens. Occlusion and AtMan cost about one forward per token: their time grows with the "
+                     "input's length (integrated gradients: n_steps forwards and backwards, whatever the length).")
+        lines.append("")
+        lines.append("| model | batch | method | tokens | forwards / sample | ms / token | × fwd+bwd |")
+        lines.append("|---|---|---|---:|---:|---:|---:|")
+        for name, bs, op, r in costs:
+            lines.append(f"| {labels[name]} | {bs} | {op} | {r['tokens']} | {r['forwards']:.1f} | "
+                         f"{1000 * r['per_sample'] / r['tokens']:.3f} | {fmt_x(r['ratio_fb'])} |")
     if args.memory and any(not v.get("exact", True) for v in mem.values() if "error" not in v):
         lines.append("")
         lines.append("Note: /proc/self/clear_refs was unavailable; memory numbers use ru_maxrss (lower bounds).")

@@ -21,7 +21,15 @@ from .. import metrics, zoo
 from ..core.runtime import evaluation_mode
 from ..data.captions import class_prompt
 from ..methods.registry import parse_row
-from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column, completeness_column, saco_column
+from .columns import (
+    RANDOMISATION_SEED,
+    SACO_GROUPS,
+    SANITY_METHOD,
+    SANITY_ROW,
+    Column,
+    completeness_column,
+    saco_column,
+)
 from .image_text import PROMPT, two_garment_maps
 from .runner import METHOD_FAILURES, failure_reason, method_list
 from .sample_table import SampleTable, stack

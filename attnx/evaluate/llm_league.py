@@ -41,7 +41,6 @@ from ..data.facts import FactPrompt, fact_prompts
 from ..errors import AttnxValueError
 from ..methods.registry import parse_row, split_rows
 from .columns import RANDOMISATION_SEED, SANITY_METHOD, SANITY_ROW
-from .storage import ROW_SETTINGS, check_same_samples, updated_order
 from .facts import (
     FRACTIONS,
     answered,
@@ -53,6 +52,7 @@ from .facts import (
     removal_rows,
     subject_rank,
 )
+from .storage import ROW_SETTINGS, check_same_samples, updated_order
 
 __all__ = ["COLUMNS", "FactLeague", "LRP_PRESETS", "default_rows", "evaluate_facts", "row_method", "select_prompts"]
 
