@@ -298,7 +298,7 @@ def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
     lines = []
     assert llm_league.run_cli(args, lines.append) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"}
-    assert len((tmp_path / "league_llm.csv").read_text().splitlines()) == 3
+    assert len((tmp_path / "league_llm.csv").read_text().splitlines()) == 4  # random, rollout and the sanity row
     md = (tmp_path / "league_llm.md").read_text()
     assert "the first 10 (shuffled order)" in md and "Wall time" in md and "so far" not in md
     back = llm_league.FactLeague.load(tmp_path / "samples_llm.json")
@@ -312,5 +312,51 @@ def test_the_league_on_a_tiny_llama(model, tok, monkeypatch, tmp_path):
 def test_unknown_methods_are_refused_in_one_line():
     from attnx.errors import AttnxValueError
 
-    with pytest.raises(AttnxValueError, match="choose from"):
+    with pytest.raises(AttnxValueError, match="unknown method 'nonsense'"):
         llm_league.evaluate_facts("smollm2", ["nonsense"])
+    with pytest.raises(AttnxValueError, match="unknown LRP preset|preset"):
+        llm_league.evaluate_facts("smollm2", ["lrp-nonsense"])
+
+
+def test_default_rows_are_the_registry_with_a_row_per_lrp_preset():
+    import attnx
+
+    rows = llm_league.default_rows()
+    assert [r for r in rows if r.startswith("lrp")] == ["lrp-attnlrp", "lrp-cplrp"]
+    assert {r for r in rows if not r.startswith("lrp")} == set(attnx.list_methods()) - {"lrp"} - set(llm_league.NOT_FOR_DECODERS)
+    assert llm_league.row_method("lrp-cplrp") == ("lrp", {"preset": "cplrp"})
+    assert llm_league.row_method("integrated_gradients(n_steps=4)") == ("integrated_gradients", {"n_steps": 4})
+
+
+@pytest.mark.slow  # about 4 s: three league runs
+def test_rows_put_into_a_saved_league_with_the_sanity_row_and_completeness(model, tok, monkeypatch, tmp_path):
+    model = copy.deepcopy(model).float()
+    prompts = answered_prompts(model, tok)[:6]
+    bundle = zoo.ZooModel(model, "text", None, tokenizer=tok, info={"name": "tiny llama"})
+    monkeypatch.setattr(llm_league.zoo, "load", lambda spec, kind: bundle)
+    monkeypatch.setattr(llm_league, "fact_prompts", lambda: prompts)
+    args = types.SimpleNamespace(out=str(tmp_path), model="tiny", methods="rollout,random", limit=4, batch_size=2, quiet=True)
+    assert llm_league.run_cli(args, lambda line: None) == 0
+    one_run = llm_league.evaluate_facts(bundle, ["rollout", "lrp-cplrp", "random"], limit=4, batch_size=2, progress=False)
+    assert one_run.methods[-1] == "transformer_attribution@random_weights"
+    lines = []
+    update = types.SimpleNamespace(**{**vars(args), "methods": "rollout,lrp-cplrp", "update": True, "limit": None,
+                                      "batch_size": None})
+    assert llm_league.run_cli(update, lines.append) == 0
+    up = llm_league.FactLeague.load(tmp_path / "samples_llm.json")
+    assert up.methods == ["rollout", "lrp-cplrp", "random", "transformer_attribution@random_weights"]
+    for m in one_run.methods:  # the numbers of one run of every row (the timings aside)
+        a, b = up.row(m), one_run.row(m)
+        for key in a:
+            if key != "ms":
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-9, err_msg=f"{m} {key}")
+    # CP-LRP claims the answer's logit: its error per prompt, recomputed from an explanation here
+    err = up.samples["lrp-cplrp"]["completeness"]
+    assert np.isfinite(err).all() and np.isnan(up.samples["rollout"]["completeness"]).all()
+    assert "complete. err." in (tmp_path / "league_llm.md").read_text()
+    from attnx.errors import AttnxValueError
+
+    with pytest.raises(AttnxValueError, match="--limit 4, not 3"):
+        llm_league.run_cli(types.SimpleNamespace(**{**vars(update), "limit": 3}), lines.append)
+    with pytest.raises(AttnxValueError, match="no llm league"):
+        llm_league.run_cli(types.SimpleNamespace(**{**vars(update), "out": str(tmp_path / "none")}), lines.append)

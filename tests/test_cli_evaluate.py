@@ -1,0 +1,66 @@
+"""``attnx evaluate --update``: rows put into the league already in --out (the files of one run of
+every method, the timings aside), and the one-line refusals, checked before any model loads."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import numpy as np
+import pytest
+
+from attnx.evaluate import League
+from cli_runner import run
+
+TINY = ["--limit", "2", "--batch-size", "2", "--randomisation-samples", "0", "--quiet", "--no-baselines"]
+
+
+def rows(path) -> dict[str, dict[str, str]]:
+    """The CSV's rows by method, without the timing columns."""
+    with open(path) as f:
+        return {r["method"]: {k: v for k, v in r.items() if not k.startswith("ms_per")} for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "rollout", "--update"], "--update needs --out DIR"),
+    (["--methods", "all", "--update", "--out", "."], "--update runs the methods named by --methods"),
+    (["--methods", "rollout", "--update", "--shard", "0/2", "--out", "."], "does not combine with --shard"),
+    (["--methods", "rollout", "--update", "--out", "/no/such/folder"], "no such folder /no/such/folder"),
+    (["--methods", "rollout(start_layer=x)", "--update", "--out", "."], "start_layer: expected an int"),
+])
+def test_update_refusals(capsys, argv, message):
+    status, _, err = run(capsys, "evaluate", *argv)
+    assert status == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("task", ["vision", "text", "clip", "dinov2", "llm"])
+def test_update_of_a_folder_without_that_league(capsys, tmp_path, task):
+    status, _, err = run(capsys, "evaluate", "--task", task, "--methods", "rollout", "--update", "--out", str(tmp_path))
+    assert status == 2 and f"samples_{task}." in err and err.count("\n") == 1, err
+
+
+@pytest.mark.slow  # about 20 s: three tiny vision leagues
+def test_update_gives_the_files_of_one_run(capsys, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    status, _, err = run(capsys, "evaluate", "--task", "vision", "--methods", "rollout,lrp,random", *TINY, "--out", str(one))
+    assert status == 0, err
+    status, _, err = run(capsys, "evaluate", "--task", "vision", "--methods", "random,raw_attention", *TINY, "--out", str(two))
+    assert status == 0, err
+    status, out, err = run(capsys, "evaluate", "--task", "vision", "--methods", "rollout,lrp,random", "--update",
+                           "--out", str(two), "--quiet")
+    assert status == 0, err
+    assert "wrote" in out and (two / "verdict.md").is_file() and (two / "league_vision.html").is_file()
+    a, b = rows(one / "league_vision.csv"), rows(two / "league_vision.csv")
+    assert list(b) == ["rollout", "lrp", "random", "raw_attention"]  # random replaced in place, the others before it
+    for m in a:  # every number of one run, standard errors included
+        assert a[m] == b[m], m
+    assert b["rollout"]["completeness"] == "nan" and float(b["lrp"]["completeness"]) >= 0
+    saved = League.load(two / "samples_vision.npz")
+    assert saved.methods == list(b) and np.isfinite(saved.samples["lrp"]["completeness"]).all()
+    status, _, err = run(capsys, "evaluate", "--task", "vision", "--methods", "rollout", "--update", "--limit", "3",
+                         "--out", str(two))
+    assert status == 2 and "was run with --limit 2, not 3" in err
+    text = io.StringIO((two / "league_vision.md").read_text())
+    assert "complete. err." in text.getvalue()
