@@ -291,7 +291,7 @@ def split_method(name: str) -> tuple[str, dict]:
     """``"lrp:cplrp"`` -> ``("lrp", {"preset": "cplrp"})``: a method with its LRP preset;
     ``"method(option=value, ...)"`` -> the method and its parsed options (as a league row)."""
     if "(" in name:
-        from attnx.methods.registry import parse_row
+        from attnx.evaluate.rows import parse_row
 
         return parse_row(name)
     if ":" in name:
@@ -487,7 +487,7 @@ def allocator_note(choice: str) -> str:
 
 def parse_list(text: str, cast=str) -> list:
     if cast is str:  # method rows may carry options with commas: name(a=1, b=2)
-        from attnx.methods.registry import split_rows
+        from attnx.evaluate.rows import split_rows
 
         return split_rows(text)
     return [cast(t.strip()) for t in text.split(",") if t.strip()]

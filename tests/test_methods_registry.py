@@ -1,7 +1,6 @@
-"""The method registry: rows with options (``method(option=value)``) and the conservation claims
-(``conserves=``), checked against independent computations on tiny models in float64.
+"""The method registry's conservation claims (``conserves=``), checked against independent
+computations on tiny models in float64.
 
-* a row's options are parsed by the option's declaration (a bool option as ``true`` / ``false``);
 * integrated gradients: the completeness error equals ``|Σ IG − (f(x) − f(0))| / |f(x) − f(0)|``
   with ``f`` evaluated here by the model itself, and shrinks as ``n_steps`` grows;
 * LRP (CP-LRP) with every bias-like parameter zeroed: the error is about 0;
@@ -14,38 +13,13 @@ import pytest
 import torch
 
 import attnx
-from attnx import Needs, Option, register_method
-from attnx.errors import AttnxError
+from attnx import Needs, register_method
 from attnx.methods.lrp import input_relevance_scores, seeded_total
 from attnx.methods.options import PATCH_SIZE, PRESET, STRICT
-from attnx.methods.registry import parse_row, split_rows, unregister_method
+from attnx.methods.registry import unregister_method
 from conftest import CASES
 
 DT = torch.float64
-
-
-def test_split_rows_keeps_the_commas_of_options():
-    assert split_rows("lrp, integrated_gradients(n_steps=8, baseline=pad),rollout,") == [
-        "lrp", "integrated_gradients(n_steps=8, baseline=pad)", "rollout"]
-
-
-def test_a_row_with_a_bool_option():
-    @register_method("_test_flagged", needs=Needs(attentions=True),
-                     options=[Option("libragrad", False, "a bool option", kind=bool), Option("k", 2, "", kind=int)])
-    def flagged(trace, readout, *, libragrad: bool = False, k: int = 2):
-        return readout.row(trace.attentions[-1].mean(1))
-
-    try:
-        assert parse_row("_test_flagged(libragrad=true)") == ("_test_flagged", {"libragrad": True})
-        assert parse_row(" _test_flagged( libragrad = False , k=3 ) ") == ("_test_flagged", {"libragrad": False, "k": 3})
-        assert parse_row("_test_flagged") == ("_test_flagged", {})
-        for bad, message in (("_test_flagged(libragrad=maybe)", "true or false"), ("_test_flagged(nope=1)", "unknown option"),
-                             ("_test_flagged(libragrad)", "option=value"), ("_test_flagged(k=1", "method\\(option=value"),
-                             ("no_such_method(k=1)", "unknown method")):
-            with pytest.raises(AttnxError, match=message):
-                parse_row(bad)
-    finally:
-        unregister_method("_test_flagged")
 
 
 @pytest.mark.slow  # about 15 s: 42 passes over the batch

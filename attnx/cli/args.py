@@ -26,7 +26,7 @@ def league_rows(arg: str) -> list[str]:
     """``attnx evaluate --methods``: a comma list of league rows, each a registered method or
     ``method(option=value, ...)`` (``gradient_x_input(libragrad=true)``: its own row); an unknown
     method or option raises (before any model is loaded)."""
-    from ..methods.registry import parse_row, split_rows
+    from ..evaluate.rows import parse_row, split_rows
 
     rows = split_rows(arg)
     if not rows:

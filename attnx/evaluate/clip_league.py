@@ -20,7 +20,6 @@ import attnx
 from .. import metrics, zoo
 from ..core.runtime import evaluation_mode
 from ..data.captions import class_prompt
-from ..methods.registry import parse_row
 from .columns import (
     RANDOMISATION_SEED,
     SACO_GROUPS,
@@ -31,6 +30,7 @@ from .columns import (
     saco_column,
 )
 from .image_text import PROMPT, two_garment_maps
+from .rows import parse_row
 from .runner import METHOD_FAILURES, failure_reason, method_list
 from .sample_table import SampleTable, stack
 from .tasks import completeness

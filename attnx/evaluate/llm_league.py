@@ -39,7 +39,6 @@ from .. import zoo
 from ..core.runtime import evaluation_mode
 from ..data.facts import FactPrompt, fact_prompts
 from ..errors import AttnxValueError
-from ..methods.registry import parse_row, split_rows
 from .columns import RANDOMISATION_SEED, SANITY_METHOD, SANITY_ROW
 from .facts import (
     FRACTIONS,
@@ -52,6 +51,7 @@ from .facts import (
     removal_rows,
     subject_rank,
 )
+from .rows import parse_row, split_rows
 from .storage import ROW_SETTINGS, check_same_samples, updated_order
 
 __all__ = ["COLUMNS", "FactLeague", "LRP_PRESETS", "default_rows", "evaluate_facts", "row_method", "select_prompts"]

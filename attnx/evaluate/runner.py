@@ -12,12 +12,12 @@ import attnx
 from .. import metrics
 from ..core.runtime import evaluation_mode
 from ..errors import AttnxError, AttnxValueError
-from ..methods.registry import parse_row, split_rows
 from ..metrics import parameter_randomisation, randomisation_steps
 from . import sharding
 from .columns import BASELINES, RANDOMISATION_SEED, SANITY_METHOD, SANITY_ROW
 from .datasets import IndexDataset
 from .league import League
+from .rows import parse_row, split_rows
 from .tasks import TextTask, to_numpy, vision_task
 
 __all__ = ["METHOD_FAILURES", "evaluate", "failure_reason", "method_list"]

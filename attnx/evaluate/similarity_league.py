@@ -25,8 +25,8 @@ from .. import metrics, zoo
 from ..core import similarity
 from ..core.runtime import evaluation_mode
 from ..errors import AttnxValueError
-from ..methods.registry import parse_row
 from .columns import RANDOMISATION_SEED, SACO_GROUPS, SANITY_METHOD, SANITY_ROW, Column, completeness_column
+from .rows import parse_row
 from .runner import METHOD_FAILURES, failure_reason, method_list
 from .sample_table import SampleTable, stack
 from .tasks import completeness

@@ -23,8 +23,7 @@ from ..core.layer_fold import LayerFold
 from ..core.trace_types import FirstLayer, Needs
 from ..errors import AttnxTypeError, AttnxValueError
 
-__all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "parse_row",
-           "register_method", "split_rows", "unregister_method"]
+__all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "register_method", "unregister_method"]
 
 _NOTHING = object()
 
@@ -338,42 +337,3 @@ def methods_markdown() -> str:
         rows.append(f"| `{m.name}` | {summary} | {', '.join(reads)} | {options} | {m.reference or '—'} |")
     return "\n".join(rows)
 
-
-def split_rows(text: str) -> list[str]:
-    """A comma list of method rows, commas inside parentheses kept: ``"lrp, ig(n_steps=8, baseline=pad)"``
-    -> ``["lrp", "ig(n_steps=8, baseline=pad)"]``."""
-    rows, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            rows.append(text[start:i])
-            start = i + 1
-    rows.append(text[start:])
-    return [r.strip() for r in rows if r.strip()]
-
-
-def parse_row(name: str) -> tuple[str, dict]:
-    """A method row ``"method"`` or ``"method(option=value, ...)"`` -> ``(method, options)``, each
-    value parsed by the option's declaration (``gradient_x_input(libragrad=true)`` ->
-    ``("gradient_x_input", {"libragrad": True})``); an unknown method or option raises, naming
-    what there is."""
-    text = name.strip()
-    if "(" not in text:
-        get_method(text)
-        return text, {}
-    method, _, rest = text.partition("(")
-    method = method.strip()
-    if not rest.endswith(")"):
-        raise AttnxValueError(f"a method row with options is written method(option=value, ...), got {name!r}")
-    spec = get_method(method)
-    options: dict[str, Any] = {}
-    for pair in [p for p in rest[:-1].split(",") if p.strip()]:
-        if "=" not in pair:
-            raise AttnxValueError(f"{name!r}: an option is written option=value, got {pair.strip()!r}")
-        key, value = (s.strip() for s in pair.split("=", 1))
-        spec.check_options({key: None})
-        options[key] = spec.option(key).validate(spec.option(key).parse(value))
-    return method, options
