@@ -27,7 +27,7 @@ needs_text = pytest.mark.skipif(not HAS_TEXT, reason="the text task needs: pip i
 
 SCENE_COLUMNS = ["pos_auc", "neg_auc", "pos_present", "neg_present", "deletion_auc", "insertion_auc", "saco", "pixel_acc",
                  "miou", "map", "pointing", "mass", "discrimination", "mass_ratio", "rand_spearman", "rand_head_spearman",
-                 "ms_per_image"]
+                 "completeness", "ms_per_image"]
 RANDOMISATION = ["rand_spearman", "rand_head_spearman"]
 FAST = dict(limit=10, batch_size=3, deletion_steps=4, progress=False)
 
@@ -234,7 +234,7 @@ def test_randomisation_samples_0_drops_the_columns(capsys, tmp_path):
     assert status == 0, err
     assert "rand. ρ" not in out and "head ρ" not in out
     rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
-    assert list(rows[0]) == ["method", *(k for c in [*SCENE_COLUMNS[:-3], "ms_per_image"] for k in (c, c + "_se"))]
+    assert list(rows[0]) == ["method", *(k for c in [*SCENE_COLUMNS[:-4], *SCENE_COLUMNS[-2:]] for k in (c, c + "_se"))]
     lg = League.load(tmp_path / "o" / "samples_vision.npz")
     assert lg.meta["randomisation"] is None and "rand_all" not in lg.samples["rollout"]
     with pytest.raises(ValueError, match="randomisation_samples"):
@@ -284,7 +284,7 @@ def test_image_folder_with_a_pickled_timm_model(capsys, tmp_path):
     assert status == 0, err
     rows = list(csv.DictReader(open(tmp_path / "o" / "league_vision.csv")))
     assert [r["method"] for r in rows] == ["rollout", "random", "gradient_x_input", SANITY_ROW]
-    keys = ["pos_auc", "neg_auc", "deletion_auc", "insertion_auc", "saco", *RANDOMISATION, "ms_per_image"]
+    keys = ["pos_auc", "neg_auc", "deletion_auc", "insertion_auc", "saco", *RANDOMISATION, "completeness", "ms_per_image"]
     assert list(rows[0]) == ["method", *(k for c in keys for k in (c, c + "_se"))]
     assert float(rows[1]["rand_spearman"]) == pytest.approx(1.0)  # random: its map ignores the weights
     lg = League.load(tmp_path / "o" / "samples_vision.npz")
