@@ -44,6 +44,11 @@ examples:
   torchrun --nproc_per_node 4 -m attnx.cli evaluate --num-scenes 1000   4 processes, one table
   attnx evaluate --num-scenes 1000 --shard 0/4 --out parts   one job per shard (0/4 ... 3/4), then
   attnx evaluate --merge parts                   merges them into the tables
+  attnx evaluate --task vision --methods tokentm,legrad --out results --update
+                                                 add or replace these rows in the league in results/
+                                                 (its samples and settings; the other rows are kept)
+  attnx evaluate --methods "gradient_x_input(libragrad=true)" --out results --update
+                                                 a method with an option set: a row of its own
 
 Writes league_<task>.md (the table, best values in bold, arrows: higher or lower is better),
 league_<task>.html (the same table with sortable columns, and the curves, in one offline page),
