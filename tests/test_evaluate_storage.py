@@ -72,3 +72,15 @@ def test_updated_order():
     assert updated_order(["a", "random", "x@y"], ["b", "a"], ("random",)) == ["a", "b", "random", "x@y"]
     assert updated_order(["a"], ["b"]) == ["a", "b"]
     assert updated_order(["a", "t@random_weights"], ["b"]) == ["a", "b", "t@random_weights"]
+
+
+def test_rows_with_completeness_into_a_league_saved_before_the_column(tmp_path):
+    old = text_league({"rollout": 1, "random": 3})
+    for f in old.samples.values():
+        del f["completeness"]  # results saved by a version without the column
+    assert "completeness" not in [c.key for c in old.columns]
+    err = np.full(40, 0.25)
+    up = League.load(old.save(tmp_path / "s.npz")).updated(text_league({"lrp": 2}, completeness={"lrp": err}))
+    assert "completeness" in [c.key for c in up.columns]
+    assert up.row("lrp")["completeness"] == pytest.approx(0.25) and math.isnan(up.row("rollout")["completeness"])
+    assert "| rollout |" in up.to_markdown() and "lrp" in up.to_csv()

@@ -155,6 +155,9 @@ class League(SampleResults):
                 out[key + "_se"] = float(v.std(ddof=1)) if v.size > 1 else math.nan
         else:
             out.update({key + "_se": math.nan for key in list(out)})
+        for c in self.columns:  # a column this method's saved results lack (rows added later have it): –
+            out.setdefault(c.key, math.nan)
+            out.setdefault(c.key + "_se", math.nan)
         return out
 
     def rows(self) -> list[dict[str, Any]]:
