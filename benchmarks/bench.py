@@ -40,6 +40,12 @@ so slow drift and other load hit both equally. Reported: seconds per sample = me
 size; ``x base`` = median over rounds of t_method / t_baseline of the same round (a paired ratio,
 robust to load changes between rounds); the baseline rows pool all baseline timings of that kind.
 Batch scaling: per-sample time at the smallest batch size / per-sample time at the largest.
+Every method also gets ``x fwd+bwd``: its seconds per sample over the forward+backward baseline's
+(the pooled median), one scale for all methods. The perturbation methods (``needs.forward``:
+occlusion, AtMan, integrated gradients) get a table of their cost per input token: the tokens
+(image patches, text tokens) they perturb one by one, the forwards per sample (the rows the model's
+forward saw in one untimed call, counted by a pre-hook, over the batch size) and the time per token.
+A method may be given with options, as a league row: ``integrated_gradients(n_steps=8)``.
 
 Memory (``--memory``)
 ---------------------
