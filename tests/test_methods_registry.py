@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnx
-from attnx import Needs, register_method
+from attnx import Needs, Option, register_method
 from attnx.methods.lrp import input_relevance_scores, seeded_total
 from attnx.methods.options import PATCH_SIZE, PRESET, STRICT
 from attnx.methods.registry import unregister_method
@@ -67,3 +67,31 @@ def test_lrp_conserves_where_its_rules_do():
         unregister_method("_test_half")
     assert torch.allclose(broken.input_relevance.sum((1, 2, 3)), logit / 2, rtol=1e-6)
     assert torch.allclose(broken.completeness_error(), torch.full((2,), 0.5, dtype=DT), atol=1e-6)
+
+
+def test_a_claim_that_depends_on_a_bool_option():
+    """The ``conserves`` function receives the options the method ran with (defaults filled in)."""
+    seen = []
+
+    def claim(trace, result, options):
+        seen.append(dict(options))
+        return trace.seeded_relevance if options["complete"] else None
+
+    @register_method("_test_optional", needs=Needs(input_relevance=True),
+                     options=(PRESET, STRICT, PATCH_SIZE, Option("complete", False, "claims completeness", kind=bool)),
+                     conserves=claim)
+    def optional(trace, readout, *, complete: bool = False):
+        return input_relevance_scores(trace, readout)
+
+    try:
+        case = CASES["timm_vit"]
+        model, x = case.model(DT), case.inputs(2, dtype=DT)
+        off = attnx.explain(model, x, method="_test_optional", preset="cplrp")
+        on = attnx.explain(model, x, method="_test_optional", preset="cplrp", complete=True)
+    finally:
+        unregister_method("_test_optional")
+    assert off.claimed_total is None and off.completeness_error() is None
+    assert seen[0]["complete"] is False and seen[0]["preset"] == "cplrp" and seen[1]["complete"] is True
+    logit = model(x).detach().gather(1, on.targets[:, None])[:, 0]
+    expected = (on.input_relevance.sum((1, 2, 3)) - logit).abs() / logit.abs()
+    assert torch.allclose(on.completeness_error(), expected, rtol=1e-9)

@@ -254,7 +254,8 @@ class Explainer:
         explanation = self.package(result, trace, method, recorded, used)
         explanation.class_names, explanation.multi_label = self.class_names, self.multi_label
         if spec.conserves is not None:  # what the method claims its relevance sums to
-            explanation.claimed_total = spec.claimed_total(trace, result if isinstance(result, Relevance) else Relevance(tokens=result))
+            relevance = result if isinstance(result, Relevance) else Relevance(tokens=result)
+            explanation.claimed_total = spec.claimed_total(trace, relevance, {**method_options, **trace_options})
         return explanation
 
     __call__ = explain

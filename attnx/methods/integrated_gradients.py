@@ -46,7 +46,7 @@ def baseline_inputs(forward, x: torch.Tensor, baseline: str) -> torch.Tensor:
     return forward.token_embeddings(forward.pad_token_id()).to(x)
 
 
-def completeness_total(trace, result: Relevance) -> torch.Tensor:
+def completeness_total(trace, result: Relevance, options: dict) -> torch.Tensor:
     """What integrated gradients claims to sum to (completeness, Proposition 1 of the paper):
     ``y_t(x) − y_t(x')``, read from captum's convergence delta ``Σ IG − (y_t(x) − y_t(x'))``."""
     total = trace.input_relevance.detach().to(torch.float64).flatten(1).sum(1)

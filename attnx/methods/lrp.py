@@ -31,7 +31,7 @@ def input_relevance_scores(trace, readout) -> Relevance:
     return Relevance(tokens=rel.sum(dim=-1))
 
 
-def seeded_total(trace, result: Relevance) -> torch.Tensor | None:
+def seeded_total(trace, result: Relevance, options: dict) -> torch.Tensor | None:
     """What LRP claims its input relevance sums to: the relevance put on the logits
     (``trace.seeded_relevance``, ``y_t`` under a ``"logit"`` seed), when the preset's rules
     conserve (``Registry.conserving``); ``None`` otherwise."""

@@ -153,16 +153,16 @@ class Method:
     first_layer: Callable[[dict, Any, int], int] | None = None
     #: ``fold(layer, **options)``: what the method keeps of each layer (:mod:`attnx.core.layer_fold`)
     fold: Callable[..., Any] | None = None
-    #: ``conserves(trace, result)``: the ``(B,)`` total the method claims its relevance sums to
-    #: (``None`` under options where it claims nothing); see :func:`register_method`
-    conserves: Callable[[Any, Relevance], Any] | None = None
+    #: ``conserves(trace, result, options)``: the ``(B,)`` total the method claims its relevance
+    #: sums to (``None`` under options where it claims nothing); see :func:`register_method`
+    conserves: Callable[[Any, Relevance, dict], Any] | None = None
 
-    def claimed_total(self, trace: Any, result: Relevance) -> torch.Tensor | None:
+    def claimed_total(self, trace: Any, result: Relevance, options: dict) -> torch.Tensor | None:
         """``(B,)`` float64: what the method claims the relevance of each sample sums to on ``trace``
-        (its ``conserves`` declaration), or ``None`` when it claims no conservation."""
+        under ``options`` (its ``conserves`` declaration), or ``None`` when it claims no conservation."""
         if self.conserves is None:
             return None
-        total = self.conserves(trace, result)
+        total = self.conserves(trace, result, options)
         return None if total is None else torch.as_tensor(total).detach().to(torch.float64).reshape(-1)
 
     def fold_for(self, options: dict) -> LayerFold | None:
@@ -250,7 +250,7 @@ def register_method(
     gradients: bool = False,
     first_layer: Callable[[dict, Any, int], int] | None = None,
     fold: Callable[..., Any] | None = None,
-    conserves: Callable[[Any, Relevance], Any] | None = None,
+    conserves: Callable[[Any, Relevance, dict], Any] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(trace, readout, **options)`` as the method ``name``.
 
@@ -277,10 +277,11 @@ def register_method(
         values with :func:`attnx.core.layer_fold.kept_layers`, which applies the fold itself to a
         full trace.
     conserves:
-        ``conserves(trace, result) -> (B,) | None``: for a method that claims conservation
-        (completeness), the total its relevance should sum to for each sample, from the trace and
-        the method's :class:`Relevance` (the options it ran with are ``result.options``); ``None``
-        when it claims nothing under those options. E.g. LRP under a conserving preset: the
+        ``conserves(trace, result, options) -> (B,) | None``: for a method that claims
+        conservation (completeness), the total its relevance should sum to for each sample, from
+        the trace, the method's :class:`Relevance` and the options it ran with (every option,
+        defaults filled in); ``None`` when it claims nothing under those options (e.g. a bool
+        option that makes a gradient method complete: ``None`` when it is off). E.g. LRP under a conserving preset: the
         relevance put on the logits (``trace.seeded_relevance``); integrated gradients:
         ``y_t(x) − y_t(x')``. The sum is taken over ``trace.input_relevance`` when the pass has
         it, else over the token relevance (:attr:`attnx.Explanation.relevance_total`).
