@@ -79,3 +79,16 @@ def test_replace_block():
                 "<!-- verdict:start -->\n<!-- verdict:start -->\n<!-- verdict:end -->"):
         with pytest.raises(AttnxValueError, match="verdict:start"):
             verdict.replace_block(bad, "x")
+
+
+@pytest.mark.parametrize("task", ["text", "clip", "llm"])
+def test_the_completeness_error_is_not_judged(tmp_path, task):
+    """It checks a method's own claim of conservation: a method with a small error does not win a column."""
+    key = "del_most_auc" if task == "text" else "deletion_auc" if task == "clip" else "auc_most"
+    (tmp_path / f"league_{task}.csv").write_text(
+        f"method,{key},{key}_se,completeness,completeness_se\n"
+        f"transformer_attribution,0.50,0.01,nan,nan\nlrp,0.60,0.01,0.001,0.0001\n")
+    assert "completeness" in verdict.column_specs(task)
+    lines, rec = verdict.task_verdict(task, verdict.read_table(tmp_path / f"league_{task}.csv"))
+    assert len(lines) == 3 and "complete. err." not in "\n".join(lines)  # one judged column
+    assert rec.startswith("**transformer_attribution**: in the top group") and "on 1 of 1 columns" in rec
