@@ -61,6 +61,13 @@ def test_update_gives_the_files_of_one_run(capsys, tmp_path):
     assert b["rollout"]["completeness"] == "nan" and float(b["lrp"]["completeness"]) >= 0
     saved = League.load(two / "samples_vision.npz")
     assert saved.methods == list(b) and np.isfinite(saved.samples["lrp"]["completeness"]).all()
+    # the sanity row, named, is added last to a league run without it; the other rows stay as they were
+    status, _, err = run(capsys, "evaluate", "--task", "vision", "--methods", "transformer_attribution@random_weights",
+                         "--update", "--out", str(two), "--quiet")
+    assert status == 0, err
+    c = rows(two / "league_vision.csv")
+    assert list(c) == [*b, "transformer_attribution@random_weights"] and all(c[m] == b[m] for m in b)
+    assert League.load(two / "samples_vision.npz").meta["sanity"]["row"] == "transformer_attribution@random_weights"
     status, _, err = run(capsys, "evaluate", "--task", "vision", "--methods", "rollout", "--update", "--limit", "3",
                          "--out", str(two))
     assert status == 2 and "was run with --limit 2, not 3" in err

@@ -356,7 +356,33 @@ def test_rows_put_into_a_saved_league_with_the_sanity_row_and_completeness(model
     assert "complete. err." in (tmp_path / "league_llm.md").read_text()
     from attnx.errors import AttnxValueError
 
+    # a league without the sanity row gains it when it is named
+    bare = types.SimpleNamespace(**{**vars(args), "out": str(tmp_path / "bare"), "methods": "rollout"})
+    monkeypatch.setattr(llm_league, "evaluate_facts", _without_sanity(llm_league.evaluate_facts))
+    assert llm_league.run_cli(bare, lines.append) == 0
+    monkeypatch.undo()
+    monkeypatch.setattr(llm_league.zoo, "load", lambda spec, kind: bundle)
+    monkeypatch.setattr(llm_league, "fact_prompts", lambda: prompts)
+    assert llm_league.FactLeague.load(tmp_path / "bare" / "samples_llm.json").methods == ["rollout"]
+    named = types.SimpleNamespace(**{**vars(update), "out": str(tmp_path / "bare"),
+                                     "methods": "transformer_attribution@random_weights"})
+    assert llm_league.run_cli(named, lines.append) == 0
+    gained = llm_league.FactLeague.load(tmp_path / "bare" / "samples_llm.json")
+    assert gained.methods == ["rollout", "transformer_attribution@random_weights"]
+    sanity = "transformer_attribution@random_weights"
+    assert np.array_equal(gained.samples[sanity]["rank"], up.samples[sanity]["rank"])
+    assert "a sanity row" in (tmp_path / "bare" / "league_llm.md").read_text()
     with pytest.raises(AttnxValueError, match="--limit 4, not 3"):
         llm_league.run_cli(types.SimpleNamespace(**{**vars(update), "limit": 3}), lines.append)
     with pytest.raises(AttnxValueError, match="no llm league"):
         llm_league.run_cli(types.SimpleNamespace(**{**vars(update), "out": str(tmp_path / "none")}), lines.append)
+
+
+def _without_sanity(evaluate_facts):
+    """``evaluate_facts`` as a version without the sanity row ran it (a league written before the row existed)."""
+    def run(*args, **kwargs):
+        league = evaluate_facts(*args, **dict(kwargs, sanity=False))
+        league.meta.pop("sanity", None)
+        league.meta.pop("failed", None)
+        return league
+    return run

@@ -72,6 +72,7 @@ def test_updated_order():
     assert updated_order(["a", "random", "x@y"], ["b", "a"], ("random",)) == ["a", "b", "random", "x@y"]
     assert updated_order(["a"], ["b"]) == ["a", "b"]
     assert updated_order(["a", "t@random_weights"], ["b"]) == ["a", "b", "t@random_weights"]
+    assert updated_order(["a", "random"], ["t@random_weights", "b"], ("random",)) == ["a", "b", "random", "t@random_weights"]
 
 
 def test_rows_with_completeness_into_a_league_saved_before_the_column(tmp_path):

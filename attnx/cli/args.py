@@ -24,14 +24,16 @@ def chosen_methods(arg: str) -> list[str]:
 
 def league_rows(arg: str) -> list[str]:
     """``attnx evaluate --methods``: a comma list of league rows, each a registered method or
-    ``method(option=value, ...)`` (``gradient_x_input(libragrad=true)``: its own row); an unknown
-    method or option raises (before any model is loaded)."""
+    ``method(option=value, ...)`` (``gradient_x_input(libragrad=true)``: its own row), or the
+    sanity row ``transformer_attribution@random_weights``; an unknown method or option raises
+    (before any model is loaded)."""
+    from ..evaluate.columns import SANITY_ROW
     from ..evaluate.rows import parse_row, split_rows
 
     rows = split_rows(arg)
     if not rows:
         raise AttnxValueError("--methods: no method given")
-    for r in rows:
+    for r in [r for r in rows if r != SANITY_ROW]:  # the sanity row: computed by every league
         method, options = parse_row(r)
         if options:
             import attnx

@@ -129,6 +129,17 @@ def check_update(args: argparse.Namespace) -> None:
         raise AttnxValueError(f"--update: no such folder {args.out}; run attnx evaluate --out {args.out} first")
 
 
+def _rows(args: argparse.Namespace) -> tuple[list[str] | None, bool]:
+    """``--methods`` as league rows (``None``: every method), and whether the sanity row is named
+    there (it is computed by the league itself: with ``--update`` it is added or replaced too)."""
+    from ..evaluate.columns import SANITY_ROW
+
+    if args.methods == "all":
+        return None, False
+    rows = league_rows(args.methods)
+    return [r for r in rows if r != SANITY_ROW], SANITY_ROW in rows
+
+
 def _stored_setting(flag: str, given: Any, stored: Any, task: str) -> None:
     if given is not None and given != stored:
         raise AttnxValueError(f"--update: the {task} league was run with {flag} {stored}, not {given}; leave it out "
@@ -149,7 +160,7 @@ def _embedding_league(task: str, args: argparse.Namespace, out: Path) -> None:
                                      ("--num-scenes", "num_scenes")) if getattr(args, attr, None)]
     if given:
         raise AttnxValueError(f"{', '.join(given)} do(es) not apply to --task {task} (it evaluates an embedded model)")
-    methods = None if args.methods == "all" else league_rows(args.methods)
+    methods, named_sanity = _rows(args)
     limit, batch_size, baselines, old = args.limit, args.batch_size or 16, not args.no_baselines, None
     if args.update:  # the named rows, on the samples of the league in --out
         from ..evaluate.sample_table import SampleTable
@@ -169,11 +180,12 @@ def _embedding_league(task: str, args: argparse.Namespace, out: Path) -> None:
         from ..evaluate.clip_league import evaluate_clip
 
         league = evaluate_clip(methods, limit=limit, batch_size=batch_size, baselines=baselines,
-                               sanity=baselines, progress=not args.quiet)
+                               sanity=baselines or named_sanity, progress=not args.quiet)
     else:
         from ..evaluate.similarity_league import evaluate_similarity
 
-        league = evaluate_similarity(methods, limit=limit, baselines=baselines, sanity=baselines, progress=not args.quiet)
+        league = evaluate_similarity(methods, limit=limit, baselines=baselines, sanity=baselines or named_sanity,
+                                     progress=not args.quiet)
     if old is not None:
         from .. import evaluate
 
@@ -193,7 +205,7 @@ def _classifier_leagues(args: argparse.Namespace, task_arg: str | None, out: Pat
     data_is_table = bool(args.data) and Path(args.data).suffix.lower() in (".csv", ".tsv", ".tab")
     task = task_arg or ("text" if data_is_table else "vision")
     tasks = ["vision", "text"] if task == "all" else [task]
-    methods = None if args.methods == "all" else league_rows(args.methods)  # cheap checks first
+    methods, named_sanity = _rows(args)  # cheap checks first
     if args.data:
         check_data(task, args.data)
     if args.model not in (None, "default") and not args.data and "vision" in tasks:
@@ -212,6 +224,7 @@ def _classifier_leagues(args: argparse.Namespace, task_arg: str | None, out: Pat
                         randomisation_samples=16 if args.randomisation_samples is None else args.randomisation_samples,
                         sanity=not args.no_baselines)
         old = _stored_league(t, out, args, settings) if args.update else None
+        settings["sanity"] = settings["sanity"] or named_sanity
         t0 = time.perf_counter()
         try:
             league = evaluate.evaluate(t, methods, model=model, data=args.data, num_scenes=args.num_scenes,

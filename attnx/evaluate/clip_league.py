@@ -73,7 +73,7 @@ def evaluate_clip(methods: Any = None, *, limit: int | None = None, batch_size: 
                   sanity: bool = True, progress: bool = False) -> SampleTable:
     """The ``clip`` league on the first ``limit`` shipped two-garment scenes (two maps each;
     ``None``: all 48). ``methods`` as in :func:`attnx.evaluate.evaluate`."""
-    names = method_list(methods, baselines)
+    names = method_list(methods, baselines, allow_empty=sanity)
     loaded = zoo.clip_model()
     scenes = zoo.scenes()
     maps = two_garment_maps(scenes, limit)

@@ -258,7 +258,10 @@ class FactLeague:
         failed.update(failed_new)
         options = {m: o for m, o in (self.meta.get("methods_options") or {}).items() if m in order}
         options.update(new.meta.get("methods_options") or {})
-        return FactLeague(order, self.items, samples, dict(self.meta, failed=failed, methods_options=options))
+        meta = dict(self.meta, failed=failed, methods_options=options)
+        if new.meta.get("sanity"):  # the sanity row was (re)computed
+            meta["sanity"] = new.meta["sanity"]
+        return FactLeague(order, self.items, samples, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "FactLeague":
@@ -275,13 +278,13 @@ class FactLeague:
         return Path(path)
 
 
-def _method_rows(methods: str | Sequence[str] | None) -> list[str]:
+def _method_rows(methods: str | Sequence[str] | None, allow_empty: bool = False) -> list[str]:
     """The rows to evaluate, each checked (:func:`row_method`); ``None`` / ``"all"``: :func:`default_rows`."""
     if methods is None or methods == "all":
         return default_rows()
     names = split_rows(methods) if isinstance(methods, str) else [m.strip() for m in methods]
     names = [m for m in names if m]
-    if not names:
+    if not names and not allow_empty:
         raise AttnxValueError("no method given")
     for m in names:
         method, options = row_method(m)
@@ -359,7 +362,7 @@ def evaluate_facts(model: Any = "smollm2", methods: str | Sequence[str] | None =
         raise AttnxValueError(f"replacement must be 'delete' or a token id, got {replacement!r}")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise AttnxValueError(f"limit must be a positive int, got {limit!r}")
-    rows = _method_rows(methods)
+    rows = _method_rows(methods, allow_empty=sanity)
     loaded = model if isinstance(model, zoo.ZooModel) else zoo.load(model, "text")
     if loaded.tokenizer is None:
         raise AttnxValueError("the llm league needs a language model with its tokenizer (a ZooModel with tokenizer=)")
@@ -481,7 +484,8 @@ def run_cli(args: Any, say: Any) -> int:
     if getattr(args, "update", False):  # the named rows into the league already in --out
         league = _update(out, model, args)
     else:
-        league = evaluate_facts(model, args.methods, limit=args.limit, batch_size=args.batch_size or 16,
+        rows = None if args.methods in (None, "all") else [r for r in split_rows(args.methods) if r != SANITY_ROW]
+        league = evaluate_facts(model, rows, limit=args.limit, batch_size=args.batch_size or 16,
                                 progress=not args.quiet, on_chunk=lambda partial: write(partial, final=False))
     say(write(league, final=True))
     for name in ("league_llm.md", "league_llm.csv", "curves_llm.png", "samples_llm.json"):
@@ -503,6 +507,8 @@ def _update(out: Path, model: str, args: Any) -> FactLeague:
                                   "leave it out (the league's own is used) or regenerate the league")
     text = str(meta.get("replacement", ""))
     replacement: str | int = int(text.rsplit(" ", 1)[1]) if text.startswith("replaced by token id") else "delete"
-    new = evaluate_facts(model, args.methods, limit=meta.get("limit"), batch_size=int(meta["batch_size"]),
-                         replacement=replacement, seed=int(meta.get("seed", 0)), progress=not args.quiet, sanity=False)
+    rows = split_rows(args.methods)
+    new = evaluate_facts(model, [r for r in rows if r != SANITY_ROW], limit=meta.get("limit"), batch_size=int(meta["batch_size"]),
+                         replacement=replacement, seed=int(meta.get("seed", 0)), progress=not args.quiet,
+                         sanity=SANITY_ROW in rows)
     return old.updated(new)

@@ -23,7 +23,7 @@ from .tasks import TextTask, to_numpy, vision_task
 __all__ = ["METHOD_FAILURES", "evaluate", "failure_reason", "method_list"]
 
 
-def method_list(methods: Any, baselines: bool) -> list[str]:
+def method_list(methods: Any, baselines: bool, allow_empty: bool = False) -> list[str]:
     """The evaluated rows (each checked): ``methods`` (``None`` / ``"all"``: every registered
     method, a list or a comma-separated string), then the baselines (``baselines``). A row is a
     method's name or ``method(option=value, ...)`` (:func:`attnx.methods.registry.parse_row`:
@@ -33,7 +33,7 @@ def method_list(methods: Any, baselines: bool) -> list[str]:
     else:
         names = split_rows(methods) if isinstance(methods, str) else [m.strip() for m in methods]
         names = [m for m in names if m]
-        if not names:
+        if not names and not allow_empty:  # allow_empty: a run of the sanity row alone
             raise AttnxValueError("no method given")
     for m in names:
         parse_row(m)  # raises, naming the methods (or the method's options) there are
@@ -122,7 +122,7 @@ def evaluate(
         raise AttnxValueError(f"limit must be a positive int, got {limit!r}")
     if not isinstance(randomisation_samples, int) or isinstance(randomisation_samples, bool) or randomisation_samples < 0:
         raise AttnxValueError(f"randomisation_samples must be an int >= 0, got {randomisation_samples!r}")
-    names = method_list(methods, baselines)
+    names = method_list(methods, baselines, allow_empty=sanity)
     options = {k: dict(v) for k, v in (options or {}).items()}
     for m, opts in options.items():
         if m not in names:

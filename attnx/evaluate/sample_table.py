@@ -152,8 +152,9 @@ class SampleTable:
         values = {m: (new.values[m] if m in new.values else self.values[m]) for m in order}
         failed = {m: why for m, why in self.failed.items() if m not in added}
         failed.update(new.failed)
-        return SampleTable(self.task, self.title, list(new.columns), values, failed, list(self.notes), dict(self.items),
-                           dict(self.meta))
+        notes = [*self.notes, *(n for n in new.notes if n not in self.notes)]  # e.g. the sanity row's, when it is new
+        meta = dict(self.meta, sanity=True) if new.meta.get("sanity") else dict(self.meta)
+        return SampleTable(self.task, self.title, list(new.columns), values, failed, notes, dict(self.items), meta)
 
 
 def stack(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

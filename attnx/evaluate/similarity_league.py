@@ -97,7 +97,7 @@ def evaluate_similarity(methods: Any = None, *, limit: int | None = None, baseli
                         progress: bool = False) -> SampleTable:
     """The ``dinov2`` league on the first ``limit`` ordered photo pairs of :func:`ordered_pairs`
     (``None``: all 30)."""
-    names = method_list(methods, baselines)
+    names = method_list(methods, baselines, allow_empty=sanity)
     bundle = zoo.dinov2_model()
     pics = photos()
     pairs = ordered_pairs(list(pics))[:limit]

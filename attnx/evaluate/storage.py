@@ -127,6 +127,8 @@ class SampleResults:
         options = {m: o for m, o in (self.meta.get("methods_options") or {}).items() if m not in failed_new}
         options.update(new.meta.get("methods_options") or {})
         meta = dict(self.meta, failed=failed, methods_options=options)
+        if new.meta.get("sanity"):  # the sanity row was (re)computed
+            meta["sanity"] = new.meta["sanity"]
         return type(self)(self.task, self.kind, methods, dict(self.items), samples, meta)
 
     # ------------------------------------------------------------------ shards
@@ -188,14 +190,15 @@ ROW_SETTINGS = ("shard", "threads", "methods_options", "failed", "sanity", "seco
 
 def updated_order(methods: list[str], added: list[str], references: Iterable[str] = ()) -> list[str]:
     """The rows of a league after ``added`` are put in: a row already there keeps its place, a new one
-    goes before the first reference row (a baseline or a sanity row ``method@...``), else last."""
+    goes before the first reference row (a baseline or a sanity row ``method@...``), else last; a new
+    sanity row goes last."""
     refs = set(references)
     out = list(methods)
     for m in added:
         if m in out:
             continue
-        at = next((i for i, r in enumerate(out) if r in refs or "@" in r), len(out))
-        out.insert(at, m)
+        at = len(out) if "@" in m else next((i for i, r in enumerate(out) if r in refs or "@" in r), len(out))
+        out.insert(at, m)  # a new sanity row goes last
     return out
 
 
