@@ -37,6 +37,13 @@ def test_update_refusals(capsys, argv, message):
     assert status == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_update_of_every_task_checks_every_league_first(capsys, tmp_path):
+    (tmp_path / "samples_vision.npz").write_bytes(b"")
+    status, _, err = run(capsys, "evaluate", "--task", "all", "--methods", "rollout", "--update", "--out", str(tmp_path))
+    assert status == 2 and err.count("\n") == 1, err
+    assert "lacks samples_text.npz, samples_clip.npz, samples_dinov2.npz, samples_llm.json" in err
+
+
 @pytest.mark.parametrize("task", ["vision", "text", "clip", "dinov2", "llm"])
 def test_update_of_a_folder_without_that_league(capsys, tmp_path, task):
     status, _, err = run(capsys, "evaluate", "--task", task, "--methods", "rollout", "--update", "--out", str(tmp_path))

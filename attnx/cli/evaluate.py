@@ -127,6 +127,12 @@ def check_update(args: argparse.Namespace) -> None:
                               "regenerate the league without --update")
     if not Path(args.out).is_dir():
         raise AttnxValueError(f"--update: no such folder {args.out}; run attnx evaluate --out {args.out} first")
+    if args.task == "all":  # every league must be there before any runs
+        files = {t: f"samples_{t}.json" if t == "llm" else f"samples_{t}.npz" for t in ALL_TASKS}
+        missing = [f for f in files.values() if not (Path(args.out) / f).is_file()]
+        if missing:
+            raise AttnxValueError(f"--task all --update: {args.out} lacks {', '.join(missing)} (the per-sample results of "
+                                  "those leagues); regenerate them once, or update the other tasks one by one")
 
 
 def _rows(args: argparse.Namespace) -> tuple[list[str] | None, bool]:
