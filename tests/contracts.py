@@ -38,10 +38,11 @@ GLOBAL_HOOKS = sorted(k for k in dir(module_globals) if k.startswith("_global_")
 PLAIN = (bool, int, float, str, type(None))
 
 
-#: methods that read every block's tokens (attcat) or values through the output projection (bt_t):
+#: methods that read every block's tokens (attcat), values through the output projection (bt_t) or both
+#: and the feed-forward sublayers (tokentm):
 #: an adapter that does not name a model's blocks (or its value and output projections) refuses them
 #: with :class:`attnx.errors.UnsupportedModelError`
-BLOCK_METHODS = ("attcat", "bt_t")
+BLOCK_METHODS = ("attcat", "bt_t", "tokentm")
 
 
 def explained_or_refused(explain: Callable, method: str):

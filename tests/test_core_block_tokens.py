@@ -136,3 +136,66 @@ def test_an_adapter_that_does_not_name_its_blocks_is_refused():
     with pytest.raises(UnsupportedModelError, match="blocks"):
         model = case.model()
         attnx.Explainer(model, adapter=InterceptAdapter(model)).trace(case.inputs(1), None, TOKENS)
+
+
+MLP = Needs(attentions=True, hidden_states=True, mlp_branches=True)
+
+
+def test_torchvision_mlp_branches_are_its_feed_forward_run_by_hand():
+    """``E'`` = ``z + attention(ln_1(z))`` and ``Ẽ' = mlp(ln_2(E'))``; their sum is the next block's input."""
+    model = CASES["torchvision_vit"].model(torch.float64)
+    x = CASES["torchvision_vit"].inputs(2, dtype=torch.float64)
+    trace = attnx.Explainer(model).trace(x, torch.tensor([0, 3]), MLP)
+    layers = model.encoder.layers
+    assert len(trace.mlp_inputs) == len(trace.mlp_outputs) == len(layers) > 0
+    for i, (layer, z, got_in, got_out) in enumerate(zip(layers, trace.hidden_states, trace.mlp_inputs, trace.mlp_outputs)):
+        y = layer.ln_1(z)
+        mid = z + layer.self_attention(y, y, y, need_weights=False)[0]
+        assert max_abs_diff(got_in, mid) < 1e-10
+        assert max_abs_diff(got_out, layer.mlp(layer.ln_2(mid))) < 1e-10
+        if i + 1 < len(layers):
+            assert max_abs_diff(got_in + got_out, trace.hidden_states[i + 1]) < 1e-10
+
+
+@pytest.mark.parametrize("case", [CASES["hf_bert_eager"], CASES["hf_vit_eager"], DecoderCase("llama", "cls", "eager")],
+                         ids=["bert", "hf_vit", "llama_cls"])
+def test_hf_mlp_branches_sum_to_the_next_block_input(case):
+    """Pre-norm blocks add the branch to the residual stream (``E' + Ẽ'`` is the next block's input);
+    BERT's post-norm block normalises the sum with ``output.LayerNorm``."""
+    model = case.model(torch.float64)
+    x = case.inputs(lengths=[9, 9]) if isinstance(case, DecoderCase) else case.inputs(2, dtype=torch.float64)
+    trace = attnx.Explainer(model).trace(x, torch.tensor([1, 0]), MLP)
+    blocks = [b for b, _ in attnx.Explainer(model).adapter.block_inputs(None)]
+    for i in range(len(blocks) - 1):
+        total = trace.mlp_inputs[i] + trace.mlp_outputs[i]
+        if hasattr(blocks[i], "intermediate") and hasattr(blocks[i], "output"):
+            total = blocks[i].output.LayerNorm(total)
+        assert max_abs_diff(total, trace.hidden_states[i + 1]) < 1e-10
+        assert trace.mlp_outputs[i].abs().sum() > 0
+
+
+def test_open_clip_mlp_branches_are_batch_first():
+    """A tower that is not batch first: ``E'`` and ``Ẽ' = ls_2(mlp(ln_2(E')))`` as ``(B, N, D)``."""
+    from clip_models import open_clip_model
+
+    model = open_clip_model(dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    trace = attnx.Explainer(model).trace(x, attnx.similarity.embedding_norm, MLP)
+    blocks = model.visual.transformer.resblocks
+    for i, blk in enumerate(blocks):
+        assert trace.mlp_inputs[i].shape[0] == 2
+        assert max_abs_diff(trace.mlp_outputs[i], blk.ls_2(blk.mlp(blk.ln_2(trace.mlp_inputs[i])))) < 1e-10
+        if i + 1 < len(blocks):
+            assert max_abs_diff(trace.mlp_inputs[i] + trace.mlp_outputs[i], trace.hidden_states[i + 1]) < 1e-10
+
+
+def test_a_model_without_named_feed_forward_sublayers_is_refused_in_one_line():
+    """A timm block whose feed-forward sublayer is not ``norm2`` -> ``ls2`` (here renamed) is refused."""
+    model = CASES["timm_vit"].model()
+    for blk in model.blocks:
+        blk.post_norm = blk.norm2
+        del blk.norm2
+        blk.forward = lambda x, blk=blk: x + blk.ls1(blk.attn(blk.norm1(x))) + blk.ls2(blk.mlp(blk.post_norm(x)))
+    with pytest.raises(UnsupportedModelError, match="feed-forward sublayers.*tokentm") as err:
+        attnx.Explainer(model).trace(CASES["timm_vit"].inputs(1), None, MLP)
+    assert "\n" not in str(err.value)

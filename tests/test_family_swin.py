@@ -82,9 +82,9 @@ ADAPTER = {"timm_v1": "timm_swin", "timm_v2": "timm_swin", "hf_v1": "hf_swin", "
 #: Hugging Face's Swin V1 kernel rounds the scores to float32 for its softmax: the reference's
 #: float64 scores may round one float32 ulp apart
 TOL = {"timm_v1": 1e-10, "timm_v2": 1e-10, "hf_v1": 1e-6, "hf_v2": 1e-10}
-#: methods Swin refuses at every size: they read every block's tokens or values (attcat, bt_t),
+#: methods Swin refuses at every size: they read every block's tokens or values (attcat, bt_t, tokentm),
 #: or suppress a token in every layer, windows included (atman)
-REFUSED = ("attcat", "bt_t", "atman")
+REFUSED = ("attcat", "bt_t", "tokentm", "atman")
 ATTENTION_METHODS = [m for m in attnx.list_methods() if m not in INPUT_METHODS and m not in REFUSED]
 
 

@@ -14,7 +14,7 @@ An adapter must answer four questions about a model (the abstract methods of ``A
 Everything else the core reads has a default here, which an adapter overrides where its family
 differs: ``name``, ``expects``, ``is_lm``, ``outputs_embedding``, ``input_embeddings``,
 ``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout``, ``block_inputs``,
-``value_projections`` and ``append_continuation``. The core reads nothing else of an adapter.
+``value_projections``, ``mlp_branches`` and ``append_continuation``. The core reads nothing else of an adapter.
 
 Adapters hold architecture knowledge only; the core types they fill (``Layout``, ``Batch``,
 ``AttentionRecorder``) live in the attnx core, and they never do explanation math.
@@ -169,17 +169,28 @@ class Adapter:
         (``Needs.hidden_states``) need it."""
         raise UnsupportedModelError(
             f"adapter {self.name!r} does not name the blocks of {type(self.model).__name__}, so their token "
-            "representations cannot be recorded; methods reading them (attcat, bt_t) do not apply"
+            "representations cannot be recorded; methods reading them (attcat, bt_t, tokentm) do not apply"
         )
 
     def value_projections(self, batch: Batch) -> list[tuple[nn.Module, Callable[[tuple, dict, Any], torch.Tensor], torch.Tensor]]:
         """Per block of ``block_inputs``: a module whose call shows the attention's values, a reader
         of the values ``(B, N, H·d)`` of every head from that call's ``(args, kwargs, output)``, and
         the weight ``W_O`` ``(D, H·d)`` of the attention's output projection (methods reading
-        ``W_O v_j``, bt_t, need it)."""
+        ``W_O v_j``, bt_t and tokentm, need it)."""
         raise UnsupportedModelError(
             f"adapter {self.name!r} does not name the value and output projections of {type(self.model).__name__}'s "
-            "attention; methods reading them (bt_t) do not apply"
+            "attention; methods reading them (bt_t, tokentm) do not apply"
+        )
+
+    def mlp_branches(self, batch: Batch) -> list[tuple[nn.Module, Callable[[tuple, dict], Any], nn.Module, Callable[[Any], Any]]]:
+        """Per block of ``block_inputs``: the module whose call reads the feed-forward sublayer's
+        input from the residual stream ``E'`` with its reader of ``(args, kwargs)``, and the module
+        whose output is what that sublayer adds to it ``Ẽ'`` with its reader of that output, both
+        ``(B, N, D)`` (:func:`attnx.adapters.mlp_branch.named_mlp_branches` for most); methods
+        measuring the MLP's token transformation (tokentm) need it."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} does not name the feed-forward sublayers of {type(self.model).__name__}'s "
+            "blocks; methods reading them (tokentm) do not apply"
         )
 
     def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:

@@ -35,6 +35,7 @@ from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
 from .base import Adapter, hidden_states_argument, mha_value_projection
 from .hf import layer_stack, value_projections
 from .kernels import AttentionInterceptor, TokenWatcher
+from .mlp_branch import named_mlp_branches
 from .pooling import probe_attention
 from .switches import attn_implementation, no_new_forward_hooks
 
@@ -255,6 +256,9 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
         tower = batch.extra.get("tower", self.tower)
         return value_projections(self.block_inputs(batch), self.tower_config(tower)) or super().value_projections(batch)
 
+    def mlp_branches(self, batch: Batch) -> list:
+        return named_mlp_branches(self.block_inputs(batch)) or super().mlp_branches(batch)
+
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)
         tower = batch.extra.get("tower", self.tower)
@@ -365,6 +369,13 @@ class OpenCLIPAdapter(DualEncoderAdapter):
         found = [mha_value_projection(getattr(block, "attn", None)) or open_clip_values(getattr(block, "attn", None))
                  for block, _ in self.block_inputs(batch)]
         return found if all(found) else super().value_projections(batch)
+
+    def mlp_branches(self, batch: Batch) -> list:
+        """``ln_2``'s input and ``ls_2``'s output, transposed when the tower is not batch first."""
+        tower = batch.extra.get("tower", self.tower)
+        transformer = self.model.visual.transformer if tower == "image" else self.model.transformer
+        transpose = not getattr(transformer, "batch_first", True)
+        return named_mlp_branches(self.block_inputs(batch), transpose) or super().mlp_branches(batch)
 
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:

@@ -21,6 +21,7 @@ from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
 from .base import Adapter, hidden_states_argument
 from .loaded import loaded_class
+from .mlp_branch import named_mlp_branches
 from .switches import attn_implementation, no_new_forward_hooks
 
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForImageClassificationWithTeacher")
@@ -222,6 +223,9 @@ class HFAdapter(Adapter):
         config = self.model.config
         config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
         return value_projections(self.block_inputs(batch), config) or super().value_projections(batch)
+
+    def mlp_branches(self, batch: Batch) -> list:
+        return named_mlp_branches(self.block_inputs(batch)) or super().mlp_branches(batch)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)

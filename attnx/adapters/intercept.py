@@ -126,6 +126,11 @@ class InterceptAdapter(Adapter):
             return self.family.value_projections(batch)
         return super().value_projections(batch)
 
+    def mlp_branches(self, batch: Batch) -> list:
+        if self.family is not None:
+            return self.family.mlp_branches(batch)
+        return super().mlp_branches(batch)
+
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
         capture = contextlib.nullcontext() if self.pooling is None else self.pooling.capture()

@@ -19,6 +19,7 @@ from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
 from .base import Adapter, hidden_states_argument
 from .loaded import loaded_class
+from .mlp_branch import named_mlp_branches
 from .pooling import TimmPooling
 from .switches import attribute_switch
 
@@ -112,6 +113,10 @@ class TimmViTAdapter(Adapter):
                 return super().value_projections(batch)
             out.append((a.qkv, lambda args, kwargs, qkv: qkv.chunk(3, dim=-1)[2], a.proj.weight))
         return out
+
+    def mlp_branches(self, batch: Batch) -> list:
+        """``norm2``'s input and ``ls2``'s output (the layer scale; an Identity without one)."""
+        return named_mlp_branches(self.block_inputs(batch)) or super().mlp_branches(batch)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         out = self.model(*batch.args, **batch.kwargs)

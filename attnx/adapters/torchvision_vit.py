@@ -19,6 +19,7 @@ from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError
 from .base import Adapter, hidden_states_argument, mha_value_projection
 from .loaded import loaded_class
+from .mlp_branch import named_mlp_branches
 from .switches import per_head_weights
 
 
@@ -56,6 +57,10 @@ class TorchvisionViTAdapter(Adapter):
     def value_projections(self, batch: Batch) -> list:
         found = [mha_value_projection(a) for a in self.attentions]
         return found if all(found) else super().value_projections(batch)
+
+    def mlp_branches(self, batch: Batch) -> list:
+        """``ln_2``'s input and ``mlp``'s output."""
+        return named_mlp_branches(self.block_inputs(batch)) or super().mlp_branches(batch)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         out = self.model(*batch.args, **batch.kwargs)

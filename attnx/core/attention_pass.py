@@ -15,7 +15,7 @@ from ..adapters.base import Adapter
 from ..adapters.switches import plain_execution
 from ..errors import AttnxValueError
 from .batch import Batch
-from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_value_outputs
+from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_mlp_branches, recorded_value_outputs
 from .checkpointing import outside_function_modes
 from .devices import maybe_on_device, on_device
 from .layer_fold import LayerFold, fold_backward
@@ -34,10 +34,12 @@ def attention_pass(
     first_layer: FirstLayer | None = None, fold: LayerFold | None = None,
     tokens: bool = False,
     value_outputs: bool = False,
+    mlp_branches: bool = False,
 ) -> Trace:
     """A forward observing the attentions (``attentions``) and the tokens every block reads
     (``tokens``), then ``dy_t/dA`` (``gradients``) and ``dy_t/dh`` (``tokens``) for the layers from
-    ``first_layer`` on (every layer without one); ``value_outputs`` (with ``tokens``): ``W_O v_j`` of every block.
+    ``first_layer`` on (every layer without one); ``value_outputs`` (with ``tokens``): ``W_O v_j`` of every block;
+    ``mlp_branches`` (with ``tokens``): every block's feed-forward input and branch output.
 
     With a ``fold`` (and ``gradients``), each layer is folded as the backward reaches it and its
     attention and gradient released: the trace holds ``folded`` and ``last_rows`` instead of
@@ -51,9 +53,10 @@ def attention_pass(
     observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
     blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
     values = recorded_value_outputs(adapter.value_projections(batch), recorder) if value_outputs else contextlib.nullcontext()
+    branches = recorded_mlp_branches(adapter.mlp_branches(batch), recorder) if mlp_branches else contextlib.nullcontext()
     # the backward runs inside the switches: checkpointed layers recompute under them
     with evaluation_mode(model), grad_mode:
-        with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values:
+        with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values, branches:
             with plain_execution(model, keep_checkpointing=backward):
                 output, logits = adapter.call(batch)
                 adapter.forward_done(recorder)
@@ -91,6 +94,10 @@ def attention_pass(
         hidden_gradients=[maybe_on_device(g, batch.device) for g in token_grads] if tokens else None,
         value_outputs=[None if i < first else maybe_on_device(v, batch.device) for i, v in enumerate(recorder.value_outputs)]
         if value_outputs else None,
+        mlp_inputs=[None if i < first else maybe_on_device(t, batch.device) for i, t in enumerate(recorder.mlp_inputs)]
+        if mlp_branches else None,
+        mlp_outputs=[None if i < first else maybe_on_device(t, batch.device) for i, t in enumerate(recorder.mlp_outputs)]
+        if mlp_branches else None,
         output=detached,
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,

@@ -6,7 +6,9 @@ below (of the embeddings for the first) -- and ``∂y_t/∂h^l`` from the same b
 The adapter says which modules are the blocks and how to read their tokens
 (:meth:`attnx.adapters.base.Adapter.block_inputs`); the hooks are removed on exit, also on errors.
 A method may also read each block's values through the attention's output projection, ``W_O v_j``
-(:meth:`attnx.adapters.base.Adapter.value_projections`), recorded detached.
+(:meth:`attnx.adapters.base.Adapter.value_projections`), and what each block's feed-forward sublayer
+reads from the residual stream and adds to it (:meth:`attnx.adapters.base.Adapter.mlp_branches`),
+recorded detached.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .checkpointing import recomputing
 from .layout import Layout
 from .recorder import AttentionRecorder
 
-__all__ = ["check_block_tokens", "recorded_block_tokens", "recorded_value_outputs"]
+__all__ = ["check_block_tokens", "recorded_block_tokens", "recorded_mlp_branches", "recorded_value_outputs"]
 
 #: reads a block's ``(B, N, D)`` input tokens from the ``(args, kwargs)`` of its call
 TokenReader = Callable[[tuple, dict], Any]
@@ -74,6 +76,40 @@ def recorded_value_outputs(projections: Sequence[tuple[nn.Module, Callable, torc
             h.remove()
 
 
+@contextlib.contextmanager
+def recorded_mlp_branches(branches: Sequence[tuple[nn.Module, Callable, nn.Module, Callable]], recorder: AttentionRecorder) -> Iterator[None]:
+    """Record every block's feed-forward input ``E'`` and branch output ``Ẽ'`` ``(B, N, D)``, detached."""
+
+    def tensor(module: nn.Module, value: Any) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{type(module).__name__} did not show its feed-forward tokens as a tensor; methods reading them (tokentm) do not apply"
+            )
+        return value.detach()
+
+    def pre_hook(read: Callable) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not recomputing():
+                recorder.mlp_inputs.append(tensor(module, read(args, kwargs)))
+        return hook
+
+    def post_hook(read: Callable) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not recomputing():
+                recorder.mlp_outputs.append(tensor(module, read(output)))
+        return hook
+
+    handles = []
+    try:
+        for into, read_in, out_of, read_out in branches:
+            handles.append(into.register_forward_pre_hook(pre_hook(read_in), with_kwargs=True))
+            handles.append(out_of.register_forward_hook(post_hook(read_out)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def check_block_tokens(recorder: AttentionRecorder, layout: Layout, batch_size: int, model: nn.Module) -> None:
     """The recorded tokens must be one ``(B, N, D)`` tensor per attention layer, over the layout's tokens."""
     name = type(model).__name__
@@ -86,7 +122,13 @@ def check_block_tokens(recorder: AttentionRecorder, layout: Layout, batch_size: 
         raise UnsupportedModelError(
             f"{name}: {len(recorder.value_outputs)} value projections were seen for {len(recorder.tokens)} blocks"
         )
-    for t in [*recorder.tokens, *recorder.value_outputs]:
+    for kind in (recorder.mlp_inputs, recorder.mlp_outputs):
+        if kind and len(kind) != len(recorder.tokens):
+            raise UnsupportedModelError(
+                f"{name}: {len(kind)} feed-forward sublayers were seen for {len(recorder.tokens)} blocks; "
+                "methods reading them (tokentm) do not apply"
+            )
+    for t in [*recorder.tokens, *recorder.value_outputs, *recorder.mlp_inputs, *recorder.mlp_outputs]:
         if tuple(t.shape[:2]) != (batch_size, layout.num_tokens):
             raise UnsupportedModelError(
                 f"{name}: a block read tokens of shape {tuple(t.shape)}, expected ({batch_size}, {layout.num_tokens}, D)"

@@ -36,6 +36,9 @@ class AttentionRecorder:
         self.tokens: list[torch.Tensor] = []
         #: ``W_O v_j`` ``(B, N, D)`` of every block (values through the output projection), when recorded
         self.value_outputs: list[torch.Tensor] = []
+        #: the tokens ``E'`` each block's feed-forward sublayer reads and what it adds ``Ẽ'``, when recorded
+        self.mlp_inputs: list[torch.Tensor] = []
+        self.mlp_outputs: list[torch.Tensor] = []
 
     def record(self, probs: torch.Tensor, grad_wrt: torch.Tensor | None = None) -> None:
         if recomputing():  # a checkpointed layer recomputed by the backward: recorded in the forward

@@ -40,6 +40,9 @@ class Needs:
     value_outputs:
         With ``hidden_states``: each block's values through its attention's output projection,
         ``W_O v_j`` ``(B, N, D)`` (no bias).
+    mlp_branches:
+        With ``hidden_states``: each block's feed-forward sublayer, the tokens it reads from the
+        residual stream ``E'`` and what it adds to them ``Ẽ'`` (both ``(B, N, D)``).
     path_steps:
         When positive: ``dy_t/dA`` of the last layer averaged over that many extra passes on the
         input scaled by ``α ∈ linspace(0, 1, path_steps)`` (pixels, or the token embeddings).
@@ -58,6 +61,7 @@ class Needs:
     input_relevance: bool = False
     hidden_states: bool = False
     value_outputs: bool = False
+    mlp_branches: bool = False
     path_steps: int = 0
     rules: Callable[[], Registry] | None = None
     forward: bool = False
@@ -137,6 +141,11 @@ class Trace:
     value_outputs:
         ``W_O v_j`` ``(B, N, D)`` of every block, when ``Needs.value_outputs`` (``None`` below the
         :class:`FirstLayer`).
+    mlp_inputs:
+        The tokens ``E'`` ``(B, N, D)`` each block's feed-forward sublayer reads from the residual
+        stream, when ``Needs.mlp_branches`` (``None`` below the :class:`FirstLayer`).
+    mlp_outputs:
+        What each block's feed-forward sublayer adds to them, ``Ẽ'`` ``(B, N, D)`` (same).
     path_gradient:
         ``(B, H, N, N)``: ``dy_t/dA`` of the last layer averaged along the scaled inputs, when
         ``Needs.path_steps``.
@@ -187,6 +196,8 @@ class Trace:
     hidden_states: list[torch.Tensor | None] | None = None
     hidden_gradients: list[torch.Tensor | None] | None = None
     value_outputs: list[torch.Tensor | None] | None = None
+    mlp_inputs: list[torch.Tensor | None] | None = None
+    mlp_outputs: list[torch.Tensor | None] | None = None
     path_gradient: torch.Tensor | None = None
     input_relevance: torch.Tensor | None = None
     coverage: Coverage | None = None

@@ -31,6 +31,6 @@ from .registry import (
 
 # isort: split
 # the built-in methods register themselves on import, in this order
-from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp, attention_flow, baselines, legrad, attcat, beyond_intuition, integrated_gradients, occlusion, atman  # noqa: E402,F401,I001
+from . import raw, rollout, grad_rollout, generic, gradcam, transformer_attribution, lrp, attention_flow, baselines, legrad, attcat, beyond_intuition, integrated_gradients, occlusion, atman, tokentm  # noqa: E402,F401,I001
 
 __all__ = ["Method", "Option", "Relevance", "get_method", "list_methods", "method_names", "methods_markdown", "register_method", "unregister_method"]
