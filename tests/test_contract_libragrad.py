@@ -1,0 +1,151 @@
+"""LibraGrad (Mehri et al., CVPR 2025): the ``libragrad`` option of the gradient methods.
+
+* **The authors' code.** ``tests/libragrad_reference.py`` runs the authors' timm fork
+  (``NightMachinery/pytorch-image-models-libragrad-v1``, gradient brand ``LX1``) in a process of
+  its own on the weights of a tiny random timm ViT, float64; attnx's gradient × input, the
+  gradients at the attention probabilities and at the blocks' tokens, and AttCAT, generic and
+  attention GradCAM computed from the fork's gradients must equal attnx's with ``libragrad=True``
+  to ≤ 1e-10. The fork lives outside the repository (``ATTNX_LIBRAGRAD_FORK``, default
+  ``/work/ref/NightMachinery+pytorch-image-models-libragrad-v1``): the test skips without it.
+* **Completeness.** With the constants of a model zeroed (biases, LayerNorm shifts, class /
+  distillation / register tokens, position and token-type embeddings), LibraGrad's gradient ×
+  input sums to the explained logit, on ViTs (timm, torchvision, Hugging Face), BERT, GPT-2, Llama
+  (RMSNorm, the gated MLP) and Swin, float64, to ≤ 1e-9 relative; the plain gradient does not.
+* **The rules written out** on the ops of decoders and encoders the fork has no model for
+  (RMSNorm, SiLU gates, SDPA): the gradient of a hand-written forward with LibraGrad's detaches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attnx
+from attnx import Needs
+from attnx.lrp import LRPEngine, get_preset
+
+TESTS = Path(__file__).resolve().parent
+FORK = Path(os.environ.get("ATTNX_LIBRAGRAD_FORK", "/work/ref/NightMachinery+pytorch-image-models-libragrad-v1"))
+VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=5)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> float:
+    """The largest difference relative to the largest reference value; asserted ≤ ``tol``."""
+    err = float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+    assert err <= tol, err
+    return err
+
+
+# the authors' fork ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fork_run(tmp_path_factory):
+    if not (FORK / "timm" / "night" / "decomposition.py").exists():
+        pytest.skip(f"the LibraGrad authors' timm fork is not at {FORK} (set ATTNX_LIBRAGRAD_FORK)")
+    from timm.models.vision_transformer import VisionTransformer
+
+    folder = tmp_path_factory.mktemp("libragrad")
+    torch.manual_seed(0)
+    model = VisionTransformer(**VIT).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.save(model.state_dict(), folder / "state.pt")
+    torch.save(x, folder / "state_x.pt")
+    (folder / "args.json").write_text(json.dumps({"model": VIT}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(TESTS / "libragrad_reference.py"), str(FORK), str(folder / "state.pt"),
+                    str(folder / "args.json"), str(folder / "out.pt")], check=True, env=env, cwd=folder, timeout=280)
+    return model, x, torch.load(folder / "out.pt")
+
+
+@pytest.mark.subprocess
+def test_gradient_x_input_is_the_forks(fork_run):
+    model, x, ref = fork_run
+    e = attnx.explain(model, x, method="gradient_x_input", libragrad=True)
+    close(e.input_relevance, ref["gradient_x_input"])
+    plain = attnx.explain(model, x, method="gradient_x_input").input_relevance
+    assert float((plain - ref["gradient_x_input"]).abs().max()) > 1e-3  # LibraGrad changes the gradient
+
+
+@pytest.mark.subprocess
+def test_recorded_gradients_are_the_forks(fork_run):
+    """``∂y_t/∂A`` and ``∂y_t/∂h^l`` of every block, under LibraGrad's backward."""
+    model, x, ref = fork_run
+    trace = attnx.Explainer(model).trace(x, None, Needs(attentions=True, gradients=True, hidden_states=True),
+                                         preset=get_preset("libragrad"))
+    for layer in range(VIT["depth"]):
+        close(trace.attentions[layer], ref["attentions"][layer])
+        close(trace.gradients[layer], ref["attention_gradients"][layer])
+        close(trace.hidden_states[layer], ref["block_inputs"][layer])
+        close(trace.hidden_gradients[layer], ref["block_gradients"][layer])
+
+
+@pytest.mark.subprocess
+def test_methods_on_the_forks_gradients(fork_run):
+    """AttCAT, generic (GenAtt) and attention GradCAM with ``libragrad=True``, against their
+    equations evaluated on the fork's attentions and gradients (class token, row 0)."""
+    model, x, ref = fork_run
+    A, G, H, HG = ref["attentions"], ref["attention_gradients"], ref["block_inputs"], ref["block_gradients"]
+    attcat = sum((h * g).sum(-1) * a.mean(1).mean(1) for h, g, a in zip(H, HG, A))
+    close(attnx.explain(model, x, method="attcat", libragrad=True).scores, attcat[:, 1:])
+    R = torch.eye(A[0].shape[-1], dtype=torch.float64).expand(2, -1, -1)
+    for a, g in zip(A, G):
+        R = R + (g * a).clamp(min=0).mean(1) @ R
+    close(attnx.explain(model, x, method="generic", libragrad=True).scores, R[:, 0, 1:])
+    w = G[-1][:, :, 0, 1:].mean(-1, keepdim=True)
+    cam = (w * A[-1][:, :, 0, 1:]).mean(1).clamp(min=0)
+    close(attnx.explain(model, x, method="attn_gradcam", libragrad=True).scores, cam)
+
+
+# completeness -----------------------------------------------------------------------------------
+def zero_constants(model: nn.Module) -> nn.Module:
+    """Every parameter zeroed but the weights of linear layers (``nn.MultiheadAttention``'s input
+    projection too), convolutions, normalisations and the token embeddings (whose output is the
+    explained input)."""
+    embeddings = attnx.Explainer(model).adapter.input_embeddings()
+    keep = set()
+    for m in model.modules():
+        kind = type(m).__name__
+        if isinstance(m, (nn.Linear, nn.Conv2d)) or kind == "Conv1D" or "Norm" in kind or m is embeddings:
+            if getattr(m, "weight", None) is not None:
+                keep.add(id(m.weight))
+        if isinstance(m, nn.MultiheadAttention):
+            keep.add(id(m.in_proj_weight))
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.zero_()
+    return model
+
+
+def _cases():
+    sys.path.insert(0, str(TESTS))
+    import conftest as C
+    import decoder_models as D
+
+    image = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for name in ("timm_vit", "timm_deit_distilled", "timm_avgpool_reg4", "torchvision_vit", "hf_vit_eager", "hf_vit_sdpa",
+                 "hf_bert_eager", "hf_bert_sdpa"):
+        case = C.CASES[name]
+        x = C.text_inputs(2, torch.Generator().manual_seed(0), case.pad_token_id) if case.is_text else image
+        yield pytest.param(case.build, x, id=name)
+    for dc in (D.DecoderCase("gpt2", "lm", "eager"), D.DecoderCase("llama", "lm", "eager"), D.DecoderCase("llama", "cls", "sdpa")):
+        yield pytest.param(dc.model, dc.inputs(), id=dc.name)
+
+
+@pytest.mark.parametrize("build, x", list(_cases()))
+def test_gradient_x_input_is_complete(build, x):
+    model = zero_constants(build().double().eval())
+    e = attnx.explain(model, x, method="gradient_x_input", libragrad=True)
+    total = e.input_relevance.flatten(1).sum(1)
+    close(total, e.target_scores.to(total), 1e-9)
+    plain = attnx.explain(model, x, method="gradient_x_input").input_relevance.flatten(1).sum(1)
+    assert float((plain - e.target_scores.to(total)).abs().max()) > 1e-3 * float(e.target_scores.abs().max())
