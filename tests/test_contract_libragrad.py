@@ -149,3 +149,93 @@ def test_gradient_x_input_is_complete(build, x):
     close(total, e.target_scores.to(total), 1e-9)
     plain = attnx.explain(model, x, method="gradient_x_input").input_relevance.flatten(1).sum(1)
     assert float((plain - e.target_scores.to(total)).abs().max()) > 1e-3 * float(e.target_scores.abs().max())
+
+
+# the rules written out ----------------------------------------------------------------------------
+class Block(nn.Module):
+    """The ops of encoders and decoders: LayerNorm, attention (SDPA or written out), RMSNorm, a
+    SiLU-gated MLP, a GELU MLP, a mean-pooled head."""
+
+    def __init__(self, sdpa: bool, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.sdpa, self.heads = sdpa, heads
+        self.ln, self.rms = nn.LayerNorm(d), nn.RMSNorm(d, eps=1e-6)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.fc, self.head = nn.Linear(d, 2 * d), nn.Linear(2 * d, 3)
+
+    def split(self, t):
+        B, N, D = t.shape
+        return t.view(B, N, self.heads, D // self.heads).transpose(1, 2)
+
+    def attention(self, q, k, v):
+        if self.sdpa:
+            return F.scaled_dot_product_attention(q, k, v)
+        return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+    def forward(self, x):
+        h = self.ln(x)
+        a = self.attention(self.split(self.q(h)), self.split(self.k(h)), self.split(self.v(h)))
+        x = x + self.o(a.transpose(1, 2).flatten(2))
+        h = self.rms(x)
+        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.head(F.gelu(self.fc(x)).mean(1))
+
+
+def libragrad_written_out(m: Block, x: torch.Tensor) -> torch.Tensor:
+    """``m``'s forward with LibraGrad's backward written out (Mehri et al.; the authors' ``LX1``
+    brand and ``DU`` gates): σ of LayerNorm and the RMS detached, Q and K detached, the gates of
+    SiLU and GELU detached, the gated product's gradient halved on each factor."""
+    mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True).detach()
+    h = (x - mu) / torch.sqrt(var + m.ln.eps) * m.ln.weight + m.ln.bias
+    q, k, v = m.split(m.q(h)).detach(), m.split(m.k(h)).detach(), m.split(m.v(h))
+    a = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1) @ v
+    x = x + m.o(a.transpose(1, 2).flatten(2))
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).detach() + m.rms.eps) * m.rms.weight
+    g = m.gate(h)
+    z = g * torch.sigmoid(g).detach() * m.up(h)
+    z = z.detach() + (z / 2 - (z / 2).detach())  # 1/N on a product of N = 2 factors
+    x = x + m.down(z)
+    f = m.fc(x)
+    return m.head((f * (0.5 * (1 + torch.erf(f / 2 ** 0.5))).detach()).mean(1))
+
+
+@pytest.mark.parametrize("sdpa", [False, True], ids=["written-out", "sdpa"])
+def test_rules_are_libragrads_backward_written_out(sdpa):
+    torch.manual_seed(0)
+    m = Block(sdpa).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    y_ref = libragrad_written_out(m, xr)
+    (g_ref,) = torch.autograd.grad(y_ref[:, 1].sum(), xr)
+    with LRPEngine(m, "libragrad") as engine:
+        xt = engine.track(x)
+        y = m(xt)
+    engine.check_coverage()
+    (g,) = torch.autograd.grad(y[:, 1].sum(), xt)
+    close(y.detach(), y_ref.detach(), 1e-12)  # the forward is the model's
+    close(g, g_ref)
+
+
+def test_integrated_gradients_integrates_libragrads_gradient():
+    """IG with ``libragrad=True`` is ``x ⊙ Σ_k w_k g̃(α_k x)`` (zero baseline, Gauss-Legendre
+    points as captum's), ``g̃`` LibraGrad's gradient by the engine on each scaled input."""
+    import numpy as np
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(**VIT).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    e = attnx.explain(model, x, method="integrated_gradients", libragrad=True, n_steps=5)
+    nodes, weights = np.polynomial.legendre.leggauss(5)
+    total = torch.zeros_like(x)
+    for node, weight in zip(nodes, weights):
+        with LRPEngine(model, "libragrad") as engine:
+            xt = engine.track(x * float((node + 1) / 2))
+            y = model(xt)
+        (g,) = torch.autograd.grad(y.gather(1, e.targets[:, None]).sum(), xt)
+        total += float(weight / 2) * g
+    close(e.input_relevance, x * total, 1e-7)  # captum rounds the quadrature weights to float32
