@@ -10,7 +10,7 @@
 * **Completeness.** With the constants of a model zeroed (biases, LayerNorm shifts, class /
   distillation / register tokens, position and token-type embeddings), LibraGrad's gradient ×
   input sums to the explained logit, on ViTs (timm, torchvision, Hugging Face), BERT, GPT-2, Llama
-  (RMSNorm, the gated MLP) and Swin, float64, to ≤ 1e-9 relative; the plain gradient does not.
+  (RMSNorm, the gated MLP) and the CLIP image towers, float64, to ≤ 1e-9 relative; the plain gradient does not.
 * **The rules written out** on the ops of decoders and encoders the fork has no model for
   (RMSNorm, SiLU gates, SDPA): the gradient of a hand-written forward with LibraGrad's detaches.
 """
@@ -108,8 +108,8 @@ def test_methods_on_the_forks_gradients(fork_run):
 # completeness -----------------------------------------------------------------------------------
 def zero_constants(model: nn.Module) -> nn.Module:
     """Every parameter zeroed but the weights of linear layers (``nn.MultiheadAttention``'s input
-    projection too), convolutions, normalisations and the token embeddings (whose output is the
-    explained input)."""
+    projection and OpenCLIP's image projection too), convolutions, normalisations and the token
+    embeddings (whose output is the explained input)."""
     embeddings = attnx.Explainer(model).adapter.input_embeddings()
     keep = set()
     for m in model.modules():
@@ -119,6 +119,7 @@ def zero_constants(model: nn.Module) -> nn.Module:
                 keep.add(id(m.weight))
         if isinstance(m, nn.MultiheadAttention):
             keep.add(id(m.in_proj_weight))
+    keep |= {id(p) for name, p in model.named_parameters() if name.endswith("visual.proj")}  # OpenCLIP's projection
     with torch.no_grad():
         for p in model.parameters():
             if id(p) not in keep:
@@ -139,15 +140,25 @@ def _cases():
         yield pytest.param(case.build, x, id=name)
     for dc in (D.DecoderCase("gpt2", "lm", "eager"), D.DecoderCase("llama", "lm", "eager"), D.DecoderCase("llama", "cls", "sdpa")):
         yield pytest.param(dc.model, dc.inputs(), id=dc.name)
+    import clip_models as CM
+
+    for name, build in (("hf_clip", CM.hf_clip), ("open_clip", CM.open_clip_model)):
+        yield pytest.param(build, CM.images(2, dtype=torch.float64), id=f"{name}_image_tower")
+
+
+def first_dimension(output):
+    """A dual encoder's explained score: the first dimension of its image embedding."""
+    return (output if torch.is_tensor(output) else output.image_embeds)[:, 0]
 
 
 @pytest.mark.parametrize("build, x", list(_cases()))
-def test_gradient_x_input_is_complete(build, x):
+def test_gradient_x_input_is_complete(build, x, request):
     model = zero_constants(build().double().eval())
-    e = attnx.explain(model, x, method="gradient_x_input", libragrad=True)
+    target = first_dimension if "clip" in request.node.callspec.id else None
+    e = attnx.explain(model, x, method="gradient_x_input", libragrad=True, target=target)
     total = e.input_relevance.flatten(1).sum(1)
     close(total, e.target_scores.to(total), 1e-9)
-    plain = attnx.explain(model, x, method="gradient_x_input").input_relevance.flatten(1).sum(1)
+    plain = attnx.explain(model, x, method="gradient_x_input", target=target).input_relevance.flatten(1).sum(1)
     assert float((plain - e.target_scores.to(total)).abs().max()) > 1e-3 * float(e.target_scores.abs().max())
 
 
