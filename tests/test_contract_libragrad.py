@@ -250,3 +250,23 @@ def test_integrated_gradients_integrates_libragrads_gradient():
         (g,) = torch.autograd.grad(y.gather(1, e.targets[:, None]).sum(), xt)
         total += float(weight / 2) * g
     close(e.input_relevance, x * total, 1e-7)  # captum rounds the quadrature weights to float32
+
+
+@pytest.mark.parametrize("method", ["gradient_x_input", "attcat", "generic", "attn_gradcam", "integrated_gradients"])
+def test_padded_batch_equals_each_sample_alone_and_model_left_as_found(method):
+    sys.path.insert(0, str(TESTS))
+    import conftest as C
+
+    case = C.CASES["hf_bert_eager"]
+    model = case.build().double().eval()
+    x = C.text_inputs(3, torch.Generator().manual_seed(0), case.pad_token_id, [9, 5, 7])
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    options = {"n_steps": 4} if method == "integrated_gradients" else {}
+    batched = attnx.explain(model, x, method=method, libragrad=True, **options).scores
+    for b in range(3):
+        n = int(x["attention_mask"][b].sum())
+        alone = attnx.explain(model, {k: v[b:b + 1, :n] for k, v in x.items()}, method=method, libragrad=True, **options)
+        close(batched[b, :n], alone.scores[0], 1e-12)
+        assert float(batched[b, n:].abs().sum()) == 0.0
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    assert all(p.grad is None for p in model.parameters())
