@@ -66,7 +66,9 @@ def attcat_layer(tokens: torch.Tensor, gradient: torch.Tensor, attention: torch.
 def attcat(trace, readout) -> torch.Tensor:
     """AttCAT (Qiang et al. NeurIPS'22): each block's input tokens times their gradient (Grad×Input
     per token), weighed by the attention each token receives (heads and queries averaged), summed
-    over the blocks. ``libragrad=True``: ``∂y_t/∂h^l`` is LibraGrad's (AttCAT+Libra)."""
+    over the blocks.
+
+    ``libragrad=True``: ``∂y_t/∂h^l`` is LibraGrad's (the authors' AttCAT+Libra)."""
     rows = readout.pairs().any(dim=-1).to(trace.attentions[0].device)
     layers = zip(trace.hidden_states, trace.hidden_gradients, trace.attentions)
     return sum(attcat_layer(h, g, a, rows) for h, g, a in layers)

@@ -25,8 +25,9 @@ def readout_rows(at: AttentionLayer, *, layer: int = -1) -> tuple | None:
                  first_layer=option_layer("layer"), fold=readout_rows)
 def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
     """Attention GradCAM: ``(mean_h w_h · A_h[readout, :])⁺`` with ``w_h`` the mean of ``∂y_t/∂A_h``
-    over the readout row's content columns (last layer by default); ``libragrad=True``:
-    ``∂y_t/∂A`` is LibraGrad's.
+    over the readout row's content columns (last layer by default).
+
+    ``libragrad=True``: ``∂y_t/∂A`` is LibraGrad's (the authors' AttnCAM+Libra).
 
     In a causal model the columns are those the readout row can attend to (the gradient at a
     masked, future key is not zero, but it weighs no attention).
