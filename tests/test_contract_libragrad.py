@@ -2,7 +2,8 @@
 
 * **The authors' code.** ``tests/libragrad_reference.py`` runs the authors' timm fork
   (``NightMachinery/pytorch-image-models-libragrad-v1``, gradient brand ``LX1``) in a process of
-  its own on the weights of a tiny random timm ViT, float64; attnx's gradient × input, the
+  its own on the weights of tiny random timm ViTs (class token; mean-pooled with registers; no
+  embedded class token, no q, k, v biases), float64; attnx's gradient × input, the
   gradients at the attention probabilities and at the blocks' tokens, and AttCAT, generic and
   attention GradCAM computed from the fork's gradients must equal attnx's with ``libragrad=True``
   to ≤ 1e-10. The fork lives outside the repository (``ATTNX_LIBRAGRAD_FORK``, default
@@ -44,31 +45,41 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-10) -> float:
 
 
 # the authors' fork ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def fork_run(tmp_path_factory):
+#: the heads the fork is run with: class token; mean-pooled with register tokens; class token
+#: without position embedding and without q, k, v biases
+HEADS = {
+    "class_token": {},
+    "pooled_registers": dict(class_token=False, global_pool="avg", reg_tokens=4),
+    "no_embed_class": dict(no_embed_class=True, qkv_bias=False),
+}
+
+
+@pytest.fixture(scope="module", params=list(HEADS))
+def fork_run(request, tmp_path_factory):
     if not (FORK / "timm" / "night" / "decomposition.py").exists():
         pytest.skip(f"the LibraGrad authors' timm fork is not at {FORK} (set ATTNX_LIBRAGRAD_FORK)")
     from timm.models.vision_transformer import VisionTransformer
 
     folder = tmp_path_factory.mktemp("libragrad")
+    spec = {**VIT, **HEADS[request.param]}
     torch.manual_seed(0)
-    model = VisionTransformer(**VIT).double().eval()
+    model = VisionTransformer(**spec).double().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch.save(model.state_dict(), folder / "state.pt")
     torch.save(x, folder / "state_x.pt")
-    (folder / "args.json").write_text(json.dumps({"model": VIT}))
+    (folder / "args.json").write_text(json.dumps({"model": spec}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(TESTS / "libragrad_reference.py"), str(FORK), str(folder / "state.pt"),
                     str(folder / "args.json"), str(folder / "out.pt")], check=True, env=env, cwd=folder, timeout=280)
-    return model, x, torch.load(folder / "out.pt")
+    return model, x, torch.load(folder / "out.pt"), request.param
 
 
 @pytest.mark.subprocess
 def test_gradient_x_input_is_the_forks(fork_run):
-    model, x, ref = fork_run
+    model, x, ref, _ = fork_run
     e = attnx.explain(model, x, method="gradient_x_input", libragrad=True)
     close(e.input_relevance, ref["gradient_x_input"])
     plain = attnx.explain(model, x, method="gradient_x_input").input_relevance
@@ -78,7 +89,7 @@ def test_gradient_x_input_is_the_forks(fork_run):
 @pytest.mark.subprocess
 def test_recorded_gradients_are_the_forks(fork_run):
     """``∂y_t/∂A`` and ``∂y_t/∂h^l`` of every block, under LibraGrad's backward."""
-    model, x, ref = fork_run
+    model, x, ref, _ = fork_run
     trace = attnx.Explainer(model).trace(x, None, Needs(attentions=True, gradients=True, hidden_states=True),
                                          preset=get_preset("libragrad"))
     for layer in range(VIT["depth"]):
@@ -91,11 +102,15 @@ def test_recorded_gradients_are_the_forks(fork_run):
 @pytest.mark.subprocess
 def test_methods_on_the_forks_gradients(fork_run):
     """AttCAT, generic (GenAtt) and attention GradCAM with ``libragrad=True``, against their
-    equations evaluated on the fork's attentions and gradients (class token, row 0)."""
-    model, x, ref = fork_run
+    equations evaluated on the fork's attentions and gradients (generic and GradCAM at the class
+    token's row, for the heads that read it)."""
+    model, x, ref, head = fork_run
     A, G, H, HG = ref["attentions"], ref["attention_gradients"], ref["block_inputs"], ref["block_gradients"]
+    prefix = model.num_prefix_tokens
     attcat = sum((h * g).sum(-1) * a.mean(1).mean(1) for h, g, a in zip(H, HG, A))
-    close(attnx.explain(model, x, method="attcat", libragrad=True).scores, attcat[:, 1:])
+    close(attnx.explain(model, x, method="attcat", libragrad=True).scores, attcat[:, prefix:])
+    if head == "pooled_registers":
+        return
     R = torch.eye(A[0].shape[-1], dtype=torch.float64).expand(2, -1, -1)
     for a, g in zip(A, G):
         R = R + (g * a).clamp(min=0).mean(1) @ R
