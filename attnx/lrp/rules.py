@@ -130,11 +130,10 @@ class Pruned(Constant):
         out = op.compute()
         if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in op.inputs):
             return out
-        anchor = torch.zeros((), requires_grad=True)  # a graph for the output alone, no path back
-
         def edge(t: torch.Tensor) -> torch.Tensor:
             if not t.is_floating_point():
                 return t
+            anchor = torch.zeros((), device=t.device, requires_grad=True)  # a graph for the output alone, no path back
             pruned = relay(t.detach(), [anchor], lambda g: (None,))
             hold_constant(pruned)
             return pruned
