@@ -25,6 +25,7 @@ CONTRACTS = {
     "docs": "the README's generated sections and the documented examples are what the code does",
     "docs_blocks": "every code block of README.md and docs/*.md runs as written",
     "import_graph": "the package layers, no import cycles, no private names across modules, a fast import",
+    "libragrad": "LibraGrad's gradients equal the authors' timm fork, and gradient x input under them is complete",
     "lowest_layer": "a backward stops at the lowest layer a method reads, with the maps of a full trace",
     "lxt": "AttnLRP equals the authors' implementation (lxt) on real weights",
     "model_io": "what goes into and comes out of a model: typed errors, dict and embedding outputs, wrappers",

@@ -89,7 +89,8 @@ def inputs(batch: int = 3, lengths=(9, 6, 9), seed: int = 1) -> dict:
 
 #: the rule each family's own modules must meet (module type -> rule), per preset
 def expected_rules(family: str, preset: str) -> dict:
-    linear = {"chefer2021": "alpha-beta", "attnlrp": "epsilon", "attnlrp-gamma": "gamma", "cplrp": "gradient"}[preset]
+    linear = {"chefer2021": "alpha-beta", "attnlrp": "epsilon", "attnlrp-gamma": "gamma", "cplrp": "gradient",
+              "libragrad": "gradient"}[preset]
     if family == "gpt2":
         return {"Conv1D": linear, "NewGELUActivation": "identity"}
     out = {f"{type_prefix(family)}RMSNorm": "rmsnorm-const-rms"}

@@ -733,6 +733,40 @@ def test_constant_attention_probabilities():
     assert_same(R_x.sum(), (y * seed).sum(), 1e-10)  # conserved
 
 
+class RecordedAttentionHead(nn.Module):
+    """:class:`AttentionHead` keeping its probabilities, to differentiate at them."""
+
+    def forward(self, x):
+        self.probs = F.softmax(x @ x.transpose(-2, -1), dim=-1)
+        return self.probs @ x
+
+
+def test_pruned_attention_probabilities_keep_their_gradient():
+    """LibraGrad: with the softmax pruned, ``∂/∂x`` flows only through the value path
+    (``Σ_i A_ij g_id``, as with the probabilities held constant) and the gradient *at* A is the
+    plain one, ``g Vᵀ`` (``Σ_d g_id x_jd``)."""
+    x, seed = randn(2, 4, 3, seed=42), randn(2, 4, 3, seed=43)
+    head = RecordedAttentionHead()
+    reg = registry((F.softmax, rules.Pruned()), (torch.matmul, rules.Bilinear(0.5)))
+    engine = LRPEngine(head, reg, strict=True)
+    with engine:
+        xt = engine.track(x.clone())
+        y = head(xt)
+    engine.check_coverage()
+    assert engine.coverage[("softmax", "pruned")] == 1
+    g_x, g_A = torch.autograd.grad(y, [xt, head.probs], seed)
+    for b in range(2):
+        scores = torch.tensor([[sum(x[b, i, d] * x[b, j, d] for d in range(3)) for j in range(4)] for i in range(4)], dtype=DT)
+        A = scores.exp() / scores.exp().sum(-1, keepdim=True)
+        assert_same(y[b].detach(), A @ x[b], 1e-12)
+        for j in range(4):
+            for d in range(3):
+                assert_same(g_x[b, j, d], sum(A[i, j] * seed[b, i, d] for i in range(4)), 1e-12)
+        for i in range(4):
+            for j in range(4):
+                assert_same(g_A[b, i, j], sum(seed[b, i, d] * x[b, j, d] for d in range(3)), 1e-12)
+
+
 def test_derived_weights_are_made_once_and_dropped_after_the_last_use():
     """A weight used by two layers: ``|W|`` is made once for both backwards and let go after the
     second; the cache holds nothing once every use is done."""

@@ -15,7 +15,7 @@ DT = torch.float64
 def test_listed():
     assert {"random", "gradient_x_input", "attention_flow"} <= set(attnx.list_methods())
     assert attnx.get_method("random").options == {"seed": 0}
-    assert attnx.get_method("gradient_x_input").options == {"patch_size": None}
+    assert attnx.get_method("gradient_x_input").options == {"patch_size": None, "libragrad": False}
 
 
 # random --------------------------------------------------------------------------------------

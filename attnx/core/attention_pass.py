@@ -14,6 +14,8 @@ from torch import nn
 from ..adapters.base import Adapter
 from ..adapters.switches import plain_execution
 from ..errors import AttnxValueError
+from ..lrp.engine import LRPEngine
+from ..lrp.registry import Registry
 from .batch import Batch
 from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_mlp_branches, recorded_value_outputs
 from .checkpointing import outside_function_modes
@@ -35,6 +37,8 @@ def attention_pass(
     tokens: bool = False,
     value_outputs: bool = False,
     mlp_branches: bool = False,
+    rules: Registry | None = None,
+    strict: bool = True,
 ) -> Trace:
     """A forward observing the attentions (``attentions``) and the tokens every block reads
     (``tokens``), then ``dy_t/dA`` (``gradients``) and ``dy_t/dh`` (``tokens``) for the layers from
@@ -43,7 +47,11 @@ def attention_pass(
 
     With a ``fold`` (and ``gradients``), each layer is folded as the backward reaches it and its
     attention and gradient released: the trace holds ``folded`` and ``last_rows`` instead of
-    ``attentions`` and ``gradients`` (:mod:`attnx.core.layer_fold`)."""
+    ``attentions`` and ``gradients`` (:mod:`attnx.core.layer_fold`).
+
+    With ``rules`` (a :class:`~attnx.lrp.registry.Registry` of a modified gradient, LibraGrad's)
+    the forward runs under the LRP engine with the explained input tracked, and the gradients are
+    taken through the rules (``strict``: an op the rules leave uncovered is refused)."""
     recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
     backward = gradients or tokens
@@ -54,12 +62,17 @@ def attention_pass(
     blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
     values = recorded_value_outputs(adapter.value_projections(batch), recorder) if value_outputs else contextlib.nullcontext()
     branches = recorded_mlp_branches(adapter.mlp_branches(batch), recorder) if mlp_branches else contextlib.nullcontext()
+    engine = LRPEngine(model, rules, strict=strict) if rules is not None and backward else None
     # the backward runs inside the switches: checkpointed layers recompute under them
-    with evaluation_mode(model), grad_mode:
+    with evaluation_mode(model), grad_mode, engine if engine is not None else contextlib.nullcontext():
+        if engine is not None:
+            batch = tracked_by(engine, adapter, batch)
         with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values, branches:
             with plain_execution(model, keep_checkpointing=backward):
                 output, logits = adapter.call(batch)
                 adapter.forward_done(recorder)
+                if engine is not None:
+                    engine.check_coverage()
                 layout = resolved_layout(adapter, batch, recorder, attentions)
                 if tokens:
                     check_block_tokens(recorder, layout, batch.batch_size, model)
@@ -79,6 +92,8 @@ def attention_pass(
                     grads, token_grads = recorder.all_gradients(
                         resolved.scores.sum(), first=first, attentions=gradients, tokens=tokens
                     )
+                if engine is not None:
+                    engine.release()
     keep_attentions = attentions and folded is None
     detached = output.detach() if isinstance(output, torch.Tensor) else None  # keep no graph alive
     # the layers below the first one read are not kept
@@ -104,6 +119,16 @@ def attention_pass(
         folded=None if folded is None else [kept_on_device(k, batch.device) for k in folded],
         last_rows=last_rows,
     )
+
+
+def tracked_by(engine: LRPEngine, adapter: Adapter, batch: Batch) -> Batch:
+    """``batch`` with its explained input tracked by ``engine`` (the pixels, or the output of the
+    token embeddings), so that the rules apply to every op computed from it."""
+    embeddings = adapter.input_embeddings()
+    if embeddings is not None:
+        engine.track_output_of(embeddings)
+        return batch
+    return batch.with_input(engine.track(batch.explained_input))
 
 
 def declared_readout(adapter: Adapter, layout: Layout, classes: torch.Tensor | None, batch_size: int,

@@ -277,7 +277,11 @@ class Explainer:
 
     @staticmethod
     def registry_for(spec: Method, trace_options: dict) -> Registry | None:
-        """The LRP registry of a method's relevance pass: its ``preset`` option or its fixed rules."""
+        """The LRP registry of a method's relevance pass: its ``preset`` option or its fixed rules;
+        with ``libragrad=True``, LibraGrad's rules, which every pass (relevance or gradients) then
+        takes its gradients through."""
+        if trace_options.get("libragrad"):
+            return get_preset("libragrad")
         if not spec.needs.relevance:
             return None
         if "preset" in trace_options:

@@ -22,7 +22,8 @@ __all__ = ["linear_target_seed", "lrp_seed", "relevance_scale", "seed_for"]
 
 def seed_for(target: Any, scores: torch.Tensor, logits: torch.Tensor, registry: Registry) -> torch.Tensor:
     """The seed of a relevance pass under ``registry`` for ``target``'s scalars ``scores`` ``(B,)``."""
-    plain = registry.plain_gradient  # plain autograd (gradient x input) is the exact gradient
+    # plain autograd (gradient x input), or rules of a modified gradient: the exact gradient
+    plain = registry.plain_gradient or registry.exact_seed
     if callable(getattr(target, "relevance_seed", None)) and not plain:
         return linear_target_seed(target, scores.detach(), logits.detach(), registry.seed)
     # with plain autograd the seed's sum is no promise of conservation: no warning

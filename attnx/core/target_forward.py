@@ -40,6 +40,8 @@ from ..adapters.attention_edit import AttentionEditor
 from ..adapters.base import Adapter
 from ..adapters.switches import no_new_forward_hooks, plain_execution
 from ..errors import AttnxValueError, ForwardMismatchError, UnsupportedModelError
+from ..lrp.engine import LRPEngine
+from ..lrp.registry import Registry
 from .batch import Batch
 from .forward_check import tolerance
 from .layout import Layout
@@ -68,10 +70,16 @@ class TargetForward:
         ``(B,)`` the explained class or token per sample, or ``None`` (callable, continuation).
     chunk_size:
         The most samples one model call takes.
+    rules, strict:
+        A :class:`~attnx.lrp.registry.Registry` of a modified gradient (LibraGrad's): the forwards
+        of perturbed inputs run under the LRP engine with those inputs tracked, so that a gradient
+        of their scores (integrated gradients) is taken through the rules; the scores are the
+        model's own.
     """
 
     def __init__(self, adapter: Adapter, batch: Batch, target: Any, layout: Layout, scores: torch.Tensor,
-                 classes: torch.Tensor | None, chunk_size: int = DEFAULT_CHUNK) -> None:
+                 classes: torch.Tensor | None, chunk_size: int = DEFAULT_CHUNK, rules: Registry | None = None,
+                 strict: bool = True) -> None:
         self.adapter = adapter
         self.batch = replace(batch, layout=layout)
         self.target = target
@@ -79,6 +87,8 @@ class TargetForward:
         self.scores = scores.detach()
         self.classes = classes
         self.chunk_size = chunk_size
+        #: the rules of a modified gradient (LibraGrad) that a perturbed forward's backward takes
+        self.rules, self.strict = rules, strict
         self.embeddings: nn.Module | None = adapter.input_embeddings()
         self._inputs: torch.Tensor | None = None
         self._tiled: dict[int, Batch] = {}
@@ -203,11 +213,16 @@ class TargetForward:
             batch = batch.with_input(inputs.to(batch.explained_input.dtype))
         editor = None if factors is None else AttentionEditor(lambda p: edit(p, factors), self.layout.num_tokens, batch.batch_size)
         with contextlib.ExitStack() as stack:
+            if self.rules is not None and inputs is not None and inputs.requires_grad:
+                engine = stack.enter_context(LRPEngine(self.adapter.model, self.rules, strict=self.strict))
+                engine.mark(inputs if self.kind == "embeddings" else batch.explained_input)
             if self.embeddings is not None and (inputs is not None or seen is not None):
                 stack.enter_context(embeddings_output(self.embeddings, inputs, seen))
             if editor is not None:
                 stack.enter_context(editor)
             output, logits = self.adapter.call(batch)
+            if self.rules is not None and inputs is not None and inputs.requires_grad:
+                engine.check_coverage()
         if editor is not None:
             editor.check()
         resolved = resolve(self.tiled_target(copies), output, logits, batch.layout, batch.batch_size)

@@ -73,7 +73,9 @@ def run_trace(
     needs:
         What to record.
     registry:
-        The LRP rule registry of the relevance pass, when ``needs.relevance``.
+        The LRP rule registry of the relevance pass, when ``needs.relevance``; for a pass that
+        reads no relevance, the rules of a modified gradient (LibraGrad) that the gradients it
+        records (``dy_t/dA``, ``dy_t/dh``, a perturbed forward's) are taken through.
     strict:
         Raise instead of warning when a relevance-carrying op matches no rule.
     patch_size:
@@ -127,9 +129,12 @@ def one_pass(
         # the output layer elsewhere (a callable sees the whole output, so it gets every position)
         batch = replace(batch, extra={**batch.extra, READOUT_LOGITS_ONLY: True})
     if not needs.relevance:
+        # a registry given to a pass that reads no relevance holds the rules of a modified
+        # gradient (LibraGrad): the gradients the pass records are taken through them
         trace = attention_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients,
                                gradients=needs.gradients, first_layer=first_layer, fold=fold, tokens=needs.hidden_states,
-                               value_outputs=needs.value_outputs, mlp_branches=needs.mlp_branches)
+                               value_outputs=needs.value_outputs, mlp_branches=needs.mlp_branches, rules=registry,
+                               strict=strict)
     elif needs.hidden_states:
         raise AttnxValueError("the relevance pass does not record the blocks' tokens; a method reads one or the other")
     elif registry is None:
@@ -141,7 +146,8 @@ def one_pass(
     if needs.path_steps > 0:
         trace.path_gradient = path_gradient(adapter, batch, target, trace.targets, needs.path_steps)
     if needs.forward:
-        trace.forward = TargetForward(adapter, batch, target, trace.layout, trace.target_scores, trace.targets)
+        trace.forward = TargetForward(adapter, batch, target, trace.layout, trace.target_scores, trace.targets,
+                                      rules=None if needs.relevance else registry, strict=strict)
     if check_forward:
         read_as = None if is_callable_target(target) else target  # a callable is not called twice
 

@@ -129,6 +129,14 @@ class LRPEngine(TorchFunctionMode):
         self._inputs.add(id(t))
         return t
 
+    def mark(self, t: torch.Tensor) -> torch.Tensor:
+        """Mark ``t`` itself as the explained input, keeping its graph (a caller that
+        differentiates with respect to ``t``, e.g. captum, needs the tensor it passed); ``t``
+        must require grad. Returns ``t``."""
+        mark_input(t)
+        self._inputs.add(id(t))
+        return t
+
     def is_input(self, t: torch.Tensor) -> bool:
         return id(t) in self._inputs
 

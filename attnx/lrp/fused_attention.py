@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .relay import Op, Rule, plain_edges, relay
-from .rules import Bilinear, Constant, Decompose, Passthrough, sdpa_decomposition
+from .rules import Bilinear, Constant, Decompose, Passthrough, Pruned, sdpa_decomposition
 
 __all__ = ["FusedAttention", "scaled_gradient", "sdpa_factors"]
 
@@ -69,12 +69,12 @@ def sdpa_factors(op: Op) -> tuple[float, float, float] | None:
         return None
     softmax, share = op.rule_of(torch.softmax), _product_share(op.rule_of(torch.matmul))
     scalar = op.rule_of(torch.mul)  # q · scale: a product with a number
-    if share is None or type(softmax) not in (Passthrough, Constant) or type(scalar) not in (type(None), Passthrough, Bilinear):
+    if share is None or type(softmax) not in (Passthrough, Constant, Pruned) or type(scalar) not in (type(None), Passthrough, Bilinear):
         return None
     if any(type(op.rule_of(f)) not in (type(None), Passthrough) for f in _LINEAR_PARTS):
         return None
     q, k, v = ("query" in carrying), ("key" in carrying), ("value" in carrying)
-    if type(softmax) is Constant:  # the probabilities are constants: A V is linear in V
+    if type(softmax) in (Constant, Pruned):  # the probabilities are constants: A V is linear in V
         return 0.0, 0.0, 1.0
     scores = share if (q and k) else 1.0  # q kᵀ, a product of two carrying tensors or linear
     values = share if ((q or k) and v) else 1.0  # A V

@@ -117,8 +117,12 @@ class Registry:
         seed: str = "logit",
         fanout_eps: float | None = None,
         conserving: bool = False,
+        exact_seed: bool = False,
     ) -> None:
         self.name = name
+        #: the rules define a modified *gradient* (LibraGrad): the pass seeds the target's exact
+        #: gradient at the logits (a target's own ``relevance_seed`` is not used)
+        self.exact_seed = exact_seed
         #: whether the rules (about) conserve relevance, so that the input relevance of a sample
         #: must sum to about the relevance put on the logits (checked by attnx.core.degenerate)
         self.conserving = conserving
@@ -141,7 +145,7 @@ class Registry:
         return self
 
     def copy(self, name: str | None = None) -> "Registry":
-        return Registry(name or self.name, list(self.entries), self.seed, self.fanout_eps, self.conserving)
+        return Registry(name or self.name, list(self.entries), self.seed, self.fanout_eps, self.conserving, self.exact_seed)
 
     def _match(self, entry: Entry, stack: list) -> bool:
         return entry.within is None or any(entry.within(n, m) for n, m in stack)
@@ -317,11 +321,38 @@ def cplrp() -> Registry:
     return reg
 
 
+def libragrad() -> Registry:
+    """LibraGrad (Mehri, Soleymani Baghshah & Pilehvar, CVPR 2025): the backward of a Transformer
+    pruned and scaled so that gradient methods are complete (their relevance sums to the output).
+
+    The rules modify the *gradient* a method reads (at the input, the attention probabilities, the
+    blocks' tokens); the forward is the model's own. With ``g`` the gradient at an op's output:
+
+    * LayerNorm ``γ (x − μ)/σ + β``: ``σ`` pruned (a constant of the backward), ``μ`` kept:
+      ``∂ = γ g/σ − mean(γ g/σ)``; RMSNorm alike (the RMS a constant);
+    * activations ``f(x) = x · s(x)`` (GELU ``s = Φ``, SiLU ``s = σ``, ReLU, tanh ...): the gate
+      ``s(x)`` pruned, ``∂ = s(x) g = f(x)/x · g`` (the identity rule ``R_x = R_y``);
+    * attention: the ``Q``, ``K`` paths pruned (the probabilities ``A`` a constant of the backward,
+      ``∂/∂V = Aᵀ g``; the gradient *at* ``A`` is kept for the methods that read it);
+    * products of ``N`` gradient-carrying factors (gates ``act(gate(x)) · up(x)``): each factor's
+      gradient scaled by ``1/N``;
+    * linear layers, convolutions, residual sums: the plain gradient.
+
+    These are the rules of :func:`cplrp` (with the identity rule on activations); LibraGrad's
+    point is to run gradient methods through them. Seed: the target's exact gradient at the logits.
+    """
+    reg = cplrp().copy("libragrad")
+    reg.exact_seed = True
+    reg.register(F.softmax, R.Pruned())
+    return reg
+
+
 presets: dict[str, Callable[[], Registry]] = {
     "chefer2021": chefer2021,
     "attnlrp": attnlrp,
     "attnlrp-gamma": lambda: attnlrp(gamma=0.25),
     "cplrp": cplrp,
+    "libragrad": libragrad,
 }
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "Passthrough",
     "Identity",
     "Constant",
+    "Pruned",
     "Epsilon",
     "AlphaBeta",
     "Gamma",
@@ -113,6 +114,31 @@ class Constant(Rule):
         if plain_edges():  # the plain backward still flows through the op, relevance does not
             return _map_tensors(out, lambda t: _constant_edge(t) if t.requires_grad and t.is_floating_point() else t)
         return detach_all(out)
+
+
+class Pruned(Constant):
+    """Prune the backward paths into the op: its output stays in the graph, so the gradient *at* it
+    is computed (and recorded where a pass reads it, e.g. ``∂y/∂A``), but nothing flows on to its
+    inputs, and the tensors it multiplies are linear in the other operand (LibraGrad's pruned
+    ``Q``, ``K`` paths: the attention probabilities are a constant of the backward)."""
+
+    name = "pruned"
+
+    def __call__(self, op: Op) -> Any:
+        if plain_edges():  # the plain backward still flows through the op, as for Constant
+            return super().__call__(op)
+        out = op.compute()
+        if not any(isinstance(x, torch.Tensor) and x.requires_grad for x in op.inputs):
+            return out
+        def edge(t: torch.Tensor) -> torch.Tensor:
+            if not t.is_floating_point():
+                return t
+            anchor = torch.zeros((), device=t.device, requires_grad=True)  # a graph for the output alone, no path back
+            pruned = relay(t.detach(), [anchor], lambda g: (None,))
+            hold_constant(pruned)
+            return pruned
+
+        return _map_tensors(out, edge)
 
 
 def _constant_edge(t: torch.Tensor) -> torch.Tensor:

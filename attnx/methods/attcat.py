@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..core.trace_types import Needs
+from .options import LIBRAGRAD
 from .registry import register_method
 
 __all__ = ["attcat", "attcat_layer"]
@@ -60,12 +61,14 @@ def attcat_layer(tokens: torch.Tensor, gradient: torch.Tensor, attention: torch.
     "attcat",
     reference="Qiang et al., NeurIPS 2022 (exact: written-out formula)",
     needs=Needs(attentions=True, hidden_states=True),
-    options=(),
+    options=(LIBRAGRAD,),
 )
 def attcat(trace, readout) -> torch.Tensor:
     """AttCAT (Qiang et al. NeurIPS'22): each block's input tokens times their gradient (Grad×Input
     per token), weighed by the attention each token receives (heads and queries averaged), summed
-    over the blocks."""
+    over the blocks.
+
+    ``libragrad=True``: ``∂y_t/∂h^l`` is LibraGrad's (the authors' AttCAT+Libra)."""
     rows = readout.pairs().any(dim=-1).to(trace.attentions[0].device)
     layers = zip(trace.hidden_states, trace.hidden_gradients, trace.attentions)
     return sum(attcat_layer(h, g, a, rows) for h, g, a in layers)

@@ -20,7 +20,7 @@ from ..errors import AttnxTypeError
 from ..lrp.registry import Registry
 from ..lrp.rules import Passthrough
 from .lrp import input_relevance_scores
-from .options import PATCH_SIZE
+from .options import LIBRAGRAD, PATCH_SIZE
 from .registry import Option, Relevance, register_method
 
 __all__ = ["GradientRegistry", "random_relevance", "random_baseline", "gradient_x_input"]
@@ -111,7 +111,7 @@ class GradientRegistry(Registry):
         return GradientRegistry()
 
 
-@register_method("gradient_x_input", reference="Shrikumar et al. 2016", needs=Needs(input_relevance=True, rules=GradientRegistry), options=(PATCH_SIZE,))
+@register_method("gradient_x_input", reference="Shrikumar et al. 2016", needs=Needs(input_relevance=True, rules=GradientRegistry), options=(PATCH_SIZE, LIBRAGRAD))
 def gradient_x_input(trace, readout) -> Relevance:
     """Gradient × input, ``x ⊙ ∂y_t/∂x``, at the pixels or the token embeddings.
 
@@ -120,5 +120,8 @@ def gradient_x_input(trace, readout) -> Relevance:
     each patch of the model's grid (images) or over the hidden dimension (text, one value per
     token). The same as the ``lrp`` method with every rule the plain gradient; any target
     (a callable or a continuation too) is differentiated as given.
+
+    With ``libragrad=True`` the gradient is LibraGrad's (:func:`attnx.lrp.registry.libragrad`):
+    the relevance then sums to the target score up to the biases (complete).
     """
     return input_relevance_scores(trace, readout)

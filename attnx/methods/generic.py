@@ -5,7 +5,7 @@ import torch
 
 from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers
 from ..core.trace_types import Needs
-from .options import START_LAYER
+from .options import LIBRAGRAD, START_LAYER
 from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import register_method
 
@@ -19,7 +19,7 @@ def generic_layer(at: AttentionLayer, *, start_layer: int = 0) -> torch.Tensor |
 
 
 @register_method(
-    "generic", reference="Chefer, Gur & Wolf, ICCV 2021", needs=Needs(attentions=True, gradients=True), options=(START_LAYER,),
+    "generic", reference="Chefer, Gur & Wolf, ICCV 2021", needs=Needs(attentions=True, gradients=True), options=(START_LAYER, LIBRAGRAD),
     first_layer=option_layer("start_layer"), fold=generic_layer,
 )
 def generic(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
@@ -28,6 +28,7 @@ def generic(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
     Equivalent to the readout row of ``(I + Ā_L) ... (I + Ā_s)``; no normalisation. The layers
     before ``start_layer`` are skipped, as the authors' CLIP notebook does (its ``start_layer = 11``
     of 12, the last layer only, is ``start_layer=-1``); the default uses every layer.
+    ``libragrad=True``: ``∇A`` is LibraGrad's (GenAtt+Libra).
 
     Memory: each layer is folded to its ``(B, N, N)`` map ``Ā`` as the backward reaches it
     (:func:`generic_layer`), then released. Peak, float32 bytes, ``B`` samples, ``H`` heads,

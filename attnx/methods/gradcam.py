@@ -5,7 +5,7 @@ import torch
 
 from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers, same_readout
 from ..core.trace_types import Needs
-from .options import LAYER
+from .options import LAYER, LIBRAGRAD
 from .propagation import check_start_layer, option_layer
 from .registry import register_method
 
@@ -21,11 +21,13 @@ def readout_rows(at: AttentionLayer, *, layer: int = -1) -> tuple | None:
     return at.readout.row(at.attention), at.readout.row(at.gradient), at.readout
 
 
-@register_method("attn_gradcam", reference="Chefer et al., CVPR 2021 (baseline)", needs=Needs(attentions=True, gradients=True), options=(LAYER,),
+@register_method("attn_gradcam", reference="Chefer et al., CVPR 2021 (baseline)", needs=Needs(attentions=True, gradients=True), options=(LAYER, LIBRAGRAD),
                  first_layer=option_layer("layer"), fold=readout_rows)
 def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
     """Attention GradCAM: ``(mean_h w_h · A_h[readout, :])⁺`` with ``w_h`` the mean of ``∂y_t/∂A_h``
     over the readout row's content columns (last layer by default).
+
+    ``libragrad=True``: ``∂y_t/∂A`` is LibraGrad's (the authors' AttnCAM+Libra).
 
     In a causal model the columns are those the readout row can attend to (the gradient at a
     masked, future key is not zero, but it weighs no attention).

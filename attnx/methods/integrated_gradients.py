@@ -31,6 +31,7 @@ import torch
 
 from ..core.trace_types import Needs
 from .lrp import input_relevance_scores
+from .options import LIBRAGRAD
 from .registry import Option, Relevance, register_method
 
 __all__ = ["integrated_gradients", "baseline_inputs"]
@@ -61,6 +62,7 @@ def completeness_total(trace, result: Relevance, options: dict) -> torch.Tensor:
     options=(
         Option("n_steps", 50, "points of the Gauss-Legendre quadrature of the path integral", kind=int, bounds=(1, 100000)),
         BASELINE,
+        LIBRAGRAD,
     ),
 )
 def integrated_gradients(trace, readout, *, n_steps: int = 50, baseline: str = "zeros") -> Relevance:
@@ -68,7 +70,8 @@ def integrated_gradients(trace, readout, *, n_steps: int = 50, baseline: str = "
 
     Sundararajan et al. 2017, Eq. 1, by captum's ``IntegratedGradients`` with ``n_steps``
     Gauss-Legendre points; ``Σ IG = y_t(x) − y_t(x')`` up to the convergence delta. Scores summed
-    per patch / per token as for ``gradient_x_input``.
+    per patch / per token as for ``gradient_x_input``. With ``libragrad=True`` the gradients
+    along the path are LibraGrad's (:func:`attnx.lrp.registry.libragrad`).
     """
     from captum.attr import IntegratedGradients
 

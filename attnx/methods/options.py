@@ -33,3 +33,8 @@ STRICT = Option(
     "raise attnx.lrp.UncoveredOpError when a relevance-carrying op matches no rule (False: warn and proceed)",
     kind=bool, trace=True,
 )
+LIBRAGRAD = Option(
+    "libragrad", False,
+    "take the gradients through LibraGrad's pruned and scaled backward (attnx.lrp.presets['libragrad'], Mehri et al., CVPR 2025)",
+    kind=bool, trace=True,
+)
