@@ -17,7 +17,8 @@ from ..core.batch import Batch, check_image_batch
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from .base import Adapter, hidden_states_argument
+from ..core.layer_readout import LayerReadout
+from .base import Adapter, block_output, hidden_states_argument, refuse_pooling
 from .loaded import loaded_class
 from .pooling import TimmPooling
 from .switches import attribute_switch
@@ -103,6 +104,20 @@ class TimmViTAdapter(Adapter):
 
     def block_inputs(self, batch: Batch) -> list:
         return [(block, hidden_states_argument) for block in self.model.blocks]
+
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each block's output through ``norm`` and ``forward_head`` (the pooling -- class token,
+        patch mean, attention pool --, ``fc_norm`` and the head; a distilled model's two heads averaged)."""
+        refuse_pooling(self, pooling)
+        model = self.model
+
+        def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            out = model.forward_head(model.norm(tokens))
+            if isinstance(out, (tuple, list)):  # distilled models in training mode
+                out = (out[0] + out[1]) / 2
+            return out, out
+
+        return LayerReadout([(block, block_output) for block in model.blocks], head)
 
     def value_projections(self, batch: Batch) -> list:
         """The last third of the fused ``qkv`` output, and ``proj``."""

@@ -129,7 +129,9 @@ def one_pass(
     if not needs.relevance:
         trace = attention_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients,
                                gradients=needs.gradients, first_layer=first_layer, fold=fold, tokens=needs.hidden_states,
-                               value_outputs=needs.value_outputs)
+                               value_outputs=needs.value_outputs, layer_readouts=needs.layer_readouts)
+    elif needs.layer_readouts:
+        raise AttnxValueError("the relevance pass does not read per-layer readouts; a method reads one or the other")
     elif needs.hidden_states:
         raise AttnxValueError("the relevance pass does not record the blocks' tokens; a method reads one or the other")
     elif registry is None:

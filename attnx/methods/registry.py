@@ -153,6 +153,8 @@ class Method:
     first_layer: Callable[[dict, Any, int], int] | None = None
     #: ``fold(layer, **options)``: what the method keeps of each layer (:mod:`attnx.core.layer_fold`)
     fold: Callable[..., Any] | None = None
+    #: ``layer_pooling(options)``: the pooling of the per-layer readouts (``Needs.layer_readouts``)
+    layer_pooling: Callable[[dict], str] | None = None
 
     def fold_for(self, options: dict) -> LayerFold | None:
         """The method's per-layer fold under ``options``, given to the pass (``None``: the pass
@@ -162,7 +164,10 @@ class Method:
     def first_layer_for(self, options: dict) -> FirstLayer | None:
         """The lowest layer the method reads under ``options``, given to the pass beside ``needs``
         (``None``: every layer)."""
-        return None if self.first_layer is None else FirstLayer(self.first_layer, dict(options))
+        if self.first_layer is None:
+            return None
+        pooling = "model" if self.layer_pooling is None else self.layer_pooling(options)
+        return FirstLayer(self.first_layer, dict(options), pooling)
 
     @property
     def gradients(self) -> bool:
@@ -239,6 +244,7 @@ def register_method(
     gradients: bool = False,
     first_layer: Callable[[dict, Any, int], int] | None = None,
     fold: Callable[..., Any] | None = None,
+    layer_pooling: Callable[[dict], str] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(trace, readout, **options)`` as the method ``name``.
 
@@ -264,6 +270,10 @@ def register_method(
         as the backward reaches each layer and releases the layer. The method reads the kept
         values with :func:`attnx.core.layer_fold.kept_layers`, which applies the fold itself to a
         full trace.
+    layer_pooling:
+        ``layer_pooling(options)``: for a method reading per-layer readouts
+        (``Needs.layer_readouts``, with ``first_layer``), the pooling they use under its options
+        (:data:`attnx.core.layer_readout.POOLINGS`); default: the model's own.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -271,7 +281,7 @@ def register_method(
         check_declaration(name, fn, specs)
         doc = summary if summary is not None else " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
         declared = needs if needs is not None else Needs(attentions=True, gradients=gradients)
-        _METHODS[name] = Method(name, fn, declared, doc, specs, reference, first_layer, fold)
+        _METHODS[name] = Method(name, fn, declared, doc, specs, reference, first_layer, fold, layer_pooling)
         return fn
 
     return deco
