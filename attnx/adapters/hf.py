@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch, check_text_inputs
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from ..core.layer_readout import LayerReadout
 from .base import Adapter, block_output, hidden_states_argument, refuse_pooling
 from .loaded import loaded_class
 from .switches import attn_implementation, no_new_forward_hooks

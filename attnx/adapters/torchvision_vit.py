@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError
-from ..core.layer_readout import LayerReadout
 from .base import Adapter, block_output, hidden_states_argument, mha_value_projection, refuse_pooling
 from .loaded import loaded_class
 from .switches import per_head_weights

@@ -104,7 +104,8 @@ def layer_gradients(
     ``target`` is read at each layer as it was at the model's output: the explained classes of
     ``resolved`` (a layer's own argmax is not the model's prediction), a callable on the layer's
     output. Returns the per-layer results (``None`` below ``first``) and :func:`row_norms` of the
-    last layer's gradient. Raises :class:`UnsupportedModelError` when the adapter's head on the
+    last layer's gradient (``None`` for another pooling than the model's: its rows are not the head's,
+    and the readout is then measured on the model's own target). Raises :class:`UnsupportedModelError` when the adapter's head on the
     last layer's tokens is not the model's output (beyond ``tolerance``)."""
     n = len(recorder.probs)
     if len(recorder.layer_outputs) != n:
@@ -136,7 +137,7 @@ def layer_gradients(
                 g = None
         probs = recorder.probs[i]
         g = torch.zeros_like(probs) if g is None else g.detach().reshape(probs.shape)
-        if i == n - 1:
+        if i == n - 1 and readouts.own:  # another pooling reads other rows than the model's head
             last_rows = row_norms(g)
         kept[i] = g if fold is None else fold(AttentionLayer(i, n, probs.detach(), g, readout))
         del output, logits, at, scores, g, probs
