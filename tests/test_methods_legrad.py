@@ -367,3 +367,25 @@ def test_pooling_mean_is_the_authors_compute_legrad_clip(tmp_path, layer_index):
     # the model's own readout (its class token) is another map
     own = as_authors_show(attnx.explain(model, image, text=text, method="legrad", start_layer=layer_index).image_scores()[0], PATCH)[0]
     assert max_abs_diff(own, theirs) > 1e-2
+
+
+def test_hf_clip_mean_pooling_and_siglip_attention_pool_head_in_float64():
+    """``pooling="mean"`` on Hugging Face CLIP's image tower: ``post_layernorm`` of the mean of every
+    token; SigLIP's image tower: ``post_layernorm`` and its attention-pooling head on every layer."""
+    from clip_models import hf_clip, hf_siglip, images
+
+    x = images(2, DT)
+    for build, read, options in (
+        (hf_clip, lambda m, h: m.visual_projection(m.vision_model.post_layernorm(h.mean(dim=1))), {"pooling": "mean"}),
+        (hf_siglip, lambda m, h: m.vision_model.head(m.vision_model.post_layernorm(h)), {}),
+    ):
+        model = build(layers=3, dtype=DT)
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            dim = model.get_image_features(pixel_values=x, return_dict=True).pooler_output.shape[-1]
+        ref = torch.randn(2, dim, dtype=DT, generator=torch.Generator().manual_seed(3))
+        out = model.vision_model(pixel_values=x, output_attentions=True, output_hidden_states=True, return_dict=True)
+        scores = [F.cosine_similarity(read(model, out.hidden_states[l + 1]), ref, dim=-1) for l in range(3)]
+        expected = layer_average(scores, list(out.attentions), 1)
+        e = attnx.explain(model, x, "legrad", target=attnx.similarity.cosine_to(ref), **options)
+        assert max_abs_diff(e.token_relevance, expected) < 1e-8, build.__name__
