@@ -105,8 +105,8 @@ def test_default_is_the_authors_last_two_layers_and_the_predicted_class_at_every
     assert (layer_logits[1].argmax(1) != predicted).any()  # a layer whose argmax differs
     expected = layer_average([z.gather(1, predicted[:, None]) for z in layer_logits], maps, 1)
     e = attnx.explain(model, x, "legrad")
-    assert {o.name: o.default for o in attnx.get_method("legrad").option_specs}["start_layer"] == -2
     assert max_abs_diff(e.token_relevance, expected) < 1e-8
+    assert torch.equal(e.token_relevance, attnx.explain(model, x, "legrad", start_layer=-2).token_relevance)
 
 
 def hf_layer_scores(model, x: dict, read) -> tuple[list, list, torch.Tensor]:

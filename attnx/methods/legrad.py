@@ -23,8 +23,9 @@ What attnx computes:
   (:mod:`attnx.core.layer_readout`). A class target is the model's explained class at every layer
   (not each layer's own argmax). At the last layer ``s^L = y_t``; the pass checks that the
   adapter's readout of the last layer is the model's output.
-* **Layers.** ``start_layer`` (negative counts from the end) is the first layer averaged: ``-2``,
-  the authors' default, averages the last two; ``0`` every layer; ``-1`` the last layer only,
+* **Layers.** ``start_layer`` (negative counts from the end) is the first layer averaged: by
+  default the authors' ``-2``, the last two layers (the only layer of a one-layer model); ``0``
+  every layer; ``-1`` the last layer only,
   which needs no per-layer readout (any adapter, Swin's last stage and ``intercept`` included).
   Families whose head attnx cannot apply to an intermediate layer refuse ``start_layer`` below
   ``-1`` with :class:`~attnx.errors.UnsupportedModelError`.
@@ -45,7 +46,7 @@ import torch
 from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers
 from ..core.layer_readout import POOLINGS
 from ..core.trace import Needs
-from .propagation import check_start_layer, option_layer
+from .propagation import check_start_layer
 from .registry import Option, register_method
 
 __all__ = ["legrad", "legrad_layer", "legrad_of_positive", "positive_gradient"]
@@ -72,18 +73,32 @@ def legrad_of_positive(positive: torch.Tensor, pairs: torch.Tensor) -> torch.Ten
     return positive.sum(dim=1) / queries
 
 
-def positive_gradient(at: AttentionLayer, start_layer: int = -2, pooling: str = "model") -> torch.Tensor | None:
+def first_averaged(start_layer: int | None, num_layers: int) -> int | None:
+    """The first layer averaged: ``start_layer`` as an index (``None`` when out of range), the
+    authors' default for ``None``: the last two layers (the only one of a one-layer model)."""
+    if start_layer is None:
+        return max(num_layers - 2, 0)
+    return layer_index(start_layer, num_layers)
+
+
+def first_layer(options: dict, layout, num_layers: int) -> int:
+    """The lowest layer LeGrad reads: the backward passes stop there."""
+    first = first_averaged(options["start_layer"], num_layers)
+    return 0 if first is None else first
+
+
+def positive_gradient(at: AttentionLayer, start_layer: int | None = None, pooling: str = "model") -> torch.Tensor | None:
     """What LeGrad keeps of a layer it averages: ``mean_h ReLU(∂s^l/∂A^l)`` ``(B, N, N)``; ``None`` below ``start_layer``."""
-    first = layer_index(start_layer, at.num_layers)
+    first = first_averaged(start_layer, at.num_layers)
     if at.gradient is None or first is None or at.index < first:
         return None
     return at.gradient.clamp(min=0).mean(dim=1)
 
 
 START_LAYER = Option(
-    "start_layer", -2,
-    "first layer averaged (negative counts from the end): -2 the authors' default (the last two), 0 every layer, "
-    "-1 the last layer only", kind=int,
+    "start_layer", None,
+    "first layer averaged (negative counts from the end; default: the authors' -2, the last two layers), "
+    "0 every layer, -1 the last layer only", kind=int, allow_none=True,
 )
 POOLING = Option(
     "pooling", "model",
@@ -97,11 +112,11 @@ POOLING = Option(
     reference="Bousselham et al., arXiv:2404.03214, 2024 (exact: written-out formula, the authors' code on OpenCLIP)",
     needs=Needs(attentions=True, gradients=True, layer_readouts=True),
     options=(START_LAYER, POOLING),
-    first_layer=option_layer("start_layer"),
+    first_layer=first_layer,
     fold=positive_gradient,
     layer_pooling=lambda options: options["pooling"],
 )
-def legrad(trace, readout, *, start_layer: int = -2, pooling: str = "model") -> torch.Tensor:
+def legrad(trace, readout, *, start_layer: int | None = None, pooling: str = "model") -> torch.Tensor:
     """LeGrad: ``mean_{l ≥ start_layer} mean_{h,i} ReLU(∂s^l/∂A^l_{h,i,:})``, ``s^l`` layer ``l``'s own readout.
 
     Bousselham et al. 2024, Eq. 4-6: each layer's score ``s^l`` is the target read from that
@@ -123,7 +138,7 @@ def legrad(trace, readout, *, start_layer: int = -2, pooling: str = "model") -> 
     backward. ``start_layer=-1`` is one backward of ``y_t`` to the last layer (``L' = 1``).
     """
     n = num_layers(trace)
-    first = check_start_layer(start_layer, n)
+    first = first_averaged(None, n) if start_layer is None else check_start_layer(start_layer, n)
     kept = kept_layers(trace, LayerFold(positive_gradient, {"start_layer": start_layer, "pooling": pooling}), readout)
     pairs = readout.pairs()
     total = None
