@@ -84,6 +84,8 @@ def attention_pass(
                 if layer_readouts and gradients and (first < n - 1 or pooling != "model"):
                     if refused is not None:
                         raise refused
+                    if tokens:
+                        raise AttnxValueError("per-layer readouts and the blocks' tokens are not read in one pass")
                     readout = declared_readout(adapter, layout, resolved.classes, batch.batch_size, resolved.logits.device)
                     kept, last_rows = layer_gradients(
                         recorder, readouts, target, resolved, layout, resolve, first, fold, readout, tolerance(resolved.logits)
