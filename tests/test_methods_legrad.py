@@ -10,7 +10,9 @@ The references, in float64, attnx must match to 1e-8:
   ``output_attentions`` and ``output_hidden_states`` (eager: the returned probabilities are the
   graph's): ``s^l`` written out from layer ``l``'s hidden state through the final norm and head;
 * the authors' ``compute_legrad_clip`` (WalBouss/LeGrad) on the same OpenCLIP weights, in a
-  subprocess, with their readout (``pooling="mean"``), when their code is at ``LEGRAD_REF``.
+  subprocess, with their readout (``pooling="mean"``), when their code is at ``LEGRAD_REF``; the
+  batched variant's timm wrapper (Shaun-Z/LeGrad, ``TimmWrapper``) on a headless timm ViT, when at
+  ``LEGRAD_BATCHED_REF``.
 
 Decoders and text classifiers are checked for the masks (padding rows, causal pairs) and for
 batched == alone.
@@ -283,8 +285,8 @@ def test_options_are_typed():
         attnx.explain(model, x, "legrad", start_layer=3)
     with pytest.raises((AttnxTypeError, AttnxValueError)):
         attnx.explain(model, x, "legrad", pooling="cls")
-    with pytest.raises(UnsupportedModelError, match="pooling='mean'"):
-        attnx.explain(model, x, "legrad", pooling="mean")
+    with pytest.raises(UnsupportedModelError, match="pooling='mean'"):  # a family without that readout
+        attnx.explain(CASES["torchvision_vit"].model(), x, "legrad", pooling="mean")
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,3 +391,57 @@ def test_hf_clip_mean_pooling_and_siglip_attention_pool_head_in_float64():
         expected = layer_average(scores, list(out.attentions), 1)
         e = attnx.explain(model, x, "legrad", target=attnx.similarity.cosine_to(ref), **options)
         assert max_abs_diff(e.token_relevance, expected) < 1e-8, build.__name__
+
+
+#: where the batched variant of their code (github.com/Shaun-Z/LeGrad) is checked out
+LEGRAD_BATCHED_REF = Path(os.environ.get("LEGRAD_BATCHED_REF", "/work/ref/legrad_batched"))
+
+#: ``TimmWrapper(model, layer_indices)``: a forward, ``dot_concept_vectors`` and
+#: ``aggregate_layerwise_maps`` on the weights saved by the test; ``cv2`` (plotting) stubbed.
+BATCHED_SCRIPT = """
+import json, sys, types
+sys.modules.setdefault("cv2", types.ModuleType("cv2"))
+sys.path.insert(0, {src!r})
+import torch, timm
+from legrad.backends.timm.wrapper import TimmWrapper
+saved = torch.load({weights!r})
+model = timm.models.vision_transformer.VisionTransformer(**saved["config"]).double().eval()
+model.load_state_dict(saved["state"])
+wrapped = TimmWrapper(model, layer_indices={layers})
+wrapped(saved["images"])
+wrapped.dot_concept_vectors(saved["concepts"])
+print(json.dumps(wrapped.aggregate_layerwise_maps().detach().double().tolist()))
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not (LEGRAD_BATCHED_REF / "src" / "legrad" / "backends" / "timm" / "wrapper.py").exists(),
+                    reason=f"the batched LeGrad code (github.com/Shaun-Z/LeGrad) is not checked out at {LEGRAD_BATCHED_REF} "
+                           "(LEGRAD_BATCHED_REF)")
+def test_pooling_mean_is_the_batched_variants_timm_wrapper(tmp_path):
+    """Their ``TimmWrapper`` on a headless timm ViT (three layers, the last two read, two images, two
+    concept vectors): ``cos(norm(mean of a layer's tokens), concept)`` differentiated at each read
+    layer's attention, against attnx's ``legrad`` with ``pooling="mean"`` and the cosine target."""
+    pytest.importorskip("einops", reason="their code needs einops")
+    from timm.models.vision_transformer import VisionTransformer
+
+    from conftest import randomize_
+
+    config = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=0)
+    torch.manual_seed(0)
+    model = randomize_(VisionTransformer(**config), seed=21).to(DT).eval()
+    x = CASES["timm_vit"].inputs(2, dtype=DT)
+    concepts = F.normalize(torch.randn(2, 32, dtype=DT, generator=torch.Generator().manual_seed(4)), dim=-1)
+    weights = tmp_path / "weights.pt"
+    torch.save({"config": config, "state": model.state_dict(), "images": x, "concepts": concepts}, weights)
+    script = BATCHED_SCRIPT.format(src=str(LEGRAD_BATCHED_REF / "src"), weights=str(weights), layers=[1, 2])
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    theirs = torch.tensor(json.loads(out.stdout.strip().splitlines()[-1]), dtype=DT)  # (B, concepts, H, W)
+    for m in range(2):
+        target = attnx.similarity.cosine_to(concepts[m].expand(2, -1))
+        e = attnx.explain(model, x, "legrad", target=target, pooling="mean")
+        ours = as_authors_show(e.scores, 8)  # (1, B, H, W): one map per image
+        assert max_abs_diff(ours[0], theirs[:, m]) < 1e-8
+    assert (theirs[:, 0] - theirs[:, 1]).abs().max() > 1e-3  # one map per concept

@@ -52,7 +52,7 @@ def refuse_pooling(adapter: "Adapter", pooling: str) -> None:
     if pooling != "model":
         raise UnsupportedModelError(
             f"adapter {adapter.name!r} reads the layers of {type(adapter.model).__name__} through its own pooling only, "
-            f"not pooling={pooling!r} (the LeGrad authors' readout of OpenCLIP and CLIP image towers)"
+            f"not pooling={pooling!r} (the LeGrad authors' readout of OpenCLIP, CLIP and timm ViT image towers)"
         )
 
 

@@ -107,17 +107,23 @@ class TimmViTAdapter(Adapter):
 
     def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
         """Each block's output through ``norm`` and ``forward_head`` (the pooling -- class token,
-        patch mean, attention pool --, ``fc_norm`` and the head; a distilled model's two heads averaged)."""
-        refuse_pooling(self, pooling)
+        patch mean, attention pool --, ``fc_norm`` and the head; a distilled model's two heads
+        averaged); ``pooling="mean"``: ``norm`` of the mean of every token, then ``fc_norm`` and the
+        head (the batched LeGrad code's readout of a timm ViT)."""
         model = self.model
+        if pooling != "model" and (self.pooling.attn_pool is not None or self.pooling.distilled):
+            refuse_pooling(self, pooling)
 
         def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
-            out = model.forward_head(model.norm(tokens))
+            if pooling == "mean":  # the mean of every token through the final norm, then the head
+                out = model.head(model.head_drop(model.fc_norm(model.norm(tokens.mean(dim=1)))))
+            else:
+                out = model.forward_head(model.norm(tokens))
             if isinstance(out, (tuple, list)):  # distilled models in training mode
                 out = (out[0] + out[1]) / 2
             return out, out
 
-        return LayerReadout([(block, block_output) for block in model.blocks], head)
+        return LayerReadout([(block, block_output) for block in model.blocks], head, own=pooling == "model")
 
     def value_projections(self, batch: Batch) -> list:
         """The last third of the fused ``qkv`` output, and ``proj``."""

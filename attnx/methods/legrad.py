@@ -32,7 +32,9 @@ What attnx computes:
 * **The authors' CLIP readout.** Their OpenCLIP code reads a layer as ``ln_post(mean of all its
   tokens, class token included) @ proj``, which is not the model's embedding (it pools the class
   token, or the patch mean). ``pooling="model"`` (default) reads the model's own output;
-  ``pooling="mean"`` reproduces theirs (OpenCLIP and Hugging Face CLIP image towers only).
+  ``pooling="mean"`` reproduces theirs (OpenCLIP, Hugging Face CLIP and timm ViT image towers;
+  for timm, the readout of the batched variant of their code, Shaun-Z/LeGrad, which reads
+  ``norm(mean of all tokens)`` without a head).
 * **Masks.** Query rows of padding tokens are left out of the mean and, in a causal model, the
   pairs ``key > query`` (attention the query cannot give) carry no gradient; the authors' vision
   models have neither.
