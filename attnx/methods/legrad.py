@@ -25,16 +25,16 @@ What attnx computes:
   adapter's readout of the last layer is the model's output.
 * **Layers.** ``start_layer`` (negative counts from the end) is the first layer averaged: by
   default the authors' ``-2``, the last two layers (the only layer of a one-layer model); ``0``
-  every layer; ``-1`` the last layer only,
-  which needs no per-layer readout (any adapter, Swin's last stage and ``intercept`` included).
+  every layer; ``-1`` the last layer only, which needs no per-layer readout (any adapter, the
+  ``intercept`` one without a family adapter included).
   Families whose head attnx cannot apply to an intermediate layer refuse ``start_layer`` below
   ``-1`` with :class:`~attnx.errors.UnsupportedModelError`.
 * **The authors' CLIP readout.** Their OpenCLIP code reads a layer as ``ln_post(mean of all its
   tokens, class token included) @ proj``, which is not the model's embedding (it pools the class
   token, or the patch mean). ``pooling="model"`` (default) reads the model's own output;
   ``pooling="mean"`` reproduces theirs (OpenCLIP, Hugging Face CLIP and timm ViT image towers;
-  for timm, the readout of the batched variant of their code, Shaun-Z/LeGrad, which reads
-  ``norm(mean of all tokens)`` without a head).
+  for timm, the readout of the batched variant of their code, Shaun-Z/LeGrad: ``norm(mean of all
+  tokens)``, a headless model's embedding).
 * **Masks.** Query rows of padding tokens are left out of the mean and, in a causal model, the
   pairs ``key > query`` (attention the query cannot give) carry no gradient; the authors' vision
   models have neither.
