@@ -60,16 +60,21 @@ def written_attn_gradcam(A, G, readout, layer=-1):
     return (w[..., None] * a).mean(1).clamp(min=0)
 
 
-def written_legrad(A, G, readout):
+def written_legrad(A, G, readout, start_layer=-2):
+    """G: each layer's ``∂s^l/∂A^l`` (a full trace with per-layer readouts), averaged from ``start_layer``."""
     pairs = readout.pairs().to(G[-1].dtype)
-    e = G[-1].clamp(min=0).mean(1) * pairs
-    return e.sum(1) / pairs.amax(-1).sum(-1, keepdim=True).clamp(min=1)
+    layers = G[start_layer:]
+    e = sum((g.clamp(min=0).mean(1) * pairs).sum(1) for g in layers) / len(layers)
+    return e / pairs.amax(-1).sum(-1, keepdim=True).clamp(min=1)
 
 
 WRITTEN = {"generic": written_generic, "grad_rollout": written_grad_rollout,
            "attn_gradcam": written_attn_gradcam, "legrad": written_legrad}
 OPTIONS = [("generic", {}), ("generic", {"start_layer": 1}), ("grad_rollout", {}), ("grad_rollout", {"start_layer": -2}),
-           ("attn_gradcam", {}), ("attn_gradcam", {"layer": 0}), ("legrad", {})]
+           ("attn_gradcam", {}), ("attn_gradcam", {"layer": 0}), ("legrad", {}), ("legrad", {"start_layer": -1}),
+           ("legrad", {"start_layer": 0})]
+#: the full trace of a method whose gradients are its per-layer readouts' (every layer's ∂s^l/∂A^l)
+FULL_OF = {"legrad": attnx.Needs(attentions=True, gradients=True, layer_readouts=True)}
 
 
 def setups():
@@ -90,7 +95,7 @@ def setups():
 def test_folded_map_equals_the_formula_on_a_full_trace(case_name, model, inputs, name, options):
     explainer = attnx.Explainer(model)
     e = explainer.explain(inputs, method=name, **options)
-    full = explainer.trace(inputs, None, FULL)
+    full = explainer.trace(inputs, None, FULL_OF.get(name, FULL))
     readout = Readout(full.layout, full.logits.shape[0], full.logits.device)
     expected = WRITTEN[name](full.attentions, full.gradients, readout, **options)
     assert max_abs_diff(e.token_relevance, expected) < 1e-12

@@ -150,6 +150,19 @@ def test_the_terms_follow_what_each_method_keeps():
     assert every.terms["folded_maps"] == 3 * last.terms["folded_maps"] == 3 * 64 * 64 * 4  # B=1, heads fused
 
 
+def test_legrad_keeps_one_head_fused_map_per_layer_it_averages():
+    """LeGrad's peak is ``F_eager + 4·B·N²·L'``: the authors' default averages the last two layers
+    (of the three), ``start_layer=0`` every layer, ``-1`` the last one."""
+    x = tokens(64, batch=2)
+    one = 2 * 64 * 64 * 4
+    terms = {o: attnx.estimate(llama(), x, method="legrad", **kw).terms
+             for o, kw in (("default", {}), ("every", {"start_layer": 0}), ("last", {"start_layer": -1}))}
+    assert terms["default"]["folded_maps"] == 2 * one
+    assert terms["every"]["folded_maps"] == 3 * one
+    assert terms["last"]["folded_maps"] == one
+    assert {"forward_backward", "one_layer_gradient"} <= set(terms["default"])
+
+
 def test_a_meta_device_model_is_estimated_without_weights():
     """A Llama-3-8B-shaped model built on the meta device: the weights, and the attention maps of
     the attention-graph methods (32 layers x 32 heads x 4096² float32 = 64 GiB)."""

@@ -272,6 +272,51 @@ def test_methods_equal_their_formulas_on_the_reference(family):
         assert max_abs_diff(e.scores, expected) <= TOL[family] * max(1.0, expected.abs().max().item()), method
 
 
+def head_of(family: str, model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The classifier on one last-stage block's output, written out: final norm, mean of the tokens, head."""
+    if family.startswith("timm"):  # (B, h, w, C)
+        return model.head.fc(model.norm(tokens).mean(dim=(1, 2)))
+    base = getattr(model, model.base_model_prefix)
+    return model.classifier(base.layernorm(tokens).mean(dim=1))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_legrad_reads_each_last_stage_block_through_the_head(family):
+    """LeGrad's ``s^l``: each last-stage block's output through the final norm, average pooling and
+    head; ``∂s^l/∂A^l`` by autograd at the reference attention of that block only."""
+    model = build(family)
+    x, targets = images(2, seed=4), torch.tensor([2, 3])
+    probs, deltas, outputs = [], [], []
+
+    def attention_hook(m, args, out):
+        A, output = reference(family, m, args[0])
+        d = torch.zeros_like(A, requires_grad=True)
+        probs.append(A.detach())
+        deltas.append(d)
+        new = output(A + d)
+        return (new, out[1]) if family == "hf_v1" else (new, *out[1:]) if family == "hf_v2" else new
+
+    def block_hook(m, args, out):
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+
+    blocks = last_blocks(family, model)
+    handles = [attention_module(family, b).register_forward_hook(attention_hook) for b in blocks]
+    handles += [b.register_forward_hook(block_hook) for b in blocks]
+    try:
+        with torch.enable_grad():
+            logits = logits_of(model(x))
+    finally:
+        for h in handles:
+            h.remove()
+    scores = [head_of(family, model, t).gather(1, targets[:, None]).sum() for t in outputs]
+    assert max_abs_diff(head_of(family, model, outputs[-1]), logits) <= TOL[family]
+    maps = [torch.autograd.grad(s, d, retain_graph=True)[0].clamp(min=0).mean(dim=(1, 2)) for s, d in zip(scores, deltas)]
+    expected = sum(maps) / len(maps)  # the default: the last two layers, here the whole last stage
+    e = attnx.explain(model, x, method="legrad", target=targets)
+    assert max_abs_diff(e.scores, expected) <= TOL[family] * max(1.0, expected.abs().max().item())
+    assert max_abs_diff(expected, maps[-1]) > 1e-3 * expected.abs().max()  # not the last layer's map
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_x_input_equals_autograd(family):
     model = build(family)

@@ -14,7 +14,8 @@ An adapter must answer four questions about a model (the abstract methods of ``A
 Everything else the core reads has a default here, which an adapter overrides where its family
 differs: ``name``, ``expects``, ``is_lm``, ``outputs_embedding``, ``input_embeddings``,
 ``watch_tokens``, ``patch_layout``, ``resolve_layout``, ``target_readout``, ``block_inputs``,
-``value_projections``, ``mlp_branches`` and ``append_continuation``. The core reads nothing else of an adapter.
+``value_projections``, ``mlp_branches``, ``layer_readout`` and ``append_continuation``. The core reads nothing
+else of an adapter.
 
 Adapters hold architecture knowledge only; the core types they fill (``Layout``, ``Batch``,
 ``AttentionRecorder``) live in the attnx core, and they never do explanation math.
@@ -29,16 +30,31 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, UnsupportedModelError
 
-__all__ = ["Adapter", "hidden_states_argument", "mha_value_projection", "missing_methods"]
+__all__ = ["Adapter", "block_output", "hidden_states_argument", "mha_value_projection", "missing_methods", "refuse_pooling"]
 
 
 def hidden_states_argument(args: tuple, kwargs: dict) -> Any:
     """A block's input tokens: its first positional argument, else its ``hidden_states`` keyword."""
     return args[0] if args else kwargs.get("hidden_states")
+
+
+def block_output(args: tuple, kwargs: dict, output: Any) -> Any:
+    """A block's output tokens: its output, or the first element of the tuple it returns."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def refuse_pooling(adapter: "Adapter", pooling: str) -> None:
+    """Raise unless ``pooling`` is the model's own (the adapters that read no other pooling)."""
+    if pooling != "model":
+        raise UnsupportedModelError(
+            f"adapter {adapter.name!r} reads the layers of {type(adapter.model).__name__} through its own pooling only, "
+            f"not pooling={pooling!r} (the LeGrad authors' readout of OpenCLIP, CLIP and timm ViT image towers)"
+        )
 
 
 def mha_value_projection(mha: nn.Module) -> tuple[nn.Module, Callable[[tuple, dict, Any], torch.Tensor], torch.Tensor] | None:
@@ -191,6 +207,18 @@ class Adapter:
         raise UnsupportedModelError(
             f"adapter {self.name!r} does not name the feed-forward sublayers of {type(self.model).__name__}'s "
             "blocks; methods reading them (tokentm) do not apply"
+        )
+
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """How the model's output is read from any layer's tokens for ``batch``: the blocks whose
+        outputs are the layers' tokens (one per attention layer, in forward order) and the model's
+        own final norm, pooling and head applied to such tokens
+        (:class:`attnx.core.layer_readout.LayerReadout`); ``pooling`` other than ``"model"``: another
+        pooling before the head (:data:`attnx.core.layer_readout.POOLINGS`). Methods reading the
+        score of each layer (LeGrad below the last layer) need it."""
+        raise UnsupportedModelError(
+            f"adapter {self.name!r} cannot read {type(self.model).__name__}'s output from its intermediate layers; "
+            "methods reading per-layer readouts do not apply (legrad with start_layer=-1 reads the last layer only)"
         )
 
     def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch, check_text_inputs
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
-from .base import Adapter, hidden_states_argument, mha_value_projection
+from .base import Adapter, block_output, hidden_states_argument, mha_value_projection, refuse_pooling
 from .hf import layer_stack, value_projections
 from .kernels import AttentionInterceptor, TokenWatcher
 from .mlp_branch import named_mlp_branches
@@ -258,6 +259,37 @@ class HFDualEncoderAdapter(DualEncoderAdapter):
 
     def mlp_branches(self, batch: Batch) -> list:
         return named_mlp_branches(self.block_inputs(batch)) or super().mlp_branches(batch)
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each layer's output through the tower's final norm, pooling and projection: CLIP's image
+        tower ``post_layernorm`` on the class token (``pooling="mean"``: on the mean of every token)
+        and ``visual_projection``, its text tower ``final_layer_norm`` at the end-of-text token and
+        ``text_projection``; SigLIP's ``post_layernorm`` and attention-pooling head, its text tower
+        ``final_layer_norm`` at the last position and ``head``."""
+        tower = batch.extra.get("tower", self.tower)
+        module = self.tower_module(tower)
+        if not (tower == "image" and not self.siglip):
+            refuse_pooling(self, pooling)
+        position = batch.layout.readout
+        if tower == "image" and self.siglip:
+            def read(x: torch.Tensor) -> torch.Tensor:
+                return module.head(module.post_layernorm(x))
+        elif tower == "image":
+            def read(x: torch.Tensor) -> torch.Tensor:
+                pooled = x.mean(dim=1) if pooling == "mean" else x[:, 0]
+                return self.model.visual_projection(module.post_layernorm(pooled))
+        else:
+            project = module.head if self.siglip else self.model.text_projection
+
+            def read(x: torch.Tensor) -> torch.Tensor:
+                x = module.final_layer_norm(x)
+                return project(x[torch.arange(x.shape[0], device=x.device), position.to(x.device)])
+
+        def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            embedding = read(tokens)
+            return embedding, embedding
+
+        blocks = [(block, block_output) for block, _ in self.block_inputs(batch)]
+        return LayerReadout(blocks, head, own=pooling == "model")
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         kwargs = dict(batch.kwargs)
@@ -377,6 +409,52 @@ class OpenCLIPAdapter(DualEncoderAdapter):
         transpose = not getattr(transformer, "batch_first", True)
         return named_mlp_branches(self.block_inputs(batch), transpose) or super().mlp_branches(batch)
 
+
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each block's output through the tower's final norm, pooling and projection: the image
+        tower's ``ln_post`` and pooling (class token or patch mean, in the model's order;
+        ``pooling="mean"``: ``ln_post`` of the mean of every token, class token included, the
+        LeGrad authors' readout) and ``proj``; the text tower's ``ln_final``, its pooled token and
+        ``text_projection``."""
+        tower = batch.extra.get("tower", self.tower)
+        model = self.model
+        transformer = model.visual.transformer if tower == "image" else model.transformer
+        if tower != "image":
+            refuse_pooling(self, pooling)
+
+        def tokens_of(args: tuple, kwargs: dict, output: Any) -> Any:  # (N, B, D) when not batch-first
+            x = block_output(args, kwargs, output)
+            return x if getattr(transformer, "batch_first", True) or not isinstance(x, torch.Tensor) else x.transpose(0, 1)
+
+        position = batch.layout.readout
+        if tower == "image":
+            visual = model.visual
+
+            def read(x: torch.Tensor) -> torch.Tensor:
+                def pool(t: torch.Tensor) -> torch.Tensor:
+                    return t[:, 0] if visual.pool_type == "tok" else t[:, 1:].mean(dim=1)
+
+                if pooling == "mean":
+                    pooled = visual.ln_post(x.mean(dim=1))
+                elif visual.final_ln_after_pool:
+                    pooled = visual.ln_post(pool(x))
+                else:
+                    pooled = pool(visual.ln_post(x))
+                return pooled if visual.proj is None else pooled @ visual.proj
+        else:
+            def read(x: torch.Tensor) -> torch.Tensor:
+                x = model.ln_final(x)
+                x = x[torch.arange(x.shape[0], device=x.device), position.to(x.device)]
+                project = model.text_projection
+                if project is None:
+                    return x
+                return project(x) if isinstance(project, nn.Linear) else x @ project
+
+        def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            embedding = read(tokens)
+            return embedding, embedding
+
+        return LayerReadout([(block, tokens_of) for block in transformer.resblocks], head, own=pooling == "model")
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         encode = self.model.encode_image if batch.extra.get("tower", self.tower) == "image" else self.model.encode_text

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch, check_text_inputs
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from .base import Adapter, hidden_states_argument
+from .base import Adapter, block_output, hidden_states_argument, refuse_pooling
 from .loaded import loaded_class
 from .mlp_branch import named_mlp_branches
 from .switches import attn_implementation, no_new_forward_hooks
@@ -218,6 +219,58 @@ class HFAdapter(Adapter):
         config = self.model.config
         config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
         return layer_stack(self.model, config)
+
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each layer's output through what the model applies after its encoder: ViT / DeiT image
+        classifiers: ``layernorm`` and the classifier on the class token (``...WithTeacher``: the
+        mean of the class and distillation heads; ``Dinov2``: on ``[CLS; mean of the patches]``);
+        BERT-like text classifiers: the pooler and the classifier; RoBERTa-like: the classification
+        head on the tokens; DistilBERT: ``pre_classifier``, ReLU and the classifier on the first
+        token. Other heads are refused."""
+        refuse_pooling(self, pooling)
+        model, name = self.model, type(self.model).__name__
+        base = getattr(model, model.base_model_prefix, None)
+        blocks = [(block, block_output) for block, _ in self.block_inputs(batch)]
+        classifier = getattr(model, "classifier", None)
+        if self.is_text:
+            from transformers.modeling_outputs import SequenceClassifierOutput as Output
+
+            if isinstance(getattr(model, "pre_classifier", None), nn.Linear) and isinstance(classifier, nn.Linear):
+                def read(x: torch.Tensor) -> torch.Tensor:
+                    return classifier(torch.relu(model.pre_classifier(x[:, 0])))
+            elif getattr(base, "pooler", None) is not None and isinstance(classifier, nn.Linear):
+                def read(x: torch.Tensor) -> torch.Tensor:
+                    return classifier(base.pooler(x))
+            elif isinstance(classifier, nn.Module) and not isinstance(classifier, nn.Linear):
+                def read(x: torch.Tensor) -> torch.Tensor:
+                    return classifier(x)
+            else:
+                return super().layer_readout(batch, pooling)
+        else:
+            from transformers.modeling_outputs import ImageClassifierOutput as Output
+
+            norm = getattr(base, "layernorm", None)
+            prefix = batch.layout.prefix_tokens
+            if not isinstance(norm, nn.Module) or not name.startswith(("ViT", "DeiT", "Dinov2")):
+                return super().layer_readout(batch, pooling)
+            if name.endswith("WithTeacher"):
+                def read(x: torch.Tensor) -> torch.Tensor:
+                    return (model.cls_classifier(x[:, 0]) + model.distillation_classifier(x[:, 1])) / 2
+            elif name.startswith("Dinov2"):
+                def read(x: torch.Tensor) -> torch.Tensor:
+                    return classifier(torch.cat([x[:, 0], x[:, prefix:].mean(dim=1)], dim=-1))
+            else:
+                def read(x: torch.Tensor) -> torch.Tensor:
+                    return classifier(x[:, 0])
+
+            def normed(x: torch.Tensor, read=read) -> torch.Tensor:
+                return read(norm(x))
+
+        def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            logits = (read if self.is_text else normed)(tokens)
+            return Output(logits=logits), logits
+
+        return LayerReadout(blocks, head)
 
     def value_projections(self, batch: Batch) -> list:
         config = self.model.config

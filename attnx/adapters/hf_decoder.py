@@ -31,15 +31,19 @@ import torch
 from torch import nn
 
 from ..core.batch import READOUT_LOGITS_ONLY, Batch, check_text_inputs
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.targets import BoundContinuation
-from ..errors import AttnxTypeError, AttnxValueError
+from ..errors import AttnxTypeError, AttnxValueError, UnsupportedModelError
+from .base import block_output, refuse_pooling
 from .hf import HFAdapter
 from .loaded import loaded_class
 
 __all__ = ["HFDecoderAdapter", "last_real_token", "pooled_token", "positions_from_mask"]
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+#: the names of a decoder's final norm, after its last layer
+FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
 
 
 def has_causal_attention(model: nn.Module) -> bool:
@@ -213,6 +217,47 @@ class HFDecoderAdapter(HFAdapter):
             return None
         first %= layout.num_tokens
         return layout.num_tokens - first if first > 0 else None
+
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each layer's output through the decoder's final norm and its output layer (``lm_head``,
+        on the positions the target reads, soft-capped as the model caps its logits; a classifier's
+        ``score`` at the pooled token)."""
+        refuse_pooling(self, pooling)
+        model = self.model
+        base = model.base_model
+        norms = [getattr(base, n) for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)]
+        if len(norms) != 1:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: found {len(norms)} final norms ({', '.join(FINAL_NORMS)}), expected one; its "
+                "layers' outputs cannot be read through its head (legrad with start_layer=-1 reads the last layer only)"
+            )
+        norm = norms[0]
+        blocks = [(block, block_output) for block, _ in self.block_inputs(batch)]
+        config = model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        cap = getattr(text, "final_logit_softcapping", None)
+        if self.is_lm:
+            from transformers.modeling_outputs import CausalLMOutputWithPast as Output
+
+            output_layer, window = model.get_output_embeddings(), self.logits_window(batch)
+
+            def read(x: torch.Tensor) -> torch.Tensor:
+                logits = output_layer(norm(x if window is None else x[:, -window:]))
+                return logits if not cap else torch.tanh(logits / cap) * cap
+        else:
+            from transformers.modeling_outputs import SequenceClassifierOutputWithPast as Output
+
+            position = batch.layout.readout
+
+            def read(x: torch.Tensor) -> torch.Tensor:
+                logits = model.score(norm(x))
+                return logits[torch.arange(x.shape[0], device=logits.device), position.to(logits.device)]
+
+        def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            logits = read(tokens)
+            return Output(logits=logits), logits
+
+        return LayerReadout(blocks, head)
 
     def forward_parameters(self) -> set[str]:
         if self._forward_parameters is None:

@@ -121,6 +121,12 @@ class InterceptAdapter(Adapter):
             return self.family.block_inputs(batch)
         return super().block_inputs(batch)
 
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> Any:
+        """The family adapter's per-layer readouts (the same blocks and head)."""
+        if self.family is not None:
+            return self.family.layer_readout(batch, pooling)
+        return super().layer_readout(batch, pooling)
+
     def value_projections(self, batch: Batch) -> list:
         if self.family is not None:
             return self.family.value_projections(batch)

@@ -28,10 +28,11 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, block_output, refuse_pooling
 from .loaded import loaded_class
 from .switches import attn_implementation, attribute_switch
 
@@ -208,6 +209,27 @@ class TimmSwinAdapter(SwinAdapter):
     def switches(self):
         return attribute_switch([(b.attn, "fused_attn", False) for b in self.blocks() if hasattr(b.attn, "fused_attn")])
 
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each last-stage block's output (``(B, h, w, C)``, read as ``(B, h·w, C)``) through the
+        model's ``norm`` and ``forward_head`` (average pooling and the head)."""
+        refuse_pooling(self, pooling)
+        model = self.model
+        grid: dict[str, tuple[int, int]] = {}
+
+        def tokens(args: tuple, kwargs: dict, output: Any) -> Any:
+            x = block_output(args, kwargs, output)
+            if isinstance(x, torch.Tensor) and x.dim() == 4:
+                grid["hw"] = (x.shape[1], x.shape[2])
+                return x.flatten(1, 2)
+            return x
+
+        def head(t: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            h, w = grid["hw"]
+            out = model.forward_head(model.norm(t.reshape(t.shape[0], h, w, t.shape[-1])))
+            return out, out
+
+        return LayerReadout([(b, tokens) for b in self.blocks()], head)
+
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         out = self.model(*batch.args)
         return out, out
@@ -262,6 +284,20 @@ class HFSwinAdapter(SwinAdapter):
 
     def switches(self):
         return contextlib.nullcontext() if self.v2 else attn_implementation(self.model, "eager")
+
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each last-stage block's output through the model's ``layernorm``, average ``pooler`` and
+        ``classifier``."""
+        refuse_pooling(self, pooling)
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        model, base = self.model, self.base
+
+        def head(t: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            logits = model.classifier(torch.flatten(base.pooler(base.layernorm(t).transpose(1, 2)), 1))
+            return ImageClassifierOutput(logits=logits), logits
+
+        return LayerReadout([(b, block_output) for b in self.blocks()], head)
 
     def call(self, batch: Batch) -> tuple[Any, torch.Tensor]:
         # Swin V1 layers clamp their own window_size / shift_size to the input at every call

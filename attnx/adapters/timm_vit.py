@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
-from .base import Adapter, hidden_states_argument
+from .base import Adapter, block_output, hidden_states_argument, refuse_pooling
 from .loaded import loaded_class
 from .mlp_branch import named_mlp_branches
 from .pooling import TimmPooling
@@ -104,6 +105,26 @@ class TimmViTAdapter(Adapter):
 
     def block_inputs(self, batch: Batch) -> list:
         return [(block, hidden_states_argument) for block in self.model.blocks]
+
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each block's output through ``norm`` and ``forward_head`` (the pooling -- class token,
+        patch mean, attention pool --, ``fc_norm`` and the head; a distilled model's two heads
+        averaged); ``pooling="mean"``: ``norm`` of the mean of every token, then ``fc_norm`` and the
+        head (the batched LeGrad code's readout of a timm ViT)."""
+        model = self.model
+        if pooling != "model" and (self.pooling.attn_pool is not None or self.pooling.distilled):
+            refuse_pooling(self, pooling)
+
+        def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            if pooling == "mean":  # the mean of every token through the final norm, then the head
+                out = model.head(model.head_drop(model.fc_norm(model.norm(tokens.mean(dim=1)))))
+            else:
+                out = model.forward_head(model.norm(tokens))
+            if isinstance(out, (tuple, list)):  # distilled models in training mode
+                out = (out[0] + out[1]) / 2
+            return out, out
+
+        return LayerReadout([(block, block_output) for block in model.blocks], head, own=pooling == "model")
 
     def value_projections(self, batch: Batch) -> list:
         """The last third of the fused ``qkv`` output, and ``proj``."""

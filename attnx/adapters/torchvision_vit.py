@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch
+from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError
-from .base import Adapter, hidden_states_argument, mha_value_projection
+from .base import Adapter, block_output, hidden_states_argument, mha_value_projection, refuse_pooling
 from .loaded import loaded_class
 from .mlp_branch import named_mlp_branches
 from .switches import per_head_weights
@@ -53,6 +54,17 @@ class TorchvisionViTAdapter(Adapter):
 
     def block_inputs(self, batch: Batch) -> list:
         return [(layer, hidden_states_argument) for layer in self.model.encoder.layers]
+
+    def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
+        """Each encoder block's output through ``encoder.ln``, the class token and ``heads``."""
+        refuse_pooling(self, pooling)
+        model = self.model
+
+        def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+            out = model.heads(model.encoder.ln(tokens)[:, 0])
+            return out, out
+
+        return LayerReadout([(layer, block_output) for layer in model.encoder.layers], head)
 
     def value_projections(self, batch: Batch) -> list:
         found = [mha_value_projection(a) for a in self.attentions]

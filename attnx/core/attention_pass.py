@@ -13,14 +13,16 @@ from torch import nn
 
 from ..adapters.base import Adapter
 from ..adapters.switches import plain_execution
-from ..errors import AttnxValueError
+from ..errors import AttnxValueError, UnsupportedModelError
 from ..lrp.engine import LRPEngine
 from ..lrp.registry import Registry
 from .batch import Batch
 from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_mlp_branches, recorded_value_outputs
 from .checkpointing import outside_function_modes
 from .devices import maybe_on_device, on_device
+from .forward_check import tolerance
 from .layer_fold import LayerFold, fold_backward
+from .layer_readout import LayerReadout, layer_gradients, recorded_layer_outputs
 from .layout import Layout, Readout
 from .pass_reading import resolve, resolved_layout
 from .recorder import AttentionRecorder
@@ -39,6 +41,7 @@ def attention_pass(
     mlp_branches: bool = False,
     rules: Registry | None = None,
     strict: bool = True,
+    layer_readouts: bool = False,
 ) -> Trace:
     """A forward observing the attentions (``attentions``) and the tokens every block reads
     (``tokens``), then ``dy_t/dA`` (``gradients``) and ``dy_t/dh`` (``tokens``) for the layers from
@@ -51,7 +54,12 @@ def attention_pass(
 
     With ``rules`` (a :class:`~attnx.lrp.registry.Registry` of a modified gradient, LibraGrad's)
     the forward runs under the LRP engine with the explained input tracked, and the gradients are
-    taken through the rules (``strict``: an op the rules leave uncovered is refused)."""
+    taken through the rules (``strict``: an op the rules leave uncovered is refused).
+
+    With ``layer_readouts`` (and ``gradients``), the gradient of each layer ``l`` is ``∂s^l/∂A^l`` of
+    its own readout (:mod:`attnx.core.layer_readout`), when the method reads a layer below the
+    last one or another pooling than the model's; at the last layer with the model's pooling it
+    is ``dy_t/dA^L`` itself, and the model's adapter need not read intermediate layers."""
     recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
     backward = gradients or tokens
@@ -62,12 +70,16 @@ def attention_pass(
     blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
     values = recorded_value_outputs(adapter.value_projections(batch), recorder) if value_outputs else contextlib.nullcontext()
     branches = recorded_mlp_branches(adapter.mlp_branches(batch), recorder) if mlp_branches else contextlib.nullcontext()
+    pooling = "model" if first_layer is None else first_layer.pooling
+    readouts, refused = per_layer_readouts(adapter, batch, pooling) if gradients and layer_readouts else (None, None)
+    outputs = contextlib.nullcontext() if readouts is None else recorded_layer_outputs(readouts.blocks, recorder)
     engine = LRPEngine(model, rules, strict=strict) if rules is not None and backward else None
     # the backward runs inside the switches: checkpointed layers recompute under them
     with evaluation_mode(model), grad_mode, engine if engine is not None else contextlib.nullcontext():
         if engine is not None:
             batch = tracked_by(engine, adapter, batch)
-        with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values, branches:
+        with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values, branches, \
+                outputs:
             with plain_execution(model, keep_checkpointing=backward):
                 output, logits = adapter.call(batch)
                 adapter.forward_done(recorder)
@@ -85,7 +97,18 @@ def attention_pass(
                         "constant?); expected a function of the output, e.g. lambda out: out.logits[:, 3]"
                     )
                 grads = token_grads = folded = last_rows = None
-                if gradients and fold is not None and not tokens:
+                n = len(recorder.probs)
+                if layer_readouts and gradients and (first < n - 1 or pooling != "model"):
+                    if refused is not None:
+                        raise refused
+                    if tokens:
+                        raise AttnxValueError("per-layer readouts and the blocks' tokens are not read in one pass")
+                    readout = declared_readout(adapter, layout, resolved.classes, batch.batch_size, resolved.logits.device)
+                    kept, last_rows = layer_gradients(
+                        recorder, readouts, target, resolved, layout, resolve, first, fold, readout, tolerance(resolved.logits)
+                    )
+                    folded, grads = (kept, None) if fold is not None else (None, kept)
+                elif gradients and fold is not None and not tokens:
                     readout = declared_readout(adapter, layout, resolved.classes, batch.batch_size, resolved.logits.device)
                     folded, last_rows = fold_backward(recorder, resolved.scores.sum(), fold, readout, first)
                 elif backward:
@@ -129,6 +152,13 @@ def tracked_by(engine: LRPEngine, adapter: Adapter, batch: Batch) -> Batch:
         engine.track_output_of(embeddings)
         return batch
     return batch.with_input(engine.track(batch.explained_input))
+def per_layer_readouts(adapter: Adapter, batch: Batch, pooling: str) -> tuple[LayerReadout | None, UnsupportedModelError | None]:
+    """The adapter's per-layer readouts for ``batch``, or the reason it gives none (raised only if
+    the method reads a layer below the last one or another pooling: the last layer needs none)."""
+    try:
+        return adapter.layer_readout(batch, pooling), None
+    except UnsupportedModelError as refused:
+        return None, refused
 
 
 def declared_readout(adapter: Adapter, layout: Layout, classes: torch.Tensor | None, batch_size: int,

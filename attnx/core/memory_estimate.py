@@ -92,7 +92,8 @@ TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
     "attention_gradients": ("dy/dA of every layer read: (L - first)·M", lambda s: s.read_layers * s.map_bytes),
     "folded_maps": ("a layer fold's head-fused map of every layer read, kept as the backward reaches it "
                     "(attnx.core.layer_fold): (L - first)·B·N²·4", lambda s: s.read_layers * s.inputs.batch * s.inputs.tokens**2 * 4),
-    "one_layer_gradient": ("dy/dA of the one layer the backward is folding: M", lambda s: s.map_bytes),
+    "one_layer_gradient": ("dy/dA (LeGrad: ∂s^l/∂A^l of its own readout) of the one layer being folded: M",
+                           lambda s: s.map_bytes),
     "attention_relevance": ("R^A of every layer read: (L - first)·M", lambda s: s.read_layers * s.map_bytes),
     "method_math": ("the method's products over one layer (A ⊙ ∇A, its positive part): 2·M",
                     lambda s: 2 * s.map_bytes),
@@ -120,6 +121,7 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
     "grad_rollout": ("forward_backward", "attention_maps", "attention_scores", "one_layer_gradient", "folded_maps"),
     "generic": ("forward_backward", "attention_maps", "attention_scores", "one_layer_gradient", "folded_maps"),
     "attn_gradcam": ("forward_backward", "attention_maps", "attention_scores", "one_layer_gradient"),
+    # legrad: one short backward per layer averaged, from that layer's readout to its attention
     "legrad": ("forward_backward", "attention_maps", "attention_scores", "one_layer_gradient", "folded_maps"),
     "transformer_attribution": ("forward_backward", "attention_maps", "attention_scores", "attention_gradients",
                                 "attention_relevance", "rule_state", "method_math"),

@@ -1,6 +1,9 @@
 """The attention recorder: what adapters fill during a forward, and what gradients are taken of."""
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 from ..errors import AttnxValueError
@@ -39,9 +42,22 @@ class AttentionRecorder:
         #: the tokens ``E'`` each block's feed-forward sublayer reads and what it adds ``Ẽ'``, when recorded
         self.mlp_inputs: list[torch.Tensor] = []
         self.mlp_outputs: list[torch.Tensor] = []
+        #: the output tokens ``(B, N, D)`` of every block, when the pass reads per-layer readouts
+        self.layer_outputs: list[torch.Tensor | None] = []
+        #: while set, nothing is recorded (a head run again on a layer's tokens is not the forward)
+        self.paused = False
+
+    @contextlib.contextmanager
+    def pausing(self) -> Iterator[None]:
+        """Record nothing while active (a per-layer readout runs the model's head again)."""
+        self.paused, before = True, self.paused
+        try:
+            yield
+        finally:
+            self.paused = before
 
     def record(self, probs: torch.Tensor, grad_wrt: torch.Tensor | None = None) -> None:
-        if recomputing():  # a checkpointed layer recomputed by the backward: recorded in the forward
+        if recomputing() or self.paused:  # a checkpointed layer recomputed by the backward: recorded in the forward
             return
         if probs.dim() != 4:
             raise AttnxValueError(f"attention probabilities must be (B, H, N, N), got shape {tuple(probs.shape)}")
@@ -51,7 +67,7 @@ class AttentionRecorder:
 
     def record_tokens(self, tokens: torch.Tensor) -> None:
         """Record the ``(B, N, D)`` tokens a block reads (its input ``h^l``)."""
-        if recomputing():  # a checkpointed layer recomputed by the backward: recorded in the forward
+        if recomputing() or self.paused:  # a checkpointed layer recomputed by the backward: recorded in the forward
             return
         if tokens.dim() != 3:
             raise AttnxValueError(f"a block's tokens must be (B, N, D), got shape {tuple(tokens.shape)}")
@@ -59,7 +75,7 @@ class AttentionRecorder:
 
     def saw_tokens(self, num_tokens: int) -> None:
         """Note an attention call over ``num_tokens`` tokens whose probabilities stay hidden."""
-        if recomputing():
+        if recomputing() or self.paused:
             return
         self.token_counts.append(int(num_tokens))
 

@@ -134,7 +134,9 @@ def one_pass(
         trace = attention_pass(adapter, batch, target, attentions=needs.attentions or needs.gradients,
                                gradients=needs.gradients, first_layer=first_layer, fold=fold, tokens=needs.hidden_states,
                                value_outputs=needs.value_outputs, mlp_branches=needs.mlp_branches, rules=registry,
-                               strict=strict)
+                               strict=strict, layer_readouts=needs.layer_readouts)
+    elif needs.layer_readouts:
+        raise AttnxValueError("the relevance pass does not read per-layer readouts; a method reads one or the other")
     elif needs.hidden_states:
         raise AttnxValueError("the relevance pass does not record the blocks' tokens; a method reads one or the other")
     elif registry is None:

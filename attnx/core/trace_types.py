@@ -30,6 +30,12 @@ class Needs:
         The attention probabilities ``A`` of every layer.
     gradients:
         ``dy_t/dA`` of every layer (a plain backward); implies ``attentions``.
+    layer_readouts:
+        With ``gradients``: the gradient of each layer ``l`` is ``∂s^l/∂A^l``, with ``s^l`` the target
+        read from layer ``l``'s output tokens through the model's final norm, pooling and head
+        (:mod:`attnx.core.layer_readout`; the adapter's
+        :meth:`~attnx.adapters.base.Adapter.layer_readout`), differentiated at ``A^l`` only. At the
+        last layer ``s^L = y_t``: a method reading the last layer only needs no per-layer readout.
     attention_relevance:
         ``R^A = A ⊙ g̃(A)`` of every layer from an LRP pass; implies ``attentions``.
     input_relevance:
@@ -57,6 +63,7 @@ class Needs:
 
     attentions: bool = False
     gradients: bool = False
+    layer_readouts: bool = False
     attention_relevance: bool = False
     input_relevance: bool = False
     hidden_states: bool = False
@@ -90,10 +97,14 @@ class FirstLayer:
         ``rule(options, layout, num_layers)`` -> the layer index (negative counts from the end).
     options:
         The method's options for this call.
+    pooling:
+        For a method reading per-layer readouts (``Needs.layer_readouts``): the pooling they use
+        (:data:`attnx.core.layer_readout.POOLINGS`; ``"model"``: the model's own).
     """
 
     rule: Callable[[Mapping[str, Any], Layout, int], int]
     options: Mapping[str, Any] = field(default_factory=dict)
+    pooling: str = "model"
 
     def index(self, layout: Layout, num_layers: int) -> int:
         """The first layer the backward passes must reach (0 when the rule names no valid layer:
@@ -130,7 +141,8 @@ class Trace:
     attentions:
         Post-softmax attention of every layer in forward order, each ``(B, H, N, N)``.
     gradients:
-        ``∂y_t/∂A`` for each layer (same shapes), when needed (``None`` below the :class:`FirstLayer`).
+        ``∂y_t/∂A`` for each layer (same shapes), when needed (``None`` below the :class:`FirstLayer`);
+        with ``Needs.layer_readouts``, ``∂s^l/∂A^l`` of each layer's own readout.
     attention_relevance:
         ``R^A`` for each layer (same shapes), when needed (``None`` below the :class:`FirstLayer`).
     hidden_states:

@@ -1,7 +1,7 @@
-"""LeGrad (Bousselham et al. 2024): the positive gradient of the target at the attention map.
+"""LeGrad (Bousselham et al. 2024): the positive gradient of each layer's score at its attention, averaged over layers.
 
 The paper (arXiv:2404.03214, Eq. 4-6): for layer ``l`` with attention ``A^l`` ``(H, N, N)`` and
-``s^l`` the score read from layer ``l``'s tokens through the model's final norm and head,
+``s^l`` the score read from layer ``l``'s output tokens through the model's final norm and head,
 
     E^l = (1 / (H N)) Σ_h Σ_i ReLU(∂s^l / ∂A^l_{h,i,:})      (heads and query rows averaged)
     E   = (1 / |L|) Σ_{l ∈ L} E^l                           (layers averaged)
@@ -11,42 +11,56 @@ the relevance of key token ``j`` being ``E_j``. The authors' code (WalBouss/LeGr
 gradient, mean over heads, mean over every query row, class-token column dropped), sums the
 layers from ``layer_index`` (``-2`` by default: the last two) and min-max normalises the result.
 
-What attnx computes, and why only the last layer:
+What attnx computes:
 
-* **The last layer only.** ``s^l`` reads layer ``l`` through the head, and its gradient is taken
-  at ``A^l`` alone. The trace records ``∂y_t/∂A^l`` of the model's own target, which for ``l``
-  below the last layer flows through every layer above ``l``: a different map (on the embedded
-  vision model the two differ by 170 % of the map's maximum, and the model-target version falls
-  to chance localisation), so it is not offered under LeGrad's name. At the last layer the head
-  reads the layer's own tokens, ``s^L = y_t`` and ``E^L`` is the paper's map exactly, for every
-  head (class token, pooled patches, distilled pairs, a decoder's last token, a dual encoder's
-  embedding). The layer average needs per-layer readouts that the trace does not record yet.
+* **Per-layer readouts.** ``s^l`` is the explained target read from layer ``l``'s output tokens by
+  the model's own final norm, pooling and head (the adapter's
+  :meth:`~attnx.adapters.base.Adapter.layer_readout`: a ViT's norm and class-token, pooled or
+  distilled head; BERT's pooler and classifier; a decoder's final norm and output layer at the
+  explained position; a dual encoder tower's final norm, pooled token and projection, the target
+  being the similarity to the other tower's embedding), and ``∂s^l/∂A^l`` is taken at ``A^l``
+  only, by a short backward from that readout through layer ``l``'s block
+  (:mod:`attnx.core.layer_readout`). A class target is the model's explained class at every layer
+  (not each layer's own argmax). At the last layer ``s^L = y_t``; the pass checks that the
+  adapter's readout of the last layer is the model's output.
+* **Layers.** ``start_layer`` (negative counts from the end) is the first layer averaged: by
+  default the authors' ``-2``, the last two layers (the only layer of a one-layer model); ``0``
+  every layer; ``-1`` the last layer only, which needs no per-layer readout (any adapter, the
+  ``intercept`` one without a family adapter included).
+  Families whose head attnx cannot apply to an intermediate layer refuse ``start_layer`` below
+  ``-1`` with :class:`~attnx.errors.UnsupportedModelError`.
 * **The authors' CLIP readout.** Their OpenCLIP code reads a layer as ``ln_post(mean of all its
-  tokens, class token included) @ proj``, which is not the model's embedding (it reads the class
-  token); attnx reads the model's own output.
+  tokens, class token included) @ proj``, which is not the model's embedding (it pools the class
+  token, or the patch mean). ``pooling="model"`` (default) reads the model's own output;
+  ``pooling="mean"`` reproduces theirs (OpenCLIP, Hugging Face CLIP and timm ViT image towers;
+  for timm, the readout of the batched variant of their code, Shaun-Z/LeGrad: ``norm(mean of all
+  tokens)``, a headless model's embedding).
 * **Masks.** Query rows of padding tokens are left out of the mean and, in a causal model, the
   pairs ``key > query`` (attention the query cannot give) carry no gradient; the authors' vision
   models have neither.
-* **Normalisation.** No min-max (attnx's heat maps normalise for display): it only rescales.
+* **Normalisation.** The layers are averaged, not summed, and not min-max normalised (attnx's heat
+  maps normalise for display): both only rescale the map.
 """
 from __future__ import annotations
 
 import torch
 
-from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers
+from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers
+from ..core.layer_readout import POOLINGS
 from ..core.trace import Needs
-from .registry import register_method
+from .propagation import check_start_layer
+from .registry import Option, register_method
 
 __all__ = ["legrad", "legrad_layer", "legrad_of_positive", "positive_gradient"]
 
 
 def legrad_layer(gradient: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """``E^l`` ``(B, N)``: ``ReLU(∂s/∂A^l)`` averaged over the heads and the real query rows.
+    """``E^l`` ``(B, N)``: ``ReLU(∂s^l/∂A^l)`` averaged over the heads and the real query rows.
 
     Parameters
     ----------
     gradient:
-        ``∂s/∂A^l`` ``(B, H, N, N)``.
+        ``∂s^l/∂A^l`` ``(B, H, N, N)``.
     pairs:
         ``(B, N, N)`` bool mask of the (query, key) pairs that may attend (real tokens; ``key <=
         query`` in a causal model); the others are left out.
@@ -55,46 +69,82 @@ def legrad_layer(gradient: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
 
 
 def legrad_of_positive(positive: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    """:func:`legrad_layer` from ``mean_h ReLU(∂s/∂A^l)`` ``(B, N, N)`` (what :func:`positive_gradient` keeps)."""
+    """:func:`legrad_layer` from ``mean_h ReLU(∂s^l/∂A^l)`` ``(B, N, N)`` (what :func:`positive_gradient` keeps)."""
     positive = positive * pairs.to(positive.dtype)  # (B, N, N)
     queries = pairs.any(dim=-1).sum(dim=-1, keepdim=True).clamp(min=1).to(positive.dtype)  # (B, 1)
     return positive.sum(dim=1) / queries
 
 
-def positive_gradient(at: AttentionLayer, **options) -> torch.Tensor | None:
-    """What LeGrad keeps of the last layer: ``mean_h ReLU(∂y_t/∂A^L)`` ``(B, N, N)``; ``None`` elsewhere."""
-    if at.gradient is None or at.index != at.num_layers - 1:
+def first_averaged(start_layer: int | None, num_layers: int) -> int | None:
+    """The first layer averaged: ``start_layer`` as an index (``None`` when out of range), the
+    authors' default for ``None``: the last two layers (the only one of a one-layer model)."""
+    if start_layer is None:
+        return max(num_layers - 2, 0)
+    return layer_index(start_layer, num_layers)
+
+
+def first_layer(options: dict, layout, num_layers: int) -> int:
+    """The lowest layer LeGrad reads: the backward passes stop there."""
+    first = first_averaged(options["start_layer"], num_layers)
+    return 0 if first is None else first
+
+
+def positive_gradient(at: AttentionLayer, start_layer: int | None = None, pooling: str = "model") -> torch.Tensor | None:
+    """What LeGrad keeps of a layer it averages: ``mean_h ReLU(∂s^l/∂A^l)`` ``(B, N, N)``; ``None`` below ``start_layer``."""
+    first = first_averaged(start_layer, at.num_layers)
+    if at.gradient is None or first is None or at.index < first:
         return None
     return at.gradient.clamp(min=0).mean(dim=1)
 
 
-def last_layer(options: dict, layout, num_layers: int) -> int:
-    """The only layer LeGrad reads: the backward passes stop there."""
-    return num_layers - 1
+START_LAYER = Option(
+    "start_layer", None,
+    "first layer averaged (negative counts from the end; default: the authors' -2, the last two layers), "
+    "0 every layer, -1 the last layer only", kind=int, allow_none=True,
+)
+POOLING = Option(
+    "pooling", "model",
+    "how each layer's readout pools its tokens: the model's own, or 'mean' of every token (the authors' CLIP readout)",
+    kind=str, choices=POOLINGS,
+)
 
 
 @register_method(
     "legrad",
-    reference="Bousselham et al., arXiv:2404.03214, 2024 (last layer; exact: written-out formula)",
-    needs=Needs(attentions=True, gradients=True),
-    options=(),
-    first_layer=last_layer,
+    reference="Bousselham et al., arXiv:2404.03214, 2024 (exact: written-out formula, the authors' code on OpenCLIP)",
+    needs=Needs(attentions=True, gradients=True, layer_readouts=True),
+    options=(START_LAYER, POOLING),
+    first_layer=first_layer,
     fold=positive_gradient,
+    layer_pooling=lambda options: options["pooling"],
 )
-def legrad(trace, readout) -> torch.Tensor:
-    """LeGrad at the last layer: ``mean_{h,i} ReLU(∂y_t/∂A^L_{h,i,:})``, heads and real query rows averaged.
+def legrad(trace, readout, *, start_layer: int | None = None, pooling: str = "model") -> torch.Tensor:
+    """LeGrad: ``mean_{l ≥ start_layer} mean_{h,i} ReLU(∂s^l/∂A^l_{h,i,:})``, ``s^l`` layer ``l``'s own readout.
 
-    Bousselham et al. 2024, Eq. 4-5 at the last layer, where the paper's per-layer score is the
-    model's target ``y_t``; the average over lower layers (Eq. 6) needs per-layer readouts the
-    trace does not record (see :mod:`attnx.methods.legrad`).
+    Bousselham et al. 2024, Eq. 4-6: each layer's score ``s^l`` is the target read from that
+    layer's tokens through the model's final norm, pooling and head, differentiated at that
+    layer's attention only; heads and real query rows are averaged, then the layers from
+    ``start_layer`` on (see :mod:`attnx.methods.legrad`).
 
-    Memory: the last layer is folded to ``mean_h ReLU(∂y_t/∂A^L)`` ``(B, N, N)`` as the backward
-    reaches it (:func:`positive_gradient`). Peak, float32 bytes, ``B`` samples, ``N`` tokens::
+    Memory: the forward keeps its graph; then, from the top layer down, a short backward from
+    layer ``l``'s readout through its block to ``A^l`` gives ``∂s^l/∂A^l``, folded at once to
+    ``mean_h ReLU(∂s^l/∂A^l)`` ``(B, N, N)`` and released with the layer's tokens
+    (:func:`attnx.core.layer_readout.layer_gradients`). Peak, float32 bytes, ``B`` samples, ``N``
+    tokens, ``L'`` layers averaged::
 
-        F_eager + 4·B·N²
+        F_eager + 4·B·N²·L'
 
-    with ``F_eager`` the model's own forward + backward to the last layer's attention under the
-    attention kernel that returns the probabilities (``4·B·H·N²`` per layer kept by it).
+    with ``F_eager`` the model's own forward, under the attention kernel that returns the
+    probabilities (``4·B·H·N²`` per layer kept by it), plus one layer's backward (its head and
+    block, ``4·B·H·N²`` for ``∂s^l/∂A^l``) at a time: no more than the model's own forward +
+    backward. ``start_layer=-1`` is one backward of ``y_t`` to the last layer (``L' = 1``).
     """
-    positive = kept_layers(trace, LayerFold(positive_gradient), readout)[-1]
-    return legrad_of_positive(positive, readout.pairs().to(positive.device))
+    n = num_layers(trace)
+    first = first_averaged(None, n) if start_layer is None else check_start_layer(start_layer, n)
+    kept = kept_layers(trace, LayerFold(positive_gradient, {"start_layer": start_layer, "pooling": pooling}), readout)
+    pairs = readout.pairs()
+    total = None
+    for positive in kept[first:]:
+        layer = legrad_of_positive(positive, pairs.to(positive.device))
+        total = layer if total is None else total + layer
+    return total / (n - first)

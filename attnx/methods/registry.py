@@ -165,6 +165,9 @@ class Method:
         total = self.conserves(trace, result, options)
         return None if total is None else torch.as_tensor(total).detach().to(torch.float64).reshape(-1)
 
+    #: ``layer_pooling(options)``: the pooling of the per-layer readouts (``Needs.layer_readouts``)
+    layer_pooling: Callable[[dict], str] | None = None
+
     def fold_for(self, options: dict) -> LayerFold | None:
         """The method's per-layer fold under ``options``, given to the pass (``None``: the pass
         keeps every layer's attention and gradient)."""
@@ -173,7 +176,10 @@ class Method:
     def first_layer_for(self, options: dict) -> FirstLayer | None:
         """The lowest layer the method reads under ``options``, given to the pass beside ``needs``
         (``None``: every layer)."""
-        return None if self.first_layer is None else FirstLayer(self.first_layer, dict(options))
+        if self.first_layer is None:
+            return None
+        pooling = "model" if self.layer_pooling is None else self.layer_pooling(options)
+        return FirstLayer(self.first_layer, dict(options), pooling)
 
     @property
     def gradients(self) -> bool:
@@ -251,6 +257,7 @@ def register_method(
     first_layer: Callable[[dict, Any, int], int] | None = None,
     fold: Callable[..., Any] | None = None,
     conserves: Callable[[Any, Relevance, dict], Any] | None = None,
+    layer_pooling: Callable[[dict], str] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator registering ``fn(trace, readout, **options)`` as the method ``name``.
 
@@ -285,6 +292,10 @@ def register_method(
         relevance put on the logits (``trace.seeded_relevance``); integrated gradients:
         ``y_t(x) − y_t(x')``. The sum is taken over ``trace.input_relevance`` when the pass has
         it, else over the token relevance (:attr:`attnx.Explanation.relevance_total`).
+    layer_pooling:
+        ``layer_pooling(options)``: for a method reading per-layer readouts
+        (``Needs.layer_readouts``, with ``first_layer``), the pooling they use under its options
+        (:data:`attnx.core.layer_readout.POOLINGS`); default: the model's own.
     """
 
     def deco(fn: Callable) -> Callable:
@@ -292,7 +303,7 @@ def register_method(
         check_declaration(name, fn, specs)
         doc = summary if summary is not None else " ".join((inspect.getdoc(fn) or "").split("\n\n")[0].split())
         declared = needs if needs is not None else Needs(attentions=True, gradients=gradients)
-        _METHODS[name] = Method(name, fn, declared, doc, specs, reference, first_layer, fold, conserves)
+        _METHODS[name] = Method(name, fn, declared, doc, specs, reference, first_layer, fold, conserves, layer_pooling)
         return fn
 
     return deco
