@@ -43,14 +43,18 @@ PLAIN = (bool, int, float, str, type(None))
 #: an adapter that does not name a model's blocks (or its value and output projections) refuses them
 #: with :class:`attnx.errors.UnsupportedModelError`
 BLOCK_METHODS = ("attcat", "bt_t", "tokentm")
+#: methods that read each layer's score through the model's head (legrad below the last layer): an
+#: adapter that cannot read intermediate layers (research models) refuses them in one line
+LAYER_READOUT_METHODS = ("legrad",)
 
 
 def explained_or_refused(explain: Callable, method: str):
-    """``explain(method)``, or ``None`` when ``method`` is a :data:`BLOCK_METHODS` method the
-    adapter refuses in one line (any other error, or a refusal of another method, fails the test)."""
+    """``explain(method)``, or ``None`` when ``method`` is a :data:`BLOCK_METHODS` or
+    :data:`LAYER_READOUT_METHODS` method the adapter refuses in one line (any other error, or a
+    refusal of another method, fails the test)."""
     from attnx.errors import UnsupportedModelError
 
-    if method not in BLOCK_METHODS:
+    if method not in BLOCK_METHODS + LAYER_READOUT_METHODS:
         return explain(method)
     try:
         return explain(method)
