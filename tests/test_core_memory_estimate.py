@@ -186,10 +186,16 @@ def test_a_meta_device_model_is_estimated_without_weights():
 
 @pytest.mark.slow
 def test_estimates_are_within_25_percent_of_measured_peaks():
-    """Measured in fresh processes (peak resident memory of one call above the memory before it)."""
+    """Measured in fresh processes (peak resident memory of one call above the memory before it).
+
+    The peak of one process varies by up to ~35 % between identical runs (the allocator's arenas:
+    133 to 184 MB for llama:generic:512 on one machine), always upwards of the memory the call needs;
+    the least of three fresh processes is the measurement."""
     sys.path.insert(0, BENCH)
     from memory_estimate import measure
 
     for point in ("llama:generic:512", "llama:lrp:512", "bert:transformer_attribution:256", "vit:rollout:224"):
-        r = measure(point)
-        assert abs(r["error"]) <= 0.25, r
+        runs = [measure(point) for _ in range(3)]
+        r = min(runs, key=lambda run: run["measured_mb"])
+        error = r["estimated_mb"] / r["measured_mb"] - 1
+        assert abs(error) <= 0.25, (error, [run["measured_mb"] for run in runs], r)

@@ -305,7 +305,7 @@ def test_text_league_and_shards(tmp_path):
     kw = dict(limit=6, batch_size=2, progress=False)
     lg = evaluate("text", ["rollout"], **kw)
     assert lg.methods == ["rollout", "random", "gradient_x_input", SANITY_ROW] and len(lg) == 6
-    assert [c.key for c in lg.columns] == ["del_most_auc", "del_least_auc", *RANDOMISATION, "ms_per_text"]
+    assert [c.key for c in lg.columns] == ["del_most_auc", "del_least_auc", *RANDOMISATION, "completeness", "ms_per_text"]
     assert lg.samples["rollout"]["most"].shape == (6, 11)
     for r in lg.rows():
         assert 0 <= r["del_most_auc"] <= 1 and 0 <= r["del_least_auc"] <= 1
