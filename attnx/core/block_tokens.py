@@ -13,7 +13,7 @@ recorded detached.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -23,10 +23,21 @@ from .checkpointing import recomputing
 from .layout import Layout
 from .recorder import AttentionRecorder
 
-__all__ = ["check_block_tokens", "recorded_block_tokens", "recorded_mlp_branches", "recorded_value_outputs"]
+__all__ = ["check_block_tokens", "hooks_removed_on_exit", "recorded_block_tokens", "recorded_mlp_branches",
+           "recorded_value_outputs"]
 
 #: reads a block's ``(B, N, D)`` input tokens from the ``(args, kwargs)`` of its call
 TokenReader = Callable[[tuple, dict], Any]
+
+
+@contextlib.contextmanager
+def hooks_removed_on_exit(handles: Iterable[Any]) -> Iterator[None]:
+    """Register the hooks whose handles ``handles`` yields and remove every one on exit; the
+    handles are taken one by one, so an error while registering removes those already made."""
+    with contextlib.ExitStack() as stack:
+        for handle in handles:
+            stack.callback(handle.remove)
+        yield
 
 
 @contextlib.contextmanager
@@ -44,14 +55,8 @@ def recorded_block_tokens(blocks: Sequence[tuple[nn.Module, TokenReader]], recor
             recorder.record_tokens(tokens)
         return pre_hook
 
-    handles = []
-    try:
-        for block, read in blocks:
-            handles.append(block.register_forward_pre_hook(hook(read), with_kwargs=True))
+    with hooks_removed_on_exit(block.register_forward_pre_hook(hook(read), with_kwargs=True) for block, read in blocks):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -66,14 +71,9 @@ def recorded_value_outputs(projections: Sequence[tuple[nn.Module, Callable, torc
             recorder.value_outputs.append(values @ weight.detach().to(values.dtype).T)
         return forward_hook
 
-    handles = []
-    try:
-        for module, read, weight in projections:
-            handles.append(module.register_forward_hook(hook(read, weight), with_kwargs=True))
+    with hooks_removed_on_exit(module.register_forward_hook(hook(read, weight), with_kwargs=True)
+                               for module, read, weight in projections):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager
@@ -99,15 +99,10 @@ def recorded_mlp_branches(branches: Sequence[tuple[nn.Module, Callable, nn.Modul
                 recorder.mlp_outputs.append(tensor(module, read(output)))
         return hook
 
-    handles = []
-    try:
-        for into, read_in, out_of, read_out in branches:
-            handles.append(into.register_forward_pre_hook(pre_hook(read_in), with_kwargs=True))
-            handles.append(out_of.register_forward_hook(post_hook(read_out)))
+    with hooks_removed_on_exit(handle for into, read_in, out_of, read_out in branches
+                               for handle in (into.register_forward_pre_hook(pre_hook(read_in), with_kwargs=True),
+                                              out_of.register_forward_hook(post_hook(read_out)))):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def check_block_tokens(recorder: AttentionRecorder, layout: Layout, batch_size: int, model: nn.Module) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .block_tokens import hooks_removed_on_exit
 from .checkpointing import outside_function_modes, recomputing
 from .layer_fold import AttentionLayer, LayerFold, row_norms
 from .layout import Layout, Readout
@@ -75,14 +76,8 @@ def recorded_layer_outputs(blocks: Sequence[tuple[nn.Module, OutputReader]], rec
             recorder.layer_outputs.append(tokens)
         return forward_hook
 
-    handles = []
-    try:
-        for block, read in blocks:
-            handles.append(block.register_forward_hook(hook(read), with_kwargs=True))
+    with hooks_removed_on_exit(block.register_forward_hook(hook(read), with_kwargs=True) for block, read in blocks):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def layer_gradients(
