@@ -221,3 +221,20 @@ def test_attnlrp_gamma_does_not_blow_up_on_dinov2(bundles, chelsea):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegenerateMapWarning)
         attnx.explain(model, x, method="lrp", target=similarity.embedding_norm, preset="attnlrp-gamma")
+
+
+@pytest.mark.slow  # four methods on two DINOv2-S backends at 224 px in float64: about a minute
+def test_dinov2_zoo_model_equals_its_timm_backend():
+    """The zoo's DINOv2 (a stock ``Dinov2Model`` in attnx's ``ClassTokenEmbedding``) and the same
+    weights in timm give the same block and per-layer maps for a cosine-similarity target."""
+    from test_adapters_wrapped import BLOCK_ROWS
+
+    hf, timm_model = (dinov2.dinov2_model(backend=b).model.double().eval() for b in ("hf", "timm"))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)  # the size both backends interpolate alike
+    target = similarity.cosine_to(similarity.embed(timm_model, x[1:]))
+    for method, options in BLOCK_ROWS:
+        ours = attnx.explain(hf, x[:1], method=method, target=target, **options).scores
+        reference = attnx.explain(timm_model, x[:1], method=method, target=target, **options).scores
+        assert reference.abs().max() > 0, method
+        assert (ours - reference).abs().max() <= 1e-8 * reference.abs().max(), (method, options)

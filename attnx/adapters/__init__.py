@@ -79,6 +79,41 @@ def family_adapter(model: nn.Module) -> Adapter | None:
     return None
 
 
+def block_namer(model: nn.Module) -> Adapter | None:
+    """An adapter that names the blocks of ``model``: its family's, or for a bare Hugging Face
+    backbone (``Dinov2Model``, ``BertModel``: no head, so no family adapter) the Hugging Face
+    adapter, whose blocks, value and feed-forward projections are found the same way."""
+    adapter = family_adapter(model)
+    if adapter is None and _is_hf(model) and getattr(getattr(model, "config", None), "num_hidden_layers", None):
+        adapter = HFAdapter(model)
+    return adapter
+
+
+def wrapped_family(model: nn.Module) -> Adapter | None:
+    """The :func:`block_namer` of a model no family adapter knows: of the model itself (a bare
+    Hugging Face backbone), else of the one known model inside it (a user's module around a timm or
+    Hugging Face backbone: its outermost such submodule); ``None`` when there is none or more than
+    one, or it is a dual encoder (which tower runs is the wrapper's)."""
+    found: list[Adapter] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            adapter = block_namer(child)
+            if adapter is None:
+                visit(child)
+            else:
+                found.append(adapter)
+
+    itself = block_namer(model)
+    if itself is not None:
+        found.append(itself)
+    else:
+        visit(model)
+    if len(found) != 1 or isinstance(found[0], DualEncoderAdapter):
+        return None
+    return found[0]
+
+
 #: what attnx explains, named when it refuses a model
 SUPPORTED = (
     "attnx explains encoders (ViT/DeiT/BEiT image classifiers, BERT-family text classifiers), decoders "
@@ -149,14 +184,15 @@ def get_adapter(model: nn.Module, adapter: str | Adapter | None = None) -> Adapt
         family = family_adapter(model)
         if family is not None and user_kernel(model) is not None:
             return InterceptAdapter(model, layout_from=family)
-        return family or InterceptAdapter(model)
+        return family or InterceptAdapter(model, blocks_from=wrapped_family(model))
     if adapter in DEPRECATED_NAMES:
         warnings.warn(
             f"adapter={adapter!r} is now called {DEPRECATED_NAMES[adapter]!r}", DeprecationWarning, stacklevel=3
         )
         adapter = DEPRECATED_NAMES[adapter]
     if adapter == InterceptAdapter.name:
-        return InterceptAdapter(model, layout_from=family_adapter(model))
+        family = family_adapter(model)
+        return InterceptAdapter(model, layout_from=family, blocks_from=None if family else wrapped_family(model))
     if adapter not in _REGISTRY:
         raise AttnxValueError(f"unknown adapter {adapter!r}; available: {adapter_names()}")
     cls = _REGISTRY[adapter]

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch
-from ..core.layer_readout import LayerReadout
+from ..core.layer_readout import LayerReadout, rerun_readout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxTypeError, UnsupportedModelError
@@ -215,11 +215,22 @@ class Adapter:
         own final norm, pooling and head applied to such tokens
         (:class:`attnx.core.layer_readout.LayerReadout`); ``pooling`` other than ``"model"``: another
         pooling before the head (:data:`attnx.core.layer_readout.POOLINGS`). Methods reading the
-        score of each layer (LeGrad below the last layer) need it."""
-        raise UnsupportedModelError(
-            f"adapter {self.name!r} cannot read {type(self.model).__name__}'s output from its intermediate layers; "
-            "methods reading per-layer readouts do not apply (legrad with start_layer=-1 reads the last layer only)"
-        )
+        score of each layer (LeGrad below the last layer) need it.
+
+        By default, for an adapter that names the blocks (:meth:`block_inputs`): the model's own
+        forward run again with the last block's output replaced by layer ``l``'s
+        (:func:`~attnx.core.layer_readout.rerun_readout`: exact, one forward per layer read)."""
+        try:
+            blocks = self.block_inputs(batch)
+        except UnsupportedModelError:
+            blocks = []
+        if not blocks:
+            raise UnsupportedModelError(
+                f"adapter {self.name!r} cannot read {type(self.model).__name__}'s output from its intermediate layers; "
+                "methods reading per-layer readouts do not apply (legrad with start_layer=-1 reads the last layer only)"
+            )
+        refuse_pooling(self, pooling)
+        return rerun_readout(self.call, batch, [(block, block_output) for block, _ in blocks])
 
     def append_continuation(self, batch: Batch, continuation: list[list[int]]) -> tuple[Batch, Any]:
         """``batch`` with each sample's continuation tokens appended after its prompt, and the

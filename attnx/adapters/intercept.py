@@ -57,14 +57,20 @@ class InterceptAdapter(Adapter):
     layout_from:
         An adapter of the model's family that knows its token layout; without one, the layout
         is inferred (image grids from the token count, text from the attention mask).
+    blocks_from:
+        Without ``layout_from``: the adapter of the one known model inside a wrapper (a user's
+        module around a timm or Hugging Face backbone), which names its blocks, value and
+        feed-forward projections for the methods that read them; the layout, readout and
+        per-layer readouts stay the wrapper's own (:meth:`layer_readout` runs the wrapper again).
     """
 
     name = "intercept"
     expects = "an image batch tensor (B, C, H, W) or the dict a Hugging Face tokenizer returns"
 
-    def __init__(self, model: nn.Module, layout_from: Adapter | None = None) -> None:
+    def __init__(self, model: nn.Module, layout_from: Adapter | None = None, blocks_from: Adapter | None = None) -> None:
         super().__init__(model)
         self.family = layout_from
+        self.blocks_from = layout_from or blocks_from
         #: the pooling a timm ViT-like model (maybe inside a wrapper) declares, if any
         self.pooling = TimmPooling.find(model)
         #: the head-averaged attention of an attention-pool probe seen in the last forward
@@ -116,25 +122,27 @@ class InterceptAdapter(Adapter):
         return super().append_continuation(batch, continuation)
 
     def block_inputs(self, batch: Batch) -> list:
-        """The family adapter's blocks (the same modules, whichever kernels are intercepted)."""
-        if self.family is not None:
-            return self.family.block_inputs(batch)
+        """The family adapter's blocks, or those of the known model inside a wrapper (the same
+        modules, whichever kernels are intercepted)."""
+        if self.blocks_from is not None:
+            return self.blocks_from.block_inputs(batch)
         return super().block_inputs(batch)
 
     def layer_readout(self, batch: Batch, pooling: str = "model") -> Any:
-        """The family adapter's per-layer readouts (the same blocks and head)."""
+        """The family adapter's per-layer readouts (the same blocks and head); in a wrapper, the
+        wrapper's own forward run again from each layer (:meth:`Adapter.layer_readout`)."""
         if self.family is not None:
             return self.family.layer_readout(batch, pooling)
         return super().layer_readout(batch, pooling)
 
     def value_projections(self, batch: Batch) -> list:
-        if self.family is not None:
-            return self.family.value_projections(batch)
+        if self.blocks_from is not None:
+            return self.blocks_from.value_projections(batch)
         return super().value_projections(batch)
 
     def mlp_branches(self, batch: Batch) -> list:
-        if self.family is not None:
-            return self.family.mlp_branches(batch)
+        if self.blocks_from is not None:
+            return self.blocks_from.mlp_branches(batch)
         return super().mlp_branches(batch)
 
     @contextlib.contextmanager

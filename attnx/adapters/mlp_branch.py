@@ -20,6 +20,7 @@ __all__ = ["MLP_SUBLAYERS", "named_mlp_branches"]
 #: ``(module read at its input, module read at its output)`` inside a block, in the order tried
 MLP_SUBLAYERS = (
     ("norm2", "ls2"),                           # timm ViT Block (ls2: the layer scale, an Identity without one)
+    ("norm2", "layer_scale2"),                  # Hugging Face DINOv2 (its layer scale)
     ("layernorm_after", "mlp"),                 # Hugging Face ViT / DeiT
     ("layernorm_after", "output.dense"),        # Hugging Face ViT / DeiT (older transformers)
     ("layer_norm2", "mlp"),                     # Hugging Face CLIP / SigLIP towers

@@ -65,7 +65,7 @@ def recorded_value_outputs(projections: Sequence[tuple[nn.Module, Callable, torc
 
     def hook(read: Callable, weight: torch.Tensor) -> Callable:
         def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            if recomputing():  # a checkpointed layer recomputed by the backward: recorded in the forward
+            if recomputing() or recorder.paused:  # recorded in the forward (a recomputation or a readout run again)
                 return
             values = read(args, kwargs, output).detach()
             recorder.value_outputs.append(values @ weight.detach().to(values.dtype).T)
@@ -89,13 +89,13 @@ def recorded_mlp_branches(branches: Sequence[tuple[nn.Module, Callable, nn.Modul
 
     def pre_hook(read: Callable) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not recomputing():
+            if not (recomputing() or recorder.paused):
                 recorder.mlp_inputs.append(tensor(module, read(args, kwargs)))
         return hook
 
     def post_hook(read: Callable) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not recomputing():
+            if not (recomputing() or recorder.paused):
                 recorder.mlp_outputs.append(tensor(module, read(output)))
         return hook
 

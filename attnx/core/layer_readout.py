@@ -26,7 +26,7 @@ from .layout import Layout, Readout
 from .recorder import AttentionRecorder
 from .targets import ResolvedTarget, Target, is_callable_target
 
-__all__ = ["LayerReadout", "POOLINGS", "layer_gradients", "recorded_layer_outputs"]
+__all__ = ["LayerReadout", "POOLINGS", "layer_gradients", "recorded_layer_outputs", "rerun_readout"]
 
 #: the poolings a per-layer readout may use: the model's own; the mean of every token (class
 #: token included) before the head's norm, as the LeGrad authors read OpenCLIP image towers
@@ -58,6 +58,41 @@ class LayerReadout:
     blocks: Sequence[tuple[nn.Module, OutputReader]]
     head: Callable[[torch.Tensor], tuple[Any, torch.Tensor]]
     own: bool = True
+
+
+def rerun_readout(call: Callable[[Any], tuple[Any, torch.Tensor]], batch: Any,
+                  blocks: Sequence[tuple[nn.Module, OutputReader]]) -> LayerReadout:
+    """Per-layer readouts of a model whose blocks are known but whose head is not: ``head(tokens)``
+    runs the model's own forward ``call(batch)`` again with the last block's output tokens
+    replaced by ``tokens``, so whatever follows the blocks (final norm, pooling, a user's
+    wrapper around the backbone) reads layer ``l``. Exact by construction; costs one forward per
+    layer read (LeGrad's default reads two)."""
+    last, read = blocks[-1]
+
+    def head(tokens: torch.Tensor) -> tuple[Any, torch.Tensor]:
+        def substitute(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return with_tokens(module, output, tokens, read(args, kwargs, output))
+
+        handle = last.register_forward_hook(substitute, with_kwargs=True)
+        try:
+            return call(batch)
+        finally:
+            handle.remove()
+
+    return LayerReadout(blocks, head)
+
+
+def with_tokens(block: nn.Module, output: Any, tokens: torch.Tensor, read: Any) -> Any:
+    """``output`` of ``block`` with its tokens ``read`` (the output itself, or the first element of
+    the tuple it returns) replaced by ``tokens``."""
+    if read is output:
+        return tokens
+    if isinstance(output, (tuple, list)) and output and read is output[0]:
+        return type(output)((tokens, *output[1:]))
+    raise UnsupportedModelError(
+        f"block {type(block).__name__} returns its tokens inside a {type(output).__name__}; its output cannot be "
+        "replaced by another layer's tokens, so per-layer readouts do not apply"
+    )
 
 
 @contextlib.contextmanager

@@ -81,6 +81,8 @@ class AttentionRecorder:
 
     def saw_patch_grid(self, grid: tuple[int, int]) -> None:
         """Note the output grid of a patch embedding applied to the input images."""
+        if self.paused:
+            return
         self.patch_grids.append((int(grid[0]), int(grid[1])))
 
     def __len__(self) -> int:
