@@ -15,6 +15,7 @@ __all__ = [
     "ForwardMismatchError",
     "InsufficientMemoryError",
     "NonFiniteMapError",
+    "NonFiniteOutputError",
     "ReadoutMismatchError",
     "UnsupportedModelError",
 ]
@@ -59,6 +60,10 @@ class PrecisionWarning(UserWarning):
 
 class NonFiniteMapError(AttnxError, ValueError):
     """A method gave a sample NaN or infinite relevance."""
+
+
+class NonFiniteOutputError(AttnxValueError):
+    """The explained output of the model is NaN or infinite for some samples."""
 
 
 class ReadoutMismatchError(UnsupportedModelError):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..adapters import Adapter, DualEncoderAdapter, InterceptAdapter, get_adapter
-from ..errors import AttnxTypeError, AttnxValueError, ForwardMismatchError
+from ..errors import AttnxTypeError, AttnxValueError, ForwardMismatchError, NonFiniteOutputError
 from ..lrp.registry import Registry, get_preset
 from ..methods.registry import Method, Relevance, get_method
 from . import memory_check
@@ -143,7 +143,10 @@ class Explainer:
             if target is None and self.adapter.outputs_embedding:
                 target = tower_target(self.adapter, needs)
             run = (inputs, target, needs, registry, strict, patch_size, first_layer, fold, method)
-            trace, key = self.run(self.adapter, *run)
+            try:
+                trace, key = self.run(self.adapter, *run)
+            except NonFiniteOutputError as error:
+                trace, key = self.finite_elsewhere(run, error)
             if trace.model_forward is not None and not trace.model_forward.agrees(trace.logits):
                 trace, key = self.keep_model_forward(trace, run)
             if trace.model_forward is not None:
@@ -163,6 +166,19 @@ class Explainer:
         trace = run_trace(adapter, batch, target, needs, registry, strict, patch_size, due, first_layer, fold,
                           self.precision, method)
         return trace, key
+
+    def finite_elsewhere(self, run: tuple, error: NonFiniteOutputError) -> tuple[Trace, tuple]:
+        """The explained output is not finite under the family adapter: when it was chosen
+        automatically, explain through ``intercept`` (the model's own kernels; the family adapter
+        may have switched to a kernel that gives NaN, e.g. Hugging Face's eager softmax in float32
+        on a padded float64 batch); ``error`` stands otherwise, and that path's own when it is not
+        finite either."""
+        if self.adapter_choice is not None or isinstance(self.adapter, (InterceptAdapter, DualEncoderAdapter)):
+            raise error
+        fallback = InterceptAdapter(self.model, layout_from=self.adapter)
+        second = self.run(fallback, *run)
+        self.adapter, self.checked = fallback, {}
+        return second
 
     def keep_model_forward(self, trace: Trace, run: tuple) -> tuple[Trace, tuple]:
         """The explained forward differs from the model's: explain through ``intercept`` (the

@@ -10,7 +10,7 @@ import torch
 
 from ..adapters import adapter_names
 from ..adapters.base import Adapter
-from ..errors import AttnxValueError, UnsupportedModelError
+from ..errors import AttnxValueError, NonFiniteOutputError, UnsupportedModelError
 from .batch import Batch
 from .layout import Layout, Readout
 from .recorder import AttentionRecorder
@@ -102,8 +102,10 @@ def resolve(target: Target, output: Any, logits: torch.Tensor, layout: Layout, b
     bad = ~torch.isfinite(resolved.scores.detach())
     if bad.any():
         samples = torch.nonzero(bad).flatten().tolist()
-        raise AttnxValueError(
+        hint = (" (an attention kernel that computes its softmax in float32, as Hugging Face's eager one does, gives "
+                "NaN rows at padded positions of a float64 model)" if logits.dtype == torch.float64 else "")
+        raise NonFiniteOutputError(
             f"the explained output of {type(output).__name__} is not finite (NaN or inf) for sample(s) {samples}; "
-            "the model itself produced it (check its dtype and the attention mask)"
+            f"the model's own attention kernel produced it (check its dtype and the attention mask){hint}"
         )
     return resolved
