@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
+from .errors import ConvergenceWarning, DegenerateMapWarning, NonFiniteMapError, UnsupportedModelError
 
 if TYPE_CHECKING:  # what the lazy names resolve to, for type checkers and editors
     from . import adapters, methods, metrics
@@ -58,8 +58,9 @@ _LAZY_NAMES = {
 _SUBMODULES = {"image_text": "core.image_text", "similarity": "core.similarity"}
 
 __all__ = [
-    "DegenerateMapWarning",
     "Continuation",
+    "ConvergenceWarning",
+    "DegenerateMapWarning",
     "Explainer",
     "Explanation",
     "GenerationExplanation",

@@ -11,6 +11,7 @@ __all__ = [
     "AttnxError",
     "AttnxTypeError",
     "AttnxValueError",
+    "ConvergenceWarning",
     "DegenerateMapWarning",
     "ForwardMismatchError",
     "InsufficientMemoryError",
@@ -51,6 +52,11 @@ class InsufficientMemoryError(AttnxError, MemoryError):
 class DegenerateMapWarning(UserWarning):
     """A method gave a sample a constant or all-zero map: it shows nothing (the message names the
     method, the samples and the likely cause)."""
+
+
+class ConvergenceWarning(UserWarning):
+    """A path integral (integrated gradients) missed the total it claims by more than its tolerance:
+    its quadrature did not converge, so the map is not the method's."""
 
 
 class PrecisionWarning(UserWarning):

@@ -117,3 +117,23 @@ def test_pad_baseline_on_images_is_refused():
     case = CASES["timm_vit"]
     with pytest.raises(attnx.errors.AttnxValueError, match="pad"):
         attnx.explain(case.model(), case.inputs(1), method="integrated_gradients", baseline="pad", n_steps=2)
+
+
+def test_a_path_integral_that_did_not_converge_is_named():
+    """A zero baseline of a decoder with RMSNorm: the output swings near the path's start, so a
+    the quadrature misses y(x) − y(x') (the warning names the samples, here even with 256 points);
+    from the padding token's embedding the path is smooth and converges."""
+    import warnings
+
+    from attnx.errors import ConvergenceWarning
+
+    case = DecoderCase("llama", "lm", "eager")
+    model = case.model(torch.float64)
+    x = case.inputs(lengths=[8, 8])
+    with pytest.warns(ConvergenceWarning, match=r"did not converge for sample\(s\) \[.*n_steps=2;.*baseline='pad'"):
+        rough = attnx.explain(model, x, method="integrated_gradients", n_steps=2)
+    assert rough.completeness_error().max() > 0.1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        fine = attnx.explain(model, x, method="integrated_gradients", n_steps=64, baseline="pad")
+    assert fine.completeness_error().max() <= 0.1

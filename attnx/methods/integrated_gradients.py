@@ -27,14 +27,20 @@ chunks of whole copies of the batch.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..core.trace_types import Needs
+from ..errors import ConvergenceWarning
 from .lrp import input_relevance_scores
 from .options import LIBRAGRAD
 from .registry import Option, Relevance, register_method
 
-__all__ = ["integrated_gradients", "baseline_inputs"]
+__all__ = ["CONVERGENCE_TOLERANCE", "integrated_gradients", "baseline_inputs", "check_convergence"]
+
+#: the largest completeness error ``|Σ IG − (y(x) − y(x'))| / |y(x) − y(x')|`` accepted without a warning
+CONVERGENCE_TOLERANCE = 0.1
 
 BASELINE = Option("baseline", "zeros", "zeros (pixels or token embeddings) or pad (the padding token's embedding, text)",
                   kind=str, choices=("zeros", "pad"))
@@ -85,5 +91,24 @@ def integrated_gradients(trace, readout, *, n_steps: int = 50, baseline: str = "
         )
     trace.input_relevance = attributions.detach()
     result = input_relevance_scores(trace, readout)
+    check_convergence(attributions, delta, n_steps, baseline)
     options = {"n_steps": n_steps, "baseline": baseline, "convergence_delta": delta.detach().tolist()}
     return Relevance(tokens=result.tokens, scores=result.scores, pixels=result.pixels, options=options)
+
+
+def check_convergence(attributions: torch.Tensor, delta: torch.Tensor, n_steps: int, baseline: str) -> None:
+    """Warn (:class:`attnx.errors.ConvergenceWarning`) when ``Σ IG`` misses ``y(x) − y(x')`` by more than
+    :data:`CONVERGENCE_TOLERANCE` of it for some sample: the quadrature did not converge (e.g. a zero
+    baseline of a model with RMSNorm, whose output swings within a few hundredths of the path's start)."""
+    total = attributions.detach().to(torch.float64).flatten(1).sum(1)
+    delta = delta.detach().to(torch.float64).reshape(-1).to(total.device)
+    claimed = (total - delta).abs()
+    bad = delta.abs() > CONVERGENCE_TOLERANCE * claimed + 1e-6
+    if bad.any():
+        samples = torch.nonzero(bad).flatten().tolist()
+        worst = float((delta.abs() / claimed.clamp_min(1e-12))[bad].max())
+        warnings.warn(
+            f"integrated_gradients did not converge for sample(s) {samples}: the attributions miss y(x) − y(baseline) "
+            f"by up to {worst:.3g}× of it with n_steps={n_steps}; raise n_steps, or take another baseline "
+            f"(now {baseline!r}; text: baseline='pad')", ConvergenceWarning, stacklevel=2,
+        )
