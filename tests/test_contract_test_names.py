@@ -37,6 +37,7 @@ CONTRACTS = {
     "scope": "what attnx explains, and what it refuses by type in one line",
     "state": "the model and the inputs are left exactly as found, on every kind of model",
     "test_names": "the test files are named after what they test",
+    "wrappers": "a user's module around one known backbone gets the family adapter's block methods and per-layer readouts",
 }
 
 #: the model families, each in ``tests/test_family_<name>.py``, with the adapters (attnx/adapters/) it exercises

@@ -227,7 +227,7 @@ def test_attnlrp_gamma_does_not_blow_up_on_dinov2(bundles, chelsea):
 def test_dinov2_zoo_model_equals_its_timm_backend():
     """The zoo's DINOv2 (a stock ``Dinov2Model`` in attnx's ``ClassTokenEmbedding``) and the same
     weights in timm give the same block and per-layer maps for a cosine-similarity target."""
-    from test_adapters_wrapped import BLOCK_ROWS
+    from test_contract_wrappers import BLOCK_ROWS
 
     hf, timm_model = (dinov2.dinov2_model(backend=b).model.double().eval() for b in ("hf", "timm"))
     torch.manual_seed(0)
