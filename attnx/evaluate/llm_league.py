@@ -222,25 +222,22 @@ class FactLeague:
         """Mean removal curves (most / least relevant first) per method, saved to ``path`` if given."""
         from matplotlib.figure import Figure
 
-        from .table import curve_styles
+        from .table import legend_below, line_styles
 
-        styles = curve_styles(self.methods)
+        styles = line_styles(self.methods)
         fig = Figure(figsize=(12.4, 4.4))
         axes = fig.subplots(1, 2)
         x = np.asarray(self.meta["fractions"])
         for ax, (name, title) in zip(axes, (("most", "most relevant deleted first (lower is better)"),
                                             ("least", "least relevant deleted first (higher is better)"))):
             for m in self.methods:
-                st = styles[m]
-                ax.plot(x, self.samples[m][name].mean(0), label=m, color=st["color"], linewidth=1.6,
-                        linestyle=":" if m == "random" else "--" if m == "gradient_x_input" else "-")
+                ax.plot(x, self.samples[m][name].mean(0), label=m, linewidth=1.6, **styles[m])
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("fraction of the prompt's tokens deleted (first token kept)")
             ax.set_ylabel("log-probability of the answer")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7, ncol=2)
         fig.suptitle(textwrap.fill(self.describe(), 190), fontsize=8)  # the description is long: wrapped
-        fig.tight_layout()
+        legend_below(fig, axes[0], len(self.methods))
         if path is not None:
             fig.savefig(path, dpi=110)
         return fig

@@ -68,16 +68,33 @@ def is_best(column: Column, value: float, best: Mapping[str, float]) -> bool:
 def curve_styles(methods: Sequence[str]) -> dict[str, dict[str, str]]:
     """``{method: {"color": "#rrggbb", "dash": SVG dash array}}``: the colours and line styles of
     :func:`curves_figure`, for the HTML league."""
-    import matplotlib
     from matplotlib.colors import to_hex
 
-    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
-    dashes = {":": "1.5 3", "--": "6 4"}
+    dashes = {":": "1.5 3", "--": "6 4", "-.": "6 2 1.5 2"}
     out = {}
-    for i, m in enumerate(methods):
-        style = BASELINE_STYLE.get(m, dict(color=cmap(i % cmap.N)))
+    for m, style in line_styles(methods).items():
         out[m] = {"color": to_hex(style["color"]), "dash": dashes.get(style.get("linestyle", "-"), "")}
     return out
+
+
+def line_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{method: matplotlib line style}``: a colour per method in table order (tab10, or tab20
+    with dash-dotted lines once its colours repeat), the baselines' own grey styles."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: BASELINE_STYLE.get(m, dict(color=cmap(i % cmap.N), linestyle="-" if i < cmap.N else "-."))
+            for i, m in enumerate(methods)}
+
+
+def legend_below(fig: Any, ax: Any, count: int) -> None:
+    """``ax``'s legend under the panels, in columns, and the panels laid out above it (inside a
+    panel the legend of a league's 20-odd rows hides the curves)."""
+    ncol = min(6, max(2, math.ceil(count / 4)))
+    rows = math.ceil(count / ncol)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, min(0.5, (0.17 * rows + 0.1) / fig.get_figheight()), 1, 1))
 
 
 def to_csv(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]], path: str | Path | None = None) -> str:
@@ -125,28 +142,25 @@ def curves_figure(title: str, panels: Sequence[tuple[str, str, str]], fractions:
     methods:
         The methods, in table order (their colours follow it).
     """
-    import matplotlib
     from matplotlib.figure import Figure
 
     ncols = 2
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(6.2 * ncols, 4.2 * nrows))
     axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    cmap = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    styles = line_styles(methods)
     for ax, (name, panel_title, ylabel) in zip(axes, panels):
         x = np.asarray(fractions[name])
-        for i, method in enumerate(methods):
+        for method in methods:
             if name not in curves.get(method, {}):
                 continue
-            style = BASELINE_STYLE.get(method, dict(color=cmap(i % cmap.N)))
-            ax.plot(x, curves[method][name], label=method, linewidth=1.6, **style)
+            ax.plot(x, curves[method][name], label=method, linewidth=1.6, **styles[method])
         ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("fraction removed" if name != "insertion" else "fraction inserted")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    legend_below(fig, axes[0], len(methods))
     if path is not None:
         fig.savefig(path, dpi=110)
     return fig
