@@ -173,12 +173,19 @@ class Explainer:
         may have switched to a kernel that gives NaN, e.g. Hugging Face's eager softmax in float32
         on a padded float64 batch); ``error`` stands otherwise, and that path's own when it is not
         finite either."""
-        if self.adapter_choice is not None or isinstance(self.adapter, (InterceptAdapter, DualEncoderAdapter)):
+        fallback = self.intercept_fallback()
+        if fallback is None:
             raise error
-        fallback = InterceptAdapter(self.model, layout_from=self.adapter)
         second = self.run(fallback, *run)
         self.adapter, self.checked = fallback, {}
         return second
+
+    def intercept_fallback(self) -> InterceptAdapter | None:
+        """``intercept`` with the family adapter's layout, when the family adapter was chosen
+        automatically (a dual encoder's towers are its adapter's: image-text pairs need it)."""
+        if self.adapter_choice is not None or isinstance(self.adapter, (InterceptAdapter, DualEncoderAdapter)):
+            return None
+        return InterceptAdapter(self.model, layout_from=self.adapter)
 
     def keep_model_forward(self, trace: Trace, run: tuple) -> tuple[Trace, tuple]:
         """The explained forward differs from the model's: explain through ``intercept`` (the
@@ -186,9 +193,8 @@ class Explainer:
         that path agrees; else refuse."""
         tried = [self.adapter.name]
         differences = [trace.model_forward.difference(trace.logits)]
-        # a dual encoder's towers are its adapter's (image-text pairs need it): no fallback there
-        if self.adapter_choice is None and not isinstance(self.adapter, (InterceptAdapter, DualEncoderAdapter)):
-            fallback = InterceptAdapter(self.model, layout_from=self.adapter)
+        fallback = self.intercept_fallback()
+        if fallback is not None:
             second, key = self.run(fallback, *run)
             if second.model_forward.agrees(second.logits):
                 self.adapter, self.checked = fallback, {}
