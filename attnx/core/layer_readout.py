@@ -73,11 +73,8 @@ def rerun_readout(call: Callable[[Any], tuple[Any, torch.Tensor]], batch: Any,
         def substitute(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             return with_tokens(module, output, tokens, read(args, kwargs, output))
 
-        handle = last.register_forward_hook(substitute, with_kwargs=True)
-        try:
+        with hooks_removed_on_exit([last.register_forward_hook(substitute, with_kwargs=True)]):
             return call(batch)
-        finally:
-            handle.remove()
 
     return LayerReadout(blocks, head)
 
