@@ -5,7 +5,7 @@ Measures, in ONE run and side by side, every explanation method of ``attnx.list_
 the plain model on the same model object, batch and inputs:
 
 * ``vit``  -- timm ``vit_base_patch16_224`` (``pretrained=False``, 1000 classes, default fused
-  attention, ``eval()``), 224x224 random images;
+  attention, ``eval()``), 224x224 random images; ``vit_s`` the same with ``vit_small_patch16_224``;
 * ``bert`` -- Hugging Face ``BertForSequenceClassification(BertConfig())`` (12 layers, 768 hidden,
   12 heads, default ``sdpa`` attention, ``eval()``), ``--seq-len`` random word pieces
   ([CLS] ... [SEP], attention mask of ones);
@@ -137,11 +137,13 @@ MIN_BATCH_SPEEDUP = 2.0
 
 MODEL_LABELS = {
     "vit": "timm vit_base_patch16_224",
+    "vit_s": "timm vit_small_patch16_224",
     "bert": "HF BertForSequenceClassification (bert-base)",
     "llama": "HF LlamaForCausalLM (12 layers, 768 hidden, GQA 12/4 heads, random init)",
 }
 QUICK_LABELS = {
     "vit": "timm ViT tiny (quick: 32px, 2 layers, 48 dim)",
+    "vit_s": "timm ViT tiny (quick: 32px, 2 layers, 48 dim)",
     "bert": "HF BERT tiny (quick: 2 layers, 48 hidden)",
     "llama": "HF Llama tiny (quick: 2 layers, 48 hidden, GQA 4/2 heads)",
 }
@@ -152,7 +154,7 @@ QUICK_LABELS = {
 # --------------------------------------------------------------------------------------------
 def build_model(name: str, quick: bool, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    if name == "vit":
+    if name in ("vit", "vit_s"):
         if quick:
             from timm.models.vision_transformer import VisionTransformer
 
@@ -160,7 +162,8 @@ def build_model(name: str, quick: bool, seed: int) -> torch.nn.Module:
         else:
             import timm
 
-            model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=1000)
+            arch = "vit_base_patch16_224" if name == "vit" else "vit_small_patch16_224"
+            model = timm.create_model(arch, pretrained=False, num_classes=1000)
     elif name == "bert":
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -193,7 +196,7 @@ def build_model(name: str, quick: bool, seed: int) -> torch.nn.Module:
 
 def make_inputs(name: str, model: torch.nn.Module, batch: int, seq_len: int, seed: int) -> Any:
     gen = torch.Generator().manual_seed(seed + 1000 * batch)
-    if name == "vit":
+    if name in ("vit", "vit_s"):
         size = tuple(int(s) for s in model.patch_embed.img_size)
         return torch.randn(batch, 3, *size, generator=gen)
     vocab = model.config.vocab_size
@@ -308,7 +311,7 @@ def split_method(name: str) -> tuple[str, dict]:
 
 def input_tokens(name: str, model: torch.nn.Module, inputs: Any) -> int:
     """The units a perturbation method perturbs one by one: image patches (vit) or text tokens."""
-    if name == "vit":
+    if name in ("vit", "vit_s"):
         return int(model.patch_embed.num_patches)
     return int(inputs["input_ids"].shape[1])
 
@@ -501,7 +504,7 @@ def parse_list(text: str, cast=str) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="vit,bert", help="comma list from: vit, bert, llama (default vit,bert)")
+    p.add_argument("--models", default="vit,bert", help="comma list from: vit, vit_s, bert, llama (default vit,bert)")
     p.add_argument("--batch-sizes", default=None, help="comma list (default 1,16; --quick: 1,4)")
     p.add_argument("--methods", default=None, help="comma list (default: all of attnx.list_methods())")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per series (default 5; --quick: 3)")
@@ -623,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         f"attnx {attnx.__version__} · {platform.processor() or platform.machine()} · "
         f"{os.cpu_count()} CPUs, torch threads {args.threads} · seed {args.seed} · "
         f"repeats {args.repeats} (warm-up {args.warmup}) · allocator: {allocator_note(args.allocator)} · text length "
-        + ", ".join(f"{m} {seq_len_of(args, m)}" for m in models if m != "vit") + " tokens"
+        + ", ".join(f"{m} {seq_len_of(args, m)}" for m in models if m not in ("vit", "vit_s")) + " tokens"
         + (" · **--quick (tiny models)**" if args.quick else "")
     )
     lines.append("")

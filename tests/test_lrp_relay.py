@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from attnx.lrp import LRPEngine, get_preset
-from attnx.lrp.relay import RELEVANCE_MARK, SCALE_MARK, carries_relevance, is_exact_alias, scale_of
+from attnx.lrp.relay import RELEVANCE_MARK, SCALE_MARK, Propagation, carries_relevance, is_exact_alias, scale_of
 
 LRP = Path(__file__).resolve().parents[1] / "attnx" / "lrp"
 
@@ -51,3 +51,49 @@ def test_exact_alias():
     assert not is_exact_alias(t.clone(), t)
     assert not is_exact_alias(t.t(), t)  # same storage, other strides
     assert not is_exact_alias(t[:1], t) and not is_exact_alias(None, t)
+
+
+def test_scratch_is_one_buffer_per_slot_and_shape_until_release():
+    state = Propagation()
+    a = state.scratch("mask", torch.Size([2, 3]), torch.float32, torch.device("cpu"))
+    assert state.scratch("mask", torch.Size([2, 3]), torch.float32, torch.device("cpu")) is a
+    assert state.scratch("share", torch.Size([2, 3]), torch.float32, torch.device("cpu")) is not a
+    assert state.scratch("mask", torch.Size([3, 2]), torch.float32, torch.device("cpu")) is not a
+    assert state.scratch("mask", torch.Size([2, 3]), torch.float64, torch.device("cpu")) is not a
+    state.release()
+    assert state.scratch("mask", torch.Size([2, 3]), torch.float32, torch.device("cpu")) is not a
+
+
+def test_a_returned_gradient_is_recycled_only_once_nothing_holds_it():
+    """``Propagation.output`` hands out views of kept buffers; a buffer comes back only when no
+    view of it is alive, whether Python or autograd holds the view."""
+    state = Propagation()
+    shape, cpu = torch.Size([4, 5]), torch.device("cpu")
+    first = state.output(shape, torch.float32, cpu)
+    first.fill_(1.0)
+    second = state.output(shape, torch.float32, cpu)  # `first` is held: another buffer
+    assert second.data_ptr() != first.data_ptr()
+    kept = first.data_ptr()
+    del first
+    third = state.output(shape, torch.float32, cpu)
+    assert third.data_ptr() == kept and third.shape == shape
+    # held by autograd only (saved for a backward): not handed out again
+    x = torch.ones(shape, requires_grad=True)
+    y = x * third
+    del third
+    fourth = state.output(shape, torch.float32, cpu)
+    assert fourth.data_ptr() not in (kept, second.data_ptr())
+    del y
+    assert state.output(shape, torch.float32, cpu).data_ptr() == kept
+    # a relevance pass on a model gives the same relevance twice in a row (buffers reused)
+    model = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 3))
+    xs = torch.randn(4, 5)
+
+    def relevance():
+        with torch.enable_grad(), LRPEngine(model, get_preset("chefer2021"), strict=True) as engine:
+            root = engine.track(xs.clone())
+            out = model(root)
+        (g,) = torch.autograd.grad(out, root, torch.eye(3)[[0, 1, 2, 0]])
+        return root.detach() * g
+
+    assert torch.equal(relevance(), relevance())

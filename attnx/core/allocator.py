@@ -3,9 +3,12 @@
 An explanation's backward passes create and free many large temporaries (at batch 16 on
 ViT-B, MLP activations of 39 MB each). glibc's ``malloc`` serves blocks above its mmap threshold
 (at most 32 MB by default) with fresh pages from the kernel and returns them on ``free``, so every
-such tensor pays for zeroing and faulting in its pages: measured on the benchmark machine,
-Transformer Attribution on ViT-B/16 at batch 16 takes 3.3-3.6x a forward + backward with the
-default setting and 2.6-2.7x with freed memory kept for reuse.
+such tensor pays for zeroing and faulting in its pages. The LRP rules reuse their own
+temporaries and returned gradients across layers (:meth:`attnx.lrp.relay.Propagation.scratch`,
+:meth:`~attnx.lrp.relay.Propagation.output`); what is left are the tensors autograd and the
+model's own ops allocate: measured on the benchmark machine, Transformer Attribution on ViT-B/16
+at batch 16 takes 2.9x a forward + backward with the default setting and 2.5x with freed memory
+kept for reuse.
 
 :func:`reuse_freed_memory` keeps freed memory in the process for the next allocation
 (``mallopt`` of the mmap and trim thresholds), as PyTorch's CPU performance guide does by

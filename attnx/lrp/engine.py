@@ -265,9 +265,10 @@ class LRPEngine(TorchFunctionMode):
             return out
         uses = [0]
         zd = out.detach()
+        state = self.propagation
 
         def backward(g):
-            return (relative_share(zd, g, eps) if uses[0] >= 2 else g,)
+            return (relative_share(zd, g, eps, scratch=state) if uses[0] >= 2 else g,)
 
         wrapped = relay(out, [out], backward)
         share_uses(wrapped, uses)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError
 from .kinds import is_hf_conv1d
-from .relay import Op, Rule, active, divide_or_zero, epsilon_share, indicator, relay, safe_divide, stabilize
+from .relay import Op, Rule, active, divide_or_zero, epsilon_share, indicator, relay, safe_divide, scratch_like, stabilize
 
 __all__ = ["AlphaBeta", "Epsilon", "Gamma", "GROUPED_MM", "LinearRule", "ZBox", "grouped_linear", "linear_parts"]
 
@@ -64,10 +64,13 @@ def linear_parts(op: Op) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | Non
     raise AttnxTypeError(f"{op.func} is not F.linear, F.conv2d or grouped_mm")
 
 
-def input_vjp(fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, extra: dict) -> torch.Tensor:
-    """``(∂ fn(x, w) / ∂x)ᵀ grad`` for the linear map ``x -> fn(x, w)`` (no bias)."""
+def input_vjp(
+    fn: Callable, x: torch.Tensor, w: torch.Tensor, grad: torch.Tensor, extra: dict, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(∂ fn(x, w) / ∂x)ᵀ grad`` for the linear map ``x -> fn(x, w)`` (no bias); written into
+    ``out`` (shaped as ``x``) for ``F.linear`` when given."""
     if fn is F.linear:
-        return grad.matmul(w)
+        return grad.matmul(w) if out is None else torch.matmul(grad, w, out=out)
     if fn is F.conv2d and not isinstance(extra.get("padding"), str):  # "valid" / "same": the generic path
         return torch.nn.grad.conv2d_input(x.shape, w, grad, **extra)
     with torch.enable_grad():  # any other linear map: its own backward
@@ -154,9 +157,23 @@ class LinearCall:
         """``|W|ᵀ s``."""
         return input_vjp(self.fn, self.x, abs_w, s, self.extra)
 
+    def scratch(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        """A temporary shaped as ``like``, reused across the pass (:meth:`Propagation.scratch`)."""
+        return scratch_like(self.state, slot, like)
+
     def doubled_positive_activator(self, abs_w: torch.Tensor) -> torch.Tensor:
-        """``2(x⁺W⁺ + x⁻W⁻) = Wx + |W||x|``, a new tensor; the bias enters the product (as ``−b``)
-        rather than costing a pass of its own."""
+        """``2(x⁺W⁺ + x⁻W⁻) = Wx + |W||x|``: for a linear layer in a pass, a temporary of the pass
+        (:meth:`scratch`), else a new tensor; the bias enters the product (as ``−b``) rather than
+        costing a pass of its own."""
+        if self.fn is F.linear and self.state is not None and self.y.is_contiguous():
+            x_abs = torch.abs(self.x, out=self.scratch(0, self.x))
+            out = self.scratch(1, self.y)
+            flat_x, flat_out = x_abs.view(-1, x_abs.shape[-1]), out.view(-1, out.shape[-1])
+            if self.b is None:
+                torch.mm(flat_x, abs_w.t(), out=flat_out)
+            else:
+                torch.addmm(self.b.neg(), flat_x, abs_w.t(), out=flat_out)
+            return out.add_(self.y)
         if self.b is not None and self.fn in (F.linear, F.conv2d):
             return self.fn(self.x.abs(), abs_w, self.b.neg(), **self.extra).add_(self.y)
         return self.v(abs_w).add_(self.u())
@@ -217,15 +234,17 @@ class AlphaBeta(LinearRule):
         ``W±ᵀS`` are products with ``W ± |W|`` themselves, not ``(WᵀS ± |W|ᵀS)/2``: where a
         denominator is (near) zero, ``S`` is large and only exact zeros in ``W±`` cancel it."""
         z = c.doubled_positive_activator(c.abs_w())  # 2 z⁺
-        nonzero = indicator(z, torch.ne)
+        nonzero = indicator(z, torch.ne, out=c.scratch(2, z))
         # S / 2 = R / (2 z⁺ + 2 eps), zero where z⁺ = 0 (safe_divide)
-        s = (c.y * g).div_(z.add_(2 * self.eps)).mul_(nonzero)
+        # (slot 0 held |x|, spent on the activator)
+        s = torch.mul(c.y, g, out=c.scratch(0, z)).div_(z.add_(2 * self.eps)).mul_(nonzero)
         if self.alpha != 1:
             s.mul_(self.alpha)
-        pos = input_vjp(c.fn, c.x, c.signed_part(1), s, c.extra)
-        neg = input_vjp(c.fn, c.x, c.signed_part(-1), s, c.extra)
+        returned = None if c.state is None else c.state.output(c.x.shape, c.x.dtype, c.x.device)
+        pos = input_vjp(c.fn, c.x, c.signed_part(1), s, c.extra, out=returned)
+        neg = input_vjp(c.fn, c.x, c.signed_part(-1), s, c.extra, out=c.scratch(1, pos))
         # where(x > 0, pos, neg) by multiplication (exact: one term is 0), one mask temporary
-        positive = indicator(c.x, torch.gt)
+        positive = indicator(c.x, torch.gt, out=c.scratch(2, pos))
         pos.mul_(positive)
         return pos.add_(neg.mul_(torch.le(c.x, 0.0, out=positive)))
 

@@ -23,6 +23,7 @@ from .kinds import rms_epsilon, rms_norm_spread
 from .linear import GROUPED_MM, AlphaBeta, Epsilon, Gamma, LinearRule, ZBox, grouped_linear, linear_parts
 from .relay import (
     Op,
+    active,
     Propagation,
     Rule,
     divide_or_zero,
@@ -35,6 +36,7 @@ from .relay import (
     relay,
     safe_divide,
     scale_of,
+    scratch_like,
     stabilize,
 )
 
@@ -96,9 +98,11 @@ class Identity(Rule):
             raise AttnxValueError(f"identity rule needs matching input/output shapes, got {tuple(x.shape)} -> {tuple(y.shape)}")
         xd, yd = x.detach(), y.detach()
         n = len(op.inputs)
+        state = active()
 
         def backward(g):
-            return (divide_or_zero_(yd * g, xd),) + (None,) * (n - 1)
+            out = None if state is None else state.output(yd.shape, yd.dtype, yd.device)
+            return (divide_or_zero_(torch.mul(yd, g, out=out), xd, state),) + (None,) * (n - 1)
 
         return relay(y, op.inputs, backward)
 
@@ -217,9 +221,10 @@ class Bilinear(Rule):
         # the stabiliser is stated for the product of the unscaled operands: timm scales q before
         # Q Kᵀ, Chefer et al.'s reference after it
         eps = self.eps * scale_of(a) * scale_of(b)
+        state = active()
 
         def backward(g):
-            return (relative_share(zd, g, eps, share) if chefer else g * share,)
+            return (relative_share(zd, g, eps, share, state) if chefer else g * share,)
 
         return relay(z, [], backward, through_output=True)
 
@@ -255,18 +260,24 @@ class NormalizedAdd(Rule):
         dims = tuple(range(1, z.dim()))
         inputs = [op.args[i] for i in op.carrying]
         eps = self.eps
+        state = active()
 
         def backward(g):
-            R = zd * g
-            S = R / (zd + eps)  # safe_divide(R, zd): R is 0 where zd is
-            a, b = ud * S, vd * S
-            a_sum, b_sum, r_sum = a.sum(dims, keepdim=True), b.sum(dims, keepdim=True), R.sum(dims, keepdim=True)
+            R = torch.mul(zd, g, out=scratch_like(state, 0, zd))
+            # safe_divide(R, zd): R is 0 where zd is
+            S = torch.div(R, torch.add(zd, eps, out=scratch_like(state, 1, zd)),
+                          out=scratch_like(state, 2, zd))
+            r_sum = R.sum(dims, keepdim=True)
+            part = scratch_like(state, 0, zd)  # R is summed: its buffer holds u ⊙ S, then v ⊙ S
+            a_sum = torch.mul(ud, S, out=part).sum(dims, keepdim=True)
+            b_sum = torch.mul(vd, S, out=part).sum(dims, keepdim=True)
             total = a_sum.abs() + b_sum.abs()
             a_fact = safe_divide(a_sum.abs(), total, eps) * r_sum
             b_fact = safe_divide(b_sum.abs(), total, eps) * r_sum
             # g̃(u) = (u ⊙ S ⊙ a_fact / Σa) / u
-            gu = S * safe_divide(a_fact, a_sum, eps)
-            gv = S * safe_divide(b_fact, b_sum, eps)
+            recycled = (lambda: None) if state is None else (lambda: state.output(S.shape, S.dtype, S.device))
+            gu = torch.mul(S, safe_divide(a_fact, a_sum, eps), out=recycled())
+            gv = torch.mul(S, safe_divide(b_fact, b_sum, eps), out=recycled())
             out = {0: gu, 1: gv}
             return tuple(_reduce_to(out[i], op.args[i]) for i in op.carrying)
 
@@ -360,11 +371,12 @@ class RMSNormConstantRMS(Rule):
                 )
         xd, yd = x.detach(), y.detach()
         epsilon = self.epsilon
+        state = active()
 
         def backward(g):
             if epsilon:
                 g = epsilon_share(yd, epsilon).mul_(g)
-            return (divide_or_zero_(yd * g, xd),)
+            return (divide_or_zero_(yd * g, xd, state),)
 
         return relay(y, [x], backward)
 
@@ -383,8 +395,8 @@ class Stabilized(Rule):
         out = op.func(*op.args, **op.kwargs)
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return out
-        zd, eps = out.detach(), self.eps
-        return relay(out, [out], lambda g: (relative_share(zd, g, eps),))
+        zd, eps, state = out.detach(), self.eps, active()
+        return relay(out, [out], lambda g: (relative_share(zd, g, eps, scratch=state),))
 
 
 class Decompose(Rule):

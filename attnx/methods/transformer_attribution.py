@@ -28,8 +28,14 @@ def attribution_row(
     first = attention_relevance[s]
     eye = torch.eye(first.shape[-1], dtype=first.dtype, device=first.device)
 
+    product = None  # one buffer for every layer's ∇A ⊙ R^A (a new one per layer costs fresh pages)
+
     def layer(g, r):
-        m = (g * r).clamp(min=0).mean(dim=1) + eye
+        nonlocal product
+        shape, dtype = torch.broadcast_shapes(g.shape, r.shape), torch.result_type(g, r)
+        if product is None or product.shape != shape or product.dtype != dtype:
+            product = torch.empty(shape, dtype=dtype, device=r.device)
+        m = torch.mul(g, r, out=product).clamp_(min=0).mean(dim=1).add_(eye)
         return m / m.sum(dim=-1, keepdim=True) if form == "bert" else m
 
     row = rollout_row((layer(g, r) for g, r in zip(attentions_grad[s:], attention_relevance[s:])), readout)
