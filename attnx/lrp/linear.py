@@ -17,7 +17,18 @@ from torch import nn
 
 from ..errors import AttnxTypeError, AttnxValueError
 from .kinds import is_hf_conv1d
-from .relay import Op, Rule, active, divide_or_zero, epsilon_share, indicator, relay, safe_divide, scratch_like, stabilize
+from .relay import (
+    Op,
+    Rule,
+    active,
+    divide_or_zero,
+    epsilon_share,
+    indicator,
+    relay,
+    safe_divide,
+    scratch_like,
+    stabilize,
+)
 
 __all__ = ["AlphaBeta", "Epsilon", "Gamma", "GROUPED_MM", "LinearRule", "ZBox", "grouped_linear", "linear_parts"]
 

@@ -23,9 +23,9 @@ from .kinds import rms_epsilon, rms_norm_spread
 from .linear import GROUPED_MM, AlphaBeta, Epsilon, Gamma, LinearRule, ZBox, grouped_linear, linear_parts
 from .relay import (
     Op,
-    active,
     Propagation,
     Rule,
+    active,
     divide_or_zero,
     divide_or_zero_,
     epsilon_share,
