@@ -24,7 +24,8 @@ fixed token at the last position. Modes:
   ``fwd+bwd``, where lxt is installed.
 
 Every (mode, length) runs in a **fresh process**: build the model, run the mode once on 64 tokens
-(one-time initialisation), then on CPU ``malloc_trim``, read ``VmRSS``, reset the kernel's peak
+(one-time initialisation; attnx's methods run through one ``Explainer``, whose check that the
+explained forward is the model's own runs on that first call), then on CPU ``malloc_trim``, read ``VmRSS``, reset the kernel's peak
 (``/proc/self/clear_refs``), run the mode once (timed) and read ``VmHWM``: the peak resident memory
 increase of one call, weights excluded (``ru_maxrss`` where ``clear_refs`` is missing, a lower
 bound). On CUDA (``--device cuda``) the peak is ``torch.cuda.max_memory_allocated`` above what
@@ -123,9 +124,11 @@ def make_op(mode: str, model, device: str):
     elif preset:
         options["preset"] = preset
 
+    explainer = attnx.Explainer(model)  # as a user explaining many prompts: the forward check runs on the first call
+
     def op(ids):
-        return attnx.explain(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, method=method,
-                             target=TOKEN, **options).scores
+        return explainer.explain({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, method=method,
+                                 target=TOKEN, **options).scores
 
     return op
 
@@ -140,9 +143,10 @@ def full_trace_op(method: str, model):
     spec = get_method(method)
     method_options, _ = spec.resolve({})
 
+    explainer = attnx.Explainer(model)
+
     def op(ids):
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        explainer = attnx.Explainer(model)
         trace = explainer.trace(inputs, TOKEN, spec.needs, first_layer=spec.first_layer_for(method_options))
         readout, _ = explainer.readout_for(trace, spec.needs, inputs, TOKEN)
         return spec.fn(trace, readout, **method_options)
