@@ -170,3 +170,12 @@ def test_the_metrics_example_runs_as_written(tmp_path, monkeypatch):
     vit = ns["vit"]
     assert ns["px0"]["mean"] == vit.mean and ns["px0"]["std"] == vit.std
     assert torch.isfinite(ns["pos"].auc()).all() and torch.isfinite(ns["neg"].auc()).all()
+
+
+def test_every_docs_page_is_in_the_site_navigation():
+    """``mkdocs build --strict`` (the last CI step) refuses a page outside ``nav``; this says so in
+    the fast tier, naming the page (a league table written by ``attnx evaluate`` is a page too)."""
+    nav = (DOCS.parent / "mkdocs.yml").read_text()
+    listed = set(re.findall(r":\s*\"?([\w./-]+\.md)\"?\s*$", nav, flags=re.M)) | set(re.findall(r"-\s+([\w./-]+\.md)\s*$", nav, flags=re.M))
+    pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
+    assert pages - listed == set(), f"docs pages missing from mkdocs.yml's nav: {sorted(pages - listed)}"
