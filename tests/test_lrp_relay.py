@@ -55,13 +55,17 @@ def test_exact_alias():
 
 def test_scratch_is_one_buffer_per_slot_and_shape_until_release():
     state = Propagation()
-    a = state.scratch("mask", torch.Size([2, 3]), torch.float32, torch.device("cpu"))
-    assert state.scratch("mask", torch.Size([2, 3]), torch.float32, torch.device("cpu")) is a
-    assert state.scratch("share", torch.Size([2, 3]), torch.float32, torch.device("cpu")) is not a
-    assert state.scratch("mask", torch.Size([3, 2]), torch.float32, torch.device("cpu")) is not a
-    assert state.scratch("mask", torch.Size([2, 3]), torch.float64, torch.device("cpu")) is not a
+    a = state.scratch(0, torch.Size([2, 3]), torch.float32, torch.device("cpu"))
+    assert state.scratch(0, torch.Size([2, 3]), torch.float32, torch.device("cpu")) is a
+    assert state.scratch(1, torch.Size([2, 3]), torch.float32, torch.device("cpu")) is not a
+    assert state.scratch(0, torch.Size([3, 2]), torch.float32, torch.device("cpu")) is not a
+    assert state.scratch(0, torch.Size([2, 3]), torch.float64, torch.device("cpu")) is not a
     state.release()
-    assert state.scratch("mask", torch.Size([2, 3]), torch.float32, torch.device("cpu")) is not a
+    assert state.scratch(0, torch.Size([2, 3]), torch.float32, torch.device("cpu")) is not a
+    # off the CPU the device's caching allocator reuses memory: new tensors, nothing kept
+    meta = torch.device("meta")
+    assert state.scratch(0, torch.Size([2, 3]), torch.float32, meta) is not state.scratch(0, torch.Size([2, 3]), torch.float32, meta)
+    assert state.output(torch.Size([2, 3]), torch.float32, meta).device == meta and not state.returned.get(((2, 3), torch.float32, meta))
 
 
 def test_a_returned_gradient_is_recycled_only_once_nothing_holds_it():

@@ -110,15 +110,22 @@ def divide_or_zero_(a: torch.Tensor, b: torch.Tensor, scratch: "Propagation | No
     return a.mul_(torch.ne(b, 0.0, out=mask))  # the one temporary serves both masks
 
 
+#: the number of references to a storage (torch's own count; absent from a torch that lacks it,
+#: and then no buffer is ever handed out twice)
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _only_reference(t: torch.Tensor) -> bool:
     """Whether ``t`` holds the only reference to its storage (no view of it is alive anywhere)."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) == 2  # t, and the wrapper made here
+    if _STORAGE_USE_COUNT is None:
+        return False
+    return _STORAGE_USE_COUNT(t.untyped_storage()._cdata) == 2  # t, and the wrapper made here
 
 
 def scratch_like(state: "Propagation | None", slot: int, like: torch.Tensor) -> torch.Tensor:
     """A temporary shaped as ``like``: the pass's reused buffer for ``slot`` (see
-    :meth:`Propagation.scratch`), or a new tensor outside a pass."""
-    if state is None:
+    :meth:`Propagation.scratch`), or a new tensor outside a pass and off the CPU."""
+    if state is None or like.device.type != "cpu":
         return torch.empty_like(like, memory_format=torch.contiguous_format)
     return state.scratch(slot, like.shape, like.dtype, like.device)
 
@@ -127,12 +134,13 @@ class Propagation:
     """Which backward the relays of one forward run: the rules (``relevance = True``) or the
     model's own gradient (``False``).
 
-    ``scratch`` hands the rules' backwards the buffers of their temporaries and ``output`` the
-    pages of the gradients they return, kept for the whole pass: every layer of the same width
-    reuses them. On CPU a new
-    tensor of tens of megabytes comes from fresh pages of the kernel (glibc returns large blocks
-    on ``free``), which costs several times the arithmetic that fills it (18 ms against 3.5 ms for
-    a product of two (16, 197, 3072) tensors); reused, the pages are already there.
+    On the CPU, ``scratch`` hands the rules' backwards the buffers of their temporaries and
+    ``output`` the pages of the gradients they return, kept for the whole pass: every layer of
+    the same width reuses them. There a new tensor of tens of megabytes comes from fresh pages of
+    the kernel (glibc returns large blocks on ``free``), which costs several times the arithmetic
+    that fills it (18 ms against 3.5 ms for a product of two (16, 197, 3072) tensors); reused, the
+    pages are already there. On other devices the caching allocator of the device reuses memory
+    already, and both give new tensors.
 
     ``weights`` caches per-call derived weights (``|W|``, ``W ± |W|`` of a linear layer) for the
     backward of every layer that uses the same weight: the forward counts each weight's uses
@@ -186,7 +194,9 @@ class Propagation:
         every rule counts the same way, so each shape has at most three buffers. A backward may
         use them only until it returns (never as, or inside, what it returns): the next call of
         any rule may overwrite them. Backwards on one device run one after another, and the key
-        includes the device."""
+        includes the device. Off the CPU a new tensor (see the class docstring)."""
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         key = (slot, tuple(shape), dtype, device)
         buffer = self.buffers.get(key)
         if buffer is None:
@@ -199,7 +209,9 @@ class Propagation:
         The pass keeps two buffers of each shape (a gradient and the one computed from it) and
         hands out views of them; a buffer is handed out again only when no view of it is left
         (its storage referenced by the buffer alone: autograd has consumed the gradient, and no
-        code holds it). Otherwise a new tensor."""
+        code holds it). Otherwise, and off the CPU, a new tensor."""
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
         pool = self.returned.setdefault((tuple(shape), dtype, device), [])
         for buffer in pool:
             if _only_reference(buffer):
