@@ -141,6 +141,8 @@ MODEL_LABELS = {
     "bert": "HF BertForSequenceClassification (bert-base)",
     "llama": "HF LlamaForCausalLM (12 layers, 768 hidden, GQA 12/4 heads, random init)",
 }
+#: the image models (timm ViTs): image inputs, patches as the perturbed units, no text length
+IMAGE_MODELS = ("vit", "vit_s")
 QUICK_LABELS = {
     "vit": "timm ViT tiny (quick: 32px, 2 layers, 48 dim)",
     "vit_s": "timm ViT tiny (quick: 32px, 2 layers, 48 dim)",
@@ -154,7 +156,7 @@ QUICK_LABELS = {
 # --------------------------------------------------------------------------------------------
 def build_model(name: str, quick: bool, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    if name in ("vit", "vit_s"):
+    if name in IMAGE_MODELS:
         if quick:
             from timm.models.vision_transformer import VisionTransformer
 
@@ -196,7 +198,7 @@ def build_model(name: str, quick: bool, seed: int) -> torch.nn.Module:
 
 def make_inputs(name: str, model: torch.nn.Module, batch: int, seq_len: int, seed: int) -> Any:
     gen = torch.Generator().manual_seed(seed + 1000 * batch)
-    if name in ("vit", "vit_s"):
+    if name in IMAGE_MODELS:
         size = tuple(int(s) for s in model.patch_embed.img_size)
         return torch.randn(batch, 3, *size, generator=gen)
     vocab = model.config.vocab_size
@@ -311,7 +313,7 @@ def split_method(name: str) -> tuple[str, dict]:
 
 def input_tokens(name: str, model: torch.nn.Module, inputs: Any) -> int:
     """The units a perturbation method perturbs one by one: image patches (vit) or text tokens."""
-    if name in ("vit", "vit_s"):
+    if name in IMAGE_MODELS:
         return int(model.patch_embed.num_patches)
     return int(inputs["input_ids"].shape[1])
 
@@ -626,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         f"attnx {attnx.__version__} · {platform.processor() or platform.machine()} · "
         f"{os.cpu_count()} CPUs, torch threads {args.threads} · seed {args.seed} · "
         f"repeats {args.repeats} (warm-up {args.warmup}) · allocator: {allocator_note(args.allocator)} · text length "
-        + ", ".join(f"{m} {seq_len_of(args, m)}" for m in models if m not in ("vit", "vit_s")) + " tokens"
+        + ", ".join(f"{m} {seq_len_of(args, m)}" for m in models if m not in IMAGE_MODELS) + " tokens"
         + (" · **--quick (tiny models)**" if args.quick else "")
     )
     lines.append("")

@@ -25,10 +25,10 @@ fixed token at the last position. Modes:
 
 Every (mode, length) runs in a **fresh process**: build the model, run the mode once on 64 tokens
 (one-time initialisation; attnx's methods run through one ``Explainer``, whose check that the
-explained forward is the model's own runs on that first call), then on CPU ``malloc_trim``, read ``VmRSS``, reset the kernel's peak
-(``/proc/self/clear_refs``), run the mode once (timed) and read ``VmHWM``: the peak resident memory
-increase of one call, weights excluded (``ru_maxrss`` where ``clear_refs`` is missing, a lower
-bound). On CUDA (``--device cuda``) the peak is ``torch.cuda.max_memory_allocated`` above what
+explained forward is the model's own runs on that first call), then on CPU ``malloc_trim``, read
+``VmRSS``, reset the kernel's peak (``/proc/self/clear_refs``), run the mode once (timed) and read
+``VmHWM``: the peak resident memory increase of one call, weights excluded (``ru_maxrss`` where
+``clear_refs`` is missing, a lower bound). On CUDA (``--device cuda``) the peak is ``torch.cuda.max_memory_allocated`` above what
 was allocated before the call. A mode whose call takes longer than ``--budget`` seconds is not run
 at larger lengths. Growth exponents are least-squares slopes of log(value) on log(length) over the
 lengths ≥ 512 (all lengths when fewer than two are).

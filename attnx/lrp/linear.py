@@ -24,6 +24,7 @@ from .relay import (
     divide_or_zero,
     epsilon_share,
     indicator,
+    output_like,
     relay,
     safe_divide,
     scratch_like,
@@ -251,8 +252,7 @@ class AlphaBeta(LinearRule):
         s = torch.mul(c.y, g, out=c.scratch(0, z)).div_(z.add_(2 * self.eps)).mul_(nonzero)
         if self.alpha != 1:
             s.mul_(self.alpha)
-        returned = None if c.state is None else c.state.output(c.x.shape, c.x.dtype, c.x.device)
-        pos = input_vjp(c.fn, c.x, c.signed_part(1), s, c.extra, out=returned)
+        pos = input_vjp(c.fn, c.x, c.signed_part(1), s, c.extra, out=output_like(c.state, c.x))
         neg = input_vjp(c.fn, c.x, c.signed_part(-1), s, c.extra, out=c.scratch(1, pos))
         # where(x > 0, pos, neg) by multiplication (exact: one term is 0), one mask temporary
         positive = indicator(c.x, torch.gt, out=c.scratch(2, pos))

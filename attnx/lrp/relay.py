@@ -48,6 +48,7 @@ __all__ = [
     "relay",
     "safe_divide",
     "scale_of",
+    "output_like",
     "scratch_like",
     "share_uses",
     "stabilize",
@@ -128,6 +129,12 @@ def scratch_like(state: "Propagation | None", slot: int, like: torch.Tensor) -> 
     if state is None or like.device.type != "cpu":
         return torch.empty_like(like, memory_format=torch.contiguous_format)
     return state.scratch(slot, like.shape, like.dtype, like.device)
+
+
+def output_like(state: "Propagation | None", like: torch.Tensor) -> torch.Tensor | None:
+    """Where a rule's backward writes a gradient it returns, shaped as ``like``: recycled pages of
+    the pass (see :meth:`Propagation.output`), or ``None`` (a new tensor) outside a pass."""
+    return None if state is None else state.output(like.shape, like.dtype, like.device)
 
 
 class Propagation:

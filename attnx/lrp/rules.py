@@ -30,6 +30,7 @@ from .relay import (
     divide_or_zero_,
     epsilon_share,
     hold_constant,
+    output_like,
     plain_edges,
     propagation,
     relative_share,
@@ -101,8 +102,7 @@ class Identity(Rule):
         state = active()
 
         def backward(g):
-            out = None if state is None else state.output(yd.shape, yd.dtype, yd.device)
-            return (divide_or_zero_(torch.mul(yd, g, out=out), xd, state),) + (None,) * (n - 1)
+            return (divide_or_zero_(torch.mul(yd, g, out=output_like(state, yd)), xd, state),) + (None,) * (n - 1)
 
         return relay(y, op.inputs, backward)
 
@@ -275,9 +275,8 @@ class NormalizedAdd(Rule):
             a_fact = safe_divide(a_sum.abs(), total, eps) * r_sum
             b_fact = safe_divide(b_sum.abs(), total, eps) * r_sum
             # g̃(u) = (u ⊙ S ⊙ a_fact / Σa) / u
-            recycled = (lambda: None) if state is None else (lambda: state.output(S.shape, S.dtype, S.device))
-            gu = torch.mul(S, safe_divide(a_fact, a_sum, eps), out=recycled())
-            gv = torch.mul(S, safe_divide(b_fact, b_sum, eps), out=recycled())
+            gu = torch.mul(S, safe_divide(a_fact, a_sum, eps), out=output_like(state, S))
+            gv = torch.mul(S, safe_divide(b_fact, b_sum, eps), out=output_like(state, S))
             out = {0: gu, 1: gv}
             return tuple(_reduce_to(out[i], op.args[i]) for i in op.carrying)
 
@@ -376,7 +375,7 @@ class RMSNormConstantRMS(Rule):
         def backward(g):
             if epsilon:
                 g = epsilon_share(yd, epsilon).mul_(g)
-            return (divide_or_zero_(yd * g, xd, state),)
+            return (divide_or_zero_(torch.mul(yd, g, out=output_like(state, yd)), xd, state),)
 
         return relay(y, [x], backward)
 
