@@ -15,8 +15,11 @@ fixed token at the last position. Modes:
 * ``fwd+bwd:eager``: the same as ``fwd+bwd`` with the model's ``eager`` attention kernel (the one
   that returns the probabilities, which the attention-graph methods switch to); the reference of
   their memory target;
-* ``generic``, ``grad_rollout``, ``attn_gradcam``: ``attnx.explain(..., method=...)``, each layer
-  folded as the backward reaches it (:mod:`attnx.core.layer_fold`);
+* ``generic``, ``grad_rollout``, ``attn_gradcam``: ``attnx.explain(..., method=...)``, the model's
+  ``sdpa`` kernel left running and each layer's ``A`` recomputed and folded as the backward reaches
+  it (:mod:`attnx.adapters.fused_kernel`, :mod:`attnx.core.layer_fold`);
+* ``generic:eager`` (and the others): the same with the model switched to its ``eager`` kernel
+  first, each layer folded from the probabilities that kernel keeps: attnx before the fused path;
 * ``generic:full-trace`` (and the others): the same method on a trace of every layer's attention
   and gradient (``Explainer.trace`` without a fold, then the method): attnx before layer folds;
 * ``lxt``: lxt 2.1's efficient AttnLRP (its Llama patches, its attention wrapper around the
@@ -55,7 +58,7 @@ REFERENCE = "fwd+bwd"
 EAGER = "fwd+bwd:eager"
 GRAPH_METHODS = ("generic", "grad_rollout", "attn_gradcam")
 MODES = (REFERENCE, "lrp:attnlrp", "lrp:cplrp", "lxt", *GRAPH_METHODS, "lrp:attnlrp-written-out", EAGER,
-         *(f"{m}:full-trace" for m in GRAPH_METHODS))
+         *(f"{m}:eager" for m in GRAPH_METHODS), *(f"{m}:full-trace" for m in GRAPH_METHODS))
 LENGTHS = (128, 256, 512, 1024, 2048, 4096)
 TOKEN = 7  # the explained next token
 CONFIG = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -118,7 +121,9 @@ def make_op(mode: str, model, device: str):
     if preset == "full-trace":
         return full_trace_op(method, model)
     options = {}
-    if preset == "attnlrp-written-out":
+    if preset == "eager":
+        model.set_attn_implementation("eager")
+    elif preset == "attnlrp-written-out":
         reg = attnx.lrp.get_preset("attnlrp").copy("attnlrp-written-out")
         options["preset"] = reg.register(F.scaled_dot_product_attention, attnx.lrp.rules.Decompose(attnx.lrp.rules.sdpa_decomposition))
     elif preset:

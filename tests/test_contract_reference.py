@@ -183,10 +183,17 @@ def test_method_matches_reference(name, config):
     ])
     e = explainer.explain(x, method=method, target=TARGETS, **options)
     assert e.token_relevance.dtype == DT
-    torch.testing.assert_close(e.token_relevance, expected, rtol=1e-9, atol=1e-12)
+    tolerance = dict(rtol=1e-9, atol=1e-12)
+    if case.attn_implementation == "sdpa" and method in ("generic", "grad_rollout", "attn_gradcam"):
+        # these keep the model's sdpa kernel and recompute A in float64 (attnx.adapters.fused_kernel);
+        # the captured reference A comes from the eager kernel, whose softmax Hugging Face computes
+        # in float32 (2e-7 apart)
+        tolerance = dict(rtol=1e-5, atol=1e-7 * float(expected.abs().max()))
+    torch.testing.assert_close(e.token_relevance, expected, **tolerance)
     # content scores: prefix tokens dropped, padding exactly zero
     content = expected[:, case.prefix_tokens :] * valid[:, case.prefix_tokens :]
-    torch.testing.assert_close(e.scores, content, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(e.scores, content, **tolerance)
+    assert (e.scores[~valid[:, case.prefix_tokens :]] == 0).all()
     assert e.targets.tolist() == TARGETS
     assert e.method == method and e.options == options
 

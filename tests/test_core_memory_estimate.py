@@ -174,12 +174,20 @@ def test_a_meta_device_model_is_estimated_without_weights():
     plan = attnx.estimate(model, ids, method="generic", available=80 * 2**30)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # the rotary frequencies
     assert plan.weights == 8_030_261_248 * 2 + buffers  # Llama-3-8B's parameter count, bfloat16
-    # generic is computed in bfloat16 (attnx.core.precision): 32 x 32 x 4096² x 2 bytes = 32 GiB of maps
-    assert plan.terms["attention_maps"] == 32 * 2**30 and plan.float32_weights == 0
+    # generic leaves the attention to the sdpa kernel and recomputes each layer in tiles of query rows
+    # (attnx.adapters.fused_kernel): four 16 MiB tiles, and its folded (N, N) map per layer
+    assert "attention_maps" not in plan.terms and plan.terms["recomputed_tiles"] == 4 * 2**24
+    assert plan.terms["folded_maps"] == 32 * 4096**2 * 4 and plan.float32_weights == 0
     assert plan.device == "meta" and {"generic", "lrp"} <= set(plan.fits)
     assert "transformer_attribution" not in plan.fits  # float32 (outside the bfloat16 tolerance), Chefer's rules
-    forced = attnx.estimate(model, ids, method="generic", available=80 * 2**30, precision="float32")
+    # rollout keeps every layer's map, computed in bfloat16 (attnx.core.precision): 32 x 32 x 4096² x 2 bytes
+    rollout = attnx.estimate(model, ids, method="rollout", available=80 * 2**30)
+    assert rollout.terms["attention_maps"] == 32 * 2**30 and rollout.float32_weights == 0
+    forced = attnx.estimate(model, ids, method="rollout", available=80 * 2**30, precision="float32")
     assert forced.terms["attention_maps"] == 64 * 2**30 and forced.float32_weights == 2 * plan.weights
+    model.set_attn_implementation("eager")  # the kernel that returns the probabilities: generic keeps them
+    eager = attnx.estimate(model, ids, method="generic", available=80 * 2**30)
+    assert eager.terms["attention_maps"] == 32 * 2**30 and "recomputed_tiles" not in eager.terms
     # not loaded: the weights must fit too (gradient_x_input in float32: 76 GiB of its own + 15 GiB of weights)
     assert forced.needed == forced.peak and "gradient_x_input" not in forced.fits
 

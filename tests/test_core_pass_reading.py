@@ -3,7 +3,8 @@
 Hugging Face's eager attention computes its softmax in float32; on a float64 decoder with left
 padding its fully masked rows give NaN, while the model's own SDPA kernel stays finite. The family
 adapter (which switches to eager to see the probabilities) then falls back to ``intercept``, which
-keeps the model's kernel; a model whose own kernel gives NaN is refused in one line that says so.
+keeps the model's kernel (the folding methods keep it in the family adapter); a model whose own
+kernel gives NaN is refused in one line that says so.
 """
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ from attnx.errors import NonFiniteOutputError
 from decoder_models import DecoderCase
 
 
-def test_float64_sdpa_decoder_with_left_padding_is_explained_through_its_own_kernel():
+@pytest.mark.parametrize("method,adapter", [("rollout", "intercept"), ("generic", "hf_decoder")])
+def test_float64_sdpa_decoder_with_left_padding_is_explained_through_its_own_kernel(method, adapter):
+    """rollout switches the family adapter to eager (NaN rows): the fallback keeps the kernel;
+    generic leaves the attention to the model's kernel in the family adapter itself."""
     case = DecoderCase("llama", "lm", "sdpa")
     model = case.model(torch.float64)
     x = case.inputs(lengths=[5, 8])
     explainer = attnx.Explainer(model)
-    padded = explainer.explain(x, method="generic")
-    assert explainer.adapter.name == "intercept"
+    padded = explainer.explain(x, method=method)
+    assert explainer.adapter.name == adapter
     assert torch.isfinite(padded.scores).all()
     # the same batch in float32 (finite under eager too) through the family adapter
-    reference = attnx.explain(case.model(torch.float32), x, method="generic")
+    reference = attnx.explain(case.model(torch.float32), x, method=method)
     assert attnx.Explainer(case.model(torch.float32)).adapter.name != "intercept"
     assert (padded.scores.float() - reference.scores).abs().max() <= 1e-4 * reference.scores.abs().max()
 

@@ -150,6 +150,14 @@ class Adapter:
         """
         yield
 
+    def observe_kernels(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager | None:
+        """A context manager leaving the attention to the model's fused kernel, each call recorded
+        with ``recorder.record_kernel`` (:mod:`attnx.adapters.fused_kernel`), for a pass that
+        folds the layers in the backward; ``None`` (the default) when the adapter cannot, and
+        :meth:`observe` is used. Its :meth:`forward_done` raises
+        :class:`~attnx.adapters.fused_kernel.KernelCallsMissed` when the calls were not one per layer."""
+        return None
+
     def forward_done(self, recorder: AttentionRecorder) -> None:
         """Called after the explained forward, before its layout is read and before any backward
         (which may run while ``observe`` is still active): the adapter settles what it recorded

@@ -16,14 +16,16 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch, check_text_inputs
+from ..core.layer_fold import KernelCallsMissed
 from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
 from .base import Adapter, block_output, hidden_states_argument, refuse_pooling
+from .fused_kernel import FusedKernelProbe
 from .loaded import loaded_class
 from .mlp_branch import named_mlp_branches
-from .switches import attn_implementation, no_new_forward_hooks
+from .switches import attn_implementation, get_attn_implementation, no_new_forward_hooks
 
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForImageClassification", "ForImageClassificationWithTeacher")
 
@@ -214,6 +216,29 @@ class HFAdapter(Adapter):
                 yield
             finally:
                 self._calls.recorder = None
+
+    def observe_kernels(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager | None:
+        """The model's own ``sdpa`` kernel kept (no eager switch) when that is what it runs."""
+        if get_attn_implementation(self.model) != "sdpa":
+            return None
+        return self._kernel_observation(recorder)
+
+    @contextlib.contextmanager
+    def _kernel_observation(self, recorder: AttentionRecorder) -> Iterator[None]:
+        with no_new_forward_hooks(self.model), FusedKernelProbe(recorder):
+            self._calls.kernels = True
+            try:
+                yield
+            finally:
+                self._calls.kernels = False
+
+    def forward_done(self, recorder: AttentionRecorder) -> None:
+        if not getattr(self._calls, "kernels", False):
+            return
+        config = self.model.config
+        config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
+        if len(recorder.kernel_calls) != getattr(config, "num_hidden_layers", None):
+            raise KernelCallsMissed(f"{len(recorder.kernel_calls)} kernel calls")
 
     def block_inputs(self, batch: Batch) -> list:
         config = self.model.config

@@ -21,7 +21,7 @@ from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_ml
 from .checkpointing import outside_function_modes
 from .devices import maybe_on_device, on_device
 from .forward_check import tolerance
-from .layer_fold import LayerFold, fold_backward
+from .layer_fold import KernelCallsMissed, LayerFold, fold_backward, fold_kernel_backward
 from .layer_readout import LayerReadout, layer_gradients, recorded_layer_outputs
 from .layout import Layout, Readout
 from .pass_reading import resolve, resolved_layout
@@ -59,14 +59,39 @@ def attention_pass(
     With ``layer_readouts`` (and ``gradients``), the gradient of each layer ``l`` is ``∂s^l/∂A^l`` of
     its own readout (:mod:`attnx.core.layer_readout`), when the method reads a layer below the
     last one or another pooling than the model's; at the last layer with the model's pooling it
-    is ``dy_t/dA^L`` itself, and the model's adapter need not read intermediate layers."""
+    is ``dy_t/dA^L`` itself, and the model's adapter need not read intermediate layers.
+
+    A pass that only folds layers (a ``fold`` with ``gradients``, nothing else recorded) leaves
+    the attention to the model's fused kernel where the adapter can (``Adapter.observe_kernels``,
+    :mod:`attnx.adapters.fused_kernel`): each layer's ``A`` is recomputed in the backward and
+    folded, and no layer's map is kept by the forward."""
+    kernel = (fold is not None and gradients and not (tokens or value_outputs or mlp_branches or layer_readouts)
+              and rules is None)
+    options = dict(first_layer=first_layer, fold=fold, tokens=tokens, value_outputs=value_outputs,
+                   mlp_branches=mlp_branches, rules=rules, strict=strict, layer_readouts=layer_readouts)
+    if kernel:
+        try:
+            return observed_pass(adapter, batch, target, attentions, gradients, kernel=True, **options)
+        except KernelCallsMissed:
+            pass
+    return observed_pass(adapter, batch, target, attentions, gradients, kernel=False, **options)
+
+
+def observed_pass(
+    adapter: Adapter, batch: Batch, target: Target, attentions: bool, gradients: bool, kernel: bool,
+    first_layer: FirstLayer | None, fold: LayerFold | None, tokens: bool, value_outputs: bool, mlp_branches: bool,
+    rules: Registry | None, strict: bool, layer_readouts: bool,
+) -> Trace:
+    """:func:`attention_pass`; ``kernel``: the attention left to the model's kernel where the adapter can."""
     recorder = AttentionRecorder(batch.batch_size)
     model = adapter.model
     backward = gradients or tokens
     grad_mode = torch.enable_grad() if backward else torch.no_grad()
     if backward:
         batch = with_tracked_inputs(batch)
-    observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
+    observe = adapter.observe_kernels(recorder) if kernel else None
+    if observe is None:
+        observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
     blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
     values = recorded_value_outputs(adapter.value_projections(batch), recorder) if value_outputs else contextlib.nullcontext()
     branches = recorded_mlp_branches(adapter.mlp_branches(batch), recorder) if mlp_branches else contextlib.nullcontext()
@@ -110,7 +135,8 @@ def attention_pass(
                     folded, grads = (kept, None) if fold is not None else (None, kept)
                 elif gradients and fold is not None and not tokens:
                     readout = declared_readout(adapter, layout, resolved.classes, batch.batch_size, resolved.logits.device)
-                    folded, last_rows = fold_backward(recorder, resolved.scores.sum(), fold, readout, first)
+                    folding = fold_kernel_backward if recorder.kernel_calls else fold_backward
+                    folded, last_rows = folding(recorder, resolved.scores.sum(), fold, readout, first)
                 elif backward:
                     grads, token_grads = recorder.all_gradients(
                         resolved.scores.sum(), first=first, attentions=gradients, tokens=tokens

@@ -19,7 +19,16 @@ import torch
 from ..errors import AttnxError
 from .layout import Readout
 
-__all__ = ["AttentionLayer", "LayerFold", "fold_backward", "kept_layers", "layer_index", "row_norms"]
+__all__ = [
+    "AttentionLayer", "KernelCallsMissed", "LayerFold", "fold_backward", "fold_kernel_backward", "kept_layers", "layer_index", "row_norms",
+    "row_separable",
+]
+
+
+class KernelCallsMissed(Exception):
+    """The forward left fewer (or more) attention calls to the fused kernel than the model has
+    layers, or the backward did not reach a layer read: the pass is run again with the
+    probabilities written out."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,83 @@ def fold_backward(
         if recorder.probs[i] is not None:  # not on the score's graph: its gradient is zero
             take(i, None)
     return folded, state["last_rows"]
+
+
+def row_separable(rule: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a fold rule whose result on the query rows ``rows`` of a layer (``A`` and ``dy_t/dA``
+    ``(B, H, rows, N)``) is the rows ``rows`` (axis ``-2``) of its result on the whole layer, so
+    that a layer may be folded in tiles of query rows (:mod:`attnx.adapters.fused_kernel`)."""
+    rule.row_separable = True
+    return rule
+
+
+class _KernelFolder:
+    """The folds of :func:`fold_kernel_backward`: each call's backward hands its layer over in
+    pieces of query rows; a row-separable fold's pieces are joined along the rows."""
+
+    def __init__(self, fold: LayerFold, readout: Readout | None, first: int, n: int) -> None:
+        self.fold, self.readout, self.first, self.n = fold, readout, first, n
+        self.rows_apart = bool(getattr(fold.rule, "row_separable", False))
+        self.folded: list[Any] = [None] * n
+        self.pieces: dict[int, list[tuple[Any, torch.Tensor | None]]] = {}
+        self.last_rows: torch.Tensor | None = None
+
+    def tiled(self, index: int) -> bool:
+        return self.rows_apart
+
+    def piece(self, index: int, rows: slice, probs: torch.Tensor, gradient: torch.Tensor) -> None:
+        if index < self.first:
+            return
+        kept = self.fold(AttentionLayer(index, self.n, probs.detach(), gradient.detach(), self.readout))
+        norms = row_norms(gradient) if index == self.n - 1 else None
+        self.pieces.setdefault(index, []).append((kept, norms))
+
+    def done(self, index: int) -> None:
+        pieces = self.pieces.pop(index, [])
+        if not pieces:
+            return
+        kept = [k for k, _ in pieces]
+        self.folded[index] = kept[0] if len(kept) == 1 else join_rows(kept)
+        if index == self.n - 1:
+            self.last_rows = torch.cat([r for _, r in pieces], dim=1)
+
+
+def join_rows(pieces: list[Any]) -> Any:
+    """The pieces a row-separable fold kept of consecutive query-row tiles, joined along the rows."""
+    first = pieces[0]
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(join_rows(list(parts)) for parts in zip(*pieces))
+    return torch.cat(pieces, dim=-2)
+
+
+def fold_kernel_backward(
+    recorder: Any, score: torch.Tensor, fold: LayerFold, readout: Readout | None, first: int = 0
+) -> tuple[list[Any], torch.Tensor | None]:
+    """:func:`fold_backward` for attention left to the model's fused kernel
+    (``recorder.kernel_calls``, :mod:`attnx.adapters.fused_kernel`): each call's backward
+    recomputes its layer's ``A`` and ``dy_t/dA`` (in query-row tiles for a :func:`row_separable`
+    fold) and folds them here; the backward asks for the calls' scalar probes from layer
+    ``first`` on, so it stops below the lowest layer read."""
+    calls = recorder.kernel_calls
+    n = len(calls)
+    folder = _KernelFolder(fold, readout, first, n)
+    for call in calls:
+        call.folder, call.input_gradients = folder, call.index > first
+    probes = [recorder.grad_wrt[i] for i in range(first, n)]
+    try:
+        torch.autograd.grad(score, probes, allow_unused=True)
+    finally:
+        for call in calls:
+            call.folder = None
+    del probes
+    for i in range(n):
+        recorder.probs[i] = recorder.grad_wrt[i] = None
+    if not all(calls[i].folded for i in range(first, n)):
+        # a layer off the score's graph: its A is not kept to fold it with a zero gradient
+        raise KernelCallsMissed(f"the backward reached {sum(c.folded for c in calls[first:])} of {n - first} layers")
+    return folder.folded, folder.last_rows
 
 
 def lowest(recorder: Any, needed: list[int]) -> list[int]:

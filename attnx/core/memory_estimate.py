@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.fused_kernel import TILE_BYTES
 from ..lrp.fused_attention import FusedAttention
 from ..lrp.linear import AlphaBeta, Gamma
 from ..lrp.registry import get_preset
@@ -94,6 +95,11 @@ TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
                     "(attnx.core.layer_fold): (L - first)·B·N²·4", lambda s: s.read_layers * s.inputs.batch * s.inputs.tokens**2 * 4),
     "one_layer_gradient": ("dy/dA (LeGrad: ∂s^l/∂A^l of its own readout) of the one layer being folded: M",
                            lambda s: s.map_bytes),
+    "recomputed_tiles": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA, their "
+                         "product and dS for one tile of query rows of the layer being folded: 4·min(TILE_BYTES, M)",
+                         lambda s: 4 * min(TILE_BYTES, s.map_bytes)),
+    "recomputed_layer": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA, their "
+                         "product and dS for the whole layer being folded: 4·M", lambda s: 4 * s.map_bytes),
     "attention_relevance": ("R^A of every layer read: (L - first)·M", lambda s: s.read_layers * s.map_bytes),
     "method_math": ("the method's products over one layer (A ⊙ ∇A, its positive part): 2·M",
                     lambda s: 2 * s.map_bytes),
@@ -131,6 +137,11 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: the folding methods that leave the attention to the model's kernel where it can, and whether
+#: their fold reads query rows apart (tiles) or the whole layer
+KERNEL_FOLDS = {"generic": "recomputed_tiles", "grad_rollout": "recomputed_tiles", "attn_gradcam": "recomputed_layer"}
+
+
 def attention_stays_fused(registry: Any, shape: ModelShape) -> bool:
     """Whether an LRP pass under ``registry`` runs the model's attention by its own kernel
     (:class:`attnx.lrp.FusedAttention` or plain gradients on an SDPA model): no map is kept."""
@@ -164,6 +175,9 @@ def method_terms(method: Any, registry: Any, shape: ModelShape) -> tuple[str, ..
             terms += ["attention_maps", "attention_scores"] + ([] if grad else ["readout_pass"])
         terms += ["attention_gradients"] * needs.gradients + ["attention_relevance"] * needs.attention_relevance
         terms += ["rule_state"] * needs.relevance
+    if method.name in KERNEL_FOLDS and shape.kernel_folds and registry is None:
+        kept = ("attention_maps", "attention_scores", "one_layer_gradient")
+        terms = [t for t in terms if t not in kept] + [KERNEL_FOLDS[method.name]]
     observed = "attention_maps" in terms
     if needs.relevance and not observed and not attention_stays_fused(registry, shape):
         terms.append("written_out_attention")

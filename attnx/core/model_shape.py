@@ -45,6 +45,10 @@ class ModelShape:
     fused_kernel:
         The model's attention runs through ``F.scaled_dot_product_attention`` (Hugging Face
         ``sdpa`` / flash kernels, timm's ``fused_attn``), so an LRP preset can keep it fused.
+    kernel_folds:
+        The folding methods (generic, grad_rollout, attn_gradcam) leave the attention to that
+        kernel and recompute each layer's map in the backward (a Hugging Face model on ``sdpa``:
+        :mod:`attnx.adapters.fused_kernel`).
     """
 
     layers: int
@@ -61,6 +65,7 @@ class ModelShape:
     prefix_tokens: int = 0
     fused_kernel: bool = True
     largest_linear: int = 0
+    kernel_folds: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ def _hf_shape(model: nn.Module, config: Any) -> ModelShape | None:
         half_bytes=half, compute_bytes=compute, patch_size=None if patch is None else _int(patch),
         prefix_tokens=0 if patch is None else 1,
         fused_kernel=getattr(text, "_attn_implementation", "sdpa") not in ("eager", None),
+        kernel_folds=getattr(text, "_attn_implementation", "sdpa") == "sdpa",
     )
 
 

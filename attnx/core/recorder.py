@@ -44,6 +44,10 @@ class AttentionRecorder:
         self.mlp_outputs: list[torch.Tensor] = []
         #: the output tokens ``(B, N, D)`` of every block, when the pass reads per-layer readouts
         self.layer_outputs: list[torch.Tensor | None] = []
+        #: the attention calls left to the model's fused kernel (:mod:`attnx.adapters.fused_kernel`),
+        #: in call order; when any, ``probs`` holds zero-stride placeholders of their shapes and
+        #: ``grad_wrt`` the scalar probes whose gradients make a backward reach each call
+        self.kernel_calls: list = []
         #: while set, nothing is recorded (a head run again on a layer's tokens is not the forward)
         self.paused = False
 
@@ -61,9 +65,23 @@ class AttentionRecorder:
             return
         if probs.dim() != 4:
             raise AttnxValueError(f"attention probabilities must be (B, H, N, N), got shape {tuple(probs.shape)}")
+        if self.kernel_calls:
+            raise AttnxValueError("attention written out and attention left to its kernel in one forward")
         self.probs.append(probs)
         self.grad_wrt.append(probs if grad_wrt is None else grad_wrt)
         self.token_counts.append(int(probs.shape[-1]))
+
+    def record_kernel(self, call: object, probe: torch.Tensor, shape: tuple[int, int, int, int]) -> None:
+        """Record an attention call whose probabilities ``shape`` ``(B, H, Nq, Nk)`` are recomputed
+        in the backward (a :class:`~attnx.adapters.fused_kernel.KernelCall`); ``probe`` is its scalar probe."""
+        if recomputing() or self.paused:
+            return
+        if self.probs and not self.kernel_calls:
+            raise AttnxValueError("attention written out and attention left to its kernel in one forward")
+        self.kernel_calls.append(call)
+        self.probs.append(probe.detach().expand(shape))
+        self.grad_wrt.append(probe)
+        self.token_counts.append(int(shape[-1]))
 
     def record_tokens(self, tokens: torch.Tensor) -> None:
         """Record the ``(B, N, D)`` tokens a block reads (its input ``h^l``)."""

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers
+from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers, row_separable
 from ..core.trace_types import Needs
 from .options import LIBRAGRAD, START_LAYER
 from .propagation import check_start_layer, option_layer, rollout_row
 from .registry import register_method
 
 
+@row_separable
 def generic_layer(at: AttentionLayer, *, start_layer: int = 0) -> torch.Tensor | None:
     """What generic keeps of a layer: ``Ā = E_h[(∇A ⊙ A)⁺]`` ``(B, N, N)`` (``None`` below ``start_layer``)."""
     s = layer_index(start_layer, at.num_layers)
@@ -34,10 +35,13 @@ def generic(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
     (:func:`generic_layer`), then released. Peak, float32 bytes, ``B`` samples, ``H`` heads,
     ``N`` tokens, ``L`` layers read (from ``start_layer``)::
 
-        F_eager + 4·B·N²·L
+        F_sdpa + 4·B·N²·L + 4·min(T, 4·B·H·N²)     (a Hugging Face model on its sdpa kernel)
+        F_eager + 4·B·N²·L                          (attention written out)
 
-    with ``F_eager`` the model's own forward + backward (to layer ``start_layer``) under the
-    attention kernel that returns the probabilities (it keeps them: ``4·B·H·N²`` per layer).
+    with ``F_sdpa`` the model's own forward + backward with its fused kernel (whose backward
+    recomputes ``A`` in tiles of query rows of ``T`` = :data:`attnx.adapters.fused_kernel.TILE_BYTES`
+    bytes: :mod:`attnx.adapters.fused_kernel`) and ``F_eager`` the same under the attention
+    kernel that returns the probabilities (it keeps them: ``4·B·H·N²`` per layer).
     """
     s = check_start_layer(start_layer, num_layers(trace))
     fused = kept_layers(trace, LayerFold(generic_layer, {"start_layer": start_layer}), readout)[s:]

@@ -36,11 +36,14 @@ def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
     (:func:`readout_rows`); no layer is kept whole. Peak, float32 bytes, ``B`` samples, ``H``
     heads, ``N`` tokens::
 
-        F_eager + 8·B·H·N          (a readout the model declares)
+        F_sdpa + 16·B·H·N²         (a Hugging Face model on its sdpa kernel: A, ∂y_t/∂A, their
+                                    product and the softmax's gradient of the layer read, recomputed)
+        F_eager + 8·B·H·N          (attention written out, a readout the model declares)
         F_eager + 8·B·H·N²         (a readout measured after the pass: that layer's A and ∂y_t/∂A)
 
-    with ``F_eager`` the model's own forward + backward (to the layer read) under the attention
-    kernel that returns the probabilities (``4·B·H·N²`` per layer kept by it).
+    with ``F_sdpa`` the model's own forward + backward (to the layer read) with its fused kernel
+    (:mod:`attnx.adapters.fused_kernel`) and ``F_eager`` the same under the attention kernel that
+    returns the probabilities (``4·B·H·N²`` per layer kept by it).
     """
     index = check_start_layer(layer, num_layers(trace), "layer")
     a, g, used = kept_layers(trace, LayerFold(readout_rows, {"layer": layer}), readout)[index]

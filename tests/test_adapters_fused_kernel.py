@@ -1,0 +1,256 @@
+"""Attention left in the model's fused kernel (``attnx.adapters.fused_kernel``).
+
+The recomputed probabilities must be the ones ``F.scaled_dot_product_attention`` multiplies the
+values by; the backward must give the kernel's own input gradients and hand each fold the true
+``A`` and ``dy_t/dA`` (autograd through the attention written out); the folding methods must give
+on a Hugging Face model running ``sdpa`` the maps they give with the model switched to ``eager``,
+without that switch and without any ``(N, N)`` tensor saved by the forward; a forward whose calls
+are not one per layer must fall back to the written-out probabilities.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnx
+from attnx.adapters import fused_kernel
+from attnx.core import layer_fold
+from attnx.adapters.fused_kernel import KernelCall, RecomputedAttention, sdpa_probabilities
+
+from decoder_models import DecoderCase
+
+
+def kernel_inputs(heads: int = 4, kv_heads: int = 4, n: int = 7, m: int | None = None, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    m = n if m is None else m
+    q = torch.randn(2, heads, n, 5, generator=g, dtype=dtype)
+    k = torch.randn(2, kv_heads, m, 5, generator=g, dtype=dtype)
+    v = torch.randn(2, kv_heads, m, 5, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def masks(n: int, m: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(2, 1, n, m, generator=g) > 0.3
+    keep[1, :, 2] = False  # a query that may attend to no key
+    additive = torch.zeros(2, 1, n, m, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    return {"none": {}, "causal": {"is_causal": True}, "bool": {"attn_mask": keep}, "additive": {"attn_mask": additive}}
+
+
+def written_out(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """The attention written out from its definition (no attnx code): ``A`` and ``A v``."""
+    heads = q.shape[1]
+    if k.shape[1] != heads:
+        k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    allowed = torch.ones(scores.shape, dtype=torch.bool)
+    if is_causal:
+        allowed = allowed & torch.ones(scores.shape[-2:], dtype=torch.bool).tril()
+    if attn_mask is not None:
+        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > float("-inf"))
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return probs, probs @ v
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "additive"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_recomputed_probabilities_are_the_kernels(mask, kv_heads):
+    q, k, v = kernel_inputs(kv_heads=kv_heads)
+    kwargs = {**masks(7, 7)[mask], "enable_gqa": kv_heads != 4}
+    probs = sdpa_probabilities(q, k, kwargs.get("attn_mask"), kwargs.get("is_causal", False), None, kwargs["enable_gqa"])
+    expected, _ = written_out(q, k, v, **kwargs)
+    assert torch.allclose(probs, expected, atol=1e-12)
+    repeated = v.repeat_interleave(4 // kv_heads, dim=1)
+    assert torch.allclose(probs @ repeated, F.scaled_dot_product_attention(q, k, v, **kwargs), atol=1e-12)
+
+
+@pytest.mark.parametrize("tile_bytes", [2**24, 2 * 4 * 7 * 8 * 3], ids=["whole", "tiles of 3 rows"])
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "additive"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_backward_gives_the_kernels_gradients_and_the_fold_true_A_and_dA(mask, kv_heads, tile_bytes, monkeypatch):
+    monkeypatch.setattr(fused_kernel, "TILE_BYTES", tile_bytes)
+    q, k, v = (t.requires_grad_(True) for t in kernel_inputs(kv_heads=kv_heads))
+    kwargs = masks(7, 7)[mask]
+    gqa = kv_heads != 4
+    weights = torch.randn(2, 4, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    seen = {"A": [], "dA": []}
+
+    class Folder:
+        def tiled(self, index):
+            return True
+
+        def piece(self, index, rows, a, g):
+            seen["A"].append(a.clone())
+            seen["dA"].append(g.clone())
+
+        def done(self, index):
+            seen["done"] = index
+
+    call = KernelCall(0, kwargs.get("attn_mask"), kwargs.get("is_causal", False), 0.3, gqa)
+    call.folder = Folder()
+    probe = torch.zeros((), requires_grad=True)
+    out = RecomputedAttention.apply(q, k, v, probe, call)
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v))
+
+    probs, expected_out = written_out(q, k, v, scale=0.3, **kwargs)
+    probs.retain_grad()
+    (expected_out * weights).sum().backward()
+    assert torch.allclose(out, expected_out, atol=1e-12)
+    for mine, theirs in zip(got, (q.grad, k.grad, v.grad)):
+        assert torch.allclose(mine, theirs, atol=1e-10)
+    assert len(seen["A"]) == (1 if tile_bytes == 2**24 else 3) and seen["done"] == 0
+    assert torch.allclose(torch.cat(seen["A"], dim=-2), probs, atol=1e-12)
+    assert torch.allclose(torch.cat(seen["dA"], dim=-2), probs.grad, atol=1e-12)
+    assert call.folded
+
+
+def llama(impl: str = "sdpa"):
+    return DecoderCase("llama", "lm", impl).model()
+
+
+@pytest.mark.parametrize("tile_bytes", [2**24, 2 * 4 * 9 * 4 * 2], ids=["whole", "tiles of 2 rows"])
+@pytest.mark.parametrize("method", ["generic", "grad_rollout", "attn_gradcam"])
+@pytest.mark.parametrize("family,head", [("llama", "lm"), ("qwen2", "cls"), ("gpt2", "lm")])
+def test_folding_methods_on_sdpa_equal_the_eager_kernel(method, family, head, tile_bytes, monkeypatch):
+    monkeypatch.setattr(fused_kernel, "TILE_BYTES", tile_bytes)
+    case = DecoderCase(family, head, "sdpa")
+    model = case.model()
+    inputs = case.inputs(lengths=[9, 6])
+    backwards = []
+    original = RecomputedAttention.backward
+
+    def counted(ctx, grad):
+        backwards.append(len(ctx.call.row_tiles(*ctx.saved_tensors[:2])))
+        return original(ctx, grad)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+        fused = attnx.explain(model, inputs, method=method)
+    assert backwards, "the sdpa kernel was not kept: the pass switched the model"
+    tiled = tile_bytes < 2**24 and method != "attn_gradcam"  # gradcam's readout rows are not row-separable
+    assert max(backwards) == (5 if tiled else 1)
+    assert model.config._attn_implementation == "sdpa"
+    eager = attnx.explain(DecoderCase(family, head, "eager").model(), inputs, method=method)
+    assert torch.isfinite(fused.scores).all()
+    assert torch.allclose(fused.scores, eager.scores, rtol=1e-4, atol=1e-6 * float(eager.scores.abs().max()))
+
+
+def test_backward_stops_at_the_lowest_layer_read():
+    model = llama()
+    case = DecoderCase("llama", "lm", "sdpa")
+    folded = []
+    original = RecomputedAttention.backward
+
+    def counted(ctx, grad):
+        folded.append((ctx.call.index, ctx.call.input_gradients))
+        return original(ctx, grad)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+        attnx.explain(model, case.inputs(), method="generic", start_layer=1)
+    assert folded == [(2, True), (1, False)]
+
+
+def test_the_forward_saves_no_attention_map():
+    """Every tensor autograd saves in the forward: none is a (.., N, N) map (the eager kernel saves one per layer)."""
+    case = DecoderCase("llama", "lm", "sdpa")
+    inputs = case.inputs(lengths=[13, 13])
+
+    def saved_maps(model) -> int:
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attnx.explain(model, inputs, method="generic", check_forward=False)
+        return sum(1 for s in shapes if len(s) >= 2 and s[-2:] == (13, 13))
+
+    assert saved_maps(case.model()) == 0
+    assert saved_maps(DecoderCase("llama", "lm", "eager").model()) >= 3  # the check can fail
+
+
+def test_a_call_not_covered_falls_back_to_the_written_out_probabilities(monkeypatch):
+    case = DecoderCase("llama", "lm", "sdpa")
+    inputs = case.inputs()
+    expected = attnx.explain(case.model(), inputs, method="generic").scores
+    original = fused_kernel.FusedKernelProbe.__torch_function__
+    seen = []
+
+    def skipping_one(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            seen.append(1)
+            if len(seen) == 2:  # the second layer's call runs unrecorded: two of three layers seen
+                return func(*args, **(kwargs or {}))
+        return original(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(fused_kernel.FusedKernelProbe, "__torch_function__", skipping_one)
+    got = attnx.explain(case.model(), inputs, method="generic").scores
+    assert seen, "the kernel path was not tried"
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_checkpointed_layers_recompute_through_the_kernel_and_give_the_same_map():
+    case = DecoderCase("llama", "lm", "sdpa")
+    inputs = case.inputs()
+    plain = attnx.explain(case.model(), inputs, method="grad_rollout").scores
+    model = case.model()
+    model.activation_checkpointing_enable()
+    layers = model.model.layers
+    forwards = []
+    handles = [m.self_attn.register_forward_hook(lambda *a: forwards.append(1)) for m in layers]
+    backwards = []
+    original = RecomputedAttention.backward
+
+    def counted(ctx, grad):
+        backwards.append(ctx.call.index)
+        return original(ctx, grad)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+            got = attnx.explain(model, inputs, method="grad_rollout", check_forward="never").scores
+    finally:
+        for h in handles:
+            h.remove()
+    assert sorted(backwards) == [0, 1, 2]
+    assert len(forwards) == 2 * len(layers)  # each layer ran again in the backward
+    assert torch.allclose(got, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_a_layer_the_backward_does_not_reach_falls_back(monkeypatch):
+    """A layer read whose kernel call the backward did not reach: its A was not kept, so the pass
+    runs again with the probabilities written out (the same map)."""
+    case = DecoderCase("llama", "lm", "sdpa")
+    inputs = case.inputs()
+    expected = attnx.explain(case.model(), inputs, method="generic").scores
+    original = RecomputedAttention.backward
+
+    def unreached_first(ctx, grad):  # as if layer 0's output had no gradient path
+        out = original(ctx, grad)
+        if ctx.call.index == 0:
+            ctx.call.folded = False
+        return out
+
+    monkeypatch.setattr(RecomputedAttention, "backward", staticmethod(unreached_first))
+    tried = []
+    monkeypatch.setattr(layer_fold.KernelCallsMissed, "__init__",
+                        lambda self, *a: tried.append(a) or Exception.__init__(self, *a))
+    got = attnx.explain(case.model(), inputs, method="generic").scores
+    assert tried, "the kernel path did not notice the layer it did not reach"
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_half_precision_model_is_folded_in_its_own_dtype():
+    case = DecoderCase("llama", "lm", "sdpa")
+    inputs = case.inputs()
+    exact = attnx.explain(case.model(), inputs, method="generic", target=7).scores  # one token: the top ones may swap
+    half = attnx.explain(case.model(torch.bfloat16), inputs, method="generic", target=7, precision="model").scores
+    eager = attnx.explain(DecoderCase("llama", "lm", "eager").model(torch.bfloat16), inputs, method="generic",
+                          target=7, precision="model").scores
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert torch.allclose(half, eager, rtol=0.05, atol=0.02 * float(eager.abs().max()))
+    # the bfloat16 model's map against the float32 one: the tolerance of docs/large_models.md
+    assert torch.nn.functional.cosine_similarity(half.flatten(1), exact.flatten(1)).min() > 0.99
