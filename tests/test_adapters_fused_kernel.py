@@ -254,3 +254,80 @@ def test_half_precision_model_is_folded_in_its_own_dtype():
     assert torch.allclose(half, eager, rtol=0.05, atol=0.02 * float(eager.abs().max()))
     # the bfloat16 model's map against the float32 one: the tolerance of docs/large_models.md
     assert torch.nn.functional.cosine_similarity(half.flatten(1), exact.flatten(1)).min() > 0.99
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg", "map"])
+def test_timm_vit_keeps_its_fused_kernel_unless_the_head_is_an_attention_pool(global_pool):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=5,
+                              global_pool=global_pool, class_token=global_pool == "token").eval()
+    assert all(block.attn.fused_attn for block in model.blocks)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    original = RecomputedAttention.backward
+    for method in ("generic", "grad_rollout", "attn_gradcam"):
+        backwards = []
+
+        def counted(ctx, grad, backwards=backwards):
+            backwards.append(ctx.call.index)
+            return original(ctx, grad)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+            fused = attnx.explain(model, x, method=method, target=[1, 3])
+        # a MAP head's probe attention is read in the forward: the blocks are written out instead
+        assert len(backwards) == (0 if global_pool == "map" else 1 if method == "attn_gradcam" else 3)
+        with pytest.MonkeyPatch.context() as mp:
+            for block in model.blocks:
+                mp.setattr(block.attn, "fused_attn", False)
+            written = attnx.explain(model, x, method=method, target=[1, 3])
+        assert torch.allclose(fused.scores, written.scores, rtol=1e-4, atol=1e-6 * float(written.scores.abs().max()))
+        assert all(block.attn.fused_attn for block in model.blocks)
+
+
+class HandWritten(torch.nn.Module):
+    """A user's own pre-norm Transformer classifier calling ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, depth: int = 3, vocab: int = 30) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(depth))
+        self.norm = torch.nn.ModuleList(torch.nn.LayerNorm(dim) for _ in range(depth))
+        self.head = torch.nn.Linear(dim, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids)
+        B, N, D = x.shape
+        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        for qkv, norm in zip(self.qkv, self.norm):
+            q, k, v = qkv(norm(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            x = x + F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(B, N, D)
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("method", ["generic", "grad_rollout", "attn_gradcam"])
+def test_hand_written_attention_keeps_its_kernel_under_the_intercepting_adapter(method, monkeypatch):
+    from attnx.adapters.intercept import InterceptAdapter
+
+    torch.manual_seed(0)
+    model = HandWritten().eval()
+    ids = torch.randint(1, 30, (2, 7), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])}
+    backwards = []
+    original = RecomputedAttention.backward
+
+    def counted(ctx, grad):
+        backwards.append(ctx.call.index)
+        return original(ctx, grad)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+        explainer = attnx.Explainer(model)
+        fused = explainer.explain(inputs, method=method, target=[0, 2])
+    assert explainer.adapter.name == "intercept" and backwards
+    monkeypatch.setattr(InterceptAdapter, "observe_kernels", lambda self, recorder: None)
+    written = attnx.explain(model, inputs, method=method, target=[0, 2])
+    assert torch.allclose(fused.scores, written.scores, rtol=1e-4, atol=1e-6 * float(written.scores.abs().max()))
+    assert (fused.scores[1, 5:] == 0).all()  # padding

@@ -40,7 +40,7 @@ from ..core.recorder import AttentionRecorder
 
 __all__ = [
     "TILE_BYTES", "FusedKernelProbe", "KernelCall", "KernelFolder", "RecomputedAttention",
-    "sdpa_probabilities",
+    "probed_attention", "sdpa_probabilities",
 ]
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -65,7 +65,7 @@ def sdpa_probabilities(
     these arguments, ``(..., Nq, Nk)``; a query that may attend to no key gets zeros, as in SDPA."""
     L, S = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if enable_gqa:
+    if enable_gqa and query.dim() >= 3:
         key = repeated_heads(key, query.shape[-3])
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
     if is_causal:
@@ -215,14 +215,38 @@ class RecomputedAttention(torch.autograd.Function):
         return grad_query, summed(grad_key), summed(grad_value), torch.zeros((), device=grad_out.device), None
 
 
-class FusedKernelProbe(TorchFunctionMode):
-    """Every ``F.scaled_dot_product_attention`` call made while active runs as
-    :class:`RecomputedAttention` and is recorded as a :class:`KernelCall` (``recorder.record_kernel``).
+def probed_attention(recorder: AttentionRecorder, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``F.scaled_dot_product_attention(*args, **kwargs)`` run as :class:`RecomputedAttention` and
+    recorded as a :class:`KernelCall` (``recorder.record_kernel``); ``None`` for a call the
+    recomputation does not cover (dropout on, a mask that requires grad, fewer than 4 dimensions,
+    no input that requires grad, no gradient mode), which the caller runs as it is."""
+    bound = dict(zip(_SDPA_ARGS, args), **kwargs)
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    mask = bound.get("attn_mask")
+    covered = (
+        float(bound.get("dropout_p", 0.0) or 0.0) == 0.0
+        and query.dim() == 4 and key.dim() == 4 and value.dim() == 4
+        and (mask is None or not mask.requires_grad)
+        and any(t.requires_grad for t in (query, key, value))
+        and torch.is_grad_enabled()
+    )
+    if not covered:
+        return None
+    call = KernelCall(
+        index=len(recorder.kernel_calls), attn_mask=mask, is_causal=bool(bound.get("is_causal", False)),
+        scale=bound.get("scale"), enable_gqa=bool(bound.get("enable_gqa", False)),
+    )
+    probe = torch.zeros((), dtype=torch.float32, device=query.device, requires_grad=True)
+    out = RecomputedAttention.apply(query, key, value, probe, call)
+    recorder.record_kernel(call, probe, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+    return out
 
-    A call the recomputation does not cover (dropout on, a mask that requires grad, fewer than 4
-    dimensions, no input that requires grad) runs as it is and is not recorded: the adapter then
-    sees fewer layers than the model has and explains with the probabilities written out instead.
-    """
+
+class FusedKernelProbe(TorchFunctionMode):
+    """Every ``F.scaled_dot_product_attention`` call made while active runs through
+    :func:`probed_attention`. A call it does not cover runs as it is and is not recorded: the
+    adapter then sees fewer layers than the model has and explains with the probabilities
+    written out instead."""
 
     def __init__(self, recorder: AttentionRecorder) -> None:
         super().__init__()
@@ -230,26 +254,8 @@ class FusedKernelProbe(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        bound = dict(zip(_SDPA_ARGS, args), **kwargs)
-        query, key, value = bound["query"], bound["key"], bound["value"]
-        mask = bound.get("attn_mask")
-        covered = (
-            float(bound.get("dropout_p", 0.0) or 0.0) == 0.0
-            and query.dim() == 4 and key.dim() == 4 and value.dim() == 4
-            and (mask is None or not mask.requires_grad)
-            and any(t.requires_grad for t in (query, key, value))
-            and torch.is_grad_enabled()
-        )
-        if not covered:
-            return func(*args, **kwargs)
-        call = KernelCall(
-            index=len(self.recorder.kernel_calls), attn_mask=mask, is_causal=bool(bound.get("is_causal", False)),
-            scale=bound.get("scale"), enable_gqa=bool(bound.get("enable_gqa", False)),
-        )
-        probe = torch.zeros((), dtype=torch.float32, device=query.device, requires_grad=True)
-        out = RecomputedAttention.apply(query, key, value, probe, call)
-        shape = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-        self.recorder.record_kernel(call, probe, shape)
-        return out
+        if func is F.scaled_dot_product_attention:
+            out = probed_attention(self.recorder, args, kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch, check_text_inputs
+from ..core.layer_fold import KernelCallsMissed
 from ..core.layout import Layout, infer_image_layout
 from ..core.model_output import logits_of
 from ..core.recorder import AttentionRecorder
 from .base import Adapter
-from .kernels import AttentionInterceptor, TokenWatcher
+from .kernels import AttentionInterceptor, KernelInterceptor, TokenWatcher
 from .pooling import TimmPooling, probe_weights
 
 
@@ -152,7 +153,27 @@ class InterceptAdapter(Adapter):
         with AttentionInterceptor(recorder), capture:
             yield
 
+    def observe_kernels(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager | None:
+        """SDPA calls left to the kernel for a pass that folds the layers (:class:`KernelInterceptor`),
+        unless the head is an attention pool (its probe's probabilities are read in the forward)."""
+        if self.pooling is not None and self.pooling.attn_pool is not None:
+            return None
+        return self._kernel_observation(recorder)
+
+    @contextlib.contextmanager
+    def _kernel_observation(self, recorder: AttentionRecorder) -> Iterator[None]:
+        capture = contextlib.nullcontext() if self.pooling is None else self.pooling.capture()
+        self.probe = None
+        with KernelInterceptor(recorder), capture:
+            yield
+
     def forward_done(self, recorder: AttentionRecorder) -> None:
+        if recorder.kernel_calls:
+            # every call one square (N, N) layer of the same N: a pooling probe (few queries) is read
+            # in the forward, so such a model is explained with its attention written out
+            if len({tuple(p.shape[-2:]) for p in recorder.probs}) != 1 or recorder.probs[0].shape[-2] != recorder.probs[0].shape[-1]:
+                raise KernelCallsMissed("kernel calls of several shapes")
+            return
         # a pooling probe is the head's, not a layer: off the layers before the layout and the backward
         self.probe = take_probe(recorder)
 

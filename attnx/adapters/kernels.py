@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import math
 import weakref
 from typing import Any, Callable
 
@@ -35,9 +34,10 @@ from torch.overrides import TorchFunctionMode
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError
 from ..lrp.relay import is_exact_alias
+from .fused_kernel import probed_attention, repeated_heads, sdpa_probabilities
 from .switches import record_mha_weights
 
-__all__ = ["AttentionInterceptor", "SoftmaxFlow", "TokenWatcher", "explicit_attention", "record_probabilities"]
+__all__ = ["AttentionInterceptor", "KernelInterceptor", "SoftmaxFlow", "TokenWatcher", "explicit_attention", "record_probabilities"]
 
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 T = torch.Tensor
@@ -193,34 +193,9 @@ def explicit_attention(
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` written out, recording the probabilities (``edit``: a
     function of the probabilities whose result the product with the values uses instead)."""
-    L, S = query.shape[-2], key.shape[-2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
-        rep = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(rep, dim=-3)
-        value = value.repeat_interleave(rep, dim=-3)
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    dead = None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            # -inf entries as the dtype's lowest value: the same softmax, and relevance rules that
-            # split a sum by its terms (a / (a + b)) meet no -inf / -inf
-            dead = torch.isneginf(attn_mask).all(dim=-1, keepdim=True)
-            scores = scores + attn_mask.to(scores.dtype).clamp(min=torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1)
-    if is_causal or attn_mask is not None:
-        # a query that may attend to no key (a left-padding position) gets zeros, as in SDPA;
-        # the mask is read off the detached scores, which is not a use of them
-        no_key = torch.isneginf(scores.detach()).all(dim=-1, keepdim=True)
-        if dead is not None:
-            no_key = no_key | dead
-        if no_key.any():
-            probs = probs.masked_fill(no_key, 0.0)
+    probs = sdpa_probabilities(query, key, attn_mask, is_causal, scale, enable_gqa)
+    if enable_gqa and query.dim() >= 3:
+        value = repeated_heads(value, query.shape[-3])
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     if edit is not None:
@@ -255,6 +230,20 @@ class AttentionInterceptor(TorchFunctionMode):
 
     def on_attention(self, probs: torch.Tensor) -> None:
         record_probabilities(self.recorder, probs)
+
+
+class KernelInterceptor(AttentionInterceptor):
+    """:class:`AttentionInterceptor` for a pass that folds the layers: SDPA calls are left to the
+    kernel (:func:`attnx.adapters.fused_kernel.probed_attention`); attention written out or asked
+    of ``nn.MultiheadAttention`` is recorded as before, and the recorder refuses the two kinds in
+    one forward (the pass then runs again with :class:`AttentionInterceptor`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            out = probed_attention(self.recorder, args, kwargs or {})
+            if out is not None:
+                return out
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 class TokenWatcher(TorchFunctionMode):

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 from ..core.batch import Batch, check_image_batch
+from ..core.layer_fold import KernelCallsMissed
 from ..core.layer_readout import LayerReadout
 from ..core.layout import Layout
 from ..core.recorder import AttentionRecorder
 from ..errors import AttnxValueError, UnsupportedModelError
 from .base import Adapter, block_output, hidden_states_argument, refuse_pooling
+from .fused_kernel import FusedKernelProbe
 from .loaded import loaded_class
 from .mlp_branch import named_mlp_branches
 from .pooling import TimmPooling
@@ -85,6 +87,26 @@ class TimmViTAdapter(Adapter):
         return Batch(args=(x,), kwargs={}, batch_size=x.shape[0], layout=layout, device=x.device)
 
     # capture ------------------------------------------------------------------------------
+    def observe_kernels(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager | None:
+        """The blocks' fused kernel kept (``fused_attn``, timm's default) for a pass that folds the
+        layers, unless the head is an attention pool (its probabilities are read in the forward)."""
+        if not all(getattr(a, "fused_attn", False) for a in self.attentions) or self.pooling.attn_pool is not None:
+            return None
+        return self._kernel_observation(recorder)
+
+    @contextlib.contextmanager
+    def _kernel_observation(self, recorder: AttentionRecorder) -> Iterator[None]:
+        self._kernels = True
+        try:
+            with self.pooling.capture(), FusedKernelProbe(recorder):
+                yield
+        finally:
+            self._kernels = False
+
+    def forward_done(self, recorder: AttentionRecorder) -> None:
+        if getattr(self, "_kernels", False) and len(recorder.kernel_calls) != len(self.attentions):
+            raise KernelCallsMissed(f"{len(recorder.kernel_calls)} kernel calls for {len(self.attentions)} blocks")
+
     @contextlib.contextmanager
     def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

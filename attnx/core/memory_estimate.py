@@ -95,11 +95,11 @@ TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
                     "(attnx.core.layer_fold): (L - first)·B·N²·4", lambda s: s.read_layers * s.inputs.batch * s.inputs.tokens**2 * 4),
     "one_layer_gradient": ("dy/dA (LeGrad: ∂s^l/∂A^l of its own readout) of the one layer being folded: M",
                            lambda s: s.map_bytes),
-    "recomputed_tiles": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA, their "
-                         "product and dS for one tile of query rows of the layer being folded: 4·min(TILE_BYTES, M)",
-                         lambda s: 4 * min(TILE_BYTES, s.map_bytes)),
-    "recomputed_layer": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA, their "
-                         "product and dS for the whole layer being folded: 4·M", lambda s: 4 * s.map_bytes),
+    "recomputed_tiles": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA and one "
+                         "of their products (dS, the fold's) for one tile of query rows of the layer being folded: "
+                         "3·min(TILE_BYTES, M)", lambda s: 3 * min(TILE_BYTES, s.map_bytes)),
+    "recomputed_layer": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA and one "
+                         "of their products for the whole layer being folded: 3·M", lambda s: 3 * s.map_bytes),
     "attention_relevance": ("R^A of every layer read: (L - first)·M", lambda s: s.read_layers * s.map_bytes),
     "method_math": ("the method's products over one layer (A ⊙ ∇A, its positive part): 2·M",
                     lambda s: 2 * s.map_bytes),

@@ -47,8 +47,8 @@ class ModelShape:
         ``sdpa`` / flash kernels, timm's ``fused_attn``), so an LRP preset can keep it fused.
     kernel_folds:
         The folding methods (generic, grad_rollout, attn_gradcam) leave the attention to that
-        kernel and recompute each layer's map in the backward (a Hugging Face model on ``sdpa``:
-        :mod:`attnx.adapters.fused_kernel`).
+        kernel and recompute each layer's map in the backward (a Hugging Face model on ``sdpa``,
+        a timm ViT with ``fused_attn`` and no attention-pool head: :mod:`attnx.adapters.fused_kernel`).
     """
 
     layers: int
@@ -129,6 +129,7 @@ def _timm_shape(model: nn.Module) -> ModelShape | None:
         weight_bytes=stored, half_bytes=half, compute_bytes=compute,
         patch_size=_int(model.patch_embed.patch_size), prefix_tokens=getattr(model, "num_prefix_tokens", 1),
         fused_kernel=bool(getattr(attn, "fused_attn", False)),
+        kernel_folds=all(getattr(b.attn, "fused_attn", False) for b in blocks) and getattr(model, "attn_pool", None) is None,
     )
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import AttnxValueError
 from .checkpointing import outside_function_modes, recomputing
+from .layer_fold import KernelCallsMissed
 
 __all__ = ["AttentionRecorder"]
 
@@ -65,8 +66,8 @@ class AttentionRecorder:
             return
         if probs.dim() != 4:
             raise AttnxValueError(f"attention probabilities must be (B, H, N, N), got shape {tuple(probs.shape)}")
-        if self.kernel_calls:
-            raise AttnxValueError("attention written out and attention left to its kernel in one forward")
+        if self.kernel_calls:  # the pass runs again with every attention written out
+            raise KernelCallsMissed("attention written out beside attention left to its kernel")
         self.probs.append(probs)
         self.grad_wrt.append(probs if grad_wrt is None else grad_wrt)
         self.token_counts.append(int(probs.shape[-1]))
@@ -76,8 +77,8 @@ class AttentionRecorder:
         in the backward (a :class:`~attnx.adapters.fused_kernel.KernelCall`); ``probe`` is its scalar probe."""
         if recomputing() or self.paused:
             return
-        if self.probs and not self.kernel_calls:
-            raise AttnxValueError("attention written out and attention left to its kernel in one forward")
+        if self.probs and not self.kernel_calls:  # the pass runs again with every attention written out
+            raise KernelCallsMissed("attention left to its kernel beside attention written out")
         self.kernel_calls.append(call)
         self.probs.append(probe.detach().expand(shape))
         self.grad_wrt.append(probe)

@@ -35,7 +35,7 @@ def generic(trace, readout, *, start_layer: int = 0) -> torch.Tensor:
     (:func:`generic_layer`), then released. Peak, float32 bytes, ``B`` samples, ``H`` heads,
     ``N`` tokens, ``L`` layers read (from ``start_layer``)::
 
-        F_sdpa + 4·B·N²·L + 4·min(T, 4·B·H·N²)     (a Hugging Face model on its sdpa kernel)
+        F_sdpa + 4·B·N²·L + 3·min(T, 4·B·H·N²)     (a Hugging Face model on its sdpa kernel)
         F_eager + 4·B·N²·L                          (attention written out)
 
     with ``F_sdpa`` the model's own forward + backward with its fused kernel (whose backward

@@ -33,7 +33,7 @@ def grad_rollout(trace, readout, *, discard_ratio: float = 0.0, start_layer: int
     (:func:`gradient_weighted`), then released; ``discard_ratio`` and the rollout run on those
     maps. Peak, float32 bytes, ``B`` samples, ``H`` heads, ``N`` tokens, ``L`` layers read::
 
-        F_sdpa + 4·B·N²·L + 4·min(T, 4·B·H·N²)     (a Hugging Face model on its sdpa kernel)
+        F_sdpa + 4·B·N²·L + 3·min(T, 4·B·H·N²)     (a Hugging Face model on its sdpa kernel)
         F_eager + 4·B·N²·L                          (attention written out)
 
     with ``F_sdpa`` the model's own forward + backward with its fused kernel (``A`` recomputed in

@@ -36,8 +36,8 @@ def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
     (:func:`readout_rows`); no layer is kept whole. Peak, float32 bytes, ``B`` samples, ``H``
     heads, ``N`` tokens::
 
-        F_sdpa + 16·B·H·N²         (a Hugging Face model on its sdpa kernel: A, ∂y_t/∂A, their
-                                    product and the softmax's gradient of the layer read, recomputed)
+        F_sdpa + 12·B·H·N²         (on the model's sdpa kernel: A, ∂y_t/∂A and one of their
+                                    products, of the layer read, recomputed)
         F_eager + 8·B·H·N          (attention written out, a readout the model declares)
         F_eager + 8·B·H·N²         (a readout measured after the pass: that layer's A and ∂y_t/∂A)
 
