@@ -210,3 +210,18 @@ def test_a_fold_sees_each_layer_once_from_the_top_down():
     trace = explainer.trace(case.inputs(batch=1, dtype=torch.float64), None, FULL, fold=LayerFold(note))
     assert seen == [(2, 3, True), (1, 3, True), (0, 3, True)]
     assert trace.folded == [None, None, None]
+
+
+@pytest.mark.parametrize("readout", [torch.tensor([6, 0, 3]), torch.tensor([[0.2, 0.0, 0.3, 0.0, 0.1, 0.0, 0.4]] * 3)],
+                         ids=["rows", "weights"])
+def test_row_tiles_of_a_readout_sum_to_its_read(readout):
+    """``Readout.row(tile, rows)``: what each tile of query rows adds to the readout row, so that
+    a fold joined by summing (attn_gradcam's) sees the whole layer's read."""
+    from attnx.core.layout import Layout
+
+    m = torch.randn(3, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    r = Readout(Layout(7, 0, readout), 3, torch.device("cpu"))
+    whole = r.row(m)
+    for size in (1, 2, 3, 7):
+        tiles = [slice(s, min(s + size, 7)) for s in range(0, 7, size)]
+        assert torch.allclose(sum(r.row(m[..., t, :], t) for t in tiles), whole, atol=1e-14)

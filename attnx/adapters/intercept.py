@@ -146,25 +146,21 @@ class InterceptAdapter(Adapter):
             return self.blocks_from.mlp_branches(batch)
         return super().mlp_branches(batch)
 
-    @contextlib.contextmanager
-    def observe(self, recorder: AttentionRecorder) -> Iterator[None]:
-        capture = contextlib.nullcontext() if self.pooling is None else self.pooling.capture()
-        self.probe = None
-        with AttentionInterceptor(recorder), capture:
-            yield
+    def observe(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager:
+        return self._intercepted(AttentionInterceptor(recorder))
 
     def observe_kernels(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager | None:
         """SDPA calls left to the kernel for a pass that folds the layers (:class:`KernelInterceptor`),
         unless the head is an attention pool (its probe's probabilities are read in the forward)."""
         if self.pooling is not None and self.pooling.attn_pool is not None:
             return None
-        return self._kernel_observation(recorder)
+        return self._intercepted(KernelInterceptor(recorder))
 
     @contextlib.contextmanager
-    def _kernel_observation(self, recorder: AttentionRecorder) -> Iterator[None]:
+    def _intercepted(self, mode: AttentionInterceptor) -> Iterator[None]:
         capture = contextlib.nullcontext() if self.pooling is None else self.pooling.capture()
         self.probe = None
-        with KernelInterceptor(recorder), capture:
+        with mode, capture:
             yield
 
     def forward_done(self, recorder: AttentionRecorder) -> None:

@@ -21,7 +21,7 @@ from .layout import Readout
 
 __all__ = [
     "AttentionLayer", "KernelCallsMissed", "LayerFold", "fold_backward", "fold_kernel_backward", "kept_layers", "layer_index", "row_norms",
-    "row_separable",
+    "joined_by", "row_separable",
 ]
 
 
@@ -54,6 +54,9 @@ class AttentionLayer:
     attention: torch.Tensor
     gradient: torch.Tensor | None
     readout: Readout | None
+    #: the query rows ``attention`` and ``gradient`` hold (a tile, :mod:`attnx.adapters.fused_kernel`);
+    #: ``None``: all of them
+    rows: slice | None = None
 
 
 @dataclass(frozen=True)
@@ -166,8 +169,18 @@ def row_separable(rule: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a fold rule whose result on the query rows ``rows`` of a layer (``A`` and ``dy_t/dA``
     ``(B, H, rows, N)``) is the rows ``rows`` (axis ``-2``) of its result on the whole layer, so
     that a layer may be folded in tiles of query rows (:mod:`attnx.adapters.fused_kernel`)."""
-    rule.row_separable = True
-    return rule
+    return joined_by(join_rows)(rule)
+
+
+def joined_by(join: Callable[[list], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a fold rule that may see a layer in tiles of query rows (``AttentionLayer.rows``):
+    ``join(pieces)`` makes its result on the whole layer from its results on consecutive tiles."""
+
+    def mark(rule: Callable[..., Any]) -> Callable[..., Any]:
+        rule.join_rows = join
+        return rule
+
+    return mark
 
 
 class _KernelFolder:
@@ -176,18 +189,20 @@ class _KernelFolder:
 
     def __init__(self, fold: LayerFold, readout: Readout | None, first: int, n: int) -> None:
         self.fold, self.readout, self.first, self.n = fold, readout, first, n
-        self.rows_apart = bool(getattr(fold.rule, "row_separable", False))
+        self.join = getattr(fold.rule, "join_rows", None)
         self.folded: list[Any] = [None] * n
         self.pieces: dict[int, list[tuple[Any, torch.Tensor | None]]] = {}
         self.last_rows: torch.Tensor | None = None
 
     def tiled(self, index: int) -> bool:
-        return self.rows_apart
+        return self.join is not None
 
     def piece(self, index: int, rows: slice, probs: torch.Tensor, gradient: torch.Tensor) -> None:
         if index < self.first:
             return
-        kept = self.fold(AttentionLayer(index, self.n, probs.detach(), gradient.detach(), self.readout))
+        whole = rows.start in (None, 0) and rows.stop == probs.shape[-2] and self.join is None
+        layer = AttentionLayer(index, self.n, probs.detach(), gradient.detach(), self.readout, None if whole else rows)
+        kept = self.fold(layer)
         norms = row_norms(gradient) if index == self.n - 1 else None
         self.pieces.setdefault(index, []).append((kept, norms))
 
@@ -196,7 +211,7 @@ class _KernelFolder:
         if not pieces:
             return
         kept = [k for k, _ in pieces]
-        self.folded[index] = kept[0] if len(kept) == 1 else join_rows(kept)
+        self.folded[index] = kept[0] if self.join is None else self.join(kept)
         if index == self.n - 1:
             self.last_rows = torch.cat([r for _, r in pieces], dim=1)
 

@@ -183,13 +183,24 @@ class Readout:
         self.protected[torch.arange(B, device=device), self.index] = True
         self.weights = self.protected.to(torch.float64)
 
-    def row(self, matrix: torch.Tensor) -> torch.Tensor:
-        """Read ``matrix`` ``(B, ..., N, N)`` at the readout row: ``(B, ..., N)``."""
-        if self.index is not None:
+    def row(self, matrix: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """Read ``matrix`` ``(B, ..., N, N)`` at the readout row: ``(B, ..., N)``. With ``rows``,
+        ``matrix`` holds only those query rows: what they add to the readout row (the readout
+        rows outside them add zero), so that the reads of a matrix's row tiles sum to its read."""
+        weights, index = self.weights, self.index
+        if rows is not None:
+            start = rows.start or 0
+            weights = weights[:, rows]
+            if index is not None:
+                index = index - start
+        if index is not None:
+            n = matrix.shape[-2]
+            inside = (index >= 0) & (index < n)
             shape = (*matrix.shape[:-2], 1, matrix.shape[-1])
-            at = self.index.to(matrix.device).view(-1, *([1] * (matrix.dim() - 1))).expand(shape)
-            return matrix.gather(-2, at).squeeze(-2)
-        w = self.weights.to(device=matrix.device, dtype=matrix.dtype)
+            at = index.clamp(0, n - 1).to(matrix.device).view(-1, *([1] * (matrix.dim() - 1))).expand(shape)
+            picked = matrix.gather(-2, at).squeeze(-2)
+            return picked if rows is None else picked * inside.to(matrix.device, matrix.dtype).view(-1, *([1] * (picked.dim() - 1)))
+        w = weights.to(device=matrix.device, dtype=matrix.dtype)
         w = w.view(w.shape[0], *([1] * (matrix.dim() - 3)), w.shape[1], 1)
         return (matrix * w).sum(-2)
 

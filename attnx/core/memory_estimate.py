@@ -98,8 +98,6 @@ TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
     "recomputed_tiles": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA and one "
                          "of their products (dS, the fold's) for one tile of query rows of the layer being folded: "
                          "3·min(TILE_BYTES, M)", lambda s: 3 * min(TILE_BYTES, s.map_bytes)),
-    "recomputed_layer": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA and one "
-                         "of their products for the whole layer being folded: 3·M", lambda s: 3 * s.map_bytes),
     "attention_relevance": ("R^A of every layer read: (L - first)·M", lambda s: s.read_layers * s.map_bytes),
     "method_math": ("the method's products over one layer (A ⊙ ∇A, its positive part): 2·M",
                     lambda s: 2 * s.map_bytes),
@@ -137,9 +135,9 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
 }
 
 
-#: the folding methods that leave the attention to the model's kernel where it can, and whether
-#: their fold reads query rows apart (tiles) or the whole layer
-KERNEL_FOLDS = {"generic": "recomputed_tiles", "grad_rollout": "recomputed_tiles", "attn_gradcam": "recomputed_layer"}
+#: the folding methods that leave the attention to the model's kernel where it can (their folds
+#: take a layer in tiles of query rows)
+KERNEL_FOLDS = {"generic": "recomputed_tiles", "grad_rollout": "recomputed_tiles", "attn_gradcam": "recomputed_tiles"}
 
 
 def attention_stays_fused(registry: Any, shape: ModelShape) -> bool:

@@ -3,13 +3,26 @@ from __future__ import annotations
 
 import torch
 
-from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers, same_readout
+from ..core.layer_fold import AttentionLayer, LayerFold, joined_by, kept_layers, layer_index, num_layers, same_readout
 from ..core.trace_types import Needs
 from .options import LAYER, LIBRAGRAD
 from .propagation import check_start_layer, option_layer
 from .registry import register_method
 
 
+def joined_readout_rows(pieces: list) -> tuple | None:
+    """:func:`readout_rows` of a layer from its reads of consecutive tiles of query rows: the
+    readout rows' parts summed (whole tiles joined along the rows where the readout is measured
+    after the pass)."""
+    if pieces[0] is None:
+        return None
+    a, g, used = zip(*pieces)
+    if used[0] is None:
+        return torch.cat(a, dim=-2), torch.cat(g, dim=-2), None
+    return sum(a), sum(g), used[0]
+
+
+@joined_by(joined_readout_rows)
 def readout_rows(at: AttentionLayer, *, layer: int = -1) -> tuple | None:
     """What attn_gradcam keeps of the layer it reads: the readout rows of ``A`` and ``∂y_t/∂A``,
     ``(B, H, N)`` each, and the readout they were read at (the whole ``(B, H, N, N)`` maps and
@@ -18,7 +31,7 @@ def readout_rows(at: AttentionLayer, *, layer: int = -1) -> tuple | None:
         return None
     if at.readout is None:
         return at.attention, at.gradient, None
-    return at.readout.row(at.attention), at.readout.row(at.gradient), at.readout
+    return at.readout.row(at.attention, at.rows), at.readout.row(at.gradient, at.rows), at.readout
 
 
 @register_method("attn_gradcam", reference="Chefer et al., CVPR 2021 (baseline)", needs=Needs(attentions=True, gradients=True), options=(LAYER, LIBRAGRAD),
@@ -36,8 +49,8 @@ def attn_gradcam(trace, readout, *, layer: int = -1) -> torch.Tensor:
     (:func:`readout_rows`); no layer is kept whole. Peak, float32 bytes, ``B`` samples, ``H``
     heads, ``N`` tokens::
 
-        F_sdpa + 12·B·H·N²         (on the model's sdpa kernel: A, ∂y_t/∂A and one of their
-                                    products, of the layer read, recomputed)
+        F_sdpa + 3·min(T, 4·B·H·N²) (on the model's sdpa kernel: A, ∂y_t/∂A and one of their
+                                    products for a tile of T bytes of query rows, recomputed)
         F_eager + 8·B·H·N          (attention written out, a readout the model declares)
         F_eager + 8·B·H·N²         (a readout measured after the pass: that layer's A and ∂y_t/∂A)
 
