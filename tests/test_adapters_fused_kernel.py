@@ -9,6 +9,8 @@ are not one per layer must fall back to the written-out probabilities.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,21 @@ from attnx.core import layer_fold
 from attnx.adapters.fused_kernel import KernelCall, RecomputedAttention, sdpa_probabilities
 
 from decoder_models import DecoderCase
+
+
+@contextlib.contextmanager
+def kernel_backwards(note=lambda ctx: ctx.call.index):
+    """``note(ctx)`` of every :class:`RecomputedAttention` backward run inside, in order."""
+    seen = []
+    original = RecomputedAttention.backward
+
+    def noted(ctx, grad):
+        seen.append(note(ctx))
+        return original(ctx, grad)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RecomputedAttention, "backward", staticmethod(noted))
+        yield seen
 
 
 def kernel_inputs(heads: int = 4, kv_heads: int = 4, n: int = 7, m: int | None = None, dtype=torch.float64):
@@ -117,15 +134,7 @@ def test_folding_methods_on_sdpa_equal_the_eager_kernel(method, family, head, ti
     case = DecoderCase(family, head, "sdpa")
     model = case.model()
     inputs = case.inputs(lengths=[9, 6])
-    backwards = []
-    original = RecomputedAttention.backward
-
-    def counted(ctx, grad):
-        backwards.append(len(ctx.call.row_tiles(*ctx.saved_tensors[:2])))
-        return original(ctx, grad)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+    with kernel_backwards(lambda ctx: len(ctx.call.row_tiles(*ctx.saved_tensors[:2]))) as backwards:
         fused = attnx.explain(model, inputs, method=method)
     assert backwards, "the sdpa kernel was not kept: the pass switched the model"
     assert max(backwards) == (5 if tile_bytes < 2**24 else 1)
@@ -138,15 +147,7 @@ def test_folding_methods_on_sdpa_equal_the_eager_kernel(method, family, head, ti
 def test_backward_stops_at_the_lowest_layer_read():
     model = llama()
     case = DecoderCase("llama", "lm", "sdpa")
-    folded = []
-    original = RecomputedAttention.backward
-
-    def counted(ctx, grad):
-        folded.append((ctx.call.index, ctx.call.input_gradients))
-        return original(ctx, grad)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+    with kernel_backwards(lambda ctx: (ctx.call.index, ctx.call.input_gradients)) as folded:
         attnx.explain(model, case.inputs(), method="generic", start_layer=1)
     assert folded == [(2, True), (1, False)]
 
@@ -200,16 +201,8 @@ def test_checkpointed_layers_recompute_through_the_kernel_and_give_the_same_map(
     layers = model.model.layers
     forwards = []
     handles = [m.self_attn.register_forward_hook(lambda *a: forwards.append(1)) for m in layers]
-    backwards = []
-    original = RecomputedAttention.backward
-
-    def counted(ctx, grad):
-        backwards.append(ctx.call.index)
-        return original(ctx, grad)
-
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+        with kernel_backwards() as backwards:
             got = attnx.explain(model, inputs, method="grad_rollout", check_forward="never").scores
     finally:
         for h in handles:
@@ -264,16 +257,8 @@ def test_timm_vit_keeps_its_fused_kernel_unless_the_head_is_an_attention_pool(gl
                               global_pool=global_pool, class_token=global_pool == "token").eval()
     assert all(block.attn.fused_attn for block in model.blocks)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    original = RecomputedAttention.backward
     for method in ("generic", "grad_rollout", "attn_gradcam"):
-        backwards = []
-
-        def counted(ctx, grad, backwards=backwards):
-            backwards.append(ctx.call.index)
-            return original(ctx, grad)
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+        with kernel_backwards() as backwards:
             fused = attnx.explain(model, x, method=method, target=[1, 3])
         # a MAP head's probe attention is read in the forward: the blocks are written out instead
         assert len(backwards) == (0 if global_pool == "map" else 1 if method == "attn_gradcam" else 3)
@@ -314,15 +299,7 @@ def test_hand_written_attention_keeps_its_kernel_under_the_intercepting_adapter(
     model = HandWritten().eval()
     ids = torch.randint(1, 30, (2, 7), generator=torch.Generator().manual_seed(2))
     inputs = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])}
-    backwards = []
-    original = RecomputedAttention.backward
-
-    def counted(ctx, grad):
-        backwards.append(ctx.call.index)
-        return original(ctx, grad)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(RecomputedAttention, "backward", staticmethod(counted))
+    with kernel_backwards() as backwards:
         explainer = attnx.Explainer(model)
         fused = explainer.explain(inputs, method=method, target=[0, 2])
     assert explainer.adapter.name == "intercept" and backwards

@@ -15,14 +15,14 @@ output ``o = A v``:
   ``dq = dS k · scale``, ``dk = dSᵀ q · scale`` (summed over the query heads of a key head under
   grouped-query attention).
 
-A fold that reads each query row on its own (:func:`attnx.core.layer_fold.row_separable`) gets
-the layer in tiles of query rows, :data:`TILE_BYTES` per ``(B, H, rows, N)`` map: the backward
-never holds a layer's whole map.
+A fold that declares how its results on tiles of query rows join (:func:`attnx.core.layer_fold.joined_by`;
+``row_separable``: the rows concatenated) gets the layer in tiles, :data:`TILE_BYTES` per
+``(B, H, rows, N)`` map: the backward never holds a layer's whole map.
 
 Peak memory: the fused kernel's forward + backward, plus what the fold keeps per layer, plus
-four maps of one tile (``A``, ``dy_t/dA``, their product, ``dS``) and the gradients of
-the keys and values repeated to every query head; for a fold that is not row-separable the
-tile is the whole ``(B, H, N, N)`` layer. Time: the fused forward, and per layer in the backward
+about three maps of one tile (``A``, ``dy_t/dA`` and one of their products: ``dS`` or the fold's)
+and the gradients of the keys and values repeated to every query head; for a fold without a join
+the tile is the whole ``(B, H, N, N)`` layer. Time: the fused forward, and per layer in the backward
 the products of the attention written out (``q kᵀ``, ``dy_t/do · vᵀ``, ``Aᵀ dy_t/do``, ``dS k``,
 ``dSᵀ q``).
 """
@@ -40,7 +40,7 @@ from ..core.recorder import AttentionRecorder
 
 __all__ = [
     "TILE_BYTES", "FusedKernelProbe", "KernelCall", "KernelFolder", "RecomputedAttention",
-    "probed_attention", "sdpa_probabilities",
+    "probed_attention", "sdpa_probabilities", "sdpa_scale",
 ]
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -51,6 +51,11 @@ def repeated_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     if t.dim() < 3 or t.shape[-3] == heads:
         return t
     return t.repeat_interleave(heads // t.shape[-3], dim=-3)
+
+
+def sdpa_scale(query: torch.Tensor, scale: float | None) -> float:
+    """The factor of ``q kᵀ`` in SDPA: ``scale``, or ``1/√d`` by default."""
+    return 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
 
 
 def sdpa_probabilities(
@@ -64,7 +69,7 @@ def sdpa_probabilities(
     """The probabilities ``softmax(q kᵀ · scale + mask)`` of ``F.scaled_dot_product_attention`` on
     these arguments, ``(..., Nq, Nk)``; a query that may attend to no key gets zeros, as in SDPA."""
     L, S = query.shape[-2], key.shape[-2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scale = sdpa_scale(query, scale)
     if enable_gqa and query.dim() >= 3:
         key = repeated_heads(key, query.shape[-3])
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
@@ -178,7 +183,7 @@ class RecomputedAttention(torch.autograd.Function):
         query, key, value = ctx.saved_tensors
         heads = query.shape[-3]
         key_, value_ = repeated_heads(key, heads), repeated_heads(value, heads)
-        scale = 1.0 / math.sqrt(query.shape[-1]) if call.scale is None else call.scale
+        scale = sdpa_scale(query, call.scale)
         needs = [n and call.input_gradients for n in ctx.needs_input_grad[:3]]
         grad_query = torch.empty_like(query) if needs[0] else None
         grad_key = torch.zeros_like(key_) if needs[1] else None

@@ -235,15 +235,16 @@ class HFAdapter(Adapter):
     def forward_done(self, recorder: AttentionRecorder) -> None:
         if not getattr(self._calls, "kernels", False):
             return
-        config = self.model.config
-        config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
-        if len(recorder.kernel_calls) != getattr(config, "num_hidden_layers", None):
+        if len(recorder.kernel_calls) != getattr(self.stack_config(), "num_hidden_layers", None):
             raise KernelCallsMissed(f"{len(recorder.kernel_calls)} kernel calls")
 
-    def block_inputs(self, batch: Batch) -> list:
+    def stack_config(self) -> Any:
+        """The config of the layer stack attnx reads: a composite model's vision or text config."""
         config = self.model.config
-        config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
-        return layer_stack(self.model, config)
+        return getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
+
+    def block_inputs(self, batch: Batch) -> list:
+        return layer_stack(self.model, self.stack_config())
 
     def layer_readout(self, batch: Batch, pooling: str = "model") -> LayerReadout:
         """Each layer's output through what the model applies after its encoder: ViT / DeiT image
@@ -298,9 +299,7 @@ class HFAdapter(Adapter):
         return LayerReadout(blocks, head)
 
     def value_projections(self, batch: Batch) -> list:
-        config = self.model.config
-        config = getattr(config, "vision_config", None) or getattr(config, "text_config", None) or config
-        return value_projections(self.block_inputs(batch), config) or super().value_projections(batch)
+        return value_projections(self.block_inputs(batch), self.stack_config()) or super().value_projections(batch)
 
     def mlp_branches(self, batch: Batch) -> list:
         return named_mlp_branches(self.block_inputs(batch)) or super().mlp_branches(batch)

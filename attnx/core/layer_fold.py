@@ -185,7 +185,7 @@ def joined_by(join: Callable[[list], Any]) -> Callable[[Callable[..., Any]], Cal
 
 class _KernelFolder:
     """The folds of :func:`fold_kernel_backward`: each call's backward hands its layer over in
-    pieces of query rows; a row-separable fold's pieces are joined along the rows."""
+    pieces of query rows when the fold declares how to join them (:func:`joined_by`), else whole."""
 
     def __init__(self, fold: LayerFold, readout: Readout | None, first: int, n: int) -> None:
         self.fold, self.readout, self.first, self.n = fold, readout, first, n
@@ -200,9 +200,9 @@ class _KernelFolder:
     def piece(self, index: int, rows: slice, probs: torch.Tensor, gradient: torch.Tensor) -> None:
         if index < self.first:
             return
-        whole = rows.start in (None, 0) and rows.stop == probs.shape[-2] and self.join is None
-        layer = AttentionLayer(index, self.n, probs.detach(), gradient.detach(), self.readout, None if whole else rows)
-        kept = self.fold(layer)
+        # a fold without a join sees the whole layer, in one piece
+        kept = self.fold(AttentionLayer(index, self.n, probs.detach(), gradient.detach(), self.readout,
+                                        None if self.join is None else rows))
         norms = row_norms(gradient) if index == self.n - 1 else None
         self.pieces.setdefault(index, []).append((kept, norms))
 
