@@ -187,9 +187,13 @@ def test_a_call_not_covered_falls_back_to_the_written_out_probabilities(monkeypa
         return original(self, func, types, args, kwargs)
 
     monkeypatch.setattr(fused_kernel.FusedKernelProbe, "__torch_function__", skipping_one)
-    got = attnx.explain(case.model(), inputs, method="generic").scores
+    explainer = attnx.Explainer(case.model())
+    got = explainer.explain(inputs, method="generic").scores
     assert seen, "the kernel path was not tried"
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7)
+    tried = len(seen)
+    again = explainer.explain(inputs, method="grad_rollout").scores  # the miss is remembered: no second try
+    assert len(seen) == tried and explainer.adapter.kernel_calls_missed and torch.isfinite(again).all()
 
 
 def test_checkpointed_layers_recompute_through_the_kernel_and_give_the_same_map():

@@ -150,6 +150,10 @@ class Adapter:
         """
         yield
 
+    #: set when a pass on the model's kernel missed a layer (:meth:`observe_kernels`): the adapter's
+    #: later passes write the attention out without trying the kernel again
+    kernel_calls_missed: bool = False
+
     def observe_kernels(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager | None:
         """A context manager leaving the attention to the model's fused kernel, each call recorded
         with ``recorder.record_kernel`` (:mod:`attnx.adapters.fused_kernel`), for a pass that

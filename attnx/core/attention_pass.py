@@ -66,14 +66,14 @@ def attention_pass(
     :mod:`attnx.adapters.fused_kernel`): each layer's ``A`` is recomputed in the backward and
     folded, and no layer's map is kept by the forward."""
     kernel = (fold is not None and gradients and not (tokens or value_outputs or mlp_branches or layer_readouts)
-              and rules is None)
+              and rules is None and not adapter.kernel_calls_missed)
     options = dict(first_layer=first_layer, fold=fold, tokens=tokens, value_outputs=value_outputs,
                    mlp_branches=mlp_branches, rules=rules, strict=strict, layer_readouts=layer_readouts)
     if kernel:
         try:
             return observed_pass(adapter, batch, target, attentions, gradients, kernel=True, **options)
         except KernelCallsMissed:
-            pass
+            adapter.kernel_calls_missed = True  # the next calls on this model go the written-out way at once
     return observed_pass(adapter, batch, target, attentions, gradients, kernel=False, **options)
 
 
