@@ -237,8 +237,10 @@ def run_model(model: torch.nn.Module, inputs: Any, lm_logits: str = "all") -> to
 class Bench:
     """One model and one batch: the baselines and the method calls as zero-argument callables."""
 
-    def __init__(self, name: str, model: torch.nn.Module, inputs: Any, dtype: str = "float32", lm_logits: str = "all") -> None:
+    def __init__(self, name: str, model: torch.nn.Module, inputs: Any, dtype: str = "float32", lm_logits: str = "all",
+                 sub_batch: Any = "auto") -> None:
         self.name = name
+        self.sub_batch = sub_batch
         self.model = model
         self.inputs = inputs
         self.dtype = dtype
@@ -286,7 +288,7 @@ class Bench:
 
         def call() -> Any:
             with self.precision():
-                return self.explainer(self.inputs, method=method, target=self.targets, **options)
+                return self.explainer(self.inputs, method=method, target=self.targets, sub_batch=self.sub_batch, **options)
 
         return call
 
@@ -410,7 +412,7 @@ def memory_worker(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     model = build_model(spec["model"], spec["quick"], spec["seed"]).to(spec["device"])
     inputs = to_device(make_inputs(spec["model"], model, spec["batch"], spec["seq_len"], spec["seed"]), spec["device"])
-    bench = Bench(spec["model"], model, inputs, spec["dtype"], spec["lm_logits"])  # includes the plain warm-up forward
+    bench = Bench(spec["model"], model, inputs, spec["dtype"], spec["lm_logits"], spec["sub_batch"])  # includes the plain warm-up forward
     op = bench.op(spec["op"])
     out = op()  # warm-up call of the measured operation
     del out
@@ -449,6 +451,7 @@ def measure_memory(args: argparse.Namespace, model: str, batch: int, op: str) ->
         "seed": args.seed,
         "device": args.device,
         "dtype": args.dtype,
+        "sub_batch": args.sub_batch,
         "allocator": args.allocator,
     }
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(spec)]
@@ -504,6 +507,10 @@ def parse_list(text: str, cast=str) -> list:
     return [cast(t.strip()) for t in text.split(",") if t.strip()]
 
 
+def sub_batch_arg(text: str) -> Any:
+    return None if text == "none" else text if text == "auto" else int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vit,bert", help="comma list from: vit, vit_s, bert, llama (default vit,bert)")
@@ -527,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocator", default="default", choices=("default", "reuse"),
                    help="reuse: attnx.reuse_freed_memory() first (glibc keeps freed memory for reuse; see "
                         "attnx/core/allocator.py); default: the C library's own setting")
+    p.add_argument("--sub-batch", type=sub_batch_arg, default="auto",
+                   help="attnx.explain's sub_batch: auto (default: shares whose temporaries glibc reuses, "
+                        "attnx/core/sub_batches.py), none (the batch whole) or a number of samples")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -565,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(name, args.quick, args.seed).to(args.device)
         for bs in batch_sizes:
             inputs = to_device(make_inputs(name, model, bs, seq_len_of(args, name), args.seed), args.device)
-            bench = Bench(name, model, inputs, args.dtype, args.lm_logits)
+            bench = Bench(name, model, inputs, args.dtype, args.lm_logits, args.sub_batch)
             pooled: dict[str, list[float]] = {b: [] for b in BASELINES}
             for meth in methods:
                 base = baseline_of(meth)
@@ -627,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{datetime.datetime.now().isoformat(timespec='seconds')} · torch {torch.__version__} · "
         f"attnx {attnx.__version__} · {platform.processor() or platform.machine()} · "
         f"{os.cpu_count()} CPUs, torch threads {args.threads} · seed {args.seed} · "
-        f"repeats {args.repeats} (warm-up {args.warmup}) · allocator: {allocator_note(args.allocator)} · text length "
+        f"repeats {args.repeats} (warm-up {args.warmup}) · allocator: {allocator_note(args.allocator)} · sub_batch {args.sub_batch} · text length "
         + ", ".join(f"{m} {seq_len_of(args, m)}" for m in models if m not in IMAGE_MODELS) + " tokens"
         + (" · **--quick (tiny models)**" if args.quick else "")
     )

@@ -32,20 +32,36 @@ _M_MMAP_THRESHOLD = -3
 _LARGEST = 2**31 - 1
 
 
+_REUSING = False
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (Linux), else ``None`` (macOS, Windows, musl allocate differently)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c") or "libc.so.6"
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None  # only glibc has both
+
+
+def reusing() -> bool:
+    """Whether :func:`reuse_freed_memory` was applied in this process."""
+    return _REUSING
+
+
 def reuse_freed_memory() -> bool:
     """Make glibc's ``malloc`` keep freed memory for reuse in this process (see the module
     docstring). Returns whether the setting was applied: ``False`` where the C library is not
     glibc (macOS, Windows, musl), which allocate differently."""
-    if not sys.platform.startswith("linux"):
+    global _REUSING
+    libc = glibc()
+    if libc is None:
         return False
-    name = ctypes.util.find_library("c") or "libc.so.6"
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # only glibc has it
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST)) and bool(mallopt(_M_TRIM_THRESHOLD, _LARGEST))
+    _REUSING = bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST)) and bool(mallopt(_M_TRIM_THRESHOLD, _LARGEST))
+    return _REUSING

@@ -68,12 +68,14 @@ def likely_cause(trace, samples: list[int], zero: bool) -> str:
         if all(y[b] == 0 for b in samples):
             causes.append("target logit zero (LRP relevance is proportional to it)")
     attentions = getattr(trace, "attentions", None)
+    if attentions is None and getattr(trace, "folded_heads", False):  # (B, N, N): the heads' fusion
+        attentions = [a for a in trace.folded if a is not None]
     readout = trace.layout.readout if trace.layout is not None else None
     if isinstance(readout, torch.Tensor):  # one token per sample, or a weighting of rows (not one token)
         readout = readout.tolist() if readout.dim() == 1 else None
     if attentions and readout is not None:
         at = (lambda b: readout) if isinstance(readout, int) else (lambda b: readout[b])  # noqa: E731
-        alone = all(bool((a[b, :, at(b), at(b)] >= 1 - 1e-6).all()) for a in attentions for b in samples)
+        alone = all(bool((a[b, ..., at(b), at(b)] >= 1 - 1e-6).all()) for a in attentions for b in samples)
         if alone:
             causes.append(
                 f"readout row sees only itself (token {readout} attends only to itself in every layer: "
@@ -128,31 +130,37 @@ def blown_up_samples(trace) -> tuple[list[int], list[int]]:
     return bad, [b for b in torch.nonzero(far).flatten().tolist() if b not in bad]
 
 
-def check_relevance(trace, method: str) -> None:
+def check_relevance(trace, method: str, first_sample: int = 0) -> None:
     """Raise for non-finite input relevance; warn when a conserving preset's input relevance is
     orders of magnitude away from the relevance it started with (a rule dividing by a vanishing
-    denominator)."""
+    denominator). ``first_sample``: the index of the trace's first sample in the user's batch
+    (a sub-batch, :mod:`attnx.core.sub_batches`), for the messages."""
     bad, far = blown_up_samples(trace)
     if bad:
         raise NonFiniteMapError(
-            f"method {method!r} gave sample(s) {bad} non-finite input relevance (NaN or inf); likely cause: "
+            f"method {method!r} gave sample(s) {shifted(bad, first_sample)} non-finite input relevance (NaN or inf); likely cause: "
             f"{nonfinite_cause(trace)}"
         )
     if far:
         total = trace.input_relevance.detach().flatten(1).to(torch.float64).sum(1)
         preset = trace.coverage.preset if getattr(trace, "coverage", None) is not None else "the preset"
-        pairs = ", ".join(f"{b}: {total[b].item():.3g} vs {trace.seeded_relevance[b].item():.3g}" for b in far[:8])
+        pairs = ", ".join(f"{b + first_sample}: {total[b].item():.3g} vs {trace.seeded_relevance[b].item():.3g}" for b in far[:8])
         warnings.warn(
-            f"method {method!r}: the input relevance of sample(s) {far} sums to more than {BLOWUP:g}x the relevance "
+            f"method {method!r}: the input relevance of sample(s) {shifted(far, first_sample)} sums to more than {BLOWUP:g}x the relevance "
             f"put on the logits ({pairs}), although preset {preset!r} conserves relevance: the relevance blew up. "
             "Likely cause: a rule dividing by a (near) zero denominator (check e.coverage.report() for the rules "
             "that ran, and try the preset without gamma, e.g. 'attnlrp')",
             DegenerateMapWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
-def check_map(scores: torch.Tensor, pixels: torch.Tensor | None, trace, method: str) -> None:
+def shifted(samples: list[int], first_sample: int) -> list[int]:
+    """Sample indices of a sub-batch as indices into the user's batch."""
+    return [b + first_sample for b in samples]
+
+
+def check_map(scores: torch.Tensor, pixels: torch.Tensor | None, trace, method: str, first_sample: int = 0) -> None:
     """Raise for non-finite maps, warn for constant ones (see the module docstring).
 
     Parameters
@@ -165,13 +173,15 @@ def check_map(scores: torch.Tensor, pixels: torch.Tensor | None, trace, method: 
         The :class:`~attnx.core.trace.Trace` the method ran on.
     method:
         The method's name, for the messages.
+    first_sample:
+        The index of the trace's first sample in the user's batch, for the messages.
     """
-    check_relevance(trace, method)
+    check_relevance(trace, method, first_sample)
     mask = content_of(scores, trace.layout)
     bad = sorted(set(nonfinite_samples(scores, mask)) | set([] if pixels is None else nonfinite_samples(pixels)))
     if bad:
         raise NonFiniteMapError(
-            f"method {method!r} gave sample(s) {bad} non-finite relevance (NaN or inf); likely cause: "
+            f"method {method!r} gave sample(s) {shifted(bad, first_sample)} non-finite relevance (NaN or inf); likely cause: "
             f"{nonfinite_cause(trace)}"
         )
     constant, zero = constant_samples(scores, mask)
@@ -181,8 +191,8 @@ def check_map(scores: torch.Tensor, pixels: torch.Tensor | None, trace, method: 
     for kind, samples in (("an all-zero", zero), ("a constant", constant)):
         if samples:
             warnings.warn(
-                f"method {method!r} gave sample(s) {samples} {kind} map: it shows nothing. Likely cause: "
+                f"method {method!r} gave sample(s) {shifted(samples, first_sample)} {kind} map: it shows nothing. Likely cause: "
                 f"{likely_cause(trace, samples, kind == 'an all-zero')}",
                 DegenerateMapWarning,
-                stacklevel=4,
+                stacklevel=5,
             )

@@ -1,8 +1,8 @@
 """The result of explaining a batch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence
 
 import torch
 
@@ -90,6 +90,24 @@ class Explanation:
 
     def __len__(self) -> int:
         return self.scores.shape[0]
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["Explanation"]) -> "Explanation":
+        """One explanation of consecutive sub-batches explained with the same method and options
+        (:mod:`attnx.core.sub_batches`): the per-sample fields joined along the batch."""
+        first = parts[0]
+        if any(p.method != first.method or p.grid != first.grid for p in parts):
+            raise AttnxValueError("only explanations of one method on inputs of one size are concatenated")
+        joined = {f.name: join_samples([getattr(p, f.name) for p in parts]) for f in fields(cls)
+                  if f.name not in ("layout", "coverage", "readout")}
+        joined["layout"] = join_layouts([p.layout for p in parts], [len(p) for p in parts])
+        joined["coverage"] = join_coverage([p.coverage for p in parts])
+        readouts = [p.readout for p in parts]
+        joined["readout"] = None if first.readout is None else replace(
+            first.readout, description=", ".join(dict.fromkeys(r.description for r in readouts)),
+            weights=torch.cat([r.weights for r in readouts]),
+        )
+        return cls(**joined)
 
     @property
     def probabilities(self) -> torch.Tensor:
@@ -184,3 +202,55 @@ class Explanation:
         kind = f"grid={self.grid}" if self.grid is not None else f"tokens={self.scores.shape[1]}"
         t = None if self.targets is None else self.targets.tolist()
         return f"Explanation(method={self.method!r}, batch={len(self)}, {kind}, targets={t})"
+
+
+def join_samples(values: list[Any]) -> Any:
+    """Per-sample tensors joined along the batch; anything else (the method, its options, the grid)
+    is the same in every part and taken from the first."""
+    first = values[0]
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        return torch.cat(values)
+    return first
+
+
+def join_layouts(layouts: list[Layout | None], sizes: list[int]) -> Layout | None:
+    """The layout of consecutive sub-batches of one token layout (their per-sample tensors joined)."""
+    first = layouts[0]
+    if first is None:
+        return None
+    if any(lay.num_tokens != first.num_tokens for lay in layouts):
+        raise AttnxValueError("explanations of inputs of different token counts are not concatenated")
+    valid = None
+    if any(lay.valid is not None for lay in layouts):
+        valid = torch.cat([lay.valid_mask(n, lay.valid.device if lay.valid is not None else "cpu")
+                           for lay, n in zip(layouts, sizes)])
+    return replace(first, readout=join_per_sample([lay.readout for lay in layouts], sizes), valid=valid,
+                   columns=join_per_sample([lay.columns for lay in layouts], sizes))
+
+
+def join_per_sample(values: list[Any], sizes: list[int]) -> Any:
+    """A layout's per-sample tensors joined; one row for every sample (a readout weighting the
+    same rows in each) or an ``int`` is the same in every part."""
+    first = values[0]
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        return first
+    if all(v.shape[0] == n for v, n in zip(values, sizes)):
+        return torch.cat(values)
+    return first
+
+
+def join_coverage(coverages: list[Coverage | None]) -> Coverage | None:
+    """The coverage of the parts' LRP passes: the calls of each rule and uncovered op summed."""
+    if coverages[0] is None:
+        return None
+    handled: dict = {}
+    uncovered: dict = {}
+    where: dict = {}
+    for c in coverages:
+        for k, v in c.handled.items():
+            handled[k] = handled.get(k, 0) + v
+        for k, v in c.uncovered.items():
+            uncovered[k] = uncovered.get(k, 0) + v
+        for k, v in c.where.items():
+            where[k] = tuple(dict.fromkeys(where.get(k, ()) + v))
+    return Coverage(coverages[0].preset, handled, uncovered, where)
