@@ -22,6 +22,9 @@ fixed token at the last position. Modes:
   first, each layer folded from the probabilities that kernel keeps: attnx before the fused path;
 * ``generic:full-trace`` (and the others): the same method on a trace of every layer's attention
   and gradient (``Explainer.trace`` without a fold, then the method): attnx before layer folds;
+* ``rollout``: ``attnx.explain(..., method="rollout")``, each layer's ``A`` computed beside the
+  ``sdpa`` kernel in the forward and its heads fused (no backward); ``rollout:eager``: the same with
+  the model switched to its ``eager`` kernel first, every layer's map kept (attnx before);
 * ``lxt``: lxt 2.1's efficient AttnLRP (its Llama patches, its attention wrapper around the
   ``sdpa`` kernel: gradients of ``q, k`` / 4 and ``v`` / 2), and the same gradient as
   ``fwd+bwd``, where lxt is installed.
@@ -58,7 +61,7 @@ REFERENCE = "fwd+bwd"
 EAGER = "fwd+bwd:eager"
 GRAPH_METHODS = ("generic", "grad_rollout", "attn_gradcam")
 MODES = (REFERENCE, "lrp:attnlrp", "lrp:cplrp", "lxt", *GRAPH_METHODS, "lrp:attnlrp-written-out", EAGER,
-         *(f"{m}:eager" for m in GRAPH_METHODS), *(f"{m}:full-trace" for m in GRAPH_METHODS))
+         *(f"{m}:eager" for m in GRAPH_METHODS), *(f"{m}:full-trace" for m in GRAPH_METHODS), "rollout", "rollout:eager")
 LENGTHS = (128, 256, 512, 1024, 2048, 4096)
 TOKEN = 7  # the explained next token
 CONFIG = dict(vocab_size=32000, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,

@@ -311,3 +311,94 @@ def test_hand_written_attention_keeps_its_kernel_under_the_intercepting_adapter(
     written = attnx.explain(model, inputs, method=method, target=[0, 2])
     assert torch.allclose(fused.scores, written.scores, rtol=1e-4, atol=1e-6 * float(written.scores.abs().max()))
     assert (fused.scores[1, 5:] == 0).all()  # padding
+
+
+def forward_folds(monkeypatch):
+    """The query-row tiles each forward-folded kernel call handed to its folder, in call order."""
+    tiles: list[int] = []
+    original = fused_kernel.KernelCall.row_tiles
+
+    def counted(self, query, key):
+        out = original(self, query, key)
+        if self.folder is not None:
+            tiles.append(len(out))
+        return out
+
+    monkeypatch.setattr(fused_kernel.KernelCall, "row_tiles", counted)
+    return tiles
+
+
+ROLLOUTS = [("rollout", {}), ("rollout", {"head_fusion": "max", "discard_ratio": 0.3, "start_layer": 1}),
+            ("raw_attention", {}), ("raw_attention", {"layer": 0, "head_fusion": "min"})]
+
+
+@pytest.mark.parametrize("tile_bytes", [2**24, 2 * 4 * 9 * 4 * 2], ids=["whole", "tiles of 2 rows"])
+@pytest.mark.parametrize("method,options", ROLLOUTS, ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())))
+@pytest.mark.parametrize("family,head", [("llama", "lm"), ("qwen2", "cls"), ("gpt2", "lm")])
+def test_rollout_and_raw_attention_fold_in_the_forward_on_sdpa_as_on_the_eager_kernel(
+    method, options, family, head, tile_bytes, monkeypatch
+):
+    """No backward: each layer's A is computed beside the kernel as the forward makes it, heads
+    fused and let go; the maps equal the eager kernel's (every map kept)."""
+    monkeypatch.setattr(fused_kernel, "TILE_BYTES", tile_bytes)
+    case = DecoderCase(family, head, "sdpa")
+    model, inputs = case.model(), case.inputs(lengths=[9, 6])
+    tiles = forward_folds(monkeypatch)
+    with kernel_backwards() as backwards:
+        fused = attnx.explain(model, inputs, method=method, check_forward="never", **options)
+    assert not backwards and len(tiles) == model.config.num_hidden_layers
+    assert max(tiles) == (5 if tile_bytes < 2**24 else 1)
+    assert model.config._attn_implementation == "sdpa"
+    eager = attnx.explain(DecoderCase(family, head, "eager").model(), inputs, method=method, **options)
+    assert torch.isfinite(fused.scores).all()
+    assert torch.allclose(fused.scores, eager.scores, rtol=1e-5, atol=1e-7 * float(eager.scores.abs().max()))
+
+
+def test_a_forward_fold_keeps_no_attention_map(monkeypatch):
+    """The trace of a folded rollout holds L fused (B, N, N) maps, no (B, H, N, N) attention."""
+    from attnx.core.trace_types import Needs
+
+    case = DecoderCase("llama", "lm", "sdpa")
+    model, inputs = case.model(), case.inputs(lengths=[13, 13])
+    spec = attnx.get_method("rollout")
+    trace = attnx.Explainer(model).trace(inputs, needs=Needs(attentions=True), fold=spec.fold_for({"head_fusion": "mean"}))
+    assert trace.attentions is None
+    assert [tuple(m.shape) for m in trace.folded] == [(2, 13, 13)] * model.config.num_hidden_layers
+    eager = attnx.Explainer(DecoderCase("llama", "lm", "eager").model()).trace(inputs, needs=Needs(attentions=True))
+    for folded, full in zip(trace.folded, eager.attentions):  # the heads' mean of the written-out map
+        assert torch.allclose(folded, full.mean(dim=1), atol=1e-6)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_timm_vit_rollout_keeps_its_fused_kernel(global_pool, monkeypatch):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=5,
+                              global_pool=global_pool, class_token=global_pool == "token").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tiles = forward_folds(monkeypatch)
+    fused = attnx.explain(model, x, method="rollout", discard_ratio=0.2)
+    assert len(tiles) == 3
+    with pytest.MonkeyPatch.context() as mp:
+        for block in model.blocks:
+            mp.setattr(block.attn, "fused_attn", False)
+        written = attnx.explain(model, x, method="rollout", discard_ratio=0.2)
+    assert torch.allclose(fused.scores, written.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_hand_written_attention_rollout_keeps_its_kernel_under_the_intercepting_adapter(monkeypatch):
+    from attnx.adapters.intercept import InterceptAdapter
+
+    torch.manual_seed(0)
+    model = HandWritten().eval()
+    ids = torch.randint(1, 30, (2, 7), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])}
+    tiles = forward_folds(monkeypatch)
+    explainer = attnx.Explainer(model)
+    fused = explainer.explain(inputs, method="rollout", target=[0, 2])
+    assert explainer.adapter.name == "intercept" and len(tiles) == 3
+    monkeypatch.setattr(InterceptAdapter, "observe_kernels", lambda self, recorder: None)
+    written = attnx.explain(model, inputs, method="rollout", target=[0, 2])
+    assert torch.allclose(fused.scores, written.scores, rtol=1e-5, atol=1e-7)
+    assert (fused.scores[1, 5:] == 0).all()  # padding

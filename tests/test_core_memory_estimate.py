@@ -180,14 +180,20 @@ def test_a_meta_device_model_is_estimated_without_weights():
     assert plan.terms["folded_maps"] == 32 * 4096**2 * 4 and plan.float32_weights == 0
     assert plan.device == "meta" and {"generic", "lrp"} <= set(plan.fits)
     assert "transformer_attribution" not in plan.fits  # float32 (outside the bfloat16 tolerance), Chefer's rules
-    # rollout keeps every layer's map, computed in bfloat16 (attnx.core.precision): 32 x 32 x 4096² x 2 bytes
+    # rollout folds each layer in the forward beside the kernel: its fused (N, N) map per layer, two tiles
+    rollout = attnx.estimate(model, ids, method="rollout", available=80 * 2**30)
+    assert "attention_maps" not in rollout.terms and rollout.terms["folded_maps"] == 32 * 4096**2 * 4
+    assert rollout.terms["forward_tiles"] == 2 * 2**24 and rollout.float32_weights == 0
+    forced = attnx.estimate(model, ids, method="rollout", available=80 * 2**30, precision="float32")
+    assert forced.float32_weights == 2 * plan.weights
+    model.set_attn_implementation("eager")  # the kernel that returns the probabilities: every map is kept
+    eager = attnx.estimate(model, ids, method="generic", available=80 * 2**30)
+    assert eager.terms["attention_maps"] == 32 * 2**30 and "recomputed_tiles" not in eager.terms
+    # rollout in bfloat16 (attnx.core.precision): 32 x 32 x 4096² x 2 bytes; in float32 twice that
     rollout = attnx.estimate(model, ids, method="rollout", available=80 * 2**30)
     assert rollout.terms["attention_maps"] == 32 * 2**30 and rollout.float32_weights == 0
     forced = attnx.estimate(model, ids, method="rollout", available=80 * 2**30, precision="float32")
-    assert forced.terms["attention_maps"] == 64 * 2**30 and forced.float32_weights == 2 * plan.weights
-    model.set_attn_implementation("eager")  # the kernel that returns the probabilities: generic keeps them
-    eager = attnx.estimate(model, ids, method="generic", available=80 * 2**30)
-    assert eager.terms["attention_maps"] == 32 * 2**30 and "recomputed_tiles" not in eager.terms
+    assert forced.terms["attention_maps"] == 64 * 2**30
     # not loaded: the weights must fit too (gradient_x_input in float32: 76 GiB of its own + 15 GiB of weights)
     assert forced.needed == forced.peak and "gradient_x_input" not in forced.fits
 

@@ -17,10 +17,12 @@ from attnx.errors import NonFiniteOutputError
 from decoder_models import DecoderCase
 
 
-@pytest.mark.parametrize("method,adapter", [("rollout", "intercept"), ("generic", "hf_decoder")])
+@pytest.mark.parametrize("method,adapter", [("attention_flow", "intercept"), ("generic", "hf_decoder"),
+                                            ("rollout", "hf_decoder")])
 def test_float64_sdpa_decoder_with_left_padding_is_explained_through_its_own_kernel(method, adapter):
-    """rollout switches the family adapter to eager (NaN rows): the fallback keeps the kernel;
-    generic leaves the attention to the model's kernel in the family adapter itself."""
+    """attention_flow switches the family adapter to eager (NaN rows): the fallback keeps the
+    kernel; generic and rollout leave the attention to the model's kernel in the family adapter
+    itself."""
     case = DecoderCase("llama", "lm", "sdpa")
     model = case.model(torch.float64)
     x = case.inputs(lengths=[5, 8])

@@ -101,12 +101,13 @@ TILE_BYTES = 2**24
 
 
 class KernelFolder(Protocol):
-    """What the folding backward (:func:`attnx.core.layer_fold.fold_kernel_backward`) gives each call."""
+    """What the folding backward (:func:`attnx.core.layer_fold.fold_kernel_backward`) gives each
+    call; in a pass without a backward, the forward (``gradient`` ``None``)."""
 
     def tiled(self, index: int) -> bool:
         """Whether layer ``index`` may be folded in query-row tiles."""
 
-    def piece(self, index: int, rows: slice, probs: torch.Tensor, gradient: torch.Tensor) -> None:
+    def piece(self, index: int, rows: slice, probs: torch.Tensor, gradient: torch.Tensor | None) -> None:
         """Fold the query ``rows`` of layer ``index``: ``A`` and ``dy_t/dA`` ``(B, H, len(rows), Nk)``."""
 
     def done(self, index: int) -> None:
@@ -224,16 +225,20 @@ def probed_attention(recorder: AttentionRecorder, args: tuple, kwargs: dict) -> 
     """``F.scaled_dot_product_attention(*args, **kwargs)`` run as :class:`RecomputedAttention` and
     recorded as a :class:`KernelCall` (``recorder.record_kernel``); ``None`` for a call the
     recomputation does not cover (dropout on, a mask that requires grad, fewer than 4 dimensions,
-    no input that requires grad, no gradient mode), which the caller runs as it is."""
+    no input that requires grad, no gradient mode), which the caller runs as it is.
+
+    In a pass without a backward whose layers are folded (``recorder.forward_folder``: rollout,
+    raw attention), the call's ``A`` is computed here instead, in query-row tiles where the fold
+    joins them, and folded; the kernel then runs as the model called it."""
     bound = dict(zip(_SDPA_ARGS, args), **kwargs)
     query, key, value = bound["query"], bound["key"], bound["value"]
     mask = bound.get("attn_mask")
+    folder = recorder.forward_folder
     covered = (
         float(bound.get("dropout_p", 0.0) or 0.0) == 0.0
         and query.dim() == 4 and key.dim() == 4 and value.dim() == 4
         and (mask is None or not mask.requires_grad)
-        and any(t.requires_grad for t in (query, key, value))
-        and torch.is_grad_enabled()
+        and (folder is not None or (any(t.requires_grad for t in (query, key, value)) and torch.is_grad_enabled()))
     )
     if not covered:
         return None
@@ -241,8 +246,17 @@ def probed_attention(recorder: AttentionRecorder, args: tuple, kwargs: dict) -> 
         index=len(recorder.kernel_calls), attn_mask=mask, is_causal=bool(bound.get("is_causal", False)),
         scale=bound.get("scale"), enable_gqa=bool(bound.get("enable_gqa", False)),
     )
-    probe = torch.zeros((), dtype=torch.float32, device=query.device, requires_grad=True)
-    out = RecomputedAttention.apply(query, key, value, probe, call)
+    probe = torch.zeros((), dtype=torch.float32, device=query.device, requires_grad=folder is None)
+    if folder is None:
+        out = RecomputedAttention.apply(query, key, value, probe, call)
+    else:
+        call.folder = folder
+        with torch.no_grad():
+            for rows in call.row_tiles(query, key):
+                folder.piece(call.index, rows, call.probabilities(query, key, rows), None)
+        folder.done(call.index)
+        call.folded, call.folder = True, None
+        out = F.scaled_dot_product_attention(*args, **kwargs)
     recorder.record_kernel(call, probe, (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
     return out
 

@@ -21,7 +21,7 @@ from .block_tokens import check_block_tokens, recorded_block_tokens, recorded_ml
 from .checkpointing import outside_function_modes
 from .devices import maybe_on_device, on_device
 from .forward_check import tolerance
-from .layer_fold import KernelCallsMissed, LayerFold, fold_backward, fold_kernel_backward
+from .layer_fold import KernelCallsMissed, LayerFold, fold_backward, fold_kernel_backward, forward_folder
 from .layer_readout import LayerReadout, layer_gradients, recorded_layer_outputs
 from .layout import Layout, Readout
 from .pass_reading import resolve, resolved_layout
@@ -61,11 +61,13 @@ def attention_pass(
     last one or another pooling than the model's; at the last layer with the model's pooling it
     is ``dy_t/dA^L`` itself, and the model's adapter need not read intermediate layers.
 
-    A pass that only folds layers (a ``fold`` with ``gradients``, nothing else recorded) leaves
-    the attention to the model's fused kernel where the adapter can (``Adapter.observe_kernels``,
+    A pass that only folds layers (a ``fold``, nothing else recorded) leaves the attention to the
+    model's fused kernel where the adapter can (``Adapter.observe_kernels``,
     :mod:`attnx.adapters.fused_kernel`): each layer's ``A`` is recomputed in the backward and
-    folded, and no layer's map is kept by the forward."""
-    kernel = (fold is not None and gradients and not (tokens or value_outputs or mlp_branches or layer_readouts)
+    folded (with ``gradients``), or computed beside the kernel in the forward and folded (without:
+    rollout, raw attention), and no layer's map is kept."""
+    kernel = (fold is not None and (gradients or attentions)
+              and not (tokens or value_outputs or mlp_branches or layer_readouts)
               and rules is None and not adapter.kernel_calls_missed)
     options = dict(first_layer=first_layer, fold=fold, tokens=tokens, value_outputs=value_outputs,
                    mlp_branches=mlp_branches, rules=rules, strict=strict, layer_readouts=layer_readouts)
@@ -90,6 +92,8 @@ def observed_pass(
     if backward:
         batch = with_tracked_inputs(batch)
     observe = adapter.observe_kernels(recorder) if kernel else None
+    if observe is not None and not gradients:
+        recorder.forward_folder = forward_folder(fold)
     if observe is None:
         observe = adapter.observe(recorder) if attentions else adapter.watch_tokens(recorder, batch.explained_input)
     blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
@@ -108,6 +112,8 @@ def observed_pass(
             with plain_execution(model, keep_checkpointing=backward):
                 output, logits = adapter.call(batch)
                 adapter.forward_done(recorder)
+                if recorder.forward_folder is not None and not recorder.kernel_calls:
+                    raise KernelCallsMissed("no attention call reached the kernel")  # e.g. MHA's fast path
                 if engine is not None:
                     engine.check_coverage()
                 layout = resolved_layout(adapter, batch, recorder, attentions)
@@ -122,6 +128,8 @@ def observed_pass(
                         "constant?); expected a function of the output, e.g. lambda out: out.logits[:, 3]"
                     )
                 grads = token_grads = folded = last_rows = None
+                if recorder.forward_folder is not None:
+                    folded = recorder.forward_folder.folded
                 n = len(recorder.probs)
                 if layer_readouts and gradients and (first < n - 1 or pooling != "model"):
                     if refused is not None:
@@ -166,8 +174,15 @@ def observed_pass(
         target_scores=resolved.scores.detach(),
         explained_tokens=resolved.explained_tokens,
         folded=None if folded is None else [kept_on_device(k, batch.device) for k in folded],
+        folded_heads=folded is not None and heads_fused_by_all(fold),
         last_rows=last_rows,
     )
+
+
+def heads_fused_by_all(fold: LayerFold) -> bool:
+    """Whether ``fold`` keeps each layer's attention with its heads fused so that a row attending
+    only to itself in every head is such a row of the fused map too (the mean or the minimum)."""
+    return getattr(fold.rule, "heads_fused", False) and fold.options.get("head_fusion", "mean") in ("mean", "min")
 
 
 def tracked_by(engine: LRPEngine, adapter: Adapter, batch: Batch) -> Batch:

@@ -20,7 +20,8 @@ from ..errors import AttnxError
 from .layout import Readout
 
 __all__ = [
-    "AttentionLayer", "KernelCallsMissed", "LayerFold", "fold_backward", "fold_kernel_backward", "kept_layers", "layer_index", "row_norms",
+    "AttentionLayer", "KernelCallsMissed", "LayerFold", "fold_backward", "fold_kernel_backward", "forward_folder", "heads_fused",
+    "kept_layers", "layer_index", "row_norms",
     "joined_by", "row_separable",
 ]
 
@@ -38,11 +39,13 @@ class AttentionLayer:
     Attributes
     ----------
     index, num_layers:
-        The layer's place in forward order and the number of recorded layers.
+        The layer's place in forward order and the number of recorded layers (``0`` in a pass
+        without a backward, which folds each layer in the forward before the number is known).
     attention:
         ``A`` ``(B, H, N, N)``, detached.
     gradient:
-        ``dy_t/dA`` (same shape), or ``None`` below the lowest layer the backward reaches.
+        ``dy_t/dA`` (same shape), or ``None`` below the lowest layer the backward reaches and in a
+        pass without a backward.
     readout:
         The readout rows, when the model declares them before the pass (they are checked against
         the last layer's gradient afterwards); ``None`` when they are measured after the pass:
@@ -172,6 +175,13 @@ def row_separable(rule: Callable[..., Any]) -> Callable[..., Any]:
     return joined_by(join_rows)(rule)
 
 
+def heads_fused(rule: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a fold rule that keeps each layer's attention with its heads fused, ``(B, N, N)``: a
+    trace of its folds still tells what each row attends to (``Trace.folded_heads``)."""
+    rule.heads_fused = True
+    return rule
+
+
 def joined_by(join: Callable[[list], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Mark a fold rule that may see a layer in tiles of query rows (``AttentionLayer.rows``):
     ``join(pieces)`` makes its result on the whole layer from its results on consecutive tiles."""
@@ -190,7 +200,7 @@ class _KernelFolder:
     def __init__(self, fold: LayerFold, readout: Readout | None, first: int, n: int) -> None:
         self.fold, self.readout, self.first, self.n = fold, readout, first, n
         self.join = getattr(fold.rule, "join_rows", None)
-        self.folded: list[Any] = [None] * n
+        self.folded: list[Any] = [None] * n  # grows in a forward fold (n = 0: not known yet)
         self.pieces: dict[int, list[tuple[Any, torch.Tensor | None]]] = {}
         self.last_rows: torch.Tensor | None = None
 
@@ -201,9 +211,9 @@ class _KernelFolder:
         if index < self.first:
             return
         # a fold without a join sees the whole layer, in one piece
-        kept = self.fold(AttentionLayer(index, self.n, probs.detach(), gradient.detach(), self.readout,
-                                        None if self.join is None else rows))
-        norms = row_norms(gradient) if index == self.n - 1 else None
+        kept = self.fold(AttentionLayer(index, self.n, probs.detach(), None if gradient is None else gradient.detach(),
+                                        self.readout, None if self.join is None else rows))
+        norms = row_norms(gradient) if index == self.n - 1 and gradient is not None else None
         self.pieces.setdefault(index, []).append((kept, norms))
 
     def done(self, index: int) -> None:
@@ -211,9 +221,17 @@ class _KernelFolder:
         if not pieces:
             return
         kept = [k for k, _ in pieces]
+        self.folded.extend([None] * (index + 1 - len(self.folded)))
         self.folded[index] = kept[0] if self.join is None else self.join(kept)
         if index == self.n - 1:
             self.last_rows = torch.cat([r for _, r in pieces], dim=1)
+
+
+def forward_folder(fold: LayerFold) -> _KernelFolder:
+    """The folder of a pass without a backward (:mod:`attnx.adapters.fused_kernel` computes each
+    kernel call's ``A`` in the forward and hands it over): the layers' number is not known while
+    they are folded, so the fold sees ``num_layers = 0`` and no gradient."""
+    return _KernelFolder(fold, None, 0, 0)
 
 
 def join_rows(pieces: list[Any]) -> Any:

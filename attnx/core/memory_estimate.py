@@ -31,6 +31,7 @@ from .layout import Layout
 from .model_shape import InputShape, ModelShape, input_shape, model_shape
 from .precision import OWN_PRECISION, check_precision
 from .runtime import HALF_DTYPES
+from .sub_batches import check_sub_batch, sub_batch_size
 
 __all__ = ["METHOD_TERMS", "TERMS", "MemoryEstimate", "estimate", "method_terms"]
 
@@ -98,6 +99,9 @@ TERMS: dict[str, tuple[str, Callable[[Sizes], float]]] = {
     "recomputed_tiles": ("attention left to the model's kernel (attnx.adapters.fused_kernel): A, dy/dA and one "
                          "of their products (dS, the fold's) for one tile of query rows of the layer being folded: "
                          "3·min(TILE_BYTES, M)", lambda s: 3 * min(TILE_BYTES, s.map_bytes)),
+    "forward_tiles": ("rollout / raw attention beside the model's kernel (attnx.adapters.fused_kernel): the scores "
+                      "and probabilities of one tile of query rows as the forward computes them: 2·min(TILE_BYTES, M)",
+                      lambda s: 2 * min(TILE_BYTES, s.map_bytes)),
     "attention_relevance": ("R^A of every layer read: (L - first)·M", lambda s: s.read_layers * s.map_bytes),
     "method_math": ("the method's products over one layer (A ⊙ ∇A, its positive part): 2·M",
                     lambda s: 2 * s.map_bytes),
@@ -136,8 +140,12 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
 
 
 #: the folding methods that leave the attention to the model's kernel where it can (their folds
-#: take a layer in tiles of query rows)
-KERNEL_FOLDS = {"generic": "recomputed_tiles", "grad_rollout": "recomputed_tiles", "attn_gradcam": "recomputed_tiles"}
+#: take a layer in tiles of query rows): what they keep there instead of the maps; rollout and raw
+#: attention fold each layer in the forward (no backward), the others in the backward
+KERNEL_FOLDS = {
+    "generic": ("recomputed_tiles",), "grad_rollout": ("recomputed_tiles",), "attn_gradcam": ("recomputed_tiles",),
+    "rollout": ("folded_maps", "forward_tiles"), "raw_attention": ("folded_maps", "forward_tiles"),
+}
 
 
 def attention_stays_fused(registry: Any, shape: ModelShape) -> bool:
@@ -175,7 +183,7 @@ def method_terms(method: Any, registry: Any, shape: ModelShape) -> tuple[str, ..
         terms += ["rule_state"] * needs.relevance
     if method.name in KERNEL_FOLDS and shape.kernel_folds and registry is None:
         kept = ("attention_maps", "attention_scores", "one_layer_gradient")
-        terms = [t for t in terms if t not in kept] + [KERNEL_FOLDS[method.name]]
+        terms = [t for t in terms if t not in kept] + list(KERNEL_FOLDS[method.name])
     observed = "attention_maps" in terms
     if needs.relevance and not observed and not attention_stays_fused(registry, shape):
         terms.append("written_out_attention")
@@ -282,7 +290,7 @@ def _first_layer(method: Any, options: dict, shape: ModelShape, inputs: InputSha
 
 def estimate(
     model: nn.Module, inputs: Any, method: str = "rollout", available: int | None = None, precision: str = "auto",
-    registry: Any = None, **options: Any,
+    registry: Any = None, sub_batch: int | str | None = "auto", **options: Any,
 ) -> MemoryEstimate:
     """The predicted peak memory of ``attnx.explain(model, inputs, method=method, **options)``.
 
@@ -305,6 +313,10 @@ def estimate(
         copies of its weights, 2-byte activations) for the methods :mod:`attnx.core.precision` runs so.
     registry:
         The call's LRP rule registry when it is already resolved (else from ``preset``).
+    sub_batch:
+        As for :func:`attnx.explain`: the peak is that of one share when the batch is explained
+        in shares (:mod:`attnx.core.sub_batches`; a target that does not split by sample, a
+        callable, runs the batch whole: pass ``sub_batch=None`` to plan for that).
     **options:
         The method's options (``preset``, ``start_layer``, ...).
 
@@ -315,6 +327,9 @@ def estimate(
     check_precision(precision)
     shape = model_shape(model)
     sizes = input_shape(inputs, shape)
+    share = sub_batch_size(model, inputs, check_sub_batch(sub_batch))
+    if share is not None and share < sizes.batch:
+        sizes = replace(sizes, batch=share)
     half = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     half = half if half in HALF_DTYPES else None
     device = _device_of(model)

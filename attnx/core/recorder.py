@@ -49,6 +49,9 @@ class AttentionRecorder:
         #: in call order; when any, ``probs`` holds zero-stride placeholders of their shapes and
         #: ``grad_wrt`` the scalar probes whose gradients make a backward reach each call
         self.kernel_calls: list = []
+        #: a pass without a backward that folds its layers: each kernel call's ``A`` is computed in
+        #: the forward and handed to this folder (:func:`attnx.core.layer_fold.forward_folder`)
+        self.forward_folder: object | None = None
         #: while set, nothing is recorded (a head run again on a layer's tokens is not the forward)
         self.paused = False
 

@@ -190,6 +190,9 @@ class Trace:
         What a method's :class:`~attnx.core.layer_fold.LayerFold` kept of each layer, when the pass
         folded the layers as the backward reached them (``attentions`` and ``gradients`` are then
         ``None``: released layer by layer).
+    folded_heads:
+        Whether ``folded`` holds each layer's attention with its heads fused ``(B, N, N)`` by their
+        mean or minimum (rollout's and raw attention's folds, :func:`~attnx.core.layer_fold.heads_fused`).
     last_rows:
         ``(B, N)`` float64 row norms of ``∂y_t/∂A`` at the last layer
         (:func:`~attnx.core.layer_fold.row_norms`), kept by a folding pass for the readout check.
@@ -221,5 +224,6 @@ class Trace:
     conserving: bool = False
     model_forward: ModelForward | None = None
     folded: list[Any] | None = None
+    folded_heads: bool = False
     last_rows: torch.Tensor | None = None
     forward: Any = None
