@@ -402,3 +402,40 @@ def test_hand_written_attention_rollout_keeps_its_kernel_under_the_intercepting_
     written = attnx.explain(model, inputs, method="rollout", target=[0, 2])
     assert torch.allclose(fused.scores, written.scores, rtol=1e-5, atol=1e-7)
     assert (fused.scores[1, 5:] == 0).all()  # padding
+
+
+@pytest.mark.parametrize("tile_bytes", [2**24, 2 * 4 * 9 * 4 * 2], ids=["whole", "tiles of 2 rows"])
+@pytest.mark.parametrize("options", [{}, {"start_layer": 0}, {"start_layer": -1}], ids=["default", "every", "last"])
+@pytest.mark.parametrize("family,head", [("llama", "lm"), ("qwen2", "cls"), ("gpt2", "lm")])
+def test_legrad_keeps_the_kernel_one_short_backward_per_layer(family, head, options, tile_bytes, monkeypatch):
+    """Each layer's own readout differentiated at its attention: the call's backward recomputes A
+    and folds ``∂s^l/∂A^l``; the backwards run from the top layer down, one per layer averaged."""
+    monkeypatch.setattr(fused_kernel, "TILE_BYTES", tile_bytes)
+    case = DecoderCase(family, head, "sdpa")
+    model, inputs = case.model(), case.inputs(lengths=[9, 6])
+    with kernel_backwards(lambda ctx: (ctx.call.index, ctx.call.input_gradients)) as backwards:
+        fused = attnx.explain(model, inputs, method="legrad", **options)
+    averaged = {"default": [2, 1], "every": [2, 1, 0], "last": [2]}[
+        "every" if options.get("start_layer") == 0 else "last" if options else "default"]
+    assert [i for i, _ in backwards] == averaged
+    assert not any(gradients for _, gradients in backwards)  # no backward goes below the attention it folds
+    eager = attnx.explain(DecoderCase(family, head, "eager").model(), inputs, method="legrad", **options)
+    assert torch.isfinite(fused.scores).all() and fused.scores.abs().max() > 0
+    assert torch.allclose(fused.scores, eager.scores, rtol=1e-4, atol=1e-6 * float(eager.scores.abs().max()))
+
+
+@pytest.mark.parametrize("pooling", ["model", "mean"])
+def test_timm_vit_legrad_keeps_its_fused_kernel(pooling):
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4, num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with kernel_backwards() as backwards:
+        fused = attnx.explain(model, x, method="legrad", target=[1, 3], start_layer=0, pooling=pooling)
+    assert len(backwards) == 3
+    with pytest.MonkeyPatch.context() as mp:
+        for block in model.blocks:
+            mp.setattr(block.attn, "fused_attn", False)
+        written = attnx.explain(model, x, method="legrad", target=[1, 3], start_layer=0, pooling=pooling)
+    assert torch.allclose(fused.scores, written.scores, rtol=1e-5, atol=1e-7 * float(written.scores.abs().max()))

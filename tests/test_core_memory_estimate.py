@@ -151,8 +151,9 @@ def test_the_terms_follow_what_each_method_keeps():
 
 
 def test_legrad_keeps_one_head_fused_map_per_layer_it_averages():
-    """LeGrad's peak is ``F_eager + 4·B·N²·L'``: the authors' default averages the last two layers
-    (of the three), ``start_layer=0`` every layer, ``-1`` the last one."""
+    """LeGrad's peak is ``F_sdpa + 4·B·N²·L' + 3 tiles`` on the sdpa kernel (``F_eager + 4·B·N²·L'
+    + M`` written out): the authors' default averages the last two layers (of the three),
+    ``start_layer=0`` every layer, ``-1`` the last one."""
     x = tokens(64, batch=2)
     one = 2 * 64 * 64 * 4
     terms = {o: attnx.estimate(llama(), x, method="legrad", **kw).terms
@@ -160,7 +161,13 @@ def test_legrad_keeps_one_head_fused_map_per_layer_it_averages():
     assert terms["default"]["folded_maps"] == 2 * one
     assert terms["every"]["folded_maps"] == 3 * one
     assert terms["last"]["folded_maps"] == one
-    assert {"forward_backward", "one_layer_gradient"} <= set(terms["default"])
+    assert {"forward_backward", "recomputed_tiles"} <= set(terms["default"])
+    assert "attention_maps" not in terms["default"] and "one_layer_gradient" not in terms["default"]
+    model = llama()
+    model.set_attn_implementation("eager")
+    eager = attnx.estimate(model, x, method="legrad").terms
+    assert {"forward_backward", "attention_maps", "one_layer_gradient"} <= set(eager)
+    assert eager["folded_maps"] == 2 * one
 
 
 def test_a_meta_device_model_is_estimated_without_weights():

@@ -24,7 +24,7 @@ SUPPORT: dict[str, Support] = {
         "timm `VisionTransformer` (ViT, DeiT, distilled DeiT, register tokens, `global_pool` token / avg / "
         "max / map, `dynamic_img_size`)",
         "`fused_attn` switched off while explaining, a hook on `attn_drop`; `generic`, `grad_rollout`, "
-        "`attn_gradcam` keep the fused kernel, `A` recomputed in the backward ([long contexts](docs/long_context.md#the-models-own-kernel-a-recomputed-in-the-backward))",
+        "`attn_gradcam`, `legrad`, `rollout`, `raw_attention` keep the fused kernel, `A` recomputed beside it ([long contexts](docs/long_context.md#the-models-own-kernel-a-recomputed-in-the-backward))",
     ),
     "timm_swin": Support(
         "timm `SwinTransformer`, `SwinTransformerV2`",
@@ -48,7 +48,7 @@ SUPPORT: dict[str, Support] = {
         "Hugging Face decoders: GPT-2, Llama, Mistral, Qwen2/Qwen3, Gemma/Gemma2/Gemma3, Phi-3, Mixtral "
         "(`*ForCausalLM`, `GPT2LMHeadModel`, decoder `*ForSequenceClassification`)",
         "the eager kernel, `output_attentions=True`; one map per query head under grouped-query attention; "
-        "`generic`, `grad_rollout`, `attn_gradcam` keep `sdpa`, `A` recomputed in the backward ([long contexts](docs/long_context.md#the-models-own-kernel-a-recomputed-in-the-backward))",
+        "`generic`, `grad_rollout`, `attn_gradcam`, `legrad`, `rollout`, `raw_attention` keep `sdpa`, `A` recomputed beside it ([long contexts](docs/long_context.md#the-models-own-kernel-a-recomputed-in-the-backward))",
     ),
     "hf_swin": Support(
         "Hugging Face `SwinForImageClassification`, `Swinv2ForImageClassification`",
@@ -58,14 +58,14 @@ SUPPORT: dict[str, Support] = {
         "Hugging Face `*ForImageClassification` (ViT, DeiT, BEiT, DINOv2, ...) and `*ForSequenceClassification` "
         "(BERT, RoBERTa, DistilBERT, ...)",
         "the eager kernel and `output_attentions=True`, whatever `attn_implementation` the model was loaded "
-        "with; `generic`, `grad_rollout`, `attn_gradcam` keep `sdpa` ([long contexts](docs/long_context.md#the-models-own-kernel-a-recomputed-in-the-backward))",
+        "with; `generic`, `grad_rollout`, `attn_gradcam`, `legrad`, `rollout`, `raw_attention` keep `sdpa` ([long contexts](docs/long_context.md#the-models-own-kernel-a-recomputed-in-the-backward))",
     ),
     "intercept": Support(
         "anything else: research code (`attn.softmax(-1) ... attn @ v`, `torch.bmm`, `torch.einsum`, "
         "`nn.Softmax`), `F.scaled_dot_product_attention`, `nn.MultiheadAttention`",
         "a `TorchFunctionMode` writes SDPA out, asks `F.multi_head_attention_forward` for per-head weights and "
         "recognises written-out attention by its data flow (a softmax over the key axis multiplied with the "
-        "values); `generic`, `grad_rollout`, `attn_gradcam` leave SDPA to its kernel ([long contexts](docs/long_context.md#the-models-own-kernel-a-recomputed-in-the-backward))",
+        "values); `generic`, `grad_rollout`, `attn_gradcam`, `legrad`, `rollout`, `raw_attention` leave SDPA to its kernel ([long contexts](docs/long_context.md#the-models-own-kernel-a-recomputed-in-the-backward))",
     ),
 }
 

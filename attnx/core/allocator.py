@@ -8,7 +8,8 @@ temporaries and returned gradients across layers (:meth:`attnx.lrp.relay.Propaga
 :meth:`~attnx.lrp.relay.Propagation.output`); what is left are the tensors autograd and the
 model's own ops allocate: measured on the benchmark machine, Transformer Attribution on ViT-B/16
 at batch 16 takes 2.9x a forward + backward with the default setting and 2.5x with freed memory
-kept for reuse.
+kept for reuse. ``attnx.explain`` therefore splits such a batch into shares whose temporaries glibc
+keeps (:mod:`attnx.core.sub_batches`: 1.7x) unless this setting is applied.
 
 :func:`reuse_freed_memory` keeps freed memory in the process for the next allocation
 (``mallopt`` of the mmap and trim thresholds), as PyTorch's CPU performance guide does by
@@ -24,7 +25,7 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["keep_heap_blocks", "reuse_freed_memory"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -65,3 +66,22 @@ def reuse_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     _REUSING = bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST)) and bool(mallopt(_M_TRIM_THRESHOLD, _LARGEST))
     return _REUSING
+
+
+#: glibc's largest dynamic mmap threshold on 64-bit (``DEFAULT_MMAP_THRESHOLD_MAX``)
+MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+def keep_heap_blocks() -> None:
+    """Let glibc serve blocks of up to 32 MiB from its heap and keep them there, as its own rule
+    does after a program frees a block that large: ``malloc`` raises its mmap threshold to the size
+    of a freed mmapped block (at most 32 MiB) and its trim threshold to twice that. One block just
+    below 32 MiB is allocated (never touched: no page is faulted in) and freed. A pass whose
+    largest temporaries are a few MB (the DINOv2 zoo model at batch 2) otherwise keeps the
+    starting 128 KiB threshold and faults the pages of every activation in again (2x the time of
+    its forward + backward, measured); the pass's own large maps used to raise it by chance. No
+    setting is changed: the thresholds stay glibc's dynamic ones."""
+    import torch
+
+    block = torch.empty(MMAP_THRESHOLD_MAX - 2**16, dtype=torch.uint8)
+    del block

@@ -67,7 +67,7 @@ def attention_pass(
     folded (with ``gradients``), or computed beside the kernel in the forward and folded (without:
     rollout, raw attention), and no layer's map is kept."""
     kernel = (fold is not None and (gradients or attentions)
-              and not (tokens or value_outputs or mlp_branches or layer_readouts)
+              and not (tokens or value_outputs or mlp_branches)
               and rules is None and not adapter.kernel_calls_missed)
     options = dict(first_layer=first_layer, fold=fold, tokens=tokens, value_outputs=value_outputs,
                    mlp_branches=mlp_branches, rules=rules, strict=strict, layer_readouts=layer_readouts)
@@ -91,6 +91,11 @@ def observed_pass(
     grad_mode = torch.enable_grad() if backward else torch.no_grad()
     if backward:
         batch = with_tracked_inputs(batch)
+    pooling = "model" if first_layer is None else first_layer.pooling
+    readouts, refused = per_layer_readouts(adapter, batch, pooling) if gradients and layer_readouts else (None, None)
+    # a readout that runs the whole model again per layer keeps the written-out path: on the kernel
+    # path its forwards measured slower under glibc's default allocator (the DINOv2 zoo model)
+    kernel = kernel and not (readouts is not None and readouts.reruns)
     observe = adapter.observe_kernels(recorder) if kernel else None
     if observe is not None and not gradients:
         recorder.forward_folder = forward_folder(fold)
@@ -99,8 +104,6 @@ def observed_pass(
     blocks = recorded_block_tokens(adapter.block_inputs(batch), recorder) if tokens else contextlib.nullcontext()
     values = recorded_value_outputs(adapter.value_projections(batch), recorder) if value_outputs else contextlib.nullcontext()
     branches = recorded_mlp_branches(adapter.mlp_branches(batch), recorder) if mlp_branches else contextlib.nullcontext()
-    pooling = "model" if first_layer is None else first_layer.pooling
-    readouts, refused = per_layer_readouts(adapter, batch, pooling) if gradients and layer_readouts else (None, None)
     outputs = contextlib.nullcontext() if readouts is None else recorded_layer_outputs(readouts.blocks, recorder)
     engine = LRPEngine(model, rules, strict=strict) if rules is not None and backward else None
     # the backward runs inside the switches: checkpointed layers recompute under them

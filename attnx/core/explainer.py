@@ -12,6 +12,7 @@ from ..errors import AttnxTypeError, AttnxValueError, ForwardMismatchError, NonF
 from ..lrp.registry import Registry, get_preset
 from ..methods.registry import Method, Relevance, get_method
 from . import memory_check
+from .allocator import keep_heap_blocks
 from .batch import check_input_dtype, check_on_real_device, check_token_ids, outside_inference_mode
 from .degenerate import check_map
 from .explanation import Explanation
@@ -24,7 +25,7 @@ from .precision import check_precision
 from .readout import ReadoutUsed, settle_readout
 from .runtime import no_autocast, unwrap_model
 from .structure import ModelStructure
-from .sub_batches import check_sub_batch, split, sub_batch_size
+from .sub_batches import check_sub_batch, fresh_pages_on_cpu, split, sub_batch_size
 from .targets import Target, prepare_target
 from .trace import run_trace
 from .trace_types import FirstLayer, Needs, Trace
@@ -266,6 +267,8 @@ class Explainer:
             inputs = ImageText(inputs, options.pop("text"))
         if isinstance(inputs, ImageText):
             return explain_pairs(self, inputs, method, target, **options)
+        if fresh_pages_on_cpu(self.model):
+            keep_heap_blocks()
         size = sub_batch_size(self.model, inputs, check_sub_batch(sub_batch))
         shares = None if size is None else split(inputs, target, size)
         if shares is None:

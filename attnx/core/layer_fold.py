@@ -21,7 +21,7 @@ from .layout import Readout
 
 __all__ = [
     "AttentionLayer", "KernelCallsMissed", "LayerFold", "fold_backward", "fold_kernel_backward", "forward_folder", "heads_fused",
-    "kept_layers", "layer_index", "row_norms",
+    "LayerFolder", "kept_layers", "layer_index", "row_norms",
     "joined_by", "row_separable",
 ]
 
@@ -193,7 +193,7 @@ def joined_by(join: Callable[[list], Any]) -> Callable[[Callable[..., Any]], Cal
     return mark
 
 
-class _KernelFolder:
+class LayerFolder:
     """The folds of :func:`fold_kernel_backward`: each call's backward hands its layer over in
     pieces of query rows when the fold declares how to join them (:func:`joined_by`), else whole."""
 
@@ -227,11 +227,11 @@ class _KernelFolder:
             self.last_rows = torch.cat([r for _, r in pieces], dim=1)
 
 
-def forward_folder(fold: LayerFold) -> _KernelFolder:
+def forward_folder(fold: LayerFold) -> LayerFolder:
     """The folder of a pass without a backward (:mod:`attnx.adapters.fused_kernel` computes each
     kernel call's ``A`` in the forward and hands it over): the layers' number is not known while
     they are folded, so the fold sees ``num_layers = 0`` and no gradient."""
-    return _KernelFolder(fold, None, 0, 0)
+    return LayerFolder(fold, None, 0, 0)
 
 
 def join_rows(pieces: list[Any]) -> Any:
@@ -254,7 +254,7 @@ def fold_kernel_backward(
     ``first`` on, so it stops below the lowest layer read."""
     calls = recorder.kernel_calls
     n = len(calls)
-    folder = _KernelFolder(fold, readout, first, n)
+    folder = LayerFolder(fold, readout, first, n)
     for call in calls:
         call.folder, call.input_gradients = folder, call.index > first
     probes = [recorder.grad_wrt[i] for i in range(first, n)]

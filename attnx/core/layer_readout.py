@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from .block_tokens import hooks_removed_on_exit
 from .checkpointing import outside_function_modes, recomputing
-from .layer_fold import AttentionLayer, LayerFold, row_norms
+from .layer_fold import AttentionLayer, KernelCallsMissed, LayerFold, LayerFolder, row_norms
 from .layout import Layout, Readout
 from .recorder import AttentionRecorder
 from .targets import ResolvedTarget, Target, is_callable_target
@@ -53,11 +53,14 @@ class LayerReadout:
     own:
         Whether ``head`` on the last layer's tokens is the model's own output (checked by the
         pass); ``False`` for another pooling than the model's.
+    reruns:
+        Whether ``head`` runs the model's whole forward again (:func:`rerun_readout`).
     """
 
     blocks: Sequence[tuple[nn.Module, OutputReader]]
     head: Callable[[torch.Tensor], tuple[Any, torch.Tensor]]
     own: bool = True
+    reruns: bool = False
 
 
 def rerun_readout(call: Callable[[Any], tuple[Any, torch.Tensor]], batch: Any,
@@ -76,7 +79,7 @@ def rerun_readout(call: Callable[[Any], tuple[Any, torch.Tensor]], batch: Any,
         with hooks_removed_on_exit([last.register_forward_hook(substitute, with_kwargs=True)]):
             return call(batch)
 
-    return LayerReadout(blocks, head)
+    return LayerReadout(blocks, head, reruns=True)
 
 
 def with_tokens(block: nn.Module, output: Any, tokens: torch.Tensor, read: Any) -> Any:
@@ -144,6 +147,14 @@ def layer_gradients(
     as_read = target if is_callable_target(target) or resolved.classes is None else resolved.classes
     kept: list[Any] = [None] * n
     last_rows = None
+    calls = recorder.kernel_calls
+    folder = None
+    if calls:  # the attention left to the model's kernel: each call's backward folds its layer
+        if fold is None:
+            raise KernelCallsMissed("per-layer gradients kept whole need the probabilities written out")
+        folder = LayerFolder(fold, readout, first, n)
+        for call in calls:
+            call.input_gradients = False  # each backward ends at its own layer's attention
     for i in range(n - 1, first - 1, -1):
         with recorder.pausing():
             output, logits = readouts.head(recorder.layer_outputs[i])
@@ -158,6 +169,21 @@ def layer_gradients(
                         "its per-layer readouts would not be its head's"
                     )
             wrt = recorder.grad_wrt[i]
+            if folder is not None:
+                calls[i].folder = folder
+                try:
+                    if scores.requires_grad:
+                        torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
+                finally:
+                    calls[i].folder = None
+                if not calls[i].folded:  # off the layer's readout: its A is not kept to fold it with a zero gradient
+                    raise KernelCallsMissed(f"layer {i}'s readout does not reach its attention")
+                kept[i] = folder.folded[i]
+                if i == n - 1 and readouts.own:
+                    last_rows = folder.last_rows
+                del output, logits, at, scores
+                recorder.grad_wrt[i] = recorder.layer_outputs[i] = recorder.probs[i] = None
+                continue
             if scores.requires_grad and wrt.requires_grad:
                 (g,) = torch.autograd.grad(scores.sum(), wrt, allow_unused=True)
             else:

@@ -144,6 +144,7 @@ METHOD_TERMS: dict[str, tuple[str, ...]] = {
 #: attention fold each layer in the forward (no backward), the others in the backward
 KERNEL_FOLDS = {
     "generic": ("recomputed_tiles",), "grad_rollout": ("recomputed_tiles",), "attn_gradcam": ("recomputed_tiles",),
+    "legrad": ("recomputed_tiles",),
     "rollout": ("folded_maps", "forward_tiles"), "raw_attention": ("folded_maps", "forward_tiles"),
 }
 

@@ -58,6 +58,11 @@ def pages_are_fresh() -> bool:
     return allocator.glibc() is not None
 
 
+def fresh_pages_on_cpu(model: nn.Module) -> bool:
+    """:func:`pages_are_fresh` for a model on the CPU (other devices have their own allocators)."""
+    return pages_are_fresh() and all(p.device.type == "cpu" for p in model.parameters())
+
+
 def largest_block_temporary(model: nn.Module, inputs: Any) -> tuple[int, int] | None:
     """``(batch size, bytes per sample)`` of the largest tensor a block makes: an MLP activation
     ``(N, intermediate)`` or a layer's attention map ``(heads, N, N)``, in the computation's dtype;
@@ -77,7 +82,7 @@ def sub_batch_size(model: nn.Module, inputs: Any, sub_batch: int | str | None) -
         return None
     if sub_batch != "auto":
         return sub_batch
-    if not pages_are_fresh() or any(p.device.type != "cpu" for p in model.parameters()):
+    if not fresh_pages_on_cpu(model):
         return None
     largest = largest_block_temporary(model, inputs)
     if largest is None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers
+from ..core.layer_fold import AttentionLayer, LayerFold, kept_layers, layer_index, num_layers, row_separable
 from ..core.layer_readout import POOLINGS
 from ..core.trace import Needs
 from .propagation import check_start_layer
@@ -89,6 +89,7 @@ def first_layer(options: dict, layout, num_layers: int) -> int:
     return 0 if first is None else first
 
 
+@row_separable
 def positive_gradient(at: AttentionLayer, start_layer: int | None = None, pooling: str = "model") -> torch.Tensor | None:
     """What LeGrad keeps of a layer it averages: ``mean_h ReLU(∂s^l/∂A^l)`` ``(B, N, N)``; ``None`` below ``start_layer``."""
     first = first_averaged(start_layer, at.num_layers)
@@ -129,15 +130,19 @@ def legrad(trace, readout, *, start_layer: int | None = None, pooling: str = "mo
     Memory: the forward keeps its graph; then, from the top layer down, a short backward from
     layer ``l``'s readout through its block to ``A^l`` gives ``∂s^l/∂A^l``, folded at once to
     ``mean_h ReLU(∂s^l/∂A^l)`` ``(B, N, N)`` and released with the layer's tokens
-    (:func:`attnx.core.layer_readout.layer_gradients`). Peak, float32 bytes, ``B`` samples, ``N``
-    tokens, ``L'`` layers averaged::
+    (:func:`attnx.core.layer_readout.layer_gradients`). Peak, float32 bytes, ``B`` samples, ``H``
+    heads, ``N`` tokens, ``L'`` layers averaged::
 
-        F_eager + 4·B·N²·L'
+        F_sdpa + 4·B·N²·L' + 3·min(T, 4·B·H·N²)     (the model's sdpa kernel kept)
+        F_eager + 4·B·N²·L' + 4·B·H·N²              (attention written out)
 
-    with ``F_eager`` the model's own forward, under the attention kernel that returns the
-    probabilities (``4·B·H·N²`` per layer kept by it), plus one layer's backward (its head and
-    block, ``4·B·H·N²`` for ``∂s^l/∂A^l``) at a time: no more than the model's own forward +
-    backward. ``start_layer=-1`` is one backward of ``y_t`` to the last layer (``L' = 1``).
+    with ``F_sdpa`` the model's own forward with its fused kernel, whose call's backward recomputes
+    ``A^l`` in query-row tiles of ``T`` bytes (:mod:`attnx.adapters.fused_kernel`), and ``F_eager``
+    the same under the attention kernel that returns the probabilities (``4·B·H·N²`` per layer
+    kept by it); each plus one layer's backward (its head and block) at a time. A model whose
+    per-layer readout runs its whole forward again (:func:`attnx.core.layer_readout.rerun_readout`)
+    is explained written out. ``start_layer=-1`` is one backward of ``y_t`` to the last layer
+    (``L' = 1``).
     """
     n = num_layers(trace)
     first = first_averaged(None, n) if start_layer is None else check_start_layer(start_layer, n)
