@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 __all__ = ["keep_heap_blocks", "reuse_freed_memory"]
@@ -36,8 +37,11 @@ _LARGEST = 2**31 - 1
 _REUSING = False
 
 
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (Linux), else ``None`` (macOS, Windows, musl allocate differently)."""
+    """The C library when it is glibc (Linux), else ``None`` (macOS, Windows, musl allocate
+    differently). Looked up once: ``find_library`` takes about a millisecond, and every CPU call
+    of ``attnx.explain`` asks."""
     if not sys.platform.startswith("linux"):
         return None
     name = ctypes.util.find_library("c") or "libc.so.6"

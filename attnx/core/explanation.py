@@ -98,9 +98,10 @@ class Explanation:
         first = parts[0]
         if any(p.method != first.method or p.grid != first.grid for p in parts):
             raise AttnxValueError("only explanations of one method on inputs of one size are concatenated")
-        joined = {f.name: join_samples([getattr(p, f.name) for p in parts]) for f in fields(cls)
+        sizes = [len(p) for p in parts]
+        joined = {f.name: join_per_sample([getattr(p, f.name) for p in parts], sizes) for f in fields(cls)
                   if f.name not in ("layout", "coverage", "readout")}
-        joined["layout"] = join_layouts([p.layout for p in parts], [len(p) for p in parts])
+        joined["layout"] = join_layouts([p.layout for p in parts], sizes)
         joined["coverage"] = join_coverage([p.coverage for p in parts])
         readouts = [p.readout for p in parts]
         joined["readout"] = None if first.readout is None else replace(
@@ -204,15 +205,6 @@ class Explanation:
         return f"Explanation(method={self.method!r}, batch={len(self)}, {kind}, targets={t})"
 
 
-def join_samples(values: list[Any]) -> Any:
-    """Per-sample tensors joined along the batch; anything else (the method, its options, the grid)
-    is the same in every part and taken from the first."""
-    first = values[0]
-    if isinstance(first, torch.Tensor) and first.dim() > 0:
-        return torch.cat(values)
-    return first
-
-
 def join_layouts(layouts: list[Layout | None], sizes: list[int]) -> Layout | None:
     """The layout of consecutive sub-batches of one token layout (their per-sample tensors joined)."""
     first = layouts[0]
@@ -229,8 +221,10 @@ def join_layouts(layouts: list[Layout | None], sizes: list[int]) -> Layout | Non
 
 
 def join_per_sample(values: list[Any], sizes: list[int]) -> Any:
-    """A layout's per-sample tensors joined; one row for every sample (a readout weighting the
-    same rows in each) or an ``int`` is the same in every part."""
+    """Per-sample tensors (one row per sample of each part, ``sizes``) joined along the batch;
+    anything else is the same in every part and taken from the first: the method, its options,
+    an ``int`` readout, a layout tensor with one row for every sample (a readout weighting the
+    same rows in each)."""
     first = values[0]
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         return first

@@ -5,9 +5,9 @@ on 64-bit) with fresh pages from the kernel and unmaps it on ``free``, and gives
 back to the kernel once more than twice that threshold is free there (:mod:`attnx.core.allocator`).
 An explanation's passes allocate and free their block activations and gradients many times, so a
 batch whose block temporaries are that large pays for zeroing and faulting their pages in at every
-layer: Transformer Attribution at batch 16 takes 2.9x its forward + backward on ViT-S/16 (MLP
-activation ``16 × 197 × 1536`` float32, 19 MB) and 2.8x on ViT-B/16 (39 MB), but 1.8x and 2.1x in two
-shares of 8 (measured side by side, ``docs/benchmarks.md``). :func:`sub_batch_size` picks the largest
+layer: Transformer Attribution at batch 16 took 3.7x its forward + backward on ViT-S/16 (MLP
+activation ``16 × 197 × 1536`` float32, 19 MB) and 3.0x on ViT-B/16 (39 MB), but 1.5x and 1.8x to
+2.2x in two shares of 8 (measured side by side, ``docs/benchmarks.md``). :func:`sub_batch_size` picks the largest
 even share of the batch whose largest block temporary (an MLP activation or a layer's attention
 map) stays within :data:`SHARE_BYTES`;
 the explainer explains the shares one after the other and joins their explanations
