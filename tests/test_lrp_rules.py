@@ -293,6 +293,33 @@ def test_linear_rules_match_their_formula(rule, kind):
         assert differs(R_x, signed, 1e-8), "the test cannot tell b + 1e-9 from b + 1e-9 sign(b)"
 
 
+@pytest.mark.parametrize("reached", [3, 40], ids=["few-rows", "many-rows"])
+@pytest.mark.parametrize("rule", list(LINEAR_RULES))
+def test_a_head_reached_at_few_outputs(rule, reached, monkeypatch):
+    """A language model's head: 256 outputs, relevance at ``reached`` of them. With few (at most
+    an eighth) the rule computes on those rows of ``W`` only; either way the relevance is the
+    reference formula's on the whole layer."""
+    from attnx.lrp.linear import LinearCall
+
+    make, reference, rule_name = LINEAR_RULES[rule]
+    w, b, x = randn(256, 6, seed=11), randn(256, seed=12) * 0.5, randn(2, 3, 6, seed=13)
+    module = nn.Linear(6, 256).to(DT)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        module.bias.copy_(b)
+    seed = torch.zeros(2, 3, 256, dtype=DT)
+    rows = torch.randperm(256, generator=gen(14))[:reached]
+    seed[1, 2, rows] = randn(reached, seed=15)  # one token of one sample, as a next-token target
+    restricted = []
+    original = LinearCall.restricted
+    monkeypatch.setattr(LinearCall, "restricted", lambda c, r: restricted.append(len(r)) or original(c, r))
+    y, (R_x,), _ = run_engine(module, registry((nn.Linear, make())), x, seed=seed)
+    R_y = (y * seed).reshape(-1, 256)
+    assert_same(R_x, reference(x.reshape(-1, 6), w, b, R_y).reshape(x.shape))
+    assert R_x[1, 2].abs().sum() > 0 and not R_x[0].any()
+    assert restricted == ([] if rule == "epsilon" or reached * 8 > 256 else [reached])
+
+
 def signed_divide(a, b):
     return torch.where(b != 0, a / (b + 1e-9 * sign1(b)), torch.zeros_like(a))
 

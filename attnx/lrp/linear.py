@@ -135,9 +135,21 @@ class LinearRule(Rule):
             state.will_use(ctx.w)
         return relay(y, [x], lambda g: self.backward(ctx, g), through_output=True)
 
+    #: whether :meth:`propagate` derives tensors of the weight (``|W|``, ``W ± |W|``) or computes
+    #: products beyond the model's own backward: then a layer whose relevance reaches a few of its
+    #: outputs (a language model's head, seeded at the target tokens) computes on those rows only
+    reads_weight = True
+
     def backward(self, c: "LinearCall", g: torch.Tensor) -> tuple:
         """:meth:`propagate`, then the weight's derived tensors are let go after its last use."""
-        out = self.propagate(c, g)
+        rows = c.reached_rows(g) if self.reads_weight else None
+        if rows is None:
+            out = self.propagate(c, g)
+        else:
+            real, extra = self.propagate(c.restricted(rows), g.index_select(-1, rows))
+            if real is not None:  # zero where no relevance arrived: the rule's share is a product with g
+                real = g.new_zeros(g.shape).index_copy_(-1, rows, real)
+            out = real, extra
         if c.state is not None:
             c.state.used(c.w)
         return out
@@ -153,6 +165,23 @@ class LinearCall:
 
     def __init__(self, x, w, b, y, fn, extra, is_input, state) -> None:
         self.x, self.w, self.b, self.y, self.fn, self.extra, self.is_input, self.state = x, w, b, y, fn, extra, is_input, state
+
+    def reached_rows(self, g: torch.Tensor) -> torch.Tensor | None:
+        """The output features (rows of ``W``) the incoming ``g`` is non-zero at, when they are at
+        most an eighth of a linear layer's outputs; else ``None``. A language model's head
+        (``V × d``, ``V`` up to 256k) receives relevance at the explained tokens only: its rule
+        then costs products with those rows, not ``|W|`` and ``W ± |W|`` of the whole vocabulary."""
+        if self.fn is not F.linear or self.w.dim() != 2 or g.dim() < 2 or g.shape[-1] < 64:
+            return None
+        reached = g.reshape(-1, g.shape[-1]).any(dim=0)
+        rows = reached.nonzero().squeeze(1)
+        return rows if rows.numel() * 8 <= g.shape[-1] else None
+
+    def restricted(self, rows: torch.Tensor) -> "LinearCall":
+        """This call on the output features ``rows`` only (its own tensors: nothing cached)."""
+        b = None if self.b is None else self.b.index_select(0, rows)
+        return LinearCall(self.x, self.w.index_select(0, rows), b, self.y.index_select(-1, rows), self.fn,
+                          self.extra, self.is_input, None)
 
     def u(self) -> torch.Tensor:
         """``Wx`` without the bias."""
@@ -202,6 +231,7 @@ class Epsilon(LinearRule):
     layer's own backward of the rescaled gradient."""
 
     name = "epsilon"
+    reads_weight = False  # one elementwise share, the product is the model's own backward
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = epsilon
