@@ -59,11 +59,6 @@ class ConvergenceWarning(UserWarning):
     its quadrature did not converge, so the map is not the method's."""
 
 
-class PrecisionWarning(UserWarning):
-    """A half-precision model is computed in float32 for a method, at the cost of a float32 copy
-    of its weights (see :mod:`attnx.core.precision`)."""
-
-
 class NonFiniteMapError(AttnxError, ValueError):
     """A method gave a sample NaN or infinite relevance."""
 

@@ -3,7 +3,9 @@
 1. ``precision="model"`` computes in the model's dtype with its own weights (no float32 copy is
    ever seen by its layers), gives float32 maps within the stated tolerance of the exact float32
    computation of the same weights, and leaves the model bit-exactly as found;
-2. ``precision="float32"`` is exactly the float32 computation of the rounded weights;
+2. ``precision="float32"`` is exactly the float32 computation of the rounded weights, with the
+   model's own weights: each op casts what it reads, the layers never hold a float32 copy, and
+   nothing of the call outlives it;
 3. ``"auto"`` runs the methods measured within tolerance in the model's dtype and the others in
    float32 (float16 relevance overflows: Transformer Attribution is non-finite in float16);
 4. a bad value is refused with one clear line.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -49,28 +52,31 @@ def vision_bf16():
     return bundle.model, x
 
 
-class WeightDtypes:
-    """The dtypes of the weights the model's linear layers compute with during a call."""
+class LinearDtypes:
+    """The dtypes of the weights the model's linear layers hold and of the outputs they compute
+    during a call."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.seen: set[torch.dtype] = set()
-        self.handles = [m.register_forward_pre_hook(self.hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        self.weights: set[torch.dtype] = set()
+        self.outputs: set[torch.dtype] = set()
+        self.handles = [m.register_forward_hook(self.hook) for m in model.modules() if isinstance(m, torch.nn.Linear)]
 
-    def hook(self, module, args) -> None:
-        self.seen.add(module.weight.dtype)
+    def hook(self, module, args, output) -> None:
+        self.weights.add(module.weight.dtype)
+        self.outputs.add(output.dtype)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
-def weight_dtypes_during(model, call) -> set[torch.dtype]:
-    watch = WeightDtypes(model)
+def linear_dtypes_during(model, call) -> LinearDtypes:
+    watch = LinearDtypes(model)
     try:
         call()
     finally:
         watch.remove()
-    return watch.seen
+    return watch
 
 
 @pytest.mark.parametrize("method", ["rollout", "generic", "grad_rollout", "lrp"])
@@ -79,8 +85,8 @@ def test_model_precision_computes_in_bfloat16_within_tolerance_of_float32(vision
     storage = {n: (t.data_ptr(), t.detach().clone()) for n, t in model.state_dict(keep_vars=True).items()}
     before = snapshot(model)
     box = {}
-    seen = weight_dtypes_during(model, lambda: box.update(e=attnx.explain(model, x, method=method, precision="model")))
-    assert seen == {torch.bfloat16}, "a layer computed with a float32 copy of its weights"
+    seen = linear_dtypes_during(model, lambda: box.update(e=attnx.explain(model, x, method=method, precision="model")))
+    assert seen.weights == seen.outputs == {torch.bfloat16}, "a layer computed in float32"
     low = box["e"].scores
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     # the exact float32 computation of the same (rounded) weights, on an independent float32 copy
@@ -93,13 +99,33 @@ def test_model_precision_computes_in_bfloat16_within_tolerance_of_float32(vision
         assert t.dtype == torch.bfloat16 and t.data_ptr() == storage[n][0] and torch.equal(t.detach(), storage[n][1]), n
 
 
-def test_float32_precision_is_the_float32_computation_of_the_rounded_weights(vision_bf16):
+@pytest.mark.parametrize("method", ["generic", "transformer_attribution", "partial_lrp", "legrad"])
+def test_float32_precision_is_the_float32_computation_of_the_rounded_weights(vision_bf16, method):
+    """Computed in float32 on the model's own bfloat16 weights (the layers hold them as stored):
+    equal to explaining an independent float32 copy, the model as found, and the call's autograd
+    graph and casts gone once it returns (a saved tensor kept with its own node would hold them)."""
+    from attnx.core import runtime
+
     model, x = vision_bf16
+    before = snapshot(model)
+    storage = {n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items()}
+    computes = []
+    original = runtime.Float32Compute.__init__
+
+    def watch(self, *args):
+        original(self, *args)
+        computes.append(weakref.ref(self))
+
     box = {}
-    seen = weight_dtypes_during(model, lambda: box.update(e=attnx.explain(model, x, method="generic", precision="float32")))
-    assert seen == {torch.float32}
-    exact = attnx.explain(copy.deepcopy(model).float(), x.float(), method="generic").scores
-    assert (box["e"].scores - exact).abs().max() <= 1e-6
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime.Float32Compute, "__init__", watch)
+        seen = linear_dtypes_during(model, lambda: box.update(e=attnx.explain(model, x, method=method, precision="float32")))
+    assert seen.weights == {torch.bfloat16} and seen.outputs == {torch.float32}
+    exact = attnx.explain(copy.deepcopy(model).float(), x.float(), method=method).scores
+    assert (box["e"].scores - exact).abs().max() <= 1e-6 * exact.abs().max()
+    assert_unchanged(before, model)
+    assert all(t.dtype == torch.bfloat16 and t.data_ptr() == storage[n] for n, t in model.state_dict(keep_vars=True).items())
+    assert computes and all(ref() is None for ref in computes), "the call's casts outlived it"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
@@ -113,8 +139,8 @@ def test_auto_precision_follows_the_measured_table(dtype, method, preset):
     key = method if preset is None else f"{method}:{preset}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate maps of a random tiny model are not the point
-        seen = weight_dtypes_during(model, lambda: attnx.explain(model, x, method=method, **options))
-    assert seen == {dtype if key in OWN_PRECISION[dtype] else torch.float32}
+        seen = linear_dtypes_during(model, lambda: attnx.explain(model, x, method=method, **options))
+    assert seen.weights == {dtype} and seen.outputs == {dtype if key in OWN_PRECISION[dtype] else torch.float32}
 
 
 def test_float16_relevance_overflows_where_auto_keeps_float32(vision_bf16):
@@ -148,21 +174,39 @@ def test_a_bad_precision_is_refused():
         attnx.Explainer(model, precision="half")
 
 
-def test_auto_warns_when_it_copies_a_large_model_to_float32(monkeypatch):
-    from attnx.core import precision
-
-    case = CASES["hf_bert_sdpa"]
+@pytest.mark.parametrize("method, preset", [("transformer_attribution", None), ("partial_lrp", None),
+                                            ("lrp", "chefer2021"), ("legrad", None), ("gradient_x_input", None)])
+def test_float32_precision_on_a_decoder_is_the_float32_computation(method, preset):
+    """A bfloat16 Llama with padding, its head's rule on the target rows: the float32 computation
+    of the rounded weights, without a float32 copy of them."""
+    case = DecoderCase("llama", "lm", "sdpa")
     model = case.model().to(torch.bfloat16)
-    x = case.inputs(2, lengths=[9, 5])
-    monkeypatch.setattr(precision, "FLOAT32_COPY_WARNING_BYTES", 1)  # the tiny model counts as large
-    with pytest.warns(attnx.errors.PrecisionWarning, match=r"transformer_attribution:chefer2021 is computed in float32 for this "
-                      r"bfloat16 model .* precision='model' computes it in bfloat16 without the copy"):
-        attnx.explain(model, x, method="transformer_attribution")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", attnx.errors.PrecisionWarning)  # asked for, or not copied: no warning
-        attnx.explain(model, x, method="transformer_attribution", precision="float32")
-        attnx.explain(model, x, method="generic")
-    monkeypatch.setattr(precision, "FLOAT32_COPY_WARNING_BYTES", 2**30)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", attnx.errors.PrecisionWarning)  # small models copy quietly
-        attnx.explain(model, x, method="transformer_attribution")
+    x = case.inputs(batch=2)
+    options = {"preset": preset} if preset else {}
+    before = snapshot(model)
+    exact = attnx.explain(copy.deepcopy(model).float(), x, method=method, **options)
+    box = {}
+    seen = linear_dtypes_during(model, lambda: box.update(e=attnx.explain(
+        model, x, method=method, precision="float32", target=exact.targets.tolist(), **options)))
+    assert seen.weights == {torch.bfloat16} and seen.outputs == {torch.float32}
+    assert (box["e"].scores - exact.scores).abs().max() <= 1e-6 * exact.scores.abs().max()
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_an_offloaded_half_precision_model_is_computed_in_float32(offload, tmp_path):
+    """accelerate brings each layer's bfloat16 weights in at every call; the methods computed in
+    float32 cast them as their ops read them, as for a model in memory."""
+    accelerate = pytest.importorskip("accelerate")
+    case = DecoderCase("llama", "lm", "sdpa")
+    model = case.model().to(torch.bfloat16)
+    x = case.inputs(batch=2)
+    exact = attnx.explain(copy.deepcopy(model).float(), x, method="transformer_attribution")
+    if offload == "cpu":
+        accelerate.cpu_offload(model, execution_device="cpu")
+    else:
+        accelerate.disk_offload(model, str(tmp_path), execution_device="cpu")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    got = attnx.explain(model, x, method="transformer_attribution", target=exact.targets.tolist())
+    assert (got.scores - exact.scores).abs().max() <= 1e-6 * exact.scores.abs().max()
+    assert {(p.dtype, p.device.type) for p in model.parameters()} == {(torch.bfloat16, "meta")}  # as found

@@ -65,7 +65,7 @@ def test_scratch_is_one_buffer_per_slot_and_shape_until_release():
     # off the CPU the device's caching allocator reuses memory: new tensors, nothing kept
     meta = torch.device("meta")
     assert state.scratch(0, torch.Size([2, 3]), torch.float32, meta) is not state.scratch(0, torch.Size([2, 3]), torch.float32, meta)
-    assert state.output(torch.Size([2, 3]), torch.float32, meta).device == meta and not state.returned.get(((2, 3), torch.float32, meta))
+    assert state.output(torch.Size([2, 3]), torch.float32, meta).device == meta and not state.returned.pools.get(((2, 3), torch.float32, meta))
 
 
 def test_a_returned_gradient_is_recycled_only_once_nothing_holds_it():

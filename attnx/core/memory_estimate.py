@@ -206,7 +206,8 @@ class MemoryEstimate:
     weights:
         Bytes of the model's parameters and buffers as stored (already in memory for a loaded model).
     float32_weights:
-        Bytes of the float32 copies of half-precision weights made for the call.
+        Bytes of the float32 casts of half-precision weights held at once by a call computed in
+        float32 (each op casts the weights it reads: at most two of each weight shape).
     terms:
         ``{kind: bytes}`` of what the pass keeps at its peak (:data:`TERMS`).
     fits:
@@ -251,7 +252,7 @@ class MemoryEstimate:
 
     def __str__(self) -> str:
         rows = [f"{self.method}: peak {self.peak / GiB:.2f} GiB (weights {self.weights / GiB:.2f} GiB"
-                + (f", float32 copies {self.float32_weights / GiB:.2f} GiB" if self.float32_weights else "") + ")"]
+                + (f", float32 casts {self.float32_weights / GiB:.2f} GiB" if self.float32_weights else "") + ")"]
         rows += [f"  {k}: {v / GiB:.3f} GiB" for k, v in self.terms.items()]
         if self.available is not None:
             fits = ", ".join(self.fits or ()) or "none"
@@ -269,11 +270,11 @@ def predict(
 ) -> tuple[dict[str, int], int]:
     """``({kind: bytes}, float32 weight bytes)`` of one call of ``method``; ``own_precision``: a
     half-precision model computed in its own dtype (:mod:`attnx.core.precision`)."""
-    if own_precision and shape.half_bytes:  # computed in the model's own half precision: no copies
+    if own_precision and shape.half_casts:  # computed in the model's own half precision: no casts
         shape = replace(shape, compute_bytes=2)
     sizes = Sizes(shape, inputs, max(0, min(first, shape.layers - 1)))
     terms = {name: int(TERMS[name][1](sizes)) for name in method_terms(method, registry, shape)}
-    return terms, 0 if own_precision else 2 * shape.half_bytes  # float32 copies of float16 / bfloat16 storage
+    return terms, 0 if own_precision else shape.half_casts  # float32 casts of float16 / bfloat16 weights
 
 
 def _first_layer(method: Any, options: dict, shape: ModelShape, inputs: InputShape) -> int:
@@ -311,7 +312,7 @@ def estimate(
         meta device).
     precision:
         As for :func:`attnx.explain`: a half-precision model computed in its own dtype (no float32
-        copies of its weights, 2-byte activations) for the methods :mod:`attnx.core.precision` runs so.
+        casts of its weights, 2-byte activations) for the methods :mod:`attnx.core.precision` runs so.
     registry:
         The call's LRP rule registry when it is already resolved (else from ``preset``).
     sub_batch:
@@ -347,13 +348,13 @@ def estimate(
         own = precision == "model" or (precision == "auto" and key in OWN_PRECISION.get(half, ()))
         return predict(spec, registry, shape, sizes, _first_layer(spec, method_opts, shape, sizes), own and half is not None)
 
-    terms, copies = one(method, options, registry)
+    terms, casts = one(method, options, registry)
     fits = None
     if available is not None:
         unloaded = shape.weight_bytes if device == "meta" else 0  # weights to bring in too
         def needed(m: str) -> int:
-            kept, float32_copies = one(m, {})
-            return unloaded + float32_copies + sum(kept.values())
+            kept, casts = one(m, {})
+            return unloaded + casts + sum(kept.values())
 
         fits = tuple(m for m in list_methods() if needed(m) <= available)
-    return MemoryEstimate(method, shape.weight_bytes, copies, terms, fits, available, device, shape, sizes)
+    return MemoryEstimate(method, shape.weight_bytes, casts, terms, fits, available, device, shape, sizes)

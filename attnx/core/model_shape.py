@@ -8,6 +8,7 @@ way, so a plan for a model too large for the machine needs no weights.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -34,14 +35,15 @@ class ModelShape:
         Output classes or vocabulary (the logits of one position per sample are kept).
     weight_bytes:
         Bytes of the parameters and buffers as they are stored.
-    half_bytes:
-        Bytes of the float16 / bfloat16 parameters and buffers (computed in float32 for the call).
+    half_casts:
+        Bytes of the float32 casts a call computed in float32 holds at once for float16 / bfloat16
+        weights (:func:`attnx.core.runtime.float32_execution`: at most two of each weight shape).
     compute_bytes:
         Bytes per element of the computation (4 for float32 and half-precision models, 8 for float64).
     patch_size, prefix_tokens:
         For image models: pixels per patch side and class / register tokens (``None`` for text).
     largest_linear:
-        Elements of the largest ``nn.Linear`` weight (a language model's output layer, an MLP's).
+        Elements of the largest ``nn.Linear`` weight below the output layer (an MLP's).
     fused_kernel:
         The model's attention runs through ``F.scaled_dot_product_attention`` (Hugging Face
         ``sdpa`` / flash kernels, timm's ``fused_attn``), so an LRP preset can keep it fused.
@@ -59,7 +61,7 @@ class ModelShape:
     gated_mlp: bool
     vocab: int
     weight_bytes: int
-    half_bytes: int
+    half_casts: int
     compute_bytes: int
     patch_size: int | None = None
     prefix_tokens: int = 0
@@ -77,10 +79,12 @@ class InputShape:
 
 
 def _weights(model: nn.Module) -> tuple[int, int, int]:
-    """``(bytes as stored, bytes stored in half precision, bytes per computed element)``."""
+    """``(bytes as stored, bytes of the float32 casts of half-precision weights held at once,
+    bytes per computed element)``."""
     tensors = list(model.parameters()) + list(model.buffers())
     stored = sum(t.numel() * t.element_size() for t in tensors)
-    half = sum(t.numel() * t.element_size() for t in tensors if t.dtype in (torch.float16, torch.bfloat16))
+    half_shapes = {tuple(t.shape) for t in tensors if t.dtype in (torch.float16, torch.bfloat16)}
+    half = 2 * 4 * sum(math.prod(shape) for shape in half_shapes)
     compute = 8 if any(t.dtype == torch.float64 for t in tensors) else 4
     return stored, half, compute
 
@@ -109,7 +113,7 @@ def _hf_shape(model: nn.Module, config: Any) -> ModelShape | None:
     return ModelShape(
         layers=layers, hidden=hidden, heads=heads, kv_heads=getattr(text, "num_key_value_heads", None) or heads,
         intermediate=_int(intermediate), gated_mlp=_gated(model), vocab=_int(vocab), weight_bytes=stored,
-        half_bytes=half, compute_bytes=compute, patch_size=None if patch is None else _int(patch),
+        half_casts=half, compute_bytes=compute, patch_size=None if patch is None else _int(patch),
         prefix_tokens=0 if patch is None else 1,
         fused_kernel=getattr(text, "_attn_implementation", "sdpa") not in ("eager", None),
         kernel_folds=getattr(text, "_attn_implementation", "sdpa") == "sdpa",
@@ -126,7 +130,7 @@ def _timm_shape(model: nn.Module) -> ModelShape | None:
     return ModelShape(
         layers=len(blocks), hidden=fc1.in_features, heads=attn.num_heads, kv_heads=attn.num_heads,
         intermediate=fc1.out_features, gated_mlp=False, vocab=getattr(model, "num_classes", 0) or 1,
-        weight_bytes=stored, half_bytes=half, compute_bytes=compute,
+        weight_bytes=stored, half_casts=half, compute_bytes=compute,
         patch_size=_int(model.patch_embed.patch_size), prefix_tokens=getattr(model, "num_prefix_tokens", 1),
         fused_kernel=bool(getattr(attn, "fused_attn", False)),
         kernel_folds=all(getattr(b.attn, "fused_attn", False) for b in blocks) and getattr(model, "attn_pool", None) is None,
@@ -141,7 +145,7 @@ def _torchvision_shape(model: nn.Module) -> ModelShape | None:
     stored, half, compute = _weights(model)
     return ModelShape(
         layers=len(layers), hidden=model.hidden_dim, heads=heads, kv_heads=heads, intermediate=model.mlp_dim,
-        gated_mlp=False, vocab=getattr(model, "num_classes", 1000), weight_bytes=stored, half_bytes=half,
+        gated_mlp=False, vocab=getattr(model, "num_classes", 1000), weight_bytes=stored, half_casts=half,
         compute_bytes=compute, patch_size=model.patch_size, prefix_tokens=1,
         fused_kernel=False,  # nn.MultiheadAttention: written out by every LRP preset
     )
@@ -154,7 +158,9 @@ def model_shape(model: nn.Module) -> ModelShape:
     shape = _hf_shape(model, config) if config is not None else None
     shape = shape or _timm_shape(model) or _torchvision_shape(model)
     if shape is not None:
-        largest = max((m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)), default=0)
+        # the output layer's rule computes on the rows its relevance reaches (the targets) only
+        largest = max((m.weight.numel() for m in model.modules()
+                       if isinstance(m, nn.Linear) and m.out_features != shape.vocab), default=0)
         shape = replace(shape, largest_linear=largest)
     if shape is None:
         raise UnsupportedModelError(

@@ -7,8 +7,8 @@
   relevance) is then turned to float32, so every method's own arithmetic (products of layers,
   sums, normalisations) runs in float32;
 * ``"float32"`` -- the model computes in float32 (:func:`attnx.core.runtime.float32_execution`):
-  the parameters get float32 copies for the call, twice the model's own weight memory for
-  bfloat16 / float16 (the exact float32 result of the rounded weights);
+  each op casts the half-precision weights it reads and lets the cast go, so no float32 copy of
+  the model is held (the exact float32 result of the rounded weights);
 * ``"auto"`` (default) -- the model's own precision for the methods whose maps stayed within the
   tolerance :data:`TOLERANCE` of float32 on the measured models, float32 for the others
   (:data:`OWN_PRECISION`).
@@ -19,28 +19,23 @@ deviations are in ``docs/large_models.md`` (``benchmarks/precision_deviation.py`
 from __future__ import annotations
 
 import contextlib
-import warnings
 from dataclasses import fields, replace
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from ..errors import AttnxValueError, PrecisionWarning
+from ..errors import AttnxValueError
 from .batch import Batch
 from .runtime import HALF_DTYPES, float32_execution, no_autocast
 from .trace_types import Trace
 
 __all__ = [
-    "FLOAT32_COPY_WARNING_BYTES", "OWN_PRECISION", "PRECISIONS", "TOLERANCE", "check_precision", "compute_dtype",
+    "OWN_PRECISION", "PRECISIONS", "TOLERANCE", "check_precision", "compute_dtype",
     "explained_in", "in_float32",
 ]
 
 PRECISIONS = ("auto", "float32", "model")
-
-#: ``"auto"`` warns (:class:`attnx.errors.PrecisionWarning`) when it makes a float32 copy of at
-#: least this many bytes of a half-precision model's weights
-FLOAT32_COPY_WARNING_BYTES = 2**30
 
 #: what "within tolerance" means, per sample against the float32 map of the same (rounded) weights:
 #: Spearman rank correlation at least 0.99 and relative L2 distance at most 0.1
@@ -104,8 +99,6 @@ def explained_in(
     """
     dtype = compute_dtype(model, batch, check_precision(precision), relevance, method)
     if dtype is None:
-        if precision == "auto":
-            warn_of_float32_copy(model, method)
         with float32_execution(model, batch) as batch:
             yield batch
         return
@@ -116,21 +109,6 @@ def explained_in(
     with no_autocast(tuple({t.device.type for t in model.parameters()})):
         kwargs = {k: cast(v) for k, v in batch.kwargs.items()}
         yield replace(batch, args=tuple(cast(a) for a in batch.args), kwargs=kwargs)
-
-
-def warn_of_float32_copy(model: nn.Module, method: str | None) -> None:
-    """Warn when ``"auto"`` computes a large half-precision model in float32 (a float32 copy of at
-    least :data:`FLOAT32_COPY_WARNING_BYTES` of weights)."""
-    half = [t for t in [*model.parameters(), *model.buffers()] if t.dtype in HALF_DTYPES]
-    size = sum(t.numel() for t in half) * 4
-    if size < FLOAT32_COPY_WARNING_BYTES:
-        return
-    dtype = str(half[0].dtype).removeprefix("torch.")
-    warnings.warn(PrecisionWarning(
-        f"{method or 'this pass'} is computed in float32 for this {dtype} model (its maps leave the measured "
-        f"tolerance in {dtype}): the call holds a float32 copy of the weights ({size / 2**30:.1f} GiB); "
-        f"precision='model' computes it in {dtype} without the copy (docs/large_models.md)"
-    ), stacklevel=2)
 
 
 def in_float32(trace: Trace) -> Trace:

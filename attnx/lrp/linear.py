@@ -129,7 +129,9 @@ class LinearRule(Rule):
         if not y.requires_grad:  # a frozen layer on a constant: nothing to relay
             return y
         state = active()
-        ctx = LinearCall(x.detach(), w.detach(), None if b is None else b.detach(), y.detach(), fn, extra,
+        # a half-precision weight computed in float32 (attnx.core.runtime.float32_execution) stays half
+        # here and is cast where the backward reads it; the bias (one row) is cast now
+        ctx = LinearCall(x.detach(), w.detach(), None if b is None else b.detach().to(x.dtype), y.detach(), fn, extra,
                          bool(op.is_input and op.is_input(x)), state)
         if state is not None:
             state.will_use(ctx.w)
@@ -150,6 +152,7 @@ class LinearRule(Rule):
             if real is not None:  # zero where no relevance arrived: the rule's share is a product with g
                 real = g.new_zeros(g.shape).index_copy_(-1, rows, real)
             out = real, extra
+        c.cast = None
         if c.state is not None:
             c.state.used(c.w)
         return out
@@ -159,12 +162,25 @@ class LinearRule(Rule):
 
 
 class LinearCall:
-    """What a linear rule's backward reads: input, weight, bias, output, the functional."""
+    """What a linear rule's backward reads: input, weight, bias, output, the functional. ``w`` is
+    the layer's weight as stored (the key of its derived tensors); :attr:`cw` the weight in the
+    input's dtype, cast where it is read when they differ (a half-precision model computed in
+    float32 keeps no float32 copy of its weights until the backward)."""
 
-    __slots__ = ("x", "w", "b", "y", "fn", "extra", "is_input", "state")
+    __slots__ = ("x", "w", "b", "y", "fn", "extra", "is_input", "state", "cast")
 
     def __init__(self, x, w, b, y, fn, extra, is_input, state) -> None:
         self.x, self.w, self.b, self.y, self.fn, self.extra, self.is_input, self.state = x, w, b, y, fn, extra, is_input, state
+        self.cast: torch.Tensor | None = None
+
+    @property
+    def cw(self) -> torch.Tensor:
+        if self.w.dtype == self.x.dtype:
+            return self.w
+        if self.cast is None:  # once per backward call (dropped by LinearRule.backward), on recycled pages
+            out = None if self.state is None else self.state.output(self.w.shape, self.x.dtype, self.w.device)
+            self.cast = self.w.to(self.x.dtype) if out is None or not self.w.is_contiguous() else out.copy_(self.w)
+        return self.cast
 
     def reached_rows(self, g: torch.Tensor) -> torch.Tensor | None:
         """The output features (rows of ``W``) the incoming ``g`` is non-zero at, when they are at
@@ -180,15 +196,17 @@ class LinearCall:
     def restricted(self, rows: torch.Tensor) -> "LinearCall":
         """This call on the output features ``rows`` only (its own tensors: nothing cached)."""
         b = None if self.b is None else self.b.index_select(0, rows)
-        return LinearCall(self.x, self.w.index_select(0, rows), b, self.y.index_select(-1, rows), self.fn,
+        return LinearCall(self.x, self.w.index_select(0, rows).to(self.x.dtype), b, self.y.index_select(-1, rows), self.fn,
                           self.extra, self.is_input, None)
 
     def u(self) -> torch.Tensor:
         """``Wx`` without the bias."""
-        return without_bias(self.y, self.x, self.w, self.b, self.fn, self.extra)
+        return without_bias(self.y, self.x, self.cw, self.b, self.fn, self.extra)
 
     def abs_w(self) -> torch.Tensor:
-        return absolute(self.w, self.state)
+        if self.w.dtype == self.x.dtype:
+            return absolute(self.w, self.state)
+        return self.cw.abs() if self.state is None else self.state.derived(self.w, "abs", lambda w: self.cw.abs())
 
     def v(self, abs_w: torch.Tensor) -> torch.Tensor:
         """``|W||x|``: the one extra product of the activators."""
@@ -222,8 +240,8 @@ class LinearCall:
     def signed_part(self, sign: int) -> torch.Tensor:
         """``W + |W|`` (``sign = 1``: twice the positive part) or ``W − |W|`` (twice the negative
         part), once per pass for each weight."""
-        make = (lambda w: w + self.abs_w()) if sign > 0 else (lambda w: w - self.abs_w())
-        return self.w + self.abs_w() * sign if self.state is None else self.state.derived(self.w, f"2w{sign:+d}", make)
+        make = (lambda w: self.cw + self.abs_w()) if sign > 0 else (lambda w: self.cw - self.abs_w())
+        return self.cw + self.abs_w() * sign if self.state is None else self.state.derived(self.w, f"2w{sign:+d}", make)
 
 
 class Epsilon(LinearRule):
@@ -340,7 +358,7 @@ class ZBox(LinearRule):
     def propagate(self, c, g):
         if not c.is_input:
             return self.otherwise.propagate(c, g)
-        x, w, fn, extra = c.x, c.w, c.fn, c.extra
+        x, w, fn, extra = c.x, c.cw, c.fn, c.extra
         dims = tuple(range(1, x.dim()))
         lo = x.amin(dim=dims, keepdim=True)
         hi = x.amax(dim=dims, keepdim=True)

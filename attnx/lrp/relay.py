@@ -27,6 +27,7 @@ from torch import nn
 __all__ = [
     "Op",
     "Propagation",
+    "RecycledBuffers",
     "Rule",
     "CONSTANT",
     "RELEVANCE_MARK",
@@ -123,6 +124,39 @@ def _only_reference(t: torch.Tensor) -> bool:
     return _STORAGE_USE_COUNT(t.untyped_storage()._cdata) == 2  # t, and the wrapper made here
 
 
+class RecycledBuffers:
+    """Tensors handed out on the pages of earlier ones: at most ``keep`` buffers of each shape,
+    dtype and device, a buffer handed out again only when its storage is referenced by the pool
+    alone (no view of it alive in Python or autograd). On the CPU, where a new tensor of tens of
+    megabytes comes from fresh pages of the kernel (see :class:`Propagation`); elsewhere, and
+    on a torch without the storage use count, new tensors."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self.pools: dict[tuple, list[torch.Tensor]] = {}
+
+    def get(self, shape: torch.Size, dtype: torch.dtype, device: torch.device,
+            mark: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """A contiguous tensor of ``shape``, ``dtype`` on ``device`` whose values are to be written:
+        a view of a kept buffer (views count as references to its storage, the buffer object
+        itself would not), ``mark(buffer)`` called on the buffer it is a view of."""
+        if torch.device(device).type != "cpu":
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+        else:
+            pool = self.pools.setdefault((tuple(shape), dtype, device), [])
+            buffer = next((b for b in pool if _only_reference(b)), None)
+            if buffer is None:
+                buffer = torch.empty(shape, dtype=dtype, device=device)
+                if len(pool) < self.keep:
+                    pool.append(buffer)
+        if mark is not None:
+            mark(buffer)
+        return buffer.view(shape)
+
+    def clear(self) -> None:
+        self.pools.clear()
+
+
 def scratch_like(state: "Propagation | None", slot: int, like: torch.Tensor) -> torch.Tensor:
     """A temporary shaped as ``like``: the pass's reused buffer for ``slot`` (see
     :meth:`Propagation.scratch`), or a new tensor outside a pass and off the CPU."""
@@ -162,7 +196,7 @@ class Propagation:
         self.weights: dict[tuple, dict[str, torch.Tensor]] = {}
         self.uses: dict[tuple, int] = {}
         self.buffers: dict[tuple, torch.Tensor] = {}
-        self.returned: dict[tuple, list[torch.Tensor]] = {}
+        self.returned = RecycledBuffers(keep=2)
 
     @staticmethod
     def key(w: torch.Tensor) -> tuple:
@@ -217,17 +251,7 @@ class Propagation:
         hands out views of them; a buffer is handed out again only when no view of it is left
         (its storage referenced by the buffer alone: autograd has consumed the gradient, and no
         code holds it). Otherwise, and off the CPU, a new tensor."""
-        if torch.device(device).type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
-        pool = self.returned.setdefault((tuple(shape), dtype, device), [])
-        for buffer in pool:
-            if _only_reference(buffer):
-                return buffer.view(shape)
-        buffer = torch.empty(shape, dtype=dtype, device=device)
-        if len(pool) < 2:
-            pool.append(buffer)
-            return buffer.view(shape)
-        return buffer
+        return self.returned.get(shape, dtype, device)
 
     @contextlib.contextmanager
     def plain(self) -> Iterator[None]:

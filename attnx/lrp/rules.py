@@ -318,7 +318,7 @@ class LayerNormConstantStd(Rule):
         y = op.compute()
         xd, yd = x.detach(), y.detach()
         std = torch.sqrt(xd.var(dims, unbiased=False, keepdim=True) + eps)
-        wd = None if weight is None else weight.detach()
+        wd = None if weight is None else weight.detach().to(xd.dtype)  # one row: a half weight cast now
         epsilon = self.epsilon
 
         def backward(g):
