@@ -189,8 +189,10 @@ class LinearCall:
         then costs products with those rows, not ``|W|`` and ``W ± |W|`` of the whole vocabulary."""
         if self.fn is not F.linear or self.w.dim() != 2 or g.dim() < 2 or g.shape[-1] < 64:
             return None
-        reached = g.reshape(-1, g.shape[-1]).any(dim=0)
-        rows = reached.nonzero().squeeze(1)
+        flat = g.reshape(-1, g.shape[-1])
+        if flat[0].count_nonzero() * 8 > g.shape[-1]:  # one row reaches many already: no pass over all of g
+            return None
+        rows = flat.any(dim=0).nonzero().squeeze(1)
         return rows if rows.numel() * 8 <= g.shape[-1] else None
 
     def restricted(self, rows: torch.Tensor) -> "LinearCall":
