@@ -9,7 +9,8 @@ float32) and ``precision="float32"`` (the exact float32 computation of those wei
 method: the smallest per-sample Spearman rank correlation and the largest per-sample relative L2
 distance of the maps (``|model - float32| / |float32|``), and whether every map is finite. The
 targets are the float32 predictions, fixed for both runs. The tolerance is
-:data:`attnx.core.precision.TOLERANCE`.
+:data:`attnx.core.precision.TOLERANCE`. Text maps are compared on each sample's own tokens (its
+padding, zero in both maps, would be ranked in an arbitrary order), ties ranked by their mean rank.
 
     HF_HUB_OFFLINE=1 python benchmarks/precision_deviation.py
     python benchmarks/precision_deviation.py --models vision text --dtypes bfloat16 float16 --samples 8
@@ -23,6 +24,7 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
 import attnx  # noqa: E402
 from attnx import zoo  # noqa: E402
@@ -30,8 +32,16 @@ from attnx.core.precision import TOLERANCE  # noqa: E402
 
 METHODS = ["raw_attention", "rollout", "grad_rollout", "generic", "attn_gradcam", "legrad", "transformer_attribution",
            "partial_lrp", "lrp:attnlrp", "lrp:cplrp", "gradient_x_input"]
-PROMPTS = ["The capital of France is", "Water boils at a temperature of", "The opposite of hot is",
-           "A cat is an animal that"]
+# long enough for a rank correlation to say something (20 to 30 tokens)
+PROMPTS = [
+    "The Eiffel Tower was built for the world fair of 1889 and it stands in the centre of the capital of France, "
+    "which is called",
+    "Water is heated in a pot on the stove until it starts to boil, and at sea level this happens at a temperature "
+    "of one hundred degrees",
+    "When the sun goes down in the evening the sky gets darker and the air outside becomes colder, which is the "
+    "opposite of",
+    "A cat is a small animal with soft fur and sharp claws that many families keep at home as a",
+]
 
 
 def load(kind: str, n: int):
@@ -48,20 +58,20 @@ def load(kind: str, n: int):
     return b, dict(b.tokenizer(PROMPTS[:n], padding=True, return_tensors="pt"))
 
 
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort(-1).argsort(-1).double()
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
-    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1)).clamp(min=1e-30)
-
-
-def deviation(low: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+def deviation(low: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[float, float]:
+    """The smallest per-sample Spearman correlation and the largest relative L2 distance, on the
+    positions ``mask`` keeps (each sample's tokens) when given."""
     low, ref = low.flatten(1).double(), ref.flatten(1).double()
-    l2 = ((low - ref).norm(dim=1) / ref.norm(dim=1).clamp(min=1e-30)).max().item()
-    return spearman(low, ref).min().item(), l2
+    keep = torch.ones_like(ref, dtype=torch.bool) if mask is None else mask.flatten(1).bool()
+    rhos, l2s = [], []
+    for a, b, k in zip(low, ref, keep):
+        a, b = a[k], b[k]
+        if a.unique().numel() == 1 or b.unique().numel() == 1:  # a constant map has no ranking to compare
+            rhos.append(1.0 if torch.equal(a, b) else 0.0)
+        else:
+            rhos.append(float(spearmanr(a.numpy(), b.numpy()).statistic))
+        l2s.append(((a - b).norm() / b.norm().clamp(min=1e-30)).item())
+    return float(min(rhos)), max(l2s)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"| {kind} | {dtype_name} | {method} | error: {type(exc).__name__}: {str(exc)[:90]} | | | |",
                           flush=True)
                     continue
-                rho, l2 = deviation(low, ref)
+                mask = x.get("attention_mask") if isinstance(x, dict) else None
+                rho, l2 = deviation(low, ref, mask if mask is not None and mask.shape == ref.shape else None)
                 finite = bool(torch.isfinite(low).all())
                 ok = finite and rho >= TOLERANCE["spearman"] and l2 <= TOLERANCE["relative_l2"]
                 print(f"| {kind} | {dtype_name} | {method} | {rho:.4f} | {l2:.3g} | {finite} | {'yes' if ok else 'no'} |",
