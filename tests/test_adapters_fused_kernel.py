@@ -439,3 +439,41 @@ def test_timm_vit_legrad_keeps_its_fused_kernel(pooling):
             mp.setattr(block.attn, "fused_attn", False)
         written = attnx.explain(model, x, method="legrad", target=[1, 3], start_layer=0, pooling=pooling)
     assert torch.allclose(fused.scores, written.scores, rtol=1e-5, atol=1e-7 * float(written.scores.abs().max()))
+
+
+@pytest.mark.parametrize("tile_bytes", [2**24, 2 * 4 * 9 * 4 * 2], ids=["whole", "tiles of 2 rows"])
+@pytest.mark.parametrize("method", ["generic", "attn_gradcam"])
+@pytest.mark.parametrize("family,head", [("llama", "lm"), ("qwen2", "cls"), ("gpt2", "lm")])
+def test_libragrad_keeps_the_kernel_with_its_query_and_key_paths_pruned(method, family, head, tile_bytes, monkeypatch):
+    """LibraGrad holds the probabilities constant: the engine's rule for the call passes nothing to
+    ``q`` and ``k``, and the kernel it runs is folded as without rules (``∇A = g vᵀ`` of LibraGrad's
+    gradient). The maps equal the eager kernel's, whose softmax LibraGrad prunes written out."""
+    monkeypatch.setattr(fused_kernel, "TILE_BYTES", tile_bytes)
+    case = DecoderCase(family, head, "sdpa")
+    model = case.model()
+    inputs = case.inputs(lengths=[9, 6])
+    with kernel_backwards(lambda ctx: (tuple(ctx.needs_input_grad[:3]), len(ctx.call.row_tiles(*ctx.saved_tensors[:2])))) as backwards:
+        fused = attnx.explain(model, inputs, method=method, libragrad=True)
+    assert backwards, "the sdpa kernel was not kept: the pass switched the model"
+    assert {needs for needs, _ in backwards} == {(False, False, True)}  # no gradient to q and k
+    assert max(tiles for _, tiles in backwards) == (5 if tile_bytes < 2**24 else 1)
+    assert model.config._attn_implementation == "sdpa"
+    eager = attnx.explain(DecoderCase(family, head, "eager").model(), inputs, method=method, libragrad=True)
+    plain = attnx.explain(DecoderCase(family, head, "eager").model(), inputs, method=method)
+    assert torch.isfinite(fused.scores).all()
+    assert torch.allclose(fused.scores, eager.scores, rtol=1e-4, atol=1e-6 * float(eager.scores.abs().max()))
+    assert not torch.allclose(plain.scores, eager.scores, rtol=1e-3)  # LibraGrad's gradients are not the plain ones
+
+
+def test_libragrad_on_a_timm_vit_keeps_its_fused_kernel():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with kernel_backwards() as backwards:
+        fused = attnx.explain(model, x, method="generic", libragrad=True)
+    assert backwards == [2, 1, 0]
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    eager = attnx.explain(model, x, method="generic", libragrad=True, target=fused.targets.tolist())
+    assert torch.allclose(fused.scores, eager.scores, rtol=1e-4, atol=1e-6 * float(eager.scores.abs().max()))

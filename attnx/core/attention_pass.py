@@ -65,10 +65,13 @@ def attention_pass(
     model's fused kernel where the adapter can (``Adapter.observe_kernels``,
     :mod:`attnx.adapters.fused_kernel`): each layer's ``A`` is recomputed in the backward and
     folded (with ``gradients``), or computed beside the kernel in the forward and folded (without:
-    rollout, raw attention), and no layer's map is kept."""
+    rollout, raw attention), and no layer's map is kept. So does a pass under ``rules`` that hold
+    the probabilities constant (LibraGrad, :meth:`~attnx.lrp.registry.Registry.attention_held_constant`):
+    the engine's rule for each attention call prunes its ``q``, ``k`` paths and the kernel it runs
+    is folded with the gradient LibraGrad gives its output."""
     kernel = (fold is not None and (gradients or attentions)
               and not (tokens or value_outputs or mlp_branches)
-              and rules is None and not adapter.kernel_calls_missed)
+              and (rules is None or rules.attention_held_constant()) and not adapter.kernel_calls_missed)
     options = dict(first_layer=first_layer, fold=fold, tokens=tokens, value_outputs=value_outputs,
                    mlp_branches=mlp_branches, rules=rules, strict=strict, layer_readouts=layer_readouts)
     if kernel:
@@ -97,6 +100,7 @@ def observed_pass(
     # path its forwards measured slower under glibc's default allocator (the DINOv2 zoo model)
     kernel = kernel and not (readouts is not None and readouts.reruns)
     observe = adapter.observe_kernels(recorder) if kernel else None
+    on_kernel = observe is not None
     if observe is not None and not gradients:
         recorder.forward_folder = forward_folder(fold)
     if observe is None:
@@ -107,7 +111,12 @@ def observed_pass(
     outputs = contextlib.nullcontext() if readouts is None else recorded_layer_outputs(readouts.blocks, recorder)
     engine = LRPEngine(model, rules, strict=strict) if rules is not None and backward else None
     # the backward runs inside the switches: checkpointed layers recompute under them
-    with evaluation_mode(model), grad_mode, engine if engine is not None else contextlib.nullcontext():
+    # under rules, the kernel probe sits below the engine: the engine's rule for the attention call
+    # (its q, k paths pruned) runs first, and the kernel it calls is the one the probe folds
+    kernel_first = contextlib.nullcontext()
+    if engine is not None and on_kernel:
+        kernel_first, observe = observe, contextlib.nullcontext()
+    with evaluation_mode(model), grad_mode, kernel_first, engine if engine is not None else contextlib.nullcontext():
         if engine is not None:
             batch = tracked_by(engine, adapter, batch)
         with tracked_embeddings(adapter.input_embeddings() if backward else None), observe, blocks, values, branches, \

@@ -167,6 +167,16 @@ class Registry:
                 return entry.rule
         return None
 
+    def attention_held_constant(self) -> bool:
+        """Whether ``F.scaled_dot_product_attention`` runs by its own kernel with the probabilities
+        held constant (no gradient to ``q``, ``k``; LibraGrad, CP-LRP) wherever it is called: the
+        gradient at ``A`` is then ``g vᵀ`` of the kernel's output gradient, which a fold can
+        recompute beside the kernel (:mod:`attnx.adapters.fused_kernel`)."""
+        if any(e.within is not None for e in self.entries if e.key in (F.scaled_dot_product_attention, F.softmax)):
+            return False  # a rule for some places only: written out, where each place meets its own
+        sdpa, softmax = self.rule_for_function(F.scaled_dot_product_attention, []), self.rule_for_function(F.softmax, [])
+        return isinstance(sdpa, FusedAttention) and isinstance(softmax, R.Constant)
+
     def __repr__(self) -> str:
         rows = []
         for e in self.entries:
