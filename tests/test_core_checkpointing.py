@@ -98,11 +98,41 @@ def test_layers_recompute_and_attentions_are_recorded_once(build, use_reentrant,
     assert len(trace.attentions) == len(trace.gradients) == len(layers)
 
 
-@pytest.mark.slow  # two fresh processes at 1,024 tokens (~1 min on a loaded machine)
-def test_checkpointing_lowers_the_peak_memory():
+def test_lrp_rules_keep_the_checkpointed_layers_tensors_as_autograd_does(monkeypatch):
+    """The tensors an LRP rule's backward reads inside a checkpointed layer (each linear layer's
+    input and output, the norms', the activation's) are packed by the checkpoint, so they are let
+    go after the forward and recomputed with the layer; the map is that of the plain model."""
+    from attnx.lrp import relay
+
+    plain, x = llama()
+    model, _ = llama()
+    model.load_state_dict(plain.state_dict())
+    checkpointing_on(model)
+    kept = []
+    original = relay.Kept.__init__
+
+    def noted(self, *tensors):
+        original(self, *tensors)
+        kept.append((recomputing(), getattr(self.unpack, "__module__", None)))
+
+    monkeypatch.setattr(relay.Kept, "__init__", noted)
+    got = attnx.explain(model, x, method="lrp", preset="attnlrp", check_forward="never")
+    by_checkpoint = sum(1 for again, module in kept if not again and module == "torch.utils.checkpoint")
+    # per layer: 7 linear layers, 2 RMSNorms, the SiLU
+    assert by_checkpoint == 10 * len(model.model.layers), kept
+    # the recomputation keeps them again in the same order (stopping once the last one is back)
+    assert 0 < sum(1 for again, _ in kept if again) <= by_checkpoint
+    monkeypatch.setattr(relay.Kept, "__init__", original)
+    ref = attnx.explain(plain, x, method="lrp", preset="attnlrp", check_forward="never")
+    assert (got.scores - ref.scores).abs().max() <= 1e-10 * (1 + ref.scores.abs().max())
+
+
+@pytest.mark.slow  # four fresh processes at 1,024 tokens (~2 min on a loaded machine)
+@pytest.mark.parametrize("method", ["gradient_x_input", "lrp"])
+def test_checkpointing_lowers_the_peak_memory(method):
     """gradient_x_input keeps no attention maps: the layers' activations are what checkpointing drops
-    (measured 243 MB -> 76 MB; the model's own forward + backward 245 MB -> 93 MB)."""
-    method = "gradient_x_input"
+    (measured 241 MB -> 85 MB; the model's own forward + backward 250 MB -> 93 MB); lrp keeps its
+    rules' tensors as saved tensors, recomputed too (300 MB -> 195 MB)."""
     script = ROOT / "benchmarks" / "checkpointing_memory.py"
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to read one call's peak")

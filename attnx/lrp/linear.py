@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import AttnxTypeError, AttnxValueError
 from .kinds import is_hf_conv1d
 from .relay import (
+    Kept,
     Op,
     Rule,
     active,
@@ -131,8 +132,9 @@ class LinearRule(Rule):
         state = active()
         # a half-precision weight computed in float32 (attnx.core.runtime.float32_execution) stays half
         # here and is cast where the backward reads it; the bias (one row) is cast now
-        ctx = LinearCall(x.detach(), w.detach(), None if b is None else b.detach().to(x.dtype), y.detach(), fn, extra,
+        ctx = LinearCall(None, w.detach(), None if b is None else b.detach().to(x.dtype), None, fn, extra,
                          bool(op.is_input and op.is_input(x)), state)
+        ctx.kept = Kept(x.detach(), y.detach())
         if state is not None:
             state.will_use(ctx.w)
         return relay(y, [x], lambda g: self.backward(ctx, g), through_output=True)
@@ -144,6 +146,7 @@ class LinearRule(Rule):
 
     def backward(self, c: "LinearCall", g: torch.Tensor) -> tuple:
         """:meth:`propagate`, then the weight's derived tensors are let go after its last use."""
+        c.x, c.y = c.kept.get()
         rows = c.reached_rows(g) if self.reads_weight else None
         if rows is None:
             out = self.propagate(c, g)
@@ -152,7 +155,7 @@ class LinearRule(Rule):
             if real is not None:  # zero where no relevance arrived: the rule's share is a product with g
                 real = g.new_zeros(g.shape).index_copy_(-1, rows, real)
             out = real, extra
-        c.cast = None
+        c.cast = c.x = c.y = None  # the layer's input and output go, as autograd's saved tensors do
         if c.state is not None:
             c.state.used(c.w)
         return out
@@ -167,11 +170,13 @@ class LinearCall:
     input's dtype, cast where it is read when they differ (a half-precision model computed in
     float32 keeps no float32 copy of its weights until the backward)."""
 
-    __slots__ = ("x", "w", "b", "y", "fn", "extra", "is_input", "state", "cast")
+    __slots__ = ("x", "w", "b", "y", "fn", "extra", "is_input", "state", "cast", "kept")
 
     def __init__(self, x, w, b, y, fn, extra, is_input, state) -> None:
         self.x, self.w, self.b, self.y, self.fn, self.extra, self.is_input, self.state = x, w, b, y, fn, extra, is_input, state
         self.cast: torch.Tensor | None = None
+        #: ``x`` and ``y`` between the forward and the backward (:class:`~attnx.lrp.relay.Kept`)
+        self.kept: Kept | None = None
 
     @property
     def cw(self) -> torch.Tensor:

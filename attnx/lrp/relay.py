@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "Kept",
     "Op",
     "Propagation",
     "RecycledBuffers",
@@ -155,6 +156,31 @@ class RecycledBuffers:
 
     def clear(self) -> None:
         self.pools.clear()
+
+
+class Kept:
+    """Tensors a rule's backward reads, kept as autograd keeps the tensors its nodes save: through
+    the saved-tensor hooks in force when the rule runs. Under gradient checkpointing (attnx's
+    non-re-entrant checkpoint, :mod:`attnx.core.checkpointing`) they are therefore let go after
+    the layer's forward and recomputed with it when the backward reaches it; the recomputed forward
+    applies the rule again and keeps the same tensors in the same order, as the checkpoint needs.
+    Without hooks the tensors are held as they are."""
+
+    __slots__ = ("packed", "unpack")
+
+    def __init__(self, *tensors: torch.Tensor | None) -> None:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is None:
+            self.packed, self.unpack = tensors, None
+        else:
+            pack, self.unpack = hooks
+            self.packed = tuple(None if t is None else pack(t) for t in tensors)
+
+    def get(self) -> tuple:
+        """The tensors (recomputed under checkpointing)."""
+        if self.unpack is None:
+            return self.packed
+        return tuple(None if p is None else self.unpack(p) for p in self.packed)
 
 
 def scratch_like(state: "Propagation | None", slot: int, like: torch.Tensor) -> torch.Tensor:

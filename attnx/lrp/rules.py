@@ -22,6 +22,7 @@ from .decompositions import mha_decomposition, sdpa_decomposition
 from .kinds import rms_epsilon, rms_norm_spread
 from .linear import GROUPED_MM, AlphaBeta, Epsilon, Gamma, LinearRule, ZBox, grouped_linear, linear_parts
 from .relay import (
+    Kept,
     Op,
     Propagation,
     Rule,
@@ -97,11 +98,12 @@ class Identity(Rule):
         x = op.inputs[0]
         if x.shape != y.shape:
             raise AttnxValueError(f"identity rule needs matching input/output shapes, got {tuple(x.shape)} -> {tuple(y.shape)}")
-        xd, yd = x.detach(), y.detach()
+        kept = Kept(x.detach(), y.detach())
         n = len(op.inputs)
         state = active()
 
         def backward(g):
+            xd, yd = kept.get()
             return (divide_or_zero_(torch.mul(yd, g, out=output_like(state, yd)), xd, state),) + (None,) * (n - 1)
 
         return relay(y, op.inputs, backward)
@@ -316,14 +318,15 @@ class LayerNormConstantStd(Rule):
             weight, eps = bound.get("weight"), bound.get("eps", 1e-5)  # the bias only shifts y
         dims = tuple(range(-len(shape), 0))
         y = op.compute()
-        xd, yd = x.detach(), y.detach()
-        std = torch.sqrt(xd.var(dims, unbiased=False, keepdim=True) + eps)
+        xd = x.detach()
+        std = torch.sqrt(xd.var(dims, unbiased=False, keepdim=True) + eps)  # one number per row
         wd = None if weight is None else weight.detach().to(xd.dtype)  # one row: a half weight cast now
         epsilon = self.epsilon
+        kept = Kept(y.detach() if epsilon else None)
 
         def backward(g):
             if epsilon:
-                g = epsilon_share(yd, epsilon).mul_(g)
+                g = epsilon_share(kept.get()[0], epsilon).mul_(g)
             gx = g if wd is None else g * wd
             gx = gx - gx.mean(dims, keepdim=True)
             return (gx / std,)
@@ -368,11 +371,12 @@ class RMSNormConstantRMS(Rule):
                     f"not x / rms(x) times one per-feature weight (relative spread {spread:.2e}); register "
                     f"a rule for it: attnx.lrp.Registry.register({cls}, rule)"
                 )
-        xd, yd = x.detach(), y.detach()
+        kept = Kept(x.detach(), y.detach())
         epsilon = self.epsilon
         state = active()
 
         def backward(g):
+            xd, yd = kept.get()
             if epsilon:
                 g = epsilon_share(yd, epsilon).mul_(g)
             return (divide_or_zero_(torch.mul(yd, g, out=output_like(state, yd)), xd, state),)
