@@ -219,14 +219,14 @@ class Bilinear(Rule):
         # rule only rescales the gradient it receives (no recomputation of the product)
         z = op.compute(graph=True)
         share, chefer = self.share, self.chefer
-        zd = z.detach() if chefer else None  # only Chefer's division reads the output
+        kept = Kept(z.detach()) if chefer else None  # only Chefer's division reads the output
         # the stabiliser is stated for the product of the unscaled operands: timm scales q before
         # Q Kᵀ, Chefer et al.'s reference after it
         eps = self.eps * scale_of(a) * scale_of(b)
         state = active()
 
         def backward(g):
-            return (relative_share(zd, g, eps, share, state) if chefer else g * share,)
+            return (relative_share(kept.get()[0], g, eps, share, state) if chefer else g * share,)
 
         return relay(z, [], backward, through_output=True)
 
@@ -258,13 +258,15 @@ class NormalizedAdd(Rule):
         if not absorbing:  # a constant (mask, scalar) is added: plain gradient x input
             return Passthrough()(op)
         z = op.compute()
-        ud, vd, zd = u.detach(), v.detach(), z.detach()
+        kept = Kept(u.detach(), v.detach(), z.detach())
         dims = tuple(range(1, z.dim()))
         inputs = [op.args[i] for i in op.carrying]
+        shapes = {i: op.args[i].shape for i in op.carrying}
         eps = self.eps
         state = active()
 
         def backward(g):
+            ud, vd, zd = kept.get()
             R = torch.mul(zd, g, out=scratch_like(state, 0, zd))
             # safe_divide(R, zd): R is 0 where zd is
             S = torch.div(R, torch.add(zd, eps, out=scratch_like(state, 1, zd)),
@@ -280,18 +282,18 @@ class NormalizedAdd(Rule):
             gu = torch.mul(S, safe_divide(a_fact, a_sum, eps), out=output_like(state, S))
             gv = torch.mul(S, safe_divide(b_fact, b_sum, eps), out=output_like(state, S))
             out = {0: gu, 1: gv}
-            return tuple(_reduce_to(out[i], op.args[i]) for i in op.carrying)
+            return tuple(_reduce_to(out[i], shapes[i]) for i in shapes)
 
         return relay(z, inputs, backward)
 
 
-def _reduce_to(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Sum a broadcast gradient back to the shape of ``t``."""
-    if g.shape == t.shape:
+def _reduce_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    if g.shape == shape:
         return g
-    while g.dim() > t.dim():
+    while g.dim() > len(shape):
         g = g.sum(0)
-    for d, (gs, ts) in enumerate(zip(g.shape, t.shape)):
+    for d, (gs, ts) in enumerate(zip(g.shape, shape)):
         if ts == 1 and gs != 1:
             g = g.sum(d, keepdim=True)
     return g
@@ -322,7 +324,7 @@ class LayerNormConstantStd(Rule):
         std = torch.sqrt(xd.var(dims, unbiased=False, keepdim=True) + eps)  # one number per row
         wd = None if weight is None else weight.detach().to(xd.dtype)  # one row: a half weight cast now
         epsilon = self.epsilon
-        kept = Kept(y.detach() if epsilon else None)
+        kept = Kept(y.detach()) if epsilon else None
 
         def backward(g):
             if epsilon:
@@ -398,8 +400,8 @@ class Stabilized(Rule):
         out = op.func(*op.args, **op.kwargs)
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return out
-        zd, eps, state = out.detach(), self.eps, active()
-        return relay(out, [out], lambda g: (relative_share(zd, g, eps, scratch=state),))
+        kept, eps, state = Kept(out.detach()), self.eps, active()
+        return relay(out, [out], lambda g: (relative_share(kept.get()[0], g, eps, scratch=state),))
 
 
 class Decompose(Rule):
