@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .runtime import CASTS_PER_SHAPE, HALF_DTYPES
 
 __all__ = ["InputShape", "ModelShape", "input_shape", "model_shape"]
 
@@ -83,8 +84,8 @@ def _weights(model: nn.Module) -> tuple[int, int, int]:
     bytes per computed element)``."""
     tensors = list(model.parameters()) + list(model.buffers())
     stored = sum(t.numel() * t.element_size() for t in tensors)
-    half_shapes = {tuple(t.shape) for t in tensors if t.dtype in (torch.float16, torch.bfloat16)}
-    half = 2 * 4 * sum(math.prod(shape) for shape in half_shapes)
+    half_shapes = {tuple(t.shape) for t in tensors if t.dtype in HALF_DTYPES}
+    half = CASTS_PER_SHAPE * 4 * sum(math.prod(shape) for shape in half_shapes)
     compute = 8 if any(t.dtype == torch.float64 for t in tensors) else 4
     return stored, half, compute
 

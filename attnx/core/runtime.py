@@ -35,7 +35,7 @@ from ..errors import AttnxError
 from ..lrp.relay import RecycledBuffers
 from .batch import Batch
 
-__all__ = ["HALF_DTYPES", "Float32Compute", "eager_compiled", "evaluation_mode", "exclusive", "float32_execution", "is_compiled", "no_autocast", "unwrap_model"]
+__all__ = ["CASTS_PER_SHAPE", "HALF_DTYPES", "Float32Compute", "eager_compiled", "evaluation_mode", "exclusive", "float32_execution", "is_compiled", "no_autocast", "unwrap_model"]
 
 #: half-precision dtypes (computed in float32 where attnx.core.precision chooses it)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -134,6 +134,10 @@ def no_autocast(devices: tuple[str, ...] = ("cpu",)) -> Iterator[None]:
         yield
 
 
+#: float32 casts of half-precision weights kept for reuse per weight shape under :func:`float32_execution`
+#: (the memory estimate counts them: :mod:`attnx.core.model_shape`)
+CASTS_PER_SHAPE = 2
+
 #: conversions whose half-precision result is made float32 under :func:`float32_execution`
 _CONVERSIONS = frozenset({torch.Tensor.to, torch.Tensor.type, torch.Tensor.type_as, torch.Tensor.half,
                           torch.Tensor.bfloat16})
@@ -184,7 +188,7 @@ class Float32Compute(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.casts = RecycledBuffers(keep=2)
+        self.casts = RecycledBuffers(keep=CASTS_PER_SHAPE)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

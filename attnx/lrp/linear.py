@@ -103,11 +103,6 @@ def without_bias(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Ten
     return fn(x, w, None, **extra)
 
 
-def absolute(w: torch.Tensor, state: Any) -> torch.Tensor:
-    """``|w|``, from the pass's cache when there is one."""
-    return w.abs() if state is None else state.absolute(w)
-
-
 def sign1(x: torch.Tensor) -> torch.Tensor:
     """``+1`` where ``x > 0``, else ``-1`` (an input at 0 takes the negative branch, as the
     ``where(x > 0, ...)`` of the reference formulas)."""
@@ -211,8 +206,7 @@ class LinearCall:
         return without_bias(self.y, self.x, self.cw, self.b, self.fn, self.extra)
 
     def abs_w(self) -> torch.Tensor:
-        if self.w.dtype == self.x.dtype:
-            return absolute(self.w, self.state)
+        """``|W|`` (of the weight in the input's dtype), once per pass for each weight."""
         return self.cw.abs() if self.state is None else self.state.derived(self.w, "abs", lambda w: self.cw.abs())
 
     def v(self, abs_w: torch.Tensor) -> torch.Tensor:

@@ -251,10 +251,6 @@ class Propagation:
             out = kinds[kind] = make(w)
         return out
 
-    def absolute(self, w: torch.Tensor) -> torch.Tensor:
-        """``|w|``, computed once per pass for each weight tensor."""
-        return self.derived(w, "abs", torch.abs)
-
     def scratch(self, slot: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous buffer for a temporary of one rule's backward, the same tensor on every call
         with this ``slot`` and shape. ``slot`` numbers the buffers one call uses at once (0, 1, 2);
